@@ -1,0 +1,97 @@
+//! `POST /v1/events`: upstream services that cannot speak AMQP post envelopes
+//! here. The envelope is validated, published to the events stream (the same path
+//! AMQP publishers take) and only then acknowledged with 202.
+
+use aegis_webhook_core::db::tenants;
+use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use subtle::ConstantTimeEq as _;
+
+use crate::{RouterState, bearer};
+
+fn reply(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message.into() } });
+    (status, Json(body)).into_response()
+}
+
+pub(crate) async fn accept_event(
+    State(state): State<RouterState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let state = state.app;
+    let Some(expected) = state.ingest_token.as_ref() else {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "INTAKE_DISABLED",
+            "the HTTP intake is disabled: set AEGIS_INGEST_TOKEN to enable it",
+        );
+    };
+    let authorized =
+        bearer(&headers).is_some_and(|token| bool::from(token.as_bytes().ct_eq(expected.expose().as_bytes())));
+    if !authorized {
+        return reply(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "missing or wrong ingest token: send `Authorization: Bearer <ingest token>`",
+        );
+    }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return reply(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                format!("the event is larger than {} bytes", state.max_event_bytes),
+            );
+        }
+        Err(rejection) => return reply(rejection.status(), "BAD_REQUEST", rejection.body_text()),
+    };
+    let event = match ValidatedEvent::parse(&body, Utc::now()) {
+        Ok(event) => event,
+        Err(error @ EnvelopeError::Malformed(_)) => {
+            return reply(StatusCode::BAD_REQUEST, "MALFORMED_EVENT", error.to_string());
+        }
+        Err(error @ EnvelopeError::Invalid(_)) => {
+            return reply(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_EVENT", error.to_string());
+        }
+    };
+    match tenants::tenant_by_id(&state.db, event.tenant_id).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "INVALID_EVENT",
+                format!("tenantId: no tenant with id {}", event.tenant_id),
+            );
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "tenant lookup failed at intake");
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                "the database is unavailable; retry later",
+            );
+        }
+    }
+    if let Err(error) = state
+        .queue
+        .publish_event(event.event_type.as_str(), event.to_envelope_json().into())
+        .await
+    {
+        tracing::error!(error = %error, "publishing an event failed at intake");
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "the queue is unavailable; retry later",
+        );
+    }
+    tracing::info!(event_id = %event.id, event = %event.event_type, "event accepted");
+    (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": event.id }))).into_response()
+}

@@ -1,0 +1,134 @@
+//! The HTTP face of Aegis Webhooks: the GraphQL API (`/graphql`), the event
+//! intake (`POST /v1/events`) and the probes. The only crate that knows GraphQL.
+
+pub mod graphql;
+mod intake;
+
+use std::sync::Arc;
+
+use aegis_webhook_core::config::Sensitive;
+use aegis_webhook_core::db::tenants;
+use aegis_webhook_core::queue::Queue;
+use aegis_webhook_core::secret::SecretCipher;
+use aegis_webhook_core::target::TargetPolicy;
+use async_graphql::http::GraphiQLSource;
+use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sea_orm::DatabaseConnection;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::graphql::{AegisSchema, Caller};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: DatabaseConnection,
+    pub cipher: SecretCipher,
+    pub queue: Arc<dyn Queue>,
+    pub policy: Arc<TargetPolicy>,
+    /// `None` disables the intake.
+    pub ingest_token: Option<Sensitive>,
+    pub max_event_bytes: usize,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+struct RouterState {
+    app: AppState,
+    schema: AegisSchema,
+}
+
+pub fn router(state: AppState) -> Router {
+    let schema = graphql::build_schema(state.clone());
+    let max_event_bytes = state.max_event_bytes;
+    Router::new()
+        .route("/graphql", get(graphiql).post(graphql_handler))
+        .route(
+            "/v1/events",
+            // The intake reads the body itself, to answer an oversized one with a
+            // clear JSON error; the layer only guards memory.
+            post(intake::accept_event).layer(axum::extract::DefaultBodyLimit::max(max_event_bytes)),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(RouterState { app: state, schema })
+}
+
+/// Serves `router` on `listener` until `shutdown`, then finishes the requests in
+/// progress.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(|error| anyhow::anyhow!("the HTTP server failed: {error}"))
+}
+
+async fn graphiql() -> Html<String> {
+    Html(GraphiQLSource::build().endpoint("/graphql").finish())
+}
+
+/// The bearer token of an `Authorization` header, if it has one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|token| !token.is_empty())
+}
+
+/// A GraphQL-shaped error answer outside of schema execution.
+fn graphql_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({
+        "data": null,
+        "errors": [{ "message": message, "extensions": { "code": code } }]
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn graphql_handler(State(state): State<RouterState>, headers: HeaderMap, request: GraphQLRequest) -> Response {
+    let Some(key) = bearer(&headers) else {
+        return graphql_error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "missing API key: send `Authorization: Bearer <api key>`",
+        );
+    };
+    let tenant_id = match tenants::authenticate(&state.app.db, key).await {
+        Ok(Some(tenant_id)) => tenant_id,
+        Ok(None) => {
+            return graphql_error(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHENTICATED",
+                "invalid or revoked API key",
+            );
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "API key lookup failed");
+            return graphql_error(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "internal error");
+        }
+    };
+    let request = request.into_inner().data(Caller { tenant_id });
+    GraphQLResponse::from(state.schema.execute(request).await).into_response()
+}
+
+async fn readyz(State(state): State<RouterState>) -> Response {
+    match state.app.db.ping().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(error) => {
+            tracing::warn!(error = %error, "readiness: database unreachable");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response()
+        }
+    }
+}

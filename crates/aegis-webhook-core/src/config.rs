@@ -1,0 +1,270 @@
+//! Layered configuration: built-in defaults, then an optional `aegis-webhook.toml`,
+//! then `AEGIS_*` environment variables. Validated once, at load.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+use crate::retry::RetrySchedule;
+use crate::target::TargetPolicy;
+
+/// The file read when present in the working directory (or named by `--config`).
+pub const DEFAULT_CONFIG_FILE: &str = "aegis-webhook.toml";
+
+/// A configuration value that must never be printed or logged.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Sensitive(String);
+
+impl Sensitive {
+    pub fn new(value: impl Into<String>) -> Self {
+        Sensitive(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Sensitive {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Every setting of every process. Field names are the lowercase form of the
+/// environment variables without their `AEGIS_` prefix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// `postgres://…` or `sqlite://…`; defaults to `aegis.db` in `data_dir`.
+    pub database_url: Option<String>,
+    /// RabbitMQ; absent means the in-process queue.
+    pub amqp_url: Option<Sensitive>,
+    /// Address of the HTTP server (GraphQL, intake, probes).
+    pub listen: SocketAddr,
+    /// Base64 of the 32-byte key that seals webhook secrets at rest.
+    pub secret_key: Option<Sensitive>,
+    /// Service credential of `POST /v1/events`.
+    pub ingest_token: Option<Sensitive>,
+    /// Makes sure tenant `default` exists and holds this API key.
+    pub bootstrap_api_key: Option<Sensitive>,
+    /// CIDRs workers may reach although they are not public (and over http).
+    #[serde(deserialize_with = "list_or_comma_separated")]
+    pub allow_private_targets: Vec<IpNet>,
+    pub retry_schedule: RetrySchedule,
+    /// Whole-request timeout of a delivery attempt: connect, TLS, headers, body.
+    #[serde(with = "humantime_serde_compat")]
+    pub request_timeout: Duration,
+    /// Largest upstream event accepted, in bytes.
+    pub max_event_bytes: usize,
+    /// How much of a receiver's response body is kept in the attempt log.
+    pub max_response_body_bytes: usize,
+    /// Deliveries one worker process sends at once.
+    pub worker_concurrency: usize,
+    /// How often pending deliveries whose task went missing are re-published.
+    #[serde(with = "humantime_serde_compat")]
+    pub reconcile_interval: Duration,
+    /// How overdue a pending delivery must be before the reconciler re-publishes it.
+    #[serde(with = "humantime_serde_compat")]
+    pub reconcile_grace: Duration,
+    /// Where the default SQLite file and `dev`'s generated credentials live.
+    pub data_dir: PathBuf,
+    /// How long a stopping process waits for in-flight deliveries.
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: None,
+            amqp_url: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            secret_key: None,
+            ingest_token: None,
+            bootstrap_api_key: None,
+            allow_private_targets: Vec::new(),
+            retry_schedule: RetrySchedule::default(),
+            request_timeout: Duration::from_secs(15),
+            max_event_bytes: 256 * 1024,
+            max_response_body_bytes: 64 * 1024,
+            worker_concurrency: 64,
+            reconcile_interval: Duration::from_secs(30),
+            reconcile_grace: Duration::from_secs(60),
+            data_dir: PathBuf::from("aegis-data"),
+            shutdown_grace: Duration::from_secs(25),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Defaults, then `file` (or `aegis-webhook.toml` if it exists), then `AEGIS_*`.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file = file.unwrap_or(Path::new(DEFAULT_CONFIG_FILE));
+        Self::from_figment(Figment::new().merge(Toml::file(file)).merge(Env::prefixed("AEGIS_")))
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.worker_concurrency == 0 {
+            return Err(ConfigError::Invalid("worker_concurrency must be at least 1".into()));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::Invalid("request_timeout must be positive".into()));
+        }
+        if self.max_event_bytes < 1024 {
+            return Err(ConfigError::Invalid("max_event_bytes must be at least 1024".into()));
+        }
+        if self.reconcile_interval.is_zero() {
+            return Err(ConfigError::Invalid("reconcile_interval must be positive".into()));
+        }
+        let url = self.database_url();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:")) {
+            return Err(ConfigError::Invalid(
+                "database_url must start with postgres:// or sqlite:".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configured database, or a SQLite file in `data_dir`.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}/aegis.db?mode=rwc", self.data_dir.display()),
+        }
+    }
+
+    pub fn target_policy(&self) -> TargetPolicy {
+        TargetPolicy::new(self.allow_private_targets.clone())
+    }
+}
+
+/// Lists come from TOML as arrays and from the environment as `a,b,c`.
+fn list_or_comma_separated<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Spec {
+        Text(String),
+        List(Vec<String>),
+    }
+    let parts = match Spec::deserialize(deserializer)? {
+        Spec::Text(text) => text.split(',').map(|part| part.trim().to_owned()).collect(),
+        Spec::List(list) => list,
+    };
+    parts
+        .into_iter()
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            part.parse::<IpNet>()
+                .or_else(|_| part.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| serde::de::Error::custom(format!("`{part}` is not a CIDR or IP address")))
+        })
+        .collect()
+}
+
+/// Durations as human text (`15s`, `2m`), the way operators write them.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map_err(|_| serde::de::Error::custom(format!("`{text}` is not a duration such as `15s`")))
+    }
+}
+
+#[cfg(test)]
+// figment's `Jail` closures must return its large error type; not ours to shrink.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        figment::Jail::expect_with(|_jail| {
+            let config = Config::load(None).expect("defaults load");
+            assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+            assert_eq!(config.request_timeout, Duration::from_secs(15));
+            assert_eq!(config.retry_schedule, RetrySchedule::default());
+            assert!(config.amqp_url.is_none());
+            assert_eq!(config.database_url(), "sqlite://aegis-data/aegis.db?mode=rwc");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_file_is_overridden_by_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "aegis-webhook.toml",
+                r#"
+                    listen = "0.0.0.0:9000"
+                    request_timeout = "3s"
+                    retry_schedule = ["0s", "1s"]
+                    allow_private_targets = ["10.0.0.0/8"]
+                "#,
+            )?;
+            jail.set_env("AEGIS_LISTEN", "127.0.0.1:9100");
+            jail.set_env("AEGIS_RETRY_SCHEDULE", "0s,100ms,200ms");
+            jail.set_env("AEGIS_ALLOW_PRIVATE_TARGETS", "127.0.0.0/8, ::1");
+            jail.set_env("AEGIS_SECRET_KEY", "c2VjcmV0");
+            let config = Config::load(None).expect("loads");
+            assert_eq!(config.listen.to_string(), "127.0.0.1:9100");
+            assert_eq!(config.request_timeout, Duration::from_secs(3));
+            assert_eq!(config.retry_schedule.max_attempts(), 3);
+            assert_eq!(config.allow_private_targets.len(), 2);
+            assert_eq!(format!("{:?}", config.secret_key), "Some([redacted])");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn invalid_values_are_refused_with_their_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("AEGIS_REQUEST_TIMEOUT", "soon");
+            let error = Config::load(None).expect_err("bad duration").to_string();
+            assert!(error.contains("soon"), "{error}");
+            jail.set_env("AEGIS_REQUEST_TIMEOUT", "1s");
+            jail.set_env("AEGIS_WORKER_CONCURRENCY", "0");
+            let error = Config::load(None).expect_err("zero").to_string();
+            assert!(error.contains("worker_concurrency"), "{error}");
+            jail.set_env("AEGIS_WORKER_CONCURRENCY", "4");
+            jail.set_env("AEGIS_DATABASE_URL", "mysql://x");
+            assert!(Config::load(None).is_err());
+            Ok(())
+        });
+    }
+}

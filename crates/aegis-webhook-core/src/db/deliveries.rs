@@ -1,0 +1,336 @@
+//! Deliveries (one event to one webhook) and their attempts. The database is the
+//! source of truth for a delivery's state; queue tasks only say "look at it now".
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Condition, Expr};
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use uuid::Uuid;
+
+use super::StoreError;
+use super::entities::{delivery, delivery_attempt};
+use crate::event::EventType;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// Waiting for its next attempt.
+    Pending,
+    /// A 2xx answer arrived.
+    Succeeded,
+    /// Every attempt failed, or the receiver asked to stop (410); dead-lettered.
+    Failed,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "PENDING",
+            DeliveryStatus::Succeeded => "SUCCEEDED",
+            DeliveryStatus::Failed => "FAILED",
+        }
+    }
+}
+
+impl fmt::Display for DeliveryStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for DeliveryStatus {
+    type Err = StoreError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "PENDING" => Ok(DeliveryStatus::Pending),
+            "SUCCEEDED" => Ok(DeliveryStatus::Succeeded),
+            "FAILED" => Ok(DeliveryStatus::Failed),
+            other => Err(StoreError::Unexpected(anyhow::anyhow!(
+                "unknown delivery status `{other}`"
+            ))),
+        }
+    }
+}
+
+/// A delivery as read back.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub webhook_id: Uuid,
+    pub event_id: Uuid,
+    pub event_type: EventType,
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_status_code: Option<u16>,
+    pub failure_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl TryFrom<delivery::Model> for Delivery {
+    type Error = StoreError;
+
+    fn try_from(row: delivery::Model) -> Result<Self, Self::Error> {
+        Ok(Delivery {
+            id: row.id,
+            tenant_id: row.tenant_id,
+            webhook_id: row.webhook_id,
+            event_id: row.event_id,
+            event_type: row
+                .event_type
+                .parse()
+                .map_err(|error| StoreError::Unexpected(anyhow::anyhow!("stored delivery: {error}")))?,
+            status: row.status.parse()?,
+            attempts: u32::try_from(row.attempts).unwrap_or_default(),
+            next_attempt_at: row.next_attempt_at,
+            last_status_code: row.last_status_code.and_then(|code| u16::try_from(code).ok()),
+            failure_reason: row.failure_reason,
+            created_at: row.created_at,
+        })
+    }
+}
+
+/// One HTTP attempt, as logged for the customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub duration: Duration,
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub response_body: Option<String>,
+}
+
+/// What happens to a delivery after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextStep {
+    Succeeded,
+    RetryAt(DateTime<Utc>),
+    Failed(String),
+}
+
+/// A delivery that needs a task on the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingDelivery {
+    pub id: Uuid,
+    pub next_attempt: u32,
+    pub due_at: DateTime<Utc>,
+}
+
+/// A delivery the fan-out decided on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewDelivery {
+    pub webhook_id: Uuid,
+    pub event_type: EventType,
+}
+
+/// Inserts pending deliveries of one event, all due now, in one statement.
+pub async fn insert_pending(
+    db: &impl ConnectionTrait,
+    tenant_id: Uuid,
+    event_id: Uuid,
+    deliveries: &[NewDelivery],
+    now: DateTime<Utc>,
+) -> Result<Vec<Uuid>, StoreError> {
+    if deliveries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = deliveries.iter().map(|_| Uuid::now_v7()).collect();
+    let rows = deliveries.iter().zip(&ids).map(|(new, id)| delivery::ActiveModel {
+        id: Set(*id),
+        tenant_id: Set(tenant_id),
+        webhook_id: Set(new.webhook_id),
+        event_id: Set(event_id),
+        event_type: Set(new.event_type.as_str().to_owned()),
+        status: Set(DeliveryStatus::Pending.as_str().to_owned()),
+        attempts: Set(0),
+        next_attempt_at: Set(Some(now)),
+        locked_until: Set(None),
+        last_status_code: Set(None),
+        failure_reason: Set(None),
+        created_at: Set(now),
+        updated_at: Set(now),
+    });
+    delivery::Entity::insert_many(rows).exec_without_returning(db).await?;
+    Ok(ids)
+}
+
+pub async fn delivery_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<Delivery>, StoreError> {
+    delivery::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .map(Delivery::try_from)
+        .transpose()
+}
+
+/// Takes the right to make attempt `attempt` of a pending delivery for `lease`.
+/// Fails when the attempt was already made, the delivery is finished, or another
+/// worker holds an unexpired claim: duplicate tasks then do nothing.
+pub async fn claim(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    attempt: u32,
+    lease: Duration,
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+    let previous_attempts = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+    let result = delivery::Entity::update_many()
+        .col_expr(delivery::Column::LockedUntil, Expr::value(until))
+        .filter(delivery::Column::Id.eq(id))
+        .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
+        .filter(delivery::Column::Attempts.eq(previous_attempts))
+        .filter(
+            Condition::any()
+                .add(delivery::Column::LockedUntil.is_null())
+                .add(delivery::Column::LockedUntil.lt(now)),
+        )
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected == 1)
+}
+
+/// Logs an attempt and moves the delivery on, releasing the claim.
+pub async fn record_attempt(db: &impl ConnectionTrait, attempt: &Attempt, next: &NextStep) -> Result<(), StoreError> {
+    let row = delivery_attempt::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        delivery_id: Set(attempt.delivery_id),
+        attempt: Set(i32::try_from(attempt.attempt).unwrap_or(i32::MAX)),
+        started_at: Set(attempt.started_at),
+        duration_ms: Set(i64::try_from(attempt.duration.as_millis()).unwrap_or(i64::MAX)),
+        status_code: Set(attempt.status_code.map(i32::from)),
+        error: Set(attempt.error.clone()),
+        response_body: Set(attempt.response_body.clone()),
+    };
+    delivery_attempt::Entity::insert(row).exec_without_returning(db).await?;
+
+    let (status, next_attempt_at, failure_reason) = match next {
+        NextStep::Succeeded => (DeliveryStatus::Succeeded, None, None),
+        NextStep::RetryAt(at) => (DeliveryStatus::Pending, Some(*at), None),
+        NextStep::Failed(reason) => (DeliveryStatus::Failed, None, Some(reason.clone())),
+    };
+    delivery::Entity::update_many()
+        .col_expr(delivery::Column::Status, Expr::value(status.as_str()))
+        .col_expr(
+            delivery::Column::Attempts,
+            Expr::value(i32::try_from(attempt.attempt).unwrap_or(i32::MAX)),
+        )
+        .col_expr(delivery::Column::NextAttemptAt, Expr::value(next_attempt_at))
+        .col_expr(
+            delivery::Column::LockedUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(
+            delivery::Column::LastStatusCode,
+            Expr::value(attempt.status_code.map(i32::from)),
+        )
+        .col_expr(delivery::Column::FailureReason, Expr::value(failure_reason))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(delivery::Column::Id.eq(attempt.delivery_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Ends a pending delivery without an attempt (its webhook was deleted or disabled).
+pub async fn cancel(db: &impl ConnectionTrait, id: Uuid, reason: &str) -> Result<(), StoreError> {
+    delivery::Entity::update_many()
+        .col_expr(delivery::Column::Status, Expr::value(DeliveryStatus::Failed.as_str()))
+        .col_expr(
+            delivery::Column::NextAttemptAt,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(
+            delivery::Column::LockedUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(delivery::Column::FailureReason, Expr::value(reason))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(delivery::Column::Id.eq(id))
+        .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Pending deliveries due before `due_before` that no worker holds a live claim on,
+/// in due order after `after` (a keyset cursor of due time and id): what the
+/// reconciler re-publishes, and what a restart re-enqueues.
+pub async fn pending_unclaimed(
+    db: &impl ConnectionTrait,
+    due_before: DateTime<Utc>,
+    now: DateTime<Utc>,
+    limit: u64,
+    after: Option<(DateTime<Utc>, Uuid)>,
+) -> Result<Vec<PendingDelivery>, StoreError> {
+    let mut query = delivery::Entity::find()
+        .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
+        .filter(delivery::Column::NextAttemptAt.lte(due_before))
+        .filter(
+            Condition::any()
+                .add(delivery::Column::LockedUntil.is_null())
+                .add(delivery::Column::LockedUntil.lt(now)),
+        );
+    if let Some((due_at, id)) = after {
+        query = query.filter(
+            Condition::any().add(delivery::Column::NextAttemptAt.gt(due_at)).add(
+                Condition::all()
+                    .add(delivery::Column::NextAttemptAt.eq(due_at))
+                    .add(delivery::Column::Id.gt(id)),
+            ),
+        );
+    }
+    let rows = query
+        .order_by_asc(delivery::Column::NextAttemptAt)
+        .order_by_asc(delivery::Column::Id)
+        .limit(limit)
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| PendingDelivery {
+            id: row.id,
+            next_attempt: u32::try_from(row.attempts).unwrap_or_default() + 1,
+            due_at: row.next_attempt_at.unwrap_or(now),
+        })
+        .collect())
+}
+
+/// A webhook's deliveries, oldest first.
+pub async fn deliveries_of_webhook(db: &impl ConnectionTrait, webhook_id: Uuid) -> Result<Vec<Delivery>, StoreError> {
+    delivery::Entity::find()
+        .filter(delivery::Column::WebhookId.eq(webhook_id))
+        .order_by_asc(delivery::Column::Id)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(Delivery::try_from)
+        .collect()
+}
+
+/// A delivery's attempts in order.
+pub async fn attempts_of(db: &impl ConnectionTrait, delivery_id: Uuid) -> Result<Vec<Attempt>, StoreError> {
+    let rows = delivery_attempt::Entity::find()
+        .filter(delivery_attempt::Column::DeliveryId.eq(delivery_id))
+        .order_by_asc(delivery_attempt::Column::Attempt)
+        .order_by_asc(delivery_attempt::Column::Id)
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| Attempt {
+            delivery_id: row.delivery_id,
+            attempt: u32::try_from(row.attempt).unwrap_or_default(),
+            started_at: row.started_at,
+            duration: Duration::from_millis(u64::try_from(row.duration_ms).unwrap_or_default()),
+            status_code: row.status_code.and_then(|code| u16::try_from(code).ok()),
+            error: row.error,
+            response_body: row.response_body,
+        })
+        .collect())
+}

@@ -1,0 +1,60 @@
+//! Upstream events as received, deduplicated per tenant on the envelope's id.
+
+use chrono::Utc;
+use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
+use uuid::Uuid;
+
+use super::StoreError;
+use super::entities::event;
+use crate::event::ValidatedEvent;
+
+/// An event as stored: what every delivery of it is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub external_id: Uuid,
+    /// The delivered `timestamp` string.
+    pub timestamp: String,
+    /// The delivered `data` object, serialized once.
+    pub data: String,
+}
+
+impl From<event::Model> for StoredEvent {
+    fn from(row: event::Model) -> Self {
+        StoredEvent {
+            id: row.id,
+            tenant_id: row.tenant_id,
+            external_id: row.external_id,
+            timestamp: row.timestamp,
+            data: row.data,
+        }
+    }
+}
+
+/// Stores the event and returns its row id, or `None` when the tenant already has
+/// an event with this id: a repeat that must not be fanned out again.
+pub async fn insert_event(db: &impl ConnectionTrait, event: &ValidatedEvent) -> Result<Option<Uuid>, StoreError> {
+    let id = Uuid::now_v7();
+    let row = event::ActiveModel {
+        id: Set(id),
+        tenant_id: Set(event.tenant_id),
+        external_id: Set(event.id),
+        event_type: Set(event.event_type.as_str().to_owned()),
+        timestamp: Set(event.timestamp_text()),
+        data: Set(event.data.to_json()),
+        received_at: Set(Utc::now()),
+    };
+    let outcome = event::Entity::insert(row)
+        .on_conflict_do_nothing_on([event::Column::TenantId, event::Column::ExternalId])
+        .exec_without_returning(db)
+        .await?;
+    Ok(match outcome {
+        sea_orm::TryInsertResult::Inserted(rows) if rows > 0 => Some(id),
+        _ => None,
+    })
+}
+
+pub async fn event_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
+    Ok(event::Entity::find_by_id(id).one(db).await?.map(StoredEvent::from))
+}

@@ -1,0 +1,125 @@
+//! Storage: connecting, migrating, and the repository functions over the
+//! [`entities`]. The same code runs on PostgreSQL and SQLite.
+//!
+//! Repository functions take any `ConnectionTrait`, so callers can compose them
+//! inside one transaction (the ingester's fan-out does).
+
+pub mod deliveries;
+pub mod entities;
+pub mod events;
+pub mod tenants;
+pub mod webhooks;
+
+use std::path::Path;
+
+use aegis_webhook_migration::{Migrator, MigratorTrait};
+use anyhow::Context as _;
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+
+/// Failures callers branch on, and everything else.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl From<DbErr> for StoreError {
+    fn from(error: DbErr) -> Self {
+        StoreError::Unexpected(anyhow::Error::new(error).context("database error"))
+    }
+}
+
+/// Opens the database at `url`, creating the SQLite file (and its folder) when
+/// needed.
+pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
+    if let Some(parent) = sqlite_path(url)
+        .and_then(|path| Path::new(path).parent())
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("failed to create the database folder {}", parent.display()))?;
+    }
+    let mut options = ConnectOptions::new(url.to_owned());
+    options.sqlx_logging(false);
+    if sqlite_path(url).is_some() {
+        // One writer at a time is SQLite's rule; a small pool avoids lock
+        // convoys while WAL lets readers proceed beside the writer.
+        options.max_connections(4);
+    } else {
+        options.max_connections(16);
+    }
+    let db = Database::connect(options)
+        .await
+        .with_context(|| format!("failed to connect to the database at {}", redact_url(url)))?;
+    if db.get_database_backend() == DbBackend::Sqlite {
+        for pragma in [
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA synchronous = NORMAL",
+            "PRAGMA foreign_keys = ON",
+            "PRAGMA busy_timeout = 10000",
+        ] {
+            db.execute_unprepared(pragma)
+                .await
+                .with_context(|| format!("failed to apply `{pragma}`"))?;
+        }
+    }
+    Ok(db)
+}
+
+/// Applies every pending migration.
+pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
+    Migrator::up(db, None)
+        .await
+        .context("failed to apply database migrations")
+}
+
+/// Whether a database error is a unique-constraint violation, worded differently
+/// by each backend.
+pub(crate) fn is_unique_violation(error: &DbErr) -> bool {
+    let text = error.to_string().to_ascii_lowercase();
+    text.contains("unique constraint") || text.contains("duplicate key")
+}
+
+fn sqlite_path(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (path != ":memory:" && !path.is_empty()).then_some(path)
+}
+
+/// The URL without its password, for error messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("redacted"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_paths_are_found_in_urls() {
+        assert_eq!(
+            sqlite_path("sqlite://aegis-data/aegis.db?mode=rwc"),
+            Some("aegis-data/aegis.db")
+        );
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://localhost/db"), None);
+    }
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redact_url("postgres://aegis:hunter2@db:5432/aegis"),
+            "postgres://aegis:redacted@db:5432/aegis"
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! Tenants and their API keys. Keys are shown once and stored as SHA-256 hashes.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64_URL;
+use chrono::Utc;
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::StoreError;
+use super::entities::{api_key, tenant};
+
+/// Every API key starts with this, so leaked keys are easy to recognise and scan for.
+pub const API_KEY_PREFIX: &str = "aegis_";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    pub id: Uuid,
+    pub name: String,
+}
+
+impl From<tenant::Model> for Tenant {
+    fn from(row: tenant::Model) -> Self {
+        Tenant {
+            id: row.id,
+            name: row.name,
+        }
+    }
+}
+
+/// A new random API key: `aegis_` + 32 random bytes, URL-safe base64.
+pub fn generate_api_key() -> String {
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    format!("{API_KEY_PREFIX}{}", BASE64_URL.encode(bytes))
+}
+
+fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+pub async fn tenant_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<Tenant>, StoreError> {
+    Ok(tenant::Entity::find_by_id(id).one(db).await?.map(Tenant::from))
+}
+
+pub async fn tenant_by_name(db: &impl ConnectionTrait, name: &str) -> Result<Option<Tenant>, StoreError> {
+    Ok(tenant::Entity::find()
+        .filter(tenant::Column::Name.eq(name))
+        .one(db)
+        .await?
+        .map(Tenant::from))
+}
+
+/// Returns the tenant called `name`, creating it if it does not exist yet. Safe
+/// when several processes start at once.
+pub async fn ensure_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tenant, StoreError> {
+    if let Some(existing) = tenant_by_name(db, name).await? {
+        return Ok(existing);
+    }
+    let row = tenant::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        name: Set(name.to_owned()),
+        created_at: Set(Utc::now()),
+    };
+    match tenant::Entity::insert(row).exec(db).await {
+        Ok(_) => {}
+        // Another process created it between our read and our insert.
+        Err(error) if super::is_unique_violation(&error) => {}
+        Err(error) => return Err(error.into()),
+    }
+    tenant_by_name(db, name)
+        .await?
+        .ok_or_else(|| StoreError::Unexpected(anyhow::anyhow!("tenant `{name}` vanished after insert")))
+}
+
+/// Stores `key` (already generated or supplied by an operator) for `tenant_id`.
+/// Storing a key that already exists for the same tenant is a no-op.
+pub async fn add_api_key(db: &impl ConnectionTrait, tenant_id: Uuid, key: &str) -> Result<(), StoreError> {
+    let hash = hash_key(key);
+    if let Some(existing) = api_key::Entity::find()
+        .filter(api_key::Column::KeyHash.eq(&hash))
+        .one(db)
+        .await?
+    {
+        return if existing.tenant_id == tenant_id {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(
+                "this API key belongs to another tenant".to_owned(),
+            ))
+        };
+    }
+    let row = api_key::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        tenant_id: Set(tenant_id),
+        key_hash: Set(hash),
+        prefix: Set(key.chars().take(API_KEY_PREFIX.len() + 4).collect()),
+        created_at: Set(Utc::now()),
+        revoked_at: Set(None),
+    };
+    api_key::Entity::insert(row).exec(db).await?;
+    Ok(())
+}
+
+/// The tenant holding this key, if the key exists and is not revoked.
+pub async fn authenticate(db: &impl ConnectionTrait, key: &str) -> Result<Option<Uuid>, StoreError> {
+    let found = api_key::Entity::find()
+        .filter(api_key::Column::KeyHash.eq(hash_key(key)))
+        .filter(api_key::Column::RevokedAt.is_null())
+        .one(db)
+        .await?;
+    Ok(found.map(|row| row.tenant_id))
+}

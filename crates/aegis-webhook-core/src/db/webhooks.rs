@@ -1,0 +1,220 @@
+//! Webhooks: a tenant's endpoints, their subscriptions and sealed secrets.
+
+use chrono::{DateTime, Utc};
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use uuid::Uuid;
+
+use super::StoreError;
+use super::entities::webhook;
+use crate::event::EventType;
+use crate::secret::{SecretCipher, SigningSecret};
+use crate::target::WebhookUrl;
+
+/// A webhook as the API and the worker see it, secret opened.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub url: String,
+    pub events: Vec<EventType>,
+    pub description: Option<String>,
+    pub project_ids: Vec<Uuid>,
+    pub secret: SigningSecret,
+    pub active: bool,
+    pub disabled_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a new webhook is made of, every field already valid.
+#[derive(Debug, Clone)]
+pub struct NewWebhook {
+    pub url: WebhookUrl,
+    pub events: Vec<EventType>,
+    pub description: Option<String>,
+    pub project_ids: Vec<Uuid>,
+    pub secret: SigningSecret,
+    pub active: bool,
+}
+
+/// The part of a webhook the fan-out needs: no secret is opened for it.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub webhook_id: Uuid,
+    pub events: Vec<EventType>,
+    pub project_ids: Vec<Uuid>,
+}
+
+fn join<T: ToString>(items: &[T]) -> String {
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn parse_events(text: &str) -> Result<Vec<EventType>, StoreError> {
+    text.split(',')
+        .filter(|part| !part.is_empty())
+        .map(|name| {
+            name.parse()
+                .map_err(|error| StoreError::Unexpected(anyhow::anyhow!("stored webhook: {error}")))
+        })
+        .collect()
+}
+
+fn parse_project_ids(text: Option<&str>) -> Result<Vec<Uuid>, StoreError> {
+    text.unwrap_or_default()
+        .split(',')
+        .filter(|part| !part.is_empty())
+        .map(|id| {
+            id.parse()
+                .map_err(|error| StoreError::Unexpected(anyhow::anyhow!("stored webhook project id: {error}")))
+        })
+        .collect()
+}
+
+fn to_domain(row: webhook::Model, cipher: &SecretCipher) -> Result<Webhook, StoreError> {
+    let secret = cipher
+        .open(&row.secret_sealed)
+        .map_err(|error| StoreError::Unexpected(anyhow::anyhow!("webhook {}: {error}", row.id)))?;
+    Ok(Webhook {
+        id: row.id,
+        tenant_id: row.tenant_id,
+        events: parse_events(&row.events)?,
+        project_ids: parse_project_ids(row.project_ids.as_deref())?,
+        url: row.url,
+        description: row.description,
+        secret,
+        active: row.active,
+        disabled_reason: row.disabled_reason,
+        created_at: row.created_at,
+        updated_at: row.updated_at,
+    })
+}
+
+pub async fn create_webhook(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    tenant_id: Uuid,
+    new: NewWebhook,
+) -> Result<Webhook, StoreError> {
+    let now = Utc::now();
+    let row = webhook::ActiveModel {
+        id: Set(Uuid::now_v7()),
+        tenant_id: Set(tenant_id),
+        url: Set(new.url.as_str().to_owned()),
+        events: Set(join(&new.events)),
+        description: Set(new.description),
+        project_ids: Set((!new.project_ids.is_empty()).then(|| join(&new.project_ids))),
+        secret_sealed: Set(cipher.seal(&new.secret)),
+        active: Set(new.active),
+        disabled_reason: Set(None),
+        consecutive_failures: Set(0),
+        created_at: Set(now),
+        updated_at: Set(now),
+    };
+    let inserted = webhook::Entity::insert(row).exec_with_returning(db).await?;
+    to_domain(inserted, cipher)
+}
+
+/// The tenant's webhook `id`; another tenant's webhook is `NotFound`.
+pub async fn webhook_of_tenant(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<Webhook, StoreError> {
+    let row = webhook::Entity::find_by_id(id)
+        .filter(webhook::Column::TenantId.eq(tenant_id))
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    to_domain(row, cipher)
+}
+
+/// Any tenant's webhook, for the worker, which acts on behalf of the delivery's tenant.
+pub async fn webhook_by_id(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    id: Uuid,
+) -> Result<Option<Webhook>, StoreError> {
+    webhook::Entity::find_by_id(id)
+        .one(db)
+        .await?
+        .map(|row| to_domain(row, cipher))
+        .transpose()
+}
+
+/// One page of the tenant's webhooks in creation order, after the cursor `after`.
+/// Fetches `limit + 1` rows so the caller can tell whether another page exists.
+pub async fn list_webhooks(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    tenant_id: Uuid,
+    after: Option<Uuid>,
+    limit: u64,
+) -> Result<Vec<Webhook>, StoreError> {
+    let mut query = webhook::Entity::find()
+        .filter(webhook::Column::TenantId.eq(tenant_id))
+        .order_by_asc(webhook::Column::Id)
+        .limit(limit + 1);
+    if let Some(after) = after {
+        // Ids are UUIDv7, so their order is creation order.
+        query = query.filter(webhook::Column::Id.gt(after));
+    }
+    query
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|row| to_domain(row, cipher))
+        .collect()
+}
+
+/// The tenant's active webhooks, as the fan-out needs them.
+pub async fn active_subscriptions(db: &impl ConnectionTrait, tenant_id: Uuid) -> Result<Vec<Subscription>, StoreError> {
+    let rows = webhook::Entity::find()
+        .filter(webhook::Column::TenantId.eq(tenant_id))
+        .filter(webhook::Column::Active.eq(true))
+        .all(db)
+        .await?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(Subscription {
+                webhook_id: row.id,
+                events: parse_events(&row.events)?,
+                project_ids: parse_project_ids(row.project_ids.as_deref())?,
+            })
+        })
+        .collect()
+}
+
+/// Counts a finished delivery towards the webhook's health: a success resets the
+/// streak of failures, a failure extends it.
+pub async fn record_delivery_result(
+    db: &impl ConnectionTrait,
+    webhook_id: Uuid,
+    succeeded: bool,
+) -> Result<(), StoreError> {
+    use sea_orm::sea_query::{Expr, ExprTrait as _};
+    let streak = if succeeded {
+        Expr::value(0)
+    } else {
+        Expr::col(webhook::Column::ConsecutiveFailures).add(1)
+    };
+    webhook::Entity::update_many()
+        .col_expr(webhook::Column::ConsecutiveFailures, streak)
+        .filter(webhook::Column::Id.eq(webhook_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Deactivates a webhook, saying why (for example, the receiver answered 410 Gone).
+pub async fn disable_webhook(db: &impl ConnectionTrait, webhook_id: Uuid, reason: &str) -> Result<(), StoreError> {
+    use sea_orm::sea_query::Expr;
+    webhook::Entity::update_many()
+        .col_expr(webhook::Column::Active, Expr::value(false))
+        .col_expr(webhook::Column::DisabledReason, Expr::value(reason))
+        .col_expr(webhook::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(webhook::Column::Id.eq(webhook_id))
+        .exec(db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,671 @@
+//! Security events: their types, the upstream envelope, per-event `data` validation
+//! against the shapes of the customer-facing document, and the delivered body.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Every event type a webhook can subscribe to or receive.
+///
+/// The names are the wire names of the seed document and of the GraphQL enum
+/// `WebhookEvent`; `CRITICAL_VULNERABILITY_DETECTED` is derived from a critical
+/// `VULNERABILITY_DETECTED`, and `WEBHOOK_TEST` is only sent by `testWebhook`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EventType {
+    VulnerabilityDetected,
+    CriticalVulnerabilityDetected,
+    PoamDueSoon,
+    PoamOverdue,
+    EvidenceCompleted,
+    WebhookTest,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 6] = [
+        EventType::VulnerabilityDetected,
+        EventType::CriticalVulnerabilityDetected,
+        EventType::PoamDueSoon,
+        EventType::PoamOverdue,
+        EventType::EvidenceCompleted,
+        EventType::WebhookTest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::VulnerabilityDetected => "VULNERABILITY_DETECTED",
+            EventType::CriticalVulnerabilityDetected => "CRITICAL_VULNERABILITY_DETECTED",
+            EventType::PoamDueSoon => "POAM_DUE_SOON",
+            EventType::PoamOverdue => "POAM_OVERDUE",
+            EventType::EvidenceCompleted => "EVIDENCE_COMPLETED",
+            EventType::WebhookTest => "WEBHOOK_TEST",
+        }
+    }
+
+    /// Whether upstream services may publish this type themselves. The other two
+    /// are produced by Aegis Webhooks: the critical one by fan-out, the test one by
+    /// the API.
+    pub fn is_published_upstream(self) -> bool {
+        !matches!(self, EventType::CriticalVulnerabilityDetected | EventType::WebhookTest)
+    }
+
+    /// Whether a webhook may list this type in its subscriptions.
+    pub fn is_subscribable(self) -> bool {
+        self != EventType::WebhookTest
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            EventType::VulnerabilityDetected => "A new vulnerability was detected.",
+            EventType::CriticalVulnerabilityDetected => "A new vulnerability of severity CRITICAL was detected.",
+            EventType::PoamDueSoon => "A POA&M deadline is approaching.",
+            EventType::PoamOverdue => "A POA&M passed its deadline.",
+            EventType::EvidenceCompleted => "Evidence processing (for example an SBOM) finished.",
+            EventType::WebhookTest => "A test event sent on request to check an endpoint.",
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown event type `{0}`")]
+pub struct UnknownEventType(pub String);
+
+impl FromStr for EventType {
+    type Err = UnknownEventType;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        EventType::ALL
+            .into_iter()
+            .find(|event_type| event_type.as_str() == name)
+            .ok_or_else(|| UnknownEventType(name.to_owned()))
+    }
+}
+
+/// Why an upstream envelope was refused. `Malformed` is not JSON at all (HTTP
+/// 400); `Invalid` is JSON that breaks the contract (HTTP 422). Both messages name
+/// what is wrong, with the JSON path where there is one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("malformed JSON: {0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// An upstream event after validation: the only form the rest of the system sees.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidatedEvent {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub event_type: EventType,
+    pub timestamp: DateTime<Utc>,
+    pub data: EventData,
+}
+
+/// The `data` object of each upstream event type, exactly the seed's shape. Field
+/// order here is the order in the delivered JSON.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum EventData {
+    VulnerabilityDetected(VulnerabilityDetected),
+    PoamDueSoon(PoamDueSoon),
+    PoamOverdue(PoamOverdue),
+    EvidenceCompleted(EvidenceCompleted),
+    WebhookTest(WebhookTest),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VulnerabilityDetected {
+    pub vulnerability_id: Uuid,
+    pub cve_id: CveId,
+    pub severity: Severity,
+    pub cvss_score: CvssScore,
+    pub component: Component,
+    pub project_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Component {
+    pub name: NonEmptyString,
+    pub version: NonEmptyString,
+}
+
+/// Not in the seed document, which only names the notification ("POA&M deadline
+/// approaching"); shaped like `POAM_OVERDUE` with `daysUntilDue` in place of
+/// `daysOverdue`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoamDueSoon {
+    pub poam_id: Uuid,
+    pub vulnerability_id: Uuid,
+    pub cve_id: CveId,
+    pub scheduled_completion_date: NaiveDate,
+    pub days_until_due: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoamOverdue {
+    pub poam_id: Uuid,
+    pub vulnerability_id: Uuid,
+    pub cve_id: CveId,
+    pub scheduled_completion_date: NaiveDate,
+    pub days_overdue: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EvidenceCompleted {
+    pub evidence_id: Uuid,
+    pub file_name: NonEmptyString,
+    pub vulnerabilities_found: u32,
+    pub critical_count: u32,
+    pub high_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WebhookTest {
+    pub webhook_id: Uuid,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Severity {
+    Critical,
+    High,
+    Medium,
+    Low,
+    None,
+}
+
+/// A CVE identifier such as `CVE-2024-47076`: the year, then four or more digits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CveId(String);
+
+impl TryFrom<String> for CveId {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        let well_formed = value
+            .strip_prefix("CVE-")
+            .and_then(|rest| rest.split_once('-'))
+            .is_some_and(|(year, number)| {
+                year.len() == 4
+                    && number.len() >= 4
+                    && year.bytes().all(|b| b.is_ascii_digit())
+                    && number.bytes().all(|b| b.is_ascii_digit())
+            });
+        if well_formed {
+            Ok(CveId(value))
+        } else {
+            Err(format!("`{value}` is not a CVE id (expected CVE-YYYY-NNNN)"))
+        }
+    }
+}
+
+impl From<CveId> for String {
+    fn from(id: CveId) -> Self {
+        id.0
+    }
+}
+
+/// A CVSS base score, 0.0 to 10.0 inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct CvssScore(f64);
+
+impl TryFrom<f64> for CvssScore {
+    type Error = String;
+
+    fn try_from(value: f64) -> Result<Self, Self::Error> {
+        if (0.0..=10.0).contains(&value) {
+            Ok(CvssScore(value))
+        } else {
+            Err(format!("{value} is out of range (0 to 10)"))
+        }
+    }
+}
+
+impl From<CvssScore> for f64 {
+    fn from(score: CvssScore) -> Self {
+        score.0
+    }
+}
+
+/// A string with at least one non-whitespace character.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NonEmptyString(String);
+
+impl TryFrom<String> for NonEmptyString {
+    type Error = &'static str;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        if value.trim().is_empty() {
+            Err("must not be empty")
+        } else {
+            Ok(NonEmptyString(value))
+        }
+    }
+}
+
+impl From<NonEmptyString> for String {
+    fn from(value: NonEmptyString) -> Self {
+        value.0
+    }
+}
+
+impl NonEmptyString {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The envelope as it arrives, before its `data` is checked against its type.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawEnvelope {
+    id: Option<Uuid>,
+    event: String,
+    timestamp: Option<String>,
+    tenant_id: Uuid,
+    data: serde_json::Value,
+}
+
+/// The envelope as published to the broker after intake: `id` and `timestamp`
+/// filled in, so every later step (and every redelivery) agrees on them.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CanonicalEnvelope<'a> {
+    id: Uuid,
+    event: EventType,
+    timestamp: String,
+    tenant_id: Uuid,
+    data: &'a EventData,
+}
+
+impl ValidatedEvent {
+    /// Parses and validates an upstream envelope. `now` stands in for a missing
+    /// timestamp, and a fresh id for a missing `id`.
+    pub fn parse(bytes: &[u8], now: DateTime<Utc>) -> Result<Self, EnvelopeError> {
+        let value: serde_json::Value =
+            serde_json::from_slice(bytes).map_err(|error| EnvelopeError::Malformed(error.to_string()))?;
+        let raw: RawEnvelope = deserialize_at(value, "")?;
+        let event_type: EventType = raw
+            .event
+            .parse()
+            .map_err(|error: UnknownEventType| EnvelopeError::Invalid(format!("event: {error}")))?;
+        if !event_type.is_published_upstream() {
+            let hint = match event_type {
+                EventType::CriticalVulnerabilityDetected => {
+                    "publish VULNERABILITY_DETECTED with severity CRITICAL instead"
+                }
+                _ => "it is sent by the testWebhook mutation",
+            };
+            return Err(EnvelopeError::Invalid(format!(
+                "event: `{event_type}` cannot be published upstream; {hint}"
+            )));
+        }
+        let timestamp = match raw.timestamp {
+            None => now,
+            Some(text) => DateTime::parse_from_rfc3339(&text)
+                .map_err(|error| {
+                    EnvelopeError::Invalid(format!("timestamp: `{text}` is not an RFC 3339 date-time ({error})"))
+                })?
+                .with_timezone(&Utc),
+        };
+        let data = EventData::parse(event_type, raw.data)?;
+        Ok(ValidatedEvent {
+            id: raw.id.unwrap_or_else(Uuid::now_v7),
+            tenant_id: raw.tenant_id,
+            event_type,
+            timestamp,
+            data,
+        })
+    }
+
+    /// The envelope to publish on the broker: what [`ValidatedEvent::parse`] reads
+    /// back to the same value.
+    pub fn to_envelope_json(&self) -> Vec<u8> {
+        let envelope = CanonicalEnvelope {
+            id: self.id,
+            event: self.event_type,
+            timestamp: self.timestamp_text(),
+            tenant_id: self.tenant_id,
+            data: &self.data,
+        };
+        serde_json::to_vec(&envelope).expect("an envelope always serializes")
+    }
+
+    /// The timestamp as delivered: RFC 3339 in UTC with a `Z`, fractions only when
+    /// the source had them.
+    pub fn timestamp_text(&self) -> String {
+        self.timestamp.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+    }
+
+    /// Whether this is a vulnerability of severity CRITICAL, which is also
+    /// delivered as `CRITICAL_VULNERABILITY_DETECTED`.
+    pub fn is_critical_vulnerability(&self) -> bool {
+        matches!(&self.data, EventData::VulnerabilityDetected(v) if v.severity == Severity::Critical)
+    }
+
+    /// The project the event belongs to, for webhooks that filter on projects.
+    pub fn project_id(&self) -> Option<Uuid> {
+        match &self.data {
+            EventData::VulnerabilityDetected(v) => Some(v.project_id),
+            _ => None,
+        }
+    }
+}
+
+impl EventData {
+    fn parse(event_type: EventType, data: serde_json::Value) -> Result<Self, EnvelopeError> {
+        Ok(match event_type {
+            EventType::VulnerabilityDetected | EventType::CriticalVulnerabilityDetected => {
+                EventData::VulnerabilityDetected(deserialize_at(data, "data")?)
+            }
+            EventType::PoamDueSoon => EventData::PoamDueSoon(deserialize_at(data, "data")?),
+            EventType::PoamOverdue => EventData::PoamOverdue(deserialize_at(data, "data")?),
+            EventType::EvidenceCompleted => {
+                let evidence: EvidenceCompleted = deserialize_at(data, "data")?;
+                let counted = u64::from(evidence.critical_count) + u64::from(evidence.high_count);
+                if counted > u64::from(evidence.vulnerabilities_found) {
+                    return Err(EnvelopeError::Invalid(
+                        "data: criticalCount + highCount exceeds vulnerabilitiesFound".to_owned(),
+                    ));
+                }
+                EventData::EvidenceCompleted(evidence)
+            }
+            EventType::WebhookTest => EventData::WebhookTest(deserialize_at(data, "data")?),
+        })
+    }
+
+    /// The `data` object as delivered, serialized once at ingest and stored.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("event data always serializes")
+    }
+}
+
+/// Deserializes `value`, naming the JSON path of the first problem, prefixed by
+/// `root` ("data.component.name: missing field ...").
+fn deserialize_at<T: serde::de::DeserializeOwned>(value: serde_json::Value, root: &str) -> Result<T, EnvelopeError> {
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        let location = match (root.is_empty(), path == ".") {
+            (true, true) => String::new(),
+            (true, false) => format!("{path}: "),
+            (false, true) => format!("{root}: "),
+            (false, false) => format!("{root}.{path}: "),
+        };
+        EnvelopeError::Invalid(format!("{location}{}", error.into_inner()))
+    })
+}
+
+/// The body POSTed to a webhook: exactly the seed's `{"event","timestamp","data"}`.
+/// `data_json` is the stored output of [`EventData::to_json`], so the bytes are the
+/// same on every attempt.
+pub fn delivered_body(event_type: EventType, timestamp: &str, data_json: &str) -> String {
+    let timestamp = serde_json::to_string(timestamp).expect("a string always serializes");
+    format!(
+        r#"{{"event":"{}","timestamp":{timestamp},"data":{data_json}}}"#,
+        event_type.as_str()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TENANT: &str = "0b5a6a40-5d43-4a2b-9c1f-1c1b2a3d4e5f";
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .expect("valid")
+            .with_timezone(&Utc)
+    }
+
+    fn seed_vulnerability() -> serde_json::Value {
+        serde_json::json!({
+            "event": "VULNERABILITY_DETECTED",
+            "timestamp": "2025-12-16T15:30:00Z",
+            "tenantId": TENANT,
+            "data": {
+                "vulnerabilityId": "456e7890-e89b-12d3-a456-426614174003",
+                "cveId": "CVE-2024-47076",
+                "severity": "CRITICAL",
+                "cvssScore": 9.8,
+                "component": { "name": "curl", "version": "7.68.0" },
+                "projectId": "123e4567-e89b-12d3-a456-426614174000"
+            }
+        })
+    }
+
+    fn parse(value: &serde_json::Value) -> Result<ValidatedEvent, EnvelopeError> {
+        ValidatedEvent::parse(value.to_string().as_bytes(), now())
+    }
+
+    fn invalid_message(value: &serde_json::Value) -> String {
+        match parse(value) {
+            Err(EnvelopeError::Invalid(message)) => message,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_seed_vulnerability_is_delivered_byte_for_byte_in_the_seed_shape() {
+        let event = parse(&seed_vulnerability()).expect("the seed's event is valid");
+        assert!(event.is_critical_vulnerability());
+        let body = delivered_body(event.event_type, &event.timestamp_text(), &event.data.to_json());
+        assert_eq!(
+            body,
+            r#"{"event":"VULNERABILITY_DETECTED","timestamp":"2025-12-16T15:30:00Z","data":{"vulnerabilityId":"456e7890-e89b-12d3-a456-426614174003","cveId":"CVE-2024-47076","severity":"CRITICAL","cvssScore":9.8,"component":{"name":"curl","version":"7.68.0"},"projectId":"123e4567-e89b-12d3-a456-426614174000"}}"#
+        );
+    }
+
+    #[test]
+    fn every_seed_event_parses_and_round_trips_through_the_canonical_envelope() {
+        let seeds = [
+            seed_vulnerability(),
+            serde_json::json!({
+                "event": "POAM_OVERDUE", "timestamp": "2025-12-16T15:30:00Z", "tenantId": TENANT,
+                "data": {
+                    "poamId": "567e8901-e89b-12d3-a456-426614174004",
+                    "vulnerabilityId": "456e7890-e89b-12d3-a456-426614174003",
+                    "cveId": "CVE-2024-47076",
+                    "scheduledCompletionDate": "2026-01-15",
+                    "daysOverdue": 5
+                }
+            }),
+            serde_json::json!({
+                "event": "EVIDENCE_COMPLETED", "timestamp": "2025-12-16T15:30:00Z", "tenantId": TENANT,
+                "data": {
+                    "evidenceId": "345e6789-e89b-12d3-a456-426614174002",
+                    "fileName": "sbom.spdx.json",
+                    "vulnerabilitiesFound": 27, "criticalCount": 2, "highCount": 5
+                }
+            }),
+        ];
+        for seed in seeds {
+            let event = parse(&seed).expect("seed events are valid");
+            assert_eq!(
+                serde_json::from_str::<serde_json::Value>(&event.data.to_json()).expect("json"),
+                seed["data"],
+                "data is delivered exactly as the seed shows it"
+            );
+            let again = ValidatedEvent::parse(&event.to_envelope_json(), now()).expect("canonical");
+            assert_eq!(again, event);
+        }
+    }
+
+    #[test]
+    fn a_missing_id_and_timestamp_are_filled_in() {
+        let mut envelope = seed_vulnerability();
+        envelope.as_object_mut().expect("object").remove("timestamp");
+        let event = parse(&envelope).expect("valid");
+        assert_eq!(event.timestamp, now());
+        assert_eq!(event.timestamp_text(), "2026-01-01T00:00:00Z");
+        assert_eq!(event.id.get_version_num(), 7);
+    }
+
+    #[test]
+    fn malformed_json_is_told_apart_from_invalid_json() {
+        assert!(matches!(
+            ValidatedEvent::parse(b"{not json", now()),
+            Err(EnvelopeError::Malformed(_))
+        ));
+        assert!(matches!(
+            ValidatedEvent::parse(b"[1,2]", now()),
+            Err(EnvelopeError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn invalid_envelopes_name_the_field_at_fault() {
+        type Mutation = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(&str, Mutation, &str)> = vec![
+            (
+                "unknown event",
+                Box::new(|v| v["event"] = "VULN_FOUND".into()),
+                "event: unknown event type `VULN_FOUND`",
+            ),
+            (
+                "derived event",
+                Box::new(|v| v["event"] = "CRITICAL_VULNERABILITY_DETECTED".into()),
+                "cannot be published upstream",
+            ),
+            (
+                "test event",
+                Box::new(|v| v["event"] = "WEBHOOK_TEST".into()),
+                "cannot be published upstream",
+            ),
+            (
+                "missing tenant",
+                Box::new(|v| {
+                    v.as_object_mut().expect("object").remove("tenantId");
+                }),
+                "missing field `tenantId`",
+            ),
+            (
+                "bad timestamp",
+                Box::new(|v| v["timestamp"] = "yesterday".into()),
+                "timestamp: `yesterday`",
+            ),
+            (
+                "missing cve",
+                Box::new(|v| {
+                    v["data"].as_object_mut().expect("object").remove("cveId");
+                }),
+                "data: missing field `cveId`",
+            ),
+            (
+                "bad cve",
+                Box::new(|v| v["data"]["cveId"] = "CVE-24-1".into()),
+                "data.cveId: `CVE-24-1` is not a CVE id",
+            ),
+            (
+                "bad severity",
+                Box::new(|v| v["data"]["severity"] = "SEVERE".into()),
+                "data.severity: unknown variant `SEVERE`",
+            ),
+            (
+                "cvss too high",
+                Box::new(|v| v["data"]["cvssScore"] = 11.into()),
+                "data.cvssScore: 11 is out of range",
+            ),
+            (
+                "cvss as string",
+                Box::new(|v| v["data"]["cvssScore"] = "9.8".into()),
+                "data.cvssScore: invalid type",
+            ),
+            (
+                "empty component",
+                Box::new(|v| v["data"]["component"]["name"] = " ".into()),
+                "data.component.name: must not be empty",
+            ),
+            (
+                "bad project id",
+                Box::new(|v| v["data"]["projectId"] = "p-1".into()),
+                "data.projectId:",
+            ),
+            (
+                "unknown data field",
+                Box::new(|v| v["data"]["extra"] = 1.into()),
+                "data.extra: unknown field `extra`",
+            ),
+            (
+                "unknown envelope field",
+                Box::new(|v| v["tenant"] = 1.into()),
+                "unknown field `tenant`",
+            ),
+            (
+                "data not an object",
+                Box::new(|v| v["data"] = 3.into()),
+                "data: invalid type: integer `3`",
+            ),
+        ];
+        for (name, mutate, expected) in cases {
+            let mut envelope = seed_vulnerability();
+            mutate(&mut envelope);
+            let message = invalid_message(&envelope);
+            assert!(
+                message.contains(expected),
+                "{name}: `{message}` should contain `{expected}`"
+            );
+        }
+    }
+
+    #[test]
+    fn evidence_counts_must_add_up() {
+        let envelope = serde_json::json!({
+            "event": "EVIDENCE_COMPLETED", "tenantId": TENANT,
+            "data": {
+                "evidenceId": "345e6789-e89b-12d3-a456-426614174002", "fileName": "sbom.spdx.json",
+                "vulnerabilitiesFound": 1, "criticalCount": 2, "highCount": 0
+            }
+        });
+        assert!(invalid_message(&envelope).contains("exceeds vulnerabilitiesFound"));
+    }
+
+    #[test]
+    fn negative_day_counts_and_bad_dates_are_refused() {
+        let mut envelope = serde_json::json!({
+            "event": "POAM_OVERDUE", "tenantId": TENANT,
+            "data": {
+                "poamId": "567e8901-e89b-12d3-a456-426614174004",
+                "vulnerabilityId": "456e7890-e89b-12d3-a456-426614174003",
+                "cveId": "CVE-2024-47076",
+                "scheduledCompletionDate": "2026-01-15",
+                "daysOverdue": -1
+            }
+        });
+        assert!(invalid_message(&envelope).starts_with("data.daysOverdue:"));
+        envelope["data"]["daysOverdue"] = 1.into();
+        envelope["data"]["scheduledCompletionDate"] = "2026-02-30".into();
+        assert!(invalid_message(&envelope).starts_with("data.scheduledCompletionDate:"));
+    }
+
+    #[test]
+    fn event_type_names_round_trip() {
+        for event_type in EventType::ALL {
+            assert_eq!(event_type.as_str().parse::<EventType>().expect("known"), event_type);
+            assert_eq!(
+                serde_json::to_string(&event_type).expect("json"),
+                format!("\"{event_type}\"")
+            );
+        }
+    }
+}

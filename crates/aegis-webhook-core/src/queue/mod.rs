@@ -1,0 +1,147 @@
+//! The queue port: what the processes need from a message broker, and the one
+//! definition of the messages they exchange.
+//!
+//! Two adapters implement it: [`memory::MemoryQueue`] for the embedded mode (one
+//! process) and, for production, RabbitMQ. Message bodies are versioned here and
+//! nowhere else: add a `V2` variant rather than edit `V1`.
+
+pub mod memory;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// "Make attempt `attempt` of delivery `delivery_id`." Everything else about the
+/// delivery is read from the database, which stays the source of truth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum DeliveryTask {
+    #[serde(rename = "delivery.v1", rename_all = "camelCase")]
+    V1 { delivery_id: Uuid, attempt: u32 },
+}
+
+impl DeliveryTask {
+    pub fn new(delivery_id: Uuid, attempt: u32) -> Self {
+        DeliveryTask::V1 { delivery_id, attempt }
+    }
+
+    pub fn delivery_id(&self) -> Uuid {
+        match self {
+            DeliveryTask::V1 { delivery_id, .. } => *delivery_id,
+        }
+    }
+
+    pub fn attempt(&self) -> u32 {
+        match self {
+            DeliveryTask::V1 { attempt, .. } => *attempt,
+        }
+    }
+
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("a task always serializes"))
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+}
+
+/// The two streams processes consume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Upstream envelopes, consumed by the ingester.
+    Events,
+    /// Delivery tasks, consumed by workers.
+    Tasks,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the queue is closed")]
+    Closed,
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+/// Settles a message with the broker.
+#[async_trait]
+pub trait Acknowledger: Send {
+    /// The message was handled; the broker may forget it.
+    async fn ack(self: Box<Self>) -> Result<(), QueueError>;
+    /// The message was not handled; the broker gives it to a consumer again.
+    async fn requeue(self: Box<Self>) -> Result<(), QueueError>;
+}
+
+/// A message taken from a stream, to be acked or requeued exactly once.
+pub struct QueueMessage {
+    pub body: Bytes,
+    acknowledger: Box<dyn Acknowledger>,
+}
+
+impl std::fmt::Debug for QueueMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueMessage")
+            .field("bytes", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl QueueMessage {
+    pub fn new(body: Bytes, acknowledger: Box<dyn Acknowledger>) -> Self {
+        QueueMessage { body, acknowledger }
+    }
+
+    pub async fn ack(self) -> Result<(), QueueError> {
+        self.acknowledger.ack().await
+    }
+
+    pub async fn requeue(self) -> Result<(), QueueError> {
+        self.acknowledger.requeue().await
+    }
+}
+
+#[async_trait]
+pub trait Consumer: Send {
+    /// The next message; `None` once the queue is closed for good.
+    async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>>;
+}
+
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Publishes an upstream envelope under its event name, returning once the
+    /// broker has taken responsibility for it.
+    async fn publish_event(&self, event_name: &str, envelope: Bytes) -> Result<(), QueueError>;
+
+    /// Parks an event that failed validation, with the reason, for inspection.
+    async fn publish_invalid_event(&self, body: Bytes, reason: &str) -> Result<(), QueueError>;
+
+    /// Publishes a delivery task that becomes visible after `delay`.
+    async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError>;
+
+    /// Parks the task of a delivery that failed for good.
+    async fn publish_dead_letter(&self, task: DeliveryTask, reason: &str) -> Result<(), QueueError>;
+
+    async fn consume(&self, stream: Stream) -> Result<Box<dyn Consumer>, QueueError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tasks_have_a_stable_versioned_wire_format() {
+        let id = Uuid::parse_str("0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f").expect("uuid");
+        let task = DeliveryTask::new(id, 3);
+        assert_eq!(
+            task.encode(),
+            Bytes::from_static(
+                br#"{"type":"delivery.v1","deliveryId":"0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f","attempt":3}"#
+            )
+        );
+        assert_eq!(DeliveryTask::decode(&task.encode()).expect("decodes"), task);
+        assert!(DeliveryTask::decode(br#"{"type":"delivery.v9"}"#).is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! Delivery policy as pure functions: the retry schedule, the delay before the
+//! next attempt, and how an attempt's result is classified.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The delays before each attempt: the first entry is the delay of attempt 1
+/// (usually zero), the last that of the final attempt. Its length is the number
+/// of attempts a delivery gets before it is marked `FAILED`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "ScheduleSpec")]
+pub struct RetrySchedule(Vec<Duration>);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("retry schedule must have at least one attempt")]
+    Empty,
+    #[error("retry schedule entry `{0}` is not a duration such as `5s`, `1m` or `2h`")]
+    BadDuration(String),
+}
+
+impl RetrySchedule {
+    pub fn new(delays: Vec<Duration>) -> Result<Self, ScheduleError> {
+        if delays.is_empty() {
+            return Err(ScheduleError::Empty);
+        }
+        Ok(RetrySchedule(delays))
+    }
+
+    /// How many attempts a delivery gets in all.
+    pub fn max_attempts(&self) -> u32 {
+        u32::try_from(self.0.len()).unwrap_or(u32::MAX)
+    }
+
+    /// The scheduled delay before `attempt` (1-based), or `None` past the last one.
+    pub fn delay_before(&self, attempt: u32) -> Option<Duration> {
+        let index = usize::try_from(attempt.checked_sub(1)?).ok()?;
+        self.0.get(index).copied()
+    }
+
+    pub fn delays(&self) -> &[Duration] {
+        &self.0
+    }
+}
+
+impl Default for RetrySchedule {
+    /// Immediately, 5 s, 1 min, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h:
+    /// eleven attempts over about three days.
+    fn default() -> Self {
+        const MINUTE: u64 = 60;
+        const HOUR: u64 = 60 * MINUTE;
+        RetrySchedule(
+            [
+                0,
+                5,
+                MINUTE,
+                5 * MINUTE,
+                30 * MINUTE,
+                2 * HOUR,
+                5 * HOUR,
+                10 * HOUR,
+                14 * HOUR,
+                20 * HOUR,
+                24 * HOUR,
+            ]
+            .into_iter()
+            .map(Duration::from_secs)
+            .collect(),
+        )
+    }
+}
+
+impl fmt::Debug for RetrySchedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_string())
+    }
+}
+
+impl fmt::Display for RetrySchedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|delay| humantime::format_duration(*delay).to_string())
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+impl FromStr for RetrySchedule {
+    type Err = ScheduleError;
+
+    /// A comma-separated list such as `0s,5s,1m` (what `AEGIS_RETRY_SCHEDULE` holds).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let delays = text
+            .split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+            .map(|part| humantime::parse_duration(part).map_err(|_| ScheduleError::BadDuration(part.to_owned())))
+            .collect::<Result<Vec<_>, _>>()?;
+        RetrySchedule::new(delays)
+    }
+}
+
+/// Configuration may give the schedule as a list or as one comma-separated string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ScheduleSpec {
+    Text(String),
+    List(Vec<String>),
+}
+
+impl TryFrom<ScheduleSpec> for RetrySchedule {
+    type Error = ScheduleError;
+
+    fn try_from(spec: ScheduleSpec) -> Result<Self, Self::Error> {
+        match spec {
+            ScheduleSpec::Text(text) => text.parse(),
+            ScheduleSpec::List(parts) => parts.join(",").parse(),
+        }
+    }
+}
+
+/// What one HTTP attempt came to, before any retry decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptClass {
+    /// Any 2xx.
+    Success,
+    /// 410 Gone: the receiver asks us to stop; the webhook is disabled.
+    Gone,
+    /// Everything else: timeouts, connection errors, 3xx (redirects are never
+    /// followed), 4xx and 5xx. Receivers deploy fixes, so 4xx retry too.
+    Retryable,
+}
+
+/// Classifies an attempt by its status code, `None` when no response arrived.
+pub fn classify(status: Option<u16>) -> AttemptClass {
+    match status {
+        Some(200..=299) => AttemptClass::Success,
+        Some(410) => AttemptClass::Gone,
+        _ => AttemptClass::Retryable,
+    }
+}
+
+/// Jitter only ever adds delay, at most this fraction of the scheduled delay, so
+/// that receivers recovering from an outage are not hit by every retry at once.
+pub const MAX_JITTER_FRACTION: f64 = 0.1;
+
+/// The delay before attempt `next_attempt`, or `None` when the schedule is spent.
+/// `jitter` is a number in `[0, 1)` (random in production, fixed in tests).
+pub fn next_delay(schedule: &RetrySchedule, next_attempt: u32, jitter: f64) -> Option<Duration> {
+    let base = schedule.delay_before(next_attempt)?;
+    Some(base.mul_f64(1.0 + MAX_JITTER_FRACTION * jitter.clamp(0.0, 1.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_schedule_is_eleven_attempts_over_about_three_days() {
+        let schedule = RetrySchedule::default();
+        assert_eq!(schedule.max_attempts(), 11);
+        assert_eq!(schedule.delay_before(1), Some(Duration::ZERO));
+        assert_eq!(schedule.delay_before(2), Some(Duration::from_secs(5)));
+        assert_eq!(schedule.delay_before(11), Some(Duration::from_secs(24 * 3600)));
+        assert_eq!(schedule.delay_before(12), None);
+        assert_eq!(schedule.delay_before(0), None);
+        let total: Duration = schedule.delays().iter().sum();
+        assert!(total > Duration::from_secs(75 * 3600) && total < Duration::from_secs(77 * 3600));
+    }
+
+    #[test]
+    fn schedules_parse_from_text_and_print_back() {
+        let schedule: RetrySchedule = "0s, 100ms,1m".parse().expect("valid");
+        assert_eq!(
+            schedule.delays(),
+            [Duration::ZERO, Duration::from_millis(100), Duration::from_secs(60)]
+        );
+        assert_eq!(schedule.to_string(), "0s,100ms,1m");
+        assert_eq!("".parse::<RetrySchedule>(), Err(ScheduleError::Empty));
+        assert_eq!(
+            "5s,soon".parse::<RetrySchedule>(),
+            Err(ScheduleError::BadDuration("soon".to_owned()))
+        );
+    }
+
+    #[test]
+    fn jitter_only_adds_delay_and_is_bounded() {
+        let schedule = RetrySchedule::default();
+        assert_eq!(next_delay(&schedule, 2, 0.0), Some(Duration::from_secs(5)));
+        assert_eq!(next_delay(&schedule, 2, 0.5), Some(Duration::from_millis(5250)));
+        assert_eq!(next_delay(&schedule, 2, 7.0), Some(Duration::from_millis(5500)));
+        assert_eq!(next_delay(&schedule, 2, -1.0), Some(Duration::from_secs(5)));
+        assert_eq!(next_delay(&schedule, 12, 0.5), None);
+    }
+
+    #[test]
+    fn outcomes_are_classified_by_status() {
+        assert_eq!(classify(Some(200)), AttemptClass::Success);
+        assert_eq!(classify(Some(204)), AttemptClass::Success);
+        assert_eq!(classify(Some(299)), AttemptClass::Success);
+        assert_eq!(classify(Some(301)), AttemptClass::Retryable);
+        assert_eq!(classify(Some(400)), AttemptClass::Retryable);
+        assert_eq!(classify(Some(410)), AttemptClass::Gone);
+        assert_eq!(classify(Some(429)), AttemptClass::Retryable);
+        assert_eq!(classify(Some(503)), AttemptClass::Retryable);
+        assert_eq!(classify(None), AttemptClass::Retryable);
+    }
+}

@@ -1,0 +1,217 @@
+//! Webhook signing secrets, and their encryption at rest.
+//!
+//! A [`SigningSecret`] never prints; a [`SecretCipher`] seals it with an AEAD
+//! (ChaCha20-Poly1305) under a key from configuration before it reaches the
+//! database. The stored form names the key it was sealed with, so keys can rotate.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64_URL};
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use sha2::{Digest, Sha256};
+
+/// Generated secrets look like Standard Webhooks secrets: `whsec_` + base64.
+const GENERATED_PREFIX: &str = "whsec_";
+const MIN_SECRET_CHARS: usize = 16;
+const MAX_SECRET_CHARS: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    #[error("secret must be at least {MIN_SECRET_CHARS} characters")]
+    TooShort,
+    #[error("secret must be at most {MAX_SECRET_CHARS} characters")]
+    TooLong,
+    #[error("secret must not contain whitespace or control characters")]
+    BadCharacters,
+}
+
+/// The shared secret a webhook's requests are signed with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SigningSecret(String);
+
+impl SigningSecret {
+    pub fn parse(text: &str) -> Result<Self, SecretError> {
+        let chars = text.chars().count();
+        if chars < MIN_SECRET_CHARS {
+            return Err(SecretError::TooShort);
+        }
+        if chars > MAX_SECRET_CHARS {
+            return Err(SecretError::TooLong);
+        }
+        if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(SecretError::BadCharacters);
+        }
+        Ok(SigningSecret(text.to_owned()))
+    }
+
+    /// `whsec_` + base64 of 32 random bytes.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        rand::fill(&mut bytes);
+        SigningSecret(format!("{GENERATED_PREFIX}{}", BASE64.encode(bytes)))
+    }
+
+    /// The secret itself, for signing and for showing it to its owner.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The HMAC key of the Standard Webhooks signature.
+    pub(crate) fn standard_webhooks_key(&self) -> Vec<u8> {
+        self.0
+            .strip_prefix(GENERATED_PREFIX)
+            .and_then(|encoded| BASE64.decode(encoded).ok())
+            .unwrap_or_else(|| self.0.as_bytes().to_vec())
+    }
+}
+
+impl fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SigningSecret([redacted])")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CipherError {
+    #[error("the secret key must be 32 bytes, base64-encoded")]
+    BadKey,
+    #[error("stored secret is not in the `v1.<key id>.<sealed>` form")]
+    BadFormat,
+    #[error("stored secret was sealed with key `{0}`, which is not configured")]
+    UnknownKey(String),
+    #[error("stored secret failed authentication: wrong key or tampered row")]
+    Tampered,
+}
+
+/// Seals and opens webhook secrets for storage.
+#[derive(Clone)]
+pub struct SecretCipher {
+    key_id: String,
+    cipher: ChaCha20Poly1305,
+}
+
+impl fmt::Debug for SecretCipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretCipher")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SecretCipher {
+    /// From a base64-encoded 32-byte key (`AEGIS_SECRET_KEY`).
+    pub fn from_base64(encoded: &str) -> Result<Self, CipherError> {
+        let bytes = BASE64.decode(encoded.trim()).map_err(|_| CipherError::BadKey)?;
+        let key: [u8; 32] = bytes.try_into().map_err(|_| CipherError::BadKey)?;
+        Ok(Self::from_key(key))
+    }
+
+    pub fn from_key(key: [u8; 32]) -> Self {
+        // The key id is a short, non-reversible fingerprint of the key.
+        let key_id = hex::encode(&Sha256::digest(key)[..4]);
+        SecretCipher {
+            key_id,
+            cipher: ChaCha20Poly1305::new(Key::from_slice(&key)),
+        }
+    }
+
+    /// A fresh random key, base64-encoded, for first-run setups.
+    pub fn generate_key() -> String {
+        let mut key = [0u8; 32];
+        rand::fill(&mut key);
+        BASE64.encode(key)
+    }
+
+    pub fn seal(&self, secret: &SigningSecret) -> String {
+        let mut nonce = [0u8; 12];
+        rand::fill(&mut nonce);
+        let sealed = self
+            .cipher
+            .encrypt(Nonce::from_slice(&nonce), secret.expose().as_bytes())
+            .expect("ChaCha20-Poly1305 encryption cannot fail for short inputs");
+        let mut payload = nonce.to_vec();
+        payload.extend_from_slice(&sealed);
+        format!("v1.{}.{}", self.key_id, BASE64_URL.encode(payload))
+    }
+
+    pub fn open(&self, stored: &str) -> Result<SigningSecret, CipherError> {
+        let mut parts = stored.splitn(3, '.');
+        let (Some("v1"), Some(key_id), Some(payload)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(CipherError::BadFormat);
+        };
+        if key_id != self.key_id {
+            return Err(CipherError::UnknownKey(key_id.to_owned()));
+        }
+        let payload = BASE64_URL.decode(payload).map_err(|_| CipherError::BadFormat)?;
+        if payload.len() < 12 {
+            return Err(CipherError::BadFormat);
+        }
+        let (nonce, sealed) = payload.split_at(12);
+        let plain = self
+            .cipher
+            .decrypt(Nonce::from_slice(nonce), sealed)
+            .map_err(|_| CipherError::Tampered)?;
+        let text = String::from_utf8(plain).map_err(|_| CipherError::Tampered)?;
+        Ok(SigningSecret(text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_checked_for_length_and_characters() {
+        assert_eq!(SigningSecret::parse("short"), Err(SecretError::TooShort));
+        assert_eq!(SigningSecret::parse(&"x".repeat(257)), Err(SecretError::TooLong));
+        assert_eq!(
+            SigningSecret::parse("has a space in it!"),
+            Err(SecretError::BadCharacters)
+        );
+        assert!(SigningSecret::parse("your-webhook-secret").is_ok());
+    }
+
+    #[test]
+    fn generated_secrets_are_standard_webhooks_secrets() {
+        let secret = SigningSecret::generate();
+        let encoded = secret.expose().strip_prefix("whsec_").expect("prefix");
+        assert_eq!(BASE64.decode(encoded).expect("base64").len(), 32);
+        assert_ne!(secret, SigningSecret::generate());
+        assert_eq!(format!("{secret:?}"), "SigningSecret([redacted])");
+    }
+
+    #[test]
+    fn sealed_secrets_open_with_the_same_key_only() {
+        let cipher = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
+        let secret = SigningSecret::parse("your-webhook-secret").expect("valid");
+        let stored = cipher.seal(&secret);
+        assert!(!stored.contains("your-webhook-secret"));
+        assert_ne!(stored, cipher.seal(&secret), "a fresh nonce every time");
+        assert_eq!(cipher.open(&stored).expect("opens"), secret);
+
+        let other = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
+        assert!(matches!(other.open(&stored), Err(CipherError::UnknownKey(_))));
+
+        let mut tampered = stored.clone();
+        tampered.pop();
+        tampered.push(if stored.ends_with('A') { 'B' } else { 'A' });
+        assert!(matches!(
+            cipher.open(&tampered),
+            Err(CipherError::Tampered | CipherError::BadFormat)
+        ));
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        assert!(matches!(
+            SecretCipher::from_base64("not base64!"),
+            Err(CipherError::BadKey)
+        ));
+        assert!(matches!(
+            SecretCipher::from_base64("c2hvcnQ="),
+            Err(CipherError::BadKey)
+        ));
+    }
+}

@@ -1,0 +1,152 @@
+//! The ingester: takes upstream envelopes off the events stream, validates them,
+//! fans each out to the subscribed webhooks in one database transaction, then
+//! publishes the delivery tasks and only then acknowledges the envelope.
+//!
+//! An envelope that fails validation is parked on the invalid-events queue with
+//! its reason and acknowledged; the consumer carries on.
+
+mod fanout;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aegis_webhook_core::db::{deliveries, events, tenants, webhooks};
+use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
+use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
+use anyhow::Context as _;
+use chrono::Utc;
+use sea_orm::{DatabaseConnection, TransactionTrait};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub use fanout::plan_deliveries;
+
+/// How long the loop keeps draining after shutdown is requested, waiting for
+/// messages that are already on their way.
+const DRAIN_IDLE: Duration = Duration::from_millis(200);
+/// Pause after an infrastructure error before the message is handed back.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct Ingester {
+    db: DatabaseConnection,
+    queue: Arc<dyn Queue>,
+}
+
+impl std::fmt::Debug for Ingester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingester").finish_non_exhaustive()
+    }
+}
+
+/// What became of one envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// Stored, with this many deliveries published.
+    FannedOut { event_id: Uuid, deliveries: usize },
+    /// The tenant already had an event with this id: nothing new to do.
+    Duplicate { event_id: Uuid },
+    /// Refused and parked on the invalid-events queue with this reason.
+    Invalid { reason: String },
+}
+
+impl Ingester {
+    pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>) -> Self {
+        Ingester { db, queue }
+    }
+
+    /// Handles one envelope end to end. An `Err` is an infrastructure failure
+    /// (database or broker): the envelope must be retried, not dropped.
+    pub async fn ingest(&self, body: &[u8]) -> anyhow::Result<IngestOutcome> {
+        let event = match ValidatedEvent::parse(body, Utc::now()) {
+            Ok(event) => event,
+            Err(EnvelopeError::Malformed(reason) | EnvelopeError::Invalid(reason)) => {
+                return self.refuse(body, reason).await;
+            }
+        };
+        if tenants::tenant_by_id(&self.db, event.tenant_id).await?.is_none() {
+            let reason = format!("tenantId: no tenant with id {}", event.tenant_id);
+            return self.refuse(body, reason).await;
+        }
+
+        let transaction = self.db.begin().await.context("failed to begin the fan-out")?;
+        let Some(event_row) = events::insert_event(&transaction, &event).await? else {
+            transaction.rollback().await.context("failed to end the fan-out")?;
+            tracing::debug!(event_id = %event.id, "duplicate event ignored");
+            return Ok(IngestOutcome::Duplicate { event_id: event.id });
+        };
+        let subscriptions = webhooks::active_subscriptions(&transaction, event.tenant_id).await?;
+        let planned = plan_deliveries(&event, &subscriptions);
+        let ids = deliveries::insert_pending(&transaction, event.tenant_id, event_row, &planned, Utc::now()).await?;
+        transaction.commit().await.context("failed to commit the fan-out")?;
+
+        // The deliveries are safe in the database; if publishing fails from here,
+        // the reconciler publishes them later.
+        for id in &ids {
+            self.queue
+                .publish_task(DeliveryTask::new(*id, 1), Duration::ZERO)
+                .await
+                .context("failed to publish a delivery task")?;
+        }
+        tracing::info!(event_id = %event.id, event = %event.event_type, deliveries = ids.len(), "event fanned out");
+        Ok(IngestOutcome::FannedOut {
+            event_id: event.id,
+            deliveries: ids.len(),
+        })
+    }
+
+    async fn refuse(&self, body: &[u8], reason: String) -> anyhow::Result<IngestOutcome> {
+        tracing::warn!(%reason, "invalid event refused");
+        self.queue
+            .publish_invalid_event(bytes::Bytes::copy_from_slice(body), &reason)
+            .await
+            .context("failed to park an invalid event")?;
+        Ok(IngestOutcome::Invalid { reason })
+    }
+
+    /// Consumes the events stream until `shutdown`, then drains what is already
+    /// arriving and returns.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut consumer = self.queue.consume(Stream::Events).await?;
+        loop {
+            let next = if shutdown.is_cancelled() {
+                match tokio::time::timeout(DRAIN_IDLE, consumer.next()).await {
+                    Ok(next) => next,
+                    Err(_idle) => break,
+                }
+            } else {
+                tokio::select! {
+                    next = consumer.next() => next,
+                    () = shutdown.cancelled() => continue,
+                }
+            };
+            match next {
+                None => break,
+                Some(Err(error)) => {
+                    tracing::error!(error = %error, "events consumer failed");
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                }
+                Some(Ok(message)) => self.handle(message).await,
+            }
+        }
+        tracing::info!("ingester stopped");
+        Ok(())
+    }
+
+    async fn handle(&self, message: QueueMessage) {
+        match self.ingest(&message.body).await {
+            Ok(_) => {
+                if let Err(error) = message.ack().await {
+                    tracing::error!(error = %error, "failed to ack an event");
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), "event not ingested; it will be retried");
+                tokio::time::sleep(ERROR_PAUSE).await;
+                if let Err(error) = message.requeue().await {
+                    tracing::error!(error = %error, "failed to requeue an event");
+                }
+            }
+        }
+    }
+}

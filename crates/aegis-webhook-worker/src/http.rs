@@ -1,0 +1,157 @@
+//! The outbound HTTP client: the only place Aegis Webhooks sends requests to
+//! customers' endpoints. No redirects, no proxies from the environment, a
+//! whole-request timeout, a capped response read, and a resolver that refuses
+//! addresses the target policy forbids (so DNS rebinding gets nowhere).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aegis_webhook_core::target::{RefusedAddress, TargetPolicy};
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::HeaderMap;
+use url::Host;
+
+/// Resolves with the system resolver, then keeps only allowed addresses.
+struct PolicyResolver {
+    policy: Arc<TargetPolicy>,
+}
+
+impl Resolve for PolicyResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let policy = self.policy.clone();
+        Box::pin(async move {
+            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = resolved
+                .iter()
+                .copied()
+                .filter(|addr| policy.is_allowed(addr.ip()))
+                .collect();
+            match (allowed.is_empty(), resolved.first()) {
+                (false, _) => Ok(Box::new(allowed.into_iter()) as Addrs),
+                (true, Some(refused)) => Err(Box::new(RefusedAddress(refused.ip())) as _),
+                (true, None) => Err(format!("`{}` resolved to no address", name.as_str()).into()),
+            }
+        })
+    }
+}
+
+pub fn build_client(policy: Arc<TargetPolicy>, timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .user_agent(aegis_webhook_core::USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .dns_resolver(Arc::new(PolicyResolver { policy }))
+        .build()
+        .map_err(|error| anyhow::anyhow!("failed to build the HTTP client: {error}"))
+}
+
+/// What came back from one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResult {
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub body: Option<String>,
+    pub duration: Duration,
+    /// `Retry-After`, as the receiver sent it.
+    pub retry_after: Option<String>,
+}
+
+/// POSTs `body` and reads at most `max_body` bytes of the answer, all within
+/// `timeout`. A body that does not arrive in time still leaves the status.
+pub async fn post(
+    client: &reqwest::Client,
+    policy: &TargetPolicy,
+    url: &str,
+    headers: HeaderMap,
+    body: String,
+    timeout: Duration,
+    max_body: usize,
+) -> HttpResult {
+    let started = Instant::now();
+    let fail = |error: String| HttpResult {
+        status: None,
+        error: Some(error),
+        body: None,
+        duration: started.elapsed(),
+        retry_after: None,
+    };
+    // Names are checked by the resolver; literal addresses never reach it.
+    if let Ok(parsed) = url::Url::parse(url) {
+        let literal = match parsed.host() {
+            Some(Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
+            Some(Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
+            _ => None,
+        };
+        if let Some(ip) = literal.filter(|ip| !policy.is_allowed(*ip)) {
+            return fail(RefusedAddress(ip).to_string());
+        }
+    }
+    let response = match client.post(url).headers(headers).body(body).send().await {
+        Ok(response) => response,
+        Err(error) => return fail(describe(&error)),
+    };
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let remaining = timeout.saturating_sub(started.elapsed());
+    let (body, error) = match tokio::time::timeout(remaining, read_capped(response, max_body)).await {
+        Ok(Ok(body)) => (body, None),
+        Ok(Err(error)) => (
+            Vec::new(),
+            Some(format!("reading the response body failed: {}", describe(&error))),
+        ),
+        Err(_elapsed) => (Vec::new(), Some("reading the response body timed out".to_owned())),
+    };
+    HttpResult {
+        status: Some(status),
+        error,
+        body: (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned()),
+        duration: started.elapsed(),
+        retry_after,
+    }
+}
+
+/// Reads up to `max` bytes and drops the rest (and with it the connection), so a
+/// huge answer costs us nothing.
+async fn read_capped(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, reqwest::Error> {
+    let mut kept = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = max - kept.len();
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if kept.len() == max {
+            break;
+        }
+    }
+    Ok(kept)
+}
+
+/// The error with its causes, which is where reqwest says what really happened.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = if let Some(reqwest_error) = error.downcast_ref::<reqwest::Error>() {
+        if reqwest_error.is_timeout() {
+            "timed out".to_owned()
+        } else {
+            reqwest_error.to_string()
+        }
+    } else {
+        error.to_string()
+    };
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,306 @@
+//! Delivery workers: take delivery tasks, sign and POST each request, record the
+//! attempt, and schedule the retry or dead-letter the delivery. The only crate
+//! that sends requests to customers' endpoints.
+//!
+//! [`Worker::process_one`] is the whole of one attempt; [`Worker::run`] is the loop
+//! around it that owns concurrency, acknowledgements and shutdown.
+
+pub mod http;
+pub mod reconciler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aegis_webhook_core::config::Config;
+use aegis_webhook_core::db::deliveries::{self, Attempt, NextStep};
+use aegis_webhook_core::db::{events, webhooks};
+use aegis_webhook_core::event::delivered_body;
+use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
+use aegis_webhook_core::retry::{self, AttemptClass, RetrySchedule};
+use aegis_webhook_core::secret::SecretCipher;
+use aegis_webhook_core::signing;
+use aegis_webhook_core::target::TargetPolicy;
+use anyhow::Context as _;
+use chrono::Utc;
+use rand::RngExt as _;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use sea_orm::{DatabaseConnection, TransactionTrait};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Extra time a claim lasts beyond the request timeout, for the database writes
+/// around the request.
+const CLAIM_MARGIN: Duration = Duration::from_secs(30);
+/// Pause after an infrastructure error before the task is handed back.
+const ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Everything a worker needs, shared by all its in-flight deliveries.
+#[derive(Clone)]
+pub struct Worker {
+    db: DatabaseConnection,
+    queue: Arc<dyn Queue>,
+    cipher: SecretCipher,
+    client: reqwest::Client,
+    policy: Arc<TargetPolicy>,
+    schedule: RetrySchedule,
+    request_timeout: Duration,
+    max_response_body_bytes: usize,
+    concurrency: usize,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish_non_exhaustive()
+    }
+}
+
+/// What one task came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The receiver answered 2xx.
+    Delivered,
+    /// The attempt failed; attempt `next_attempt` is due after `delay`.
+    RetryScheduled { next_attempt: u32, delay: Duration },
+    /// The delivery ended `FAILED` and was dead-lettered.
+    Failed { reason: String },
+    /// Nothing was sent: a duplicate or stale task, or a finished delivery.
+    Skipped { reason: String },
+}
+
+impl Worker {
+    pub fn new(
+        config: &Config,
+        db: DatabaseConnection,
+        queue: Arc<dyn Queue>,
+        cipher: SecretCipher,
+    ) -> anyhow::Result<Self> {
+        let policy = Arc::new(config.target_policy());
+        Ok(Worker {
+            client: http::build_client(policy.clone(), config.request_timeout)?,
+            db,
+            queue,
+            cipher,
+            policy,
+            schedule: config.retry_schedule.clone(),
+            request_timeout: config.request_timeout,
+            max_response_body_bytes: config.max_response_body_bytes,
+            concurrency: config.worker_concurrency,
+        })
+    }
+
+    /// Makes the attempt a task asks for. An `Err` is an infrastructure failure
+    /// (database or broker) before anything was sent: hand the task back.
+    pub async fn process_one(&self, task: DeliveryTask) -> anyhow::Result<Outcome> {
+        let delivery_id = task.delivery_id();
+        let attempt = task.attempt();
+        let lease = self.request_timeout + CLAIM_MARGIN;
+        if !deliveries::claim(&self.db, delivery_id, attempt, lease, Utc::now()).await? {
+            return Ok(Outcome::Skipped {
+                reason: "duplicate or stale task".to_owned(),
+            });
+        }
+        let delivery = deliveries::delivery_by_id(&self.db, delivery_id)
+            .await?
+            .context("a claimed delivery vanished")?;
+        let webhook = match webhooks::webhook_by_id(&self.db, &self.cipher, delivery.webhook_id).await? {
+            Some(webhook) if webhook.active => webhook,
+            Some(_) => return self.cancel(delivery_id, "webhook is disabled").await,
+            None => return self.cancel(delivery_id, "webhook was deleted").await,
+        };
+        let event = events::event_by_id(&self.db, delivery.event_id)
+            .await?
+            .context("the event of a delivery vanished")?;
+
+        let body = delivered_body(delivery.event_type, &event.timestamp, &event.data);
+        let headers = self.headers(&delivery, &webhook.secret, attempt, &body);
+        let started_at = Utc::now();
+        let result = http::post(
+            &self.client,
+            &self.policy,
+            &webhook.url,
+            headers,
+            body,
+            self.request_timeout,
+            self.max_response_body_bytes,
+        )
+        .await;
+
+        let class = retry::classify(result.status);
+        let (next, outcome) = match class {
+            AttemptClass::Success => (NextStep::Succeeded, Outcome::Delivered),
+            AttemptClass::Gone => {
+                let reason = "the receiver answered 410 Gone; the webhook was disabled".to_owned();
+                (NextStep::Failed(reason.clone()), Outcome::Failed { reason })
+            }
+            AttemptClass::Retryable => {
+                let jitter = rand::rng().random::<f64>();
+                match retry::next_delay(&self.schedule, attempt + 1, jitter) {
+                    Some(delay) => (
+                        NextStep::RetryAt(Utc::now() + delay),
+                        Outcome::RetryScheduled {
+                            next_attempt: attempt + 1,
+                            delay,
+                        },
+                    ),
+                    None => {
+                        let reason = format!("all {attempt} attempts failed");
+                        (NextStep::Failed(reason.clone()), Outcome::Failed { reason })
+                    }
+                }
+            }
+        };
+
+        let record = Attempt {
+            delivery_id,
+            attempt,
+            started_at,
+            duration: result.duration,
+            status_code: result.status,
+            error: result.error.clone(),
+            response_body: result.body.clone(),
+        };
+        let transaction = self.db.begin().await.context("failed to begin recording an attempt")?;
+        deliveries::record_attempt(&transaction, &record, &next).await?;
+        match &outcome {
+            Outcome::Delivered => webhooks::record_delivery_result(&transaction, webhook.id, true).await?,
+            Outcome::Failed { reason } => {
+                webhooks::record_delivery_result(&transaction, webhook.id, false).await?;
+                if class == AttemptClass::Gone {
+                    webhooks::disable_webhook(&transaction, webhook.id, reason).await?;
+                }
+            }
+            Outcome::RetryScheduled { .. } | Outcome::Skipped { .. } => {}
+        }
+        transaction.commit().await.context("failed to commit an attempt")?;
+
+        // The database already says what comes next; if publishing fails, the
+        // reconciler publishes it later.
+        match &outcome {
+            Outcome::RetryScheduled { next_attempt, delay } => {
+                self.queue
+                    .publish_task(DeliveryTask::new(delivery_id, *next_attempt), *delay)
+                    .await?;
+            }
+            Outcome::Failed { reason } => self.queue.publish_dead_letter(task, reason).await?,
+            Outcome::Delivered | Outcome::Skipped { .. } => {}
+        }
+        tracing::info!(
+            delivery_id = %delivery_id,
+            attempt,
+            status = result.status,
+            error = result.error.as_deref(),
+            duration_ms = result.duration.as_millis() as u64,
+            outcome = ?outcome,
+            "delivery attempt"
+        );
+        Ok(outcome)
+    }
+
+    async fn cancel(&self, delivery_id: uuid::Uuid, reason: &str) -> anyhow::Result<Outcome> {
+        deliveries::cancel(&self.db, delivery_id, reason).await?;
+        Ok(Outcome::Skipped {
+            reason: reason.to_owned(),
+        })
+    }
+
+    fn headers(
+        &self,
+        delivery: &deliveries::Delivery,
+        secret: &aegis_webhook_core::secret::SigningSecret,
+        attempt: u32,
+        body: &str,
+    ) -> HeaderMap {
+        let delivery_id = delivery.id.to_string();
+        let timestamp = Utc::now().timestamp();
+        let pairs = [
+            ("x-aegis-signature", signing::aegis_signature(secret, body.as_bytes())),
+            ("x-aegis-event", delivery.event_type.as_str().to_owned()),
+            ("x-aegis-delivery", delivery_id.clone()),
+            ("x-aegis-attempt", attempt.to_string()),
+            ("webhook-id", delivery_id.clone()),
+            ("webhook-timestamp", timestamp.to_string()),
+            (
+                "webhook-signature",
+                signing::standard_webhooks_signature(secret, &delivery_id, timestamp, body.as_bytes()),
+            ),
+        ];
+        let mut headers = HeaderMap::with_capacity(pairs.len() + 1);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        for (name, value) in pairs {
+            let value = HeaderValue::from_str(&value).expect("header values are ASCII we produced");
+            headers.insert(HeaderName::from_static(name), value);
+        }
+        headers
+    }
+
+    /// Consumes delivery tasks until `shutdown`, at most `concurrency` at once;
+    /// then waits up to `grace` for in-flight attempts. Tasks not finished by then
+    /// are left unacknowledged, so the broker (or, in embedded mode, the start-up
+    /// recovery) hands them out again.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
+        let mut consumer = self.queue.consume(Stream::Tasks).await?;
+        let slots = Arc::new(Semaphore::new(self.concurrency));
+        let in_flight = TaskTracker::new();
+        loop {
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                () = shutdown.cancelled() => break,
+            };
+            let message = tokio::select! {
+                message = consumer.next() => message,
+                () = shutdown.cancelled() => break,
+            };
+            match message {
+                None => break,
+                Some(Err(error)) => {
+                    tracing::error!(error = %error, "tasks consumer failed");
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                }
+                Some(Ok(message)) => {
+                    let worker = self.clone();
+                    in_flight.spawn(async move {
+                        worker.handle(message).await;
+                        drop(permit);
+                    });
+                }
+            }
+        }
+        in_flight.close();
+        if tokio::time::timeout(grace, in_flight.wait()).await.is_err() {
+            tracing::warn!(
+                left = in_flight.len(),
+                "grace period over; unfinished tasks will be redelivered"
+            );
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    async fn handle(&self, message: QueueMessage) {
+        let task = match DeliveryTask::decode(&message.body) {
+            Ok(task) => task,
+            Err(error) => {
+                // Nothing can be done with it; the delivery it was for, if any,
+                // is still pending in the database and the reconciler finds it.
+                tracing::error!(error = %error, "undecodable delivery task dropped");
+                let _ = message.ack().await;
+                return;
+            }
+        };
+        match self.process_one(task).await {
+            Ok(_) => {
+                if let Err(error) = message.ack().await {
+                    tracing::error!(error = %error, "failed to ack a task");
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = format!("{error:#}"), delivery_id = %task.delivery_id(), "attempt not made; the task will be retried");
+                tokio::time::sleep(ERROR_PAUSE).await;
+                if let Err(error) = message.requeue().await {
+                    tracing::error!(error = %error, "failed to requeue a task");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The reconciler: the database is the source of truth and the queue a fast
+//! path, so pending deliveries whose task went missing (a crash between commit
+//! and publish, a restart of the in-process queue, a lost message) are found here
+//! and published again. Safe in many replicas: a duplicate task loses the claim.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aegis_webhook_core::db::deliveries;
+use aegis_webhook_core::queue::{DeliveryTask, Queue};
+use chrono::{DateTime, Utc};
+use sea_orm::DatabaseConnection;
+use tokio_util::sync::CancellationToken;
+
+/// Deliveries handled per database round trip.
+const BATCH: u64 = 500;
+
+#[derive(Clone)]
+pub struct Reconciler {
+    db: DatabaseConnection,
+    queue: Arc<dyn Queue>,
+}
+
+impl std::fmt::Debug for Reconciler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler").finish_non_exhaustive()
+    }
+}
+
+impl Reconciler {
+    pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>) -> Self {
+        Reconciler { db, queue }
+    }
+
+    /// Publishes a task for every unclaimed pending delivery due before
+    /// `due_before`, each delayed until it is due. Returns how many it published.
+    pub async fn republish(&self, due_before: DateTime<Utc>) -> anyhow::Result<usize> {
+        let now = Utc::now();
+        let mut published = 0;
+        let mut cursor = None;
+        loop {
+            let batch = deliveries::pending_unclaimed(&self.db, due_before, now, BATCH, cursor).await?;
+            for pending in &batch {
+                let delay = (pending.due_at - now).to_std().unwrap_or(Duration::ZERO);
+                self.queue
+                    .publish_task(DeliveryTask::new(pending.id, pending.next_attempt), delay)
+                    .await?;
+            }
+            published += batch.len();
+            match batch.last() {
+                Some(last) if batch.len() as u64 == BATCH => cursor = Some((last.due_at, last.id)),
+                _ => break,
+            }
+        }
+        Ok(published)
+    }
+
+    /// At start, every pending delivery is re-enqueued (the in-process queue kept
+    /// nothing); after that, every `interval`, those overdue by more than `grace`.
+    pub async fn run(
+        self,
+        recover_all_at_start: bool,
+        interval: Duration,
+        grace: Duration,
+        shutdown: CancellationToken,
+    ) {
+        if recover_all_at_start {
+            match self.republish(DateTime::<Utc>::MAX_UTC).await {
+                Ok(count) => tracing::info!(count, "pending deliveries re-enqueued at start"),
+                Err(error) => tracing::error!(error = format!("{error:#}"), "start-up recovery failed"),
+            }
+        }
+        let mut ticks = tokio::time::interval(interval);
+        ticks.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            let overdue = Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
+            match self.republish(overdue).await {
+                Ok(0) => {}
+                Ok(count) => tracing::warn!(count, "re-published deliveries whose task went missing"),
+                Err(error) => tracing::error!(error = format!("{error:#}"), "reconciliation failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! `aegis-webhook`: parses the command line, loads configuration, installs
+//! logging, and hands over to the library.
+
+use std::path::PathBuf;
+
+use aegis_webhook::{DEFAULT_TENANT, Roles, RunningSystem, open_database, start, start_dev};
+use aegis_webhook_core::config::Config;
+use aegis_webhook_core::db::{self, tenants};
+use aegis_webhook_core::telemetry;
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "aegis-webhook",
+    version,
+    about = "Aegis Webhooks: signed, retried webhook delivery for security events"
+)]
+struct Cli {
+    /// Configuration file (default: aegis-webhook.toml, if present). `AEGIS_*`
+    /// environment variables override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Everything in one process: SQLite + in-process queue, nothing to install.
+    Dev,
+    /// The GraphQL API and the HTTP event intake.
+    Api,
+    /// Consumes events and fans them out into deliveries.
+    Ingester,
+    /// Sends deliveries: sign, POST, record, retry, dead-letter.
+    Worker,
+    /// Applies pending database migrations, then exits.
+    Migrate,
+    /// Manages API keys.
+    Apikey {
+        #[command(subcommand)]
+        command: ApikeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApikeyCommand {
+    /// Creates an API key for a tenant (creating the tenant if needed) and prints it once.
+    Create {
+        #[arg(long, default_value = DEFAULT_TENANT)]
+        tenant: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref())?;
+    telemetry::init(config.log_format);
+    match cli.command {
+        Command::Dev => dev(config).await,
+        Command::Api => serve(config, Roles::API).await,
+        Command::Ingester => serve(config, Roles::INGESTER).await,
+        Command::Worker => serve(config, Roles::WORKER).await,
+        Command::Migrate => {
+            let db = db::connect(&config.database_url()).await?;
+            db::migrate(&db).await?;
+            println!("migrations applied to {}", db::redact_url(&config.database_url()));
+            Ok(())
+        }
+        Command::Apikey {
+            command: ApikeyCommand::Create { tenant },
+        } => {
+            let db = open_database(&config, false).await?;
+            let tenant = tenants::ensure_tenant(&db, &tenant)
+                .await
+                .context("failed to find or create the tenant (are migrations applied? run `aegis-webhook migrate`)")?;
+            let key = tenants::generate_api_key();
+            tenants::add_api_key(&db, tenant.id, &key).await?;
+            println!("tenant:  {} ({})", tenant.name, tenant.id);
+            println!("api key: {key}");
+            println!("The key is shown only this once; it is stored hashed.");
+            Ok(())
+        }
+    }
+}
+
+async fn dev(config: Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen).await.with_context(|| {
+        format!(
+            "failed to listen on {} (set AEGIS_LISTEN to use another address)",
+            config.listen
+        )
+    })?;
+    let data_dir = config.data_dir.clone();
+    let database = db::redact_url(&config.database_url());
+    let (system, setup) = start_dev(config, listener).await?;
+    let addr = system.addr.context("dev always serves HTTP")?;
+    println!(
+        "\nAegis Webhooks is running (embedded: SQLite + in-process queue)\n\n  \
+         GraphQL + GraphiQL  http://{addr}/graphql\n  \
+         Event intake        POST http://{addr}/v1/events\n  \
+         Tenant id           {tenant}\n  \
+         API key             {api_key}\n  \
+         Ingest token        {ingest_token}\n  \
+         Database            {database}\n  \
+         Credentials         {credentials}\n\n\
+         Loopback targets (http://127.0.0.1:…) are allowed in dev. Ctrl-C stops; pending deliveries resume at the next start.\n",
+        tenant = setup.tenant_id,
+        api_key = setup.api_key,
+        ingest_token = setup.ingest_token,
+        credentials = aegis_webhook::DevCredentials::path(&data_dir).display(),
+    );
+    wait_for_shutdown(system).await
+}
+
+async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
+    let db = open_database(&config, false).await?;
+    let listener = if roles.api {
+        Some(
+            TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("failed to listen on {}", config.listen))?,
+        )
+    } else {
+        None
+    };
+    let system = start(&config, roles, db, listener).await?;
+    if let Some(addr) = system.addr {
+        tracing::info!(%addr, "listening");
+    }
+    wait_for_shutdown(system).await
+}
+
+/// Runs until SIGINT or SIGTERM, then stops in order and exits 0.
+async fn wait_for_shutdown(system: RunningSystem) -> anyhow::Result<()> {
+    let terminate = async {
+        #[cfg(unix)]
+        {
+            let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler installs");
+            signal.recv().await;
+        }
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("stopping");
+    system.stop().await
+}

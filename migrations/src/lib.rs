@@ -1,0 +1,15 @@
+//! Database migrations of Aegis Webhooks: append-only, the same on PostgreSQL and
+//! SQLite, applied by `aegis-webhook migrate` (and by `dev` at start).
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261127_000001_initial;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261127_000001_initial::Migration)]
+    }
+}
