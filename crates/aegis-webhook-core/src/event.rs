@@ -304,6 +304,10 @@ impl ValidatedEvent {
     pub fn parse(bytes: &[u8], now: DateTime<Utc>) -> Result<Self, EnvelopeError> {
         let value: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|error| EnvelopeError::Malformed(error.to_string()))?;
+        // serde would read a JSON array as a struct; say plainly what is expected.
+        if !value.is_object() {
+            return Err(EnvelopeError::Invalid("the event must be a JSON object".to_owned()));
+        }
         let raw: RawEnvelope = deserialize_at(value, "")?;
         let event_type: EventType = raw
             .event
@@ -374,6 +378,12 @@ impl ValidatedEvent {
 
 impl EventData {
     fn parse(event_type: EventType, data: serde_json::Value) -> Result<Self, EnvelopeError> {
+        if !data.is_object() {
+            return Err(EnvelopeError::Invalid(format!(
+                "data: must be a JSON object, not {}",
+                json_kind(&data)
+            )));
+        }
         Ok(match event_type {
             EventType::VulnerabilityDetected | EventType::CriticalVulnerabilityDetected => {
                 EventData::VulnerabilityDetected(deserialize_at(data, "data")?)
@@ -397,6 +407,17 @@ impl EventData {
     /// The `data` object as delivered, serialized once at ingest and stored.
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("event data always serializes")
+    }
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -527,10 +548,10 @@ mod tests {
             ValidatedEvent::parse(b"{not json", now()),
             Err(EnvelopeError::Malformed(_))
         ));
-        assert!(matches!(
+        assert_eq!(
             ValidatedEvent::parse(b"[1,2]", now()),
-            Err(EnvelopeError::Invalid(_))
-        ));
+            Err(EnvelopeError::Invalid("the event must be a JSON object".to_owned()))
+        );
     }
 
     #[test]
@@ -614,7 +635,12 @@ mod tests {
             (
                 "data not an object",
                 Box::new(|v| v["data"] = 3.into()),
-                "data: invalid type: integer `3`",
+                "data: must be a JSON object, not a number",
+            ),
+            (
+                "data an array",
+                Box::new(|v| v["data"] = serde_json::json!([])),
+                "data: must be a JSON object, not an array",
             ),
         ];
         for (name, mutate, expected) in cases {

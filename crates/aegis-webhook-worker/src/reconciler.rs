@@ -33,8 +33,9 @@ impl Reconciler {
     }
 
     /// Publishes a task for every unclaimed pending delivery due before
-    /// `due_before`, each delayed until it is due. Returns how many it published.
-    pub async fn republish(&self, due_before: DateTime<Utc>) -> anyhow::Result<usize> {
+    /// `due_before` (every one, for `None`), each delayed until it is due.
+    /// Returns how many it published.
+    pub async fn republish(&self, due_before: Option<DateTime<Utc>>) -> anyhow::Result<usize> {
         let now = Utc::now();
         let mut published = 0;
         let mut cursor = None;
@@ -65,7 +66,7 @@ impl Reconciler {
         shutdown: CancellationToken,
     ) {
         if recover_all_at_start {
-            match self.republish(DateTime::<Utc>::MAX_UTC).await {
+            match self.republish(None).await {
                 Ok(count) => tracing::info!(count, "pending deliveries re-enqueued at start"),
                 Err(error) => tracing::error!(error = format!("{error:#}"), "start-up recovery failed"),
             }
@@ -78,7 +79,7 @@ impl Reconciler {
                 () = shutdown.cancelled() => return,
             }
             let overdue = Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
-            match self.republish(overdue).await {
+            match self.republish(Some(overdue)).await {
                 Ok(0) => {}
                 Ok(count) => tracing::warn!(count, "re-published deliveries whose task went missing"),
                 Err(error) => tracing::error!(error = format!("{error:#}"), "reconciliation failed"),

@@ -258,24 +258,28 @@ pub async fn cancel(db: &impl ConnectionTrait, id: Uuid, reason: &str) -> Result
     Ok(())
 }
 
-/// Pending deliveries due before `due_before` that no worker holds a live claim on,
-/// in due order after `after` (a keyset cursor of due time and id): what the
-/// reconciler re-publishes, and what a restart re-enqueues.
+/// Pending deliveries due before `due_before` (or all, for `None`) that no worker
+/// holds a live claim on, in due order after `after` (a keyset cursor of due time
+/// and id): what the reconciler re-publishes, and what a restart re-enqueues.
 pub async fn pending_unclaimed(
     db: &impl ConnectionTrait,
-    due_before: DateTime<Utc>,
+    due_before: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
     limit: u64,
     after: Option<(DateTime<Utc>, Uuid)>,
 ) -> Result<Vec<PendingDelivery>, StoreError> {
     let mut query = delivery::Entity::find()
         .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
-        .filter(delivery::Column::NextAttemptAt.lte(due_before))
         .filter(
             Condition::any()
                 .add(delivery::Column::LockedUntil.is_null())
                 .add(delivery::Column::LockedUntil.lt(now)),
         );
+    if let Some(due_before) = due_before {
+        // Timestamps are compared as RFC 3339 text on SQLite, which orders
+        // correctly for four-digit years; `None` avoids an extreme sentinel.
+        query = query.filter(delivery::Column::NextAttemptAt.lte(due_before));
+    }
     if let Some((due_at, id)) = after {
         query = query.filter(
             Condition::any().add(delivery::Column::NextAttemptAt.gt(due_at)).add(

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Makes sure PostgreSQL (127.0.0.1:5432) and RabbitMQ (127.0.0.1:5672) are up,
+# starting the machine's own installs when they are not, and that Node.js is
+# there for the signature-snippet test. Fails loudly when a service cannot start.
+set -euo pipefail
+
+wait_for() {
+  local name=$1 check=$2
+  for _ in $(seq 1 60); do
+    if eval "$check" >/dev/null 2>&1; then
+      echo "$name is up"
+      return 0
+    fi
+    sleep 1
+  done
+  echo "ERROR: $name did not come up within 60 s" >&2
+  return 1
+}
+
+if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+  echo "starting PostgreSQL"
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
+fi
+wait_for PostgreSQL "pg_isready -h 127.0.0.1 -p 5432 -q"
+
+if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+  echo "starting RabbitMQ"
+  rabbitmq-server -detached
+fi
+wait_for RabbitMQ "rabbitmq-diagnostics -q ping"
+
+if ! command -v node >/dev/null 2>&1; then
+  echo "installing Node.js (the seed's verification snippet runs in it)"
+  apt-get update -qq && apt-get install -y -qq nodejs
+fi

@@ -1,0 +1,245 @@
+//! Bad input is refused with a clear error and leaves nothing behind.
+
+use std::time::Duration;
+
+use aegis_webhook_core::db::tenants;
+use serde_json::{Value, json};
+
+use crate::support::{Backend, Receiver, SEED_MUTATION, TestApp, envelope, seed_vulnerability_data};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_events_at_the_intake_are_refused_clearly_and_store_nothing() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let receiver = Receiver::start(&[], 200).await;
+    app.create_webhook(&receiver.url(), &["VULNERABILITY_DETECTED"], None)
+        .await;
+    let tenant = app.setup.tenant_id;
+    let valid = envelope(tenant, "VULNERABILITY_DETECTED", seed_vulnerability_data());
+    let token = app.setup.ingest_token.clone();
+
+    let with = |change: &dyn Fn(&mut Value)| {
+        let mut event = valid.clone();
+        change(&mut event);
+        event.to_string()
+    };
+    let cases: Vec<(&str, Option<&str>, String, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            Some(&token),
+            "{\"event\": ".to_owned(),
+            400,
+            "malformed JSON",
+        ),
+        (
+            "not an object",
+            Some(&token),
+            "[]".to_owned(),
+            422,
+            "must be a JSON object",
+        ),
+        (
+            "unknown event",
+            Some(&token),
+            with(&|e| e["event"] = json!("VULN_FOUND")),
+            422,
+            "event: unknown event type `VULN_FOUND`",
+        ),
+        (
+            "missing field",
+            Some(&token),
+            with(&|e| {
+                e["data"].as_object_mut().expect("data").remove("cveId");
+            }),
+            422,
+            "data: missing field `cveId`",
+        ),
+        (
+            "mistyped field",
+            Some(&token),
+            with(&|e| e["data"]["cvssScore"] = json!("high")),
+            422,
+            "data.cvssScore: invalid type",
+        ),
+        (
+            "out of range",
+            Some(&token),
+            with(&|e| e["data"]["cvssScore"] = json!(10.5)),
+            422,
+            "data.cvssScore: 10.5 is out of range",
+        ),
+        (
+            "unknown tenant",
+            Some(&token),
+            with(&|e| e["tenantId"] = json!(uuid::Uuid::new_v4())),
+            422,
+            "tenantId: no tenant",
+        ),
+        (
+            "wrong token",
+            Some("not-the-token"),
+            valid.to_string(),
+            401,
+            "ingest token",
+        ),
+        ("missing token", None, valid.to_string(), 401, "ingest token"),
+        (
+            "oversized",
+            Some(&token),
+            format!("{{\"pad\":\"{}\"}}", "x".repeat(300 * 1024)),
+            413,
+            "larger than",
+        ),
+    ];
+    for (name, token, body, expected_status, expected_message) in cases {
+        let (status, reply) = app.post_event_as(token, body).await;
+        assert_eq!(status.as_u16(), expected_status, "{name}: {reply}");
+        let message = reply["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: no message in {reply}"));
+        assert!(
+            message.contains(expected_message),
+            "{name}: `{message}` should contain `{expected_message}`"
+        );
+    }
+
+    // Nothing was stored or sent; a valid event afterwards still goes through.
+    assert_eq!(app.count("events").await, 0);
+    assert_eq!(app.count("deliveries").await, 0);
+    let (status, _) = app.post_event(&valid).await;
+    assert_eq!(status, 202);
+    receiver.wait_for(1, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(receiver.received().len(), 1);
+    assert_eq!(app.count("events").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_webhook_input_and_bad_keys_are_refused_clearly_and_store_nothing() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let input = |url: &str, events: Value, secret: Value| json!({ "input": { "url": url, "events": events, "secret": secret } });
+    let good_events = json!(["VULNERABILITY_DETECTED"]);
+    let cases = vec![
+        (
+            "non-URL",
+            input("not a url", good_events.clone(), Value::Null),
+            "url",
+            "not an absolute URL",
+        ),
+        (
+            "relative URL",
+            input("/hooks", good_events.clone(), Value::Null),
+            "url",
+            "not an absolute URL",
+        ),
+        (
+            "file URL",
+            input("file:///etc/passwd", good_events.clone(), Value::Null),
+            "url",
+            "scheme `file`",
+        ),
+        (
+            "plain http",
+            input("http://example.com/hook", good_events.clone(), Value::Null),
+            "url",
+            "must use https",
+        ),
+        (
+            "metadata address",
+            input("https://169.254.169.254/", good_events.clone(), Value::Null),
+            "url",
+            "private",
+        ),
+        (
+            "empty event list",
+            input("https://example.com/hook", json!([]), Value::Null),
+            "events",
+            "at least one",
+        ),
+        (
+            "test event",
+            input("https://example.com/hook", json!(["WEBHOOK_TEST"]), Value::Null),
+            "events",
+            "cannot be subscribed",
+        ),
+        (
+            "short secret",
+            input("https://example.com/hook", good_events.clone(), json!("short")),
+            "secret",
+            "at least 16",
+        ),
+    ];
+    for (name, variables, field, expected) in cases {
+        let answer = app.graphql(SEED_MUTATION, variables).await;
+        let error = &answer["errors"][0];
+        assert_eq!(error["extensions"]["code"], "BAD_USER_INPUT", "{name}: {answer}");
+        assert_eq!(error["extensions"]["field"], field, "{name}: {answer}");
+        let message = error["message"].as_str().expect("message");
+        assert!(
+            message.contains(expected),
+            "{name}: `{message}` should contain `{expected}`"
+        );
+        assert!(answer["data"].is_null(), "{name}: {answer}");
+    }
+
+    // An unknown event name is refused by the schema itself, naming the value.
+    let answer = app
+        .graphql(
+            SEED_MUTATION,
+            input("https://example.com/hook", json!(["VULN_FOUND"]), Value::Null),
+        )
+        .await;
+    let message = answer["errors"][0]["message"].as_str().expect("an error");
+    assert!(message.contains("VULN_FOUND"), "{message}");
+
+    // Missing and wrong keys.
+    let valid = input("https://example.com/hook", good_events.clone(), Value::Null);
+    for key in [None, Some("aegis_wrong"), Some("")] {
+        let (status, answer) = app.graphql_as(key, SEED_MUTATION, valid.clone()).await;
+        assert_eq!(status, 401, "{key:?}: {answer}");
+        assert_eq!(answer["errors"][0]["extensions"]["code"], "UNAUTHENTICATED", "{key:?}");
+    }
+    assert_eq!(app.count("webhooks").await, 0);
+
+    // The same input with the right key works.
+    let answer = app.graphql(SEED_MUTATION, valid).await;
+    assert!(answer["errors"].is_null(), "{answer}");
+    assert_eq!(app.count("webhooks").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_api_key_sees_only_its_own_tenant() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let created = app
+        .create_webhook("https://example.com/hook", &["POAM_OVERDUE"], None)
+        .await;
+
+    let other = tenants::ensure_tenant(app.db(), "other").await.expect("tenant");
+    let other_key = tenants::generate_api_key();
+    tenants::add_api_key(app.db(), other.id, &other_key).await.expect("key");
+
+    let (_, answer) = app
+        .graphql_as(
+            Some(&other_key),
+            "query($id: ID!) { webhook(id: $id) { id url } }",
+            json!({ "id": created["id"] }),
+        )
+        .await;
+    assert_eq!(answer["errors"][0]["extensions"]["code"], "NOT_FOUND", "{answer}");
+    let (_, answer) = app
+        .graphql_as(
+            Some(&other_key),
+            "{ tenant { name } webhooks { edges { node { id } } } }",
+            json!({}),
+        )
+        .await;
+    assert_eq!(answer["data"]["tenant"]["name"], "other");
+    assert_eq!(answer["data"]["webhooks"]["edges"], json!([]));
+
+    let answer = app
+        .graphql(
+            "query($id: ID!) { webhook(id: $id) { id url } }",
+            json!({ "id": created["id"] }),
+        )
+        .await;
+    assert_eq!(answer["data"]["webhook"]["url"], "https://example.com/hook");
+}

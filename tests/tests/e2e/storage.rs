@@ -1,0 +1,242 @@
+//! Storage on both databases: migrations, sealed secrets, deduplication, claims
+//! and the reconciler's scan.
+
+use std::time::Duration;
+
+use aegis_webhook_core::db::deliveries::{self, Attempt, NewDelivery, NextStep};
+use aegis_webhook_core::db::{self, events, tenants, webhooks};
+use aegis_webhook_core::event::{EventType, ValidatedEvent};
+use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
+use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
+use chrono::{SubsecRound as _, Utc};
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use uuid::Uuid;
+
+use crate::on_both_backends;
+use crate::support::{Backend, envelope, fresh_database, scratch_dir, seed_poam_overdue_data};
+
+on_both_backends!(
+    migrations_apply_and_reapply_cleanly,
+    webhook_secrets_are_sealed_at_rest,
+    an_event_id_is_stored_once_per_tenant,
+    a_delivery_attempt_is_claimed_by_one_worker_only,
+    the_reconciler_scan_pages_through_unclaimed_pending_deliveries,
+);
+
+async fn open(backend: Backend) -> Option<DatabaseConnection> {
+    let url = fresh_database(backend, &scratch_dir()).await?;
+    let db = db::connect(&url).await.expect("connect");
+    db::migrate(&db).await.expect("migrate");
+    Some(db)
+}
+
+struct Fixture {
+    db: DatabaseConnection,
+    cipher: SecretCipher,
+    tenant_id: Uuid,
+    webhook_id: Uuid,
+}
+
+async fn fixture(backend: Backend) -> Option<Fixture> {
+    let db = open(backend).await?;
+    let cipher = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
+    let tenant = tenants::ensure_tenant(&db, "acme").await.expect("tenant");
+    let webhook = webhooks::create_webhook(
+        &db,
+        &cipher,
+        tenant.id,
+        webhooks::NewWebhook {
+            url: WebhookUrl::parse("https://example.com/hook", &TargetPolicy::default()).expect("url"),
+            events: vec![EventType::PoamOverdue],
+            description: None,
+            project_ids: vec![],
+            secret: SigningSecret::parse("your-webhook-secret").expect("secret"),
+            active: true,
+        },
+    )
+    .await
+    .expect("webhook");
+    Some(Fixture {
+        db,
+        cipher,
+        tenant_id: tenant.id,
+        webhook_id: webhook.id,
+    })
+}
+
+fn poam_event(tenant_id: Uuid) -> ValidatedEvent {
+    let envelope = envelope(tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
+    ValidatedEvent::parse(envelope.to_string().as_bytes(), Utc::now()).expect("valid")
+}
+
+async fn migrations_apply_and_reapply_cleanly(backend: Backend) {
+    let Some(db) = open(backend).await else { return };
+    db::migrate(&db).await.expect("a second run is a no-op");
+    let tenant = tenants::ensure_tenant(&db, "acme").await.expect("tenant");
+    assert_eq!(tenants::ensure_tenant(&db, "acme").await.expect("again"), tenant);
+}
+
+async fn webhook_secrets_are_sealed_at_rest(backend: Backend) {
+    let Some(fixture) = fixture(backend).await else { return };
+    let backend = fixture.db.get_database_backend();
+    let row = fixture
+        .db
+        .query_one_raw(Statement::from_string(
+            backend,
+            "SELECT secret_sealed FROM webhooks".to_owned(),
+        ))
+        .await
+        .expect("query")
+        .expect("row");
+    let stored: String = row.try_get("", "secret_sealed").expect("column");
+    assert!(!stored.contains("your-webhook-secret"), "{stored}");
+    assert!(stored.starts_with("v1."), "{stored}");
+    let webhook = webhooks::webhook_of_tenant(&fixture.db, &fixture.cipher, fixture.tenant_id, fixture.webhook_id)
+        .await
+        .expect("webhook");
+    assert_eq!(webhook.secret.expose(), "your-webhook-secret");
+    // Another tenant does not see it.
+    let other = tenants::ensure_tenant(&fixture.db, "other").await.expect("tenant");
+    assert!(matches!(
+        webhooks::webhook_of_tenant(&fixture.db, &fixture.cipher, other.id, fixture.webhook_id).await,
+        Err(db::StoreError::NotFound)
+    ));
+}
+
+async fn an_event_id_is_stored_once_per_tenant(backend: Backend) {
+    let Some(fixture) = fixture(backend).await else { return };
+    let event = poam_event(fixture.tenant_id);
+    assert!(
+        events::insert_event(&fixture.db, &event)
+            .await
+            .expect("insert")
+            .is_some()
+    );
+    assert_eq!(events::insert_event(&fixture.db, &event).await.expect("repeat"), None);
+
+    // The same id from another tenant is a different event.
+    let other = tenants::ensure_tenant(&fixture.db, "other").await.expect("tenant");
+    let mut theirs = event.clone();
+    theirs.tenant_id = other.id;
+    assert!(
+        events::insert_event(&fixture.db, &theirs)
+            .await
+            .expect("insert")
+            .is_some()
+    );
+}
+
+async fn pending_delivery(fixture: &Fixture) -> Uuid {
+    let event_row = events::insert_event(&fixture.db, &poam_event(fixture.tenant_id))
+        .await
+        .expect("insert")
+        .expect("new");
+    let ids = deliveries::insert_pending(
+        &fixture.db,
+        fixture.tenant_id,
+        event_row,
+        &[NewDelivery {
+            webhook_id: fixture.webhook_id,
+            event_type: EventType::PoamOverdue,
+        }],
+        Utc::now(),
+    )
+    .await
+    .expect("deliveries");
+    ids[0]
+}
+
+async fn a_delivery_attempt_is_claimed_by_one_worker_only(backend: Backend) {
+    let Some(fixture) = fixture(backend).await else { return };
+    let id = pending_delivery(&fixture).await;
+    let lease = Duration::from_secs(60);
+    // PostgreSQL keeps microseconds.
+    let now = Utc::now().trunc_subsecs(6);
+    assert!(deliveries::claim(&fixture.db, id, 1, lease, now).await.expect("claim"));
+    assert!(
+        !deliveries::claim(&fixture.db, id, 1, lease, now)
+            .await
+            .expect("second claim")
+    );
+    assert!(
+        !deliveries::claim(&fixture.db, id, 2, lease, now)
+            .await
+            .expect("future attempt")
+    );
+
+    let attempt = Attempt {
+        delivery_id: id,
+        attempt: 1,
+        started_at: now,
+        duration: Duration::from_millis(12),
+        status_code: Some(500),
+        error: None,
+        response_body: Some("boom".to_owned()),
+    };
+    deliveries::record_attempt(&fixture.db, &attempt, &NextStep::RetryAt(now))
+        .await
+        .expect("record");
+    assert!(
+        !deliveries::claim(&fixture.db, id, 1, lease, Utc::now())
+            .await
+            .expect("stale task")
+    );
+    assert!(
+        deliveries::claim(&fixture.db, id, 2, lease, Utc::now())
+            .await
+            .expect("next attempt")
+    );
+
+    // An expired claim can be taken over (a worker died mid-attempt).
+    let later = Utc::now() + chrono::Duration::seconds(120);
+    assert!(
+        deliveries::claim(&fixture.db, id, 2, lease, later)
+            .await
+            .expect("takeover")
+    );
+
+    let stored = deliveries::attempts_of(&fixture.db, id).await.expect("attempts");
+    assert_eq!(stored, vec![attempt]);
+}
+
+async fn the_reconciler_scan_pages_through_unclaimed_pending_deliveries(backend: Backend) {
+    let Some(fixture) = fixture(backend).await else { return };
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(pending_delivery(&fixture).await);
+    }
+    let now = Utc::now();
+    // One is held by a live claim and must not be re-published.
+    assert!(
+        deliveries::claim(&fixture.db, ids[2], 1, Duration::from_secs(60), now)
+            .await
+            .expect("claim")
+    );
+
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = deliveries::pending_unclaimed(&fixture.db, None, now, 2, cursor)
+            .await
+            .expect("scan");
+        seen.extend(page.iter().map(|pending| pending.id));
+        match page.last() {
+            Some(last) if page.len() == 2 => cursor = Some((last.due_at, last.id)),
+            _ => break,
+        }
+    }
+    let expected: Vec<Uuid> = ids.iter().copied().filter(|id| *id != ids[2]).collect();
+    seen.sort();
+    let mut expected_sorted = expected.clone();
+    expected_sorted.sort();
+    assert_eq!(seen, expected_sorted);
+
+    // Nothing is due before the deliveries were created.
+    let before = now - chrono::Duration::seconds(3600);
+    assert!(
+        deliveries::pending_unclaimed(&fixture.db, Some(before), now, 10, None)
+            .await
+            .expect("scan")
+            .is_empty()
+    );
+}

@@ -1,0 +1,413 @@
+//! Test support: a running system per test (its own SQLite file or PostgreSQL
+//! database), a capturing HTTP receiver on loopback, and small request helpers.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aegis_webhook::{DevSetup, RunningSystem, start_dev};
+use aegis_webhook_core::config::Config;
+use aegis_webhook_core::retry::RetrySchedule;
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+/// Logs only when `TEST_LOG` is set, so failures are readable and runs are quiet.
+pub fn init_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        aegis_webhook_core::telemetry::init(Default::default());
+    }
+}
+
+fn in_ci() -> bool {
+    std::env::var_os("CI").is_some()
+}
+
+/// Where each test's database lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The server URL without a database name: `AEGIS_TEST_POSTGRES_URL`, or the
+/// machine's PostgreSQL.
+fn postgres_server() -> String {
+    std::env::var("AEGIS_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
+}
+
+/// Test databases are named `aegis_test_<unix seconds>_<random>`; those of runs
+/// older than this are dropped by the first test that needs PostgreSQL, so they
+/// never pile up, while a run in progress elsewhere keeps its own.
+const STALE_TEST_DATABASE_SECS: u64 = 3600;
+
+async fn drop_stale_test_databases(admin: &sea_orm::DatabaseConnection) {
+    static ONCE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    ONCE.get_or_init(|| async {
+        let backend = admin.get_database_backend();
+        let Ok(rows) = admin
+            .query_all_raw(sea_orm::Statement::from_string(
+                backend,
+                "SELECT datname FROM pg_database WHERE datname LIKE 'aegis_test_%'".to_owned(),
+            ))
+            .await
+        else {
+            return;
+        };
+        let now = unix_now();
+        for row in rows {
+            let Ok(name) = row.try_get::<String>("", "datname") else {
+                continue;
+            };
+            let created = name
+                .strip_prefix("aegis_test_")
+                .and_then(|rest| rest.split('_').next())
+                .and_then(|secs| secs.parse::<u64>().ok());
+            if created.is_none_or(|created| now.saturating_sub(created) > STALE_TEST_DATABASE_SECS) {
+                // FORCE ends connections a crashed run left open (PostgreSQL 13+).
+                let _ = admin
+                    .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        }
+    })
+    .await;
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or_default()
+}
+
+/// A fresh, empty database for one test; `None` (after a loud warning) when
+/// PostgreSQL is unreachable outside CI. In CI an unreachable PostgreSQL fails.
+pub async fn fresh_database(backend: Backend, scratch: &std::path::Path) -> Option<String> {
+    match backend {
+        Backend::Sqlite => Some(format!("sqlite://{}/aegis.db?mode=rwc", scratch.display())),
+        Backend::Postgres => {
+            let server = postgres_server();
+            let admin = match Database::connect(format!("{server}/postgres")).await {
+                Ok(admin) => admin,
+                Err(error) => {
+                    let message = format!(
+                        "PostgreSQL is unreachable at {server} ({error}); start it (see README) or set AEGIS_TEST_POSTGRES_URL"
+                    );
+                    if in_ci() {
+                        panic!("{message}");
+                    }
+                    eprintln!("\n!!!!!!!! SKIPPING A POSTGRESQL TEST: {message} !!!!!!!!\n");
+                    return None;
+                }
+            };
+            drop_stale_test_databases(&admin).await;
+            let name = format!("aegis_test_{}_{}", unix_now(), uuid::Uuid::new_v4().simple());
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create the test database");
+            admin.close().await.expect("close the admin connection");
+            Some(format!("{server}/{name}"))
+        }
+    }
+}
+
+/// A scratch folder unique to one test.
+pub fn scratch_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("aegis-test-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// A test configuration: short retry schedule, short timeouts, port 0.
+pub fn test_config(database_url: String, data_dir: PathBuf) -> Config {
+    Config {
+        database_url: Some(database_url),
+        data_dir,
+        retry_schedule: "0s,100ms,200ms".parse::<RetrySchedule>().expect("valid schedule"),
+        request_timeout: Duration::from_secs(5),
+        shutdown_grace: Duration::from_secs(5),
+        ..Config::default()
+    }
+}
+
+/// The whole system (`dev`) on port 0.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub setup: DevSetup,
+    pub system: Option<RunningSystem>,
+    pub config: Config,
+    pub http: reqwest::Client,
+}
+
+impl TestApp {
+    /// Starts `dev` on a fresh database; `None` when the backend is unreachable
+    /// outside CI (already reported).
+    pub async fn spawn(backend: Backend) -> Option<TestApp> {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Option<TestApp> {
+        init_logging();
+        let scratch = scratch_dir();
+        let url = fresh_database(backend, &scratch).await?;
+        let mut config = test_config(url, scratch);
+        adjust(&mut config);
+        Some(Self::start(config).await)
+    }
+
+    /// Starts `dev` with exactly this configuration (for restarts on the same data).
+    pub async fn start(config: Config) -> TestApp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (system, setup) = start_dev(config.clone(), listener).await.expect("dev starts");
+        TestApp {
+            addr: system.addr.expect("dev serves HTTP"),
+            setup,
+            system: Some(system),
+            config,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn db(&self) -> &sea_orm::DatabaseConnection {
+        &self.system.as_ref().expect("running").db
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(system) = self.system.take() {
+            system.stop().await.expect("stops cleanly");
+        }
+    }
+
+    /// POSTs a GraphQL request with the given API key (or none); returns the
+    /// HTTP status and the JSON answer.
+    pub async fn graphql_as(&self, key: Option<&str>, query: &str, variables: Value) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .post(self.url("/graphql"))
+            .json(&json!({ "query": query, "variables": variables }));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.expect("graphql request");
+        let status = StatusCode::from_u16(response.status().as_u16()).expect("status");
+        (status, response.json().await.expect("graphql answers JSON"))
+    }
+
+    /// A GraphQL request as the dev tenant; returns the JSON answer.
+    pub async fn graphql(&self, query: &str, variables: Value) -> Value {
+        self.graphql_as(Some(&self.setup.api_key), query, variables).await.1
+    }
+
+    /// Creates a webhook with the seed's mutation; returns its `createWebhook` object.
+    pub async fn create_webhook(&self, url: &str, events: &[&str], secret: Option<&str>) -> Value {
+        let answer = self
+            .graphql(
+                SEED_MUTATION,
+                json!({ "input": { "url": url, "events": events, "secret": secret } }),
+            )
+            .await;
+        assert!(answer.get("errors").is_none(), "createWebhook failed: {answer}");
+        answer["data"]["createWebhook"].clone()
+    }
+
+    /// POSTs raw bytes to the intake with the given token.
+    pub async fn post_event_as(&self, token: Option<&str>, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .post(self.url("/v1/events"))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("intake request");
+        let status = StatusCode::from_u16(response.status().as_u16()).expect("status");
+        let text = response.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// POSTs an envelope with the dev ingest token.
+    pub async fn post_event(&self, envelope: &Value) -> (StatusCode, Value) {
+        self.post_event_as(Some(&self.setup.ingest_token), envelope.to_string())
+            .await
+    }
+
+    /// Counts rows of a table, straight from the database.
+    pub async fn count(&self, table: &str) -> i64 {
+        let backend = self.db().get_database_backend();
+        let row = self
+            .db()
+            .query_one_raw(sea_orm::Statement::from_string(
+                backend,
+                format!("SELECT COUNT(*) AS n FROM {table}"),
+            ))
+            .await
+            .expect("count query")
+            .expect("a row");
+        row.try_get::<i64>("", "n").expect("count")
+    }
+}
+
+/// The seed document's mutation, verbatim.
+pub const SEED_MUTATION: &str = r#"mutation CreateWebhook($input: WebhookInput!) {
+  createWebhook(input: $input) {
+    id
+    url
+    events
+    secret
+    active
+  }
+}"#;
+
+/// The seed's `VULNERABILITY_DETECTED` data object.
+pub fn seed_vulnerability_data() -> Value {
+    json!({
+        "vulnerabilityId": "456e7890-e89b-12d3-a456-426614174003",
+        "cveId": "CVE-2024-47076",
+        "severity": "CRITICAL",
+        "cvssScore": 9.8,
+        "component": { "name": "curl", "version": "7.68.0" },
+        "projectId": "123e4567-e89b-12d3-a456-426614174000"
+    })
+}
+
+pub fn seed_poam_overdue_data() -> Value {
+    json!({
+        "poamId": "567e8901-e89b-12d3-a456-426614174004",
+        "vulnerabilityId": "456e7890-e89b-12d3-a456-426614174003",
+        "cveId": "CVE-2024-47076",
+        "scheduledCompletionDate": "2026-01-15",
+        "daysOverdue": 5
+    })
+}
+
+pub fn envelope(tenant_id: uuid::Uuid, event: &str, data: Value) -> Value {
+    json!({
+        "event": event,
+        "timestamp": "2025-12-16T15:30:00Z",
+        "tenantId": tenant_id,
+        "data": data
+    })
+}
+
+/// One request as a receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: std::time::Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .unwrap_or_else(|| panic!("header {name} missing"))
+            .to_str()
+            .expect("ASCII header")
+    }
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    received: Mutex<Vec<Received>>,
+    /// Statuses to answer, in order; then `default_status`.
+    script: Mutex<VecDeque<u16>>,
+    default_status: Mutex<u16>,
+    arrived: Notify,
+}
+
+/// A real HTTP server on loopback that records every request.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<ReceiverState>,
+}
+
+impl Receiver {
+    /// Answers the scripted statuses in order, then `then` forever.
+    pub async fn start(script: &[u16], then: u16) -> Receiver {
+        let state = Arc::new(ReceiverState::default());
+        state.script.lock().expect("lock").extend(script.iter().copied());
+        *state.default_status.lock().expect("lock") = then;
+        let app = axum::Router::new().fallback({
+            let state = state.clone();
+            move |headers: HeaderMap, body: Bytes| {
+                let state = state.clone();
+                async move {
+                    state.received.lock().expect("lock").push(Received {
+                        headers,
+                        body,
+                        at: std::time::Instant::now(),
+                    });
+                    state.arrived.notify_waiters();
+                    let status = state
+                        .script
+                        .lock()
+                        .expect("lock")
+                        .pop_front()
+                        .unwrap_or(*state.default_status.lock().expect("lock"));
+                    (StatusCode::from_u16(status).expect("status"), "received")
+                }
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/webhooks/aegis", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().expect("lock").clone()
+    }
+
+    /// Waits until at least `count` requests arrived, or panics after `timeout`.
+    pub async fn wait_for(&self, count: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.state.arrived.notified();
+            let received = self.received();
+            if received.len() >= count {
+                return received;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!(
+                    "expected {count} requests within {timeout:?}, got {}",
+                    self.received().len()
+                );
+            }
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
