@@ -123,12 +123,15 @@ async fn graphql_handler(State(state): State<RouterState>, headers: HeaderMap, r
     GraphQLResponse::from(state.schema.execute(request).await).into_response()
 }
 
+/// Ready when the database and the broker are both reachable.
 async fn readyz(State(state): State<RouterState>) -> Response {
-    match state.app.db.ping().await {
-        Ok(()) => (StatusCode::OK, "ready").into_response(),
-        Err(error) => {
-            tracing::warn!(error = %error, "readiness: database unreachable");
-            (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response()
-        }
+    if let Err(error) = state.app.db.ping().await {
+        tracing::warn!(error = %error, "readiness: database unreachable");
+        return (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response();
     }
+    if !state.app.queue.is_ready().await {
+        tracing::warn!("readiness: broker unreachable");
+        return (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable").into_response();
+    }
+    (StatusCode::OK, "ready").into_response()
 }

@@ -55,6 +55,15 @@ pub struct Config {
     pub database_url: Option<String>,
     /// RabbitMQ; absent means the in-process queue.
     pub amqp_url: Option<Sensitive>,
+    /// Prefix of every exchange and queue name, so systems can share a broker.
+    pub amqp_prefix: String,
+    /// Messages one consumer holds unacknowledged (the ingester's; workers use
+    /// `worker_concurrency`).
+    pub amqp_prefetch: u16,
+    /// Queues unused this long are deleted by the broker; unset in production,
+    /// set by tests that create throwaway topologies.
+    #[serde(with = "humantime_serde_compat::option")]
+    pub amqp_queue_expiry: Option<Duration>,
     /// Address of the HTTP server (GraphQL, intake, probes).
     pub listen: SocketAddr,
     /// Base64 of the 32-byte key that seals webhook secrets at rest.
@@ -95,6 +104,9 @@ impl Default for Config {
         Config {
             database_url: None,
             amqp_url: None,
+            amqp_prefix: String::new(),
+            amqp_prefetch: 32,
+            amqp_queue_expiry: None,
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             secret_key: None,
             ingest_token: None,
@@ -203,6 +215,21 @@ mod humantime_serde_compat {
         let text = String::deserialize(deserializer)?;
         humantime::parse_duration(&text)
             .map_err(|_| serde::de::Error::custom(format!("`{text}` is not a duration such as `15s`")))
+    }
+
+    pub mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer};
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+            Option::<String>::deserialize(deserializer)?
+                .map(|text| {
+                    humantime::parse_duration(&text)
+                        .map_err(|_| serde::de::Error::custom(format!("`{text}` is not a duration such as `15s`")))
+                })
+                .transpose()
+        }
     }
 }
 

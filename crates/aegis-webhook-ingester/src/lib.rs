@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aegis_webhook_core::db::{deliveries, events, tenants, webhooks};
-use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
+use aegis_webhook_core::event::ValidatedEvent;
 use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
 use anyhow::Context as _;
 use chrono::Utc;
@@ -60,9 +60,7 @@ impl Ingester {
     pub async fn ingest(&self, body: &[u8]) -> anyhow::Result<IngestOutcome> {
         let event = match ValidatedEvent::parse(body, Utc::now()) {
             Ok(event) => event,
-            Err(EnvelopeError::Malformed(reason) | EnvelopeError::Invalid(reason)) => {
-                return self.refuse(body, reason).await;
-            }
+            Err(error) => return self.refuse(body, error.to_string()).await,
         };
         if tenants::tenant_by_id(&self.db, event.tenant_id).await?.is_none() {
             let reason = format!("tenantId: no tenant with id {}", event.tenant_id);

@@ -64,6 +64,9 @@ pub enum Outcome {
     RetryScheduled { next_attempt: u32, delay: Duration },
     /// The delivery ended `FAILED` and was dead-lettered.
     Failed { reason: String },
+    /// The task arrived before the attempt is due; it was published again for
+    /// the rest of the delay.
+    Deferred { remaining: Duration },
     /// Nothing was sent: a duplicate or stale task, or a finished delivery.
     Skipped { reason: String },
 }
@@ -96,9 +99,7 @@ impl Worker {
         let attempt = task.attempt();
         let lease = self.request_timeout + CLAIM_MARGIN;
         if !deliveries::claim(&self.db, delivery_id, attempt, lease, Utc::now()).await? {
-            return Ok(Outcome::Skipped {
-                reason: "duplicate or stale task".to_owned(),
-            });
+            return self.unclaimed(task).await;
         }
         let delivery = deliveries::delivery_by_id(&self.db, delivery_id)
             .await?
@@ -170,7 +171,7 @@ impl Worker {
                     webhooks::disable_webhook(&transaction, webhook.id, reason).await?;
                 }
             }
-            Outcome::RetryScheduled { .. } | Outcome::Skipped { .. } => {}
+            Outcome::RetryScheduled { .. } | Outcome::Deferred { .. } | Outcome::Skipped { .. } => {}
         }
         transaction.commit().await.context("failed to commit an attempt")?;
 
@@ -183,7 +184,7 @@ impl Worker {
                     .await?;
             }
             Outcome::Failed { reason } => self.queue.publish_dead_letter(task, reason).await?,
-            Outcome::Delivered | Outcome::Skipped { .. } => {}
+            Outcome::Delivered | Outcome::Deferred { .. } | Outcome::Skipped { .. } => {}
         }
         tracing::info!(
             delivery_id = %delivery_id,
@@ -195,6 +196,28 @@ impl Worker {
             "delivery attempt"
         );
         Ok(outcome)
+    }
+
+    /// Explains a failed claim: a task that came early (through a broker tier
+    /// shorter than its delay) goes back for the rest; anything else is stale.
+    async fn unclaimed(&self, task: DeliveryTask) -> anyhow::Result<Outcome> {
+        let early = deliveries::delivery_by_id(&self.db, task.delivery_id())
+            .await?
+            .filter(|delivery| {
+                delivery.status == deliveries::DeliveryStatus::Pending && delivery.attempts + 1 == task.attempt()
+            })
+            .and_then(|delivery| delivery.next_attempt_at)
+            .and_then(|due| (due - Utc::now()).to_std().ok())
+            .filter(|remaining| *remaining > deliveries::DUE_TOLERANCE);
+        match early {
+            Some(remaining) => {
+                self.queue.publish_task(task, remaining).await?;
+                Ok(Outcome::Deferred { remaining })
+            }
+            None => Ok(Outcome::Skipped {
+                reason: "duplicate or stale task".to_owned(),
+            }),
+        }
     }
 
     async fn cancel(&self, delivery_id: uuid::Uuid, reason: &str) -> anyhow::Result<Outcome> {

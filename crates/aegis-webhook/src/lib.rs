@@ -11,6 +11,7 @@ use aegis_webhook_core::config::{Config, Sensitive};
 use aegis_webhook_core::db::{self, tenants};
 use aegis_webhook_core::queue::Queue;
 use aegis_webhook_core::queue::memory::MemoryQueue;
+use aegis_webhook_core::queue::rabbitmq::{Prefetch, RabbitQueue, Topology};
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::target::TargetPolicy;
 use aegis_webhook_ingester::Ingester;
@@ -140,18 +141,7 @@ pub async fn start(
     listener: Option<TcpListener>,
 ) -> anyhow::Result<RunningSystem> {
     let cipher = secret_cipher(config)?;
-    // Issue-3 territory: the RabbitMQ adapter. Until then, every mode uses the
-    // in-process queue, which only connects roles inside one process.
-    if config.amqp_url.is_some() {
-        anyhow::bail!("AEGIS_AMQP_URL is set, but this build has only the in-process queue; unset it or use `dev`");
-    }
-    if roles != Roles::ALL {
-        tracing::warn!(
-            "in-process queue: this process only sees messages of its own roles; run `aegis-webhook dev` for a single-process system"
-        );
-    }
-    let memory_queue = MemoryQueue::new();
-    let queue: Arc<dyn Queue> = Arc::new(memory_queue.clone());
+    let (queue, memory_queue) = open_queue(config, roles).await?;
 
     let api = match (roles.api, listener) {
         (false, _) => None,
@@ -189,9 +179,10 @@ pub async fn start(
         let handle = tokio::spawn(worker.run(token.clone(), config.shutdown_grace));
         let reconciler_token = CancellationToken::new();
         // The in-process queue starts empty, so every pending delivery is
-        // re-enqueued at start: stopping the process loses nothing.
+        // re-enqueued at start: stopping the process loses nothing. A broker
+        // keeps its messages; there the periodic pass finds what went missing.
         let reconciler_handle = tokio::spawn(Reconciler::new(db.clone(), queue.clone()).run(
-            true,
+            memory_queue.is_some(),
             config.reconcile_interval,
             config.reconcile_grace,
             reconciler_token.clone(),
@@ -205,12 +196,44 @@ pub async fn start(
         addr,
         db,
         queue,
-        memory_queue: Some(memory_queue),
+        memory_queue,
         api: api.map(|(_, token, handle)| (token, handle)),
         ingester,
         worker,
         reconciler,
     })
+}
+
+/// RabbitMQ when `AEGIS_AMQP_URL` is set, else the in-process queue (returned
+/// a second time, typed, for inspection).
+pub async fn open_queue(config: &Config, roles: Roles) -> anyhow::Result<(Arc<dyn Queue>, Option<MemoryQueue>)> {
+    match &config.amqp_url {
+        Some(url) => {
+            let topology = Topology::new(
+                &config.amqp_prefix,
+                config.retry_schedule.delays(),
+                config.amqp_queue_expiry,
+            );
+            let prefetch = Prefetch {
+                events: config.amqp_prefetch,
+                tasks: u16::try_from(config.worker_concurrency).unwrap_or(u16::MAX),
+            };
+            let queue = RabbitQueue::connect(url.expose(), topology, prefetch)
+                .await
+                .context("failed to set up RabbitMQ")?;
+            Ok((Arc::new(queue), None))
+        }
+        None => {
+            if roles != Roles::ALL {
+                tracing::warn!(
+                    "no AEGIS_AMQP_URL: the in-process queue only connects roles inside one process; \
+                     run `aegis-webhook dev`, or set AEGIS_AMQP_URL for separate processes"
+                );
+            }
+            let memory = MemoryQueue::new();
+            Ok((Arc::new(memory.clone()), Some(memory)))
+        }
+    }
 }
 
 /// What `dev` printed for the user.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use aegis_webhook::{DEFAULT_TENANT, Roles, RunningSystem, open_database, start, start_dev};
 use aegis_webhook_core::config::Config;
 use aegis_webhook_core::db::{self, tenants};
+use aegis_webhook_core::event::ValidatedEvent;
 use aegis_webhook_core::telemetry;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -38,6 +39,12 @@ enum Command {
     Worker,
     /// Applies pending database migrations, then exits.
     Migrate,
+    /// Validates an event envelope (JSON file, or `-` for standard input) and
+    /// publishes it to the events exchange, as an upstream scanner does.
+    Publish {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
     /// Manages API keys.
     Apikey {
         #[command(subcommand)]
@@ -70,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
             println!("migrations applied to {}", db::redact_url(&config.database_url()));
             Ok(())
         }
+        Command::Publish { file } => publish(config, &file).await,
         Command::Apikey {
             command: ApikeyCommand::Create { tenant },
         } => {
@@ -114,6 +122,28 @@ async fn dev(config: Config) -> anyhow::Result<()> {
         credentials = aegis_webhook::DevCredentials::path(&data_dir).display(),
     );
     wait_for_shutdown(system).await
+}
+
+async fn publish(config: Config, file: &std::path::Path) -> anyhow::Result<()> {
+    if config.amqp_url.is_none() {
+        anyhow::bail!("publish needs AEGIS_AMQP_URL (the in-process queue of `dev` takes events at POST /v1/events)");
+    }
+    let bytes = if file.as_os_str() == "-" {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).context("failed to read standard input")?;
+        bytes
+    } else {
+        std::fs::read(file).with_context(|| format!("failed to read {}", file.display()))?
+    };
+    let event = ValidatedEvent::parse(&bytes, chrono::Utc::now()).map_err(|error| anyhow::anyhow!("{error}"))?;
+    let (queue, _) = aegis_webhook::open_queue(&config, Roles::API).await?;
+    // The canonical envelope carries the id, so publishing the same file twice
+    // with an `id` is deduplicated by the ingester.
+    queue
+        .publish_event(event.event_type.as_str(), event.to_envelope_json().into())
+        .await?;
+    println!("published {} {}", event.event_type, event.id);
+    Ok(())
 }
 
 async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod pipeline;
+mod rabbitmq;
 mod signature;
 mod storage;
 mod support;

@@ -168,9 +168,13 @@ pub async fn delivery_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Optio
         .transpose()
 }
 
+/// How early a task may arrive and still be attempted: delayed tasks travel
+/// through fixed-length broker tiers and clocks differ a little between hosts.
+pub const DUE_TOLERANCE: Duration = Duration::from_millis(50);
+
 /// Takes the right to make attempt `attempt` of a pending delivery for `lease`.
-/// Fails when the attempt was already made, the delivery is finished, or another
-/// worker holds an unexpired claim: duplicate tasks then do nothing.
+/// Fails when the attempt was already made, the delivery is finished, is not due
+/// yet, or another worker holds an unexpired claim: duplicate tasks then do nothing.
 pub async fn claim(
     db: &impl ConnectionTrait,
     id: Uuid,
@@ -179,12 +183,14 @@ pub async fn claim(
     now: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
     let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
+    let due_by = now + chrono::Duration::from_std(DUE_TOLERANCE).unwrap_or_default();
     let previous_attempts = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
     let result = delivery::Entity::update_many()
         .col_expr(delivery::Column::LockedUntil, Expr::value(until))
         .filter(delivery::Column::Id.eq(id))
         .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
         .filter(delivery::Column::Attempts.eq(previous_attempts))
+        .filter(delivery::Column::NextAttemptAt.lte(due_by))
         .filter(
             Condition::any()
                 .add(delivery::Column::LockedUntil.is_null())

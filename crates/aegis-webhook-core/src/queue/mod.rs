@@ -6,6 +6,7 @@
 //! nowhere else: add a `V2` variant rather than edit `V1`.
 
 pub mod memory;
+pub mod rabbitmq;
 
 use std::time::Duration;
 
@@ -111,6 +112,11 @@ pub trait Consumer: Send {
 
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
+    /// Whether the broker is reachable now, for readiness probes.
+    async fn is_ready(&self) -> bool {
+        true
+    }
+
     /// Publishes an upstream envelope under its event name, returning once the
     /// broker has taken responsibility for it.
     async fn publish_event(&self, event_name: &str, envelope: Bytes) -> Result<(), QueueError>;

@@ -1,0 +1,575 @@
+//! The RabbitMQ adapter of the queue port (lapin): durable quorum queues,
+//! persistent messages, publisher confirms, manual acks, a prefetch limit, delays
+//! through TTL tier queues (no broker plugin), and reconnection with backoff.
+//!
+//! The whole topology is declared here, idempotently, by every process at start:
+//!
+//! ```text
+//! exchange {p}aegis.events (topic) ──"#"──► queue {p}aegis.ingest ──► ingester
+//! queue {p}aegis.events.invalid            ◄── refused events, reason in a header
+//! exchange {p}aegis.deliveries (direct) ──"work"──► queue {p}aegis.deliveries.work ──► workers
+//! queue {p}aegis.deliveries.retry.<ms>     ── TTL expires ──► {p}aegis.deliveries ("work")
+//! queue {p}aegis.deliveries.dead           ◄── deliveries that failed for good
+//! ```
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable as _};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::Mutex;
+
+use super::{Acknowledger, Consumer, DeliveryTask, Queue, QueueError, QueueMessage, Stream};
+
+/// Routing key of the work queue on the deliveries exchange.
+const WORK_ROUTING_KEY: &str = "work";
+/// Header carrying why an event was refused or a delivery dead-lettered.
+pub const REASON_HEADER: &str = "x-aegis-reason";
+/// Delays shorter than this are published straight to the work queue.
+const IMMEDIATE: Duration = Duration::from_millis(20);
+/// Tiers always present beside the retry schedule's own delays, so that any
+/// delay (jitter included) is reached by a short chain of tiers.
+const LADDER: [Duration; 7] = [
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+    Duration::from_secs(10),
+    Duration::from_secs(60),
+    Duration::from_secs(600),
+    Duration::from_secs(3600),
+    Duration::from_secs(6 * 3600),
+];
+
+/// Queue and exchange names, with the optional prefix that lets several systems
+/// (or tests) share one broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    prefix: String,
+    tiers: Vec<Duration>,
+    /// Queues unused this long are deleted by the broker (`x-expires`); for tests.
+    expires: Option<Duration>,
+}
+
+impl Topology {
+    /// Tier queues for every distinct delay of `schedule`, plus [`LADDER`].
+    pub fn new(prefix: &str, schedule: &[Duration], expires: Option<Duration>) -> Self {
+        let tiers: BTreeSet<Duration> = schedule
+            .iter()
+            .copied()
+            .filter(|delay| *delay >= IMMEDIATE)
+            .chain(LADDER)
+            .map(|delay| Duration::from_millis(delay.as_millis() as u64))
+            .collect();
+        Topology {
+            prefix: prefix.to_owned(),
+            tiers: tiers.into_iter().collect(),
+            expires,
+        }
+    }
+
+    pub fn events_exchange(&self) -> String {
+        format!("{}aegis.events", self.prefix)
+    }
+    pub fn ingest_queue(&self) -> String {
+        format!("{}aegis.ingest", self.prefix)
+    }
+    pub fn invalid_queue(&self) -> String {
+        format!("{}aegis.events.invalid", self.prefix)
+    }
+    pub fn deliveries_exchange(&self) -> String {
+        format!("{}aegis.deliveries", self.prefix)
+    }
+    pub fn work_queue(&self) -> String {
+        format!("{}aegis.deliveries.work", self.prefix)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}aegis.deliveries.dead", self.prefix)
+    }
+    pub fn tier_queue(&self, tier: Duration) -> String {
+        format!("{}aegis.deliveries.retry.{}", self.prefix, tier.as_millis())
+    }
+    pub fn tier_queues(&self) -> Vec<String> {
+        self.tiers.iter().map(|tier| self.tier_queue(*tier)).collect()
+    }
+
+    /// Where a task delayed by `delay` goes: the longest tier not longer than the
+    /// delay (the worker re-publishes the rest if it arrives early), or the work
+    /// queue for (nearly) no delay.
+    pub fn route_for_delay(&self, delay: Duration) -> Route {
+        if delay < IMMEDIATE {
+            return Route::Work;
+        }
+        let tier = self
+            .tiers
+            .iter()
+            .rev()
+            .find(|tier| **tier <= delay)
+            .or(self.tiers.first())
+            .copied()
+            .expect("the ladder is never empty");
+        Route::Tier(tier)
+    }
+
+    fn queue_arguments(&self, quorum: bool) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if quorum {
+            // Replicated and fsynced: what an at-least-once promise needs.
+            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        if let Some(expires) = self.expires {
+            arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires.as_millis() as i64));
+        }
+        arguments
+    }
+
+    /// Declares everything; safe to repeat, and every process does at start.
+    async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        channel
+            .exchange_declare(
+                self.events_exchange().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.deliveries_exchange().into(),
+                ExchangeKind::Direct,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        let durable_queue = QueueDeclareOptions::durable();
+        for queue in [
+            self.ingest_queue(),
+            self.invalid_queue(),
+            self.work_queue(),
+            self.dead_queue(),
+        ] {
+            channel
+                .queue_declare(queue.into(), durable_queue, self.queue_arguments(true))
+                .await?;
+        }
+        // Every routing key, not only today's event names: an unknown name must
+        // reach the ingester and be refused with a reason, not vanish unrouted.
+        channel
+            .queue_bind(
+                self.ingest_queue().into(),
+                self.events_exchange().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.work_queue().into(),
+                self.deliveries_exchange().into(),
+                WORK_ROUTING_KEY.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        for tier in &self.tiers {
+            // Classic queues: every message in a tier has the same TTL, so they
+            // expire in order from the head, then go back to the work queue.
+            let mut arguments = self.queue_arguments(false);
+            arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
+            arguments.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(self.deliveries_exchange().into()),
+            );
+            arguments.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(WORK_ROUTING_KEY.into()),
+            );
+            channel
+                .queue_declare(self.tier_queue(*tier).into(), durable_queue, arguments)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Prefetch limits of the two streams: what one process holds unacknowledged,
+/// the rest staying on the broker for other replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefetch {
+    pub events: u16,
+    pub tasks: u16,
+}
+
+/// Where a delivery task is published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Work,
+    Tier(Duration),
+}
+
+/// The connection and the publishing channel (publisher confirms on).
+struct Live {
+    connection: Connection,
+    publisher: Channel,
+}
+
+struct Inner {
+    url: String,
+    topology: Topology,
+    /// Unacknowledged messages one consumer may hold, per stream.
+    prefetch: Prefetch,
+    live: Mutex<Option<Live>>,
+}
+
+#[derive(Clone)]
+pub struct RabbitQueue {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RabbitQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitQueue")
+            .field("topology", &self.inner.topology)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+}
+
+fn unexpected(error: impl Into<anyhow::Error>, what: &str) -> QueueError {
+    QueueError::Unexpected(error.into().context(what.to_owned()))
+}
+
+impl RabbitQueue {
+    /// Connects (retrying for a while, so a process may start before the broker)
+    /// and declares the topology.
+    pub async fn connect(url: &str, topology: Topology, prefetch: Prefetch) -> Result<Self, QueueError> {
+        let queue = RabbitQueue {
+            inner: Arc::new(Inner {
+                url: url.to_owned(),
+                topology,
+                prefetch: Prefetch {
+                    events: prefetch.events.max(1),
+                    tasks: prefetch.tasks.max(1),
+                },
+                live: Mutex::new(None),
+            }),
+        };
+        (|| queue.publisher())
+            .retry(backoff().with_max_times(10))
+            .notify(|error, delay| tracing::warn!(error = %error, ?delay, "RabbitMQ not reachable yet; retrying"))
+            .await?;
+        Ok(queue)
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.inner.topology
+    }
+
+    async fn open(&self) -> Result<Live, QueueError> {
+        let properties = ConnectionProperties::default().with_connection_name("aegis-webhook".into());
+        let connection = Connection::connect(&self.inner.url, properties)
+            .await
+            .map_err(|error| unexpected(error, "failed to connect to RabbitMQ"))?;
+        let publisher = connection
+            .create_channel()
+            .await
+            .map_err(|error| unexpected(error, "failed to open a RabbitMQ channel"))?;
+        self.inner
+            .topology
+            .declare(&publisher)
+            .await
+            .map_err(|error| unexpected(error, "failed to declare the RabbitMQ topology"))?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
+        tracing::info!("connected to RabbitMQ");
+        Ok(Live { connection, publisher })
+    }
+
+    /// The live publishing channel, reconnecting when the old one is gone.
+    async fn publisher(&self) -> Result<Channel, QueueError> {
+        let mut live = self.inner.live.lock().await;
+        if let Some(current) = live.as_ref()
+            && current.connection.status().connected()
+            && current.publisher.status().connected()
+        {
+            return Ok(current.publisher.clone());
+        }
+        let fresh = self.open().await?;
+        let channel = fresh.publisher.clone();
+        *live = Some(fresh);
+        Ok(channel)
+    }
+
+    /// A new channel on the live connection, for a consumer.
+    async fn consumer_channel(&self) -> Result<Channel, QueueError> {
+        self.publisher().await?;
+        let live = self.inner.live.lock().await;
+        let connection = &live.as_ref().expect("just connected").connection;
+        connection
+            .create_channel()
+            .await
+            .map_err(|error| unexpected(error, "failed to open a RabbitMQ channel"))
+    }
+
+    /// Publishes persistently and waits for the broker's confirm.
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        headers: Option<FieldTable>,
+    ) -> Result<(), QueueError> {
+        let channel = self.publisher().await?;
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        if let Some(headers) = headers {
+            properties = properties.with_headers(headers);
+        }
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let result = async {
+            let confirm = channel
+                .basic_publish(exchange.into(), routing_key.into(), options, body, properties)
+                .await?;
+            confirm.await
+        }
+        .await;
+        match result {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(_returned))) => Err(QueueError::Unexpected(anyhow::anyhow!(
+                "RabbitMQ could not route a message to `{exchange}` with key `{routing_key}`"
+            ))),
+            Ok(Confirmation::Nack(_)) => Err(QueueError::Unexpected(anyhow::anyhow!(
+                "RabbitMQ refused a message for `{exchange}` (nack)"
+            ))),
+            Ok(Confirmation::NotRequested) => Err(QueueError::Unexpected(anyhow::anyhow!(
+                "publisher confirms are off on the publishing channel"
+            ))),
+            Err(error) => {
+                // Force a fresh connection next time.
+                self.inner.live.lock().await.take();
+                Err(unexpected(error, "failed to publish to RabbitMQ"))
+            }
+        }
+    }
+
+    fn reason_headers(reason: &str) -> FieldTable {
+        let mut headers = FieldTable::default();
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(LongString::from(reason)));
+        headers
+    }
+}
+
+#[async_trait]
+impl Queue for RabbitQueue {
+    async fn is_ready(&self) -> bool {
+        self.publisher().await.is_ok()
+    }
+
+    async fn publish_event(&self, event_name: &str, envelope: Bytes) -> Result<(), QueueError> {
+        let exchange = self.inner.topology.events_exchange();
+        self.publish(&exchange, event_name, &envelope, None).await
+    }
+
+    async fn publish_invalid_event(&self, body: Bytes, reason: &str) -> Result<(), QueueError> {
+        let queue = self.inner.topology.invalid_queue();
+        self.publish("", &queue, &body, Some(Self::reason_headers(reason)))
+            .await
+    }
+
+    async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError> {
+        let topology = &self.inner.topology;
+        match topology.route_for_delay(delay) {
+            Route::Work => {
+                self.publish(&topology.deliveries_exchange(), WORK_ROUTING_KEY, &task.encode(), None)
+                    .await
+            }
+            Route::Tier(tier) => self.publish("", &topology.tier_queue(tier), &task.encode(), None).await,
+        }
+    }
+
+    async fn publish_dead_letter(&self, task: DeliveryTask, reason: &str) -> Result<(), QueueError> {
+        let queue = self.inner.topology.dead_queue();
+        self.publish("", &queue, &task.encode(), Some(Self::reason_headers(reason)))
+            .await
+    }
+
+    async fn consume(&self, stream: Stream) -> Result<Box<dyn Consumer>, QueueError> {
+        let mut consumer = RabbitConsumer {
+            queue: self.clone(),
+            stream,
+            inner: None,
+        };
+        consumer.subscribe().await?;
+        Ok(Box::new(consumer))
+    }
+}
+
+struct RabbitConsumer {
+    queue: RabbitQueue,
+    stream: Stream,
+    inner: Option<lapin::Consumer>,
+}
+
+impl RabbitConsumer {
+    async fn subscribe(&mut self) -> Result<(), QueueError> {
+        let topology = &self.queue.inner.topology;
+        let (queue_name, prefetch) = match self.stream {
+            Stream::Events => (topology.ingest_queue(), self.queue.inner.prefetch.events),
+            Stream::Tasks => (topology.work_queue(), self.queue.inner.prefetch.tasks),
+        };
+        let channel = self.queue.consumer_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|error| unexpected(error, "failed to set the prefetch"))?;
+        let consumer = channel
+            .basic_consume(
+                ShortString::from(queue_name),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|error| unexpected(error, "failed to start consuming"))?;
+        self.inner = Some(consumer);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Consumer for RabbitConsumer {
+    async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>> {
+        loop {
+            if self.inner.is_none() {
+                let resubscribed = (|| async { self.queue.publisher().await.map(|_| ()) })
+                    .retry(backoff())
+                    .notify(|error, delay| tracing::warn!(error = %error, ?delay, "reconnecting to RabbitMQ"))
+                    .await;
+                if let Err(error) = resubscribed {
+                    return Some(Err(error));
+                }
+                if let Err(error) = self.subscribe().await {
+                    tracing::warn!(error = %error, "failed to resubscribe; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+            let consumer = self.inner.as_mut().expect("subscribed above");
+            match consumer.next().await {
+                Some(Ok(delivery)) => {
+                    let acknowledger = RabbitAcknowledger { acker: delivery.acker };
+                    return Some(Ok(QueueMessage::new(
+                        Bytes::from(delivery.data),
+                        Box::new(acknowledger),
+                    )));
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(error = %error, "RabbitMQ consumer failed; reconnecting");
+                    self.inner = None;
+                }
+                None => {
+                    tracing::warn!("RabbitMQ consumer was cancelled; resubscribing");
+                    self.inner = None;
+                }
+            }
+        }
+    }
+}
+
+struct RabbitAcknowledger {
+    acker: lapin::Acker,
+}
+
+#[async_trait]
+impl Acknowledger for RabbitAcknowledger {
+    async fn ack(self: Box<Self>) -> Result<(), QueueError> {
+        // After a reconnect the old channel is gone; the broker then redelivers
+        // the message, which is the at-least-once side of the contract.
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|error| unexpected(error, "failed to ack"))
+    }
+
+    async fn requeue(self: Box<Self>) -> Result<(), QueueError> {
+        self.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .map(|_| ())
+            .map_err(|error| unexpected(error, "failed to requeue"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_route_to_the_longest_tier_that_fits() {
+        let schedule = [Duration::ZERO, Duration::from_secs(5), Duration::from_secs(300)];
+        let topology = Topology::new("t.", &schedule, None);
+        assert_eq!(topology.route_for_delay(Duration::ZERO), Route::Work);
+        assert_eq!(topology.route_for_delay(Duration::from_millis(5)), Route::Work);
+        assert_eq!(
+            topology.route_for_delay(Duration::from_millis(500)),
+            Route::Tier(Duration::from_millis(250))
+        );
+        assert_eq!(
+            topology.route_for_delay(Duration::from_millis(100)),
+            Route::Tier(Duration::from_millis(250))
+        );
+        assert_eq!(
+            topology.route_for_delay(Duration::from_millis(1500)),
+            Route::Tier(Duration::from_secs(1))
+        );
+        assert_eq!(
+            topology.route_for_delay(Duration::from_secs(5)),
+            Route::Tier(Duration::from_secs(5))
+        );
+        assert_eq!(
+            topology.route_for_delay(Duration::from_millis(5400)),
+            Route::Tier(Duration::from_secs(5))
+        );
+        assert_eq!(
+            topology.route_for_delay(Duration::from_secs(330)),
+            Route::Tier(Duration::from_secs(300))
+        );
+        assert_eq!(
+            topology.route_for_delay(Duration::from_secs(24 * 3600)),
+            Route::Tier(Duration::from_secs(6 * 3600))
+        );
+        assert_eq!(
+            topology.tier_queue(Duration::from_secs(5)),
+            "t.aegis.deliveries.retry.5000"
+        );
+        assert_eq!(topology.work_queue(), "t.aegis.deliveries.work");
+    }
+}

@@ -1,0 +1,215 @@
+//! The production path through the machine's RabbitMQ (and PostgreSQL): events
+//! published by a plain AMQP client, invalid events parked with a reason, and
+//! retries through the TTL tier queues to the dead-letter queue.
+
+use std::time::Duration;
+
+use aegis_webhook_core::db::deliveries::{self, DeliveryStatus};
+use aegis_webhook_core::queue::rabbitmq::REASON_HEADER;
+use lapin::options::{BasicGetOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::support::{
+    Backend, Receiver, TestApp, envelope, eventually, seed_poam_overdue_data, seed_vulnerability_data,
+};
+
+fn amqp_url() -> String {
+    std::env::var("AEGIS_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A plain AMQP connection, as a scanner would hold; `None` (after a loud
+/// warning) when RabbitMQ is unreachable outside CI. In CI that fails.
+async fn scanner_channel() -> Option<Channel> {
+    match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+        Ok(connection) => Some(connection.create_channel().await.expect("channel")),
+        Err(error) => {
+            let message = format!(
+                "RabbitMQ is unreachable at {} ({error}); start it (see README)",
+                amqp_url()
+            );
+            if std::env::var_os("CI").is_some() {
+                panic!("{message}");
+            }
+            eprintln!("\n!!!!!!!! SKIPPING A RABBITMQ TEST: {message} !!!!!!!!\n");
+            None
+        }
+    }
+}
+
+/// The whole system on RabbitMQ and PostgreSQL, with its own queue prefix.
+async fn spawn(schedule: &str) -> Option<(TestApp, Channel, String)> {
+    let channel = scanner_channel().await?;
+    let prefix = format!("test-{}.", Uuid::new_v4().simple());
+    let app = TestApp::spawn_with(Backend::Postgres, |config| {
+        config.amqp_url = Some(aegis_webhook_core::config::Sensitive::new(amqp_url()));
+        config.amqp_prefix = prefix.clone();
+        // Throwaway topology: the broker deletes it once the test is gone.
+        config.amqp_queue_expiry = Some(Duration::from_secs(120));
+        config.retry_schedule = schedule.parse().expect("schedule");
+    })
+    .await?;
+    Some((app, channel, prefix))
+}
+
+async fn publish_raw(channel: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+}
+
+/// Takes every message now in `queue`, with its reason header.
+async fn drain(channel: &Channel, queue: &str) -> Vec<(Vec<u8>, String)> {
+    let mut messages = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic_get")
+    {
+        let reason = message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers: &FieldTable| headers.inner().get(REASON_HEADER).cloned())
+            .map(|value| match value {
+                AMQPValue::LongString(text) => text.to_string(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        messages.push((message.delivery.data.clone(), reason));
+    }
+    messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_published_by_a_plain_amqp_client_is_delivered_signed() {
+    let Some((app, channel, prefix)) = spawn("0s,250ms,500ms").await else {
+        return;
+    };
+    let receiver = Receiver::start(&[], 200).await;
+    let created = app
+        .create_webhook(
+            &receiver.url(),
+            &["VULNERABILITY_DETECTED"],
+            Some("your-webhook-secret"),
+        )
+        .await;
+
+    let event = envelope(app.setup.tenant_id, "VULNERABILITY_DETECTED", seed_vulnerability_data());
+    publish_raw(
+        &channel,
+        &format!("{prefix}aegis.events"),
+        "VULNERABILITY_DETECTED",
+        event.to_string().as_bytes(),
+    )
+    .await;
+
+    let received = receiver.wait_for(1, Duration::from_secs(10)).await;
+    crate::signature::assert_signed(&received[0], "your-webhook-secret");
+    let body: serde_json::Value = serde_json::from_slice(&received[0].body).expect("JSON");
+    assert_eq!(body["data"], seed_vulnerability_data());
+    let webhook_id: Uuid = created["id"].as_str().expect("id").parse().expect("uuid");
+    eventually(Duration::from_secs(5), "the delivery to succeed", || async {
+        let rows = deliveries::deliveries_of_webhook(app.db(), webhook_id)
+            .await
+            .expect("query");
+        (rows.len() == 1 && rows[0].status == DeliveryStatus::Succeeded).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_invalid_events_are_parked_with_a_reason_and_valid_ones_go_through() {
+    let Some((app, channel, prefix)) = spawn("0s,250ms,500ms").await else {
+        return;
+    };
+    let receiver = Receiver::start(&[], 200).await;
+    app.create_webhook(&receiver.url(), &["POAM_OVERDUE"], None).await;
+    let exchange = format!("{prefix}aegis.events");
+    let valid = envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
+    let mut bad_data = valid.clone();
+    bad_data["data"]["daysOverdue"] = json!("five");
+
+    publish_raw(&channel, &exchange, "POAM_OVERDUE", valid.to_string().as_bytes()).await;
+    publish_raw(&channel, &exchange, "POAM_OVERDUE", b"\x00\xff garbage \xfe").await;
+    publish_raw(&channel, &exchange, "whatever", br#"{"hello": "world"}"#).await;
+    publish_raw(&channel, &exchange, "POAM_OVERDUE", bad_data.to_string().as_bytes()).await;
+    publish_raw(&channel, &exchange, "POAM_OVERDUE", valid.to_string().as_bytes()).await;
+
+    receiver.wait_for(2, Duration::from_secs(10)).await;
+    let invalid_queue = format!("{prefix}aegis.events.invalid");
+    let mut parked = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while parked.len() < 3 && tokio::time::Instant::now() < deadline {
+        parked.extend(drain(&channel, &invalid_queue).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reasons: Vec<&str> = parked.iter().map(|(_, reason)| reason.as_str()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].starts_with("malformed JSON"), "{reasons:?}");
+    assert!(reasons[1].contains("unknown field `hello`"), "{reasons:?}");
+    assert!(reasons[2].starts_with("data.daysOverdue: invalid type"), "{reasons:?}");
+    assert_eq!(parked[0].0, b"\x00\xff garbage \xfe", "the original bytes are kept");
+    assert_eq!(receiver.received().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_goes_through_the_tier_queues_to_the_dead_letter_queue() {
+    let Some((app, channel, prefix)) = spawn("0s,300ms,600ms").await else {
+        return;
+    };
+    let receiver = Receiver::start(&[], 500).await;
+    let created = app.create_webhook(&receiver.url(), &["POAM_OVERDUE"], None).await;
+    let (status, _) = app
+        .post_event(&envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()))
+        .await;
+    assert_eq!(status, 202);
+
+    let webhook_id: Uuid = created["id"].as_str().expect("id").parse().expect("uuid");
+    let delivery = eventually(Duration::from_secs(15), "the delivery to fail", || async {
+        let rows = deliveries::deliveries_of_webhook(app.db(), webhook_id)
+            .await
+            .expect("query");
+        rows.into_iter().find(|row| row.status == DeliveryStatus::Failed)
+    })
+    .await;
+    assert_eq!(delivery.attempts, 3);
+    let attempts = deliveries::attempts_of(app.db(), delivery.id).await.expect("attempts");
+    assert_eq!(attempts.len(), 3);
+    assert!(attempts.iter().all(|attempt| attempt.status_code == Some(500)));
+
+    // The attempts were spaced by the schedule, through the broker's tiers.
+    let received = receiver.received();
+    assert_eq!(received.len(), 3);
+    assert!(
+        received[1].at - received[0].at >= Duration::from_millis(300),
+        "{:?}",
+        received[1].at - received[0].at
+    );
+    assert!(
+        received[2].at - received[1].at >= Duration::from_millis(600),
+        "{:?}",
+        received[2].at - received[1].at
+    );
+
+    let dead = eventually(Duration::from_secs(5), "a dead letter", || async {
+        let messages = drain(&channel, &format!("{prefix}aegis.deliveries.dead")).await;
+        (!messages.is_empty()).then_some(messages)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert!(String::from_utf8_lossy(&dead[0].0).contains(&delivery.id.to_string()));
+    assert_eq!(dead[0].1, "all 3 attempts failed");
+}
