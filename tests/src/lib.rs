@@ -1,1 +1,25 @@
-//! End-to-end tests live in `tests/`.
+//! Support shared by the test binaries: a running system per test on its own
+//! database, capturing receivers on loopback, signature checks as receivers make
+//! them, and child processes for the fault tests.
+
+pub mod processes;
+pub mod signature;
+pub mod support;
+
+/// Runs an `async fn(Backend)` test once per database backend.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::support::Backend::Sqlite).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::support::Backend::Postgres).await
+            }
+        }
+    )+};
+}

@@ -53,6 +53,9 @@ pub enum LogFormat {
 pub struct Config {
     /// `postgres://…` or `sqlite://…`; defaults to `aegis.db` in `data_dir`.
     pub database_url: Option<String>,
+    /// Connections in the database pool of one process (PostgreSQL; SQLite uses
+    /// a few, as it has one writer).
+    pub database_max_connections: u32,
     /// RabbitMQ; absent means the in-process queue.
     pub amqp_url: Option<Sensitive>,
     /// Prefix of every exchange and queue name, so systems can share a broker.
@@ -103,6 +106,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             database_url: None,
+            database_max_connections: 16,
             amqp_url: None,
             amqp_prefix: String::new(),
             amqp_prefetch: 32,

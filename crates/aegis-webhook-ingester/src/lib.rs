@@ -27,10 +27,16 @@ const DRAIN_IDLE: Duration = Duration::from_millis(200);
 /// Pause after an infrastructure error before the message is handed back.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
+/// Set (to anything) to make the ingester abort right after a fan-out commits
+/// and before its tasks are published: the window the reconciler covers, which
+/// the fault tests force open with it.
+pub const CRASH_AFTER_COMMIT_ENV: &str = "AEGIS_TEST_CRASH_AFTER_FANOUT_COMMIT";
+
 #[derive(Clone)]
 pub struct Ingester {
     db: DatabaseConnection,
     queue: Arc<dyn Queue>,
+    crash_after_commit: bool,
 }
 
 impl std::fmt::Debug for Ingester {
@@ -52,7 +58,11 @@ pub enum IngestOutcome {
 
 impl Ingester {
     pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>) -> Self {
-        Ingester { db, queue }
+        Ingester {
+            db,
+            queue,
+            crash_after_commit: std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some(),
+        }
     }
 
     /// Handles one envelope end to end. An `Err` is an infrastructure failure
@@ -77,6 +87,10 @@ impl Ingester {
         let planned = plan_deliveries(&event, &subscriptions);
         let ids = deliveries::insert_pending(&transaction, event.tenant_id, event_row, &planned, Utc::now()).await?;
         transaction.commit().await.context("failed to commit the fan-out")?;
+        if self.crash_after_commit && !ids.is_empty() {
+            tracing::error!("{CRASH_AFTER_COMMIT_ENV} is set: aborting between commit and publish");
+            std::process::abort();
+        }
 
         // The deliveries are safe in the database; if publishing fails from here,
         // the reconciler publishes them later.

@@ -30,8 +30,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Extra time a claim lasts beyond the request timeout, for the database writes
-/// around the request.
-const CLAIM_MARGIN: Duration = Duration::from_secs(30);
+/// around the request. Short, because a crashed worker's deliveries wait this
+/// long (plus the reconciler's grace) before another worker retries them.
+const CLAIM_MARGIN: Duration = Duration::from_secs(10);
 /// Pause after an infrastructure error before the task is handed back.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 

@@ -108,7 +108,7 @@ impl RunningSystem {
 /// Opens the database and, when configured, bootstraps tenant `default` with
 /// `AEGIS_BOOTSTRAP_API_KEY`.
 pub async fn open_database(config: &Config, run_migrations: bool) -> anyhow::Result<DatabaseConnection> {
-    let db = db::connect(&config.database_url()).await?;
+    let db = db::connect_with(&config.database_url(), config.database_max_connections).await?;
     if run_migrations {
         db::migrate(&db).await?;
     }
@@ -280,4 +280,31 @@ pub async fn start_dev(mut config: Config, listener: TcpListener) -> anyhow::Res
             ingest_token,
         },
     ))
+}
+
+/// Runs until SIGINT or SIGTERM (how Kubernetes stops a pod), then stops in
+/// order: see [`RunningSystem::stop`].
+pub async fn run_until_signal(system: RunningSystem) -> anyhow::Result<()> {
+    let terminate = async {
+        #[cfg(unix)]
+        {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, "cannot listen for SIGTERM; only Ctrl-C stops this process");
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("stopping");
+    system.stop().await
 }

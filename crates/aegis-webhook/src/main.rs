@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use aegis_webhook::{DEFAULT_TENANT, Roles, RunningSystem, open_database, start, start_dev};
+use aegis_webhook::{DEFAULT_TENANT, Roles, open_database, run_until_signal, start, start_dev};
 use aegis_webhook_core::config::Config;
 use aegis_webhook_core::db::{self, tenants};
 use aegis_webhook_core::event::ValidatedEvent;
@@ -121,7 +121,7 @@ async fn dev(config: Config) -> anyhow::Result<()> {
         ingest_token = setup.ingest_token,
         credentials = aegis_webhook::DevCredentials::path(&data_dir).display(),
     );
-    wait_for_shutdown(system).await
+    run_until_signal(system).await
 }
 
 async fn publish(config: Config, file: &std::path::Path) -> anyhow::Result<()> {
@@ -161,25 +161,5 @@ async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
     if let Some(addr) = system.addr {
         tracing::info!(%addr, "listening");
     }
-    wait_for_shutdown(system).await
-}
-
-/// Runs until SIGINT or SIGTERM, then stops in order and exits 0.
-async fn wait_for_shutdown(system: RunningSystem) -> anyhow::Result<()> {
-    let terminate = async {
-        #[cfg(unix)]
-        {
-            let mut signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler installs");
-            signal.recv().await;
-        }
-        #[cfg(not(unix))]
-        std::future::pending::<()>().await;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
-    tracing::info!("stopping");
-    system.stop().await
+    run_until_signal(system).await
 }

@@ -8,36 +8,14 @@ use aegis_webhook_core::db::deliveries::{self, DeliveryStatus};
 use aegis_webhook_core::queue::rabbitmq::REASON_HEADER;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel};
 use serde_json::json;
 use uuid::Uuid;
 
 use crate::support::{
-    Backend, Receiver, TestApp, envelope, eventually, seed_poam_overdue_data, seed_vulnerability_data,
+    Backend, Receiver, TestApp, amqp_url, envelope, eventually, scanner_channel, seed_poam_overdue_data,
+    seed_vulnerability_data,
 };
-
-fn amqp_url() -> String {
-    std::env::var("AEGIS_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
-
-/// A plain AMQP connection, as a scanner would hold; `None` (after a loud
-/// warning) when RabbitMQ is unreachable outside CI. In CI that fails.
-async fn scanner_channel() -> Option<Channel> {
-    match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
-        Ok(connection) => Some(connection.create_channel().await.expect("channel")),
-        Err(error) => {
-            let message = format!(
-                "RabbitMQ is unreachable at {} ({error}); start it (see README)",
-                amqp_url()
-            );
-            if std::env::var_os("CI").is_some() {
-                panic!("{message}");
-            }
-            eprintln!("\n!!!!!!!! SKIPPING A RABBITMQ TEST: {message} !!!!!!!!\n");
-            None
-        }
-    }
-}
 
 /// The whole system on RabbitMQ and PostgreSQL, with its own queue prefix.
 async fn spawn(schedule: &str) -> Option<(TestApp, Channel, String)> {

@@ -36,6 +36,11 @@ impl From<DbErr> for StoreError {
 /// Opens the database at `url`, creating the SQLite file (and its folder) when
 /// needed.
 pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
+    connect_with(url, 16).await
+}
+
+/// [`connect`] with at most `max_connections` PostgreSQL connections.
+pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
     if let Some(parent) = sqlite_path(url)
         .and_then(|path| Path::new(path).parent())
         .filter(|parent| !parent.as_os_str().is_empty())
@@ -50,7 +55,7 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
         // convoys while WAL lets readers proceed beside the writer.
         options.max_connections(4);
     } else {
-        options.max_connections(16);
+        options.max_connections(max_connections.max(1));
     }
     let db = Database::connect(options)
         .await

@@ -118,6 +118,30 @@ pub async fn fresh_database(backend: Backend, scratch: &std::path::Path) -> Opti
     }
 }
 
+/// The machine's RabbitMQ, or `AEGIS_TEST_AMQP_URL`.
+pub fn amqp_url() -> String {
+    std::env::var("AEGIS_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A plain AMQP channel, as a scanner would hold; `None` (after a loud warning)
+/// when RabbitMQ is unreachable outside CI. In CI that fails.
+pub async fn scanner_channel() -> Option<lapin::Channel> {
+    match lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await {
+        Ok(connection) => Some(connection.create_channel().await.expect("channel")),
+        Err(error) => {
+            let message = format!(
+                "RabbitMQ is unreachable at {} ({error}); start it (see README)",
+                amqp_url()
+            );
+            if in_ci() {
+                panic!("{message}");
+            }
+            eprintln!("\n!!!!!!!! SKIPPING A RABBITMQ TEST: {message} !!!!!!!!\n");
+            None
+        }
+    }
+}
+
 /// A scratch folder unique to one test.
 pub fn scratch_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("aegis-test-{}", uuid::Uuid::new_v4().simple()));
@@ -325,6 +349,8 @@ struct ReceiverState {
     /// Statuses to answer, in order; then `default_status`.
     script: Mutex<VecDeque<u16>>,
     default_status: Mutex<u16>,
+    /// How long each answer takes.
+    delay: Mutex<Duration>,
     arrived: Notify,
 }
 
@@ -337,7 +363,13 @@ pub struct Receiver {
 impl Receiver {
     /// Answers the scripted statuses in order, then `then` forever.
     pub async fn start(script: &[u16], then: u16) -> Receiver {
+        Self::start_slow(script, then, Duration::ZERO).await
+    }
+
+    /// Like [`Receiver::start`], taking `delay` over every answer.
+    pub async fn start_slow(script: &[u16], then: u16, delay: Duration) -> Receiver {
         let state = Arc::new(ReceiverState::default());
+        *state.delay.lock().expect("lock") = delay;
         state.script.lock().expect("lock").extend(script.iter().copied());
         *state.default_status.lock().expect("lock") = then;
         let app = axum::Router::new().fallback({
@@ -351,6 +383,10 @@ impl Receiver {
                         at: std::time::Instant::now(),
                     });
                     state.arrived.notify_waiters();
+                    let delay = *state.delay.lock().expect("lock");
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     let status = state
                         .script
                         .lock()

@@ -1,0 +1,315 @@
+//! Fault tests of the production path: the API, the ingester and workers as
+//! separate OS processes around PostgreSQL and RabbitMQ, with processes killed,
+//! stopped and the broker restarted mid-run. Every delivery must still arrive
+//! (counted by distinct `X-Aegis-Delivery`); duplicates are reported.
+//!
+//! These tests restart the shared broker, so they run one at a time, in their
+//! own test binary (cargo runs test binaries one after another).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use aegis_webhook_core::db::{self, tenants, webhooks};
+use aegis_webhook_core::event::EventType;
+use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
+use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
+use aegis_webhook_tests::processes::{RoleProcess, role_process_main};
+use aegis_webhook_tests::support::{
+    Backend, Receiver, amqp_url, envelope, fresh_database, scanner_channel, scratch_dir, seed_poam_overdue_data,
+};
+use futures::StreamExt as _;
+use uuid::Uuid;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "not a test: the child process that the fault tests spawn"]
+async fn role_process() {
+    role_process_main().await;
+}
+
+/// One fault test at a time: they share the broker, and one restarts it.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const WEBHOOKS: usize = 3;
+
+/// PostgreSQL and RabbitMQ prepared for separate processes: a migrated database
+/// with a tenant and three webhooks on one receiver, and the settings every
+/// process gets.
+struct Cluster {
+    settings: Vec<(String, String)>,
+    tenant_id: Uuid,
+    ingest_token: String,
+    receiver: Receiver,
+}
+
+impl Cluster {
+    async fn prepare(receiver_delay: Duration) -> Option<Cluster> {
+        scanner_channel().await?;
+        let database_url = fresh_database(Backend::Postgres, &scratch_dir()).await?;
+        let db = db::connect(&database_url).await.expect("connect");
+        db::migrate(&db).await.expect("migrate");
+        let tenant = tenants::ensure_tenant(&db, "acme").await.expect("tenant");
+        let secret_key = SecretCipher::generate_key();
+        let cipher = SecretCipher::from_base64(&secret_key).expect("key");
+        let receiver = Receiver::start_slow(&[], 200, receiver_delay).await;
+        for _ in 0..WEBHOOKS {
+            webhooks::create_webhook(
+                &db,
+                &cipher,
+                tenant.id,
+                webhooks::NewWebhook {
+                    url: WebhookUrl::parse(&receiver.url(), &TargetPolicy::allowing_loopback()).expect("url"),
+                    events: vec![EventType::PoamOverdue],
+                    description: None,
+                    project_ids: vec![],
+                    secret: SigningSecret::generate(),
+                    active: true,
+                },
+            )
+            .await
+            .expect("webhook");
+        }
+        db.close().await.expect("close");
+        let ingest_token = format!("ingest-{}", Uuid::new_v4().simple());
+        let settings = [
+            ("AEGIS_DATABASE_URL", database_url),
+            ("AEGIS_DATABASE_MAX_CONNECTIONS", "8".to_owned()),
+            ("AEGIS_AMQP_URL", amqp_url()),
+            ("AEGIS_AMQP_PREFIX", format!("faults-{}.", Uuid::new_v4().simple())),
+            ("AEGIS_AMQP_QUEUE_EXPIRY", "10m".to_owned()),
+            ("AEGIS_SECRET_KEY", secret_key),
+            ("AEGIS_INGEST_TOKEN", ingest_token.clone()),
+            ("AEGIS_ALLOW_PRIVATE_TARGETS", "127.0.0.0/8".to_owned()),
+            ("AEGIS_RETRY_SCHEDULE", "0s,500ms,1s,2s,5s,10s".to_owned()),
+            ("AEGIS_REQUEST_TIMEOUT", "2s".to_owned()),
+            ("AEGIS_RECONCILE_INTERVAL", "1s".to_owned()),
+            ("AEGIS_RECONCILE_GRACE", "2s".to_owned()),
+            ("AEGIS_SHUTDOWN_GRACE", "10s".to_owned()),
+            ("AEGIS_WORKER_CONCURRENCY", "32".to_owned()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect();
+        Some(Cluster {
+            settings,
+            tenant_id: tenant.id,
+            ingest_token,
+            receiver,
+        })
+    }
+
+    fn with(&self, key: &str, value: &str) -> Vec<(String, String)> {
+        let mut settings = self.settings.clone();
+        settings.push((key.to_owned(), value.to_owned()));
+        settings
+    }
+
+    async fn spawn(&self, role: &'static str) -> RoleProcess {
+        RoleProcess::spawn(role, &self.settings).await
+    }
+
+    /// Posts `count` distinct events to the intake, 8 at a time, retrying each
+    /// until it is accepted (as a scanner does while the broker is down).
+    async fn publish(&self, api: &RoleProcess, count: usize) {
+        let url = format!("http://{}/v1/events", api.addr.expect("the API listens"));
+        let client = reqwest::Client::new();
+        futures::stream::iter(0..count)
+            .for_each_concurrent(8, |_| {
+                let client = client.clone();
+                let url = url.clone();
+                let mut event = envelope(self.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
+                event["id"] = serde_json::json!(Uuid::new_v4());
+                async move {
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    loop {
+                        let response = client
+                            .post(&url)
+                            .bearer_auth(&self.ingest_token)
+                            .json(&event)
+                            .send()
+                            .await;
+                        match response {
+                            Ok(response) if response.status() == 202 => return,
+                            Ok(response) if response.status() == 503 => {}
+                            Ok(response) => panic!("intake answered {}", response.status()),
+                            Err(error) => panic!("intake unreachable: {error}"),
+                        }
+                        assert!(Instant::now() < deadline, "an event was not accepted within 120 s");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Distinct delivery ids received so far, and all requests.
+    fn tally(&self) -> (usize, usize) {
+        let received = self.receiver.received();
+        let distinct: HashSet<String> = received
+            .iter()
+            .map(|request| request.header("x-aegis-delivery").to_owned())
+            .collect();
+        (distinct.len(), received.len())
+    }
+
+    /// Waits until `expected` distinct deliveries arrived; reports duplicates.
+    async fn expect_all(&self, expected: usize, within: Duration, scenario: &str) {
+        let deadline = Instant::now() + within;
+        loop {
+            let (distinct, total) = self.tally();
+            if distinct >= expected {
+                eprintln!(
+                    "[{scenario}] {distinct} distinct deliveries of {expected} expected, {} duplicates",
+                    total - distinct
+                );
+                assert_eq!(distinct, expected, "no delivery that was never fanned out");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "[{scenario}] only {distinct} of {expected} distinct deliveries arrived within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The fault must hit while deliveries are still on their way.
+    fn assert_mid_run(&self, expected: usize) {
+        let (distinct, _) = self.tally();
+        assert!(
+            distinct < expected,
+            "the fault came too late: {distinct} of {expected} already delivered"
+        );
+    }
+
+    async fn wait_for_received(&self, at_least: usize) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.tally().1 < at_least {
+            assert!(Instant::now() < deadline, "deliveries stalled before the fault");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+const EVENTS: usize = 1000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separate_processes_deliver_every_fanned_out_event() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::prepare(Duration::ZERO).await else {
+        return;
+    };
+    let api = cluster.spawn("api").await;
+    let _ingester = cluster.spawn("ingester").await;
+    let _workers = [cluster.spawn("worker").await, cluster.spawn("worker").await];
+
+    cluster.publish(&api, EVENTS).await;
+    cluster
+        .expect_all(EVENTS * WEBHOOKS, Duration::from_secs(180), "two workers")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_run_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::prepare(Duration::ZERO).await else {
+        return;
+    };
+    let api = cluster.spawn("api").await;
+    let _ingester = cluster.spawn("ingester").await;
+    let mut doomed = cluster.spawn("worker").await;
+    let _survivor = cluster.spawn("worker").await;
+
+    let publishing = cluster.publish(&api, EVENTS);
+    let killing = async {
+        cluster.wait_for_received(EVENTS * WEBHOOKS / 3).await;
+        doomed.kill().await;
+        cluster.assert_mid_run(EVENTS * WEBHOOKS);
+    };
+    tokio::join!(publishing, killing);
+    cluster
+        .expect_all(EVENTS * WEBHOOKS, Duration::from_secs(180), "worker SIGKILLed")
+        .await;
+}
+
+fn rabbitmqctl(command: &str) {
+    let status = std::process::Command::new("rabbitmqctl")
+        .arg(command)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|error| panic!("rabbitmqctl {command}: {error}"));
+    assert!(status.success(), "rabbitmqctl {command} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_run_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::prepare(Duration::ZERO).await else {
+        return;
+    };
+    let api = cluster.spawn("api").await;
+    let _ingester = cluster.spawn("ingester").await;
+    let _workers = [cluster.spawn("worker").await, cluster.spawn("worker").await];
+
+    let publishing = cluster.publish(&api, EVENTS);
+    let restarting = async {
+        cluster.wait_for_received(EVENTS * WEBHOOKS / 3).await;
+        cluster.assert_mid_run(EVENTS * WEBHOOKS);
+        // Blocking commands, run off the async threads.
+        tokio::task::spawn_blocking(|| {
+            rabbitmqctl("stop_app");
+            std::thread::sleep(Duration::from_secs(2));
+            rabbitmqctl("start_app");
+        })
+        .await
+        .expect("restart the broker");
+    };
+    tokio::join!(publishing, restarting);
+    cluster
+        .expect_all(EVENTS * WEBHOOKS, Duration::from_secs(240), "broker restarted")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingester_killed_between_commit_and_publish_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::prepare(Duration::ZERO).await else {
+        return;
+    };
+    let api = cluster.spawn("api").await;
+    let _worker = cluster.spawn("worker").await;
+    let crashing = cluster.with(aegis_webhook_ingester::CRASH_AFTER_COMMIT_ENV, "1");
+    let mut ingester = RoleProcess::spawn("ingester", &crashing).await;
+
+    cluster.publish(&api, 1).await;
+    let status = ingester.wait(Duration::from_secs(30)).await;
+    assert!(!status.success(), "the ingester aborted after committing the fan-out");
+
+    // The envelope was never acknowledged: a new ingester gets it again, sees
+    // the event is already stored, and the reconciler publishes its deliveries.
+    let _ingester = cluster.spawn("ingester").await;
+    cluster
+        .expect_all(WEBHOOKS, Duration::from_secs(60), "ingester killed after commit")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_a_busy_worker_finishes_or_hands_back_its_work_and_exits_zero() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::prepare(Duration::from_millis(200)).await else {
+        return;
+    };
+    let api = cluster.spawn("api").await;
+    let _ingester = cluster.spawn("ingester").await;
+    let stopping = cluster.spawn("worker").await;
+    let _staying = cluster.spawn("worker").await;
+
+    let events = 200;
+    cluster.publish(&api, events).await;
+    cluster.wait_for_received(events * WEBHOOKS / 4).await;
+    cluster.assert_mid_run(events * WEBHOOKS);
+    let status = stopping.terminate(Duration::from_secs(20)).await;
+    assert_eq!(status.code(), Some(0), "a worker stopped by SIGTERM exits 0");
+    cluster
+        .expect_all(events * WEBHOOKS, Duration::from_secs(120), "worker SIGTERMed")
+        .await;
+}
