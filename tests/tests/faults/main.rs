@@ -190,17 +190,44 @@ impl Cluster {
     }
 }
 
+/// A prepared cluster with its API, ingester and two workers running.
+struct Running {
+    cluster: Cluster,
+    api: RoleProcess,
+    /// Kept so the process lives as long as the test.
+    _ingester: RoleProcess,
+    workers: Vec<RoleProcess>,
+}
+
+impl Running {
+    async fn start(receiver_delay: Duration) -> Option<Running> {
+        let cluster = Cluster::prepare(receiver_delay).await?;
+        let api = cluster.spawn("api").await;
+        let _ingester = cluster.spawn("ingester").await;
+        let workers = vec![cluster.spawn("worker").await, cluster.spawn("worker").await];
+        Some(Running {
+            cluster,
+            api,
+            _ingester,
+            workers,
+        })
+    }
+}
+
 const EVENTS: usize = 1000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn separate_processes_deliver_every_fanned_out_event() {
     let _serial = SERIAL.lock().await;
-    let Some(cluster) = Cluster::prepare(Duration::ZERO).await else {
+    let Some(Running {
+        cluster,
+        api,
+        workers: _workers,
+        ..
+    }) = Running::start(Duration::ZERO).await
+    else {
         return;
     };
-    let api = cluster.spawn("api").await;
-    let _ingester = cluster.spawn("ingester").await;
-    let _workers = [cluster.spawn("worker").await, cluster.spawn("worker").await];
 
     cluster.publish(&api, EVENTS).await;
     cluster
@@ -211,13 +238,16 @@ async fn separate_processes_deliver_every_fanned_out_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_run_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let Some(cluster) = Cluster::prepare(Duration::ZERO).await else {
+    let Some(Running {
+        cluster,
+        api,
+        mut workers,
+        ..
+    }) = Running::start(Duration::ZERO).await
+    else {
         return;
     };
-    let api = cluster.spawn("api").await;
-    let _ingester = cluster.spawn("ingester").await;
-    let mut doomed = cluster.spawn("worker").await;
-    let _survivor = cluster.spawn("worker").await;
+    let mut doomed = workers.remove(0);
 
     let publishing = cluster.publish(&api, EVENTS);
     let killing = async {
@@ -243,12 +273,15 @@ fn rabbitmqctl(command: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_mid_run_loses_nothing() {
     let _serial = SERIAL.lock().await;
-    let Some(cluster) = Cluster::prepare(Duration::ZERO).await else {
+    let Some(Running {
+        cluster,
+        api,
+        workers: _workers,
+        ..
+    }) = Running::start(Duration::ZERO).await
+    else {
         return;
     };
-    let api = cluster.spawn("api").await;
-    let _ingester = cluster.spawn("ingester").await;
-    let _workers = [cluster.spawn("worker").await, cluster.spawn("worker").await];
 
     let publishing = cluster.publish(&api, EVENTS);
     let restarting = async {
@@ -295,13 +328,16 @@ async fn an_ingester_killed_between_commit_and_publish_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_a_busy_worker_finishes_or_hands_back_its_work_and_exits_zero() {
     let _serial = SERIAL.lock().await;
-    let Some(cluster) = Cluster::prepare(Duration::from_millis(200)).await else {
+    let Some(Running {
+        cluster,
+        api,
+        mut workers,
+        ..
+    }) = Running::start(Duration::from_millis(200)).await
+    else {
         return;
     };
-    let api = cluster.spawn("api").await;
-    let _ingester = cluster.spawn("ingester").await;
-    let stopping = cluster.spawn("worker").await;
-    let _staying = cluster.spawn("worker").await;
+    let stopping = workers.remove(0);
 
     let events = 200;
     cluster.publish(&api, events).await;
