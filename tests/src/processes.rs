@@ -26,7 +26,9 @@ pub async fn role_process_main() {
         "worker" => Roles::WORKER,
         other => panic!("unknown role {other}"),
     };
-    crate::support::init_logging();
+    // Children always log warnings and errors (to the test's stderr), so a
+    // failing role explains itself; AEGIS_LOG raises the level.
+    aegis_webhook_core::telemetry::init(Default::default());
     let config = Config::load(None).expect("configuration");
     let db = open_database(&config, false).await.expect("database");
     let listener = if roles.api {
@@ -69,6 +71,9 @@ impl RoleProcess {
             if key.starts_with("AEGIS_") && !key.starts_with("AEGIS_TEST_") {
                 command.env_remove(key);
             }
+        }
+        if std::env::var_os("TEST_LOG").is_none() {
+            command.env("AEGIS_LOG", "warn");
         }
         for (key, value) in settings {
             command.env(key, value);

@@ -70,6 +70,33 @@ pub struct RunningSystem {
     ingester: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
     reconciler: Option<(CancellationToken, JoinHandle<()>)>,
+    /// Cancelled when a role ends without being asked to: the process must not
+    /// keep running with a part missing (an orchestrator restarts it).
+    role_failed: CancellationToken,
+}
+
+/// Runs a role until it ends; an end nobody asked for (an error, or a return
+/// before `stop`) cancels `role_failed`.
+fn spawn_role<F>(
+    name: &'static str,
+    role: F,
+    stop: CancellationToken,
+    role_failed: CancellationToken,
+) -> JoinHandle<anyhow::Result<()>>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let result = role.await;
+        if let Err(error) = &result {
+            tracing::error!(role = name, error = format!("{error:#}"), "role failed");
+            role_failed.cancel();
+        } else if !stop.is_cancelled() {
+            tracing::error!(role = name, "role ended unexpectedly");
+            role_failed.cancel();
+        }
+        result
+    })
 }
 
 impl std::fmt::Debug for RunningSystem {
@@ -89,6 +116,11 @@ async fn join(name: &str, part: Option<(CancellationToken, JoinHandle<anyhow::Re
 }
 
 impl RunningSystem {
+    /// Completes when a role ended without being asked to.
+    pub async fn role_failed(&self) {
+        self.role_failed.cancelled().await;
+    }
+
     /// Stops in dependency order: no new events (API), then the ingester drains
     /// what already arrived, then workers finish in-flight attempts within the
     /// grace period. Whatever is left stays pending in the database.
@@ -142,6 +174,7 @@ pub async fn start(
 ) -> anyhow::Result<RunningSystem> {
     let cipher = secret_cipher(config)?;
     let (queue, memory_queue) = open_queue(config, roles).await?;
+    let role_failed = CancellationToken::new();
 
     let api = match (roles.api, listener) {
         (false, _) => None,
@@ -169,14 +202,16 @@ pub async fn start(
 
     let ingester = roles.ingester.then(|| {
         let token = CancellationToken::new();
-        let handle = tokio::spawn(Ingester::new(db.clone(), queue.clone()).run(token.clone()));
+        let ingesting = Ingester::new(db.clone(), queue.clone()).run(token.clone());
+        let handle = spawn_role("ingester", ingesting, token.clone(), role_failed.clone());
         (token, handle)
     });
 
     let (worker, reconciler) = if roles.worker {
         let worker = Worker::new(config, db.clone(), queue.clone(), cipher)?;
         let token = CancellationToken::new();
-        let handle = tokio::spawn(worker.run(token.clone(), config.shutdown_grace));
+        let working = worker.run(token.clone(), config.shutdown_grace);
+        let handle = spawn_role("worker", working, token.clone(), role_failed.clone());
         let reconciler_token = CancellationToken::new();
         // The in-process queue starts empty, so every pending delivery is
         // re-enqueued at start: stopping the process loses nothing. A broker
@@ -201,6 +236,7 @@ pub async fn start(
         ingester,
         worker,
         reconciler,
+        role_failed,
     })
 }
 
@@ -301,10 +337,15 @@ pub async fn run_until_signal(system: RunningSystem) -> anyhow::Result<()> {
         #[cfg(not(unix))]
         std::future::pending::<()>().await;
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
+    let role_failed = tokio::select! {
+        _ = tokio::signal::ctrl_c() => false,
+        () = terminate => false,
+        () = system.role_failed() => true,
+    };
     tracing::info!("stopping");
-    system.stop().await
+    let stopped = system.stop().await;
+    if role_failed {
+        anyhow::bail!("a role failed (see the log above); stopped the rest");
+    }
+    stopped
 }

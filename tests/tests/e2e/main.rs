@@ -1,6 +1,7 @@
 //! End-to-end tests of Aegis Webhooks: the real system over HTTP, real receivers
 //! on loopback, and both databases (SQLite, and the machine's PostgreSQL).
 
+mod api;
 mod bad_input;
 mod pipeline;
 mod rabbitmq;

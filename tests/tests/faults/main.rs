@@ -157,10 +157,13 @@ impl Cluster {
         loop {
             let (distinct, total) = self.tally();
             if distinct >= expected {
-                eprintln!(
-                    "[{scenario}] {distinct} distinct deliveries of {expected} expected, {} duplicates",
+                // Straight to stderr, past the test harness's capture: the
+                // duplicate count belongs in every run's log.
+                let report = format!(
+                    "[{scenario}] {distinct} distinct deliveries of {expected} expected, {} duplicates\n",
                     total - distinct
                 );
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), report.as_bytes());
                 assert_eq!(distinct, expected, "no delivery that was never fanned out");
                 return;
             }
@@ -194,7 +197,8 @@ impl Cluster {
 struct Running {
     cluster: Cluster,
     api: RoleProcess,
-    /// Kept so the process lives as long as the test.
+    /// Bind it (not `..`) so the process lives as long as the test: an
+    /// unbound field is dropped, and a dropped `RoleProcess` is killed.
     _ingester: RoleProcess,
     workers: Vec<RoleProcess>,
 }
@@ -223,7 +227,7 @@ async fn separate_processes_deliver_every_fanned_out_event() {
         cluster,
         api,
         workers: _workers,
-        ..
+        _ingester,
     }) = Running::start(Duration::ZERO).await
     else {
         return;
@@ -242,7 +246,7 @@ async fn a_worker_killed_mid_run_loses_nothing() {
         cluster,
         api,
         mut workers,
-        ..
+        _ingester,
     }) = Running::start(Duration::ZERO).await
     else {
         return;
@@ -277,7 +281,7 @@ async fn a_broker_restart_mid_run_loses_nothing() {
         cluster,
         api,
         workers: _workers,
-        ..
+        _ingester,
     }) = Running::start(Duration::ZERO).await
     else {
         return;
@@ -332,7 +336,7 @@ async fn sigterm_on_a_busy_worker_finishes_or_hands_back_its_work_and_exits_zero
         cluster,
         api,
         mut workers,
-        ..
+        _ingester,
     }) = Running::start(Duration::from_millis(200)).await
     else {
         return;

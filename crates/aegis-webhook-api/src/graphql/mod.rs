@@ -5,16 +5,21 @@ mod types;
 
 use std::collections::BTreeSet;
 
-use aegis_webhook_core::db::{tenants, webhooks};
-use aegis_webhook_core::event::EventType;
+use aegis_webhook_core::db::{deliveries, events, tenants, webhooks};
+use aegis_webhook_core::event::{EventData, EventType, ValidatedEvent};
+use aegis_webhook_core::queue::DeliveryTask;
 use aegis_webhook_core::secret::SigningSecret;
 use aegis_webhook_core::target::WebhookUrl;
 use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, EmptySubscription, ID, Object, Schema};
+use sea_orm::TransactionTrait as _;
 use uuid::Uuid;
 
 pub use error::{ApiError, ApiResult};
-pub use types::{EventTypeInfo, Tenant, Webhook, WebhookEvent, WebhookInput};
+pub use types::{
+    Delivery, DeliveryAttempt, DeliveryFilter, DeliveryStatus, EventTypeInfo, Tenant, Webhook, WebhookEvent,
+    WebhookInput, WebhookUpdateInput,
+};
 
 use crate::AppState;
 
@@ -50,6 +55,44 @@ fn caller(ctx: &Context<'_>) -> ApiResult<Caller> {
 
 fn state<'a>(ctx: &Context<'a>) -> &'a AppState {
     ctx.data_unchecked::<AppState>()
+}
+
+/// A page of a list fetched with one row more than `first`, which tells whether
+/// another page follows; cursors are the rows' ids.
+fn connection<R, T: async_graphql::OutputType>(
+    mut rows: Vec<R>,
+    first: usize,
+    has_previous: bool,
+    id: impl Fn(&R) -> Uuid,
+    convert: impl Fn(R) -> T,
+) -> Connection<String, T, EmptyFields, EmptyFields> {
+    let has_next = rows.len() > first;
+    rows.truncate(first);
+    let mut connection = Connection::new(has_previous, has_next);
+    connection.edges.extend(
+        rows.into_iter()
+            .map(|row| Edge::new(id(&row).to_string(), convert(row))),
+    );
+    connection
+}
+
+fn page_size(first: Option<i32>) -> ApiResult<usize> {
+    match first {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE as i32).contains(&n) => Ok(n as usize),
+        Some(_) => Err(ApiError::bad_input(
+            "first",
+            format!("first: must be between 1 and {MAX_PAGE}"),
+        )),
+    }
+}
+
+fn parse_cursor(after: Option<String>) -> ApiResult<Option<Uuid>> {
+    after
+        .map(|cursor| {
+            Uuid::parse_str(&cursor).map_err(|_| ApiError::bad_input("after", "after: not a cursor of this list"))
+        })
+        .transpose()
 }
 
 fn parse_id(field: &'static str, id: &ID) -> ApiResult<Uuid> {
@@ -92,30 +135,64 @@ impl QueryRoot {
         #[graphql(desc = "The `endCursor` of the previous page.")] after: Option<String>,
     ) -> async_graphql::Result<Connection<String, Webhook, EmptyFields, EmptyFields>> {
         let caller = caller(ctx)?;
-        let first = match first {
-            None => DEFAULT_PAGE,
-            Some(n) if (1..=MAX_PAGE as i32).contains(&n) => n as usize,
-            Some(_) => {
-                return Err(ApiError::bad_input("first", format!("first: must be between 1 and {MAX_PAGE}")).into());
-            }
-        };
-        let after = after
-            .map(|cursor| {
-                Uuid::parse_str(&cursor).map_err(|_| ApiError::bad_input("after", "after: not a cursor of this list"))
-            })
-            .transpose()?;
+        let first = page_size(first)?;
+        let after = parse_cursor(after)?;
         let state = state(ctx);
-        let mut page = webhooks::list_webhooks(&state.db, &state.cipher, caller.tenant_id, after, first as u64)
+        let page = webhooks::list_webhooks(&state.db, &state.cipher, caller.tenant_id, after, first as u64)
             .await
             .map_err(|error| ApiError::from_store(error, "webhook"))?;
-        let has_next = page.len() > first;
-        page.truncate(first);
-        let mut connection = Connection::new(after.is_some(), has_next);
-        connection.edges.extend(
-            page.into_iter()
-                .map(|webhook| Edge::new(webhook.id.to_string(), Webhook::from(webhook))),
-        );
-        Ok(connection)
+        Ok(connection(
+            page,
+            first,
+            after.is_some(),
+            |webhook| webhook.id,
+            Webhook::from,
+        ))
+    }
+
+    /// One delivery of the caller's tenant, with its attempts.
+    async fn delivery(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Delivery> {
+        let caller = caller(ctx)?;
+        let id = parse_id("id", &id)?;
+        let delivery = deliveries::delivery_of_tenant(&state(ctx).db, caller.tenant_id, id)
+            .await
+            .map_err(|error| ApiError::from_store(error, "delivery"))?;
+        Ok(delivery.into())
+    }
+
+    /// The delivery log, newest first, a page at a time.
+    async fn deliveries(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<DeliveryFilter>,
+        #[graphql(desc = "Page size, 1 to 100; default 50.")] first: Option<i32>,
+        #[graphql(desc = "The `endCursor` of the previous page.")] after: Option<String>,
+    ) -> async_graphql::Result<Connection<String, Delivery, EmptyFields, EmptyFields>> {
+        let caller = caller(ctx)?;
+        let first = page_size(first)?;
+        let after = parse_cursor(after)?;
+        let filter = filter.unwrap_or_default();
+        let filter = deliveries::DeliveryFilter {
+            webhook_id: filter
+                .webhook_id
+                .as_ref()
+                .map(|id| parse_id("filter.webhookId", id))
+                .transpose()?,
+            status: filter.status.map(Into::into),
+            event_type: filter.event.map(Into::into),
+            created_after: filter.since,
+            created_before: filter.until,
+        };
+        let page = deliveries::list_deliveries(&state(ctx).db, caller.tenant_id, &filter, after, first as u64)
+            .await
+            .map_err(|error| ApiError::from_store(error, "delivery"))?;
+        Ok(connection(
+            page,
+            first,
+            after.is_some(),
+            |delivery| delivery.id,
+            Delivery::from,
+        ))
     }
 
     /// Every event type, with what it means.
@@ -146,11 +223,160 @@ impl MutationRoot {
         tracing::info!(webhook_id = %webhook.id, tenant_id = %caller.tenant_id, "webhook created");
         Ok(webhook.into())
     }
+
+    /// Changes a webhook; omitted fields stay as they are.
+    async fn update_webhook(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        input: WebhookUpdateInput,
+    ) -> async_graphql::Result<Webhook> {
+        let caller = caller(ctx)?;
+        let id = parse_id("id", &id)?;
+        let state = state(ctx);
+        let changes = validate_changes(state, input)?;
+        let webhook = webhooks::update_webhook(&state.db, &state.cipher, caller.tenant_id, id, changes)
+            .await
+            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+        Ok(webhook.into())
+    }
+
+    /// Deletes a webhook and its delivery log; returns its id.
+    async fn delete_webhook(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<ID> {
+        let caller = caller(ctx)?;
+        let uuid = parse_id("id", &id)?;
+        webhooks::delete_webhook(&state(ctx).db, caller.tenant_id, uuid)
+            .await
+            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+        Ok(id)
+    }
+
+    /// Pauses or resumes a webhook. Resuming clears `disabledReason`.
+    async fn set_webhook_active(&self, ctx: &Context<'_>, id: ID, active: bool) -> async_graphql::Result<Webhook> {
+        let caller = caller(ctx)?;
+        let id = parse_id("id", &id)?;
+        let state = state(ctx);
+        let webhook = webhooks::set_webhook_active(&state.db, &state.cipher, caller.tenant_id, id, active)
+            .await
+            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+        Ok(webhook.into())
+    }
+
+    /// Sends a `WEBHOOK_TEST` event to the webhook now; returns its delivery.
+    async fn test_webhook(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Delivery> {
+        let caller = caller(ctx)?;
+        let id = parse_id("id", &id)?;
+        let state = state(ctx);
+        let webhook = webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, id)
+            .await
+            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+        let event = ValidatedEvent {
+            id: Uuid::now_v7(),
+            tenant_id: caller.tenant_id,
+            event_type: EventType::WebhookTest,
+            timestamp: chrono::Utc::now(),
+            data: EventData::WebhookTest(aegis_webhook_core::event::WebhookTest {
+                webhook_id: webhook.id,
+                message: "This is a test event from Aegis Webhooks.".to_owned(),
+            }),
+        };
+        let delivery_id = async {
+            let transaction = state.db.begin().await?;
+            let event_row = events::insert_event(&transaction, &event)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("a fresh test event id collided"))?;
+            let new = deliveries::NewDelivery {
+                webhook_id: webhook.id,
+                event_type: EventType::WebhookTest,
+            };
+            let ids = deliveries::insert_pending(&transaction, caller.tenant_id, event_row, &[new], chrono::Utc::now())
+                .await?;
+            transaction.commit().await?;
+            Ok::<_, anyhow::Error>(ids[0])
+        }
+        .await
+        .map_err(ApiError::Internal)?;
+        // Stored first; if publishing fails the reconciler sends it.
+        if let Err(error) = state
+            .queue
+            .publish_task(DeliveryTask::new(delivery_id, 1), std::time::Duration::ZERO)
+            .await
+        {
+            tracing::warn!(error = %error, "test delivery stored but not published; the reconciler will send it");
+        }
+        delivery_of(state, caller, delivery_id).await
+    }
+
+    /// Sends a finished delivery once more (same `X-Aegis-Delivery`, next
+    /// attempt number). A delivery still pending is returned as it is.
+    async fn redeliver(&self, ctx: &Context<'_>, delivery_id: ID) -> async_graphql::Result<Delivery> {
+        let caller = caller(ctx)?;
+        let id = parse_id("deliveryId", &delivery_id)?;
+        let state = state(ctx);
+        deliveries::delivery_of_tenant(&state.db, caller.tenant_id, id)
+            .await
+            .map_err(|error| ApiError::from_store(error, "delivery"))?;
+        reopen_and_publish(state, id).await?;
+        delivery_of(state, caller, id).await
+    }
+
+    /// Redelivers every failed delivery of a webhook created since `since`;
+    /// returns how many.
+    async fn replay_dead_letters(
+        &self,
+        ctx: &Context<'_>,
+        webhook_id: ID,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> async_graphql::Result<i32> {
+        let caller = caller(ctx)?;
+        let webhook_id = parse_id("webhookId", &webhook_id)?;
+        let state = state(ctx);
+        webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, webhook_id)
+            .await
+            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+        let failed = deliveries::failed_since(&state.db, webhook_id, since)
+            .await
+            .map_err(|error| ApiError::from_store(error, "delivery"))?;
+        let mut replayed = 0;
+        for id in failed {
+            if reopen_and_publish(state, id).await? {
+                replayed += 1;
+            }
+        }
+        Ok(replayed)
+    }
 }
 
-fn validate_input(state: &AppState, input: WebhookInput) -> ApiResult<webhooks::NewWebhook> {
-    let url = WebhookUrl::parse(&input.url, &state.policy).map_err(|error| ApiError::bad_input("url", error))?;
-    let events: BTreeSet<EventType> = input.events.into_iter().map(EventType::from).collect();
+async fn delivery_of(state: &AppState, caller: Caller, id: Uuid) -> async_graphql::Result<Delivery> {
+    let delivery = deliveries::delivery_of_tenant(&state.db, caller.tenant_id, id)
+        .await
+        .map_err(|error| ApiError::from_store(error, "delivery"))?;
+    Ok(delivery.into())
+}
+
+/// Reopens a finished delivery and publishes its next attempt; false when it
+/// was still pending.
+async fn reopen_and_publish(state: &AppState, id: Uuid) -> ApiResult<bool> {
+    let next = deliveries::reopen(&state.db, id, chrono::Utc::now())
+        .await
+        .map_err(|error| ApiError::from_store(error, "delivery"))?;
+    let Some(attempt) = next else { return Ok(false) };
+    if let Err(error) = state
+        .queue
+        .publish_task(DeliveryTask::new(id, attempt), std::time::Duration::ZERO)
+        .await
+    {
+        tracing::warn!(error = %error, "redelivery stored but not published; the reconciler will send it");
+    }
+    Ok(true)
+}
+
+fn validate_url(state: &AppState, url: &str) -> ApiResult<WebhookUrl> {
+    WebhookUrl::parse(url, &state.policy).map_err(|error| ApiError::bad_input("url", error))
+}
+
+fn validate_events(events: Vec<WebhookEvent>) -> ApiResult<Vec<EventType>> {
+    let events: BTreeSet<EventType> = events.into_iter().map(EventType::from).collect();
     if events.is_empty() {
         return Err(ApiError::bad_input(
             "events",
@@ -163,37 +389,72 @@ fn validate_input(state: &AppState, input: WebhookInput) -> ApiResult<webhooks::
             format!("events: {unsubscribable} is sent by testWebhook to any webhook and cannot be subscribed to"),
         ));
     }
+    Ok(events.into_iter().collect())
+}
+
+/// Trimmed; empty means none.
+fn validate_description(description: String) -> ApiResult<Option<String>> {
+    let description = description.trim().to_owned();
+    if description.chars().count() > MAX_DESCRIPTION_CHARS {
+        return Err(ApiError::bad_input(
+            "description",
+            format!("description: must be at most {MAX_DESCRIPTION_CHARS} characters"),
+        ));
+    }
+    Ok((!description.is_empty()).then_some(description))
+}
+
+fn validate_project_ids(ids: &[ID]) -> ApiResult<Vec<Uuid>> {
+    let ids: BTreeSet<Uuid> = ids
+        .iter()
+        .map(|id| parse_id("projectIds", id))
+        .collect::<ApiResult<_>>()?;
+    Ok(ids.into_iter().collect())
+}
+
+fn validate_input(state: &AppState, input: WebhookInput) -> ApiResult<webhooks::NewWebhook> {
     let secret = match input.secret {
         None => SigningSecret::generate(),
         Some(text) => {
             SigningSecret::parse(&text).map_err(|error| ApiError::bad_input("secret", format!("secret: {error}")))?
         }
     };
-    let description = input
-        .description
-        .map(|text| text.trim().to_owned())
-        .filter(|text| !text.is_empty());
-    if description
-        .as_ref()
-        .is_some_and(|text| text.chars().count() > MAX_DESCRIPTION_CHARS)
-    {
-        return Err(ApiError::bad_input(
-            "description",
-            format!("description: must be at most {MAX_DESCRIPTION_CHARS} characters"),
-        ));
-    }
-    let project_ids: BTreeSet<Uuid> = input
-        .project_ids
-        .unwrap_or_default()
-        .iter()
-        .map(|id| parse_id("projectIds", id))
-        .collect::<ApiResult<_>>()?;
     Ok(webhooks::NewWebhook {
-        url,
-        events: events.into_iter().collect(),
-        description,
-        project_ids: project_ids.into_iter().collect(),
+        url: validate_url(state, &input.url)?,
+        events: validate_events(input.events)?,
+        description: input.description.map(validate_description).transpose()?.flatten(),
+        project_ids: validate_project_ids(&input.project_ids.unwrap_or_default())?,
         secret,
         active: input.active.unwrap_or(true),
     })
+}
+
+fn validate_changes(state: &AppState, input: WebhookUpdateInput) -> ApiResult<webhooks::WebhookChanges> {
+    Ok(webhooks::WebhookChanges {
+        url: input.url.as_deref().map(|url| validate_url(state, url)).transpose()?,
+        events: input.events.map(validate_events).transpose()?,
+        description: input.description.map(validate_description).transpose()?,
+        project_ids: input.project_ids.as_deref().map(validate_project_ids).transpose()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The schema file is the API's contract for clients and reviewers: it must
+    /// change with the code, in the same commit. `UPDATE_SCHEMA=1` rewrites it.
+    #[test]
+    fn the_committed_schema_matches_the_code() {
+        let sdl = Schema::build(QueryRoot, MutationRoot, EmptySubscription).finish().sdl();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/schema.graphql");
+        if std::env::var_os("UPDATE_SCHEMA").is_some() {
+            std::fs::write(path, &sdl).expect("write schema.graphql");
+        }
+        let committed = std::fs::read_to_string(path).expect("schema.graphql is committed");
+        assert!(
+            committed == sdl,
+            "schema.graphql differs from the code; run `UPDATE_SCHEMA=1 cargo test -p aegis-webhook-api` and commit it"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! GraphQL types: the API's own shapes, converted from domain values (never the
 //! database entities themselves).
 
+use aegis_webhook_core::db::deliveries;
 use aegis_webhook_core::db::webhooks::Webhook as WebhookRecord;
 use aegis_webhook_core::event::EventType;
 use async_graphql::{Enum, ID, InputObject, SimpleObject};
@@ -100,4 +101,129 @@ impl From<WebhookRecord> for Webhook {
 pub struct EventTypeInfo {
     pub name: WebhookEvent,
     pub description: String,
+}
+
+/// Changes to a webhook: omitted fields stay as they are.
+#[derive(InputObject, Debug)]
+pub struct WebhookUpdateInput {
+    pub url: Option<String>,
+    pub events: Option<Vec<WebhookEvent>>,
+    /// An empty string clears the description.
+    pub description: Option<String>,
+    /// An empty list removes the project filter.
+    pub project_ids: Option<Vec<ID>>,
+}
+
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    /// Waiting for its next attempt.
+    Pending,
+    /// A 2xx answer arrived.
+    Succeeded,
+    /// Every attempt failed (or the receiver answered 410); dead-lettered.
+    Failed,
+}
+
+impl From<deliveries::DeliveryStatus> for DeliveryStatus {
+    fn from(status: deliveries::DeliveryStatus) -> Self {
+        match status {
+            deliveries::DeliveryStatus::Pending => DeliveryStatus::Pending,
+            deliveries::DeliveryStatus::Succeeded => DeliveryStatus::Succeeded,
+            deliveries::DeliveryStatus::Failed => DeliveryStatus::Failed,
+        }
+    }
+}
+
+impl From<DeliveryStatus> for deliveries::DeliveryStatus {
+    fn from(status: DeliveryStatus) -> Self {
+        match status {
+            DeliveryStatus::Pending => deliveries::DeliveryStatus::Pending,
+            DeliveryStatus::Succeeded => deliveries::DeliveryStatus::Succeeded,
+            DeliveryStatus::Failed => deliveries::DeliveryStatus::Failed,
+        }
+    }
+}
+
+/// Filters of the delivery log; all optional, combined with AND.
+#[derive(InputObject, Debug, Default)]
+pub struct DeliveryFilter {
+    pub webhook_id: Option<ID>,
+    pub status: Option<DeliveryStatus>,
+    pub event: Option<WebhookEvent>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Created before.
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// One event sent (or to be sent) to one webhook.
+#[derive(SimpleObject, Debug)]
+#[graphql(complex)]
+pub struct Delivery {
+    /// The `X-Aegis-Delivery` header: the same on every attempt.
+    pub id: ID,
+    pub webhook_id: ID,
+    pub event: WebhookEvent,
+    pub status: DeliveryStatus,
+    /// Attempts made so far.
+    pub attempt_count: u32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_status_code: Option<u16>,
+    pub failure_reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<deliveries::Delivery> for Delivery {
+    fn from(delivery: deliveries::Delivery) -> Self {
+        Delivery {
+            id: ID(delivery.id.to_string()),
+            webhook_id: ID(delivery.webhook_id.to_string()),
+            event: delivery.event_type.into(),
+            status: delivery.status.into(),
+            attempt_count: delivery.attempts,
+            next_attempt_at: delivery.next_attempt_at,
+            last_status_code: delivery.last_status_code,
+            failure_reason: delivery.failure_reason,
+            created_at: delivery.created_at,
+        }
+    }
+}
+
+#[async_graphql::ComplexObject]
+impl Delivery {
+    /// Every attempt, oldest first.
+    async fn attempts(&self, ctx: &async_graphql::Context<'_>) -> async_graphql::Result<Vec<DeliveryAttempt>> {
+        let id = uuid::Uuid::parse_str(self.id.as_str())?;
+        let state = ctx.data_unchecked::<crate::AppState>();
+        let attempts = deliveries::attempts_of(&state.db, id)
+            .await
+            .map_err(|error| super::ApiError::from_store(error, "delivery"))?;
+        Ok(attempts.into_iter().map(DeliveryAttempt::from).collect())
+    }
+}
+
+/// One HTTP request of a delivery and what came back.
+#[derive(SimpleObject, Debug)]
+pub struct DeliveryAttempt {
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    /// None when no response arrived (timeout, connection error).
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    /// The start of the response body (at most `AEGIS_MAX_RESPONSE_BODY_BYTES`).
+    pub response_body: Option<String>,
+}
+
+impl From<deliveries::Attempt> for DeliveryAttempt {
+    fn from(attempt: deliveries::Attempt) -> Self {
+        DeliveryAttempt {
+            attempt: attempt.attempt,
+            started_at: attempt.started_at,
+            duration_ms: u64::try_from(attempt.duration.as_millis()).unwrap_or(u64::MAX),
+            status_code: attempt.status_code,
+            error: attempt.error,
+            response_body: attempt.response_body,
+        }
+    }
 }

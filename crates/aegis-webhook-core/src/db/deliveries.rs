@@ -344,3 +344,103 @@ pub async fn attempts_of(db: &impl ConnectionTrait, delivery_id: Uuid) -> Result
         })
         .collect())
 }
+
+/// Filters of the delivery log.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub webhook_id: Option<Uuid>,
+    pub status: Option<DeliveryStatus>,
+    pub event_type: Option<EventType>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+/// One page of the tenant's delivery log, newest first, before the cursor
+/// `before` (a delivery id). Fetches `limit + 1` rows so the caller can tell
+/// whether another page exists.
+pub async fn list_deliveries(
+    db: &impl ConnectionTrait,
+    tenant_id: Uuid,
+    filter: &DeliveryFilter,
+    before: Option<Uuid>,
+    limit: u64,
+) -> Result<Vec<Delivery>, StoreError> {
+    let mut query = delivery::Entity::find().filter(delivery::Column::TenantId.eq(tenant_id));
+    if let Some(webhook_id) = filter.webhook_id {
+        query = query.filter(delivery::Column::WebhookId.eq(webhook_id));
+    }
+    if let Some(status) = filter.status {
+        query = query.filter(delivery::Column::Status.eq(status.as_str()));
+    }
+    if let Some(event_type) = filter.event_type {
+        query = query.filter(delivery::Column::EventType.eq(event_type.as_str()));
+    }
+    if let Some(after) = filter.created_after {
+        query = query.filter(delivery::Column::CreatedAt.gte(after));
+    }
+    if let Some(before) = filter.created_before {
+        query = query.filter(delivery::Column::CreatedAt.lt(before));
+    }
+    if let Some(cursor) = before {
+        // Ids are UUIDv7: their order is creation order.
+        query = query.filter(delivery::Column::Id.lt(cursor));
+    }
+    query
+        .order_by_desc(delivery::Column::Id)
+        .limit(limit + 1)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(Delivery::try_from)
+        .collect()
+}
+
+/// The tenant's delivery `id`; another tenant's is `NotFound`.
+pub async fn delivery_of_tenant(db: &impl ConnectionTrait, tenant_id: Uuid, id: Uuid) -> Result<Delivery, StoreError> {
+    delivery::Entity::find_by_id(id)
+        .filter(delivery::Column::TenantId.eq(tenant_id))
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound)
+        .and_then(Delivery::try_from)
+}
+
+/// Makes a finished delivery pending again, due now, for one more attempt (a
+/// customer's redelivery). Returns the number of that attempt, or `None` when the
+/// delivery is still pending (its own task will make the next attempt).
+pub async fn reopen(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> Result<Option<u32>, StoreError> {
+    let result = delivery::Entity::update_many()
+        .col_expr(delivery::Column::Status, Expr::value(DeliveryStatus::Pending.as_str()))
+        .col_expr(delivery::Column::NextAttemptAt, Expr::value(Some(now)))
+        .col_expr(
+            delivery::Column::LockedUntil,
+            Expr::value(Option::<DateTime<Utc>>::None),
+        )
+        .col_expr(delivery::Column::FailureReason, Expr::value(Option::<String>::None))
+        .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+        .filter(delivery::Column::Id.eq(id))
+        .filter(delivery::Column::Status.ne(DeliveryStatus::Pending.as_str()))
+        .exec(db)
+        .await?;
+    if result.rows_affected == 0 {
+        return Ok(None);
+    }
+    let delivery = delivery_by_id(db, id).await?.ok_or(StoreError::NotFound)?;
+    Ok(Some(delivery.attempts + 1))
+}
+
+/// The ids of a webhook's failed deliveries created at or after `since`.
+pub async fn failed_since(
+    db: &impl ConnectionTrait,
+    webhook_id: Uuid,
+    since: DateTime<Utc>,
+) -> Result<Vec<Uuid>, StoreError> {
+    let rows = delivery::Entity::find()
+        .filter(delivery::Column::WebhookId.eq(webhook_id))
+        .filter(delivery::Column::Status.eq(DeliveryStatus::Failed.as_str()))
+        .filter(delivery::Column::CreatedAt.gte(since))
+        .order_by_asc(delivery::Column::Id)
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().map(|row| row.id).collect())
+}

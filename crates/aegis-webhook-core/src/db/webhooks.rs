@@ -114,6 +114,15 @@ pub async fn create_webhook(
     to_domain(inserted, cipher)
 }
 
+/// The row of the tenant's webhook `id`; another tenant's webhook is `NotFound`.
+async fn row_of_tenant(db: &impl ConnectionTrait, tenant_id: Uuid, id: Uuid) -> Result<webhook::Model, StoreError> {
+    webhook::Entity::find_by_id(id)
+        .filter(webhook::Column::TenantId.eq(tenant_id))
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound)
+}
+
 /// The tenant's webhook `id`; another tenant's webhook is `NotFound`.
 pub async fn webhook_of_tenant(
     db: &impl ConnectionTrait,
@@ -121,12 +130,7 @@ pub async fn webhook_of_tenant(
     tenant_id: Uuid,
     id: Uuid,
 ) -> Result<Webhook, StoreError> {
-    let row = webhook::Entity::find_by_id(id)
-        .filter(webhook::Column::TenantId.eq(tenant_id))
-        .one(db)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-    to_domain(row, cipher)
+    to_domain(row_of_tenant(db, tenant_id, id).await?, cipher)
 }
 
 /// Any tenant's webhook, for the worker, which acts on behalf of the delivery's tenant.
@@ -216,5 +220,84 @@ pub async fn disable_webhook(db: &impl ConnectionTrait, webhook_id: Uuid, reason
         .filter(webhook::Column::Id.eq(webhook_id))
         .exec(db)
         .await?;
+    Ok(())
+}
+
+/// Changes to a webhook; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookChanges {
+    pub url: Option<WebhookUrl>,
+    pub events: Option<Vec<EventType>>,
+    /// `Some(None)` clears the description.
+    pub description: Option<Option<String>>,
+    /// `Some(vec![])` removes the project filter.
+    pub project_ids: Option<Vec<Uuid>>,
+}
+
+/// Applies `changes` to the tenant's webhook `id`.
+pub async fn update_webhook(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    tenant_id: Uuid,
+    id: Uuid,
+    changes: WebhookChanges,
+) -> Result<Webhook, StoreError> {
+    use sea_orm::ActiveModelTrait as _;
+    let mut active: webhook::ActiveModel = row_of_tenant(db, tenant_id, id).await?.into();
+    if let Some(url) = changes.url {
+        active.url = Set(url.as_str().to_owned());
+    }
+    if let Some(events) = changes.events {
+        active.events = Set(join(&events));
+    }
+    if let Some(description) = changes.description {
+        active.description = Set(description);
+    }
+    if let Some(project_ids) = changes.project_ids {
+        active.project_ids = Set((!project_ids.is_empty()).then(|| join(&project_ids)));
+    }
+    active.updated_at = Set(Utc::now());
+    let updated = active.update(db).await?;
+    to_domain(updated, cipher)
+}
+
+/// Turns the tenant's webhook on or off. Turning it on clears the reason it was
+/// disabled for and its streak of failures.
+pub async fn set_webhook_active(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    tenant_id: Uuid,
+    id: Uuid,
+    active: bool,
+) -> Result<Webhook, StoreError> {
+    use sea_orm::sea_query::Expr;
+    let mut update = webhook::Entity::update_many()
+        .col_expr(webhook::Column::Active, Expr::value(active))
+        .col_expr(webhook::Column::UpdatedAt, Expr::value(Utc::now()))
+        .filter(webhook::Column::Id.eq(id))
+        .filter(webhook::Column::TenantId.eq(tenant_id));
+    update = if active {
+        update
+            .col_expr(webhook::Column::DisabledReason, Expr::value(Option::<String>::None))
+            .col_expr(webhook::Column::ConsecutiveFailures, Expr::value(0))
+    } else {
+        update.col_expr(webhook::Column::DisabledReason, Expr::value("disabled through the API"))
+    };
+    if update.exec(db).await?.rows_affected == 0 {
+        return Err(StoreError::NotFound);
+    }
+    webhook_of_tenant(db, cipher, tenant_id, id).await
+}
+
+/// Deletes the tenant's webhook and, with it, its deliveries.
+pub async fn delete_webhook(db: &impl ConnectionTrait, tenant_id: Uuid, id: Uuid) -> Result<(), StoreError> {
+    let result = webhook::Entity::delete_many()
+        .filter(webhook::Column::Id.eq(id))
+        .filter(webhook::Column::TenantId.eq(tenant_id))
+        .exec(db)
+        .await?;
+    if result.rows_affected == 0 {
+        return Err(StoreError::NotFound);
+    }
     Ok(())
 }

@@ -1,0 +1,249 @@
+//! The GraphQL operations around a webhook's life: the delivery log, updates,
+//! pausing, test events, redelivery, replaying dead letters and deletion, each
+//! kept within the caller's tenant.
+
+use std::time::Duration;
+
+use aegis_webhook_core::db::tenants;
+use serde_json::{Value, json};
+
+use crate::on_both_backends;
+use crate::support::{Backend, Receiver, TestApp, envelope, eventually, seed_poam_overdue_data};
+
+on_both_backends!(the_delivery_log_shows_attempts_and_redelivery_and_replay_send_again);
+
+const DELIVERIES: &str = r#"query($filter: DeliveryFilter) {
+  deliveries(filter: $filter, first: 10) {
+    edges { node { id event status attemptCount failureReason attempts { attempt statusCode responseBody durationMs } } }
+    pageInfo { hasNextPage }
+  }
+}"#;
+
+async fn deliveries(app: &TestApp, filter: Value) -> Vec<Value> {
+    let answer = app.graphql(DELIVERIES, json!({ "filter": filter })).await;
+    assert!(answer["errors"].is_null(), "{answer}");
+    answer["data"]["deliveries"]["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|edge| edge["node"].clone())
+        .collect()
+}
+
+/// Waits until the webhook's newest delivery has `status` with `attempts` attempts.
+async fn settled(app: &TestApp, webhook_id: &Value, status: &str, attempts: u64) -> Value {
+    eventually(Duration::from_secs(10), "the delivery to settle", || async {
+        let log = deliveries(app, json!({ "webhookId": webhook_id })).await;
+        log.into_iter()
+            .next()
+            .filter(|delivery| delivery["status"] == status && delivery["attemptCount"] == attempts)
+    })
+    .await
+}
+
+async fn the_delivery_log_shows_attempts_and_redelivery_and_replay_send_again(backend: Backend) {
+    let Some(app) = TestApp::spawn_with(backend, |config| {
+        config.retry_schedule = "0s,100ms".parse().expect("schedule");
+    })
+    .await
+    else {
+        return;
+    };
+    let receiver = Receiver::start(&[500, 500], 200).await;
+    let created = app.create_webhook(&receiver.url(), &["POAM_OVERDUE"], None).await;
+    let webhook_id = &created["id"];
+    let (status, _) = app
+        .post_event(&envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()))
+        .await;
+    assert_eq!(status, 202);
+
+    // Two attempts, both 500: the (test) schedule is spent.
+    let failed = settled(&app, webhook_id, "FAILED", 2).await;
+    assert_eq!(failed["event"], "POAM_OVERDUE");
+    assert_eq!(failed["failureReason"], "all 2 attempts failed");
+    let codes: Vec<&Value> = failed["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .map(|a| &a["statusCode"])
+        .collect();
+    assert_eq!(codes, [&json!(500), &json!(500)]);
+    assert_eq!(failed["attempts"][0]["responseBody"], "received");
+    let failed_only = deliveries(&app, json!({ "status": "FAILED", "event": "POAM_OVERDUE" })).await;
+    assert_eq!(failed_only.len(), 1);
+    assert!(deliveries(&app, json!({ "status": "SUCCEEDED" })).await.is_empty());
+
+    // Replaying the dead letters sends it once more, with the same delivery id.
+    let answer = app
+        .graphql(
+            "mutation($id: ID!, $since: DateTime!) { replayDeadLetters(webhookId: $id, since: $since) }",
+            json!({ "id": webhook_id, "since": "2020-01-01T00:00:00Z" }),
+        )
+        .await;
+    assert_eq!(answer["data"]["replayDeadLetters"], 1, "{answer}");
+    let succeeded = settled(&app, webhook_id, "SUCCEEDED", 3).await;
+    let received = receiver.wait_for(3, Duration::from_secs(5)).await;
+    assert_eq!(
+        received[2].header("x-aegis-delivery"),
+        failed["id"].as_str().expect("id")
+    );
+    assert_eq!(received[2].header("x-aegis-attempt"), "3");
+
+    // Redelivering a succeeded delivery sends it again too.
+    let answer = app
+        .graphql(
+            "mutation($id: ID!) { redeliver(deliveryId: $id) { id status } }",
+            json!({ "id": succeeded["id"] }),
+        )
+        .await;
+    assert_eq!(answer["data"]["redeliver"]["id"], succeeded["id"], "{answer}");
+    settled(&app, webhook_id, "SUCCEEDED", 4).await;
+    assert_eq!(
+        receiver.wait_for(4, Duration::from_secs(5)).await[3].header("x-aegis-attempt"),
+        "4"
+    );
+
+    // A test event arrives in its documented shape.
+    let answer = app
+        .graphql(
+            "mutation($id: ID!) { testWebhook(id: $id) { id event } }",
+            json!({ "id": webhook_id }),
+        )
+        .await;
+    assert_eq!(answer["data"]["testWebhook"]["event"], "WEBHOOK_TEST", "{answer}");
+    let received = receiver.wait_for(5, Duration::from_secs(5)).await;
+    let body: Value = serde_json::from_slice(&received[4].body).expect("JSON");
+    assert_eq!(body["event"], "WEBHOOK_TEST");
+    assert_eq!(body["data"]["webhookId"], *webhook_id);
+    assert_eq!(received[4].header("x-aegis-event"), "WEBHOOK_TEST");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_can_be_updated_paused_resumed_and_deleted() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let first = Receiver::start(&[], 200).await;
+    let second = Receiver::start(&[], 200).await;
+    let created = app.create_webhook(&first.url(), &["EVIDENCE_COMPLETED"], None).await;
+    let id = &created["id"];
+
+    let update = "mutation($id: ID!, $input: WebhookUpdateInput!) { updateWebhook(id: $id, input: $input) { url events description active } }";
+    let answer = app
+        .graphql(update, json!({ "id": id, "input": { "url": second.url(), "events": ["POAM_OVERDUE"], "description": "SOC pager" } }))
+        .await;
+    assert_eq!(
+        answer["data"]["updateWebhook"],
+        json!({ "url": second.url(), "events": ["POAM_OVERDUE"], "description": "SOC pager", "active": true })
+    );
+    let answer = app
+        .graphql(update, json!({ "id": id, "input": { "url": "ftp://nope" } }))
+        .await;
+    assert_eq!(answer["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "{answer}");
+    let answer = app
+        .graphql(update, json!({ "id": id, "input": { "events": [] } }))
+        .await;
+    assert_eq!(answer["errors"][0]["extensions"]["field"], "events", "{answer}");
+
+    // Paused: events are not delivered to it. Resumed: they are again.
+    let pause = "mutation($id: ID!, $active: Boolean!) { setWebhookActive(id: $id, active: $active) { active disabledReason } }";
+    let answer = app.graphql(pause, json!({ "id": id, "active": false })).await;
+    assert_eq!(answer["data"]["setWebhookActive"]["active"], false, "{answer}");
+    let event = envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
+    assert_eq!(app.post_event(&event).await.0, 202);
+    let answer = app.graphql(pause, json!({ "id": id, "active": true })).await;
+    assert_eq!(
+        answer["data"]["setWebhookActive"],
+        json!({ "active": true, "disabledReason": null })
+    );
+    assert_eq!(app.post_event(&event).await.0, 202);
+    second.wait_for(1, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(second.received().len(), 1, "nothing was delivered while paused");
+    assert!(first.received().is_empty(), "the old URL gets nothing");
+
+    let answer = app
+        .graphql("mutation($id: ID!) { deleteWebhook(id: $id) }", json!({ "id": id }))
+        .await;
+    assert_eq!(answer["data"]["deleteWebhook"], *id, "{answer}");
+    let answer = app
+        .graphql("query($id: ID!) { webhook(id: $id) { id } }", json!({ "id": id }))
+        .await;
+    assert_eq!(answer["errors"][0]["extensions"]["code"], "NOT_FOUND");
+    assert_eq!(app.count("deliveries").await, 0, "its delivery log went with it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_ids_are_not_found_and_nothing_changes() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let receiver = Receiver::start(&[], 200).await;
+    let created = app.create_webhook(&receiver.url(), &["POAM_OVERDUE"], None).await;
+    let id = created["id"].clone();
+    assert_eq!(
+        app.post_event(&envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()))
+            .await
+            .0,
+        202
+    );
+    receiver.wait_for(1, Duration::from_secs(5)).await;
+    let delivery_id = eventually(Duration::from_secs(5), "the delivery to succeed", || async {
+        let log = deliveries(&app, json!({})).await;
+        log.first()
+            .filter(|d| d["status"] == "SUCCEEDED")
+            .map(|d| d["id"].clone())
+    })
+    .await;
+
+    let other = tenants::ensure_tenant(app.db(), "intruder").await.expect("tenant");
+    let key = tenants::generate_api_key();
+    tenants::add_api_key(app.db(), other.id, &key).await.expect("key");
+    let operations = [
+        ("query($id: ID!) { webhook(id: $id) { id } }", json!({ "id": id })),
+        (
+            "query($id: ID!) { delivery(id: $id) { id } }",
+            json!({ "id": delivery_id }),
+        ),
+        (
+            "mutation($id: ID!) { updateWebhook(id: $id, input: { url: \"https://example.com/x\" }) { id } }",
+            json!({ "id": id }),
+        ),
+        (
+            "mutation($id: ID!) { setWebhookActive(id: $id, active: false) { id } }",
+            json!({ "id": id }),
+        ),
+        (
+            "mutation($id: ID!) { testWebhook(id: $id) { id } }",
+            json!({ "id": id }),
+        ),
+        (
+            "mutation($id: ID!) { redeliver(deliveryId: $id) { id } }",
+            json!({ "id": delivery_id }),
+        ),
+        (
+            "mutation($id: ID!) { replayDeadLetters(webhookId: $id, since: \"2020-01-01T00:00:00Z\") }",
+            json!({ "id": id }),
+        ),
+        ("mutation($id: ID!) { deleteWebhook(id: $id) }", json!({ "id": id })),
+    ];
+    for (operation, variables) in operations {
+        let (_, answer) = app.graphql_as(Some(&key), operation, variables).await;
+        assert_eq!(
+            answer["errors"][0]["extensions"]["code"], "NOT_FOUND",
+            "{operation}: {answer}"
+        );
+    }
+    let (_, answer) = app.graphql_as(Some(&key), DELIVERIES, json!({ "filter": null })).await;
+    assert_eq!(answer["data"]["deliveries"]["edges"], json!([]));
+
+    // The owner's webhook is untouched and received nothing more.
+    let answer = app
+        .graphql(
+            "query($id: ID!) { webhook(id: $id) { url active } }",
+            json!({ "id": id }),
+        )
+        .await;
+    assert_eq!(
+        answer["data"]["webhook"],
+        json!({ "url": receiver.url(), "active": true })
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(receiver.received().len(), 1);
+}
