@@ -34,6 +34,8 @@ pub struct AppState {
     /// `None` disables the intake.
     pub ingest_token: Option<Sensitive>,
     pub max_event_bytes: usize,
+    /// How long a rotated-out secret keeps signing.
+    pub secret_rotation_grace: std::time::Duration,
 }
 
 impl std::fmt::Debug for AppState {

@@ -115,7 +115,8 @@ impl Worker {
             .context("the event of a delivery vanished")?;
 
         let body = delivered_body(delivery.event_type, &event.timestamp, &event.data);
-        let headers = self.headers(&delivery, &webhook.secret, attempt, &body);
+        let previous_secret = webhook.previous_secret_at(Utc::now());
+        let headers = self.headers(&delivery, &webhook.secret, previous_secret, attempt, &body);
         let started_at = Utc::now();
         let result = http::post(
             &self.client,
@@ -232,6 +233,7 @@ impl Worker {
         &self,
         delivery: &deliveries::Delivery,
         secret: &aegis_webhook_core::secret::SigningSecret,
+        previous_secret: Option<&aegis_webhook_core::secret::SigningSecret>,
         attempt: u32,
         body: &str,
     ) -> HeaderMap {
@@ -244,10 +246,22 @@ impl Worker {
             ("x-aegis-attempt", attempt.to_string()),
             ("webhook-id", delivery_id.clone()),
             ("webhook-timestamp", timestamp.to_string()),
-            (
-                "webhook-signature",
-                signing::standard_webhooks_signature(secret, &delivery_id, timestamp, body.as_bytes()),
-            ),
+            ("webhook-signature", {
+                // During a rotation's grace period receivers may still hold the
+                // old secret: the header carries one signature per secret.
+                let mut signatures =
+                    signing::standard_webhooks_signature(secret, &delivery_id, timestamp, body.as_bytes());
+                if let Some(previous) = previous_secret {
+                    signatures.push(' ');
+                    signatures.push_str(&signing::standard_webhooks_signature(
+                        previous,
+                        &delivery_id,
+                        timestamp,
+                        body.as_bytes(),
+                    ));
+                }
+                signatures
+            }),
         ];
         let mut headers = HeaderMap::with_capacity(pairs.len() + 1);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

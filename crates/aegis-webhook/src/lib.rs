@@ -187,6 +187,7 @@ pub async fn start(
                 policy: Arc::new(config.target_policy()),
                 ingest_token: config.ingest_token.clone(),
                 max_event_bytes: config.max_event_bytes,
+                secret_rotation_grace: config.secret_rotation_grace,
             };
             let addr = listener.local_addr().context("failed to read the listener's address")?;
             let token = CancellationToken::new();

@@ -247,3 +247,53 @@ async fn another_tenants_ids_are_not_found_and_nothing_changes() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(receiver.received().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_signs_beside_the_new_one_during_its_grace_period() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let receiver = Receiver::start(&[], 200).await;
+    let created = app
+        .create_webhook(&receiver.url(), &["POAM_OVERDUE"], Some("the-old-secret-value"))
+        .await;
+    let answer = app
+        .graphql(
+            "mutation($id: ID!) { rotateWebhookSecret(id: $id, secret: \"the-new-secret-value\") { secret } }",
+            json!({ "id": created["id"] }),
+        )
+        .await;
+    assert_eq!(
+        answer["data"]["rotateWebhookSecret"]["secret"], "the-new-secret-value",
+        "{answer}"
+    );
+    let answer = app
+        .graphql(
+            "mutation($id: ID!) { rotateWebhookSecret(id: $id, secret: \"short\") { secret } }",
+            json!({ "id": created["id"] }),
+        )
+        .await;
+    assert_eq!(answer["errors"][0]["extensions"]["field"], "secret", "{answer}");
+
+    assert_eq!(
+        app.post_event(&envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()))
+            .await
+            .0,
+        202
+    );
+    let request = &receiver.wait_for(1, Duration::from_secs(5)).await[0];
+    // X-Aegis-Signature (and the first Standard Webhooks signature) use the new secret.
+    crate::signature::assert_signed(request, "the-new-secret-value");
+    let old = aegis_webhook_core::secret::SigningSecret::parse("the-old-secret-value").expect("secret");
+    let timestamp: i64 = request.header("webhook-timestamp").parse().expect("seconds");
+    let old_signature = aegis_webhook_core::signing::standard_webhooks_signature(
+        &old,
+        request.header("webhook-id"),
+        timestamp,
+        &request.body,
+    );
+    let signatures: Vec<&str> = request.header("webhook-signature").split(' ').collect();
+    assert_eq!(signatures.len(), 2, "{signatures:?}");
+    assert_eq!(
+        signatures[1], old_signature,
+        "the old secret still signs during the grace period"
+    );
+}

@@ -251,6 +251,35 @@ impl MutationRoot {
         Ok(id)
     }
 
+    /// Replaces the signing secret (generated when omitted) and returns the
+    /// webhook with it. `X-Aegis-Signature` uses the new secret at once; the old
+    /// one keeps signing `webhook-signature`, beside the new, for a grace period
+    /// (`AEGIS_SECRET_ROTATION_GRACE`, default 24 h), so receivers can switch.
+    async fn rotate_webhook_secret(
+        &self,
+        ctx: &Context<'_>,
+        id: ID,
+        secret: Option<String>,
+    ) -> async_graphql::Result<Webhook> {
+        let caller = caller(ctx)?;
+        let id = parse_id("id", &id)?;
+        let state = state(ctx);
+        let secret = parse_secret(secret)?;
+        let grace = chrono::Duration::from_std(state.secret_rotation_grace).unwrap_or(chrono::Duration::zero());
+        let webhook = webhooks::rotate_secret(
+            &state.db,
+            &state.cipher,
+            caller.tenant_id,
+            id,
+            &secret,
+            chrono::Utc::now() + grace,
+        )
+        .await
+        .map_err(|error| ApiError::from_store(error, "webhook"))?;
+        tracing::info!(webhook_id = %webhook.id, "webhook secret rotated");
+        Ok(webhook.into())
+    }
+
     /// Pauses or resumes a webhook. Resuming clears `disabledReason`.
     async fn set_webhook_active(&self, ctx: &Context<'_>, id: ID, active: bool) -> async_graphql::Result<Webhook> {
         let caller = caller(ctx)?;
@@ -412,13 +441,18 @@ fn validate_project_ids(ids: &[ID]) -> ApiResult<Vec<Uuid>> {
     Ok(ids.into_iter().collect())
 }
 
-fn validate_input(state: &AppState, input: WebhookInput) -> ApiResult<webhooks::NewWebhook> {
-    let secret = match input.secret {
-        None => SigningSecret::generate(),
+/// A given secret, checked, or a generated one.
+fn parse_secret(secret: Option<String>) -> ApiResult<SigningSecret> {
+    match secret {
+        None => Ok(SigningSecret::generate()),
         Some(text) => {
-            SigningSecret::parse(&text).map_err(|error| ApiError::bad_input("secret", format!("secret: {error}")))?
+            SigningSecret::parse(&text).map_err(|error| ApiError::bad_input("secret", format!("secret: {error}")))
         }
-    };
+    }
+}
+
+fn validate_input(state: &AppState, input: WebhookInput) -> ApiResult<webhooks::NewWebhook> {
+    let secret = parse_secret(input.secret)?;
     Ok(webhooks::NewWebhook {
         url: validate_url(state, &input.url)?,
         events: validate_events(input.events)?,

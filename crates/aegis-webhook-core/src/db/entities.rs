@@ -59,6 +59,8 @@ pub mod webhook {
         pub consecutive_failures: i32,
         pub created_at: DateTimeUtc,
         pub updated_at: DateTimeUtc,
+        pub previous_secret_sealed: Option<String>,
+        pub previous_secret_expires_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

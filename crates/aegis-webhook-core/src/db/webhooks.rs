@@ -20,10 +20,22 @@ pub struct Webhook {
     pub description: Option<String>,
     pub project_ids: Vec<Uuid>,
     pub secret: SigningSecret,
+    /// The secret before the last rotation, while its grace period lasts.
+    pub previous_secret: Option<(SigningSecret, DateTime<Utc>)>,
     pub active: bool,
     pub disabled_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl Webhook {
+    /// The previous secret if its grace period has not ended at `now`.
+    pub fn previous_secret_at(&self, now: DateTime<Utc>) -> Option<&SigningSecret> {
+        self.previous_secret
+            .as_ref()
+            .filter(|(_, expires_at)| *expires_at > now)
+            .map(|(secret, _)| secret)
+    }
 }
 
 /// What a new webhook is made of, every field already valid.
@@ -71,9 +83,16 @@ fn parse_project_ids(text: Option<&str>) -> Result<Vec<Uuid>, StoreError> {
 }
 
 fn to_domain(row: webhook::Model, cipher: &SecretCipher) -> Result<Webhook, StoreError> {
-    let secret = cipher
-        .open(&row.secret_sealed)
-        .map_err(|error| StoreError::Unexpected(anyhow::anyhow!("webhook {}: {error}", row.id)))?;
+    let open = |sealed: &str| {
+        cipher
+            .open(sealed)
+            .map_err(|error| StoreError::Unexpected(anyhow::anyhow!("webhook {}: {error}", row.id)))
+    };
+    let secret = open(&row.secret_sealed)?;
+    let previous_secret = match (&row.previous_secret_sealed, row.previous_secret_expires_at) {
+        (Some(sealed), Some(expires_at)) => Some((open(sealed)?, expires_at)),
+        _ => None,
+    };
     Ok(Webhook {
         id: row.id,
         tenant_id: row.tenant_id,
@@ -82,6 +101,7 @@ fn to_domain(row: webhook::Model, cipher: &SecretCipher) -> Result<Webhook, Stor
         url: row.url,
         description: row.description,
         secret,
+        previous_secret,
         active: row.active,
         disabled_reason: row.disabled_reason,
         created_at: row.created_at,
@@ -109,6 +129,8 @@ pub async fn create_webhook(
         consecutive_failures: Set(0),
         created_at: Set(now),
         updated_at: Set(now),
+        previous_secret_sealed: Set(None),
+        previous_secret_expires_at: Set(None),
     };
     let inserted = webhook::Entity::insert(row).exec_with_returning(db).await?;
     to_domain(inserted, cipher)
@@ -300,4 +322,26 @@ pub async fn delete_webhook(db: &impl ConnectionTrait, tenant_id: Uuid, id: Uuid
         return Err(StoreError::NotFound);
     }
     Ok(())
+}
+
+/// Replaces the signing secret; the old one keeps signing `webhook-signature`
+/// beside the new one until `grace_until`.
+pub async fn rotate_secret(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    tenant_id: Uuid,
+    id: Uuid,
+    new_secret: &SigningSecret,
+    grace_until: DateTime<Utc>,
+) -> Result<Webhook, StoreError> {
+    use sea_orm::ActiveModelTrait as _;
+    let row = row_of_tenant(db, tenant_id, id).await?;
+    let old_sealed = row.secret_sealed.clone();
+    let mut active: webhook::ActiveModel = row.into();
+    active.secret_sealed = Set(cipher.seal(new_secret));
+    active.previous_secret_sealed = Set(Some(old_sealed));
+    active.previous_secret_expires_at = Set(Some(grace_until));
+    active.updated_at = Set(Utc::now());
+    let updated = active.update(db).await?;
+    to_domain(updated, cipher)
 }
