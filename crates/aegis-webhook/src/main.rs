@@ -50,6 +50,17 @@ enum Command {
         #[command(subcommand)]
         command: ApikeyCommand,
     },
+    /// Manages tenants (customer organisations).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Creates a tenant and prints its id (the `tenantId` its events carry).
+    Create { name: String },
 }
 
 #[derive(Subcommand)]
@@ -59,6 +70,13 @@ enum ApikeyCommand {
         #[arg(long, default_value = DEFAULT_TENANT)]
         tenant: String,
     },
+    /// Lists a tenant's keys (their first characters; keys are stored hashed).
+    List {
+        #[arg(long, default_value = DEFAULT_TENANT)]
+        tenant: String,
+    },
+    /// Revokes a key by its id (from `list`); effective on the next request.
+    Revoke { id: uuid::Uuid },
 }
 
 #[tokio::main]
@@ -78,21 +96,67 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Publish { file } => publish(config, &file).await,
-        Command::Apikey {
-            command: ApikeyCommand::Create { tenant },
+        Command::Apikey { command } => apikey(config, command).await,
+        Command::Tenant {
+            command: TenantCommand::Create { name },
         } => {
             let db = open_database(&config, false).await?;
-            let tenant = tenants::ensure_tenant(&db, &tenant)
+            let tenant = tenants::create_tenant(&db, &name)
                 .await
-                .context("failed to find or create the tenant (are migrations applied? run `aegis-webhook migrate`)")?;
-            let key = tenants::generate_api_key();
-            tenants::add_api_key(&db, tenant.id, &key).await?;
-            println!("tenant:  {} ({})", tenant.name, tenant.id);
-            println!("api key: {key}");
-            println!("The key is shown only this once; it is stored hashed.");
+                .map_err(|error| anyhow::anyhow!("{error}"))?;
+            println!("tenant {} created: {}", tenant.name, tenant.id);
             Ok(())
         }
     }
+}
+
+async fn apikey(config: Config, command: ApikeyCommand) -> anyhow::Result<()> {
+    let db = open_database(&config, false).await?;
+    let find_tenant = |name: String| {
+        let db = db.clone();
+        async move {
+            tenants::tenant_by_name(&db, &name)
+                .await
+                .context("failed to read tenants (are migrations applied? run `aegis-webhook migrate`)")?
+                .with_context(|| format!("no tenant `{name}`; create it with `aegis-webhook tenant create {name}`"))
+        }
+    };
+    match command {
+        ApikeyCommand::Create { tenant } => {
+            // The default tenant is made on demand, as `dev` and the bootstrap key do.
+            let tenant = if tenant == DEFAULT_TENANT {
+                tenants::ensure_tenant(&db, DEFAULT_TENANT).await?
+            } else {
+                find_tenant(tenant).await?
+            };
+            let (id, key) = tenants::create_api_key(&db, tenant.id).await?;
+            println!("tenant:  {} ({})", tenant.name, tenant.id);
+            println!("key id:  {id}");
+            println!("api key: {key}");
+            println!("The key is shown only this once; it is stored hashed.");
+        }
+        ApikeyCommand::List { tenant } => {
+            let tenant = find_tenant(tenant).await?;
+            println!("{:<36}  {:<12}  {:<20}  revoked", "id", "starts with", "created");
+            for key in tenants::list_api_keys(&db, tenant.id).await? {
+                println!(
+                    "{:<36}  {:<12}  {:<20}  {}",
+                    key.id,
+                    key.prefix,
+                    key.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    key.revoked_at
+                        .map_or_else(|| "-".to_owned(), |at| at.format("%Y-%m-%d %H:%M:%S").to_string())
+                );
+            }
+        }
+        ApikeyCommand::Revoke { id } => {
+            tenants::revoke_api_key(&db, id)
+                .await
+                .map_err(|error| anyhow::anyhow!("cannot revoke key {id}: {error} (unknown or already revoked)"))?;
+            println!("key {id} revoked");
+        }
+    }
+    Ok(())
 }
 
 async fn dev(config: Config) -> anyhow::Result<()> {

@@ -243,3 +243,33 @@ async fn each_api_key_sees_only_its_own_tenant() {
         .await;
     assert_eq!(answer["data"]["webhook"]["url"], "https://example.com/hook");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_key_is_refused_on_its_next_request() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let tenant = tenants::create_tenant(app.db(), "acme").await.expect("tenant");
+    assert!(
+        tenants::create_tenant(app.db(), "acme").await.is_err(),
+        "names are unique"
+    );
+    let (key_id, key) = tenants::create_api_key(app.db(), tenant.id).await.expect("key");
+    let query = "{ tenant { name } }";
+
+    let (status, answer) = app.graphql_as(Some(&key), query, json!({})).await;
+    assert_eq!(
+        (status.as_u16(), &answer["data"]["tenant"]["name"]),
+        (200, &json!("acme"))
+    );
+    let listed = tenants::list_api_keys(app.db(), tenant.id).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert!(key.starts_with(&listed[0].prefix) && listed[0].revoked_at.is_none());
+
+    tenants::revoke_api_key(app.db(), key_id).await.expect("revoke");
+    let (status, answer) = app.graphql_as(Some(&key), query, json!({})).await;
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(answer["errors"][0]["extensions"]["code"], "UNAUTHENTICATED");
+    assert!(
+        tenants::revoke_api_key(app.db(), key_id).await.is_err(),
+        "revoking twice is refused"
+    );
+}

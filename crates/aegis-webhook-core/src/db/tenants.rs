@@ -111,3 +111,70 @@ pub async fn authenticate(db: &impl ConnectionTrait, key: &str) -> Result<Option
         .await?;
     Ok(found.map(|row| row.tenant_id))
 }
+
+/// An API key as listed: never the key itself, which is not stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    pub id: Uuid,
+    /// The first characters of the key, to recognise it.
+    pub prefix: String,
+    pub created_at: chrono::DateTime<Utc>,
+    pub revoked_at: Option<chrono::DateTime<Utc>>,
+}
+
+/// Creates a tenant; a name already taken is a `Conflict`.
+pub async fn create_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tenant, StoreError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(StoreError::Conflict("a tenant needs a name".to_owned()));
+    }
+    if tenant_by_name(db, name).await?.is_some() {
+        return Err(StoreError::Conflict(format!("tenant `{name}` already exists")));
+    }
+    ensure_tenant(db, name).await
+}
+
+/// Creates a new key for the tenant and returns it: the only time it is shown.
+pub async fn create_api_key(db: &impl ConnectionTrait, tenant_id: Uuid) -> Result<(Uuid, String), StoreError> {
+    let key = generate_api_key();
+    add_api_key(db, tenant_id, &key).await?;
+    let row = api_key::Entity::find()
+        .filter(api_key::Column::KeyHash.eq(hash_key(&key)))
+        .one(db)
+        .await?
+        .ok_or_else(|| StoreError::Unexpected(anyhow::anyhow!("a new API key vanished")))?;
+    Ok((row.id, key))
+}
+
+pub async fn list_api_keys(db: &impl ConnectionTrait, tenant_id: Uuid) -> Result<Vec<ApiKeyInfo>, StoreError> {
+    use sea_orm::QueryOrder as _;
+    let rows = api_key::Entity::find()
+        .filter(api_key::Column::TenantId.eq(tenant_id))
+        .order_by_asc(api_key::Column::Id)
+        .all(db)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| ApiKeyInfo {
+            id: row.id,
+            prefix: row.prefix,
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+        })
+        .collect())
+}
+
+/// Revokes a key at once: the next request with it is refused.
+pub async fn revoke_api_key(db: &impl ConnectionTrait, key_id: Uuid) -> Result<(), StoreError> {
+    use sea_orm::sea_query::Expr;
+    let result = api_key::Entity::update_many()
+        .col_expr(api_key::Column::RevokedAt, Expr::value(Some(Utc::now())))
+        .filter(api_key::Column::Id.eq(key_id))
+        .filter(api_key::Column::RevokedAt.is_null())
+        .exec(db)
+        .await?;
+    if result.rows_affected == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
