@@ -149,6 +149,14 @@ async fn webhooks_can_be_updated_paused_resumed_and_deleted() {
     assert_eq!(answer["data"]["setWebhookActive"]["active"], false, "{answer}");
     let event = envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
     assert_eq!(app.post_event(&event).await.0, 202);
+    // The intake is asynchronous: resume only once that event was fanned out
+    // (stored, with its deliveries in the same transaction: none).
+    eventually(
+        Duration::from_secs(5),
+        "the paused-time event to be ingested",
+        || async { (app.count("events").await == 1).then_some(()) },
+    )
+    .await;
     let answer = app.graphql(pause, json!({ "id": id, "active": true })).await;
     assert_eq!(
         answer["data"]["setWebhookActive"],
@@ -158,6 +166,7 @@ async fn webhooks_can_be_updated_paused_resumed_and_deleted() {
     second.wait_for(1, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(second.received().len(), 1, "nothing was delivered while paused");
+    assert_eq!(app.count("deliveries").await, 1);
     assert!(first.received().is_empty(), "the old URL gets nothing");
 
     let answer = app
