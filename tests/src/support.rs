@@ -199,6 +199,38 @@ impl TestApp {
         }
     }
 
+    /// Every role as production runs it: no `dev` defaults (so no loopback
+    /// targets), migrations applied first, tenant `default` holding a fresh key.
+    pub async fn start_production(mut config: Config) -> TestApp {
+        let api_key = aegis_webhook_core::db::tenants::generate_api_key();
+        config.bootstrap_api_key = Some(aegis_webhook_core::config::Sensitive::new(api_key.clone()));
+        config.secret_key = Some(aegis_webhook_core::config::Sensitive::new(
+            aegis_webhook_core::secret::SecretCipher::generate_key(),
+        ));
+        let ingest_token = "test-ingest-token".to_owned();
+        config.ingest_token = Some(aegis_webhook_core::config::Sensitive::new(ingest_token.clone()));
+        let db = aegis_webhook::open_database(&config, true).await.expect("database");
+        let tenant = aegis_webhook_core::db::tenants::tenant_by_name(&db, aegis_webhook::DEFAULT_TENANT)
+            .await
+            .expect("query")
+            .expect("bootstrapped");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let system = aegis_webhook::start(&config, aegis_webhook::Roles::ALL, db, Some(listener))
+            .await
+            .expect("starts");
+        TestApp {
+            addr: system.addr.expect("serves HTTP"),
+            setup: DevSetup {
+                tenant_id: tenant.id,
+                api_key,
+                ingest_token,
+            },
+            system: Some(system),
+            config,
+            http: reqwest::Client::new(),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

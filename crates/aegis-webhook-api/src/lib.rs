@@ -36,6 +36,10 @@ pub struct AppState {
     pub max_event_bytes: usize,
     /// How long a rotated-out secret keeps signing.
     pub secret_rotation_grace: std::time::Duration,
+    /// Whether clients may introspect the schema (GraphiQL needs it).
+    pub graphql_introspection: bool,
+    /// Largest GraphQL request body, in bytes.
+    pub graphql_max_body_bytes: usize,
 }
 
 impl std::fmt::Debug for AppState {
@@ -53,8 +57,16 @@ struct RouterState {
 pub fn router(state: AppState) -> Router {
     let schema = graphql::build_schema(state.clone());
     let max_event_bytes = state.max_event_bytes;
+    let max_graphql_bytes = state.graphql_max_body_bytes;
     Router::new()
-        .route("/graphql", get(graphiql).post(graphql_handler))
+        .route(
+            "/graphql",
+            // The GraphQL extractor reads the body itself, past axum's default
+            // limit; this layer refuses a larger body with 413 before that.
+            get(graphiql)
+                .post(graphql_handler)
+                .layer(tower_http::limit::RequestBodyLimitLayer::new(max_graphql_bytes)),
+        )
         .route(
             "/v1/events",
             // The intake reads the body itself, to answer an oversized one with a
@@ -122,7 +134,23 @@ async fn graphql_handler(State(state): State<RouterState>, headers: HeaderMap, r
         }
     };
     let request = request.into_inner().data(Caller { tenant_id });
-    GraphQLResponse::from(state.schema.execute(request).await).into_response()
+    let mut response = state.schema.execute(request).await;
+    // Our resolvers always set a code; errors without one come from parsing,
+    // validation (depth, complexity, unknown fields) or variable coercion: the
+    // client's input.
+    for error in &mut response.errors {
+        let has_code = error
+            .extensions
+            .as_ref()
+            .is_some_and(|extensions| extensions.get("code").is_some());
+        if !has_code {
+            error
+                .extensions
+                .get_or_insert_with(Default::default)
+                .set("code", "BAD_USER_INPUT");
+        }
+    }
+    GraphQLResponse::from(response).into_response()
 }
 
 /// Ready when the database and the broker are both reachable.

@@ -86,6 +86,10 @@ pub struct Config {
     pub max_event_bytes: usize,
     /// How much of a receiver's response body is kept in the attempt log.
     pub max_response_body_bytes: usize,
+    /// Whether GraphQL introspection (and so GraphiQL's schema view) is on.
+    pub graphql_introspection: bool,
+    /// Largest GraphQL request body, in bytes.
+    pub graphql_max_body_bytes: usize,
     /// How long a rotated-out secret keeps signing `webhook-signature`.
     #[serde(with = "humantime_serde_compat")]
     pub secret_rotation_grace: Duration,
@@ -123,6 +127,8 @@ impl Default for Config {
             request_timeout: Duration::from_secs(15),
             max_event_bytes: 256 * 1024,
             max_response_body_bytes: 64 * 1024,
+            graphql_introspection: true,
+            graphql_max_body_bytes: 256 * 1024,
             secret_rotation_grace: Duration::from_secs(24 * 3600),
             worker_concurrency: 64,
             reconcile_interval: Duration::from_secs(30),

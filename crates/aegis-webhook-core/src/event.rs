@@ -69,6 +69,50 @@ impl EventType {
     }
 }
 
+impl EventType {
+    /// An example `data` object: the seed document's own examples where it has
+    /// them, in the same spirit where it has none.
+    pub fn example_data(self) -> serde_json::Value {
+        use serde_json::json;
+        let vulnerability = json!({
+            "vulnerabilityId": "456e7890-e89b-12d3-a456-426614174003",
+            "cveId": "CVE-2024-47076",
+            "severity": "CRITICAL",
+            "cvssScore": 9.8,
+            "component": { "name": "curl", "version": "7.68.0" },
+            "projectId": "123e4567-e89b-12d3-a456-426614174000"
+        });
+        match self {
+            EventType::VulnerabilityDetected | EventType::CriticalVulnerabilityDetected => vulnerability,
+            EventType::PoamDueSoon => json!({
+                "poamId": "567e8901-e89b-12d3-a456-426614174004",
+                "vulnerabilityId": "456e7890-e89b-12d3-a456-426614174003",
+                "cveId": "CVE-2024-47076",
+                "scheduledCompletionDate": "2026-01-15",
+                "daysUntilDue": 7
+            }),
+            EventType::PoamOverdue => json!({
+                "poamId": "567e8901-e89b-12d3-a456-426614174004",
+                "vulnerabilityId": "456e7890-e89b-12d3-a456-426614174003",
+                "cveId": "CVE-2024-47076",
+                "scheduledCompletionDate": "2026-01-15",
+                "daysOverdue": 5
+            }),
+            EventType::EvidenceCompleted => json!({
+                "evidenceId": "345e6789-e89b-12d3-a456-426614174002",
+                "fileName": "sbom.spdx.json",
+                "vulnerabilitiesFound": 27,
+                "criticalCount": 2,
+                "highCount": 5
+            }),
+            EventType::WebhookTest => json!({
+                "webhookId": "01a21b2d-4948-7468-87d5-599ed711a6a6",
+                "message": "This is a test event from Aegis Webhooks."
+            }),
+        }
+    }
+}
+
 impl fmt::Display for EventType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -682,6 +726,18 @@ mod tests {
         envelope["data"]["daysOverdue"] = 1.into();
         envelope["data"]["scheduledCompletionDate"] = "2026-02-30".into();
         assert!(invalid_message(&envelope).starts_with("data.scheduledCompletionDate:"));
+    }
+
+    #[test]
+    fn every_example_is_valid_data_of_its_type() {
+        for event_type in EventType::ALL {
+            let parse_as = match event_type {
+                EventType::CriticalVulnerabilityDetected => EventType::VulnerabilityDetected,
+                other => other,
+            };
+            EventData::parse(parse_as, event_type.example_data())
+                .unwrap_or_else(|error| panic!("{event_type}: {error}"));
+        }
     }
 
     #[test]

@@ -188,6 +188,8 @@ pub async fn start(
                 ingest_token: config.ingest_token.clone(),
                 max_event_bytes: config.max_event_bytes,
                 secret_rotation_grace: config.secret_rotation_grace,
+                graphql_introspection: config.graphql_introspection,
+                graphql_max_body_bytes: config.graphql_max_body_bytes,
             };
             let addr = listener.local_addr().context("failed to read the listener's address")?;
             let token = CancellationToken::new();

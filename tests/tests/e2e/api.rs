@@ -306,3 +306,108 @@ async fn a_rotated_secret_signs_beside_the_new_one_during_its_grace_period() {
         "the old secret still signs during the grace period"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_and_event_types_describe_what_happens() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let receiver = Receiver::start(&[], 200).await;
+    let created = app.create_webhook(&receiver.url(), &["POAM_OVERDUE"], None).await;
+    let event = envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
+    assert_eq!(app.post_event(&event).await.0, 202);
+    assert_eq!(app.post_event(&event).await.0, 202);
+    let stats = eventually(Duration::from_secs(5), "two successes", || async {
+        let answer = app
+            .graphql(
+                "query($id: ID!) { webhook(id: $id) { stats { succeeded failed pending lastSuccessAt consecutiveFailures } } }",
+                json!({ "id": created["id"] }),
+            )
+            .await;
+        let stats = answer["data"]["webhook"]["stats"].clone();
+        (stats["succeeded"] == 2).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["failed"], 0);
+    assert_eq!(stats["pending"], 0);
+    assert_eq!(stats["consecutiveFailures"], 0);
+    assert!(stats["lastSuccessAt"].is_string(), "{stats}");
+
+    let answer = app
+        .graphql("{ eventTypes { name description example } }", json!({}))
+        .await;
+    let types = answer["data"]["eventTypes"].as_array().expect("list");
+    assert_eq!(types.len(), 6);
+    let overdue = types
+        .iter()
+        .find(|t| t["name"] == "POAM_OVERDUE")
+        .expect("POAM_OVERDUE");
+    assert_eq!(
+        overdue["example"]["data"],
+        seed_poam_overdue_data(),
+        "the seed's own example"
+    );
+    assert_eq!(overdue["example"]["event"], "POAM_OVERDUE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_deep_and_complex_requests_are_refused_with_a_code() {
+    let scratch = crate::support::scratch_dir();
+    let url = crate::support::fresh_database(Backend::Sqlite, &scratch)
+        .await
+        .expect("SQLite");
+    let mut config = crate::support::test_config(url, scratch);
+    config.graphql_introspection = false;
+    let app = TestApp::start_production(config).await;
+
+    // Nested too deep (through introspection's recursive types).
+    let mut deep = "name".to_owned();
+    for _ in 0..14 {
+        deep = format!("ofType {{ {deep} }}");
+    }
+    let answer = app
+        .graphql(
+            &format!("{{ __type(name: \"Webhook\") {{ fields {{ type {{ {deep} }} }} }} }}"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(answer["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "{answer}");
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("deep"),
+        "{answer}"
+    );
+
+    // Too complex: many aliases of a cheap field.
+    let wide: String = (0..1200).map(|i| format!(" a{i}: tenant {{ id }}")).collect();
+    let answer = app.graphql(&format!("{{{wide} }}"), json!({})).await;
+    assert_eq!(answer["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "{answer}");
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("complex"),
+        "{answer}"
+    );
+
+    // Introspection is off in this configuration: the schema is not revealed.
+    let answer = app.graphql("{ __schema { types { name } } }", json!({})).await;
+    assert_eq!(answer["data"]["__schema"], Value::Null, "{answer}");
+    let answer = app.graphql("{ tenant { name } }", json!({})).await;
+    assert_eq!(
+        answer["data"]["tenant"]["name"], "default",
+        "ordinary queries still work"
+    );
+
+    // A body over the limit is refused before it is parsed.
+    let huge = format!("{{ tenant {{ id }} }}{}", " ".repeat(300 * 1024));
+    let response = app
+        .http
+        .post(app.url("/graphql"))
+        .bearer_auth(&app.setup.api_key)
+        .json(&json!({ "query": huge }))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status().as_u16(), 413);
+}

@@ -273,3 +273,105 @@ async fn a_revoked_key_is_refused_on_its_next_request() {
         "revoking twice is refused"
     );
 }
+
+/// At least forty hostile or malformed URLs, refused over HTTP with a message
+/// naming the problem; legitimate public https URLs accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_malformed_webhook_urls_are_refused() {
+    // The production policy: nothing private allowed (dev allows loopback).
+    let scratch = crate::support::scratch_dir();
+    let url = crate::support::fresh_database(Backend::Sqlite, &scratch)
+        .await
+        .expect("SQLite");
+    let app = TestApp::start_production(crate::support::test_config(url, scratch)).await;
+    let refused = [
+        ("", "not an absolute URL"),
+        ("not a url", "not an absolute URL"),
+        ("/relative/path", "not an absolute URL"),
+        ("example.com/hook", "not an absolute URL"),
+        ("file:///etc/passwd", "scheme `file`"),
+        ("gopher://example.com:70/_x", "scheme `gopher`"),
+        ("ftp://example.com/", "scheme `ftp`"),
+        ("javascript:alert(1)", "scheme `javascript`"),
+        ("data:text/plain,hi", "scheme `data`"),
+        ("ws://example.com/", "scheme `ws`"),
+        ("http://example.com/hook", "must use https"),
+        ("https://user:pass@example.com/", "user name or password"),
+        ("https://user@example.com/", "user name or password"),
+        ("https://example.com:0/", "port 0"),
+        ("https://example.com:65536/", "not an absolute URL"),
+        ("https://example.com:99999999/", "not an absolute URL"),
+        ("https://intranet/", "fully qualified"),
+        ("https://localhost/", "private"),
+        ("https://LOCALHOST./", "private"),
+        ("https://api.localhost/", "private"),
+        ("https://127.0.0.1/", "private"),
+        ("https://127.1/", "private"),
+        ("https://127.0.0.1./", "private"),
+        ("https://2130706433/", "private"),
+        ("https://0x7f000001/", "private"),
+        ("https://0x7f.0.0.1/", "private"),
+        ("https://0177.0.0.1/", "private"),
+        ("https://017700000001/", "private"),
+        ("https://0.0.0.0/", "private"),
+        ("https://0/", "private"),
+        ("https://10.0.0.1/", "private"),
+        ("https://10.255.255.255/", "private"),
+        ("https://172.16.5.4/", "private"),
+        ("https://172.31.255.1/", "private"),
+        ("https://192.168.1.1/", "private"),
+        ("https://100.64.0.1/", "private"),
+        ("https://100.100.100.200/", "private"),
+        ("https://169.254.169.254/latest/meta-data/", "private"),
+        ("https://169.254.170.2/v2/credentials", "private"),
+        ("https://224.0.0.1/", "private"),
+        ("https://255.255.255.255/", "private"),
+        ("https://198.18.0.1/", "private"),
+        ("https://[::1]/", "private"),
+        ("https://[::]/", "private"),
+        ("https://[0:0:0:0:0:0:0:1]/", "private"),
+        ("https://[::ffff:127.0.0.1]/", "private"),
+        ("https://[::ffff:7f00:1]/", "private"),
+        ("https://[::ffff:169.254.169.254]/", "private"),
+        ("https://[::ffff:10.0.0.1]/", "private"),
+        ("https://[fe80::1]/", "private"),
+        ("https://[fc00::1]/", "private"),
+        ("https://[fd00:ec2::254]/", "private"),
+        ("https://[64:ff9b::a9fe:a9fe]/", "private"),
+        ("https://[2002:7f00:1::]/", "private"),
+        ("https://[ff02::1]/", "private"),
+    ];
+    assert!(refused.len() >= 40);
+    for (url, expected) in refused {
+        let answer = app
+            .graphql(
+                SEED_MUTATION,
+                json!({ "input": { "url": url, "events": ["POAM_OVERDUE"] } }),
+            )
+            .await;
+        let error = &answer["errors"][0];
+        assert_eq!(error["extensions"]["code"], "BAD_USER_INPUT", "{url}: {answer}");
+        assert_eq!(error["extensions"]["field"], "url", "{url}: {answer}");
+        let message = error["message"].as_str().expect("message");
+        assert!(
+            message.contains(expected),
+            "{url}: `{message}` should contain `{expected}`"
+        );
+    }
+    assert_eq!(app.count("webhooks").await, 0);
+
+    for url in [
+        "https://your-app.com/webhooks/aegis",
+        "https://hooks.example.org:8443/a?b=c",
+        "https://93.184.216.34/hook",
+        "https://[2606:2800:220:1:248:1893:25c8:1946]/hook",
+    ] {
+        let answer = app
+            .graphql(
+                SEED_MUTATION,
+                json!({ "input": { "url": url, "events": ["POAM_OVERDUE"] } }),
+            )
+            .await;
+        assert!(answer["errors"].is_null(), "{url}: {answer}");
+    }
+}

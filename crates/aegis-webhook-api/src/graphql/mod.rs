@@ -40,11 +40,16 @@ const DEFAULT_PAGE: usize = 50;
 const MAX_DESCRIPTION_CHARS: usize = 1000;
 
 pub fn build_schema(state: AppState) -> AegisSchema {
-    Schema::build(QueryRoot, MutationRoot, EmptySubscription)
+    let introspection = state.graphql_introspection;
+    let builder = Schema::build(QueryRoot, MutationRoot, EmptySubscription)
         .data(state)
         .limit_depth(MAX_DEPTH)
-        .limit_complexity(MAX_COMPLEXITY)
-        .finish()
+        .limit_complexity(MAX_COMPLEXITY);
+    if introspection {
+        builder.finish()
+    } else {
+        builder.disable_introspection().finish()
+    }
 }
 
 fn caller(ctx: &Context<'_>) -> ApiResult<Caller> {
@@ -202,6 +207,11 @@ impl QueryRoot {
             .map(|event_type| EventTypeInfo {
                 name: event_type.into(),
                 description: event_type.description().to_owned(),
+                example: async_graphql::Json(serde_json::json!({
+                    "event": event_type.as_str(),
+                    "timestamp": "2025-12-16T15:30:00Z",
+                    "data": event_type.example_data(),
+                })),
             })
             .collect()
     }

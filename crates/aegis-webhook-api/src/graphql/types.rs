@@ -66,6 +66,7 @@ pub struct Tenant {
 }
 
 #[derive(SimpleObject, Debug)]
+#[graphql(complex)]
 pub struct Webhook {
     pub id: ID,
     pub url: String,
@@ -78,6 +79,37 @@ pub struct Webhook {
     pub disabled_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    #[graphql(skip)]
+    pub consecutive_failures: u32,
+}
+
+/// How a webhook's deliveries are going.
+#[derive(SimpleObject, Debug)]
+pub struct WebhookStats {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub pending: u64,
+    pub last_success_at: Option<DateTime<Utc>>,
+    /// Finished deliveries that failed since the last success.
+    pub consecutive_failures: u32,
+}
+
+#[async_graphql::ComplexObject]
+impl Webhook {
+    async fn stats(&self, ctx: &async_graphql::Context<'_>) -> async_graphql::Result<WebhookStats> {
+        let id = uuid::Uuid::parse_str(self.id.as_str())?;
+        let state = ctx.data_unchecked::<crate::AppState>();
+        let stats = deliveries::stats_of_webhook(&state.db, id)
+            .await
+            .map_err(|error| super::ApiError::from_store(error, "webhook"))?;
+        Ok(WebhookStats {
+            succeeded: stats.succeeded,
+            failed: stats.failed,
+            pending: stats.pending,
+            last_success_at: stats.last_success_at,
+            consecutive_failures: self.consecutive_failures,
+        })
+    }
 }
 
 impl From<WebhookRecord> for Webhook {
@@ -93,6 +125,7 @@ impl From<WebhookRecord> for Webhook {
             disabled_reason: record.disabled_reason,
             created_at: record.created_at,
             updated_at: record.updated_at,
+            consecutive_failures: record.consecutive_failures,
         }
     }
 }
@@ -101,6 +134,8 @@ impl From<WebhookRecord> for Webhook {
 pub struct EventTypeInfo {
     pub name: WebhookEvent,
     pub description: String,
+    /// An example of the body delivered for this type.
+    pub example: async_graphql::Json<serde_json::Value>,
 }
 
 /// Changes to a webhook: omitted fields stay as they are.

@@ -444,3 +444,31 @@ pub async fn failed_since(
         .await?;
     Ok(rows.into_iter().map(|row| row.id).collect())
 }
+
+/// Counts of a webhook's deliveries by status, and its last success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebhookDeliveryStats {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub pending: u64,
+    pub last_success_at: Option<DateTime<Utc>>,
+}
+
+pub async fn stats_of_webhook(db: &impl ConnectionTrait, webhook_id: Uuid) -> Result<WebhookDeliveryStats, StoreError> {
+    use sea_orm::PaginatorTrait as _;
+    let with_status = |status: DeliveryStatus| {
+        delivery::Entity::find()
+            .filter(delivery::Column::WebhookId.eq(webhook_id))
+            .filter(delivery::Column::Status.eq(status.as_str()))
+    };
+    let last_success = with_status(DeliveryStatus::Succeeded)
+        .order_by_desc(delivery::Column::UpdatedAt)
+        .one(db)
+        .await?;
+    Ok(WebhookDeliveryStats {
+        succeeded: with_status(DeliveryStatus::Succeeded).count(db).await?,
+        failed: with_status(DeliveryStatus::Failed).count(db).await?,
+        pending: with_status(DeliveryStatus::Pending).count(db).await?,
+        last_success_at: last_success.map(|row| row.updated_at),
+    })
+}

@@ -24,6 +24,8 @@ pub struct Webhook {
     pub previous_secret: Option<(SigningSecret, DateTime<Utc>)>,
     pub active: bool,
     pub disabled_reason: Option<String>,
+    /// Finished deliveries that failed since the last success.
+    pub consecutive_failures: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -104,6 +106,7 @@ fn to_domain(row: webhook::Model, cipher: &SecretCipher) -> Result<Webhook, Stor
         previous_secret,
         active: row.active,
         disabled_reason: row.disabled_reason,
+        consecutive_failures: u32::try_from(row.consecutive_failures).unwrap_or_default(),
         created_at: row.created_at,
         updated_at: row.updated_at,
     })
