@@ -411,3 +411,64 @@ async fn oversized_deep_and_complex_requests_are_refused_with_a_code() {
         .expect("request");
     assert_eq!(response.status().as_u16(), 413);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_page_with_cursors_and_deliveries_filter_by_time() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let receiver = Receiver::start(&[], 200).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(app.create_webhook(&receiver.url(), &["POAM_OVERDUE"], None).await["id"].clone());
+    }
+    let page = "query($after: String) { webhooks(first: 2, after: $after) { edges { cursor node { id } } pageInfo { hasNextPage endCursor } } }";
+    let first = app.graphql(page, json!({ "after": null })).await["data"]["webhooks"].clone();
+    let first_ids: Vec<&Value> = first["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|e| &e["node"]["id"])
+        .collect();
+    assert_eq!(first_ids, [&ids[0], &ids[1]], "creation order");
+    assert_eq!(first["pageInfo"]["hasNextPage"], true);
+    let second = app
+        .graphql(page, json!({ "after": first["pageInfo"]["endCursor"] }))
+        .await["data"]["webhooks"]
+        .clone();
+    let second_ids: Vec<&Value> = second["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|e| &e["node"]["id"])
+        .collect();
+    assert_eq!(second_ids, [&ids[2]]);
+    assert_eq!(second["pageInfo"]["hasNextPage"], false);
+    let answer = app.graphql(page, json!({ "after": "not-a-cursor" })).await;
+    assert_eq!(answer["errors"][0]["extensions"]["field"], "after", "{answer}");
+
+    // One event fans out to the three webhooks: three deliveries.
+    let before = chrono::Utc::now();
+    assert_eq!(
+        app.post_event(&envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()))
+            .await
+            .0,
+        202
+    );
+    receiver.wait_for(3, Duration::from_secs(5)).await;
+    let after = chrono::Utc::now();
+    let window = |since: chrono::DateTime<chrono::Utc>, until: chrono::DateTime<chrono::Utc>| json!({ "since": since.to_rfc3339(), "until": until.to_rfc3339() });
+    assert_eq!(deliveries(&app, window(before, after)).await.len(), 3);
+    let hour = chrono::Duration::hours(1);
+    assert!(deliveries(&app, window(before - hour, before)).await.is_empty());
+    assert!(deliveries(&app, window(after, after + hour)).await.is_empty());
+
+    let log = "query($after: String) { deliveries(first: 2, after: $after) { edges { node { id } } pageInfo { hasNextPage endCursor } } }";
+    let first = app.graphql(log, json!({ "after": null })).await["data"]["deliveries"].clone();
+    assert_eq!(first["edges"].as_array().expect("edges").len(), 2);
+    assert_eq!(first["pageInfo"]["hasNextPage"], true);
+    let second = app
+        .graphql(log, json!({ "after": first["pageInfo"]["endCursor"] }))
+        .await["data"]["deliveries"]
+        .clone();
+    assert_eq!(second["edges"].as_array().expect("edges").len(), 1);
+    assert_eq!(second["pageInfo"]["hasNextPage"], false);
+}
