@@ -383,6 +383,8 @@ struct ReceiverState {
     default_status: Mutex<u16>,
     /// How long each answer takes.
     delay: Mutex<Duration>,
+    /// Headers sent with every answer.
+    headers: Mutex<Vec<(String, String)>>,
     arrived: Notify,
 }
 
@@ -425,7 +427,14 @@ impl Receiver {
                         .expect("lock")
                         .pop_front()
                         .unwrap_or(*state.default_status.lock().expect("lock"));
-                    (StatusCode::from_u16(status).expect("status"), "received")
+                    let mut headers = HeaderMap::new();
+                    for (name, value) in state.headers.lock().expect("lock").iter() {
+                        headers.insert(
+                            axum::http::HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+                            value.parse().expect("header value"),
+                        );
+                    }
+                    (StatusCode::from_u16(status).expect("status"), headers, "received")
                 }
             }
         });
@@ -437,6 +446,15 @@ impl Receiver {
 
     pub fn url(&self) -> String {
         format!("http://{}/webhooks/aegis", self.addr)
+    }
+
+    /// Sends `name: value` with every answer from now on.
+    pub fn set_header(&self, name: &str, value: &str) {
+        self.state
+            .headers
+            .lock()
+            .expect("lock")
+            .push((name.to_owned(), value.to_owned()));
     }
 
     pub fn received(&self) -> Vec<Received> {

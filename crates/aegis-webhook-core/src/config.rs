@@ -79,6 +79,12 @@ pub struct Config {
     #[serde(deserialize_with = "list_or_comma_separated")]
     pub allow_private_targets: Vec<IpNet>,
     pub retry_schedule: RetrySchedule,
+    /// The longest `Retry-After` a receiver can ask for; longer asks are cut to it.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_after_max: Duration,
+    /// The shortest wait after a 429 or a timeout.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_throttled_floor: Duration,
     /// Whole-request timeout of a delivery attempt: connect, TLS, headers, body.
     #[serde(with = "humantime_serde_compat")]
     pub request_timeout: Duration,
@@ -124,6 +130,8 @@ impl Default for Config {
             bootstrap_api_key: None,
             allow_private_targets: Vec::new(),
             retry_schedule: RetrySchedule::default(),
+            retry_after_max: Duration::from_secs(3600),
+            retry_throttled_floor: Duration::from_secs(5),
             request_timeout: Duration::from_secs(15),
             max_event_bytes: 256 * 1024,
             max_response_body_bytes: 64 * 1024,
@@ -188,6 +196,13 @@ impl Config {
         match &self.database_url {
             Some(url) => url.clone(),
             None => format!("sqlite://{}/aegis.db?mode=rwc", self.data_dir.display()),
+        }
+    }
+
+    pub fn backpressure(&self) -> crate::retry::Backpressure {
+        crate::retry::Backpressure {
+            retry_after_max: self.retry_after_max,
+            throttled_floor: self.retry_throttled_floor,
         }
     }
 

@@ -145,6 +145,50 @@ pub fn classify(status: Option<u16>) -> AttemptClass {
     }
 }
 
+/// Reads a `Retry-After` value: delay-seconds or an HTTP-date (RFC 9110).
+/// Anything else, or a date in the past, is `None`.
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    (at.with_timezone(&chrono::Utc) - now).to_std().ok()
+}
+
+/// How a receiver's own wishes bend the schedule: `Retry-After` is honoured up to
+/// `retry_after_max`, and a rate-limited (429) or timed-out attempt waits at least
+/// `throttled_floor`, so a struggling receiver is not hit again at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backpressure {
+    pub retry_after_max: Duration,
+    pub throttled_floor: Duration,
+}
+
+impl Default for Backpressure {
+    fn default() -> Self {
+        Backpressure {
+            retry_after_max: Duration::from_secs(3600),
+            throttled_floor: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Backpressure {
+    /// The delay before the next attempt given the schedule's `scheduled` delay,
+    /// what the receiver asked for, and whether it throttled or timed out. Never
+    /// shorter than the schedule.
+    pub fn apply(&self, scheduled: Duration, retry_after: Option<Duration>, throttled: bool) -> Duration {
+        let asked = retry_after.map_or(Duration::ZERO, |asked| asked.min(self.retry_after_max));
+        let floor = if throttled {
+            self.throttled_floor
+        } else {
+            Duration::ZERO
+        };
+        scheduled.max(asked).max(floor)
+    }
+}
+
 /// Jitter only ever adds delay, at most this fraction of the scheduled delay, so
 /// that receivers recovering from an outage are not hit by every retry at once.
 pub const MAX_JITTER_FRACTION: f64 = 0.1;
@@ -196,6 +240,54 @@ mod tests {
         assert_eq!(next_delay(&schedule, 2, 7.0), Some(Duration::from_millis(5500)));
         assert_eq!(next_delay(&schedule, 2, -1.0), Some(Duration::from_secs(5)));
         assert_eq!(next_delay(&schedule, 12, 0.5), None);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
+            .expect("valid")
+            .with_timezone(&chrono::Utc);
+        assert_eq!(parse_retry_after("2", now), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 120 ", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Fri, 27 Nov 2026 10:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 27 Nov 2026 09:00:00 GMT", now),
+            None,
+            "in the past"
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("-5", now), None);
+    }
+
+    #[test]
+    fn backpressure_only_lengthens_the_schedule_within_bounds() {
+        let policy = Backpressure {
+            retry_after_max: Duration::from_secs(60),
+            throttled_floor: Duration::from_secs(5),
+        };
+        let second = Duration::from_secs(1);
+        assert_eq!(policy.apply(second, None, false), second);
+        assert_eq!(
+            policy.apply(second, Some(Duration::from_secs(2)), false),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            policy.apply(Duration::from_secs(30), Some(Duration::from_secs(2)), false),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            policy.apply(second, Some(Duration::from_secs(3600)), false),
+            Duration::from_secs(60),
+            "clamped"
+        );
+        assert_eq!(
+            policy.apply(Duration::ZERO, None, true),
+            Duration::from_secs(5),
+            "floor for 429/timeouts"
+        );
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct HttpResult {
     pub duration: Duration,
     /// `Retry-After`, as the receiver sent it.
     pub retry_after: Option<String>,
+    /// No complete answer in time (the status may still have arrived).
+    pub timed_out: bool,
 }
 
 /// POSTs `body` and reads at most `max_body` bytes of the answer, all within
@@ -73,12 +75,13 @@ pub async fn post(
     max_body: usize,
 ) -> HttpResult {
     let started = Instant::now();
-    let fail = |error: String| HttpResult {
+    let fail = |error: String, timed_out: bool| HttpResult {
         status: None,
         error: Some(error),
         body: None,
         duration: started.elapsed(),
         retry_after: None,
+        timed_out,
     };
     // Names are checked by the resolver; literal addresses never reach it.
     if let Ok(parsed) = url::Url::parse(url) {
@@ -88,12 +91,12 @@ pub async fn post(
             _ => None,
         };
         if let Some(ip) = literal.filter(|ip| !policy.is_allowed(*ip)) {
-            return fail(RefusedAddress(ip).to_string());
+            return fail(RefusedAddress(ip).to_string(), false);
         }
     }
     let response = match client.post(url).headers(headers).body(body).send().await {
         Ok(response) => response,
-        Err(error) => return fail(describe(&error)),
+        Err(error) => return fail(describe(&error), error.is_timeout()),
     };
     let status = response.status().as_u16();
     let retry_after = response
@@ -102,13 +105,14 @@ pub async fn post(
         .and_then(|value| value.to_str().ok())
         .map(str::to_owned);
     let remaining = timeout.saturating_sub(started.elapsed());
-    let (body, error) = match tokio::time::timeout(remaining, read_capped(response, max_body)).await {
-        Ok(Ok(body)) => (body, None),
+    let (body, error, timed_out) = match tokio::time::timeout(remaining, read_capped(response, max_body)).await {
+        Ok(Ok(body)) => (body, None, false),
         Ok(Err(error)) => (
             Vec::new(),
             Some(format!("reading the response body failed: {}", describe(&error))),
+            error.is_timeout(),
         ),
-        Err(_elapsed) => (Vec::new(), Some("reading the response body timed out".to_owned())),
+        Err(_elapsed) => (Vec::new(), Some("reading the response body timed out".to_owned()), true),
     };
     HttpResult {
         status: Some(status),
@@ -116,6 +120,7 @@ pub async fn post(
         body: (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned()),
         duration: started.elapsed(),
         retry_after,
+        timed_out,
     }
 }
 

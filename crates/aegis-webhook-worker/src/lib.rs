@@ -45,6 +45,7 @@ pub struct Worker {
     client: reqwest::Client,
     policy: Arc<TargetPolicy>,
     schedule: RetrySchedule,
+    backpressure: retry::Backpressure,
     request_timeout: Duration,
     max_response_body_bytes: usize,
     concurrency: usize,
@@ -87,6 +88,7 @@ impl Worker {
             cipher,
             policy,
             schedule: config.retry_schedule.clone(),
+            backpressure: config.backpressure(),
             request_timeout: config.request_timeout,
             max_response_body_bytes: config.max_response_body_bytes,
             concurrency: config.worker_concurrency,
@@ -138,7 +140,14 @@ impl Worker {
             }
             AttemptClass::Retryable => {
                 let jitter = rand::rng().random::<f64>();
-                match retry::next_delay(&self.schedule, attempt + 1, jitter) {
+                let retry_after = result
+                    .retry_after
+                    .as_deref()
+                    .and_then(|value| retry::parse_retry_after(value, Utc::now()));
+                let throttled = result.status == Some(429) || result.timed_out;
+                match retry::next_delay(&self.schedule, attempt + 1, jitter)
+                    .map(|scheduled| self.backpressure.apply(scheduled, retry_after, throttled))
+                {
                     Some(delay) => (
                         NextStep::RetryAt(Utc::now() + delay),
                         Outcome::RetryScheduled {

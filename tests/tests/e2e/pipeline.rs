@@ -324,3 +324,38 @@ async fn critical_vulnerabilities_reach_each_subscriber_once_under_the_right_nam
         "one delivery per event even when subscribed to both"
     );
 }
+
+/// A receiver's `Retry-After` (seconds or an HTTP-date) stretches the schedule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured_in_seconds_and_as_a_date() {
+    let Some(app) = TestApp::spawn(Backend::Sqlite).await else {
+        return;
+    };
+    let in_seconds = Receiver::start(&[503], 200).await;
+    in_seconds.set_header("retry-after", "2");
+    let as_date = Receiver::start(&[429], 200).await;
+    let date = (chrono::Utc::now() + chrono::Duration::seconds(3))
+        .to_rfc2822()
+        .replace("+0000", "GMT");
+    as_date.set_header("retry-after", &date);
+    app.create_webhook(&in_seconds.url(), &["POAM_OVERDUE"], None).await;
+    app.create_webhook(&as_date.url(), &["POAM_OVERDUE"], None).await;
+    let (status, _) = app
+        .post_event(&envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()))
+        .await;
+    assert_eq!(status, 202);
+
+    // The test schedule retries after 100 ms; the receivers asked for 2 s and ~3 s.
+    let seconds = in_seconds.wait_for(2, Duration::from_secs(10)).await;
+    let waited = seconds[1].at - seconds[0].at;
+    assert!(
+        waited >= Duration::from_secs(2),
+        "Retry-After: 2 waited only {waited:?}"
+    );
+    let dated = as_date.wait_for(2, Duration::from_secs(10)).await;
+    let waited = dated[1].at - dated[0].at;
+    assert!(
+        waited >= Duration::from_secs(2),
+        "an HTTP-date Retry-After waited only {waited:?}"
+    );
+}
