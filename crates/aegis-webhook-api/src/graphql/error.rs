@@ -58,3 +58,14 @@ impl From<ApiError> for async_graphql::Error {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// Maps a store result at the GraphQL boundary, naming what a `NotFound` was.
+pub trait StoreResultExt<T> {
+    fn or_not_found(self, what: &'static str) -> ApiResult<T>;
+}
+
+impl<T> StoreResultExt<T> for Result<T, StoreError> {
+    fn or_not_found(self, what: &'static str) -> ApiResult<T> {
+        self.map_err(|error| ApiError::from_store(error, what))
+    }
+}

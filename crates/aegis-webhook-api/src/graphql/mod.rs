@@ -15,7 +15,7 @@ use async_graphql::{Context, EmptySubscription, ID, Object, Schema};
 use sea_orm::TransactionTrait as _;
 use uuid::Uuid;
 
-pub use error::{ApiError, ApiResult};
+pub use error::{ApiError, ApiResult, StoreResultExt};
 pub use types::{
     Delivery, DeliveryAttempt, DeliveryFilter, DeliveryStatus, EventTypeInfo, Tenant, Webhook, WebhookEvent,
     WebhookInput, WebhookUpdateInput,
@@ -114,7 +114,7 @@ impl QueryRoot {
         let caller = caller(ctx)?;
         let tenant = tenants::tenant_by_id(&state(ctx).db, caller.tenant_id)
             .await
-            .map_err(|error| ApiError::from_store(error, "tenant"))?
+            .or_not_found("tenant")?
             .ok_or(ApiError::NotFound("tenant"))?;
         Ok(Tenant {
             id: ID(tenant.id.to_string()),
@@ -128,7 +128,7 @@ impl QueryRoot {
         let state = state(ctx);
         let webhook = webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, id)
             .await
-            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+            .or_not_found("webhook")?;
         Ok(webhook.into())
     }
 
@@ -145,7 +145,7 @@ impl QueryRoot {
         let state = state(ctx);
         let page = webhooks::list_webhooks(&state.db, &state.cipher, caller.tenant_id, after, first as u64)
             .await
-            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+            .or_not_found("webhook")?;
         Ok(connection(
             page,
             first,
@@ -161,7 +161,7 @@ impl QueryRoot {
         let id = parse_id("id", &id)?;
         let delivery = deliveries::delivery_of_tenant(&state(ctx).db, caller.tenant_id, id)
             .await
-            .map_err(|error| ApiError::from_store(error, "delivery"))?;
+            .or_not_found("delivery")?;
         Ok(delivery.into())
     }
 
@@ -190,7 +190,7 @@ impl QueryRoot {
         };
         let page = deliveries::list_deliveries(&state(ctx).db, caller.tenant_id, &filter, after, first as u64)
             .await
-            .map_err(|error| ApiError::from_store(error, "delivery"))?;
+            .or_not_found("delivery")?;
         Ok(connection(
             page,
             first,
@@ -229,7 +229,7 @@ impl MutationRoot {
         let new = validate_input(state, input)?;
         let webhook = webhooks::create_webhook(&state.db, &state.cipher, caller.tenant_id, new)
             .await
-            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+            .or_not_found("webhook")?;
         tracing::info!(webhook_id = %webhook.id, tenant_id = %caller.tenant_id, "webhook created");
         Ok(webhook.into())
     }
@@ -247,7 +247,7 @@ impl MutationRoot {
         let changes = validate_changes(state, input)?;
         let webhook = webhooks::update_webhook(&state.db, &state.cipher, caller.tenant_id, id, changes)
             .await
-            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+            .or_not_found("webhook")?;
         Ok(webhook.into())
     }
 
@@ -257,7 +257,7 @@ impl MutationRoot {
         let uuid = parse_id("id", &id)?;
         webhooks::delete_webhook(&state(ctx).db, caller.tenant_id, uuid)
             .await
-            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+            .or_not_found("webhook")?;
         Ok(id)
     }
 
@@ -285,7 +285,7 @@ impl MutationRoot {
             chrono::Utc::now() + grace,
         )
         .await
-        .map_err(|error| ApiError::from_store(error, "webhook"))?;
+        .or_not_found("webhook")?;
         tracing::info!(webhook_id = %webhook.id, "webhook secret rotated");
         Ok(webhook.into())
     }
@@ -297,7 +297,7 @@ impl MutationRoot {
         let state = state(ctx);
         let webhook = webhooks::set_webhook_active(&state.db, &state.cipher, caller.tenant_id, id, active)
             .await
-            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+            .or_not_found("webhook")?;
         Ok(webhook.into())
     }
 
@@ -308,7 +308,7 @@ impl MutationRoot {
         let state = state(ctx);
         let webhook = webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, id)
             .await
-            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+            .or_not_found("webhook")?;
         let event = ValidatedEvent {
             id: Uuid::now_v7(),
             tenant_id: caller.tenant_id,
@@ -354,7 +354,7 @@ impl MutationRoot {
         let state = state(ctx);
         deliveries::delivery_of_tenant(&state.db, caller.tenant_id, id)
             .await
-            .map_err(|error| ApiError::from_store(error, "delivery"))?;
+            .or_not_found("delivery")?;
         reopen_and_publish(state, id).await?;
         delivery_of(state, caller, id).await
     }
@@ -372,10 +372,10 @@ impl MutationRoot {
         let state = state(ctx);
         webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, webhook_id)
             .await
-            .map_err(|error| ApiError::from_store(error, "webhook"))?;
+            .or_not_found("webhook")?;
         let failed = deliveries::failed_since(&state.db, webhook_id, since)
             .await
-            .map_err(|error| ApiError::from_store(error, "delivery"))?;
+            .or_not_found("delivery")?;
         let mut replayed = 0;
         for id in failed {
             if reopen_and_publish(state, id).await? {
@@ -389,7 +389,7 @@ impl MutationRoot {
 async fn delivery_of(state: &AppState, caller: Caller, id: Uuid) -> async_graphql::Result<Delivery> {
     let delivery = deliveries::delivery_of_tenant(&state.db, caller.tenant_id, id)
         .await
-        .map_err(|error| ApiError::from_store(error, "delivery"))?;
+        .or_not_found("delivery")?;
     Ok(delivery.into())
 }
 
@@ -398,7 +398,7 @@ async fn delivery_of(state: &AppState, caller: Caller, id: Uuid) -> async_graphq
 async fn reopen_and_publish(state: &AppState, id: Uuid) -> ApiResult<bool> {
     let next = deliveries::reopen(&state.db, id, chrono::Utc::now())
         .await
-        .map_err(|error| ApiError::from_store(error, "delivery"))?;
+        .or_not_found("delivery")?;
     let Some(attempt) = next else { return Ok(false) };
     if let Err(error) = state
         .queue

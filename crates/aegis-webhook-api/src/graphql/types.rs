@@ -5,6 +5,8 @@ use aegis_webhook_core::db::deliveries;
 use aegis_webhook_core::db::webhooks::Webhook as WebhookRecord;
 use aegis_webhook_core::event::EventType;
 use async_graphql::{Enum, ID, InputObject, SimpleObject};
+
+use super::StoreResultExt as _;
 use chrono::{DateTime, Utc};
 
 /// The event types a webhook can subscribe to, as named in the webhook payloads.
@@ -101,7 +103,7 @@ impl Webhook {
         let state = ctx.data_unchecked::<crate::AppState>();
         let stats = deliveries::stats_of_webhook(&state.db, id)
             .await
-            .map_err(|error| super::ApiError::from_store(error, "webhook"))?;
+            .or_not_found("webhook")?;
         Ok(WebhookStats {
             succeeded: stats.succeeded,
             failed: stats.failed,
@@ -230,9 +232,7 @@ impl Delivery {
     async fn attempts(&self, ctx: &async_graphql::Context<'_>) -> async_graphql::Result<Vec<DeliveryAttempt>> {
         let id = uuid::Uuid::parse_str(self.id.as_str())?;
         let state = ctx.data_unchecked::<crate::AppState>();
-        let attempts = deliveries::attempts_of(&state.db, id)
-            .await
-            .map_err(|error| super::ApiError::from_store(error, "delivery"))?;
+        let attempts = deliveries::attempts_of(&state.db, id).await.or_not_found("delivery")?;
         Ok(attempts.into_iter().map(DeliveryAttempt::from).collect())
     }
 }
