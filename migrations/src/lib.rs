@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261127_000001_initial;
 mod m20261127_000002_secret_rotation;
+mod m20261127_000003_auto_disable;
 
 pub struct Migrator;
 
@@ -14,6 +15,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261127_000001_initial::Migration),
             Box::new(m20261127_000002_secret_rotation::Migration),
+            Box::new(m20261127_000003_auto_disable::Migration),
         ]
     }
 }

@@ -1,7 +1,9 @@
 //! Support shared by the test binaries: a running system per test on its own
 //! database, capturing receivers on loopback, signature checks as receivers make
-//! them, and child processes for the fault tests.
+//! them, the verification docs' Rust snippets, and child processes for the fault
+//! tests.
 
+pub mod hostile;
 pub mod processes;
 pub mod signature;
 pub mod support;

@@ -31,12 +31,9 @@ pub async fn role_process_main() {
     aegis_webhook_core::telemetry::init(Default::default());
     let config = Config::load(None).expect("configuration");
     let db = open_database(&config, false).await.expect("database");
-    let listener = if roles.api {
-        Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"))
-    } else {
-        None
-    };
-    let system = start(&config, roles, db, listener).await.expect("start");
+    // Every role listens, as `aegis-webhook <role>` does: the API, or probes and metrics.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let system = start(&config, roles, db, Some(listener)).await.expect("start");
     let addr = system.addr.map_or_else(|| "-".to_owned(), |addr| addr.to_string());
     println!("{READY} {addr}");
     run_until_signal(system).await.expect("clean stop");

@@ -300,6 +300,18 @@ impl TestApp {
     }
 
     /// Counts rows of a table, straight from the database.
+    /// The nodes of a `deliveries(filter: $filter …)` query, asserting no errors.
+    pub async fn delivery_nodes(&self, query: &str, filter: Value) -> Vec<Value> {
+        let answer = self.graphql(query, serde_json::json!({ "filter": filter })).await;
+        assert!(answer["errors"].is_null(), "{answer}");
+        answer["data"]["deliveries"]["edges"]
+            .as_array()
+            .expect("edges")
+            .iter()
+            .map(|edge| edge["node"].clone())
+            .collect()
+    }
+
     pub async fn count(&self, table: &str) -> i64 {
         let backend = self.db().get_database_backend();
         let row = self

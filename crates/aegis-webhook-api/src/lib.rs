@@ -73,9 +73,37 @@ pub fn router(state: AppState) -> Router {
             // clear JSON error; the layer only guards memory.
             post(intake::accept_event).layer(axum::extract::DefaultBodyLimit::max(max_event_bytes)),
         )
+        .with_state(RouterState {
+            app: state.clone(),
+            schema,
+        })
+        .merge(ops_router(state.db, state.queue))
+}
+
+/// What the probes look at.
+#[derive(Clone)]
+struct Probes {
+    db: DatabaseConnection,
+    queue: Arc<dyn Queue>,
+}
+
+/// `/healthz`, `/readyz` and `/metrics`: part of the API's router, and served
+/// alone by the ingester and worker processes, so every process is probed and
+/// scraped the same way.
+pub fn ops_router(db: DatabaseConnection, queue: Arc<dyn Queue>) -> Router {
+    Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(RouterState { app: state, schema })
+        .route("/metrics", get(metrics))
+        .with_state(Probes { db, queue })
+}
+
+async fn metrics() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        aegis_webhook_core::metrics::render(),
+    )
+        .into_response()
 }
 
 /// Serves `router` on `listener` until `shutdown`, then finishes the requests in
@@ -154,12 +182,12 @@ async fn graphql_handler(State(state): State<RouterState>, headers: HeaderMap, r
 }
 
 /// Ready when the database and the broker are both reachable.
-async fn readyz(State(state): State<RouterState>) -> Response {
-    if let Err(error) = state.app.db.ping().await {
+async fn readyz(State(state): State<Probes>) -> Response {
+    if let Err(error) = state.db.ping().await {
         tracing::warn!(error = %error, "readiness: database unreachable");
         return (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response();
     }
-    if !state.app.queue.is_ready().await {
+    if !state.queue.is_ready().await {
         tracing::warn!("readiness: broker unreachable");
         return (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable").into_response();
     }

@@ -101,6 +101,15 @@ pub struct Config {
     pub secret_rotation_grace: Duration,
     /// Deliveries one worker process sends at once.
     pub worker_concurrency: usize,
+    /// Requests one worker process sends to one webhook at once, so a slow or
+    /// hanging endpoint ties up at most this many of the worker's slots.
+    pub webhook_concurrency: usize,
+    /// Consecutive failed deliveries after which a webhook is disabled
+    /// (provided they span `auto_disable_after`); 0 never disables.
+    pub auto_disable_after_failures: u32,
+    /// The shortest span of failures that disables a webhook.
+    #[serde(with = "humantime_serde_compat")]
+    pub auto_disable_after: Duration,
     /// How often pending deliveries whose task went missing are re-published.
     #[serde(with = "humantime_serde_compat")]
     pub reconcile_interval: Duration,
@@ -139,6 +148,9 @@ impl Default for Config {
             graphql_max_body_bytes: 256 * 1024,
             secret_rotation_grace: Duration::from_secs(24 * 3600),
             worker_concurrency: 64,
+            webhook_concurrency: 8,
+            auto_disable_after_failures: 100,
+            auto_disable_after: Duration::from_secs(24 * 3600),
             reconcile_interval: Duration::from_secs(30),
             reconcile_grace: Duration::from_secs(60),
             data_dir: PathBuf::from("aegis-data"),
@@ -173,6 +185,9 @@ impl Config {
         if self.worker_concurrency == 0 {
             return Err(ConfigError::Invalid("worker_concurrency must be at least 1".into()));
         }
+        if self.webhook_concurrency == 0 {
+            return Err(ConfigError::Invalid("webhook_concurrency must be at least 1".into()));
+        }
         if self.request_timeout.is_zero() {
             return Err(ConfigError::Invalid("request_timeout must be positive".into()));
         }
@@ -203,6 +218,13 @@ impl Config {
         crate::retry::Backpressure {
             retry_after_max: self.retry_after_max,
             throttled_floor: self.retry_throttled_floor,
+        }
+    }
+
+    pub fn auto_disable(&self) -> crate::retry::AutoDisable {
+        crate::retry::AutoDisable {
+            after_failures: self.auto_disable_after_failures,
+            after: self.auto_disable_after,
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod db;
 pub mod event;
+pub mod metrics;
 pub mod queue;
 pub mod retry;
 pub mod secret;

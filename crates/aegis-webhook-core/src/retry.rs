@@ -200,6 +200,41 @@ pub fn next_delay(schedule: &RetrySchedule, next_attempt: u32, jitter: f64) -> O
     Some(base.mul_f64(1.0 + MAX_JITTER_FRACTION * jitter.clamp(0.0, 1.0)))
 }
 
+/// When a failing webhook is turned off: after `after_failures` failed
+/// deliveries in a row (retries exhausted, not single attempts) that span at
+/// least `after`, so that neither a short outage nor a burst of events sent
+/// during one disables a webhook. Any success resets the streak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AutoDisable {
+    /// Zero turns auto-disable off.
+    pub after_failures: u32,
+    pub after: Duration,
+}
+
+impl AutoDisable {
+    pub const NEVER: AutoDisable = AutoDisable {
+        after_failures: 0,
+        after: Duration::ZERO,
+    };
+
+    /// The reason to disable a webhook whose streak is `failures` long and began
+    /// at `failing_since`, or `None` to keep it.
+    pub fn reason(
+        &self,
+        failures: u32,
+        failing_since: chrono::DateTime<chrono::Utc>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<String> {
+        let span = (now - failing_since).to_std().unwrap_or(Duration::ZERO);
+        (self.after_failures > 0 && failures >= self.after_failures && span >= self.after).then(|| {
+            format!(
+                "disabled automatically: {failures} deliveries in a row failed since {}",
+                failing_since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,5 +336,33 @@ mod tests {
         assert_eq!(classify(Some(429)), AttemptClass::Retryable);
         assert_eq!(classify(Some(503)), AttemptClass::Retryable);
         assert_eq!(classify(None), AttemptClass::Retryable);
+    }
+
+    #[test]
+    fn auto_disable_needs_both_the_count_and_the_span() {
+        let policy = AutoDisable {
+            after_failures: 100,
+            after: Duration::from_secs(24 * 3600),
+        };
+        let since = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .expect("valid")
+            .with_timezone(&chrono::Utc);
+        let day_later = since + chrono::Duration::hours(24);
+        assert_eq!(policy.reason(99, since, day_later), None, "one failure short");
+        assert_eq!(
+            policy.reason(100, since, day_later - chrono::Duration::seconds(1)),
+            None,
+            "a second short of the span"
+        );
+        let reason = policy.reason(100, since, day_later).expect("disabled");
+        assert_eq!(
+            reason,
+            "disabled automatically: 100 deliveries in a row failed since 2026-01-01T00:00:00Z"
+        );
+        let off = AutoDisable {
+            after_failures: 0,
+            after: Duration::ZERO,
+        };
+        assert_eq!(off.reason(u32::MAX, since, day_later), None, "zero turns it off");
     }
 }

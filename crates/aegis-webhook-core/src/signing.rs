@@ -44,6 +44,58 @@ pub fn standard_webhooks_signature(secret: &SigningSecret, message_id: &str, tim
     format!("v1,{}", BASE64.encode(digest))
 }
 
+/// How far a `webhook-timestamp` may be from the receiver's clock, as in the
+/// Standard Webhooks libraries: wide enough for clock skew and queueing, narrow
+/// enough that a captured request cannot be replayed later.
+pub const DEFAULT_TIMESTAMP_TOLERANCE: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// Why a Standard Webhooks request was refused by [`verify_standard_webhook`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("webhook-timestamp is not a whole number of seconds")]
+    MalformedTimestamp,
+    #[error("webhook-timestamp is {0} s away from now, beyond the tolerance")]
+    TimestampOutOfTolerance(i64),
+    #[error("no v1 signature in webhook-signature matches")]
+    NoMatchingSignature,
+}
+
+/// Verifies a Standard Webhooks request the way a receiver should: the
+/// timestamp within `tolerance` of `now` (replay protection), then any of the
+/// space-separated `v1,<base64>` entries matching in constant time (during a
+/// rotation the header carries one per secret). Entries of other versions are
+/// ignored, as the specification requires.
+pub fn verify_standard_webhook(
+    secret: &SigningSecret,
+    message_id: &str,
+    timestamp_header: &str,
+    signature_header: &str,
+    body: &[u8],
+    now: chrono::DateTime<chrono::Utc>,
+    tolerance: std::time::Duration,
+) -> Result<(), VerifyError> {
+    let timestamp: i64 = timestamp_header
+        .trim()
+        .parse()
+        .map_err(|_| VerifyError::MalformedTimestamp)?;
+    let skew = now.timestamp().saturating_sub(timestamp);
+    if skew.unsigned_abs() > tolerance.as_secs() {
+        return Err(VerifyError::TimestampOutOfTolerance(skew));
+    }
+    let expected = standard_webhooks_signature(secret, message_id, timestamp, body);
+    let matched = signature_header
+        .split_whitespace()
+        .filter(|entry| entry.starts_with("v1,"))
+        .fold(false, |matched, entry| {
+            matched | bool::from(entry.as_bytes().ct_eq(expected.as_bytes()))
+        });
+    if matched {
+        Ok(())
+    } else {
+        Err(VerifyError::NoMatchingSignature)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +138,56 @@ mod tests {
             standard_webhooks_signature(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
             "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
         );
+    }
+
+    #[test]
+    fn standard_webhook_verification_checks_timestamp_and_any_v1_entry() {
+        let key = secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
+        let other = secret("whsec_dGhpcyBpcyBhbm90aGVyIHNlY3JldCBrZXkh");
+        let body = br#"{"test": 2432232314}"#;
+        let id = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+        let sent_at = chrono::DateTime::from_timestamp(1614265330, 0).expect("valid");
+        let tolerance = DEFAULT_TIMESTAMP_TOLERANCE;
+        let signature = standard_webhooks_signature(&key, id, sent_at.timestamp(), body);
+        let verify = |header: &str, timestamp: &str, now| {
+            verify_standard_webhook(&key, id, timestamp, header, body, now, tolerance)
+        };
+
+        assert_eq!(verify(&signature, "1614265330", sent_at), Ok(()));
+        // During a rotation: the other secret's entry first, a future version ignored.
+        let rotating = format!(
+            "v2,abc {} {signature}",
+            standard_webhooks_signature(&other, id, 1614265330, body)
+        );
+        assert_eq!(verify(&rotating, "1614265330", sent_at), Ok(()));
+
+        let late = sent_at + chrono::Duration::seconds(301);
+        assert_eq!(
+            verify(&signature, "1614265330", late),
+            Err(VerifyError::TimestampOutOfTolerance(301))
+        );
+        let early = sent_at - chrono::Duration::seconds(301);
+        assert_eq!(
+            verify(&signature, "1614265330", early),
+            Err(VerifyError::TimestampOutOfTolerance(-301))
+        );
+        assert_eq!(
+            verify(&signature, "16142653x0", sent_at),
+            Err(VerifyError::MalformedTimestamp)
+        );
+        // A signature over another timestamp, a tampered body, another secret.
+        assert_eq!(
+            verify(&signature, "1614265331", sent_at),
+            Err(VerifyError::NoMatchingSignature)
+        );
+        assert_eq!(
+            verify_standard_webhook(&key, id, "1614265330", &signature, b"{}", sent_at, tolerance),
+            Err(VerifyError::NoMatchingSignature)
+        );
+        assert_eq!(
+            verify_standard_webhook(&other, id, "1614265330", &signature, body, sent_at, tolerance),
+            Err(VerifyError::NoMatchingSignature)
+        );
+        assert_eq!(verify("", "1614265330", sent_at), Err(VerifyError::NoMatchingSignature));
     }
 }

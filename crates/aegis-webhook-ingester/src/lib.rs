@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aegis_webhook_core::db::{deliveries, events, tenants, webhooks};
-use aegis_webhook_core::event::ValidatedEvent;
+use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
+use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
 use anyhow::Context as _;
 use chrono::Utc;
@@ -70,11 +71,17 @@ impl Ingester {
     pub async fn ingest(&self, body: &[u8]) -> anyhow::Result<IngestOutcome> {
         let event = match ValidatedEvent::parse(body, Utc::now()) {
             Ok(event) => event,
-            Err(error) => return self.refuse(body, error.to_string()).await,
+            Err(error) => {
+                let class = match error {
+                    EnvelopeError::Malformed(_) => "malformed",
+                    EnvelopeError::Invalid(_) => "invalid",
+                };
+                return self.refuse(body, class, error.to_string()).await;
+            }
         };
         if tenants::tenant_by_id(&self.db, event.tenant_id).await?.is_none() {
             let reason = format!("tenantId: no tenant with id {}", event.tenant_id);
-            return self.refuse(body, reason).await;
+            return self.refuse(body, "unknown_tenant", reason).await;
         }
 
         let transaction = self.db.begin().await.context("failed to begin the fan-out")?;
@@ -94,12 +101,13 @@ impl Ingester {
 
         // The deliveries are safe in the database; if publishing fails from here,
         // the reconciler publishes them later.
-        for id in &ids {
+        for (id, planned) in ids.iter().zip(&planned) {
             self.queue
-                .publish_task(DeliveryTask::new(*id, 1), Duration::ZERO)
+                .publish_task(DeliveryTask::new(*id, planned.webhook_id, 1), Duration::ZERO)
                 .await
                 .context("failed to publish a delivery task")?;
         }
+        metrics::event_ingested(event.event_type);
         tracing::info!(event_id = %event.id, event = %event.event_type, deliveries = ids.len(), "event fanned out");
         Ok(IngestOutcome::FannedOut {
             event_id: event.id,
@@ -107,8 +115,11 @@ impl Ingester {
         })
     }
 
-    async fn refuse(&self, body: &[u8], reason: String) -> anyhow::Result<IngestOutcome> {
+    /// Parks an invalid event; `class` labels the metric, `reason` says what
+    /// exactly was wrong.
+    async fn refuse(&self, body: &[u8], class: &'static str, reason: String) -> anyhow::Result<IngestOutcome> {
         tracing::warn!(%reason, "invalid event refused");
+        metrics::event_invalid(class);
         self.queue
             .publish_invalid_event(bytes::Bytes::copy_from_slice(body), &reason)
             .await
@@ -120,6 +131,7 @@ impl Ingester {
     /// arriving and returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let mut consumer = self.queue.consume(Stream::Events).await?;
+        metrics::consumer_up("events", true);
         loop {
             let next = if shutdown.is_cancelled() {
                 match tokio::time::timeout(DRAIN_IDLE, consumer.next()).await {
@@ -136,11 +148,16 @@ impl Ingester {
                 None => break,
                 Some(Err(error)) => {
                     tracing::error!(error = %error, "events consumer failed");
+                    metrics::consumer_up("events", false);
                     tokio::time::sleep(ERROR_PAUSE).await;
                 }
-                Some(Ok(message)) => self.handle(message).await,
+                Some(Ok(message)) => {
+                    metrics::consumer_up("events", true);
+                    self.handle(message).await;
+                }
             }
         }
+        metrics::consumer_up("events", false);
         tracing::info!("ingester stopped");
         Ok(())
     }

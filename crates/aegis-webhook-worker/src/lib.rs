@@ -5,6 +5,7 @@
 //! [`Worker::process_one`] is the whole of one attempt; [`Worker::run`] is the loop
 //! around it that owns concurrency, acknowledgements and shutdown.
 
+pub mod admission;
 pub mod http;
 pub mod reconciler;
 
@@ -15,7 +16,8 @@ use aegis_webhook_core::config::Config;
 use aegis_webhook_core::db::deliveries::{self, Attempt, NextStep};
 use aegis_webhook_core::db::{events, webhooks};
 use aegis_webhook_core::event::delivered_body;
-use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
+use aegis_webhook_core::metrics::{self, AttemptOutcome};
+use aegis_webhook_core::queue::{DeliveryTask, Queue, Stream};
 use aegis_webhook_core::retry::{self, AttemptClass, RetrySchedule};
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::signing;
@@ -36,6 +38,8 @@ const CLAIM_MARGIN: Duration = Duration::from_secs(10);
 /// Pause after an infrastructure error before the task is handed back.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
+use admission::{Admission, Lanes, Taken};
+
 /// Everything a worker needs, shared by all its in-flight deliveries.
 #[derive(Clone)]
 pub struct Worker {
@@ -48,7 +52,9 @@ pub struct Worker {
     backpressure: retry::Backpressure,
     request_timeout: Duration,
     max_response_body_bytes: usize,
+    auto_disable: retry::AutoDisable,
     concurrency: usize,
+    webhook_concurrency: usize,
 }
 
 impl std::fmt::Debug for Worker {
@@ -91,7 +97,9 @@ impl Worker {
             backpressure: config.backpressure(),
             request_timeout: config.request_timeout,
             max_response_body_bytes: config.max_response_body_bytes,
+            auto_disable: config.auto_disable(),
             concurrency: config.worker_concurrency,
+            webhook_concurrency: config.webhook_concurrency,
         })
     }
 
@@ -120,6 +128,7 @@ impl Worker {
         let previous_secret = webhook.previous_secret_at(Utc::now());
         let headers = self.headers(&delivery, &webhook.secret, previous_secret, attempt, &body);
         let started_at = Utc::now();
+        let in_flight = metrics::InFlight::start();
         let result = http::post(
             &self.client,
             &self.policy,
@@ -130,6 +139,7 @@ impl Worker {
             self.max_response_body_bytes,
         )
         .await;
+        drop(in_flight);
 
         let class = retry::classify(result.status);
         let (next, outcome) = match class {
@@ -172,26 +182,56 @@ impl Worker {
             error: result.error.clone(),
             response_body: result.body.clone(),
         };
+        let now = Utc::now();
         let transaction = self.db.begin().await.context("failed to begin recording an attempt")?;
         deliveries::record_attempt(&transaction, &record, &next).await?;
-        match &outcome {
-            Outcome::Delivered => webhooks::record_delivery_result(&transaction, webhook.id, true).await?,
-            Outcome::Failed { reason } => {
-                webhooks::record_delivery_result(&transaction, webhook.id, false).await?;
-                if class == AttemptClass::Gone {
-                    webhooks::disable_webhook(&transaction, webhook.id, reason).await?;
-                }
+        let disabled = match &outcome {
+            Outcome::Delivered => {
+                // A success only resets the streak; it never disables.
+                webhooks::record_delivery_result(&transaction, webhook.id, true, &self.auto_disable, now).await?;
+                None
             }
-            Outcome::RetryScheduled { .. } | Outcome::Deferred { .. } | Outcome::Skipped { .. } => {}
-        }
+            Outcome::Failed { reason } if class == AttemptClass::Gone => {
+                webhooks::record_delivery_result(&transaction, webhook.id, false, &retry::AutoDisable::NEVER, now)
+                    .await?;
+                webhooks::disable_webhook(&transaction, webhook.id, reason, now).await?;
+                Some("gone")
+            }
+            Outcome::Failed { .. } => {
+                webhooks::record_delivery_result(&transaction, webhook.id, false, &self.auto_disable, now)
+                    .await?
+                    .map(|_| "failing")
+            }
+            Outcome::RetryScheduled { .. } | Outcome::Deferred { .. } | Outcome::Skipped { .. } => None,
+        };
         transaction.commit().await.context("failed to commit an attempt")?;
+        if let Some(reason) = disabled {
+            tracing::warn!(webhook_id = %webhook.id, reason, "webhook disabled automatically");
+            metrics::webhook_auto_disabled(reason);
+        }
+        metrics::delivery_attempt(
+            match (&outcome, class) {
+                (Outcome::Delivered, _) => AttemptOutcome::Success,
+                (_, AttemptClass::Gone) => AttemptOutcome::Gone,
+                (Outcome::Failed { .. }, _) => AttemptOutcome::Failed,
+                _ => AttemptOutcome::Retry,
+            },
+            result.duration,
+        );
+        match &outcome {
+            Outcome::Delivered => {
+                metrics::event_delivered_after((now - delivery.created_at).to_std().unwrap_or_default());
+            }
+            Outcome::RetryScheduled { next_attempt, .. } => metrics::retry_scheduled(*next_attempt),
+            _ => {}
+        }
 
         // The database already says what comes next; if publishing fails, the
         // reconciler publishes it later.
         match &outcome {
             Outcome::RetryScheduled { next_attempt, delay } => {
                 self.queue
-                    .publish_task(DeliveryTask::new(delivery_id, *next_attempt), *delay)
+                    .publish_task(DeliveryTask::new(delivery_id, webhook.id, *next_attempt), *delay)
                     .await?;
             }
             Outcome::Failed { reason } => self.queue.publish_dead_letter(task, reason).await?,
@@ -281,13 +321,19 @@ impl Worker {
         headers
     }
 
-    /// Consumes delivery tasks until `shutdown`, at most `concurrency` at once;
-    /// then waits up to `grace` for in-flight attempts. Tasks not finished by then
-    /// are left unacknowledged, so the broker (or, in embedded mode, the start-up
-    /// recovery) hands them out again.
+    /// Consumes delivery tasks until `shutdown`, at most `concurrency` attempts
+    /// at once and at most `webhook_concurrency` to any one webhook (see
+    /// [`admission`]); then waits up to `grace` for in-flight attempts. Tasks
+    /// not finished by then are left unacknowledged, so the broker (or, in
+    /// embedded mode, the start-up recovery) hands them out again.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
         let mut consumer = self.queue.consume(Stream::Tasks).await?;
+        metrics::consumer_up("tasks", true);
         let slots = Arc::new(Semaphore::new(self.concurrency));
+        // As many may wait in webhooks' lines as run: the prefetch (twice the
+        // concurrency) leaves room for both, so waiting tasks never stop the
+        // broker from handing this worker tasks for other webhooks.
+        let lanes = Arc::new(Lanes::new(self.webhook_concurrency, self.concurrency));
         let in_flight = TaskTracker::new();
         loop {
             let permit = tokio::select! {
@@ -298,19 +344,56 @@ impl Worker {
                 message = consumer.next() => message,
                 () = shutdown.cancelled() => break,
             };
-            match message {
+            let message = match message {
                 None => break,
                 Some(Err(error)) => {
                     tracing::error!(error = %error, "tasks consumer failed");
+                    metrics::consumer_up("tasks", false);
                     tokio::time::sleep(ERROR_PAUSE).await;
+                    continue;
                 }
-                Some(Ok(message)) => {
-                    let worker = self.clone();
+                Some(Ok(message)) => message,
+            };
+            metrics::consumer_up("tasks", true);
+            let task = match DeliveryTask::decode(&message.body) {
+                Ok(task) => task,
+                Err(error) => {
+                    // Nothing can be done with it; the delivery it was for, if
+                    // any, is still pending in the database and the reconciler
+                    // finds it.
+                    tracing::error!(error = %error, "undecodable delivery task dropped");
+                    let _ = message.ack().await;
+                    continue;
+                }
+            };
+            match lanes.admit(Taken { task, message }) {
+                Admission::Run(taken) => {
+                    let (worker, lanes) = (self.clone(), lanes.clone());
                     in_flight.spawn(async move {
-                        worker.handle(message).await;
+                        let mut next = Some(taken);
+                        // A finished attempt hands its slot to the next task
+                        // waiting for the same webhook.
+                        while let Some(taken) = next {
+                            let webhook = taken.task.webhook_id();
+                            worker.handle(taken).await;
+                            next = lanes.finish(webhook);
+                        }
                         drop(permit);
                     });
                 }
+                Admission::Waiting => drop(permit),
+                Admission::Full(taken) => {
+                    drop(permit);
+                    let worker = self.clone();
+                    in_flight.spawn(async move { worker.hold_back(taken).await });
+                }
+            }
+        }
+        metrics::consumer_up("tasks", false);
+        // Waiting tasks go back to the queue at once, for other workers.
+        for taken in lanes.drain_waiting() {
+            if let Err(error) = taken.message.requeue().await {
+                tracing::warn!(error = %error, "failed to hand back a waiting task; the broker will redeliver it");
             }
         }
         in_flight.close();
@@ -324,17 +407,38 @@ impl Worker {
         Ok(())
     }
 
-    async fn handle(&self, message: QueueMessage) {
-        let task = match DeliveryTask::decode(&message.body) {
-            Ok(task) => task,
-            Err(error) => {
-                // Nothing can be done with it; the delivery it was for, if any,
-                // is still pending in the database and the reconciler finds it.
-                tracing::error!(error = %error, "undecodable delivery task dropped");
-                let _ = message.ack().await;
-                return;
-            }
+    /// A task whose webhook has every slot busy while the lines are full: it
+    /// goes back to the queue for one request timeout (the longest a busy slot
+    /// stays busy), and the delivery is postponed to match, so the reconciler
+    /// does not count it as lost.
+    async fn hold_back(&self, taken: Taken) {
+        let Taken { task, message } = taken;
+        let delay = self.request_timeout;
+        let until = Utc::now() + delay;
+        let held = async {
+            deliveries::postpone(&self.db, task.delivery_id(), until, Utc::now()).await?;
+            self.queue.publish_task(task, delay).await?;
+            anyhow::Ok(())
         };
+        match held.await {
+            Ok(()) => {
+                if let Err(error) = message.ack().await {
+                    tracing::error!(error = %error, "failed to ack a held-back task");
+                }
+            }
+            Err(error) => {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "failed to hold back a task; requeueing it"
+                );
+                tokio::time::sleep(ERROR_PAUSE).await;
+                let _ = message.requeue().await;
+            }
+        }
+    }
+
+    async fn handle(&self, taken: Taken) {
+        let Taken { task, message } = taken;
         match self.process_one(task).await {
             Ok(_) => {
                 if let Err(error) = message.ack().await {

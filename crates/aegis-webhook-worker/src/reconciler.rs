@@ -44,7 +44,10 @@ impl Reconciler {
             for pending in &batch {
                 let delay = (pending.due_at - now).to_std().unwrap_or(Duration::ZERO);
                 self.queue
-                    .publish_task(DeliveryTask::new(pending.id, pending.next_attempt), delay)
+                    .publish_task(
+                        DeliveryTask::new(pending.id, pending.webhook_id, pending.next_attempt),
+                        delay,
+                    )
                     .await?;
             }
             published += batch.len();

@@ -61,6 +61,7 @@ impl Roles {
 
 /// A started process: its parts run in tasks until [`RunningSystem::stop`].
 pub struct RunningSystem {
+    /// Where the process serves HTTP: the API, or only probes and metrics.
     pub addr: Option<SocketAddr>,
     pub db: DatabaseConnection,
     pub queue: Arc<dyn Queue>,
@@ -165,19 +166,27 @@ pub fn secret_cipher(config: &Config) -> anyhow::Result<SecretCipher> {
 }
 
 /// Starts the given roles on an open database. `listener` is required with the
-/// API role.
+/// API role; without it, a listener serves only probes and metrics.
 pub async fn start(
     config: &Config,
     roles: Roles,
     db: DatabaseConnection,
     listener: Option<TcpListener>,
 ) -> anyhow::Result<RunningSystem> {
+    aegis_webhook_core::metrics::install();
     let cipher = secret_cipher(config)?;
     let (queue, memory_queue) = open_queue(config, roles).await?;
     let role_failed = CancellationToken::new();
 
     let api = match (roles.api, listener) {
-        (false, _) => None,
+        (false, None) => None,
+        (false, Some(listener)) => {
+            let addr = listener.local_addr().context("failed to read the listener's address")?;
+            let token = CancellationToken::new();
+            let router = aegis_webhook_api::ops_router(db.clone(), queue.clone());
+            let handle = tokio::spawn(aegis_webhook_api::serve(listener, router, token.clone()));
+            Some((addr, token, handle))
+        }
         (true, None) => anyhow::bail!("the API role needs a listener"),
         (true, Some(listener)) => {
             let state = AppState {
@@ -255,7 +264,9 @@ pub async fn open_queue(config: &Config, roles: Roles) -> anyhow::Result<(Arc<dy
             );
             let prefetch = Prefetch {
                 events: config.amqp_prefetch,
-                tasks: u16::try_from(config.worker_concurrency).unwrap_or(u16::MAX),
+                // Room for as many tasks waiting in webhooks' lines as in flight
+                // (see the worker's admission).
+                tasks: u16::try_from(config.worker_concurrency.saturating_mul(2)).unwrap_or(u16::MAX),
             };
             let queue = RabbitQueue::connect(url.expose(), topology, prefetch)
                 .await

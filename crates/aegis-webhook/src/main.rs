@@ -212,16 +212,12 @@ async fn publish(config: Config, file: &std::path::Path) -> anyhow::Result<()> {
 
 async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
     let db = open_database(&config, false).await?;
-    let listener = if roles.api {
-        Some(
-            TcpListener::bind(config.listen)
-                .await
-                .with_context(|| format!("failed to listen on {}", config.listen))?,
-        )
-    } else {
-        None
-    };
-    let system = start(&config, roles, db, listener).await?;
+    // Every role listens: the API serves everything there, the others their
+    // probes and metrics.
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", config.listen))?;
+    let system = start(&config, roles, db, Some(listener)).await?;
     if let Some(addr) = system.addr {
         tracing::info!(%addr, "listening");
     }

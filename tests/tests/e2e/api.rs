@@ -20,14 +20,7 @@ const DELIVERIES: &str = r#"query($filter: DeliveryFilter) {
 }"#;
 
 async fn deliveries(app: &TestApp, filter: Value) -> Vec<Value> {
-    let answer = app.graphql(DELIVERIES, json!({ "filter": filter })).await;
-    assert!(answer["errors"].is_null(), "{answer}");
-    answer["data"]["deliveries"]["edges"]
-        .as_array()
-        .expect("edges")
-        .iter()
-        .map(|edge| edge["node"].clone())
-        .collect()
+    app.delivery_nodes(DELIVERIES, filter).await
 }
 
 /// Waits until the webhook's newest delivery has `status` with `attempts` attempts.

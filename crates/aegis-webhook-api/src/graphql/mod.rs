@@ -290,14 +290,23 @@ impl MutationRoot {
         Ok(webhook.into())
     }
 
-    /// Pauses or resumes a webhook. Resuming clears `disabledReason`.
+    /// Pauses or resumes a webhook. Resuming clears `disabledReason` and the
+    /// failure streak.
     async fn set_webhook_active(&self, ctx: &Context<'_>, id: ID, active: bool) -> async_graphql::Result<Webhook> {
         let caller = caller(ctx)?;
         let id = parse_id("id", &id)?;
         let state = state(ctx);
+        let was_active = webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, id)
+            .await
+            .or_not_found("webhook")?
+            .active;
         let webhook = webhooks::set_webhook_active(&state.db, &state.cipher, caller.tenant_id, id, active)
             .await
             .or_not_found("webhook")?;
+        if active && !was_active {
+            tracing::info!(webhook_id = %webhook.id, "webhook re-enabled");
+            aegis_webhook_core::metrics::webhook_reenabled();
+        }
         Ok(webhook.into())
     }
 
@@ -338,7 +347,7 @@ impl MutationRoot {
         // Stored first; if publishing fails the reconciler sends it.
         if let Err(error) = state
             .queue
-            .publish_task(DeliveryTask::new(delivery_id, 1), std::time::Duration::ZERO)
+            .publish_task(DeliveryTask::new(delivery_id, webhook.id, 1), std::time::Duration::ZERO)
             .await
         {
             tracing::warn!(error = %error, "test delivery stored but not published; the reconciler will send it");
@@ -399,12 +408,9 @@ async fn reopen_and_publish(state: &AppState, id: Uuid) -> ApiResult<bool> {
     let next = deliveries::reopen(&state.db, id, chrono::Utc::now())
         .await
         .or_not_found("delivery")?;
-    let Some(attempt) = next else { return Ok(false) };
-    if let Err(error) = state
-        .queue
-        .publish_task(DeliveryTask::new(id, attempt), std::time::Duration::ZERO)
-        .await
-    {
+    let Some(reopened) = next else { return Ok(false) };
+    let task = DeliveryTask::new(id, reopened.webhook_id, reopened.attempts + 1);
+    if let Err(error) = state.queue.publish_task(task, std::time::Duration::ZERO).await {
         tracing::warn!(error = %error, "redelivery stored but not published; the reconciler will send it");
     }
     Ok(true)

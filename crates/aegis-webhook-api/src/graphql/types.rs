@@ -78,11 +78,17 @@ pub struct Webhook {
     pub active: bool,
     pub description: Option<String>,
     pub project_ids: Vec<ID>,
+    /// Why the webhook is off: set through the API, after a 410 Gone, or after
+    /// a streak of failed deliveries (`AEGIS_AUTO_DISABLE_AFTER_FAILURES`).
     pub disabled_reason: Option<String>,
+    /// When it was last turned off; null while active.
+    pub disabled_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     #[graphql(skip)]
     pub consecutive_failures: u32,
+    #[graphql(skip)]
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 /// How a webhook's deliveries are going.
@@ -94,6 +100,8 @@ pub struct WebhookStats {
     pub last_success_at: Option<DateTime<Utc>>,
     /// Finished deliveries that failed since the last success.
     pub consecutive_failures: u32,
+    /// When the first of those failures was recorded; null after a success.
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 #[async_graphql::ComplexObject]
@@ -110,6 +118,7 @@ impl Webhook {
             pending: stats.pending,
             last_success_at: stats.last_success_at,
             consecutive_failures: self.consecutive_failures,
+            failing_since: self.failing_since,
         })
     }
 }
@@ -125,9 +134,11 @@ impl From<WebhookRecord> for Webhook {
             description: record.description,
             project_ids: record.project_ids.into_iter().map(|id| ID(id.to_string())).collect(),
             disabled_reason: record.disabled_reason,
+            disabled_at: record.disabled_at,
             created_at: record.created_at,
             updated_at: record.updated_at,
             consecutive_failures: record.consecutive_failures,
+            failing_since: record.failing_since,
         }
     }
 }

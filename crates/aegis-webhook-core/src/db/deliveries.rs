@@ -118,6 +118,7 @@ pub enum NextStep {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingDelivery {
     pub id: Uuid,
+    pub webhook_id: Uuid,
     pub next_attempt: u32,
     pub due_at: DateTime<Utc>,
 }
@@ -172,6 +173,13 @@ pub async fn delivery_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Optio
 /// through fixed-length broker tiers and clocks differ a little between hosts.
 pub const DUE_TOLERANCE: Duration = Duration::from_millis(50);
 
+/// No worker holds a live claim on the delivery at `now`.
+fn unclaimed_at(now: DateTime<Utc>) -> Condition {
+    Condition::any()
+        .add(delivery::Column::LockedUntil.is_null())
+        .add(delivery::Column::LockedUntil.lt(now))
+}
+
 /// Takes the right to make attempt `attempt` of a pending delivery for `lease`.
 /// Fails when the attempt was already made, the delivery is finished, is not due
 /// yet, or another worker holds an unexpired claim: duplicate tasks then do nothing.
@@ -191,14 +199,29 @@ pub async fn claim(
         .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
         .filter(delivery::Column::Attempts.eq(previous_attempts))
         .filter(delivery::Column::NextAttemptAt.lte(due_by))
-        .filter(
-            Condition::any()
-                .add(delivery::Column::LockedUntil.is_null())
-                .add(delivery::Column::LockedUntil.lt(now)),
-        )
+        .filter(unclaimed_at(now))
         .exec(db)
         .await?;
     Ok(result.rows_affected == 1)
+}
+
+/// Moves a pending, unclaimed delivery's next attempt to `until`, for a worker
+/// that holds its task back (its webhook had every slot busy): the reconciler
+/// then does not take the held-back task for a lost one.
+pub async fn postpone(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+    until: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    delivery::Entity::update_many()
+        .col_expr(delivery::Column::NextAttemptAt, Expr::value(Some(until)))
+        .filter(delivery::Column::Id.eq(id))
+        .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
+        .filter(unclaimed_at(now))
+        .exec(db)
+        .await?;
+    Ok(())
 }
 
 /// Logs an attempt and moves the delivery on, releasing the claim.
@@ -276,11 +299,7 @@ pub async fn pending_unclaimed(
 ) -> Result<Vec<PendingDelivery>, StoreError> {
     let mut query = delivery::Entity::find()
         .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
-        .filter(
-            Condition::any()
-                .add(delivery::Column::LockedUntil.is_null())
-                .add(delivery::Column::LockedUntil.lt(now)),
-        );
+        .filter(unclaimed_at(now));
     if let Some(due_before) = due_before {
         // Timestamps are compared as RFC 3339 text on SQLite, which orders
         // correctly for four-digit years; `None` avoids an extreme sentinel.
@@ -305,6 +324,7 @@ pub async fn pending_unclaimed(
         .into_iter()
         .map(|row| PendingDelivery {
             id: row.id,
+            webhook_id: row.webhook_id,
             next_attempt: u32::try_from(row.attempts).unwrap_or_default() + 1,
             due_at: row.next_attempt_at.unwrap_or(now),
         })
@@ -408,7 +428,7 @@ pub async fn delivery_of_tenant(db: &impl ConnectionTrait, tenant_id: Uuid, id: 
 /// Makes a finished delivery pending again, due now, for one more attempt (a
 /// customer's redelivery). Returns the number of that attempt, or `None` when the
 /// delivery is still pending (its own task will make the next attempt).
-pub async fn reopen(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> Result<Option<u32>, StoreError> {
+pub async fn reopen(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> Result<Option<Delivery>, StoreError> {
     let result = delivery::Entity::update_many()
         .col_expr(delivery::Column::Status, Expr::value(DeliveryStatus::Pending.as_str()))
         .col_expr(delivery::Column::NextAttemptAt, Expr::value(Some(now)))
@@ -425,8 +445,7 @@ pub async fn reopen(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> 
     if result.rows_affected == 0 {
         return Ok(None);
     }
-    let delivery = delivery_by_id(db, id).await?.ok_or(StoreError::NotFound)?;
-    Ok(Some(delivery.attempts + 1))
+    delivery_by_id(db, id).await?.ok_or(StoreError::NotFound).map(Some)
 }
 
 /// The ids of a webhook's failed deliveries created at or after `since`.

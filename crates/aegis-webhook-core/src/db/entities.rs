@@ -61,6 +61,8 @@ pub mod webhook {
         pub updated_at: DateTimeUtc,
         pub previous_secret_sealed: Option<String>,
         pub previous_secret_expires_at: Option<DateTimeUtc>,
+        pub failing_since: Option<DateTimeUtc>,
+        pub disabled_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -7,6 +7,7 @@ use uuid::Uuid;
 use super::StoreError;
 use super::entities::webhook;
 use crate::event::EventType;
+use crate::retry::AutoDisable;
 use crate::secret::{SecretCipher, SigningSecret};
 use crate::target::WebhookUrl;
 
@@ -24,8 +25,12 @@ pub struct Webhook {
     pub previous_secret: Option<(SigningSecret, DateTime<Utc>)>,
     pub active: bool,
     pub disabled_reason: Option<String>,
+    /// When the webhook was last disabled, by the API or automatically.
+    pub disabled_at: Option<DateTime<Utc>>,
     /// Finished deliveries that failed since the last success.
     pub consecutive_failures: u32,
+    /// When the first of those failures was recorded.
+    pub failing_since: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -106,7 +111,9 @@ fn to_domain(row: webhook::Model, cipher: &SecretCipher) -> Result<Webhook, Stor
         previous_secret,
         active: row.active,
         disabled_reason: row.disabled_reason,
+        disabled_at: row.disabled_at,
         consecutive_failures: u32::try_from(row.consecutive_failures).unwrap_or_default(),
+        failing_since: row.failing_since,
         created_at: row.created_at,
         updated_at: row.updated_at,
     })
@@ -129,7 +136,9 @@ pub async fn create_webhook(
         secret_sealed: Set(cipher.seal(&new.secret)),
         active: Set(new.active),
         disabled_reason: Set(None),
+        disabled_at: Set(None),
         consecutive_failures: Set(0),
+        failing_since: Set(None),
         created_at: Set(now),
         updated_at: Set(now),
         previous_secret_sealed: Set(None),
@@ -220,28 +229,62 @@ pub async fn record_delivery_result(
     db: &impl ConnectionTrait,
     webhook_id: Uuid,
     succeeded: bool,
-) -> Result<(), StoreError> {
-    use sea_orm::sea_query::{Expr, ExprTrait as _};
-    let streak = if succeeded {
-        Expr::value(0)
-    } else {
-        Expr::col(webhook::Column::ConsecutiveFailures).add(1)
-    };
-    webhook::Entity::update_many()
-        .col_expr(webhook::Column::ConsecutiveFailures, streak)
-        .filter(webhook::Column::Id.eq(webhook_id))
+    auto_disable: &AutoDisable,
+    now: DateTime<Utc>,
+) -> Result<Option<String>, StoreError> {
+    use sea_orm::sea_query::{Expr, ExprTrait as _, Func};
+    let update = webhook::Entity::update_many().filter(webhook::Column::Id.eq(webhook_id));
+    if succeeded {
+        update
+            .col_expr(webhook::Column::ConsecutiveFailures, Expr::value(0))
+            .col_expr(
+                webhook::Column::FailingSince,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .exec(db)
+            .await?;
+        return Ok(None);
+    }
+    // One statement, so concurrent workers count every failure and the first
+    // one dates the streak.
+    update
+        .col_expr(
+            webhook::Column::ConsecutiveFailures,
+            Expr::col(webhook::Column::ConsecutiveFailures).add(1),
+        )
+        .col_expr(
+            webhook::Column::FailingSince,
+            Func::coalesce([Expr::col(webhook::Column::FailingSince), Expr::value(now)]).into(),
+        )
         .exec(db)
         .await?;
-    Ok(())
+    let Some(row) = webhook::Entity::find_by_id(webhook_id).one(db).await? else {
+        return Ok(None);
+    };
+    let failures = u32::try_from(row.consecutive_failures).unwrap_or_default();
+    let reason = row
+        .failing_since
+        .filter(|_| row.active)
+        .and_then(|since| auto_disable.reason(failures, since, now));
+    if let Some(reason) = &reason {
+        disable_webhook(db, webhook_id, reason, now).await?;
+    }
+    Ok(reason)
 }
 
 /// Deactivates a webhook, saying why (for example, the receiver answered 410 Gone).
-pub async fn disable_webhook(db: &impl ConnectionTrait, webhook_id: Uuid, reason: &str) -> Result<(), StoreError> {
+pub async fn disable_webhook(
+    db: &impl ConnectionTrait,
+    webhook_id: Uuid,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
     use sea_orm::sea_query::Expr;
     webhook::Entity::update_many()
         .col_expr(webhook::Column::Active, Expr::value(false))
         .col_expr(webhook::Column::DisabledReason, Expr::value(reason))
-        .col_expr(webhook::Column::UpdatedAt, Expr::value(Utc::now()))
+        .col_expr(webhook::Column::DisabledAt, Expr::value(Some(now)))
+        .col_expr(webhook::Column::UpdatedAt, Expr::value(now))
         .filter(webhook::Column::Id.eq(webhook_id))
         .exec(db)
         .await?;
@@ -304,9 +347,16 @@ pub async fn set_webhook_active(
     update = if active {
         update
             .col_expr(webhook::Column::DisabledReason, Expr::value(Option::<String>::None))
+            .col_expr(webhook::Column::DisabledAt, Expr::value(Option::<DateTime<Utc>>::None))
             .col_expr(webhook::Column::ConsecutiveFailures, Expr::value(0))
+            .col_expr(
+                webhook::Column::FailingSince,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
     } else {
-        update.col_expr(webhook::Column::DisabledReason, Expr::value("disabled through the API"))
+        update
+            .col_expr(webhook::Column::DisabledReason, Expr::value("disabled through the API"))
+            .col_expr(webhook::Column::DisabledAt, Expr::value(Some(Utc::now())))
     };
     if update.exec(db).await?.rows_affected == 0 {
         return Err(StoreError::NotFound);

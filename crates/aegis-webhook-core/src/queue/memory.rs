@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Acknowledger, Consumer, DeliveryTask, Queue, QueueError, QueueMessage, Stream};
+use super::{Acknowledger, Consumer, DeliveryTask, LanePicker, Queue, QueueError, QueueMessage, Stream};
 
 /// How many invalid events and dead letters are kept for inspection.
 const PARKED_CAPACITY: usize = 1000;
@@ -46,7 +46,10 @@ pub struct Parked {
 #[derive(Clone)]
 pub struct MemoryQueue {
     events: Channel,
+    /// First attempts.
     tasks: Channel,
+    /// Retries whose delay has passed.
+    due: Channel,
     invalid_events: Arc<Mutex<VecDeque<Parked>>>,
     dead_letters: Arc<Mutex<VecDeque<Parked>>>,
 }
@@ -68,6 +71,7 @@ impl MemoryQueue {
         MemoryQueue {
             events: Channel::new(),
             tasks: Channel::new(),
+            due: Channel::new(),
             invalid_events: Arc::default(),
             dead_letters: Arc::default(),
         }
@@ -93,10 +97,11 @@ impl MemoryQueue {
             .collect()
     }
 
-    fn channel(&self, stream: Stream) -> &Channel {
-        match stream {
-            Stream::Events => &self.events,
-            Stream::Tasks => &self.tasks,
+    fn task_channel(&self, task: &DeliveryTask) -> &Channel {
+        if task.is_first_attempt() {
+            &self.tasks
+        } else {
+            &self.due
         }
     }
 }
@@ -125,10 +130,10 @@ impl Queue for MemoryQueue {
     }
 
     async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError> {
+        let channel = self.task_channel(&task).clone();
         if delay.is_zero() {
-            return self.tasks.send(task.encode());
+            return channel.send(task.encode());
         }
-        let channel = self.tasks.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             // A closed channel means the process is stopping; the delivery is
@@ -144,10 +149,25 @@ impl Queue for MemoryQueue {
     }
 
     async fn consume(&self, stream: Stream) -> Result<Box<dyn Consumer>, QueueError> {
-        Ok(Box::new(MemoryConsumer {
-            channel: self.channel(stream).clone(),
-        }))
+        Ok(match stream {
+            Stream::Events => Box::new(MemoryConsumer {
+                channel: self.events.clone(),
+            }),
+            Stream::Tasks => Box::new(TasksConsumer {
+                first: self.tasks.clone(),
+                due: self.due.clone(),
+                picker: LanePicker::default(),
+            }),
+        })
     }
+}
+
+fn message_of(channel: &Channel, body: Bytes) -> QueueMessage {
+    let acknowledger = MemoryAcknowledger {
+        channel: channel.clone(),
+        body: body.clone(),
+    };
+    QueueMessage::new(body, Box::new(acknowledger))
 }
 
 struct MemoryConsumer {
@@ -158,11 +178,36 @@ struct MemoryConsumer {
 impl Consumer for MemoryConsumer {
     async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>> {
         let body = self.channel.receiver.lock().await.recv().await?;
-        let acknowledger = MemoryAcknowledger {
-            channel: self.channel.clone(),
-            body: body.clone(),
+        Some(Ok(message_of(&self.channel, body)))
+    }
+}
+
+/// Takes from both lanes of the tasks stream, first attempts first.
+struct TasksConsumer {
+    first: Channel,
+    due: Channel,
+    picker: LanePicker,
+}
+
+#[async_trait]
+impl Consumer for TasksConsumer {
+    async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>> {
+        let mut first = self.first.receiver.lock().await;
+        let mut due = self.due.receiver.lock().await;
+        let (channel, body) = if self.picker.prefer_retries() {
+            tokio::select! {
+                biased;
+                body = due.recv() => (&self.due, body?),
+                body = first.recv() => (&self.first, body?),
+            }
+        } else {
+            tokio::select! {
+                biased;
+                body = first.recv() => (&self.first, body?),
+                body = due.recv() => (&self.due, body?),
+            }
         };
-        Some(Ok(QueueMessage::new(body, Box::new(acknowledger))))
+        Some(Ok(message_of(channel, body)))
     }
 }
 
@@ -191,8 +236,8 @@ mod tests {
     async fn delayed_tasks_arrive_after_their_delay_and_in_order() {
         let queue = MemoryQueue::new();
         let mut consumer = queue.consume(Stream::Tasks).await.expect("consumer");
-        let late = DeliveryTask::new(Uuid::now_v7(), 2);
-        let now = DeliveryTask::new(Uuid::now_v7(), 1);
+        let late = DeliveryTask::new(Uuid::now_v7(), Uuid::now_v7(), 2);
+        let now = DeliveryTask::new(Uuid::now_v7(), Uuid::now_v7(), 1);
         queue.publish_task(late, Duration::from_secs(5)).await.expect("publish");
         queue.publish_task(now, Duration::ZERO).await.expect("publish");
 
@@ -203,6 +248,33 @@ mod tests {
         let second = consumer.next().await.expect("open").expect("message");
         assert_eq!(DeliveryTask::decode(&second.body).expect("task"), late);
         assert!(started.elapsed() >= Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn first_attempts_go_before_a_backlog_of_retries_without_starving_it() {
+        let queue = MemoryQueue::new();
+        let webhook = Uuid::now_v7();
+        for _ in 0..20 {
+            queue
+                .publish_task(DeliveryTask::new(Uuid::now_v7(), webhook, 2), Duration::ZERO)
+                .await
+                .expect("publish");
+        }
+        for _ in 0..6 {
+            queue
+                .publish_task(DeliveryTask::new(Uuid::now_v7(), webhook, 1), Duration::ZERO)
+                .await
+                .expect("publish");
+        }
+        let mut consumer = queue.consume(Stream::Tasks).await.expect("consumer");
+        let mut taken = Vec::new();
+        for _ in 0..8 {
+            let message = consumer.next().await.expect("open").expect("message");
+            taken.push(DeliveryTask::decode(&message.body).expect("task").attempt());
+        }
+        // Of the first eight takes, six are the first attempts although they were
+        // published after twenty retries; two are retries (one in RETRY_SHARE).
+        assert_eq!(taken, [1, 1, 1, 2, 1, 1, 1, 2]);
     }
 
     #[tokio::test]

@@ -16,29 +16,56 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// "Make attempt `attempt` of delivery `delivery_id`." Everything else about the
-/// delivery is read from the database, which stays the source of truth.
+/// delivery is read from the database, which stays the source of truth; the
+/// webhook's id rides along so a worker can hold back a task whose webhook has
+/// all its slots busy without a database read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum DeliveryTask {
+    /// Still read, for tasks published before `V2`; never written.
     #[serde(rename = "delivery.v1", rename_all = "camelCase")]
     V1 { delivery_id: Uuid, attempt: u32 },
+    #[serde(rename = "delivery.v2", rename_all = "camelCase")]
+    V2 {
+        delivery_id: Uuid,
+        webhook_id: Uuid,
+        attempt: u32,
+    },
 }
 
 impl DeliveryTask {
-    pub fn new(delivery_id: Uuid, attempt: u32) -> Self {
-        DeliveryTask::V1 { delivery_id, attempt }
+    pub fn new(delivery_id: Uuid, webhook_id: Uuid, attempt: u32) -> Self {
+        DeliveryTask::V2 {
+            delivery_id,
+            webhook_id,
+            attempt,
+        }
     }
 
     pub fn delivery_id(&self) -> Uuid {
         match self {
-            DeliveryTask::V1 { delivery_id, .. } => *delivery_id,
+            DeliveryTask::V1 { delivery_id, .. } | DeliveryTask::V2 { delivery_id, .. } => *delivery_id,
+        }
+    }
+
+    /// The webhook the delivery goes to; unknown for `V1` tasks.
+    pub fn webhook_id(&self) -> Option<Uuid> {
+        match self {
+            DeliveryTask::V1 { .. } => None,
+            DeliveryTask::V2 { webhook_id, .. } => Some(*webhook_id),
         }
     }
 
     pub fn attempt(&self) -> u32 {
         match self {
-            DeliveryTask::V1 { attempt, .. } => *attempt,
+            DeliveryTask::V1 { attempt, .. } | DeliveryTask::V2 { attempt, .. } => *attempt,
         }
+    }
+
+    /// Whether the task is a first attempt, which the queues keep apart from
+    /// retries so that a backlog of retries never starves new deliveries.
+    pub fn is_first_attempt(&self) -> bool {
+        self.attempt() <= 1
     }
 
     pub fn encode(&self) -> Bytes {
@@ -51,11 +78,33 @@ impl DeliveryTask {
 }
 
 /// The two streams processes consume.
+/// Of every `RETRY_SHARE` tasks a busy worker takes while both kinds wait, one
+/// is a retry: first attempts go first, but a flood of them cannot park retries
+/// forever either.
+pub const RETRY_SHARE: usize = 4;
+
+/// Picks which lane of the tasks stream (first attempts, or retries that are
+/// due) a consumer serves first on its next take, for the consumers of both
+/// adapters.
+#[derive(Debug, Default)]
+pub(crate) struct LanePicker {
+    turn: usize,
+}
+
+impl LanePicker {
+    /// Whether this take should look at due retries before first attempts.
+    pub(crate) fn prefer_retries(&mut self) -> bool {
+        self.turn = self.turn.wrapping_add(1);
+        self.turn.is_multiple_of(RETRY_SHARE)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
     /// Upstream envelopes, consumed by the ingester.
     Events,
-    /// Delivery tasks, consumed by workers.
+    /// Delivery tasks, consumed by workers: first attempts and due retries,
+    /// kept in two lanes and interleaved by [`LanePicker`].
     Tasks,
 }
 
@@ -140,14 +189,30 @@ mod tests {
     #[test]
     fn tasks_have_a_stable_versioned_wire_format() {
         let id = Uuid::parse_str("0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f").expect("uuid");
-        let task = DeliveryTask::new(id, 3);
+        let webhook = Uuid::parse_str("0190f5a6-0000-7a2b-9c1f-1c1b2a3d4e5f").expect("uuid");
+        let task = DeliveryTask::new(id, webhook, 3);
         assert_eq!(
             task.encode(),
             Bytes::from_static(
-                br#"{"type":"delivery.v1","deliveryId":"0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f","attempt":3}"#
+                br#"{"type":"delivery.v2","deliveryId":"0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f","webhookId":"0190f5a6-0000-7a2b-9c1f-1c1b2a3d4e5f","attempt":3}"#
             )
         );
         assert_eq!(DeliveryTask::decode(&task.encode()).expect("decodes"), task);
+        assert_eq!(task.webhook_id(), Some(webhook));
+        assert!(!task.is_first_attempt());
+        let v1 = DeliveryTask::decode(
+            br#"{"type":"delivery.v1","deliveryId":"0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f","attempt":1}"#,
+        )
+        .expect("v1 still decodes");
+        assert_eq!((v1.delivery_id(), v1.webhook_id(), v1.attempt()), (id, None, 1));
         assert!(DeliveryTask::decode(br#"{"type":"delivery.v9"}"#).is_err());
+    }
+
+    #[test]
+    fn the_lane_picker_prefers_first_attempts_but_never_starves_retries() {
+        let mut picker = LanePicker::default();
+        let turns: Vec<bool> = (0..8).map(|_| picker.prefer_retries()).collect();
+        assert_eq!(turns.iter().filter(|retries| **retries).count(), 8 / RETRY_SHARE);
+        assert!(!turns[0], "the first pick prefers first attempts");
     }
 }

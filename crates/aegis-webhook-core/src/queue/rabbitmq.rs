@@ -7,8 +7,9 @@
 //! ```text
 //! exchange {p}aegis.events (topic) ──"#"──► queue {p}aegis.ingest ──► ingester
 //! queue {p}aegis.events.invalid            ◄── refused events, reason in a header
-//! exchange {p}aegis.deliveries (direct) ──"work"──► queue {p}aegis.deliveries.work ──► workers
-//! queue {p}aegis.deliveries.retry.<ms>     ── TTL expires ──► {p}aegis.deliveries ("work")
+//! exchange {p}aegis.deliveries (direct) ──"work"──► queue {p}aegis.deliveries.work ──► workers (first attempts)
+//!                                        ──"due"───► queue {p}aegis.deliveries.due  ──► workers (retries)
+//! queue {p}aegis.deliveries.retry.<ms>     ── TTL expires ──► {p}aegis.deliveries ("due")
 //! queue {p}aegis.deliveries.dead           ◄── deliveries that failed for good
 //! ```
 
@@ -28,10 +29,12 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
 
-use super::{Acknowledger, Consumer, DeliveryTask, Queue, QueueError, QueueMessage, Stream};
+use super::{Acknowledger, Consumer, DeliveryTask, LanePicker, Queue, QueueError, QueueMessage, Stream};
 
 /// Routing key of the work queue on the deliveries exchange.
 const WORK_ROUTING_KEY: &str = "work";
+/// Routing key of the due-retries queue, which every tier dead-letters into.
+const DUE_ROUTING_KEY: &str = "due";
 /// Header carrying why an event was refused or a delivery dead-lettered.
 pub const REASON_HEADER: &str = "x-aegis-reason";
 /// Delays shorter than this are published straight to the work queue.
@@ -90,6 +93,11 @@ impl Topology {
     pub fn work_queue(&self) -> String {
         format!("{}aegis.deliveries.work", self.prefix)
     }
+    /// Retries whose delay has passed: apart from first attempts, so that a
+    /// backlog of retries cannot delay new deliveries.
+    pub fn due_queue(&self) -> String {
+        format!("{}aegis.deliveries.due", self.prefix)
+    }
     pub fn dead_queue(&self) -> String {
         format!("{}aegis.deliveries.dead", self.prefix)
     }
@@ -101,11 +109,15 @@ impl Topology {
     }
 
     /// Where a task delayed by `delay` goes: the longest tier not longer than the
-    /// delay (the worker re-publishes the rest if it arrives early), or the work
-    /// queue for (nearly) no delay.
-    pub fn route_for_delay(&self, delay: Duration) -> Route {
+    /// delay (the worker re-publishes the rest if it arrives early), or for
+    /// (nearly) no delay the work queue (first attempts) or the due queue.
+    pub fn route_for(&self, task: &DeliveryTask, delay: Duration) -> Route {
         if delay < IMMEDIATE {
-            return Route::Work;
+            return if task.is_first_attempt() {
+                Route::Work
+            } else {
+                Route::Due
+            };
         }
         let tier = self
             .tiers
@@ -157,6 +169,7 @@ impl Topology {
             self.ingest_queue(),
             self.invalid_queue(),
             self.work_queue(),
+            self.due_queue(),
             self.dead_queue(),
         ] {
             channel
@@ -183,9 +196,18 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        channel
+            .queue_bind(
+                self.due_queue().into(),
+                self.deliveries_exchange().into(),
+                DUE_ROUTING_KEY.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
         for tier in &self.tiers {
             // Classic queues: every message in a tier has the same TTL, so they
-            // expire in order from the head, then go back to the work queue.
+            // expire in order from the head, then move to the due queue.
             let mut arguments = self.queue_arguments(false);
             arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
             arguments.insert(
@@ -194,7 +216,7 @@ impl Topology {
             );
             arguments.insert(
                 "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(WORK_ROUTING_KEY.into()),
+                AMQPValue::LongString(DUE_ROUTING_KEY.into()),
             );
             channel
                 .queue_declare(self.tier_queue(*tier).into(), durable_queue, arguments)
@@ -216,6 +238,7 @@ pub struct Prefetch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Work,
+    Due,
     Tier(Duration),
 }
 
@@ -402,9 +425,13 @@ impl Queue for RabbitQueue {
 
     async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError> {
         let topology = &self.inner.topology;
-        match topology.route_for_delay(delay) {
+        match topology.route_for(&task, delay) {
             Route::Work => {
                 self.publish(&topology.deliveries_exchange(), WORK_ROUTING_KEY, &task.encode(), None)
+                    .await
+            }
+            Route::Due => {
+                self.publish(&topology.deliveries_exchange(), DUE_ROUTING_KEY, &task.encode(), None)
                     .await
             }
             Route::Tier(tier) => self.publish("", &topology.tier_queue(tier), &task.encode(), None).await,
@@ -422,6 +449,7 @@ impl Queue for RabbitQueue {
             queue: self.clone(),
             stream,
             inner: None,
+            picker: LanePicker::default(),
         };
         consumer.subscribe().await?;
         Ok(Box::new(consumer))
@@ -431,7 +459,15 @@ impl Queue for RabbitQueue {
 struct RabbitConsumer {
     queue: RabbitQueue,
     stream: Stream,
-    inner: Option<lapin::Consumer>,
+    inner: Option<Subscription>,
+    picker: LanePicker,
+}
+
+/// The broker consumers behind one [`Consumer`]: the events queue, or the two
+/// lanes of the tasks stream on one channel.
+struct Subscription {
+    main: lapin::Consumer,
+    due: Option<lapin::Consumer>,
 }
 
 impl RabbitConsumer {
@@ -442,20 +478,32 @@ impl RabbitConsumer {
             Stream::Tasks => (topology.work_queue(), self.queue.inner.prefetch.tasks),
         };
         let channel = self.queue.consumer_channel().await?;
+        // Per consumer (not per channel): each lane may hold `prefetch` tasks,
+        // so a full lane of retries never blocks first attempts at the broker.
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
             .map_err(|error| unexpected(error, "failed to set the prefetch"))?;
-        let consumer = channel
-            .basic_consume(
-                ShortString::from(queue_name),
-                ShortString::from(""),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|error| unexpected(error, "failed to start consuming"))?;
-        self.inner = Some(consumer);
+        let start = |queue_name: String| {
+            let channel = channel.clone();
+            async move {
+                channel
+                    .basic_consume(
+                        ShortString::from(queue_name),
+                        ShortString::from(""),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|error| unexpected(error, "failed to start consuming"))
+            }
+        };
+        let main = start(queue_name).await?;
+        let due = match self.stream {
+            Stream::Events => None,
+            Stream::Tasks => Some(start(topology.due_queue()).await?),
+        };
+        self.inner = Some(Subscription { main, due });
         Ok(())
     }
 }
@@ -478,8 +526,21 @@ impl Consumer for RabbitConsumer {
                     continue;
                 }
             }
-            let consumer = self.inner.as_mut().expect("subscribed above");
-            match consumer.next().await {
+            let subscription = self.inner.as_mut().expect("subscribed above");
+            let next = match subscription.due.as_mut() {
+                None => subscription.main.next().await,
+                Some(due) if self.picker.prefer_retries() => tokio::select! {
+                    biased;
+                    next = due.next() => next,
+                    next = subscription.main.next() => next,
+                },
+                Some(due) => tokio::select! {
+                    biased;
+                    next = subscription.main.next() => next,
+                    next = due.next() => next,
+                },
+            };
+            match next {
                 Some(Ok(delivery)) => {
                     let acknowledger = RabbitAcknowledger { acker: delivery.acker };
                     return Some(Ok(QueueMessage::new(
@@ -536,34 +597,42 @@ mod tests {
     fn delays_route_to_the_longest_tier_that_fits() {
         let schedule = [Duration::ZERO, Duration::from_secs(5), Duration::from_secs(300)];
         let topology = Topology::new("t.", &schedule, None);
-        assert_eq!(topology.route_for_delay(Duration::ZERO), Route::Work);
-        assert_eq!(topology.route_for_delay(Duration::from_millis(5)), Route::Work);
+        let first = DeliveryTask::new(uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), 1);
+        let retry = DeliveryTask::new(uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), 2);
+        assert_eq!(topology.route_for(&first, Duration::ZERO), Route::Work);
+        assert_eq!(topology.route_for(&first, Duration::from_millis(5)), Route::Work);
+        assert_eq!(topology.route_for(&retry, Duration::ZERO), Route::Due);
         assert_eq!(
-            topology.route_for_delay(Duration::from_millis(500)),
+            topology.route_for(&first, Duration::from_secs(5)),
+            Route::Tier(Duration::from_secs(5))
+        );
+        let route_for_delay = |delay| topology.route_for(&retry, delay);
+        assert_eq!(
+            route_for_delay(Duration::from_millis(500)),
             Route::Tier(Duration::from_millis(250))
         );
         assert_eq!(
-            topology.route_for_delay(Duration::from_millis(100)),
+            route_for_delay(Duration::from_millis(100)),
             Route::Tier(Duration::from_millis(250))
         );
         assert_eq!(
-            topology.route_for_delay(Duration::from_millis(1500)),
+            route_for_delay(Duration::from_millis(1500)),
             Route::Tier(Duration::from_secs(1))
         );
         assert_eq!(
-            topology.route_for_delay(Duration::from_secs(5)),
+            route_for_delay(Duration::from_secs(5)),
             Route::Tier(Duration::from_secs(5))
         );
         assert_eq!(
-            topology.route_for_delay(Duration::from_millis(5400)),
+            route_for_delay(Duration::from_millis(5400)),
             Route::Tier(Duration::from_secs(5))
         );
         assert_eq!(
-            topology.route_for_delay(Duration::from_secs(330)),
+            route_for_delay(Duration::from_secs(330)),
             Route::Tier(Duration::from_secs(300))
         );
         assert_eq!(
-            topology.route_for_delay(Duration::from_secs(24 * 3600)),
+            route_for_delay(Duration::from_secs(24 * 3600)),
             Route::Tier(Duration::from_secs(6 * 3600))
         );
         assert_eq!(
@@ -571,5 +640,6 @@ mod tests {
             "t.aegis.deliveries.retry.5000"
         );
         assert_eq!(topology.work_queue(), "t.aegis.deliveries.work");
+        assert_eq!(topology.due_queue(), "t.aegis.deliveries.due");
     }
 }

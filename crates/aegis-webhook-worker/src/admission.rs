@@ -1,0 +1,166 @@
+//! Per-webhook admission: at most `per_webhook` attempts to one webhook are in
+//! flight in this process, so a slow or hanging endpoint ties up only its own
+//! slots. Tasks beyond that wait here, unacknowledged, in their webhook's line;
+//! when the lines hold `waiting_limit` tasks in all, further ones are handed
+//! back to the queue for later (see [`Admission::Full`]).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use aegis_webhook_core::queue::{DeliveryTask, QueueMessage};
+use uuid::Uuid;
+
+/// A task taken from the queue, with the message that acknowledges it.
+pub struct Taken {
+    pub task: DeliveryTask,
+    pub message: QueueMessage,
+}
+
+/// What [`Lanes::admit`] decided.
+pub enum Admission {
+    /// Send it now; call [`Lanes::finish`] when done.
+    Run(Taken),
+    /// It waits in its webhook's line; `finish` hands it out later.
+    Waiting,
+    /// Its webhook is busy and the lines are full: hand it back for later.
+    Full(Taken),
+}
+
+#[derive(Default)]
+struct Lane {
+    in_flight: usize,
+    waiting: VecDeque<Taken>,
+}
+
+#[derive(Default)]
+struct State {
+    lanes: HashMap<Uuid, Lane>,
+    waiting: usize,
+}
+
+pub struct Lanes {
+    per_webhook: usize,
+    waiting_limit: usize,
+    state: Mutex<State>,
+}
+
+impl Lanes {
+    pub fn new(per_webhook: usize, waiting_limit: usize) -> Self {
+        Lanes {
+            per_webhook: per_webhook.max(1),
+            waiting_limit,
+            state: Mutex::default(),
+        }
+    }
+
+    /// Admits a task; tasks without a webhook id (old `V1` tasks) always run.
+    pub fn admit(&self, taken: Taken) -> Admission {
+        let Some(webhook) = taken.task.webhook_id() else {
+            return Admission::Run(taken);
+        };
+        let mut state = self.state.lock().expect("not poisoned");
+        let waiting = state.waiting;
+        let lane = state.lanes.entry(webhook).or_default();
+        if lane.in_flight < self.per_webhook {
+            lane.in_flight += 1;
+            Admission::Run(taken)
+        } else if waiting < self.waiting_limit {
+            lane.waiting.push_back(taken);
+            state.waiting += 1;
+            Admission::Waiting
+        } else {
+            Admission::Full(taken)
+        }
+    }
+
+    /// Ends an attempt to `webhook`: returns the next task waiting for it, which
+    /// takes over the slot, or frees the slot.
+    pub fn finish(&self, webhook: Option<Uuid>) -> Option<Taken> {
+        let webhook = webhook?;
+        let mut state = self.state.lock().expect("not poisoned");
+        let lane = state.lanes.get_mut(&webhook)?;
+        if let Some(next) = lane.waiting.pop_front() {
+            state.waiting -= 1;
+            return Some(next);
+        }
+        lane.in_flight = lane.in_flight.saturating_sub(1);
+        if lane.in_flight == 0 {
+            state.lanes.remove(&webhook);
+        }
+        None
+    }
+
+    /// Takes every waiting task, for handing back at shutdown.
+    pub fn drain_waiting(&self) -> Vec<Taken> {
+        let mut state = self.state.lock().expect("not poisoned");
+        state.waiting = 0;
+        state
+            .lanes
+            .values_mut()
+            .flat_map(|lane| lane.waiting.drain(..))
+            .collect()
+    }
+
+    /// Tasks waiting in all lines.
+    pub fn waiting(&self) -> usize {
+        self.state.lock().expect("not poisoned").waiting
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aegis_webhook_core::queue::{Acknowledger, QueueError};
+    use async_trait::async_trait;
+
+    struct NoAck;
+
+    #[async_trait]
+    impl Acknowledger for NoAck {
+        async fn ack(self: Box<Self>) -> Result<(), QueueError> {
+            Ok(())
+        }
+        async fn requeue(self: Box<Self>) -> Result<(), QueueError> {
+            Ok(())
+        }
+    }
+
+    fn taken(webhook: Uuid) -> Taken {
+        let task = DeliveryTask::new(Uuid::now_v7(), webhook, 1);
+        Taken {
+            task,
+            message: QueueMessage::new(task.encode(), Box::new(NoAck)),
+        }
+    }
+
+    fn is_run(admission: &Admission) -> bool {
+        matches!(admission, Admission::Run(_))
+    }
+
+    #[test]
+    fn a_busy_webhook_waits_without_blocking_others_and_overflow_is_handed_back() {
+        let lanes = Lanes::new(2, 3);
+        let (slow, other) = (Uuid::now_v7(), Uuid::now_v7());
+        assert!(is_run(&lanes.admit(taken(slow))));
+        assert!(is_run(&lanes.admit(taken(slow))));
+        for _ in 0..3 {
+            assert!(matches!(lanes.admit(taken(slow)), Admission::Waiting));
+        }
+        assert!(matches!(lanes.admit(taken(slow)), Admission::Full(_)));
+        // Another webhook still runs at once, however long the slow one's line.
+        assert!(is_run(&lanes.admit(taken(other))));
+        assert_eq!(lanes.waiting(), 3);
+
+        // A finished attempt hands its slot to the next in line, in order.
+        assert!(lanes.finish(Some(slow)).is_some());
+        assert_eq!(lanes.waiting(), 2);
+        assert_eq!(lanes.drain_waiting().len(), 2);
+        assert_eq!(lanes.waiting(), 0);
+        assert!(lanes.finish(Some(slow)).is_none());
+        assert!(lanes.finish(Some(slow)).is_none());
+        // Both slots are free again.
+        assert!(is_run(&lanes.admit(taken(slow))));
+        assert!(is_run(&lanes.admit(taken(slow))));
+        assert!(lanes.finish(None).is_none());
+    }
+}
