@@ -3,6 +3,7 @@
 //! them, the verification docs' Rust snippets, and child processes for the fault
 //! tests.
 
+pub mod doc_snippets;
 pub mod hostile;
 pub mod processes;
 pub mod signature;

@@ -7,5 +7,6 @@ mod hostile_receivers;
 mod pipeline;
 mod rabbitmq;
 mod storage;
+mod verification_docs;
 
 pub use aegis_webhook_tests::{on_both_backends, signature, support};
