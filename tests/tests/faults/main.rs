@@ -341,15 +341,261 @@ async fn sigterm_on_a_busy_worker_finishes_or_hands_back_its_work_and_exits_zero
     else {
         return;
     };
-    let stopping = workers.remove(0);
+    // This worker drains as the manifests configure it, and must be gone before
+    // Kubernetes would SIGKILL it.
+    let manifests = ManifestGrace::read();
+    drop(workers.remove(0));
+    let stopping = RoleProcess::spawn(
+        "worker",
+        &cluster.with(
+            "AEGIS_SHUTDOWN_GRACE",
+            &format!("{}s", manifests.shutdown_grace.as_secs()),
+        ),
+    )
+    .await;
 
     let events = 200;
     cluster.publish(&api, events).await;
     cluster.wait_for_received(events * WEBHOOKS / 4).await;
     cluster.assert_mid_run(events * WEBHOOKS);
-    let status = stopping.terminate(Duration::from_secs(20)).await;
+    let sent_at = Instant::now();
+    let status = stopping.terminate(manifests.termination_grace).await;
+    let drained_in = sent_at.elapsed();
     assert_eq!(status.code(), Some(0), "a worker stopped by SIGTERM exits 0");
+    assert!(
+        drained_in < manifests.termination_grace,
+        "drained in {drained_in:?}, past the pod's grace period {:?}",
+        manifests.termination_grace
+    );
     cluster
         .expect_all(events * WEBHOOKS, Duration::from_secs(120), "worker SIGTERMed")
         .await;
+}
+
+/// The worker's drain settings as deploy/ ships them.
+struct ManifestGrace {
+    /// `terminationGracePeriodSeconds` of the worker Deployment.
+    termination_grace: Duration,
+    /// `AEGIS_SHUTDOWN_GRACE` of the ConfigMap.
+    shutdown_grace: Duration,
+}
+
+impl ManifestGrace {
+    fn read() -> ManifestGrace {
+        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base");
+        let worker = std::fs::read_to_string(deploy.join("worker.yaml")).expect("deploy/base/worker.yaml");
+        let config = std::fs::read_to_string(deploy.join("config.env")).expect("deploy/base/config.env");
+        let termination_grace = worker
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("terminationGracePeriodSeconds:"))
+            .and_then(|value| value.trim().parse().ok())
+            .map(Duration::from_secs)
+            .expect("the worker sets terminationGracePeriodSeconds");
+        let shutdown_grace = config
+            .lines()
+            .find_map(|line| line.strip_prefix("AEGIS_SHUTDOWN_GRACE="))
+            .and_then(|value| humantime::parse_duration(value.trim()).ok())
+            .expect("the ConfigMap sets AEGIS_SHUTDOWN_GRACE");
+        assert!(shutdown_grace < termination_grace, "the manifests' drain cannot fit");
+        ManifestGrace {
+            termination_grace,
+            shutdown_grace,
+        }
+    }
+}
+
+/// The value of one sample (`name{labels}` exactly as exposed) in a scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+async fn scrape(process: &RoleProcess) -> String {
+    let url = format!("http://{}/metrics", process.addr.expect("every process listens"));
+    let response = reqwest::get(&url).await.expect("scrape");
+    assert_eq!(response.status(), 200, "{url}");
+    response.text().await.expect("metrics text")
+}
+
+/// After a small run with one endpoint that answers 410 Gone and one invalid
+/// event, each process's /metrics holds the documented series with the values
+/// the run must have produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_exports_the_documented_metrics_with_the_right_values() {
+    let _serial = SERIAL.lock().await;
+    let Some(cluster) = Cluster::prepare(Duration::ZERO).await else {
+        return;
+    };
+    let api_key = format!("key-{}", Uuid::new_v4().simple());
+    let settings = cluster.with("AEGIS_BOOTSTRAP_API_KEY", &api_key);
+    let api = RoleProcess::spawn("api", &settings).await;
+    let ingester = RoleProcess::spawn("ingester", &settings).await;
+    let worker = RoleProcess::spawn("worker", &settings).await;
+
+    // A fourth webhook, of tenant `default`, whose endpoint is gone.
+    let gone = Receiver::start(&[], 410).await;
+    let graphql = format!("http://{}/graphql", api.addr.expect("the API listens"));
+    let client = reqwest::Client::new();
+    let call = |query: &'static str, variables: serde_json::Value| {
+        let (client, graphql, api_key) = (client.clone(), graphql.clone(), api_key.clone());
+        async move {
+            let answer: serde_json::Value = client
+                .post(&graphql)
+                .bearer_auth(&api_key)
+                .json(&serde_json::json!({ "query": query, "variables": variables }))
+                .send()
+                .await
+                .expect("GraphQL")
+                .json()
+                .await
+                .expect("JSON");
+            assert!(answer["errors"].is_null(), "{answer}");
+            answer
+        }
+    };
+    let created = call(
+        "mutation($input: WebhookInput!) { createWebhook(input: $input) { id } }",
+        serde_json::json!({ "input": { "url": gone.url(), "events": ["POAM_OVERDUE"] } }),
+    )
+    .await;
+    let gone_id = created["data"]["createWebhook"]["id"].clone();
+    let default_tenant = {
+        let answer = call("{ tenant { id } }", serde_json::json!({})).await;
+        answer["data"]["tenant"]["id"].as_str().map(str::to_owned)
+    };
+    let default_tenant: Uuid = default_tenant.expect("the viewer's tenant").parse().expect("uuid");
+    let mut to_default = envelope(default_tenant, "POAM_OVERDUE", seed_poam_overdue_data());
+    to_default["id"] = serde_json::json!(Uuid::new_v4());
+    let answer = client
+        .post(format!("http://{}/v1/events", api.addr.expect("listens")))
+        .bearer_auth(&cluster.ingest_token)
+        .json(&to_default)
+        .send()
+        .await
+        .expect("intake");
+    assert_eq!(answer.status(), 202);
+    gone.wait_for(1, Duration::from_secs(30)).await;
+
+    // Four events to the three healthy webhooks, and one envelope that is not JSON.
+    let events = 4;
+    cluster.publish(&api, events).await;
+    let channel = scanner_channel().await.expect("RabbitMQ");
+    let prefix = cluster
+        .settings
+        .iter()
+        .find(|(key, _)| key == "AEGIS_AMQP_PREFIX")
+        .map(|(_, value)| value.clone())
+        .expect("prefix");
+    channel
+        .basic_publish(
+            format!("{prefix}aegis.events").into(),
+            "POAM_OVERDUE".into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"{not json",
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    cluster
+        .expect_all(events * WEBHOOKS, Duration::from_secs(60), "metrics")
+        .await;
+
+    // Back on: the API counts the re-enable.
+    call(
+        "mutation($id: ID!) { setWebhookActive(id: $id, active: true) { active } }",
+        serde_json::json!({ "id": gone_id }),
+    )
+    .await;
+
+    let ingested = (events + 1) as f64;
+    let delivered = (events * WEBHOOKS) as f64;
+    let expectations: [(&RoleProcess, &str, f64); 16] = [
+        (
+            &ingester,
+            r#"aegis_events_ingested_total{event_type="POAM_OVERDUE"}"#,
+            ingested,
+        ),
+        (&ingester, r#"aegis_events_invalid_total{reason="malformed"}"#, 1.0),
+        (&ingester, r#"aegis_queue_consumer_up{queue="events"}"#, 1.0),
+        (
+            &worker,
+            r#"aegis_delivery_attempts_total{outcome="success"}"#,
+            delivered,
+        ),
+        (&worker, r#"aegis_delivery_attempts_total{outcome="gone"}"#, 1.0),
+        (
+            &worker,
+            r#"aegis_deliveries_completed_total{status="succeeded"}"#,
+            delivered,
+        ),
+        (&worker, r#"aegis_deliveries_completed_total{status="failed"}"#, 1.0),
+        (&worker, "aegis_deliveries_dead_lettered_total", 1.0),
+        (&worker, r#"aegis_webhooks_auto_disabled_total{reason="gone"}"#, 1.0),
+        (
+            &worker,
+            "aegis_delivery_attempt_duration_seconds_count",
+            delivered + 1.0,
+        ),
+        (&worker, "aegis_event_delivery_lag_seconds_count", delivered),
+        (&worker, "aegis_deliveries_in_flight", 0.0),
+        (&worker, r#"aegis_queue_consumer_up{queue="tasks"}"#, 1.0),
+        (&api, "aegis_webhooks_reenabled_total", 1.0),
+        // Nothing retried: every endpoint answered at once.
+        (&worker, r#"aegis_delivery_attempts_total{outcome="retry"}"#, f64::NAN),
+        (
+            &api,
+            r#"aegis_events_ingested_total{event_type="POAM_OVERDUE"}"#,
+            f64::NAN,
+        ),
+    ];
+    let scrapes = [
+        ("api", scrape(&api).await),
+        ("ingester", scrape(&ingester).await),
+        ("worker", scrape(&worker).await),
+    ];
+    for (process, series, expected) in expectations {
+        let text = &scrapes
+            .iter()
+            .find(|(role, _)| *role == process.role)
+            .expect("scraped")
+            .1;
+        let value = sample(text, series);
+        if expected.is_nan() {
+            assert_eq!(value, None, "{} should not export {series}", process.role);
+        } else {
+            assert_eq!(value, Some(expected), "{}: {series}\n{text}", process.role);
+        }
+    }
+    // The exported metrics are the catalogue's, and the operations guide
+    // documents every one of them.
+    let catalogue: Vec<&str> = aegis_webhook_core::metrics::CATALOGUE
+        .iter()
+        .map(|(name, _)| *name)
+        .collect();
+    for (role, text) in &scrapes {
+        for line in text.lines().filter(|line| line.starts_with("aegis_")) {
+            let series = line.split(['{', ' ']).next().expect("a name");
+            let name = ["_count", "_sum", "_bucket"]
+                .iter()
+                .find_map(|suffix| series.strip_suffix(suffix))
+                .unwrap_or(series);
+            assert!(
+                catalogue.contains(&name),
+                "{role} exports {name}, which is not in the catalogue"
+            );
+        }
+    }
+    let guide = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/operations.md"))
+        .expect("docs/operations.md");
+    for name in catalogue {
+        assert!(
+            guide.contains(&format!("`{name}")),
+            "docs/operations.md does not document {name}"
+        );
+    }
+    drop((api, ingester, worker));
 }
