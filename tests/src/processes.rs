@@ -1,14 +1,15 @@
-//! Separate OS processes for the fault tests. A test binary re-runs itself as a
-//! child with `AEGIS_TEST_ROLE` set, and the child runs one role exactly as
-//! `aegis-webhook api|ingester|worker` would (configuration from `AEGIS_*`,
-//! `aegis_webhook::start`, stop on SIGTERM), so SIGKILL and SIGTERM hit a real
-//! process without depending on a separately built binary.
+//! Separate OS processes for the fault and telemetry tests. A test binary re-runs
+//! itself as a child with `AEGIS_TEST_ROLE` set, and the child runs one role
+//! exactly as `aegis-webhook api|ingester|worker` would (configuration from
+//! `AEGIS_*`, its own telemetry, `aegis_webhook::start`, stop on SIGTERM, the
+//! last spans flushed), so SIGKILL and SIGTERM hit a real process without
+//! depending on a separately built binary.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use aegis_webhook::{Roles, open_database, run_until_signal, start};
+use aegis_webhook::{Roles, open_database, run_until_signal, start, telemetry_settings};
 use aegis_webhook_core::config::Config;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -16,27 +17,34 @@ use tokio::process::{Child, Command};
 const ROLE_ENV: &str = "AEGIS_TEST_ROLE";
 const READY: &str = "AEGIS_ROLE_READY";
 
-/// The body of the ignored `role_process` test of each fault binary: what a
-/// child process runs.
+/// The body of the ignored `role_process` test of each binary that spawns role
+/// processes: what a child process runs.
 pub async fn role_process_main() {
-    let role = std::env::var(ROLE_ENV).expect("role_process only runs as a child of the fault tests");
+    let role = std::env::var(ROLE_ENV).expect("role_process only runs as a child of a test");
     let roles = match role.as_str() {
         "api" => Roles::API,
         "ingester" => Roles::INGESTER,
         "worker" => Roles::WORKER,
         other => panic!("unknown role {other}"),
     };
-    // Children always log warnings and errors (to the test's stderr), so a
-    // failing role explains itself; AEGIS_LOG raises the level.
-    aegis_webhook_core::telemetry::init(Default::default());
     let config = Config::load(None).expect("configuration");
+    // Children always log warnings and errors (to the test's stderr), so a
+    // failing role explains itself; AEGIS_LOG raises the level. With
+    // AEGIS_OTLP_ENDPOINT they export traces, as `aegis-webhook <role>` does.
+    let telemetry = telemetry_settings(&config, roles.service_name()).expect("telemetry");
+    aegis_webhook_core::telemetry::init(telemetry);
     let db = open_database(&config, false).await.expect("database");
     // Every role listens, as `aegis-webhook <role>` does: the API, or probes and metrics.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let system = start(&config, roles, db, Some(listener)).await.expect("start");
     let addr = system.addr.map_or_else(|| "-".to_owned(), |addr| addr.to_string());
     println!("{READY} {addr}");
-    run_until_signal(system).await.expect("clean stop");
+    let stopped = run_until_signal(system).await;
+    // As `main` does on the way out: the last spans are exported.
+    tokio::task::spawn_blocking(aegis_webhook_core::telemetry::shutdown)
+        .await
+        .expect("flush the last spans");
+    stopped.expect("clean stop");
 }
 
 /// One child process running one role.
@@ -63,9 +71,10 @@ impl RoleProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        // Only what the test says: nothing from the developer's own AEGIS_* setup.
+        // Only what the test says: nothing from the developer's own AEGIS_* (or
+        // OpenTelemetry) setup.
         for (key, _) in std::env::vars() {
-            if key.starts_with("AEGIS_") && !key.starts_with("AEGIS_TEST_") {
+            if (key.starts_with("AEGIS_") && !key.starts_with("AEGIS_TEST_")) || key.starts_with("OTEL_") {
                 command.env_remove(key);
             }
         }

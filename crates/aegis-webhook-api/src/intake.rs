@@ -1,9 +1,14 @@
 //! `POST /v1/events`: upstream services that cannot speak AMQP post envelopes
 //! here. The envelope is validated, published to the events stream (the same path
 //! AMQP publishers take) and only then acknowledged with 202.
+//!
+//! Each request is an `intake` span; the event's `publish` span is its child,
+//! and the message carries their trace on to the ingester. A scanner that
+//! sends `traceparent` has the whole trace begin at its own span.
 
 use aegis_webhook_core::db::tenants;
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
+use aegis_webhook_core::telemetry::{self, TraceHeaders};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -12,8 +17,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use subtle::ConstantTimeEq as _;
+use tracing::Instrument as _;
+use tracing::field::{Empty, display};
 
-use crate::{RouterState, bearer};
+use crate::{AppState, RouterState, bearer};
 
 fn reply(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = serde_json::json!({ "error": { "code": code, "message": message.into() } });
@@ -25,7 +32,31 @@ pub(crate) async fn accept_event(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let state = state.app;
+    let span = tracing::info_span!(
+        "intake",
+        otel.kind = "server",
+        otel.status_code = Empty,
+        http.request.method = "POST",
+        http.route = "/v1/events",
+        http.response.status_code = Empty,
+        trace_id = Empty,
+        aegis.event.id = Empty,
+        aegis.event.type = Empty,
+        aegis.tenant.id = Empty,
+    );
+    let sent = headers
+        .iter()
+        .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)));
+    telemetry::continue_trace(&span, &TraceHeaders::from_pairs(sent));
+    let response = accept(state.app, headers, body).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    if response.status().is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    response
+}
+
+async fn accept(state: AppState, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
     let Some(expected) = state.ingest_token.as_ref() else {
         return reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -62,6 +93,10 @@ pub(crate) async fn accept_event(
             return reply(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_EVENT", error.to_string());
         }
     };
+    let span = tracing::Span::current();
+    span.record("aegis.event.id", display(event.id));
+    span.record("aegis.event.type", event.event_type.as_str());
+    span.record("aegis.tenant.id", display(event.tenant_id));
     match tenants::tenant_by_id(&state.db, event.tenant_id).await {
         Ok(Some(_)) => {}
         Ok(None) => {

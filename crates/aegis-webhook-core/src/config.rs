@@ -122,6 +122,10 @@ pub struct Config {
     #[serde(with = "humantime_serde_compat")]
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
+    /// Base URL of an OTLP/HTTP collector (`http://otel-collector:4318`): spans
+    /// are exported to `<url>/v1/traces`, as with `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    /// Unset, no exporter is built and nothing is exported.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Config {
@@ -156,6 +160,7 @@ impl Default for Config {
             data_dir: PathBuf::from("aegis-data"),
             shutdown_grace: Duration::from_secs(25),
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
         }
     }
 }
@@ -196,6 +201,14 @@ impl Config {
         }
         if self.reconcile_interval.is_zero() {
             return Err(ConfigError::Invalid("reconcile_interval must be positive".into()));
+        }
+        if let Some(endpoint) = &self.otlp_endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(
+                "otlp_endpoint must be an http:// or https:// URL (OTLP over HTTP, e.g. http://otel-collector:4318)"
+                    .into(),
+            ));
         }
         let url = self.database_url();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://") || url.starts_with("sqlite:")) {
@@ -344,5 +357,63 @@ mod tests {
             assert!(Config::load(None).is_err());
             Ok(())
         });
+    }
+
+    /// docs/operations.md's configuration reference: one row per setting, the
+    /// variable named after it, and each default exactly what the code uses.
+    #[test]
+    fn the_operations_guide_documents_every_setting_and_its_default() {
+        let guide = include_str!("../../../docs/operations.md");
+        let table = guide
+            .split("## Configuration reference")
+            .nth(1)
+            .expect("docs/operations.md has a configuration reference");
+        let rows: Vec<Vec<String>> = table
+            .lines()
+            .skip_while(|line| !line.starts_with("| Setting |"))
+            .skip(2)
+            .take_while(|line| line.starts_with('|'))
+            .map(|line| {
+                line.trim_matches('|')
+                    .split(" | ")
+                    .map(|cell| cell.trim().trim_matches('`').to_owned())
+                    .collect()
+            })
+            .collect();
+        let documented: Vec<&str> = rows.iter().map(|row| row[0].as_str()).collect();
+        let mut in_code: Vec<&str> = serde_aux::serde_introspection::serde_introspect::<Config>().to_vec();
+        let mut sorted = documented.clone();
+        sorted.sort_unstable();
+        in_code.sort_unstable();
+        assert_eq!(sorted, in_code, "documented settings against Config's fields");
+
+        let defaults = format!("{:?}", Config::default());
+        for row in &rows {
+            let (field, variable, default) = (&row[0], &row[1], &row[2]);
+            assert_eq!(*variable, format!("AEGIS_{}", field.to_uppercase()), "{field}");
+            if default == "(unset)" {
+                assert!(
+                    defaults.contains(&format!("{field}: None")),
+                    "{field} is documented unset"
+                );
+                continue;
+            }
+            // The documented default, written in a config file, must give the
+            // same configuration as no setting at all.
+            let value = match default.as_str() {
+                "true" | "false" | "[]" | "\"\"" => default.clone(),
+                number if number.parse::<u64>().is_ok() => number.to_owned(),
+                text => format!("{text:?}"),
+            };
+            let config: Config = Figment::new()
+                .merge(Toml::string(&format!("{field} = {value}")))
+                .extract()
+                .unwrap_or_else(|error| panic!("{field}'s documented default {default} does not parse: {error}"));
+            assert_eq!(
+                format!("{config:?}"),
+                defaults,
+                "{field}'s documented default is not the code's"
+            );
+        }
     }
 }

@@ -4,6 +4,10 @@
 //!
 //! An envelope that fails validation is parked on the invalid-events queue with
 //! its reason and acknowledged; the consumer carries on.
+//!
+//! Each envelope is an `ingest` span, the child of the publisher's span when the
+//! message carries a trace context; the tasks published in it carry the trace
+//! on to the workers.
 
 mod fanout;
 
@@ -14,10 +18,13 @@ use aegis_webhook_core::db::{deliveries, events, tenants, webhooks};
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
+use aegis_webhook_core::telemetry;
 use anyhow::Context as _;
 use chrono::Utc;
 use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing::field::{Empty, display};
 use uuid::Uuid;
 
 pub use fanout::plan_deliveries;
@@ -79,6 +86,11 @@ impl Ingester {
                 return self.refuse(body, class, error.to_string()).await;
             }
         };
+        // The `ingest` span's fields, when there is one.
+        let span = tracing::Span::current();
+        span.record("aegis.event.id", display(event.id));
+        span.record("aegis.event.type", event.event_type.as_str());
+        span.record("aegis.tenant.id", display(event.tenant_id));
         if tenants::tenant_by_id(&self.db, event.tenant_id).await?.is_none() {
             let reason = format!("tenantId: no tenant with id {}", event.tenant_id);
             return self.refuse(body, "unknown_tenant", reason).await;
@@ -163,7 +175,42 @@ impl Ingester {
     }
 
     async fn handle(&self, message: QueueMessage) {
-        match self.ingest(&message.body).await {
+        let span = tracing::info_span!(
+            "ingest",
+            otel.kind = "consumer",
+            otel.status_code = Empty,
+            trace_id = Empty,
+            aegis.event.id = Empty,
+            aegis.event.type = Empty,
+            aegis.tenant.id = Empty,
+            aegis.ingest.outcome = Empty,
+            aegis.deliveries = Empty,
+        );
+        telemetry::continue_trace(&span, message.trace_headers());
+        self.ingest_and_settle(message).instrument(span).await;
+    }
+
+    /// Ingests a message, then acks it, or hands it back after a failure.
+    async fn ingest_and_settle(&self, message: QueueMessage) {
+        let ingested = self.ingest(&message.body).await;
+        let span = tracing::Span::current();
+        match &ingested {
+            Ok(IngestOutcome::FannedOut { deliveries, .. }) => {
+                span.record("aegis.ingest.outcome", "fanned_out");
+                span.record("aegis.deliveries", *deliveries);
+            }
+            Ok(IngestOutcome::Duplicate { .. }) => {
+                span.record("aegis.ingest.outcome", "duplicate");
+            }
+            Ok(IngestOutcome::Invalid { .. }) => {
+                span.record("aegis.ingest.outcome", "invalid");
+            }
+            Err(_) => {
+                span.record("aegis.ingest.outcome", "error");
+                span.record("otel.status_code", "error");
+            }
+        }
+        match ingested {
             Ok(_) => {
                 if let Err(error) = message.ack().await {
                     tracing::error!(error = %error, "failed to ack an event");

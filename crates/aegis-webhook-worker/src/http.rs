@@ -2,6 +2,10 @@
 //! customers' endpoints. No redirects, no proxies from the environment, a
 //! whole-request timeout, a capped response read, and a resolver that refuses
 //! addresses the target policy forbids (so DNS rebinding gets nowhere).
+//!
+//! Each attempt is an `http.request` span (OpenTelemetry's HTTP client
+//! attributes: the host and port, never the path or query, which may hold a
+//! customer's credentials; the status or the kind of failure).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +14,8 @@ use std::time::{Duration, Instant};
 use aegis_webhook_core::target::{RefusedAddress, TargetPolicy};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::HeaderMap;
+use tracing::Instrument as _;
+use tracing::field::Empty;
 use url::Host;
 
 /// Resolves with the system resolver, then keeps only allowed addresses.
@@ -66,6 +72,47 @@ pub struct HttpResult {
 /// POSTs `body` and reads at most `max_body` bytes of the answer, all within
 /// `timeout`. A body that does not arrive in time still leaves the status.
 pub async fn post(
+    client: &reqwest::Client,
+    policy: &TargetPolicy,
+    url: &str,
+    headers: HeaderMap,
+    body: String,
+    timeout: Duration,
+    max_body: usize,
+) -> HttpResult {
+    let parsed = url::Url::parse(url).ok();
+    let span = tracing::info_span!(
+        "http.request",
+        otel.kind = "client",
+        otel.status_code = Empty,
+        http.request.method = "POST",
+        server.address = parsed.as_ref().and_then(url::Url::host_str),
+        server.port = parsed.as_ref().and_then(url::Url::port_or_known_default),
+        url.scheme = parsed.as_ref().map(url::Url::scheme),
+        http.response.status_code = Empty,
+        error.type = Empty,
+    );
+    let result = send(client, policy, url, headers, body, timeout, max_body)
+        .instrument(span.clone())
+        .await;
+    if let Some(status) = result.status {
+        span.record("http.response.status_code", status);
+    }
+    // OpenTelemetry's `error.type`: the status of an error answer, else what
+    // kept the answer from coming.
+    let failure = match result.status {
+        _ if result.timed_out => Some("timeout".to_owned()),
+        Some(status) if status >= 400 => Some(status.to_string()),
+        Some(_) => None,
+        None => Some("request_failed".to_owned()),
+    };
+    if let Some(failure) = failure {
+        span.record("error.type", failure).record("otel.status_code", "error");
+    }
+    result
+}
+
+async fn send(
     client: &reqwest::Client,
     policy: &TargetPolicy,
     url: &str,

@@ -4,6 +4,11 @@
 //!
 //! [`Worker::process_one`] is the whole of one attempt; [`Worker::run`] is the loop
 //! around it that owns concurrency, acknowledgements and shutdown.
+//!
+//! Each task taken is a `deliver` span, the child of the span that published the
+//! task (the ingester's fan-out, or the attempt that scheduled this retry), with
+//! one `http.request` span per HTTP attempt inside; a retry published from it
+//! carries the trace on.
 
 pub mod admission;
 pub mod http;
@@ -17,11 +22,12 @@ use aegis_webhook_core::db::deliveries::{self, Attempt, NextStep};
 use aegis_webhook_core::db::{events, webhooks};
 use aegis_webhook_core::event::delivered_body;
 use aegis_webhook_core::metrics::{self, AttemptOutcome};
-use aegis_webhook_core::queue::{DeliveryTask, Queue, Stream};
+use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
 use aegis_webhook_core::retry::{self, AttemptClass, RetrySchedule};
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::signing;
 use aegis_webhook_core::target::TargetPolicy;
+use aegis_webhook_core::telemetry;
 use anyhow::Context as _;
 use chrono::Utc;
 use rand::RngExt as _;
@@ -30,6 +36,8 @@ use sea_orm::{DatabaseConnection, TransactionTrait};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+use tracing::field::{Empty, display};
 
 /// Extra time a claim lasts beyond the request timeout, for the database writes
 /// around the request. Short, because a crashed worker's deliveries wait this
@@ -77,6 +85,39 @@ pub enum Outcome {
     Deferred { remaining: Duration },
     /// Nothing was sent: a duplicate or stale task, or a finished delivery.
     Skipped { reason: String },
+}
+
+impl Outcome {
+    /// The outcome's name in traces.
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::RetryScheduled { .. } => "retry_scheduled",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Deferred { .. } => "deferred",
+            Outcome::Skipped { .. } => "skipped",
+        }
+    }
+}
+
+/// The `deliver` span of a task taken from the queue: the child of the span
+/// that published it, when the message says which.
+fn task_span(task: &DeliveryTask, message: &QueueMessage) -> tracing::Span {
+    let span = tracing::info_span!(
+        "deliver",
+        otel.kind = "consumer",
+        otel.status_code = Empty,
+        trace_id = Empty,
+        aegis.delivery.id = %task.delivery_id(),
+        aegis.delivery.attempt = task.attempt(),
+        aegis.webhook.id = Empty,
+        aegis.delivery.outcome = Empty,
+    );
+    if let Some(webhook) = task.webhook_id() {
+        span.record("aegis.webhook.id", display(webhook));
+    }
+    telemetry::continue_trace(&span, message.trace_headers());
+    span
 }
 
 impl Worker {
@@ -412,6 +453,12 @@ impl Worker {
     /// stays busy), and the delivery is postponed to match, so the reconciler
     /// does not count it as lost.
     async fn hold_back(&self, taken: Taken) {
+        let span = task_span(&taken.task, &taken.message);
+        span.record("aegis.delivery.outcome", "held_back");
+        self.hold_back_in_span(taken).instrument(span).await
+    }
+
+    async fn hold_back_in_span(&self, taken: Taken) {
         let Taken { task, message } = taken;
         let delay = self.request_timeout;
         let until = Utc::now() + delay;
@@ -438,8 +485,26 @@ impl Worker {
     }
 
     async fn handle(&self, taken: Taken) {
+        let span = task_span(&taken.task, &taken.message);
+        self.process_and_settle(taken).instrument(span).await
+    }
+
+    /// Makes the attempt, then acks the task, or hands it back after an
+    /// infrastructure failure.
+    async fn process_and_settle(&self, taken: Taken) {
         let Taken { task, message } = taken;
-        match self.process_one(task).await {
+        let processed = self.process_one(task).await;
+        let span = tracing::Span::current();
+        match &processed {
+            Ok(outcome @ Outcome::Failed { .. }) => span
+                .record("aegis.delivery.outcome", outcome.label())
+                .record("otel.status_code", "error"),
+            Ok(outcome) => span.record("aegis.delivery.outcome", outcome.label()),
+            Err(_) => span
+                .record("aegis.delivery.outcome", "error")
+                .record("otel.status_code", "error"),
+        };
+        match processed {
             Ok(_) => {
                 if let Err(error) = message.ack().await {
                     tracing::error!(error = %error, "failed to ack a task");

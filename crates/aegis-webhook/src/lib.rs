@@ -2,6 +2,7 @@
 //! crates, so tests start exactly what `main` starts.
 
 pub mod credentials;
+pub mod otlp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use credentials::DevCredentials;
+pub use otlp::telemetry_settings;
 
 /// The tenant `dev` and `AEGIS_BOOTSTRAP_API_KEY` set up.
 pub const DEFAULT_TENANT: &str = "default";
@@ -57,6 +59,18 @@ impl Roles {
         ingester: false,
         worker: true,
     };
+
+    /// The process's name in traces: `aegis-webhook-api`, `-ingester`,
+    /// `-worker`, or `-dev` for every role in one process.
+    pub fn service_name(self) -> &'static str {
+        match self {
+            Roles::ALL => "aegis-webhook-dev",
+            Roles::API => "aegis-webhook-api",
+            Roles::INGESTER => "aegis-webhook-ingester",
+            Roles::WORKER => "aegis-webhook-worker",
+            _ => "aegis-webhook",
+        }
+    }
 }
 
 /// A started process: its parts run in tasks until [`RunningSystem::stop`].

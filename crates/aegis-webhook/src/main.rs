@@ -1,5 +1,6 @@
 //! `aegis-webhook`: parses the command line, loads configuration, installs
-//! logging, and hands over to the library.
+//! logging and trace export, hands over to the library, and flushes the last
+//! spans on the way out.
 
 use std::path::PathBuf;
 
@@ -83,8 +84,23 @@ enum ApikeyCommand {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref())?;
-    telemetry::init(config.log_format);
-    match cli.command {
+    let service_name = match cli.command {
+        Command::Dev => Roles::ALL.service_name(),
+        Command::Api => Roles::API.service_name(),
+        Command::Ingester => Roles::INGESTER.service_name(),
+        Command::Worker => Roles::WORKER.service_name(),
+        _ => "aegis-webhook-cli",
+    };
+    telemetry::init(aegis_webhook::telemetry_settings(&config, service_name)?);
+    let result = run(cli.command, config).await;
+    // The spans still buffered are exported before the process ends (a
+    // blocking call, so off the runtime's threads).
+    let _ = tokio::task::spawn_blocking(telemetry::shutdown).await;
+    result
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
         Command::Dev => dev(config).await,
         Command::Api => serve(config, Roles::API).await,
         Command::Ingester => serve(config, Roles::INGESTER).await,

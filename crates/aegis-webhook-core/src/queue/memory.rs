@@ -10,16 +10,35 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Acknowledger, Consumer, DeliveryTask, LanePicker, Queue, QueueError, QueueMessage, Stream};
+use super::{Acknowledger, Consumer, DeliveryTask, LanePicker, Queue, QueueError, QueueMessage, Stream, publish_span};
+use crate::telemetry::TraceHeaders;
 
 /// How many invalid events and dead letters are kept for inspection.
 const PARKED_CAPACITY: usize = 1000;
 
+/// A message in a channel: the body and the trace context it was published in,
+/// as a broker keeps headers beside the body.
+#[derive(Clone)]
+struct Message {
+    body: Bytes,
+    trace_headers: TraceHeaders,
+}
+
+impl Message {
+    /// A body published now, in the current span.
+    fn published(body: Bytes) -> Self {
+        Message {
+            body,
+            trace_headers: TraceHeaders::current(),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Channel {
-    sender: mpsc::UnboundedSender<Bytes>,
+    sender: mpsc::UnboundedSender<Message>,
     // Several consumers may share one stream; each message goes to one of them.
-    receiver: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Bytes>>>,
+    receiver: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>>,
 }
 
 impl Channel {
@@ -31,8 +50,8 @@ impl Channel {
         }
     }
 
-    fn send(&self, body: Bytes) -> Result<(), QueueError> {
-        self.sender.send(body).map_err(|_| QueueError::Closed)
+    fn send(&self, message: Message) -> Result<(), QueueError> {
+        self.sender.send(message).map_err(|_| QueueError::Closed)
     }
 }
 
@@ -120,7 +139,7 @@ fn park(parked: &Mutex<VecDeque<Parked>>, body: Bytes, reason: &str) {
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn publish_event(&self, _event_name: &str, envelope: Bytes) -> Result<(), QueueError> {
-        self.events.send(envelope)
+        publish_span("in-process", "events").in_scope(|| self.events.send(Message::published(envelope)))
     }
 
     async fn publish_invalid_event(&self, body: Bytes, reason: &str) -> Result<(), QueueError> {
@@ -131,14 +150,18 @@ impl Queue for MemoryQueue {
 
     async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError> {
         let channel = self.task_channel(&task).clone();
+        let span = publish_span("in-process", if task.is_first_attempt() { "tasks" } else { "due" });
+        // The context is taken now, in the publishing span: the delay is the
+        // queue's, as in a broker's tier queue.
+        let message = span.in_scope(|| Message::published(task.encode()));
         if delay.is_zero() {
-            return channel.send(task.encode());
+            return channel.send(message);
         }
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             // A closed channel means the process is stopping; the delivery is
             // still pending in the database and is re-enqueued at the next start.
-            let _ = channel.send(task.encode());
+            let _ = channel.send(message);
         });
         Ok(())
     }
@@ -162,12 +185,12 @@ impl Queue for MemoryQueue {
     }
 }
 
-fn message_of(channel: &Channel, body: Bytes) -> QueueMessage {
+fn message_of(channel: &Channel, message: Message) -> QueueMessage {
     let acknowledger = MemoryAcknowledger {
         channel: channel.clone(),
-        body: body.clone(),
+        message: message.clone(),
     };
-    QueueMessage::new(body, Box::new(acknowledger))
+    QueueMessage::new(message.body, Box::new(acknowledger)).with_trace_headers(message.trace_headers)
 }
 
 struct MemoryConsumer {
@@ -177,8 +200,8 @@ struct MemoryConsumer {
 #[async_trait]
 impl Consumer for MemoryConsumer {
     async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>> {
-        let body = self.channel.receiver.lock().await.recv().await?;
-        Some(Ok(message_of(&self.channel, body)))
+        let message = self.channel.receiver.lock().await.recv().await?;
+        Some(Ok(message_of(&self.channel, message)))
     }
 }
 
@@ -194,26 +217,26 @@ impl Consumer for TasksConsumer {
     async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>> {
         let mut first = self.first.receiver.lock().await;
         let mut due = self.due.receiver.lock().await;
-        let (channel, body) = if self.picker.prefer_retries() {
+        let (channel, message) = if self.picker.prefer_retries() {
             tokio::select! {
                 biased;
-                body = due.recv() => (&self.due, body?),
-                body = first.recv() => (&self.first, body?),
+                message = due.recv() => (&self.due, message?),
+                message = first.recv() => (&self.first, message?),
             }
         } else {
             tokio::select! {
                 biased;
-                body = first.recv() => (&self.first, body?),
-                body = due.recv() => (&self.due, body?),
+                message = first.recv() => (&self.first, message?),
+                message = due.recv() => (&self.due, message?),
             }
         };
-        Some(Ok(message_of(channel, body)))
+        Some(Ok(message_of(channel, message)))
     }
 }
 
 struct MemoryAcknowledger {
     channel: Channel,
-    body: Bytes,
+    message: Message,
 }
 
 #[async_trait]
@@ -223,7 +246,7 @@ impl Acknowledger for MemoryAcknowledger {
     }
 
     async fn requeue(self: Box<Self>) -> Result<(), QueueError> {
-        self.channel.send(self.body)
+        self.channel.send(self.message)
     }
 }
 
@@ -289,6 +312,54 @@ mod tests {
         message.requeue().await.expect("requeue");
         let again = consumer.next().await.expect("open").expect("message");
         assert_eq!(again.body, Bytes::from_static(b"{}"));
+    }
+
+    #[tokio::test]
+    async fn messages_carry_the_trace_context_they_were_published_in() {
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing::Instrument as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+        // A current-thread test: the thread's subscriber sees every span.
+        let _traced = tracing::subscriber::set_default(crate::telemetry::traced());
+        let queue = MemoryQueue::new();
+        let mut events = queue.consume(Stream::Events).await.expect("consumer");
+        let mut tasks = queue.consume(Stream::Tasks).await.expect("consumer");
+        let intake = tracing::info_span!("intake");
+        let trace_id = intake.context().span().span_context().trace_id().to_string();
+        async {
+            queue.publish_event("POAM_OVERDUE", Bytes::from_static(b"{}")).await?;
+            let retry = DeliveryTask::new(Uuid::now_v7(), Uuid::now_v7(), 2);
+            queue.publish_task(retry, Duration::from_millis(10)).await
+        }
+        .instrument(intake)
+        .await
+        .expect("publish");
+        let carries_the_trace = |message: &QueueMessage| {
+            message
+                .trace_headers()
+                .get("traceparent")
+                .is_some_and(|traceparent| traceparent.contains(&trace_id))
+        };
+
+        let event = events.next().await.expect("open").expect("message");
+        assert!(carries_the_trace(&event), "{:?}", event.trace_headers());
+        event.requeue().await.expect("requeue");
+        let again = events.next().await.expect("open").expect("message");
+        assert!(carries_the_trace(&again), "a requeued message keeps its context");
+        let delayed = tasks.next().await.expect("open").expect("message");
+        assert!(carries_the_trace(&delayed), "a delayed task keeps its context");
+
+        queue
+            .publish_event("POAM_OVERDUE", Bytes::from_static(b"{}"))
+            .await
+            .expect("publish");
+        let unrelated = events.next().await.expect("open").expect("message");
+        assert!(
+            unrelated.trace_headers().get("traceparent").is_some() && !carries_the_trace(&unrelated),
+            "outside any span, the publish span starts a trace of its own: {:?}",
+            unrelated.trace_headers()
+        );
     }
 
     #[tokio::test]

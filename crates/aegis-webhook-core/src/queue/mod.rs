@@ -4,6 +4,14 @@
 //! Two adapters implement it: [`memory::MemoryQueue`] for the embedded mode (one
 //! process) and, for production, RabbitMQ. Message bodies are versioned here and
 //! nowhere else: add a `V2` variant rather than edit `V1`.
+//!
+//! Every publish happens in a `publish` span and carries that span's W3C trace
+//! context beside the body (AMQP headers `traceparent`/`tracestate`; the
+//! in-process queue keeps them with the message); a consumer finds it on
+//! [`QueueMessage::trace_headers`] and continues the trace with
+//! [`crate::telemetry::continue_trace`]. Callers pass nothing: the context is
+//! the calling span's, so a publish made while handling a message carries the
+//! trace on.
 
 pub mod memory;
 pub mod rabbitmq;
@@ -14,6 +22,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+use crate::telemetry::TraceHeaders;
 
 /// "Make attempt `attempt` of delivery `delivery_id`." Everything else about the
 /// delivery is read from the database, which stays the source of truth; the
@@ -128,6 +138,8 @@ pub trait Acknowledger: Send {
 /// A message taken from a stream, to be acked or requeued exactly once.
 pub struct QueueMessage {
     pub body: Bytes,
+    /// The trace context the publisher sent along; empty if it sent none.
+    trace_headers: TraceHeaders,
     acknowledger: Box<dyn Acknowledger>,
 }
 
@@ -141,7 +153,22 @@ impl std::fmt::Debug for QueueMessage {
 
 impl QueueMessage {
     pub fn new(body: Bytes, acknowledger: Box<dyn Acknowledger>) -> Self {
-        QueueMessage { body, acknowledger }
+        QueueMessage {
+            body,
+            trace_headers: TraceHeaders::default(),
+            acknowledger,
+        }
+    }
+
+    /// The message with the trace context it arrived with.
+    pub fn with_trace_headers(mut self, trace_headers: TraceHeaders) -> Self {
+        self.trace_headers = trace_headers;
+        self
+    }
+
+    /// The publisher's trace context (see [`crate::telemetry::continue_trace`]).
+    pub fn trace_headers(&self) -> &TraceHeaders {
+        &self.trace_headers
     }
 
     pub async fn ack(self) -> Result<(), QueueError> {
@@ -159,6 +186,19 @@ pub trait Consumer: Send {
     async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>>;
 }
 
+/// The span of one publish, as OpenTelemetry's messaging conventions name
+/// things; the message carries its context, so the consumer's span is its child.
+pub(crate) fn publish_span(system: &'static str, destination: &str) -> tracing::Span {
+    tracing::info_span!(
+        "publish",
+        otel.kind = "producer",
+        messaging.system = system,
+        messaging.destination.name = destination,
+    )
+}
+
+/// Every publish carries the trace context of the span it is called in (see
+/// the module's documentation).
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
     /// Whether the broker is reachable now, for readiness probes.

@@ -12,6 +12,12 @@
 //! queue {p}aegis.deliveries.retry.<ms>     ── TTL expires ──► {p}aegis.deliveries ("due")
 //! queue {p}aegis.deliveries.dead           ◄── deliveries that failed for good
 //! ```
+//!
+//! Every message carries the trace context of its `publish` span in the headers
+//! `traceparent` (and `tracestate`); dead-lettering out of a tier queue keeps
+//! them, so a retry continues the trace of the attempt that scheduled it. AMQP
+//! publishers upstream may set `traceparent` too: the ingester continues their
+//! trace.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -28,8 +34,10 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
+use tracing::Instrument as _;
 
-use super::{Acknowledger, Consumer, DeliveryTask, LanePicker, Queue, QueueError, QueueMessage, Stream};
+use super::{Acknowledger, Consumer, DeliveryTask, LanePicker, Queue, QueueError, QueueMessage, Stream, publish_span};
+use crate::telemetry::TraceHeaders;
 
 /// Routing key of the work queue on the deliveries exchange.
 const WORK_ROUTING_KEY: &str = "work";
@@ -354,7 +362,8 @@ impl RabbitQueue {
             .map_err(|error| unexpected(error, "failed to open a RabbitMQ channel"))
     }
 
-    /// Publishes persistently and waits for the broker's confirm.
+    /// Publishes persistently, in a `publish` span whose trace context the
+    /// message carries, and waits for the broker's confirm.
     async fn publish(
         &self,
         exchange: &str,
@@ -362,11 +371,27 @@ impl RabbitQueue {
         body: &[u8],
         headers: Option<FieldTable>,
     ) -> Result<(), QueueError> {
+        let destination = if exchange.is_empty() { routing_key } else { exchange };
+        self.publish_confirmed(exchange, routing_key, body, headers.unwrap_or_default())
+            .instrument(publish_span("rabbitmq", destination))
+            .await
+    }
+
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        mut headers: FieldTable,
+    ) -> Result<(), QueueError> {
+        for (name, value) in TraceHeaders::current().iter() {
+            headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
+        }
         let channel = self.publisher().await?;
         let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
-        if let Some(headers) = headers {
+        if !headers.inner().is_empty() {
             properties = properties.with_headers(headers);
         }
         let options = BasicPublishOptions {
@@ -542,11 +567,13 @@ impl Consumer for RabbitConsumer {
             };
             match next {
                 Some(Ok(delivery)) => {
+                    let trace_headers = trace_headers_of(&delivery.properties);
                     let acknowledger = RabbitAcknowledger { acker: delivery.acker };
                     return Some(Ok(QueueMessage::new(
                         Bytes::from(delivery.data),
                         Box::new(acknowledger),
-                    )));
+                    )
+                    .with_trace_headers(trace_headers)));
                 }
                 Some(Err(error)) => {
                     tracing::warn!(error = %error, "RabbitMQ consumer failed; reconnecting");
@@ -559,6 +586,23 @@ impl Consumer for RabbitConsumer {
             }
         }
     }
+}
+
+/// The trace context among a message's headers, whichever AMQP string type the
+/// publisher used for it.
+fn trace_headers_of(properties: &BasicProperties) -> TraceHeaders {
+    let Some(headers) = properties.headers() else {
+        return TraceHeaders::default();
+    };
+    TraceHeaders::from_pairs(headers.inner().iter().filter_map(|(name, value)| {
+        let text = match value {
+            AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok()?,
+            AMQPValue::ShortString(text) => text.as_str(),
+            AMQPValue::ByteArray(bytes) => std::str::from_utf8(bytes.as_slice()).ok()?,
+            _ => return None,
+        };
+        Some((name.as_str(), text))
+    }))
 }
 
 struct RabbitAcknowledger {
@@ -592,6 +636,21 @@ impl Acknowledger for RabbitAcknowledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_trace_context_is_read_from_any_string_header() {
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut headers = FieldTable::default();
+        headers.insert("traceparent".into(), AMQPValue::LongString(traceparent.into()));
+        headers.insert("tracestate".into(), AMQPValue::ShortString("vendor=1".into()));
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString("not trace context".into()));
+        let carried = trace_headers_of(&BasicProperties::default().with_headers(headers));
+        assert_eq!(
+            carried.iter().collect::<Vec<_>>(),
+            [("traceparent", traceparent), ("tracestate", "vendor=1")]
+        );
+        assert!(trace_headers_of(&BasicProperties::default()).is_empty());
+    }
 
     #[test]
     fn delays_route_to_the_longest_tier_that_fits() {
