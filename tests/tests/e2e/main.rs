@@ -3,6 +3,7 @@
 
 mod api;
 mod bad_input;
+mod bench;
 mod pipeline;
 mod rabbitmq;
 mod storage;
