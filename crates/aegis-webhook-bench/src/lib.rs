@@ -41,7 +41,9 @@ use options::{Mode, Pace, Plan, Via};
 use procstat::Machine;
 use publish::Published;
 use receiver::{Receiver, Tally};
-use report::{Deliveries, Latency, ProcessUsage, Report, ServiceUsage, Settings, Throughput, per_thousand};
+use report::{
+    Deliveries, Latency, MachineLoad, ProcessUsage, Report, ServiceUsage, Settings, Throughput, per_thousand,
+};
 use system::System;
 
 /// How often the wait checks for completion and redraws the progress bar.
@@ -55,8 +57,6 @@ const TICK: Duration = Duration::from_millis(50);
 pub async fn run(args: Args) -> anyhow::Result<Report> {
     let plan = Plan::resolve(args)?;
     let interrupt = watch_signals()?;
-    let work_dir = std::env::temp_dir().join(format!("aegis-bench-{}", Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&work_dir).with_context(|| format!("failed to create {}", work_dir.display()))?;
     let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
 
     let events = Arc::new(events::Events::generate(plan.events));
@@ -65,6 +65,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         .collect();
     let receiver = Receiver::start(events.clone(), secrets.clone(), plan.response_delay).await?;
 
+    // The processes' logs and the embedded data folder; kept when a run fails.
+    let work_dir = std::env::temp_dir().join(format!("aegis-bench-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&work_dir).with_context(|| format!("failed to create {}", work_dir.display()))?;
     let mut system = System::new(&plan.bin, &work_dir);
     let measured = measure(&plan, &mut system, &receiver, &events, &secrets, &interrupt).await;
     eprintln!("aegis-bench: stopping the system");
@@ -137,9 +140,12 @@ impl fmt::Display for Ended {
     }
 }
 
-/// CPU time of every measured process at one moment.
-#[derive(Debug, Default)]
+/// CPU time of every measured process, and of the machine, at one moment.
+#[derive(Debug)]
 struct CpuReading {
+    at: std::time::Instant,
+    /// All cores busy, whoever the work was for.
+    machine_busy: Option<u64>,
     /// By pid: the spawned processes.
     processes: HashMap<u32, u64>,
     own: u64,
@@ -153,6 +159,8 @@ const RABBITMQ_COMMAND: &str = "beam.smp";
 impl CpuReading {
     fn take(system: &System, services: bool) -> CpuReading {
         CpuReading {
+            at: std::time::Instant::now(),
+            machine_busy: procstat::machine_busy_ticks(),
             processes: system
                 .processes
                 .iter()
@@ -392,6 +400,7 @@ fn build_report(
     } = measured;
     let expected = plan.expected_deliveries();
     let verified = tally.verified;
+    let machine = Machine::read();
 
     let span = events.publish_span();
     let elapsed = match (span, tally.last_verified_at) {
@@ -458,6 +467,25 @@ fn build_report(
         own_peak_rss,
     );
 
+    let window = end.at.duration_since(start.at).as_secs_f64();
+    let machine_load = match (start.machine_busy, end.machine_busy) {
+        (Some(before), Some(after)) => {
+            let busy = seconds(after.saturating_sub(before));
+            let cores = machine.cores as f64;
+            Some(MachineLoad {
+                window_seconds: window,
+                busy_cpu_seconds: busy,
+                busy_percent: if window > 0.0 {
+                    busy * 100.0 / (window * cores)
+                } else {
+                    0.0
+                },
+                other_cpu_seconds: (busy - system_cpu - load_generator.cpu_seconds).max(0.0),
+            })
+        }
+        _ => None,
+    };
+
     let missing = expected.saturating_sub(verified);
     let mut problems = Vec::new();
     if ended != Ended::Complete {
@@ -495,6 +523,16 @@ fn build_report(
             "{} duplicate deliveries (a repeated X-Aegis-Delivery; allowed by at-least-once delivery)",
             tally.duplicates
         ));
+    }
+    if let Some(load) = &machine_load {
+        // More than a tenth of the machine went to work that is not the run's.
+        if load.other_cpu_seconds > 0.1 * load.window_seconds * machine.cores as f64 {
+            warnings.push(format!(
+                "other processes on this machine used {:.1} CPU s during the measured {:.1} s: the figures are \
+                 disturbed; run again on an idle machine",
+                load.other_cpu_seconds, load.window_seconds
+            ));
+        }
     }
     warnings.extend(shutdown_problems);
 
@@ -546,7 +584,8 @@ fn build_report(
         services,
         load_generator,
         system_cpu_seconds_per_1000_deliveries: per_thousand(system_cpu, verified),
-        machine: Machine::read(),
+        machine_load,
+        machine,
         binary: plan.bin.display().to_string(),
         started_at,
     }

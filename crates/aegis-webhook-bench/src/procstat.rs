@@ -33,6 +33,26 @@ pub fn peak_rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .with_context(|| format!("{path} has no VmHWM line"))
 }
 
+/// CPU time the whole machine spent busy since boot, in clock ticks, all cores
+/// together: `user + nice + system + irq + softirq` from the first line of
+/// `/proc/stat` (idle, I/O wait and time stolen by the hypervisor are not
+/// busy; guest time is already inside user and nice).
+pub fn machine_busy_ticks() -> Option<u64> {
+    parse_machine_busy(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_machine_busy(text: &str) -> Option<u64> {
+    let line = text.lines().find(|line| line.starts_with("cpu "))?;
+    let fields: Vec<u64> = line
+        .split_ascii_whitespace()
+        .skip(1)
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    let field = |index: usize| fields.get(index).copied().unwrap_or(0);
+    // user, nice, system, (idle), (iowait), irq, softirq
+    Some(field(0) + field(1) + field(2) + field(5) + field(6))
+}
+
 /// The fields of `/proc/<pid>/stat` this program uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stat {
@@ -162,6 +182,14 @@ mod tests {
                 .command,
         );
         assert!(own_command.contains_key(&pid));
+    }
+
+    #[test]
+    fn machine_busy_time_leaves_out_idle_iowait_and_steal() {
+        let text = "cpu  100 5 30 9000 40 2 3 50 0 0\ncpu0 50 2 15 4500 20 1 1 25 0 0\nintr 1\n";
+        assert_eq!(parse_machine_busy(text), Some(140));
+        assert_eq!(parse_machine_busy("intr 1\n"), None);
+        assert!(machine_busy_ticks().is_some());
     }
 
     #[test]

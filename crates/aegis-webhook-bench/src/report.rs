@@ -40,6 +40,8 @@ pub struct Report {
     /// CPU of the system's processes and services together (not the load
     /// generator), per 1,000 verified deliveries.
     pub system_cpu_seconds_per_1000_deliveries: Option<f64>,
+    /// How busy the whole machine was during the measured window.
+    pub machine_load: Option<MachineLoad>,
     pub machine: Machine,
     /// The `aegis-webhook` binary that ran.
     pub binary: String,
@@ -120,6 +122,21 @@ impl Latency {
             max: micros[micros.len() - 1] as f64 / 1000.0,
         })
     }
+}
+
+/// The machine's busy CPU time over the measured window (`/proc/stat`), to
+/// tell an undisturbed run from one that shared the cores with other work.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineLoad {
+    /// From just before the first publish to just after the last receipt.
+    pub window_seconds: f64,
+    /// All cores together, whoever the work was for.
+    pub busy_cpu_seconds: f64,
+    /// Of all cores over the window.
+    pub busy_percent: f64,
+    /// Busy time not accounted to the run's processes, PostgreSQL, RabbitMQ
+    /// or the benchmark: other work on the machine (and the kernel's own).
+    pub other_cpu_seconds: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -269,6 +286,13 @@ impl fmt::Display for Report {
             optional(self.system_cpu_seconds_per_1000_deliveries, 3)
         )?;
         process_line(f, &self.load_generator, "aegis-bench (load + receiver)")?;
+        if let Some(load) = &self.machine_load {
+            writeln!(
+                f,
+                "  machine load  {:.0} % of all cores busy over {:.2} s; {:.2} CPU s of it not this run's",
+                load.busy_percent, load.window_seconds, load.other_cpu_seconds
+            )?;
+        }
         let m = &self.machine;
         writeln!(
             f,
