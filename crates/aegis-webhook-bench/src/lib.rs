@@ -391,7 +391,7 @@ fn build_report(
 ) -> Report {
     let Measured {
         ended,
-        published,
+        mut published,
         tally,
         start,
         end,
@@ -486,6 +486,7 @@ fn build_report(
         _ => None,
     };
 
+    let acceptance_ms = Latency::from_micros(std::mem::take(&mut published.acceptance_us));
     let missing = expected.saturating_sub(verified);
     let mut problems = Vec::new();
     if ended != Ended::Complete {
@@ -580,6 +581,7 @@ fn build_report(
             percent_of_ceiling: ceiling.map(|ceiling| deliveries_per_second * 100.0 / ceiling),
         },
         latency_ms: Latency::from_micros(tally.latencies_us),
+        acceptance_ms,
         processes: process_usage,
         services,
         load_generator,

@@ -31,6 +31,9 @@ pub struct Report {
     pub throughput: Throughput,
     /// Event→receipt of each verified delivery (first receipt of each).
     pub latency_ms: Option<Latency>,
+    /// Event handed over → the broker's confirm (AMQP) or the intake's 202
+    /// (HTTP): the publishing part of the latency.
+    pub acceptance_ms: Option<Latency>,
     /// The system's processes, each measured alone.
     pub processes: Vec<ProcessUsage>,
     /// PostgreSQL and RabbitMQ (production mode): every process of each.
@@ -249,6 +252,17 @@ impl fmt::Display for Report {
                 l.p50, l.p90, l.p99, l.max, l.samples
             )?,
             None => writeln!(f, "  latency       -")?,
+        }
+        if let Some(l) = &self.acceptance_ms {
+            let by = match self.via {
+                Via::Amqp => "broker confirm",
+                Via::Http => "intake 202",
+            };
+            writeln!(
+                f,
+                "  accepted in   p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (event handed over → {by})",
+                l.p50, l.p90, l.p99, l.max
+            )?;
         }
         writeln!(
             f,
