@@ -7,6 +7,8 @@
 #   scripts/bench.sh [OUTPUT_DIR]
 #
 # Exits 1 when any run lost or mis-signed a delivery; the other runs still go.
+# Each run may take up to 10 minutes (--timeout 600s): the largest runs take
+# about two at the baseline's throughput.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,7 @@ run() {
   local name=$1
   shift
   echo "== $name: aegis-bench $*"
-  if ! "$bench" --json "$out/$name.json" "$@" | tee "$out/$name.txt"; then
+  if ! "$bench" --timeout 600s --json "$out/$name.json" "$@" | tee "$out/$name.txt"; then
     echo "!! $name failed (see above)" >&2
     status=1
   fi
