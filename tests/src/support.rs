@@ -37,7 +37,7 @@ pub enum Backend {
 
 /// The server URL without a database name: `AEGIS_TEST_POSTGRES_URL`, or the
 /// machine's PostgreSQL.
-fn postgres_server() -> String {
+pub fn postgres_server() -> String {
     std::env::var("AEGIS_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned())
 }
 
@@ -114,6 +114,29 @@ pub async fn fresh_database(backend: Backend, scratch: &std::path::Path) -> Opti
                 .expect("create the test database");
             admin.close().await.expect("close the admin connection");
             Some(format!("{server}/{name}"))
+        }
+    }
+}
+
+/// Whether PostgreSQL answers, for tests that hand it to a separate program;
+/// `false` (after a loud warning) when it is unreachable outside CI. In CI
+/// that fails.
+pub async fn postgres_reachable() -> bool {
+    let server = postgres_server();
+    match Database::connect(format!("{server}/postgres")).await {
+        Ok(admin) => {
+            let _ = admin.close().await;
+            true
+        }
+        Err(error) => {
+            let message = format!(
+                "PostgreSQL is unreachable at {server} ({error}); start it (see README) or set AEGIS_TEST_POSTGRES_URL"
+            );
+            if in_ci() {
+                panic!("{message}");
+            }
+            eprintln!("\n!!!!!!!! SKIPPING A POSTGRESQL TEST: {message} !!!!!!!!\n");
+            false
         }
     }
 }

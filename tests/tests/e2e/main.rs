@@ -3,6 +3,7 @@
 
 mod api;
 mod bad_input;
+mod bench;
 mod hostile_receivers;
 mod pipeline;
 mod rabbitmq;

@@ -1,0 +1,127 @@
+//! The benchmark's own RabbitMQ connection: a unique name prefix per run, a
+//! wait until the system's consumers are attached, a publisher with confirms,
+//! and the deletion of the run's exchanges and queues at the end.
+//!
+//! The names come from the system's [`Topology`], so they cannot drift from
+//! what the processes declare.
+
+use aegis_webhook_core::queue::rabbitmq::Topology;
+use aegis_webhook_core::retry::RetrySchedule;
+use anyhow::Context as _;
+use lapin::options::{ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
+
+/// How long the broker keeps a queue nobody uses (`AEGIS_AMQP_QUEUE_EXPIRY`):
+/// a safety net for runs killed before they could delete their queues.
+pub const QUEUE_EXPIRY: &str = "10m";
+
+#[derive(Debug)]
+pub struct Broker {
+    connection: Connection,
+    pub prefix: String,
+    topology: Topology,
+}
+
+impl Broker {
+    /// Connects with a fresh prefix. `retry_schedule` must be the one the
+    /// processes use, since it names the retry tier queues.
+    pub async fn connect(url: &str, retry_schedule: &RetrySchedule) -> anyhow::Result<Broker> {
+        let properties = ConnectionProperties::default().with_connection_name("aegis-bench".into());
+        let connection = Connection::connect(url, properties).await.with_context(|| {
+            format!("RabbitMQ is unreachable at {url}; start it (scripts/services.sh) or pass --amqp-url")
+        })?;
+        let prefix = format!("bench-{}.", uuid::Uuid::new_v4().simple());
+        let topology = Topology::new(&prefix, retry_schedule.delays(), None);
+        Ok(Broker {
+            connection,
+            prefix,
+            topology,
+        })
+    }
+
+    /// The exchange scanners publish to.
+    pub fn events_exchange(&self) -> String {
+        self.topology.events_exchange()
+    }
+
+    /// A channel with publisher confirms on.
+    pub async fn publisher(&self) -> anyhow::Result<Channel> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .context("failed to open a RabbitMQ channel")?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("failed to enable publisher confirms")?;
+        Ok(channel)
+    }
+
+    /// Consumers on a queue, or `None` while it does not exist yet.
+    async fn consumers(&self, queue: &str) -> anyhow::Result<Option<u32>> {
+        // A passive declare of a missing queue closes the channel: one each time.
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .context("failed to open a RabbitMQ channel")?;
+        let options = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let consumers = match channel
+            .queue_declare(queue.into(), options, FieldTable::default())
+            .await
+        {
+            Ok(queue) => Some(queue.consumer_count()),
+            Err(_) => None,
+        };
+        let _ = channel.close(200, "done".into()).await;
+        Ok(consumers)
+    }
+
+    /// Whether `ingesters` consumers are on the ingest queue and `workers` on
+    /// the work queue: the processes are ready to take events.
+    pub async fn consumers_attached(&self, ingesters: u32, workers: u32) -> anyhow::Result<bool> {
+        let ingest = self.consumers(&self.topology.ingest_queue()).await?;
+        let work = self.consumers(&self.topology.work_queue()).await?;
+        Ok(ingest.is_some_and(|count| count >= ingesters) && work.is_some_and(|count| count >= workers))
+    }
+
+    /// Deletes the run's queues and exchanges (after its processes stopped).
+    pub async fn delete_topology(&self) -> anyhow::Result<()> {
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .context("failed to open a RabbitMQ channel")?;
+        let queues = [
+            self.topology.ingest_queue(),
+            self.topology.invalid_queue(),
+            self.topology.work_queue(),
+            self.topology.dead_queue(),
+        ]
+        .into_iter()
+        .chain(self.topology.tier_queues());
+        for queue in queues {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .with_context(|| format!("failed to delete queue {queue}"))?;
+        }
+        for exchange in [self.topology.events_exchange(), self.topology.deliveries_exchange()] {
+            channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+                .with_context(|| format!("failed to delete exchange {exchange}"))?;
+        }
+        let _ = channel.close(200, "done".into()).await;
+        Ok(())
+    }
+
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}

@@ -1,0 +1,348 @@
+//! The summary of a run: one [`Report`], printed as text on stdout and
+//! optionally written as JSON with the same fields.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::options::{Mode, Scenario, Via};
+use crate::procstat::Machine;
+use crate::publish::Published;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Every expected delivery arrived verified, none invalid or unexpected.
+    pub passed: bool,
+    /// Why the run failed, when it did.
+    pub problems: Vec<String>,
+    /// What is worth knowing but does not fail a run: duplicates, a process
+    /// that did not stop cleanly.
+    pub warnings: Vec<String>,
+    /// How the wait ended: `complete`, `timed out after …`, `interrupted`, …
+    pub ended: String,
+    pub mode: Mode,
+    pub scenario: Scenario,
+    pub via: Via,
+    pub events: u32,
+    pub webhooks: u16,
+    pub settings: Settings,
+    pub deliveries: Deliveries,
+    pub published: Published,
+    pub throughput: Throughput,
+    /// Event→receipt of each verified delivery (first receipt of each).
+    pub latency_ms: Option<Latency>,
+    /// Event handed over → the broker's confirm (AMQP) or the intake's 202
+    /// (HTTP): the publishing part of the latency.
+    pub acceptance_ms: Option<Latency>,
+    /// The system's processes, each measured alone.
+    pub processes: Vec<ProcessUsage>,
+    /// PostgreSQL and RabbitMQ (production mode): every process of each.
+    pub services: Vec<ServiceUsage>,
+    /// This program: the publisher and the receiver, sharing the machine.
+    pub load_generator: ProcessUsage,
+    /// CPU of the system's processes and services together (not the load
+    /// generator), per 1,000 verified deliveries.
+    pub system_cpu_seconds_per_1000_deliveries: Option<f64>,
+    /// How busy the whole machine was during the measured window.
+    pub machine_load: Option<MachineLoad>,
+    pub machine: Machine,
+    /// The `aegis-webhook` binary that ran.
+    pub binary: String,
+    /// When the run started (UTC).
+    pub started_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub workers: u16,
+    /// `AEGIS_WORKER_CONCURRENCY` of each worker.
+    pub worker_concurrency: u32,
+    pub response_delay_ms: f64,
+    /// Steady scenario: events per second.
+    pub rate_per_second: Option<u32>,
+    pub http_clients: Option<u16>,
+    pub amqp_in_flight: Option<u32>,
+    /// The `--set` settings, `NAME=VALUE`.
+    pub extra: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Deliveries {
+    pub expected: u64,
+    /// Requests the receiver got, whatever they carried.
+    pub received: u64,
+    /// Distinct (event, webhook) pairs with a valid signature and a new
+    /// `X-Aegis-Delivery`.
+    pub verified: u64,
+    pub missing: u64,
+    /// Repeats of an `X-Aegis-Delivery` already received (at-least-once
+    /// delivery allows them; they do not fail a run).
+    pub duplicates: u64,
+    pub invalid_signatures: u64,
+    /// Validly signed requests nobody asked for (unknown event or webhook, or
+    /// an (event, webhook) pair under a second `X-Aegis-Delivery`).
+    pub unexpected: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Throughput {
+    /// First publish to last verified receipt.
+    pub seconds: f64,
+    pub deliveries_per_second: f64,
+    /// First publish to last publish.
+    pub publish_seconds: f64,
+    /// With a response delay: workers × concurrency ÷ delay, the most the
+    /// system's concurrency allows.
+    pub ceiling_deliveries_per_second: Option<f64>,
+    pub percent_of_ceiling: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub samples: usize,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Latency {
+    /// Nearest-rank percentiles of latencies in microseconds, in milliseconds.
+    pub fn from_micros(mut micros: Vec<u64>) -> Option<Latency> {
+        if micros.is_empty() {
+            return None;
+        }
+        micros.sort_unstable();
+        let at = |percent: f64| {
+            let rank = ((percent / 100.0) * micros.len() as f64).ceil() as usize;
+            micros[rank.clamp(1, micros.len()) - 1] as f64 / 1000.0
+        };
+        Some(Latency {
+            samples: micros.len(),
+            p50: at(50.0),
+            p90: at(90.0),
+            p99: at(99.0),
+            max: micros[micros.len() - 1] as f64 / 1000.0,
+        })
+    }
+}
+
+/// The machine's busy CPU time over the measured window (`/proc/stat`), to
+/// tell an undisturbed run from one that shared the cores with other work.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineLoad {
+    /// From just before the first publish to just after the last receipt.
+    pub window_seconds: f64,
+    /// All cores together, whoever the work was for.
+    pub busy_cpu_seconds: f64,
+    /// Of all cores over the window.
+    pub busy_percent: f64,
+    /// Busy time not accounted to the run's processes, PostgreSQL, RabbitMQ
+    /// or the benchmark: other work on the machine (and the kernel's own).
+    pub other_cpu_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessUsage {
+    pub name: String,
+    pub pid: u32,
+    /// User + system CPU time from the first publish to the last receipt.
+    pub cpu_seconds: f64,
+    pub cpu_seconds_per_1000_deliveries: Option<f64>,
+    /// `VmHWM`: the most resident memory since the process started.
+    pub peak_rss_mib: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceUsage {
+    /// `postgres` or `rabbitmq`.
+    pub name: String,
+    /// The command counted (`postgres`, `beam.smp`) and how many processes had it.
+    pub command: String,
+    pub processes: usize,
+    pub cpu_seconds: f64,
+    pub cpu_seconds_per_1000_deliveries: Option<f64>,
+}
+
+/// CPU seconds per 1,000 deliveries, when any arrived.
+pub fn per_thousand(cpu_seconds: f64, deliveries: u64) -> Option<f64> {
+    (deliveries > 0).then(|| cpu_seconds * 1000.0 / deliveries as f64)
+}
+
+fn optional(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |value| format!("{value:.decimals$}"))
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let settings = &self.settings;
+        let d = &self.deliveries;
+        let t = &self.throughput;
+        writeln!(
+            f,
+            "Aegis Webhooks benchmark — {}",
+            if self.passed { "PASS" } else { "FAIL" }
+        )?;
+        let shape = match self.mode {
+            Mode::Embedded => "one `dev` process (SQLite, in-process queue)".to_owned(),
+            Mode::Production => format!(
+                "api, ingester, {} worker{} (PostgreSQL, RabbitMQ)",
+                settings.workers,
+                if settings.workers == 1 { "" } else { "s" }
+            ),
+        };
+        writeln!(f, "  mode          {} — {shape}", self.mode)?;
+        let pace = match settings.rate_per_second {
+            Some(rate) => format!("{rate} events/s"),
+            None => "as fast as possible".to_owned(),
+        };
+        writeln!(
+            f,
+            "  scenario      {}: {} events × {} webhooks, {pace}, via {}",
+            self.scenario, self.events, self.webhooks, self.via
+        )?;
+        let mut knobs = format!(
+            "worker concurrency {}, response delay {} ms",
+            settings.worker_concurrency, settings.response_delay_ms
+        );
+        if let Some(clients) = settings.http_clients {
+            knobs.push_str(&format!(", {clients} HTTP clients"));
+        }
+        if let Some(in_flight) = settings.amqp_in_flight {
+            knobs.push_str(&format!(", {in_flight} unconfirmed publishes in flight"));
+        }
+        for extra in &settings.extra {
+            knobs.push_str(&format!(", {extra}"));
+        }
+        writeln!(f, "  settings      {knobs}")?;
+        writeln!(f, "  ended         {}", self.ended)?;
+        writeln!(
+            f,
+            "  deliveries    {} expected, {} verified, {} missing; {} requests, {} duplicates, {} invalid signatures, {} unexpected",
+            d.expected, d.verified, d.missing, d.received, d.duplicates, d.invalid_signatures, d.unexpected
+        )?;
+        let p = &self.published;
+        writeln!(
+            f,
+            "  published     {} of {} events handed over, {} accepted, {} failed{}{}",
+            p.handed_over,
+            self.events,
+            p.accepted,
+            p.failed,
+            if p.finished { "" } else { "; stopped before it finished" },
+            p.first_error
+                .as_ref()
+                .map_or_else(String::new, |error| format!(" (first failure: {error})"))
+        )?;
+        writeln!(
+            f,
+            "  throughput    {:.0} deliveries/s end to end ({} in {:.2} s, first publish to last receipt; publishing took {:.2} s)",
+            t.deliveries_per_second, d.verified, t.seconds, t.publish_seconds
+        )?;
+        if let (Some(ceiling), Some(percent)) = (t.ceiling_deliveries_per_second, t.percent_of_ceiling) {
+            writeln!(
+                f,
+                "  ceiling       {ceiling:.0} deliveries/s (workers × concurrency ÷ response delay); reached {percent:.0} %"
+            )?;
+        }
+        match &self.latency_ms {
+            Some(l) => writeln!(
+                f,
+                "  latency       p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (event → receipt, {} deliveries)",
+                l.p50, l.p90, l.p99, l.max, l.samples
+            )?,
+            None => writeln!(f, "  latency       -")?,
+        }
+        if let Some(l) = &self.acceptance_ms {
+            let by = match self.via {
+                Via::Amqp => "broker confirm",
+                Via::Http => "intake 202",
+            };
+            writeln!(
+                f,
+                "  accepted in   p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (event handed over → {by})",
+                l.p50, l.p90, l.p99, l.max
+            )?;
+        }
+        writeln!(
+            f,
+            "  CPU, memory   {:<28} {:>9} {:>18} {:>14}",
+            "process", "CPU s", "CPU s / 1k deliv.", "peak RSS MiB"
+        )?;
+        let process_line = |f: &mut fmt::Formatter<'_>, usage: &ProcessUsage, label: &str| {
+            writeln!(
+                f,
+                "                {:<28} {:>9.2} {:>18} {:>14}",
+                label,
+                usage.cpu_seconds,
+                optional(usage.cpu_seconds_per_1000_deliveries, 3),
+                optional(usage.peak_rss_mib, 1)
+            )
+        };
+        for usage in &self.processes {
+            process_line(f, usage, &format!("{} (pid {})", usage.name, usage.pid))?;
+        }
+        for service in &self.services {
+            writeln!(
+                f,
+                "                {:<28} {:>9.2} {:>18} {:>14}",
+                format!("{} ({} × {})", service.name, service.processes, service.command),
+                service.cpu_seconds,
+                optional(service.cpu_seconds_per_1000_deliveries, 3),
+                "-"
+            )?;
+        }
+        writeln!(
+            f,
+            "                {:<28} {:>9} {:>18}",
+            "system total",
+            "",
+            optional(self.system_cpu_seconds_per_1000_deliveries, 3)
+        )?;
+        process_line(f, &self.load_generator, "aegis-bench (load + receiver)")?;
+        if let Some(load) = &self.machine_load {
+            writeln!(
+                f,
+                "  machine load  {:.0} % of all cores busy over {:.2} s; {:.2} CPU s of it not this run's",
+                load.busy_percent, load.window_seconds, load.other_cpu_seconds
+            )?;
+        }
+        let m = &self.machine;
+        writeln!(
+            f,
+            "  machine       {}, {} cores, {:.1} GiB RAM, {}",
+            m.cpu_model, m.cores, m.memory_gib, m.kernel
+        )?;
+        writeln!(f, "  binary        {}", self.binary)?;
+        for problem in &self.problems {
+            writeln!(f, "  problem       {problem}")?;
+        }
+        for warning in &self.warnings {
+            writeln!(f, "  warning       {warning}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank_in_milliseconds() {
+        let latency = Latency::from_micros((1..=1000).rev().map(|ms| ms * 1000).collect()).expect("samples");
+        assert_eq!(
+            (latency.p50, latency.p90, latency.p99, latency.max),
+            (500.0, 900.0, 990.0, 1000.0)
+        );
+        let one = Latency::from_micros(vec![1500]).expect("one sample");
+        assert_eq!((one.p50, one.p99, one.max, one.samples), (1.5, 1.5, 1.5, 1));
+        assert!(Latency::from_micros(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn cpu_is_normalised_per_thousand_deliveries() {
+        assert_eq!(per_thousand(3.0, 20_000), Some(0.15));
+        assert_eq!(per_thousand(3.0, 0), None);
+    }
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Reproduces the figures of docs/performance.md: makes sure PostgreSQL and
+# RabbitMQ are up, builds the release binaries, then runs every scenario in
+# both modes. Each run writes its JSON report and its text summary to the
+# output folder (default bench-results/<UTC time>/, git-ignored).
+#
+#   scripts/bench.sh [OUTPUT_DIR]
+#
+# Exits 1 when any run lost or mis-signed a delivery; the other runs still go.
+# Each run may take up to 10 minutes (--timeout 600s): the largest runs take
+# about two at the baseline's throughput.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/aegis-target}"
+out="${1:-bench-results/$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$out"
+
+scripts/services.sh
+cargo build --release -p aegis-webhook -p aegis-webhook-bench
+bench="$CARGO_TARGET_DIR/release/aegis-bench"
+
+status=0
+run() {
+  local name=$1
+  shift
+  echo "== $name: aegis-bench $*"
+  if ! "$bench" --timeout 600s --json "$out/$name.json" "$@" | tee "$out/$name.txt"; then
+    echo "!! $name failed (see above)" >&2
+    status=1
+  fi
+}
+
+# (a) burst: 2,000 events × 10 webhooks, as fast as possible.
+run embedded-burst --mode embedded --scenario burst
+run production-burst-amqp --mode production --scenario burst --via amqp
+run production-burst-http --mode production --scenario burst --via http
+
+# (b) steady: 100 events/s for 30 s to one webhook.
+run embedded-steady --mode embedded --scenario steady
+run production-steady-amqp --mode production --scenario steady --via amqp
+run production-steady-http --mode production --scenario steady --via http
+
+# (c) slow receivers: every response 200 ms late; throughput against
+# workers × concurrency ÷ 200 ms as concurrency and worker processes grow.
+run embedded-slow-c64 --mode embedded --scenario slow --concurrency 64
+run production-slow-c64-w1 --mode production --scenario slow --concurrency 64 --workers 1
+run production-slow-c64-w2 --mode production --scenario slow --concurrency 64 --workers 2
+run production-slow-c256-w1 --mode production --scenario slow --concurrency 256 --workers 1 --events 4000
+run production-slow-c1000-w1 --mode production --scenario slow --concurrency 1000 --workers 1 --events 10000
+
+echo "reports in $out"
+exit "$status"

@@ -1,0 +1,119 @@
+//! The benchmark (`aegis-bench`, crates/aegis-webhook-bench) as a smoke test:
+//! a tiny run in each mode, asserting from its JSON report that every delivery
+//! arrived verified and none was invalid. No timing is asserted.
+//!
+//! Nothing is built here. `cargo test --workspace` builds the `aegis-bench`
+//! and `aegis-webhook` binaries (their crates have integration tests, which is
+//! what makes cargo build a package's binaries for a test run) into the
+//! target folder this test binary runs from.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{amqp_url, postgres_reachable, postgres_server, scanner_channel, scratch_dir};
+
+const EVENTS: u64 = 20;
+const WEBHOOKS: u64 = 2;
+
+/// `<target>/<profile>/<name>`: this test runs as `<target>/<profile>/deps/e2e-<hash>`.
+fn built_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test binary is in <target>/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: `cargo test --workspace` builds it, or run \
+         `cargo build -p aegis-webhook -p aegis-webhook-bench` before this test alone",
+        path.display()
+    );
+    path
+}
+
+/// Runs `aegis-bench` with `arguments` and returns its JSON report; fails
+/// with the benchmark's own output when it fails.
+async fn run_bench(arguments: &[&str]) -> Value {
+    let report_path = scratch_dir().join("report.json");
+    let run = tokio::process::Command::new(built_binary("aegis-bench"))
+        .args(arguments)
+        .args(["--events", &EVENTS.to_string(), "--webhooks", &WEBHOOKS.to_string()])
+        .args(["--timeout", "90s", "--settle", "0s", "--json"])
+        .arg(&report_path)
+        .arg("--bin")
+        .arg(built_binary("aegis-webhook"))
+        .args(["--postgres-url", &postgres_server(), "--amqp-url", &amqp_url()])
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("aegis-bench ends within 240 s")
+        .expect("aegis-bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "aegis-bench {arguments:?} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let text = std::fs::read_to_string(&report_path).expect("aegis-bench writes its JSON report");
+    serde_json::from_str(&text).expect("the report is JSON")
+}
+
+fn assert_every_delivery_verified(report: &Value) {
+    let deliveries = &report["deliveries"];
+    let expected = EVENTS * WEBHOOKS;
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(deliveries["expected"], expected, "{report:#}");
+    assert_eq!(deliveries["verified"], expected, "{report:#}");
+    assert_eq!(deliveries["missing"], 0, "{report:#}");
+    assert_eq!(deliveries["invalid_signatures"], 0, "{report:#}");
+    assert_eq!(deliveries["unexpected"], 0, "{report:#}");
+    assert_eq!(report["latency_ms"]["samples"], expected, "{report:#}");
+    assert!(
+        report["processes"]
+            .as_array()
+            .is_some_and(|processes| !processes.is_empty()),
+        "every spawned process is measured: {report:#}"
+    );
+}
+
+/// PostgreSQL and RabbitMQ, or a loud skip (a failure in CI).
+async fn production_services_reachable() -> bool {
+    postgres_reachable().await && scanner_channel().await.is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_run_verifies_every_delivery() {
+    let report = run_bench(&["--mode", "embedded"]).await;
+    assert_every_delivery_verified(&report);
+    assert_eq!(report["processes"][0]["name"], "dev");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_run_over_amqp_verifies_every_delivery() {
+    if !production_services_reachable().await {
+        return;
+    }
+    let report = run_bench(&["--mode", "production", "--via", "amqp", "--workers", "1"]).await;
+    assert_every_delivery_verified(&report);
+    let names: Vec<&str> = report["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter_map(|process| process["name"].as_str())
+        .collect();
+    assert_eq!(names, ["api", "ingester", "worker-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_run_over_http_verifies_every_delivery() {
+    if !production_services_reachable().await {
+        return;
+    }
+    let report = run_bench(&["--mode", "production", "--via", "http", "--workers", "1"]).await;
+    assert_every_delivery_verified(&report);
+}
