@@ -112,13 +112,15 @@ impl Ingester {
         }
 
         // The deliveries are safe in the database; if publishing fails from here,
-        // the reconciler publishes them later.
-        for (id, planned) in ids.iter().zip(&planned) {
+        // the reconciler publishes them later. All at once: the broker confirms
+        // a pipeline of publishes about as fast as one (one fsync for many).
+        let publishes = ids.iter().zip(&planned).map(|(id, planned)| {
             self.queue
                 .publish_task(DeliveryTask::new(*id, planned.webhook_id, 1), Duration::ZERO)
-                .await
-                .context("failed to publish a delivery task")?;
-        }
+        });
+        futures::future::try_join_all(publishes)
+            .await
+            .context("failed to publish a delivery task")?;
         metrics::event_ingested(event.event_type);
         tracing::info!(event_id = %event.id, event = %event.event_type, deliveries = ids.len(), "event fanned out");
         Ok(IngestOutcome::FannedOut {
@@ -139,12 +141,21 @@ impl Ingester {
         Ok(IngestOutcome::Invalid { reason })
     }
 
-    /// Consumes the events stream until `shutdown`, then drains what is already
-    /// arriving and returns.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    /// Consumes the events stream until `shutdown`, ingesting up to
+    /// `concurrency` envelopes at once (each waits on its database commit and
+    /// broker confirms, so one at a time would leave both idle); then drains
+    /// what is already arriving and returns.
+    pub async fn run(self, shutdown: CancellationToken, concurrency: usize) -> anyhow::Result<()> {
         let mut consumer = self.queue.consume(Stream::Events).await?;
         metrics::consumer_up("events", true);
+        let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
+        let in_progress = tokio_util::task::TaskTracker::new();
         loop {
+            let permit = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
             let next = if shutdown.is_cancelled() {
                 match tokio::time::timeout(DRAIN_IDLE, consumer.next()).await {
                     Ok(next) => next,
@@ -165,10 +176,16 @@ impl Ingester {
                 }
                 Some(Ok(message)) => {
                     metrics::consumer_up("events", true);
-                    self.handle(message).await;
+                    let ingester = self.clone();
+                    in_progress.spawn(async move {
+                        ingester.handle(message).await;
+                        drop(permit);
+                    });
                 }
             }
         }
+        in_progress.close();
+        in_progress.wait().await;
         metrics::consumer_up("events", false);
         tracing::info!("ingester stopped");
         Ok(())

@@ -228,7 +228,7 @@ pub async fn start(
 
     let ingester = roles.ingester.then(|| {
         let token = CancellationToken::new();
-        let ingesting = Ingester::new(db.clone(), queue.clone()).run(token.clone());
+        let ingesting = Ingester::new(db.clone(), queue.clone()).run(token.clone(), usize::from(config.amqp_prefetch));
         let handle = spawn_role("ingester", ingesting, token.clone(), role_failed.clone());
         (token, handle)
     });
