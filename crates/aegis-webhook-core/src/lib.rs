@@ -2,6 +2,7 @@
 //! domain types, signing, delivery policy, configuration, the queue port and its
 //! in-process adapter, storage, the target URL policy and telemetry setup.
 
+pub mod batch;
 pub mod config;
 pub mod db;
 pub mod event;

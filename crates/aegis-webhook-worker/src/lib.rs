@@ -13,13 +13,13 @@
 pub mod admission;
 pub mod http;
 pub mod reconciler;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use aegis_webhook_core::config::Config;
 use aegis_webhook_core::db::deliveries::{self, Attempt, NextStep};
-use aegis_webhook_core::db::{events, webhooks};
 use aegis_webhook_core::event::delivered_body;
 use aegis_webhook_core::metrics::{self, AttemptOutcome};
 use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
@@ -28,11 +28,10 @@ use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::signing;
 use aegis_webhook_core::target::TargetPolicy;
 use aegis_webhook_core::telemetry;
-use anyhow::Context as _;
 use chrono::Utc;
 use rand::RngExt as _;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::DatabaseConnection;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -47,20 +46,20 @@ const CLAIM_MARGIN: Duration = Duration::from_secs(10);
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 use admission::{Admission, Lanes, Taken};
+use store::{Claimed, Recording, Store};
 
 /// Everything a worker needs, shared by all its in-flight deliveries.
 #[derive(Clone)]
 pub struct Worker {
     db: DatabaseConnection,
+    store: Store,
     queue: Arc<dyn Queue>,
-    cipher: SecretCipher,
     client: reqwest::Client,
     policy: Arc<TargetPolicy>,
     schedule: RetrySchedule,
     backpressure: retry::Backpressure,
     request_timeout: Duration,
     max_response_body_bytes: usize,
-    auto_disable: retry::AutoDisable,
     concurrency: usize,
     webhook_concurrency: usize,
 }
@@ -128,17 +127,17 @@ impl Worker {
         cipher: SecretCipher,
     ) -> anyhow::Result<Self> {
         let policy = Arc::new(config.target_policy());
+        let lease = config.request_timeout + CLAIM_MARGIN;
         Ok(Worker {
             client: http::build_client(policy.clone(), config.request_timeout)?,
+            store: Store::spawn(db.clone(), cipher, lease, config.auto_disable()),
             db,
             queue,
-            cipher,
             policy,
             schedule: config.retry_schedule.clone(),
             backpressure: config.backpressure(),
             request_timeout: config.request_timeout,
             max_response_body_bytes: config.max_response_body_bytes,
-            auto_disable: config.auto_disable(),
             concurrency: config.worker_concurrency,
             webhook_concurrency: config.webhook_concurrency,
         })
@@ -149,21 +148,19 @@ impl Worker {
     pub async fn process_one(&self, task: DeliveryTask) -> anyhow::Result<Outcome> {
         let delivery_id = task.delivery_id();
         let attempt = task.attempt();
-        let lease = self.request_timeout + CLAIM_MARGIN;
-        if !deliveries::claim(&self.db, delivery_id, attempt, lease, Utc::now()).await? {
+        let Some(Claimed {
+            delivery,
+            webhook,
+            event,
+        }) = self.store.claim(delivery_id, attempt).await?
+        else {
             return self.unclaimed(task).await;
-        }
-        let delivery = deliveries::delivery_by_id(&self.db, delivery_id)
-            .await?
-            .context("a claimed delivery vanished")?;
-        let webhook = match webhooks::webhook_by_id(&self.db, &self.cipher, delivery.webhook_id).await? {
+        };
+        let webhook = match webhook {
             Some(webhook) if webhook.active => webhook,
             Some(_) => return self.cancel(delivery_id, "webhook is disabled").await,
             None => return self.cancel(delivery_id, "webhook was deleted").await,
         };
-        let event = events::event_by_id(&self.db, delivery.event_id)
-            .await?
-            .context("the event of a delivery vanished")?;
 
         let body = delivered_body(delivery.event_type, &event.timestamp, &event.data);
         let previous_secret = webhook.previous_secret_at(Utc::now());
@@ -214,38 +211,32 @@ impl Worker {
             }
         };
 
-        let record = Attempt {
-            delivery_id,
-            attempt,
-            started_at,
-            duration: result.duration,
-            status_code: result.status,
-            error: result.error.clone(),
-            response_body: result.body.clone(),
+        let health = match &outcome {
+            Outcome::Delivered => store::Health::Succeeded {
+                had_streak: webhook.consecutive_failures > 0 || webhook.failing_since.is_some(),
+            },
+            Outcome::Failed { reason } if class == AttemptClass::Gone => store::Health::Gone { reason: reason.clone() },
+            Outcome::Failed { .. } => store::Health::Failed,
+            Outcome::RetryScheduled { .. } | Outcome::Deferred { .. } | Outcome::Skipped { .. } => {
+                store::Health::Unchanged
+            }
         };
+        let recording = Recording {
+            attempt: Attempt {
+                delivery_id,
+                attempt,
+                started_at,
+                duration: result.duration,
+                status_code: result.status,
+                error: result.error.clone(),
+                response_body: result.body.clone(),
+            },
+            next,
+            webhook_id: webhook.id,
+            health,
+        };
+        let disabled = self.store.record(recording).await?;
         let now = Utc::now();
-        let transaction = self.db.begin().await.context("failed to begin recording an attempt")?;
-        deliveries::record_attempt(&transaction, &record, &next).await?;
-        let disabled = match &outcome {
-            Outcome::Delivered => {
-                // A success only resets the streak; it never disables.
-                webhooks::record_delivery_result(&transaction, webhook.id, true, &self.auto_disable, now).await?;
-                None
-            }
-            Outcome::Failed { reason } if class == AttemptClass::Gone => {
-                webhooks::record_delivery_result(&transaction, webhook.id, false, &retry::AutoDisable::NEVER, now)
-                    .await?;
-                webhooks::disable_webhook(&transaction, webhook.id, reason, now).await?;
-                Some("gone")
-            }
-            Outcome::Failed { .. } => {
-                webhooks::record_delivery_result(&transaction, webhook.id, false, &self.auto_disable, now)
-                    .await?
-                    .map(|_| "failing")
-            }
-            Outcome::RetryScheduled { .. } | Outcome::Deferred { .. } | Outcome::Skipped { .. } => None,
-        };
-        transaction.commit().await.context("failed to commit an attempt")?;
         if let Some(reason) = disabled {
             tracing::warn!(webhook_id = %webhook.id, reason, "webhook disabled automatically");
             metrics::webhook_auto_disabled(reason);

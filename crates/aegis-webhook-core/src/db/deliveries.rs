@@ -14,7 +14,7 @@ use super::StoreError;
 use super::entities::{delivery, delivery_attempt};
 use crate::event::EventType;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeliveryStatus {
     /// Waiting for its next attempt.
     Pending,
@@ -190,19 +190,59 @@ pub async fn claim(
     lease: Duration,
     now: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
+    let wanted = [ClaimRequest {
+        delivery_id: id,
+        attempt,
+    }];
+    Ok(!claim_many(db, &wanted, lease, now).await?.is_empty())
+}
+
+/// Attempt `attempt` of delivery `delivery_id`, as a task asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClaimRequest {
+    pub delivery_id: Uuid,
+    pub attempt: u32,
+}
+
+/// [`claim`] for many deliveries in one statement, which also reads them back:
+/// returns the deliveries claimed, in no particular order. A worker claims the
+/// tasks it has taken together, so the database sees one round trip for many.
+pub async fn claim_many(
+    db: &impl ConnectionTrait,
+    wanted: &[ClaimRequest],
+    lease: Duration,
+    now: DateTime<Utc>,
+) -> Result<Vec<Delivery>, StoreError> {
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
     let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
     let due_by = now + chrono::Duration::from_std(DUE_TOLERANCE).unwrap_or_default();
-    let previous_attempts = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
-    let result = delivery::Entity::update_many()
+    // Attempt N is claimable only while N - 1 attempts are recorded.
+    let mut by_attempt: std::collections::BTreeMap<u32, Vec<Uuid>> = std::collections::BTreeMap::new();
+    for request in wanted {
+        by_attempt.entry(request.attempt).or_default().push(request.delivery_id);
+    }
+    let mut any_wanted = Condition::any();
+    for (attempt, ids) in by_attempt {
+        let previous_attempts = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        any_wanted = any_wanted.add(
+            Condition::all()
+                .add(delivery::Column::Id.is_in(ids))
+                .add(delivery::Column::Attempts.eq(previous_attempts)),
+        );
+    }
+    delivery::Entity::update_many()
         .col_expr(delivery::Column::LockedUntil, Expr::value(until))
-        .filter(delivery::Column::Id.eq(id))
+        .filter(any_wanted)
         .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
-        .filter(delivery::Column::Attempts.eq(previous_attempts))
         .filter(delivery::Column::NextAttemptAt.lte(due_by))
         .filter(unclaimed_at(now))
-        .exec(db)
-        .await?;
-    Ok(result.rows_affected == 1)
+        .exec_with_returning(db)
+        .await?
+        .into_iter()
+        .map(Delivery::try_from)
+        .collect()
 }
 
 /// Moves a pending, unclaimed delivery's next attempt to `until`, for a worker
@@ -226,7 +266,17 @@ pub async fn postpone(
 
 /// Logs an attempt and moves the delivery on, releasing the claim.
 pub async fn record_attempt(db: &impl ConnectionTrait, attempt: &Attempt, next: &NextStep) -> Result<(), StoreError> {
-    let row = delivery_attempt::ActiveModel {
+    record_attempts(db, &[(attempt.clone(), next.clone())]).await
+}
+
+/// [`record_attempt`] for many attempts: one multi-row insert of the log, and
+/// one update per distinct new state (a burst of successes is one statement).
+/// Run it in a transaction to make the batch all or nothing.
+pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, NextStep)]) -> Result<(), StoreError> {
+    if recorded.is_empty() {
+        return Ok(());
+    }
+    let rows = recorded.iter().map(|(attempt, _)| delivery_attempt::ActiveModel {
         id: Set(Uuid::now_v7()),
         delivery_id: Set(attempt.delivery_id),
         attempt: Set(i32::try_from(attempt.attempt).unwrap_or(i32::MAX)),
@@ -235,34 +285,56 @@ pub async fn record_attempt(db: &impl ConnectionTrait, attempt: &Attempt, next: 
         status_code: Set(attempt.status_code.map(i32::from)),
         error: Set(attempt.error.clone()),
         response_body: Set(attempt.response_body.clone()),
-    };
-    delivery_attempt::Entity::insert(row).exec_without_returning(db).await?;
-
-    let (status, next_attempt_at, failure_reason) = match next {
-        NextStep::Succeeded => (DeliveryStatus::Succeeded, None, None),
-        NextStep::RetryAt(at) => (DeliveryStatus::Pending, Some(*at), None),
-        NextStep::Failed(reason) => (DeliveryStatus::Failed, None, Some(reason.clone())),
-    };
-    delivery::Entity::update_many()
-        .col_expr(delivery::Column::Status, Expr::value(status.as_str()))
-        .col_expr(
-            delivery::Column::Attempts,
-            Expr::value(i32::try_from(attempt.attempt).unwrap_or(i32::MAX)),
-        )
-        .col_expr(delivery::Column::NextAttemptAt, Expr::value(next_attempt_at))
-        .col_expr(
-            delivery::Column::LockedUntil,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
-        .col_expr(
-            delivery::Column::LastStatusCode,
-            Expr::value(attempt.status_code.map(i32::from)),
-        )
-        .col_expr(delivery::Column::FailureReason, Expr::value(failure_reason))
-        .col_expr(delivery::Column::UpdatedAt, Expr::value(Utc::now()))
-        .filter(delivery::Column::Id.eq(attempt.delivery_id))
-        .exec(db)
+    });
+    delivery_attempt::Entity::insert_many(rows)
+        .exec_without_returning(db)
         .await?;
+
+    /// The columns an attempt sets on its delivery; equal states share a statement.
+    #[derive(PartialEq, Eq, Hash)]
+    struct NewState<'a> {
+        status: DeliveryStatus,
+        attempts: i32,
+        next_attempt_at: Option<DateTime<Utc>>,
+        last_status_code: Option<i32>,
+        failure_reason: Option<&'a str>,
+    }
+    let mut groups: std::collections::HashMap<NewState<'_>, Vec<Uuid>> = std::collections::HashMap::new();
+    for (attempt, next) in recorded {
+        let (status, next_attempt_at, failure_reason) = match next {
+            NextStep::Succeeded => (DeliveryStatus::Succeeded, None, None),
+            NextStep::RetryAt(at) => (DeliveryStatus::Pending, Some(*at), None),
+            NextStep::Failed(reason) => (DeliveryStatus::Failed, None, Some(reason.as_str())),
+        };
+        let state = NewState {
+            status,
+            attempts: i32::try_from(attempt.attempt).unwrap_or(i32::MAX),
+            next_attempt_at,
+            last_status_code: attempt.status_code.map(i32::from),
+            failure_reason,
+        };
+        groups.entry(state).or_default().push(attempt.delivery_id);
+    }
+    let now = Utc::now();
+    for (state, ids) in groups {
+        delivery::Entity::update_many()
+            .col_expr(delivery::Column::Status, Expr::value(state.status.as_str()))
+            .col_expr(delivery::Column::Attempts, Expr::value(state.attempts))
+            .col_expr(delivery::Column::NextAttemptAt, Expr::value(state.next_attempt_at))
+            .col_expr(
+                delivery::Column::LockedUntil,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .col_expr(delivery::Column::LastStatusCode, Expr::value(state.last_status_code))
+            .col_expr(
+                delivery::Column::FailureReason,
+                Expr::value(state.failure_reason.map(str::to_owned)),
+            )
+            .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+            .filter(delivery::Column::Id.is_in(ids))
+            .exec(db)
+            .await?;
+    }
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! Upstream events as received, deduplicated per tenant on the envelope's id.
 
 use chrono::Utc;
-use sea_orm::{ActiveValue::Set, ConnectionTrait, EntityTrait};
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -57,4 +57,16 @@ pub async fn insert_event(db: &impl ConnectionTrait, event: &ValidatedEvent) -> 
 
 pub async fn event_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
     Ok(event::Entity::find_by_id(id).one(db).await?.map(StoredEvent::from))
+}
+
+/// The events with these ids that exist, in no particular order.
+pub async fn events_by_ids(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<Vec<StoredEvent>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = event::Entity::find()
+        .filter(event::Column::Id.is_in(ids.iter().copied()))
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().map(StoredEvent::from).collect())
 }

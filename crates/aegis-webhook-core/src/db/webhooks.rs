@@ -173,11 +173,25 @@ pub async fn webhook_by_id(
     cipher: &SecretCipher,
     id: Uuid,
 ) -> Result<Option<Webhook>, StoreError> {
-    webhook::Entity::find_by_id(id)
-        .one(db)
+    Ok(webhooks_by_ids(db, cipher, &[id]).await?.pop())
+}
+
+/// [`webhook_by_id`] for many: the webhooks that exist, in no particular order.
+pub async fn webhooks_by_ids(
+    db: &impl ConnectionTrait,
+    cipher: &SecretCipher,
+    ids: &[Uuid],
+) -> Result<Vec<Webhook>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    webhook::Entity::find()
+        .filter(webhook::Column::Id.is_in(ids.iter().copied()))
+        .all(db)
         .await?
+        .into_iter()
         .map(|row| to_domain(row, cipher))
-        .transpose()
+        .collect()
 }
 
 /// One page of the tenant's webhooks in creation order, after the cursor `after`.
@@ -224,7 +238,8 @@ pub async fn active_subscriptions(db: &impl ConnectionTrait, tenant_id: Uuid) ->
 }
 
 /// Counts a finished delivery towards the webhook's health: a success resets the
-/// streak of failures, a failure extends it.
+/// streak of failures, a failure extends it. Returns why the webhook was just
+/// disabled, if this failure disabled it.
 pub async fn record_delivery_result(
     db: &impl ConnectionTrait,
     webhook_id: Uuid,
@@ -232,10 +247,56 @@ pub async fn record_delivery_result(
     auto_disable: &AutoDisable,
     now: DateTime<Utc>,
 ) -> Result<Option<String>, StoreError> {
+    let change = if succeeded {
+        HealthChange::SUCCESS
+    } else {
+        HealthChange::FAILURE
+    };
+    record_health_change(db, webhook_id, change, auto_disable, now).await
+}
+
+/// What some finished deliveries did to one webhook's health, in order: a
+/// success (which ends any streak of failures), then failures after it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HealthChange {
+    /// A delivery succeeded: the streak ends before `failures` are counted.
+    pub reset: bool,
+    /// Failed deliveries after the last success.
+    pub failures: u32,
+}
+
+impl HealthChange {
+    pub const SUCCESS: HealthChange = HealthChange {
+        reset: true,
+        failures: 0,
+    };
+    pub const FAILURE: HealthChange = HealthChange {
+        reset: false,
+        failures: 1,
+    };
+
+    /// Whether applying it would change anything.
+    pub fn is_none(self) -> bool {
+        !self.reset && self.failures == 0
+    }
+}
+
+/// Applies a [`HealthChange`] to a webhook; disables it when the streak of
+/// failures reaches `auto_disable`'s limits, and returns why.
+pub async fn record_health_change(
+    db: &impl ConnectionTrait,
+    webhook_id: Uuid,
+    change: HealthChange,
+    auto_disable: &AutoDisable,
+    now: DateTime<Utc>,
+) -> Result<Option<String>, StoreError> {
     use sea_orm::sea_query::{Expr, ExprTrait as _, Func};
-    let update = webhook::Entity::update_many().filter(webhook::Column::Id.eq(webhook_id));
-    if succeeded {
-        update
+    if change.is_none() {
+        return Ok(None);
+    }
+    if change.reset {
+        webhook::Entity::update_many()
+            .filter(webhook::Column::Id.eq(webhook_id))
             .col_expr(webhook::Column::ConsecutiveFailures, Expr::value(0))
             .col_expr(
                 webhook::Column::FailingSince,
@@ -243,14 +304,17 @@ pub async fn record_delivery_result(
             )
             .exec(db)
             .await?;
+    }
+    if change.failures == 0 {
         return Ok(None);
     }
     // One statement, so concurrent workers count every failure and the first
     // one dates the streak.
-    update
+    webhook::Entity::update_many()
+        .filter(webhook::Column::Id.eq(webhook_id))
         .col_expr(
             webhook::Column::ConsecutiveFailures,
-            Expr::col(webhook::Column::ConsecutiveFailures).add(1),
+            Expr::col(webhook::Column::ConsecutiveFailures).add(i32::try_from(change.failures).unwrap_or(i32::MAX)),
         )
         .col_expr(
             webhook::Column::FailingSince,

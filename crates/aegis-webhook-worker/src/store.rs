@@ -1,0 +1,203 @@
+//! The worker's database round trips, shared by its in-flight attempts: one
+//! statement claims (and reads back) the deliveries of many tasks, and one
+//! transaction records many attempts (see [`aegis_webhook_core::batch`]).
+//! Per attempt that is two round trips shared with its neighbours instead of
+//! seven of its own.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aegis_webhook_core::batch::Batcher;
+use aegis_webhook_core::db::deliveries::{self, Attempt, ClaimRequest, Delivery, NextStep};
+use aegis_webhook_core::db::events::{self, StoredEvent};
+use aegis_webhook_core::db::webhooks::{self, HealthChange, Webhook};
+use aegis_webhook_core::retry::AutoDisable;
+use aegis_webhook_core::secret::SecretCipher;
+use anyhow::Context as _;
+use chrono::Utc;
+use sea_orm::{DatabaseConnection, TransactionTrait as _};
+use uuid::Uuid;
+
+/// The most requests one statement or transaction serves.
+const MAX_BATCH: usize = 128;
+/// Batches of one kind in flight at once: one waits on the database while the
+/// next fills.
+const PARALLEL_BATCHES: usize = 2;
+
+/// A claimed delivery with what its attempt is built from.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub delivery: Delivery,
+    /// `None` when the webhook was deleted.
+    pub webhook: Option<Arc<Webhook>>,
+    pub event: Arc<StoredEvent>,
+}
+
+/// What a finished attempt does to its webhook's health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// A retry is scheduled: the delivery has not failed yet.
+    Unchanged,
+    /// Delivered. `had_streak`: the webhook had failures recorded when the
+    /// attempt was claimed, so the success must end the streak; otherwise
+    /// there is nothing to write.
+    Succeeded { had_streak: bool },
+    /// The delivery failed for good.
+    Failed,
+    /// The receiver answered 410 Gone: disable the webhook, saying this.
+    Gone { reason: String },
+}
+
+/// An attempt to record, and what follows from it.
+#[derive(Debug, Clone)]
+pub struct Recording {
+    pub attempt: Attempt,
+    pub next: NextStep,
+    pub webhook_id: Uuid,
+    pub health: Health,
+}
+
+/// Why recording an attempt disabled its webhook: the metric's label.
+pub type DisabledBecause = Option<&'static str>;
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    claims: Batcher<ClaimRequest, Option<Claimed>>,
+    records: Batcher<Recording, DisabledBecause>,
+}
+
+impl Store {
+    /// Starts the batchers on the current runtime. `lease` is how long a claim lasts.
+    pub fn spawn(db: DatabaseConnection, cipher: SecretCipher, lease: Duration, auto_disable: AutoDisable) -> Self {
+        let claims = {
+            let db = db.clone();
+            Batcher::spawn("claim", MAX_BATCH, PARALLEL_BATCHES, move |wanted| {
+                let (db, cipher) = (db.clone(), cipher.clone());
+                async move { claim_batch(&db, &cipher, lease, wanted).await }
+            })
+        };
+        let records = Batcher::spawn("record", MAX_BATCH, PARALLEL_BATCHES, move |recordings| {
+            let db = db.clone();
+            async move { record_batch(&db, &auto_disable, recordings).await }
+        });
+        Store { claims, records }
+    }
+
+    /// Claims attempt `attempt` of the delivery (see [`deliveries::claim`]) and
+    /// loads what the attempt needs; `None` when it cannot be claimed.
+    pub async fn claim(&self, delivery_id: Uuid, attempt: u32) -> anyhow::Result<Option<Claimed>> {
+        self.claims.call(ClaimRequest { delivery_id, attempt }).await
+    }
+
+    /// Records the attempt, moves the delivery on, releases the claim and
+    /// applies the webhook's health; all committed before it returns.
+    pub async fn record(&self, recording: Recording) -> anyhow::Result<DisabledBecause> {
+        self.records.call(recording).await
+    }
+}
+
+async fn claim_batch(
+    db: &DatabaseConnection,
+    cipher: &SecretCipher,
+    lease: Duration,
+    wanted: Vec<ClaimRequest>,
+) -> anyhow::Result<Vec<Option<Claimed>>> {
+    let claimed = deliveries::claim_many(db, &wanted, lease, Utc::now()).await?;
+    let mut webhook_ids: Vec<Uuid> = claimed.iter().map(|delivery| delivery.webhook_id).collect();
+    webhook_ids.sort_unstable();
+    webhook_ids.dedup();
+    let mut event_ids: Vec<Uuid> = claimed.iter().map(|delivery| delivery.event_id).collect();
+    event_ids.sort_unstable();
+    event_ids.dedup();
+    let (webhooks, events) = tokio::try_join!(
+        webhooks::webhooks_by_ids(db, cipher, &webhook_ids),
+        events::events_by_ids(db, &event_ids),
+    )?;
+    let webhooks: HashMap<Uuid, Arc<Webhook>> = webhooks
+        .into_iter()
+        .map(|webhook| (webhook.id, Arc::new(webhook)))
+        .collect();
+    let events: HashMap<Uuid, Arc<StoredEvent>> = events.into_iter().map(|event| (event.id, Arc::new(event))).collect();
+    let mut claimed: HashMap<Uuid, Delivery> = claimed.into_iter().map(|delivery| (delivery.id, delivery)).collect();
+    wanted
+        .into_iter()
+        .map(|request| {
+            // Two tasks for one attempt in the same batch: the first gets it.
+            let delivery = match claimed.get(&request.delivery_id) {
+                Some(delivery) if delivery.attempts + 1 == request.attempt => claimed.remove(&request.delivery_id),
+                _ => None,
+            };
+            let Some(delivery) = delivery else {
+                return Ok(None);
+            };
+            let event = events
+                .get(&delivery.event_id)
+                .cloned()
+                .context("the event of a claimed delivery vanished")?;
+            let webhook = webhooks.get(&delivery.webhook_id).cloned();
+            Ok(Some(Claimed {
+                delivery,
+                webhook,
+                event,
+            }))
+        })
+        .collect()
+}
+
+async fn record_batch(
+    db: &DatabaseConnection,
+    auto_disable: &AutoDisable,
+    recordings: Vec<Recording>,
+) -> anyhow::Result<Vec<DisabledBecause>> {
+    // Each webhook's health over the batch, in order; and its last recording,
+    // which reports a disabling.
+    let mut health: BTreeMap<Uuid, (HealthChange, Option<&str>, usize)> = BTreeMap::new();
+    for (index, recording) in recordings.iter().enumerate() {
+        let (change, gone, last) = health.entry(recording.webhook_id).or_default();
+        *last = index;
+        match &recording.health {
+            Health::Unchanged => {}
+            // Failures earlier in this batch are not written yet: a success
+            // simply drops them, and resets the database's streak if it had one.
+            Health::Succeeded { had_streak } => {
+                *change = HealthChange {
+                    reset: change.reset || *had_streak,
+                    failures: 0,
+                };
+            }
+            Health::Failed => change.failures += 1,
+            Health::Gone { reason } => {
+                change.failures += 1;
+                *gone = Some(reason);
+            }
+        }
+    }
+
+    let now = Utc::now();
+    let mut disabled = vec![None; recordings.len()];
+    let transaction = db.begin().await.context("failed to begin recording attempts")?;
+    // Webhooks first and in id order, so concurrent batches lock them in the same order.
+    for (webhook_id, (change, gone, last)) in health {
+        // A 410 disables at once, whatever the streak.
+        let policy = if gone.is_some() {
+            &AutoDisable::NEVER
+        } else {
+            auto_disable
+        };
+        let failing = webhooks::record_health_change(&transaction, webhook_id, change, policy, now).await?;
+        if let Some(reason) = gone {
+            webhooks::disable_webhook(&transaction, webhook_id, reason, now).await?;
+            disabled[last] = Some("gone");
+        } else if failing.is_some() {
+            disabled[last] = Some("failing");
+        }
+    }
+    let attempts: Vec<(Attempt, NextStep)> = recordings
+        .into_iter()
+        .map(|recording| (recording.attempt, recording.next))
+        .collect();
+    deliveries::record_attempts(&transaction, &attempts).await?;
+    transaction.commit().await.context("failed to commit attempts")?;
+    Ok(disabled)
+}
