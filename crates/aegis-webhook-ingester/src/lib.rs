@@ -1,6 +1,7 @@
 //! The ingester: takes upstream envelopes off the events stream, validates them,
-//! fans each out to the subscribed webhooks in one database transaction, then
-//! publishes the delivery tasks and only then acknowledges the envelope.
+//! fans each out to the subscribed webhooks in a database transaction (shared by
+//! the envelopes ingested at the same moment), then publishes the delivery tasks
+//! and only then acknowledges the envelope.
 //!
 //! An envelope that fails validation is parked on the invalid-events queue with
 //! its reason and acknowledged; the consumer carries on.
@@ -14,14 +15,16 @@ mod fanout;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aegis_webhook_core::db::{deliveries, events, tenants, webhooks};
+use aegis_webhook_core::batch::Batcher;
+use aegis_webhook_core::db::deliveries::{self, EventDelivery};
+use aegis_webhook_core::db::{events, tenants, webhooks};
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
 use aegis_webhook_core::telemetry;
 use anyhow::Context as _;
 use chrono::Utc;
-use sea_orm::{DatabaseConnection, TransactionTrait};
+use sea_orm::{DatabaseConnection, TransactionTrait as _};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing::field::{Empty, display};
@@ -40,10 +43,15 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// the fault tests force open with it.
 pub const CRASH_AFTER_COMMIT_ENV: &str = "AEGIS_TEST_CRASH_AFTER_FANOUT_COMMIT";
 
+/// The most envelopes one fan-out transaction stores.
+const MAX_FAN_OUT_BATCH: usize = 64;
+/// Fan-out transactions in flight at once: one commits while the next fills.
+const PARALLEL_FAN_OUTS: usize = 2;
+
 #[derive(Clone)]
 pub struct Ingester {
-    db: DatabaseConnection,
     queue: Arc<dyn Queue>,
+    fan_outs: Batcher<ValidatedEvent, FanOut>,
     crash_after_commit: bool,
 }
 
@@ -64,10 +72,97 @@ pub enum IngestOutcome {
     Invalid { reason: String },
 }
 
+/// What the database made of one valid event.
+#[derive(Debug)]
+enum FanOut {
+    UnknownTenant {
+        tenant_id: Uuid,
+    },
+    Duplicate,
+    /// Stored with its deliveries; these are their first attempts' tasks.
+    Stored {
+        tasks: Vec<DeliveryTask>,
+    },
+}
+
+/// Stores a batch of events and their deliveries in one transaction: a few
+/// statements for the whole batch, whatever its size. The envelopes being
+/// ingested at once share it (see [`Batcher`]).
+async fn fan_out(db: &DatabaseConnection, events: Vec<ValidatedEvent>) -> anyhow::Result<Vec<FanOut>> {
+    let mut tenant_ids: Vec<Uuid> = events.iter().map(|event| event.tenant_id).collect();
+    tenant_ids.sort_unstable();
+    tenant_ids.dedup();
+    let known = tenants::existing_tenants(db, &tenant_ids).await?;
+    let mut outcomes: Vec<FanOut> = events
+        .iter()
+        .map(|event| match known.contains(&event.tenant_id) {
+            true => FanOut::Duplicate,
+            false => FanOut::UnknownTenant {
+                tenant_id: event.tenant_id,
+            },
+        })
+        .collect();
+    let storable: Vec<usize> = (0..events.len())
+        .filter(|index| known.contains(&events[*index].tenant_id))
+        .collect();
+    let storable_events: Vec<&ValidatedEvent> = storable.iter().map(|index| &events[*index]).collect();
+
+    let transaction = db.begin().await.context("failed to begin the fan-out")?;
+    // `None` for a repeat, also of an earlier envelope in this batch.
+    let rows = events::insert_events(&transaction, &storable_events).await?;
+    let new_events: Vec<(usize, Uuid)> = storable
+        .iter()
+        .zip(&rows)
+        .filter_map(|(index, row)| row.map(|row| (*index, row)))
+        .collect();
+    let mut tenants_of_new: Vec<Uuid> = new_events.iter().map(|(index, _)| events[*index].tenant_id).collect();
+    tenants_of_new.sort_unstable();
+    tenants_of_new.dedup();
+    let subscriptions = webhooks::active_subscriptions_of(&transaction, &tenants_of_new).await?;
+    // Every new event's deliveries in one insert; each event's are a range of it.
+    let mut planned = Vec::new();
+    let mut ranges = Vec::with_capacity(new_events.len());
+    for (index, row) in &new_events {
+        let event = &events[*index];
+        let subscribed = subscriptions
+            .get(&event.tenant_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let start = planned.len();
+        planned.extend(
+            plan_deliveries(event, subscribed)
+                .into_iter()
+                .map(|delivery| EventDelivery {
+                    tenant_id: event.tenant_id,
+                    event_id: *row,
+                    delivery,
+                }),
+        );
+        ranges.push((*index, start..planned.len()));
+    }
+    let ids = deliveries::insert_pending_of_events(&transaction, &planned, Utc::now()).await?;
+    transaction.commit().await.context("failed to commit the fan-out")?;
+
+    for (index, range) in ranges {
+        let tasks = planned[range.clone()]
+            .iter()
+            .zip(&ids[range])
+            .map(|(new, id)| DeliveryTask::new(*id, new.delivery.webhook_id, 1))
+            .collect();
+        outcomes[index] = FanOut::Stored { tasks };
+    }
+    Ok(outcomes)
+}
+
 impl Ingester {
+    /// Starts the fan-out batcher on the current runtime.
     pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>) -> Self {
+        let fan_outs = Batcher::spawn("fan-out", MAX_FAN_OUT_BATCH, PARALLEL_FAN_OUTS, move |events| {
+            let db = db.clone();
+            async move { fan_out(&db, events).await }
+        });
         Ingester {
-            db,
+            fan_outs,
             queue,
             crash_after_commit: std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some(),
         }
@@ -91,22 +186,19 @@ impl Ingester {
         span.record("aegis.event.id", display(event.id));
         span.record("aegis.event.type", event.event_type.as_str());
         span.record("aegis.tenant.id", display(event.tenant_id));
-        if tenants::tenant_by_id(&self.db, event.tenant_id).await?.is_none() {
-            let reason = format!("tenantId: no tenant with id {}", event.tenant_id);
-            return self.refuse(body, "unknown_tenant", reason).await;
-        }
-
-        let transaction = self.db.begin().await.context("failed to begin the fan-out")?;
-        let Some(event_row) = events::insert_event(&transaction, &event).await? else {
-            transaction.rollback().await.context("failed to end the fan-out")?;
-            tracing::debug!(event_id = %event.id, "duplicate event ignored");
-            return Ok(IngestOutcome::Duplicate { event_id: event.id });
+        let (event_id, event_type) = (event.id, event.event_type);
+        let tasks = match self.fan_outs.call(event).await? {
+            FanOut::UnknownTenant { tenant_id } => {
+                let reason = format!("tenantId: no tenant with id {tenant_id}");
+                return self.refuse(body, "unknown_tenant", reason).await;
+            }
+            FanOut::Duplicate => {
+                tracing::debug!(%event_id, "duplicate event ignored");
+                return Ok(IngestOutcome::Duplicate { event_id });
+            }
+            FanOut::Stored { tasks } => tasks,
         };
-        let subscriptions = webhooks::active_subscriptions(&transaction, event.tenant_id).await?;
-        let planned = plan_deliveries(&event, &subscriptions);
-        let ids = deliveries::insert_pending(&transaction, event.tenant_id, event_row, &planned, Utc::now()).await?;
-        transaction.commit().await.context("failed to commit the fan-out")?;
-        if self.crash_after_commit && !ids.is_empty() {
+        if self.crash_after_commit && !tasks.is_empty() {
             tracing::error!("{CRASH_AFTER_COMMIT_ENV} is set: aborting between commit and publish");
             std::process::abort();
         }
@@ -114,19 +206,16 @@ impl Ingester {
         // The deliveries are safe in the database; if publishing fails from here,
         // the reconciler publishes them later. All at once: the broker confirms
         // a pipeline of publishes about as fast as one (one fsync for many).
-        let publishes = ids.iter().zip(&planned).map(|(id, planned)| {
-            self.queue
-                .publish_task(DeliveryTask::new(*id, planned.webhook_id, 1), Duration::ZERO)
-        });
+        let deliveries = tasks.len();
+        let publishes = tasks
+            .into_iter()
+            .map(|task| self.queue.publish_task(task, Duration::ZERO));
         futures::future::try_join_all(publishes)
             .await
             .context("failed to publish a delivery task")?;
-        metrics::event_ingested(event.event_type);
-        tracing::info!(event_id = %event.id, event = %event.event_type, deliveries = ids.len(), "event fanned out");
-        Ok(IngestOutcome::FannedOut {
-            event_id: event.id,
-            deliveries: ids.len(),
-        })
+        metrics::event_ingested(event_type);
+        tracing::info!(%event_id, event = %event_type, deliveries, "event fanned out");
+        Ok(IngestOutcome::FannedOut { event_id, deliveries })
     }
 
     /// Parks an invalid event; `class` labels the metric, `reason` says what

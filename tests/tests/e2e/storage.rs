@@ -20,6 +20,7 @@ on_both_backends!(
     webhook_secrets_are_sealed_at_rest,
     an_event_id_is_stored_once_per_tenant,
     a_delivery_attempt_is_claimed_by_one_worker_only,
+    batched_writes_mean_what_one_at_a_time_writes_mean,
     the_reconciler_scan_pages_through_unclaimed_pending_deliveries,
 );
 
@@ -197,6 +198,141 @@ async fn a_delivery_attempt_is_claimed_by_one_worker_only(backend: Backend) {
 
     let stored = deliveries::attempts_of(&fixture.db, id).await.expect("attempts");
     assert_eq!(stored, vec![attempt]);
+}
+
+/// The batched forms the ingester and the worker use: each row in a batch ends as
+/// it would alone, repeats and wrong attempts included.
+async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
+    let Some(fixture) = fixture(backend).await else { return };
+    let stored_before = poam_event(fixture.tenant_id);
+    events::insert_event(&fixture.db, &stored_before).await.expect("insert");
+    let other = tenants::ensure_tenant(&fixture.db, "other").await.expect("tenant");
+    let (first, second) = (poam_event(fixture.tenant_id), poam_event(fixture.tenant_id));
+    let mut same_id_other_tenant = first.clone();
+    same_id_other_tenant.tenant_id = other.id;
+    let rows = events::insert_events(
+        &fixture.db,
+        &[&first, &second, &first, &stored_before, &same_id_other_tenant],
+    )
+    .await
+    .expect("insert batch");
+    let stored: Vec<bool> = rows.iter().map(Option::is_some).collect();
+    assert_eq!(stored, [true, true, false, false, true], "{rows:?}");
+    assert_eq!(
+        tenants::existing_tenants(&fixture.db, &[other.id, Uuid::now_v7(), fixture.tenant_id])
+            .await
+            .expect("tenants"),
+        [other.id, fixture.tenant_id].into_iter().collect()
+    );
+
+    // Claims: right attempts are taken once, a wrong attempt is not.
+    let (a, b, c) = (
+        pending_delivery(&fixture).await,
+        pending_delivery(&fixture).await,
+        pending_delivery(&fixture).await,
+    );
+    let wanted = |delivery_id, attempt| deliveries::ClaimRequest { delivery_id, attempt };
+    let lease = Duration::from_secs(60);
+    let mut claimed: Vec<Uuid> = deliveries::claim_many(
+        &fixture.db,
+        &[wanted(a, 1), wanted(b, 2), wanted(c, 1), wanted(a, 1)],
+        lease,
+        Utc::now(),
+    )
+    .await
+    .expect("claim batch")
+    .into_iter()
+    .map(|delivery| delivery.id)
+    .collect();
+    claimed.sort();
+    let mut expected = vec![a, c];
+    expected.sort();
+    assert_eq!(claimed, expected);
+    assert!(
+        deliveries::claim_many(&fixture.db, &[wanted(a, 1), wanted(c, 1)], lease, Utc::now())
+            .await
+            .expect("again")
+            .is_empty(),
+        "claimed deliveries cannot be claimed again while the lease lasts"
+    );
+
+    // Records: each delivery moves on as its own attempt says.
+    let now = Utc::now().trunc_subsecs(6);
+    let attempt = |delivery_id, status_code| Attempt {
+        delivery_id,
+        attempt: 1,
+        started_at: now,
+        duration: Duration::from_millis(3),
+        status_code: Some(status_code),
+        error: None,
+        response_body: None,
+    };
+    let retry_at = now + chrono::Duration::seconds(30);
+    deliveries::record_attempts(
+        &fixture.db,
+        &[
+            (attempt(a, 200), NextStep::Succeeded),
+            (attempt(c, 503), NextStep::RetryAt(retry_at)),
+        ],
+    )
+    .await
+    .expect("record batch");
+    let a_now = deliveries::delivery_by_id(&fixture.db, a).await.expect("a").expect("a");
+    let c_now = deliveries::delivery_by_id(&fixture.db, c).await.expect("c").expect("c");
+    assert_eq!(
+        (
+            a_now.status,
+            a_now.attempts,
+            a_now.last_status_code,
+            a_now.next_attempt_at
+        ),
+        (deliveries::DeliveryStatus::Succeeded, 1, Some(200), None)
+    );
+    assert_eq!(
+        (
+            c_now.status,
+            c_now.attempts,
+            c_now.last_status_code,
+            c_now.next_attempt_at
+        ),
+        (deliveries::DeliveryStatus::Pending, 1, Some(503), Some(retry_at))
+    );
+    assert_eq!(
+        deliveries::attempts_of(&fixture.db, c).await.expect("attempts"),
+        vec![attempt(c, 503)]
+    );
+
+    // Health: failures add up; a success inside a batch drops the failures before it.
+    let health = |change| {
+        webhooks::record_health_change(
+            &fixture.db,
+            fixture.webhook_id,
+            change,
+            &aegis_webhook_core::retry::AutoDisable::NEVER,
+            Utc::now(),
+        )
+    };
+    let streak = || async {
+        webhooks::webhook_by_id(&fixture.db, &fixture.cipher, fixture.webhook_id)
+            .await
+            .expect("webhook")
+            .expect("exists")
+            .consecutive_failures
+    };
+    health(webhooks::HealthChange {
+        reset: false,
+        failures: 3,
+    })
+    .await
+    .expect("failures");
+    assert_eq!(streak().await, 3);
+    health(webhooks::HealthChange {
+        reset: true,
+        failures: 2,
+    })
+    .await
+    .expect("reset, then failures");
+    assert_eq!(streak().await, 2);
 }
 
 async fn the_reconciler_scan_pages_through_unclaimed_pending_deliveries(backend: Backend) {

@@ -138,26 +138,54 @@ pub async fn insert_pending(
     deliveries: &[NewDelivery],
     now: DateTime<Utc>,
 ) -> Result<Vec<Uuid>, StoreError> {
-    if deliveries.is_empty() {
-        return Ok(Vec::new());
-    }
+    let of_event: Vec<EventDelivery> = deliveries
+        .iter()
+        .map(|delivery| EventDelivery {
+            tenant_id,
+            event_id,
+            delivery: *delivery,
+        })
+        .collect();
+    insert_pending_of_events(db, &of_event, now).await
+}
+
+/// A delivery the fan-out decided on, with the event it delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventDelivery {
+    pub tenant_id: Uuid,
+    pub event_id: Uuid,
+    pub delivery: NewDelivery,
+}
+
+/// Rows per insert statement: well under PostgreSQL's 65,535 bind parameters.
+const INSERT_CHUNK: usize = 1_000;
+
+/// [`insert_pending`] for the deliveries of many events, in as few statements
+/// as the database's limits allow. Returns their ids, in order.
+pub async fn insert_pending_of_events(
+    db: &impl ConnectionTrait,
+    deliveries: &[EventDelivery],
+    now: DateTime<Utc>,
+) -> Result<Vec<Uuid>, StoreError> {
     let ids: Vec<Uuid> = deliveries.iter().map(|_| Uuid::now_v7()).collect();
-    let rows = deliveries.iter().zip(&ids).map(|(new, id)| delivery::ActiveModel {
-        id: Set(*id),
-        tenant_id: Set(tenant_id),
-        webhook_id: Set(new.webhook_id),
-        event_id: Set(event_id),
-        event_type: Set(new.event_type.as_str().to_owned()),
-        status: Set(DeliveryStatus::Pending.as_str().to_owned()),
-        attempts: Set(0),
-        next_attempt_at: Set(Some(now)),
-        locked_until: Set(None),
-        last_status_code: Set(None),
-        failure_reason: Set(None),
-        created_at: Set(now),
-        updated_at: Set(now),
-    });
-    delivery::Entity::insert_many(rows).exec_without_returning(db).await?;
+    for (chunk, chunk_ids) in deliveries.chunks(INSERT_CHUNK).zip(ids.chunks(INSERT_CHUNK)) {
+        let rows = chunk.iter().zip(chunk_ids).map(|(new, id)| delivery::ActiveModel {
+            id: Set(*id),
+            tenant_id: Set(new.tenant_id),
+            webhook_id: Set(new.delivery.webhook_id),
+            event_id: Set(new.event_id),
+            event_type: Set(new.delivery.event_type.as_str().to_owned()),
+            status: Set(DeliveryStatus::Pending.as_str().to_owned()),
+            attempts: Set(0),
+            next_attempt_at: Set(Some(now)),
+            locked_until: Set(None),
+            last_status_code: Set(None),
+            failure_reason: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+        });
+        delivery::Entity::insert_many(rows).exec_without_returning(db).await?;
+    }
     Ok(ids)
 }
 

@@ -1,7 +1,9 @@
 //! Upstream events as received, deduplicated per tenant on the envelope's id.
 
+use std::collections::HashSet;
+
 use chrono::Utc;
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter};
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TryInsertResult};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -35,24 +37,38 @@ impl From<event::Model> for StoredEvent {
 /// Stores the event and returns its row id, or `None` when the tenant already has
 /// an event with this id: a repeat that must not be fanned out again.
 pub async fn insert_event(db: &impl ConnectionTrait, event: &ValidatedEvent) -> Result<Option<Uuid>, StoreError> {
-    let id = Uuid::now_v7();
-    let row = event::ActiveModel {
-        id: Set(id),
+    Ok(insert_events(db, &[event]).await?.pop().flatten())
+}
+
+/// [`insert_event`] for many events in one statement: for each, its row id, or
+/// `None` for a repeat (of a stored event or of an earlier one in `events`).
+pub async fn insert_events(
+    db: &impl ConnectionTrait,
+    events: &[&ValidatedEvent],
+) -> Result<Vec<Option<Uuid>>, StoreError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+    let received_at = Utc::now();
+    let rows = events.iter().zip(&ids).map(|(event, id)| event::ActiveModel {
+        id: Set(*id),
         tenant_id: Set(event.tenant_id),
         external_id: Set(event.id),
         event_type: Set(event.event_type.as_str().to_owned()),
         timestamp: Set(event.timestamp_text()),
         data: Set(event.data.to_json()),
-        received_at: Set(Utc::now()),
-    };
-    let outcome = event::Entity::insert(row)
+        received_at: Set(received_at),
+    });
+    let outcome = event::Entity::insert_many(rows)
         .on_conflict_do_nothing_on([event::Column::TenantId, event::Column::ExternalId])
-        .exec_without_returning(db)
+        .exec_with_returning_keys(db)
         .await?;
-    Ok(match outcome {
-        sea_orm::TryInsertResult::Inserted(rows) if rows > 0 => Some(id),
-        _ => None,
-    })
+    let inserted: HashSet<Uuid> = match outcome {
+        TryInsertResult::Inserted(keys) => keys.into_iter().collect(),
+        TryInsertResult::Empty | TryInsertResult::Conflicted => HashSet::new(),
+    };
+    Ok(ids.into_iter().map(|id| inserted.contains(&id).then_some(id)).collect())
 }
 
 pub async fn event_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {

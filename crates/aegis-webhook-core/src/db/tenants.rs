@@ -43,6 +43,21 @@ pub async fn tenant_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<
     Ok(tenant::Entity::find_by_id(id).one(db).await?.map(Tenant::from))
 }
 
+/// Which of `ids` are tenants.
+pub async fn existing_tenants(
+    db: &impl ConnectionTrait,
+    ids: &[Uuid],
+) -> Result<std::collections::HashSet<Uuid>, StoreError> {
+    if ids.is_empty() {
+        return Ok(std::collections::HashSet::new());
+    }
+    let rows = tenant::Entity::find()
+        .filter(tenant::Column::Id.is_in(ids.iter().copied()))
+        .all(db)
+        .await?;
+    Ok(rows.into_iter().map(|row| row.id).collect())
+}
+
 pub async fn tenant_by_name(db: &impl ConnectionTrait, name: &str) -> Result<Option<Tenant>, StoreError> {
     Ok(tenant::Entity::find()
         .filter(tenant::Column::Name.eq(name))

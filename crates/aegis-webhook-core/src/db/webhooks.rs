@@ -221,20 +221,35 @@ pub async fn list_webhooks(
 
 /// The tenant's active webhooks, as the fan-out needs them.
 pub async fn active_subscriptions(db: &impl ConnectionTrait, tenant_id: Uuid) -> Result<Vec<Subscription>, StoreError> {
+    Ok(active_subscriptions_of(db, &[tenant_id])
+        .await?
+        .remove(&tenant_id)
+        .unwrap_or_default())
+}
+
+/// [`active_subscriptions`] of many tenants in one query, by tenant; a tenant
+/// without any is absent.
+pub async fn active_subscriptions_of(
+    db: &impl ConnectionTrait,
+    tenant_ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, Vec<Subscription>>, StoreError> {
+    let mut by_tenant: std::collections::HashMap<Uuid, Vec<Subscription>> = std::collections::HashMap::new();
+    if tenant_ids.is_empty() {
+        return Ok(by_tenant);
+    }
     let rows = webhook::Entity::find()
-        .filter(webhook::Column::TenantId.eq(tenant_id))
+        .filter(webhook::Column::TenantId.is_in(tenant_ids.iter().copied()))
         .filter(webhook::Column::Active.eq(true))
         .all(db)
         .await?;
-    rows.into_iter()
-        .map(|row| {
-            Ok(Subscription {
-                webhook_id: row.id,
-                events: parse_events(&row.events)?,
-                project_ids: parse_project_ids(row.project_ids.as_deref())?,
-            })
-        })
-        .collect()
+    for row in rows {
+        by_tenant.entry(row.tenant_id).or_default().push(Subscription {
+            webhook_id: row.id,
+            events: parse_events(&row.events)?,
+            project_ids: parse_project_ids(row.project_ids.as_deref())?,
+        });
+    }
+    Ok(by_tenant)
 }
 
 /// Counts a finished delivery towards the webhook's health: a success resets the
