@@ -54,7 +54,7 @@ pub struct Args {
     /// Worker processes (production mode).
     #[arg(long, default_value_t = 1)]
     pub workers: u16,
-    /// `AEGIS_WORKER_CONCURRENCY` of every worker [the system's default, 64].
+    /// `AEGIS_WORKER_CONCURRENCY` of every worker [the system's default, 256].
     #[arg(long)]
     pub concurrency: Option<u32>,
     /// Concurrent clients posting events with --via http.

@@ -99,7 +99,9 @@ pub struct Config {
     /// How long a rotated-out secret keeps signing `webhook-signature`.
     #[serde(with = "humantime_serde_compat")]
     pub secret_rotation_grace: Duration,
-    /// Deliveries one worker process sends at once.
+    /// Deliveries one worker process sends at once. Many: an attempt spends
+    /// most of its time waiting (on the receiver, and on the batched database
+    /// round trips it shares with the others), so slots are cheap.
     pub worker_concurrency: usize,
     /// Requests one worker process sends to one webhook at once, so a slow or
     /// hanging endpoint ties up at most this many of the worker's slots.
@@ -151,8 +153,8 @@ impl Default for Config {
             graphql_introspection: true,
             graphql_max_body_bytes: 256 * 1024,
             secret_rotation_grace: Duration::from_secs(24 * 3600),
-            worker_concurrency: 64,
-            webhook_concurrency: 8,
+            worker_concurrency: 256,
+            webhook_concurrency: 64,
             auto_disable_after_failures: 100,
             auto_disable_after: Duration::from_secs(24 * 3600),
             reconcile_interval: Duration::from_secs(30),
