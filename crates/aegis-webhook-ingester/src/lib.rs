@@ -20,7 +20,7 @@ use aegis_webhook_core::db::deliveries::{self, EventDelivery};
 use aegis_webhook_core::db::{events, tenants, webhooks};
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
 use aegis_webhook_core::metrics;
-use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
+use aegis_webhook_core::queue::{DeliveryTask, FirstAttempts, Queue, QueueMessage, Stream};
 use aegis_webhook_core::telemetry;
 use anyhow::Context as _;
 use chrono::Utc;
@@ -206,13 +206,14 @@ impl Ingester {
         // The deliveries are safe in the database; if publishing fails from here,
         // the reconciler publishes them later. All at once: the broker confirms
         // a pipeline of publishes about as fast as one (one fsync for many).
+        // One message for all of the event's first attempts.
         let deliveries = tasks.len();
-        let publishes = tasks
-            .into_iter()
-            .map(|task| self.queue.publish_task(task, Duration::ZERO));
-        futures::future::try_join_all(publishes)
-            .await
-            .context("failed to publish a delivery task")?;
+        if !tasks.is_empty() {
+            self.queue
+                .publish_first_attempts(FirstAttempts::new(&tasks))
+                .await
+                .context("failed to publish the delivery tasks")?;
+        }
         metrics::event_ingested(event_type);
         tracing::info!(%event_id, event = %event_type, deliveries, "event fanned out");
         Ok(IngestOutcome::FannedOut { event_id, deliveries })

@@ -7,13 +7,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use aegis_webhook_core::queue::{DeliveryTask, QueueMessage};
+use aegis_webhook_core::queue::DeliveryTask;
 use uuid::Uuid;
 
-/// A task taken from the queue, with the message that acknowledges it.
+use crate::receipt::Receipt;
+
+/// A task taken from the queue, with its share of the message that carried it.
 pub struct Taken {
     pub task: DeliveryTask,
-    pub message: QueueMessage,
+    pub receipt: Receipt,
 }
 
 /// What [`Lanes::admit`] decided.
@@ -110,7 +112,7 @@ impl Lanes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aegis_webhook_core::queue::{Acknowledger, QueueError};
+    use aegis_webhook_core::queue::{Acknowledger, QueueError, QueueMessage};
     use async_trait::async_trait;
 
     struct NoAck;
@@ -129,7 +131,9 @@ mod tests {
         let task = DeliveryTask::new(Uuid::now_v7(), webhook, 1);
         Taken {
             task,
-            message: QueueMessage::new(task.encode(), Box::new(NoAck)),
+            receipt: Receipt::split(QueueMessage::new(task.encode(), Box::new(NoAck)), 1)
+                .pop()
+                .expect("one receipt"),
         }
     }
 

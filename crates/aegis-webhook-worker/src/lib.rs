@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod http;
+pub mod receipt;
 pub mod reconciler;
 pub mod store;
 
@@ -22,7 +23,7 @@ use aegis_webhook_core::config::Config;
 use aegis_webhook_core::db::deliveries::{self, Attempt, NextStep};
 use aegis_webhook_core::event::delivered_body;
 use aegis_webhook_core::metrics::{self, AttemptOutcome};
-use aegis_webhook_core::queue::{DeliveryTask, Queue, QueueMessage, Stream};
+use aegis_webhook_core::queue::{self, DeliveryTask, Queue, Stream};
 use aegis_webhook_core::retry::{self, AttemptClass, RetrySchedule};
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::signing;
@@ -46,6 +47,7 @@ const CLAIM_MARGIN: Duration = Duration::from_secs(10);
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 use admission::{Admission, Lanes, Taken};
+use receipt::Receipt;
 use store::{Claimed, Recording, Store};
 
 /// Everything a worker needs, shared by all its in-flight deliveries.
@@ -101,7 +103,7 @@ impl Outcome {
 
 /// The `deliver` span of a task taken from the queue: the child of the span
 /// that published it, when the message says which.
-fn task_span(task: &DeliveryTask, message: &QueueMessage) -> tracing::Span {
+fn task_span(task: &DeliveryTask, receipt: &Receipt) -> tracing::Span {
     let span = tracing::info_span!(
         "deliver",
         otel.kind = "consumer",
@@ -115,7 +117,7 @@ fn task_span(task: &DeliveryTask, message: &QueueMessage) -> tracing::Span {
     if let Some(webhook) = task.webhook_id() {
         span.record("aegis.webhook.id", display(webhook));
     }
-    telemetry::continue_trace(&span, message.trace_headers());
+    telemetry::continue_trace(&span, receipt.trace_headers());
     span
 }
 
@@ -387,44 +389,52 @@ impl Worker {
                 Some(Ok(message)) => message,
             };
             metrics::consumer_up("tasks", true);
-            let task = match DeliveryTask::decode(&message.body) {
-                Ok(task) => task,
+            let tasks = match queue::decode_tasks(&message.body) {
+                Ok(tasks) if !tasks.is_empty() => tasks,
+                Ok(_) => {
+                    let _ = message.ack().await;
+                    continue;
+                }
                 Err(error) => {
-                    // Nothing can be done with it; the delivery it was for, if
-                    // any, is still pending in the database and the reconciler
-                    // finds it.
+                    // Nothing can be done with it; the deliveries it was for, if
+                    // any, are still pending in the database and the reconciler
+                    // finds them.
                     tracing::error!(error = %error, "undecodable delivery task dropped");
                     let _ = message.ack().await;
                     continue;
                 }
             };
-            match lanes.admit(Taken { task, message }) {
-                Admission::Run(taken) => {
-                    let (worker, lanes) = (self.clone(), lanes.clone());
-                    in_flight.spawn(async move {
-                        let mut next = Some(taken);
-                        // A finished attempt hands its slot to the next task
-                        // waiting for the same webhook.
-                        while let Some(taken) = next {
-                            let webhook = taken.task.webhook_id();
-                            worker.handle(taken).await;
-                            next = lanes.finish(webhook);
+            // A message may carry an event's first attempts: each task takes a
+            // slot of its own, so the rest wait here for theirs.
+            let receipts = Receipt::split(message, tasks.len());
+            let mut first_permit = Some(permit);
+            let mut stopping = false;
+            for (task, receipt) in tasks.into_iter().zip(receipts) {
+                let permit = match first_permit.take() {
+                    Some(permit) => permit,
+                    None if stopping => {
+                        let _ = receipt.requeue().await;
+                        continue;
+                    }
+                    None => tokio::select! {
+                        permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                        () = shutdown.cancelled() => {
+                            stopping = true;
+                            let _ = receipt.requeue().await;
+                            continue;
                         }
-                        drop(permit);
-                    });
-                }
-                Admission::Waiting => drop(permit),
-                Admission::Full(taken) => {
-                    drop(permit);
-                    let worker = self.clone();
-                    in_flight.spawn(async move { worker.hold_back(taken).await });
-                }
+                    },
+                };
+                self.dispatch(Taken { task, receipt }, permit, &lanes, &in_flight);
+            }
+            if stopping {
+                break;
             }
         }
         metrics::consumer_up("tasks", false);
         // Waiting tasks go back to the queue at once, for other workers.
         for taken in lanes.drain_waiting() {
-            if let Err(error) = taken.message.requeue().await {
+            if let Err(error) = taken.receipt.requeue().await {
                 tracing::warn!(error = %error, "failed to hand back a waiting task; the broker will redeliver it");
             }
         }
@@ -439,18 +449,51 @@ impl Worker {
         Ok(())
     }
 
+    /// Runs a task now, lines it up behind its webhook's running attempts, or
+    /// holds it back (see [`admission`]).
+    fn dispatch(
+        &self,
+        taken: Taken,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        lanes: &Arc<Lanes>,
+        in_flight: &TaskTracker,
+    ) {
+        match lanes.admit(taken) {
+            Admission::Run(taken) => {
+                let (worker, lanes) = (self.clone(), lanes.clone());
+                in_flight.spawn(async move {
+                    let mut next = Some(taken);
+                    // A finished attempt hands its slot to the next task
+                    // waiting for the same webhook.
+                    while let Some(taken) = next {
+                        let webhook = taken.task.webhook_id();
+                        worker.handle(taken).await;
+                        next = lanes.finish(webhook);
+                    }
+                    drop(permit);
+                });
+            }
+            Admission::Waiting => drop(permit),
+            Admission::Full(taken) => {
+                drop(permit);
+                let worker = self.clone();
+                in_flight.spawn(async move { worker.hold_back(taken).await });
+            }
+        }
+    }
+
     /// A task whose webhook has every slot busy while the lines are full: it
     /// goes back to the queue for one request timeout (the longest a busy slot
     /// stays busy), and the delivery is postponed to match, so the reconciler
     /// does not count it as lost.
     async fn hold_back(&self, taken: Taken) {
-        let span = task_span(&taken.task, &taken.message);
+        let span = task_span(&taken.task, &taken.receipt);
         span.record("aegis.delivery.outcome", "held_back");
         self.hold_back_in_span(taken).instrument(span).await
     }
 
     async fn hold_back_in_span(&self, taken: Taken) {
-        let Taken { task, message } = taken;
+        let Taken { task, receipt } = taken;
         let delay = self.request_timeout;
         let until = Utc::now() + delay;
         let held = async {
@@ -460,7 +503,7 @@ impl Worker {
         };
         match held.await {
             Ok(()) => {
-                if let Err(error) = message.ack().await {
+                if let Err(error) = receipt.ack().await {
                     tracing::error!(error = %error, "failed to ack a held-back task");
                 }
             }
@@ -470,20 +513,20 @@ impl Worker {
                     "failed to hold back a task; requeueing it"
                 );
                 tokio::time::sleep(ERROR_PAUSE).await;
-                let _ = message.requeue().await;
+                let _ = receipt.requeue().await;
             }
         }
     }
 
     async fn handle(&self, taken: Taken) {
-        let span = task_span(&taken.task, &taken.message);
+        let span = task_span(&taken.task, &taken.receipt);
         self.process_and_settle(taken).instrument(span).await
     }
 
     /// Makes the attempt, then acks the task, or hands it back after an
     /// infrastructure failure.
     async fn process_and_settle(&self, taken: Taken) {
-        let Taken { task, message } = taken;
+        let Taken { task, receipt } = taken;
         let processed = self.process_one(task).await;
         let span = tracing::Span::current();
         match &processed {
@@ -497,14 +540,14 @@ impl Worker {
         };
         match processed {
             Ok(_) => {
-                if let Err(error) = message.ack().await {
+                if let Err(error) = receipt.ack().await {
                     tracing::error!(error = %error, "failed to ack a task");
                 }
             }
             Err(error) => {
                 tracing::error!(error = format!("{error:#}"), delivery_id = %task.delivery_id(), "attempt not made; the task will be retried");
                 tokio::time::sleep(ERROR_PAUSE).await;
-                if let Err(error) = message.requeue().await {
+                if let Err(error) = receipt.requeue().await {
                     tracing::error!(error = %error, "failed to requeue a task");
                 }
             }

@@ -10,7 +10,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{Acknowledger, Consumer, DeliveryTask, LanePicker, Queue, QueueError, QueueMessage, Stream, publish_span};
+use super::{
+    Acknowledger, Consumer, DeliveryTask, FirstAttempts, LanePicker, Queue, QueueError, QueueMessage, Stream,
+    publish_span,
+};
 use crate::telemetry::TraceHeaders;
 
 /// How many invalid events and dead letters are kept for inspection.
@@ -164,6 +167,10 @@ impl Queue for MemoryQueue {
             let _ = channel.send(message);
         });
         Ok(())
+    }
+
+    async fn publish_first_attempts(&self, first: FirstAttempts) -> Result<(), QueueError> {
+        publish_span("in-process", "tasks").in_scope(|| self.tasks.send(Message::published(first.encode())))
     }
 
     async fn publish_dead_letter(&self, task: DeliveryTask, reason: &str) -> Result<(), QueueError> {

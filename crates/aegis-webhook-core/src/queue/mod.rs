@@ -87,6 +87,71 @@ impl DeliveryTask {
     }
 }
 
+/// One event's first attempts in one message: the ingester publishes one per
+/// event rather than one per delivery, so the broker's work grows with events,
+/// not with events × webhooks. Retries, re-publishes and dead letters stay single
+/// [`DeliveryTask`]s; a worker reads both with [`decode_tasks`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum FirstAttempts {
+    #[serde(rename = "deliveries.v1", rename_all = "camelCase")]
+    V1 { deliveries: Vec<DeliveryRef> },
+}
+
+/// A delivery and the webhook it goes to, inside [`FirstAttempts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliveryRef {
+    pub delivery_id: Uuid,
+    pub webhook_id: Uuid,
+}
+
+impl FirstAttempts {
+    /// The message for these first-attempt tasks (their attempt numbers are 1).
+    pub fn new(tasks: &[DeliveryTask]) -> Self {
+        FirstAttempts::V1 {
+            deliveries: tasks
+                .iter()
+                .filter_map(|task| {
+                    Some(DeliveryRef {
+                        delivery_id: task.delivery_id(),
+                        webhook_id: task.webhook_id()?,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// The tasks it carries, each attempt 1.
+    pub fn tasks(&self) -> Vec<DeliveryTask> {
+        match self {
+            FirstAttempts::V1 { deliveries } => deliveries
+                .iter()
+                .map(|delivery| DeliveryTask::new(delivery.delivery_id, delivery.webhook_id, 1))
+                .collect(),
+        }
+    }
+
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("first attempts always serialize"))
+    }
+}
+
+/// Reads a message of the tasks stream: a single task, or one event's first
+/// attempts.
+pub fn decode_tasks(body: &[u8]) -> Result<Vec<DeliveryTask>, serde_json::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TasksBody {
+        One(DeliveryTask),
+        Many(FirstAttempts),
+    }
+    Ok(match serde_json::from_slice(body)? {
+        TasksBody::One(task) => vec![task],
+        TasksBody::Many(first) => first.tasks(),
+    })
+}
+
 /// The two streams processes consume.
 /// Of every `RETRY_SHARE` tasks a busy worker takes while both kinds wait, one
 /// is a retry: first attempts go first, but a flood of them cannot park retries
@@ -216,6 +281,9 @@ pub trait Queue: Send + Sync + 'static {
     /// Publishes a delivery task that becomes visible after `delay`.
     async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError>;
 
+    /// Publishes one event's first attempts as one message, visible at once.
+    async fn publish_first_attempts(&self, first: FirstAttempts) -> Result<(), QueueError>;
+
     /// Parks the task of a delivery that failed for good.
     async fn publish_dead_letter(&self, task: DeliveryTask, reason: &str) -> Result<(), QueueError>;
 
@@ -246,6 +314,25 @@ mod tests {
         .expect("v1 still decodes");
         assert_eq!((v1.delivery_id(), v1.webhook_id(), v1.attempt()), (id, None, 1));
         assert!(DeliveryTask::decode(br#"{"type":"delivery.v9"}"#).is_err());
+    }
+
+    #[test]
+    fn an_events_first_attempts_travel_as_one_versioned_message() {
+        let id = Uuid::parse_str("0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f").expect("uuid");
+        let webhook = Uuid::parse_str("0190f5a6-0000-7a2b-9c1f-1c1b2a3d4e5f").expect("uuid");
+        let tasks = vec![DeliveryTask::new(id, webhook, 1), DeliveryTask::new(webhook, id, 1)];
+        let first = FirstAttempts::new(&tasks);
+        assert_eq!(
+            first.encode(),
+            Bytes::from_static(
+                br#"{"type":"deliveries.v1","deliveries":[{"deliveryId":"0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f","webhookId":"0190f5a6-0000-7a2b-9c1f-1c1b2a3d4e5f"},{"deliveryId":"0190f5a6-0000-7a2b-9c1f-1c1b2a3d4e5f","webhookId":"0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f"}]}"#
+            )
+        );
+        assert_eq!(decode_tasks(&first.encode()).expect("many"), tasks);
+        let single = DeliveryTask::new(id, webhook, 4);
+        assert_eq!(decode_tasks(&single.encode()).expect("one"), vec![single]);
+        assert!(decode_tasks(br#"{"type":"deliveries.v9","deliveries":[]}"#).is_err());
+        assert!(decode_tasks(b"not json").is_err());
     }
 
     #[test]

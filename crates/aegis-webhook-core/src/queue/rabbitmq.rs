@@ -36,7 +36,10 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
-use super::{Acknowledger, Consumer, DeliveryTask, LanePicker, Queue, QueueError, QueueMessage, Stream, publish_span};
+use super::{
+    Acknowledger, Consumer, DeliveryTask, FirstAttempts, LanePicker, Queue, QueueError, QueueMessage, Stream,
+    publish_span,
+};
 use crate::telemetry::TraceHeaders;
 
 /// Routing key of the work queue on the deliveries exchange.
@@ -461,6 +464,11 @@ impl Queue for RabbitQueue {
             }
             Route::Tier(tier) => self.publish("", &topology.tier_queue(tier), &task.encode(), None).await,
         }
+    }
+
+    async fn publish_first_attempts(&self, first: FirstAttempts) -> Result<(), QueueError> {
+        let exchange = self.inner.topology.deliveries_exchange();
+        self.publish(&exchange, WORK_ROUTING_KEY, &first.encode(), None).await
     }
 
     async fn publish_dead_letter(&self, task: DeliveryTask, reason: &str) -> Result<(), QueueError> {

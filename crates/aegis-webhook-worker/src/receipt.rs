@@ -1,0 +1,132 @@
+//! Settling a message that carried several tasks (an event's first attempts,
+//! see `FirstAttempts`): each task gets a [`Receipt`], and the message is settled
+//! with the broker once every receipt is: acknowledged if every task was
+//! handled, handed back if any was not. Handing back redoes the handled tasks
+//! too, which costs nothing: their claims fail (the attempt was made), so
+//! nothing is sent twice by this.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use aegis_webhook_core::queue::{QueueError, QueueMessage};
+use aegis_webhook_core::telemetry::TraceHeaders;
+
+struct Shared {
+    /// Only the last receipt takes it out; the lock makes the share `Sync`.
+    message: Mutex<QueueMessage>,
+    trace_headers: TraceHeaders,
+    handed_back: AtomicBool,
+}
+
+/// One task's share of the message that carried it.
+pub struct Receipt {
+    shared: Arc<Shared>,
+}
+
+impl Receipt {
+    /// One receipt for each of the `tasks` tasks in `message` (at least one).
+    pub fn split(message: QueueMessage, tasks: usize) -> Vec<Receipt> {
+        let shared = Arc::new(Shared {
+            trace_headers: message.trace_headers().clone(),
+            message: Mutex::new(message),
+            handed_back: AtomicBool::new(false),
+        });
+        (0..tasks.max(1)).map(|_| Receipt { shared: shared.clone() }).collect()
+    }
+
+    /// The trace context the message arrived with.
+    pub fn trace_headers(&self) -> &TraceHeaders {
+        &self.shared.trace_headers
+    }
+
+    /// This task was handled.
+    pub async fn ack(self) -> Result<(), QueueError> {
+        self.settle().await
+    }
+
+    /// This task was not handled: the message goes back to the queue once
+    /// every other task in it is settled.
+    pub async fn requeue(self) -> Result<(), QueueError> {
+        self.shared.handed_back.store(true, Ordering::Release);
+        self.settle().await
+    }
+
+    async fn settle(self) -> Result<(), QueueError> {
+        // Exactly one receipt, the last, gets the message.
+        let Some(shared) = Arc::into_inner(self.shared) else {
+            return Ok(());
+        };
+        let message = shared.message.into_inner().unwrap_or_else(PoisonError::into_inner);
+        if shared.handed_back.load(Ordering::Acquire) {
+            message.requeue().await
+        } else {
+            message.ack().await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use aegis_webhook_core::queue::Acknowledger;
+    use async_trait::async_trait;
+
+    use super::*;
+
+    struct Recorded(Arc<Mutex<Vec<&'static str>>>);
+
+    #[async_trait]
+    impl Acknowledger for Recorded {
+        async fn ack(self: Box<Self>) -> Result<(), QueueError> {
+            self.0.lock().unwrap().push("ack");
+            Ok(())
+        }
+        async fn requeue(self: Box<Self>) -> Result<(), QueueError> {
+            self.0.lock().unwrap().push("requeue");
+            Ok(())
+        }
+    }
+
+    fn message() -> (QueueMessage, Arc<Mutex<Vec<&'static str>>>) {
+        let settled = Arc::new(Mutex::new(Vec::new()));
+        let message = QueueMessage::new(bytes::Bytes::new(), Box::new(Recorded(settled.clone())));
+        (message, settled)
+    }
+
+    #[tokio::test]
+    async fn the_message_is_acked_once_when_its_last_task_is_handled() {
+        let (message, settled) = message();
+        let mut receipts = Receipt::split(message, 3);
+        receipts.pop().unwrap().ack().await.unwrap();
+        receipts.pop().unwrap().ack().await.unwrap();
+        assert!(settled.lock().unwrap().is_empty(), "one task is still in flight");
+        receipts.pop().unwrap().ack().await.unwrap();
+        assert_eq!(*settled.lock().unwrap(), ["ack"]);
+    }
+
+    #[tokio::test]
+    async fn one_task_handed_back_hands_back_the_message_once_all_are_settled() {
+        let (message, settled) = message();
+        let mut receipts = Receipt::split(message, 3);
+        receipts.pop().unwrap().requeue().await.unwrap();
+        receipts.pop().unwrap().ack().await.unwrap();
+        assert!(settled.lock().unwrap().is_empty());
+        receipts.pop().unwrap().ack().await.unwrap();
+        assert_eq!(*settled.lock().unwrap(), ["requeue"]);
+    }
+
+    #[tokio::test]
+    async fn concurrent_settling_settles_exactly_once() {
+        for _ in 0..50 {
+            let (message, settled) = message();
+            let receipts = Receipt::split(message, 8);
+            let handles: Vec<_> = receipts
+                .into_iter()
+                .map(|receipt| tokio::spawn(receipt.ack()))
+                .collect();
+            for handle in handles {
+                handle.await.unwrap().unwrap();
+            }
+            assert_eq!(*settled.lock().unwrap(), ["ack"]);
+        }
+    }
+}
