@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261127_000001_initial;
 mod m20261127_000002_secret_rotation;
 mod m20261127_000003_auto_disable;
+mod m20261127_000004_deliveries_fillfactor;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000001_initial::Migration),
             Box::new(m20261127_000002_secret_rotation::Migration),
             Box::new(m20261127_000003_auto_disable::Migration),
+            Box::new(m20261127_000004_deliveries_fillfactor::Migration),
         ]
     }
 }
