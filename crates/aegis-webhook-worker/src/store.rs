@@ -20,7 +20,7 @@ use sea_orm::{DatabaseConnection, TransactionTrait as _};
 use uuid::Uuid;
 
 /// The most requests one statement or transaction serves.
-const MAX_BATCH: usize = 128;
+const MAX_BATCH: usize = 256;
 /// Batches of one kind in flight at once: one waits on the database while the
 /// next fills.
 const PARALLEL_BATCHES: usize = 2;
