@@ -50,6 +50,11 @@ pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<Dat
     }
     let mut options = ConnectOptions::new(url.to_owned());
     options.sqlx_logging(false);
+    // The pool's default pings every connection it hands out: a round trip
+    // before each statement or transaction. Ping only connections idle long
+    // enough to have been dropped by the server or a proxy; a hot one that
+    // broke anyway fails its statement, and the caller retries.
+    options.test_before_acquire_if_idle_for(std::time::Duration::from_secs(30));
     if sqlite_path(url).is_some() {
         // One writer at a time is SQLite's rule; a small pool avoids lock
         // convoys while WAL lets readers proceed beside the writer.
