@@ -80,21 +80,36 @@ pub async fn post(
     timeout: Duration,
     max_body: usize,
 ) -> HttpResult {
-    let parsed = url::Url::parse(url).ok();
+    // Parsed once here, for the span, the address check and the request.
+    let parsed = url::Url::parse(url);
     let span = tracing::info_span!(
         "http.request",
         otel.kind = "client",
         otel.status_code = Empty,
         http.request.method = "POST",
-        server.address = parsed.as_ref().and_then(url::Url::host_str),
-        server.port = parsed.as_ref().and_then(url::Url::port_or_known_default),
-        url.scheme = parsed.as_ref().map(url::Url::scheme),
+        server.address = parsed.as_ref().ok().and_then(url::Url::host_str),
+        server.port = parsed.as_ref().ok().and_then(url::Url::port_or_known_default),
+        url.scheme = parsed.as_ref().ok().map(url::Url::scheme),
         http.response.status_code = Empty,
         error.type = Empty,
     );
-    let result = send(client, policy, url, headers, body, timeout, max_body)
-        .instrument(span.clone())
-        .await;
+    let result = match &parsed {
+        Ok(parsed) => {
+            send(client, policy, parsed, headers, body, timeout, max_body)
+                .instrument(span.clone())
+                .await
+        }
+        // Stored URLs were parsed when the webhook was saved; this is a
+        // corrupted row, and an attempt that fails like any other.
+        Err(error) => HttpResult {
+            status: None,
+            error: Some(format!("the webhook's URL is invalid: {error}")),
+            body: None,
+            duration: Duration::ZERO,
+            retry_after: None,
+            timed_out: false,
+        },
+    };
     if let Some(status) = result.status {
         span.record("http.response.status_code", status);
     }
@@ -115,7 +130,7 @@ pub async fn post(
 async fn send(
     client: &reqwest::Client,
     policy: &TargetPolicy,
-    url: &str,
+    url: &url::Url,
     headers: HeaderMap,
     body: String,
     timeout: Duration,
@@ -131,17 +146,15 @@ async fn send(
         timed_out,
     };
     // Names are checked by the resolver; literal addresses never reach it.
-    if let Ok(parsed) = url::Url::parse(url) {
-        let literal = match parsed.host() {
-            Some(Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
-            Some(Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
-            _ => None,
-        };
-        if let Some(ip) = literal.filter(|ip| !policy.is_allowed(*ip)) {
-            return fail(RefusedAddress(ip).to_string(), false);
-        }
+    let literal = match url.host() {
+        Some(Host::Ipv4(v4)) => Some(std::net::IpAddr::V4(v4)),
+        Some(Host::Ipv6(v6)) => Some(std::net::IpAddr::V6(v6)),
+        _ => None,
+    };
+    if let Some(ip) = literal.filter(|ip| !policy.is_allowed(*ip)) {
+        return fail(RefusedAddress(ip).to_string(), false);
     }
-    let response = match client.post(url).headers(headers).body(body).send().await {
+    let response = match client.post(url.clone()).headers(headers).body(body).send().await {
         Ok(response) => response,
         Err(error) => return fail(describe(&error), error.is_timeout()),
     };
