@@ -256,7 +256,7 @@ pub async fn claim_many(
         let previous_attempts = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
         any_wanted = any_wanted.add(
             Condition::all()
-                .add(delivery::Column::Id.is_in(ids))
+                .add(delivery::Column::Id.is_in(super::in_list(ids)))
                 .add(delivery::Column::Attempts.eq(previous_attempts)),
         );
     }
@@ -359,7 +359,7 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, Ne
                 Expr::value(state.failure_reason.map(str::to_owned)),
             )
             .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-            .filter(delivery::Column::Id.is_in(ids))
+            .filter(delivery::Column::Id.is_in(super::in_list(ids)))
             .exec(db)
             .await?;
     }

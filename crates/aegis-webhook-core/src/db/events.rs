@@ -81,7 +81,7 @@ pub async fn events_by_ids(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<Ve
         return Ok(Vec::new());
     }
     let rows = event::Entity::find()
-        .filter(event::Column::Id.is_in(ids.iter().copied()))
+        .filter(event::Column::Id.is_in(super::in_list(ids.iter().copied())))
         .all(db)
         .await?;
     Ok(rows.into_iter().map(StoredEvent::from).collect())

@@ -87,6 +87,18 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
         .context("failed to apply database migrations")
 }
 
+/// `ids` for an `IN (…)` list, padded to the next power of two by repeating the
+/// last one (which changes no result). Each list length is its own statement
+/// text, prepared and planned anew; padded, a batch of any size is one of a
+/// few texts, which the connection's statement cache keeps.
+pub(crate) fn in_list(ids: impl IntoIterator<Item = uuid::Uuid>) -> Vec<uuid::Uuid> {
+    let mut ids: Vec<uuid::Uuid> = ids.into_iter().collect();
+    if let Some(&last) = ids.last() {
+        ids.resize(ids.len().next_power_of_two(), last);
+    }
+    ids
+}
+
 /// Whether a database error is a unique-constraint violation, worded differently
 /// by each backend.
 pub(crate) fn is_unique_violation(error: &DbErr) -> bool {
@@ -123,6 +135,17 @@ mod tests {
         );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
         assert_eq!(sqlite_path("postgres://localhost/db"), None);
+    }
+
+    #[test]
+    fn in_lists_come_in_powers_of_two_of_the_same_ids() {
+        let ids: Vec<uuid::Uuid> = (0..5).map(|_| uuid::Uuid::now_v7()).collect();
+        let padded = in_list(ids.clone());
+        assert_eq!(padded.len(), 8);
+        assert_eq!(&padded[..5], &ids[..]);
+        assert!(padded[5..].iter().all(|id| *id == ids[4]));
+        assert_eq!(in_list(ids[..4].to_vec()).len(), 4);
+        assert!(in_list(Vec::new()).is_empty());
     }
 
     #[test]

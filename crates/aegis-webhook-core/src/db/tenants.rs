@@ -52,7 +52,7 @@ pub async fn existing_tenants(
         return Ok(std::collections::HashSet::new());
     }
     let rows = tenant::Entity::find()
-        .filter(tenant::Column::Id.is_in(ids.iter().copied()))
+        .filter(tenant::Column::Id.is_in(super::in_list(ids.iter().copied())))
         .all(db)
         .await?;
     Ok(rows.into_iter().map(|row| row.id).collect())

@@ -186,7 +186,7 @@ pub async fn webhooks_by_ids(
         return Ok(Vec::new());
     }
     webhook::Entity::find()
-        .filter(webhook::Column::Id.is_in(ids.iter().copied()))
+        .filter(webhook::Column::Id.is_in(super::in_list(ids.iter().copied())))
         .all(db)
         .await?
         .into_iter()
@@ -238,7 +238,7 @@ pub async fn active_subscriptions_of(
         return Ok(by_tenant);
     }
     let rows = webhook::Entity::find()
-        .filter(webhook::Column::TenantId.is_in(tenant_ids.iter().copied()))
+        .filter(webhook::Column::TenantId.is_in(super::in_list(tenant_ids.iter().copied())))
         .filter(webhook::Column::Active.eq(true))
         .all(db)
         .await?;
