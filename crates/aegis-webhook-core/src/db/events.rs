@@ -71,10 +71,6 @@ pub async fn insert_events(
     Ok(ids.into_iter().map(|id| inserted.contains(&id).then_some(id)).collect())
 }
 
-pub async fn event_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<StoredEvent>, StoreError> {
-    Ok(event::Entity::find_by_id(id).one(db).await?.map(StoredEvent::from))
-}
-
 /// The events with these ids that exist, in no particular order.
 pub async fn events_by_ids(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<Vec<StoredEvent>, StoreError> {
     if ids.is_empty() {

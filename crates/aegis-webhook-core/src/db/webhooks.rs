@@ -219,16 +219,8 @@ pub async fn list_webhooks(
         .collect()
 }
 
-/// The tenant's active webhooks, as the fan-out needs them.
-pub async fn active_subscriptions(db: &impl ConnectionTrait, tenant_id: Uuid) -> Result<Vec<Subscription>, StoreError> {
-    Ok(active_subscriptions_of(db, &[tenant_id])
-        .await?
-        .remove(&tenant_id)
-        .unwrap_or_default())
-}
-
-/// [`active_subscriptions`] of many tenants in one query, by tenant; a tenant
-/// without any is absent.
+/// The active webhooks of these tenants, as the fan-out needs them, in one
+/// query, by tenant; a tenant without any is absent.
 pub async fn active_subscriptions_of(
     db: &impl ConnectionTrait,
     tenant_ids: &[Uuid],
@@ -252,24 +244,6 @@ pub async fn active_subscriptions_of(
     Ok(by_tenant)
 }
 
-/// Counts a finished delivery towards the webhook's health: a success resets the
-/// streak of failures, a failure extends it. Returns why the webhook was just
-/// disabled, if this failure disabled it.
-pub async fn record_delivery_result(
-    db: &impl ConnectionTrait,
-    webhook_id: Uuid,
-    succeeded: bool,
-    auto_disable: &AutoDisable,
-    now: DateTime<Utc>,
-) -> Result<Option<String>, StoreError> {
-    let change = if succeeded {
-        HealthChange::SUCCESS
-    } else {
-        HealthChange::FAILURE
-    };
-    record_health_change(db, webhook_id, change, auto_disable, now).await
-}
-
 /// What some finished deliveries did to one webhook's health, in order: a
 /// success (which ends any streak of failures), then failures after it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -281,15 +255,6 @@ pub struct HealthChange {
 }
 
 impl HealthChange {
-    pub const SUCCESS: HealthChange = HealthChange {
-        reset: true,
-        failures: 0,
-    };
-    pub const FAILURE: HealthChange = HealthChange {
-        reset: false,
-        failures: 1,
-    };
-
     /// Whether applying it would change anything.
     pub fn is_none(self) -> bool {
         !self.reset && self.failures == 0
