@@ -65,6 +65,8 @@ struct Expected {
     error: Option<&'static str>,
     /// Shortest gap between the two attempts, when the receiver asked for one.
     min_gap: Option<Duration>,
+    /// The earliest the second attempt may start, when the receiver named a time.
+    not_before: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -81,15 +83,16 @@ async fn every_kind_of_hostile_receiver_ends_in_its_documented_outcome() {
         return;
     };
     let redirect_target = HostileReceiver::start(Behaviour::status("200 OK")).await;
-    let http_date = (chrono::Utc::now() + chrono::Duration::seconds(3))
-        .to_rfc2822()
-        .replace("+0000", "GMT");
+    // HTTP-dates have whole seconds: the time asked for is the truncated one.
+    let retry_at = chrono::SubsecRound::trunc_subsecs(chrono::Utc::now() + chrono::Duration::seconds(3), 0);
+    let http_date = retry_at.to_rfc2822().replace("+0000", "GMT");
     let succeeded = || Expected {
         status: "SUCCEEDED",
         attempts: 1,
         code: Some(200),
         error: None,
         min_gap: None,
+        not_before: None,
     };
     let failed = |attempts, code, error| Expected {
         status: "FAILED",
@@ -97,6 +100,7 @@ async fn every_kind_of_hostile_receiver_ends_in_its_documented_outcome() {
         code,
         error,
         min_gap: None,
+        not_before: None,
     };
     let table: Vec<(&str, Behaviour, Expected)> = vec![
         ("200", Behaviour::status("200 OK"), succeeded()),
@@ -117,8 +121,9 @@ async fn every_kind_of_hostile_receiver_ends_in_its_documented_outcome() {
             "429 Retry-After: HTTP-date",
             Behaviour::status_with_header("429 Too Many Requests", "retry-after", &http_date),
             Expected {
-                // The date has whole seconds: at least 2 s of the 3 s remain.
-                min_gap: Some(Duration::from_secs(2)),
+                // A date, not a delay: the gap depends on when the first
+                // attempt ran, the second must not start before the date.
+                not_before: Some(retry_at),
                 ..failed(2, Some(429), None)
             },
         ),
@@ -181,6 +186,13 @@ async fn every_kind_of_hostile_receiver_ends_in_its_documented_outcome() {
                 .to_std()
                 .expect("in order");
             assert!(gap >= min_gap, "{name}: retried after only {gap:?}");
+        }
+        if let Some(not_before) = expected.not_before {
+            let retried_at = started_at(&attempts[1]);
+            assert!(
+                retried_at >= not_before,
+                "{name}: retried at {retried_at}, before {not_before}"
+            );
         }
         if expected.code.is_some() {
             assert!(receiver.requests() >= 1, "{name} got no request");
