@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure PostgreSQL (127.0.0.1:5432) and RabbitMQ (127.0.0.1:5672) are up,
 # starting the machine's own installs when they are not, and that Node.js is
-# there for the signature-snippet test. Fails loudly when a service cannot start.
+# there for the signature-snippet test, and Go for the Go snippet. Fails loudly
+# when a service cannot start.
 set -euo pipefail
 
 wait_for() {
@@ -32,4 +33,10 @@ wait_for RabbitMQ "rabbitmq-diagnostics -q ping"
 if ! command -v node >/dev/null 2>&1; then
   echo "installing Node.js (the seed's verification snippet runs in it)"
   apt-get update -qq && apt-get install -y -qq nodejs
+fi
+
+# Debian's Go is the oldest the docs' Go snippet promises to build with.
+if ! command -v go >/dev/null 2>&1; then
+  echo "installing Go (the docs' Go verification snippet runs in it)"
+  apt-get update -qq && apt-get install -y -qq golang-go
 fi
