@@ -103,6 +103,11 @@ impl RoleProcess {
         RoleProcess { role, addr, child }
     }
 
+    /// Whether the process has not ended (by itself or otherwise) yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("ask for the process's status").is_none()
+    }
+
     /// SIGKILL: no chance to clean up, as when a node dies.
     pub async fn kill(&mut self) {
         self.child.kill().await.expect("SIGKILL");

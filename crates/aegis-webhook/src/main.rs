@@ -66,8 +66,12 @@ enum TenantCommand {
 
 #[derive(Subcommand)]
 enum ApikeyCommand {
-    /// Creates an API key for a tenant (creating the tenant if needed) and prints it once.
+    /// Creates an API key for an existing tenant and prints it once. Tenant
+    /// `default` is created on demand (as `dev` and AEGIS_BOOTSTRAP_API_KEY do);
+    /// any other is created with `aegis-webhook tenant create`, so a mistyped
+    /// name is refused rather than made into a new, empty tenant.
     Create {
+        /// The tenant's name.
         #[arg(long, default_value = DEFAULT_TENANT)]
         tenant: String,
     },

@@ -41,3 +41,52 @@ fn publish_without_a_broker_says_where_events_go_instead() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("AEGIS_AMQP_URL"), "{stderr}");
 }
+
+/// `apikey create --help` says what it does with a tenant that does not exist,
+/// and it does exactly that, on a real (SQLite) database.
+#[test]
+fn apikey_create_does_what_its_help_says_about_tenants() {
+    let output = aegis_webhook()
+        .args(["apikey", "create", "--help"])
+        .output()
+        .expect("run aegis-webhook apikey create --help");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(help.contains("for an existing tenant"), "{help}");
+    assert!(help.contains("Tenant `default` is created on demand"), "{help}");
+    assert!(help.contains("`aegis-webhook tenant create`"), "{help}");
+
+    let scratch = std::env::temp_dir().join(format!("aegis-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let database = format!("sqlite://{}/aegis.db?mode=rwc", scratch.display());
+    let run = |args: &[&str]| {
+        aegis_webhook()
+            .env("AEGIS_DATABASE_URL", &database)
+            .args(args)
+            .output()
+            .expect("run aegis-webhook")
+    };
+    assert!(run(&["migrate"]).status.success());
+
+    let refused = run(&["apikey", "create", "--tenant", "acme"]);
+    assert!(!refused.status.success(), "a key for a tenant that does not exist");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("no tenant `acme`; create it with `aegis-webhook tenant create acme`"),
+        "{stderr}"
+    );
+
+    assert!(run(&["tenant", "create", "acme"]).status.success());
+    let created = run(&["apikey", "create", "--tenant", "acme"]);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    assert!(String::from_utf8_lossy(&created.stdout).contains("api key: aegis_"));
+
+    // `default` needs no `tenant create`.
+    let default = run(&["apikey", "create"]);
+    assert!(default.status.success(), "{}", String::from_utf8_lossy(&default.stderr));
+    assert!(String::from_utf8_lossy(&default.stdout).contains("tenant:  default"));
+    let _ = std::fs::remove_dir_all(&scratch);
+}

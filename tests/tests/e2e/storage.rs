@@ -17,6 +17,7 @@ use crate::support::{Backend, envelope, fresh_database, scratch_dir, seed_poam_o
 
 on_both_backends!(
     migrations_apply_and_reapply_cleanly,
+    start_up_writes_are_safe_when_replicas_make_them_at_once,
     webhook_secrets_are_sealed_at_rest,
     an_event_id_is_stored_once_per_tenant,
     a_delivery_attempt_is_claimed_by_one_worker_only,
@@ -75,6 +76,63 @@ async fn migrations_apply_and_reapply_cleanly(backend: Backend) {
     db::migrate(&db).await.expect("a second run is a no-op");
     let tenant = tenants::ensure_tenant(&db, "acme").await.expect("tenant");
     assert_eq!(tenants::ensure_tenant(&db, "acme").await.expect("again"), tenant);
+}
+
+/// What every replica writes when it starts (migrations, the bootstrap tenant
+/// and its key), done by several at the same instant, each on its own pool as
+/// separate processes would: all succeed, and one tenant and one key result.
+async fn start_up_writes_are_safe_when_replicas_make_them_at_once(backend: Backend) {
+    const REPLICAS: usize = 4;
+    let Some(url) = fresh_database(backend, &scratch_dir()).await else {
+        return;
+    };
+    let mut pools = Vec::new();
+    for _ in 0..REPLICAS {
+        pools.push(db::connect(&url).await.expect("connect"));
+    }
+    if backend == Backend::Sqlite {
+        // A SQLite file belongs to one process (`dev`), which migrates it once.
+        db::migrate(&pools[0]).await.expect("migrate");
+    }
+    let key = tenants::generate_api_key();
+    for _ in 0..3 {
+        let started = pools.iter().map(|db| async {
+            if backend == Backend::Postgres {
+                db::migrate(db).await.expect("concurrent migrations");
+            }
+            let tenant = tenants::ensure_tenant(db, "default").await.expect("concurrent tenant");
+            tenants::add_api_key(db, tenant.id, &key).await.expect("concurrent key");
+            tenant
+        });
+        let tenants = futures::future::join_all(started).await;
+        assert!(tenants.iter().all(|tenant| *tenant == tenants[0]), "{tenants:?}");
+        assert_eq!(
+            tenants::authenticate(&pools[0], &key).await.expect("authenticate"),
+            Some(tenants[0].id)
+        );
+    }
+    let db = &pools[0];
+    let count = |table: &'static str| async move {
+        let row = db
+            .query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!("SELECT COUNT(*) AS n FROM {table}"),
+            ))
+            .await
+            .expect("count")
+            .expect("row");
+        row.try_get::<i64>("", "n").expect("n")
+    };
+    assert_eq!(count("tenants").await, 1);
+    assert_eq!(count("api_keys").await, 1);
+
+    // A key that another tenant holds is still refused, at once or in turn.
+    let other = tenants::ensure_tenant(db, "other").await.expect("tenant");
+    let attempts = pools.iter().map(|db| tenants::add_api_key(db, other.id, &key));
+    for result in futures::future::join_all(attempts).await {
+        assert!(matches!(result, Err(db::StoreError::Conflict(_))), "{result:?}");
+    }
+    assert_eq!(count("api_keys").await, 1);
 }
 
 async fn webhook_secrets_are_sealed_at_rest(backend: Backend) {

@@ -20,6 +20,8 @@ use aegis_webhook_tests::support::{
 use futures::StreamExt as _;
 use uuid::Uuid;
 
+mod startup;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "not a test: the child process that the fault tests spawn"]
 async fn role_process() {

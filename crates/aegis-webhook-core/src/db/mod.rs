@@ -14,7 +14,7 @@ use std::path::Path;
 
 use aegis_webhook_migration::{Migrator, MigratorTrait};
 use anyhow::Context as _;
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, TransactionTrait};
 
 /// Failures callers branch on, and everything else.
 #[derive(Debug, thiserror::Error)]
@@ -92,11 +92,33 @@ pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<Dat
     Ok(db)
 }
 
-/// Applies every pending migration.
+/// Key of the PostgreSQL advisory lock that `migrate` holds: "aegis_mi" in ASCII.
+const MIGRATION_LOCK: i64 = 0x6165_6769_735f_6d69;
+
+/// Applies every pending migration. On PostgreSQL, runs that start together
+/// (two `migrate` Jobs, a Job beside an operator's manual run) take turns:
+/// the whole run is one transaction holding an advisory lock, so the next one
+/// waits for it, then finds nothing pending. (Each migration already runs in a
+/// transaction of its own there, now a savepoint.) A SQLite file belongs to one
+/// process, `dev`, which migrates it once at start.
 pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
-    Migrator::up(db, None)
+    if db.get_database_backend() != DbBackend::Postgres {
+        return Migrator::up(db, None)
+            .await
+            .context("failed to apply database migrations");
+    }
+    let transaction = db.begin().await.context("failed to begin the migration transaction")?;
+    transaction
+        .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"))
         .await
-        .context("failed to apply database migrations")
+        .context("failed to take the migration lock")?;
+    Migrator::up(&transaction, None)
+        .await
+        .context("failed to apply database migrations")?;
+    transaction
+        .commit()
+        .await
+        .context("failed to commit the database migrations")
 }
 
 /// `ids` for an `IN (…)` list, padded to the next power of two by repeating the
@@ -109,13 +131,6 @@ pub(crate) fn in_list(ids: impl IntoIterator<Item = uuid::Uuid>) -> Vec<uuid::Uu
         ids.resize(ids.len().next_power_of_two(), last);
     }
     ids
-}
-
-/// Whether a database error is a unique-constraint violation, worded differently
-/// by each backend.
-pub(crate) fn is_unique_violation(error: &DbErr) -> bool {
-    let text = error.to_string().to_ascii_lowercase();
-    text.contains("unique constraint") || text.contains("duplicate key")
 }
 
 fn sqlite_path(url: &str) -> Option<&str> {

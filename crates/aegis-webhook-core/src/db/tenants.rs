@@ -67,7 +67,8 @@ pub async fn tenant_by_name(db: &impl ConnectionTrait, name: &str) -> Result<Opt
 }
 
 /// Returns the tenant called `name`, creating it if it does not exist yet. Safe
-/// when several processes start at once.
+/// when several processes start at once: the insert yields to a row another
+/// process wrote first, and the read that follows sees whichever won.
 pub async fn ensure_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tenant, StoreError> {
     if let Some(existing) = tenant_by_name(db, name).await? {
         return Ok(existing);
@@ -77,44 +78,48 @@ pub async fn ensure_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tena
         name: Set(name.to_owned()),
         created_at: Set(Utc::now()),
     };
-    match tenant::Entity::insert(row).exec(db).await {
-        Ok(_) => {}
-        // Another process created it between our read and our insert.
-        Err(error) if super::is_unique_violation(&error) => {}
-        Err(error) => return Err(error.into()),
-    }
+    tenant::Entity::insert(row)
+        .on_conflict_do_nothing_on([tenant::Column::Name])
+        .exec_without_returning(db)
+        .await?;
     tenant_by_name(db, name)
         .await?
         .ok_or_else(|| StoreError::Unexpected(anyhow::anyhow!("tenant `{name}` vanished after insert")))
 }
 
 /// Stores `key` (already generated or supplied by an operator) for `tenant_id`.
-/// Storing a key that already exists for the same tenant is a no-op.
+/// Storing a key that the same tenant already holds is a no-op, also when several
+/// processes store it at once (replicas sharing `AEGIS_BOOTSTRAP_API_KEY`); a key
+/// that another tenant holds is a `Conflict`.
 pub async fn add_api_key(db: &impl ConnectionTrait, tenant_id: Uuid, key: &str) -> Result<(), StoreError> {
     let hash = hash_key(key);
-    if let Some(existing) = api_key::Entity::find()
-        .filter(api_key::Column::KeyHash.eq(&hash))
-        .one(db)
-        .await?
-    {
-        return if existing.tenant_id == tenant_id {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict(
-                "this API key belongs to another tenant".to_owned(),
-            ))
-        };
-    }
     let row = api_key::ActiveModel {
         id: Set(Uuid::now_v7()),
         tenant_id: Set(tenant_id),
-        key_hash: Set(hash),
+        key_hash: Set(hash.clone()),
         prefix: Set(key.chars().take(API_KEY_PREFIX.len() + 4).collect()),
         created_at: Set(Utc::now()),
         revoked_at: Set(None),
     };
-    api_key::Entity::insert(row).exec(db).await?;
-    Ok(())
+    // Insert if absent, then read who holds it: no window between a read and
+    // an insert for another process to fall into, and no unique violation to
+    // abort a surrounding PostgreSQL transaction.
+    api_key::Entity::insert(row)
+        .on_conflict_do_nothing_on([api_key::Column::KeyHash])
+        .exec_without_returning(db)
+        .await?;
+    let holder = api_key::Entity::find()
+        .filter(api_key::Column::KeyHash.eq(&hash))
+        .one(db)
+        .await?
+        .ok_or_else(|| StoreError::Unexpected(anyhow::anyhow!("an API key vanished after insert")))?;
+    if holder.tenant_id == tenant_id {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict(
+            "this API key belongs to another tenant".to_owned(),
+        ))
+    }
 }
 
 /// The tenant holding this key, if the key exists and is not revoked.
