@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The architecture's invariants that a dependency tree can show (ARCHITECTURE.md):
-# core knows no transport, and only the worker can send HTTP requests.
+# core knows no transport, only the worker can send HTTP requests, and the
+# receivers' verifier crate brings nothing but hashing, encoding and
+# constant-time comparison into a customer's service.
 set -euo pipefail
 
 forbid() {
@@ -19,4 +21,7 @@ forbid aegis-webhook-api reqwest
 forbid aegis-webhook-ingester reqwest
 forbid aegis-webhook-ingester axum
 forbid aegis-webhook-worker async-graphql
+for heavy in tokio futures sea-orm sqlx lapin opentelemetry tracing serde aegis-webhook-core; do
+  forbid aegis-webhook-verify "$heavy"
+done
 echo "invariants hold"

@@ -4,4 +4,4 @@
 //! code customers copy is the code the tests run against real deliveries.
 
 pub mod verify_aegis_signature;
-pub mod verify_with_aegis_core;
+pub mod verify_with_aegis_webhook_verify;

@@ -12,8 +12,9 @@ use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use sha2::{Digest, Sha256};
 
-/// Generated secrets look like Standard Webhooks secrets: `whsec_` + base64.
-const GENERATED_PREFIX: &str = "whsec_";
+// Generated secrets look like Standard Webhooks secrets: `whsec_` + base64.
+use aegis_webhook_verify::GENERATED_SECRET_PREFIX as GENERATED_PREFIX;
+
 const MIN_SECRET_CHARS: usize = 16;
 const MAX_SECRET_CHARS: usize = 256;
 
@@ -56,14 +57,6 @@ impl SigningSecret {
     /// The secret itself, for signing and for showing it to its owner.
     pub fn expose(&self) -> &str {
         &self.0
-    }
-
-    /// The HMAC key of the Standard Webhooks signature.
-    pub(crate) fn standard_webhooks_key(&self) -> Vec<u8> {
-        self.0
-            .strip_prefix(GENERATED_PREFIX)
-            .and_then(|encoded| BASE64.decode(encoded).ok())
-            .unwrap_or_else(|| self.0.as_bytes().to_vec())
     }
 }
 
