@@ -1,9 +1,10 @@
 //! Support shared by the test binaries: a running system per test on its own
 //! database, capturing receivers on loopback, signature checks as receivers make
-//! them, the verification docs' Rust snippets, and child processes for the fault
-//! tests.
+//! them, the verification docs' Rust snippets, child processes for the fault
+//! tests, and a queue whose publishes fail on demand.
 
 pub mod doc_snippets;
+pub mod flaky;
 pub mod hostile;
 pub mod processes;
 pub mod signature;

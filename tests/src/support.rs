@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use aegis_webhook::{DevSetup, RunningSystem, start_dev};
 use aegis_webhook_core::config::Config;
+use aegis_webhook_core::queue::Queue;
 use aegis_webhook_core::retry::RetrySchedule;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode};
@@ -224,7 +225,16 @@ impl TestApp {
 
     /// Every role as production runs it: no `dev` defaults (so no loopback
     /// targets), migrations applied first, tenant `default` holding a fresh key.
-    pub async fn start_production(mut config: Config) -> TestApp {
+    pub async fn start_production(config: Config) -> TestApp {
+        Self::start_production_wrapping(config, |queue| queue).await
+    }
+
+    /// [`TestApp::start_production`] on the queue `wrap` makes of the one the
+    /// configuration opens (to inject faults into it).
+    pub async fn start_production_wrapping(
+        mut config: Config,
+        wrap: impl FnOnce(Arc<dyn Queue>) -> Arc<dyn Queue>,
+    ) -> TestApp {
         let api_key = aegis_webhook_core::db::tenants::generate_api_key();
         config.bootstrap_api_key = Some(aegis_webhook_core::config::Sensitive::new(api_key.clone()));
         config.secret_key = Some(aegis_webhook_core::config::Sensitive::new(
@@ -238,7 +248,9 @@ impl TestApp {
             .expect("query")
             .expect("bootstrapped");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let system = aegis_webhook::start(&config, aegis_webhook::Roles::ALL, db, Some(listener))
+        let roles = aegis_webhook::Roles::ALL;
+        let (queue, memory_queue) = aegis_webhook::open_queue(&config, roles).await.expect("queue");
+        let system = aegis_webhook::start_on_queue(&config, roles, db, Some(listener), wrap(queue), memory_queue)
             .await
             .expect("starts");
         TestApp {

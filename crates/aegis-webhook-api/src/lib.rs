@@ -1,5 +1,6 @@
-//! The HTTP face of Aegis Webhooks: the GraphQL API (`/graphql`), the event
-//! intake (`POST /v1/events`) and the probes. The only crate that knows GraphQL.
+//! The HTTP face of Aegis Webhooks: the GraphQL API (`/graphql`) and the event
+//! intake (`POST /v1/events`). The only crate that knows GraphQL. (The probes
+//! and metrics every process serves are the binary's: `aegis_webhook::ops`.)
 
 pub mod graphql;
 mod intake;
@@ -19,8 +20,6 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sea_orm::DatabaseConnection;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::graphql::{AegisSchema, Caller};
 
@@ -73,46 +72,7 @@ pub fn router(state: AppState) -> Router {
             // clear JSON error; the layer only guards memory.
             post(intake::accept_event).layer(axum::extract::DefaultBodyLimit::max(max_event_bytes)),
         )
-        .with_state(RouterState {
-            app: state.clone(),
-            schema,
-        })
-        .merge(ops_router(state.db, state.queue))
-}
-
-/// What the probes look at.
-#[derive(Clone)]
-struct Probes {
-    db: DatabaseConnection,
-    queue: Arc<dyn Queue>,
-}
-
-/// `/healthz`, `/readyz` and `/metrics`: part of the API's router, and served
-/// alone by the ingester and worker processes, so every process is probed and
-/// scraped the same way.
-pub fn ops_router(db: DatabaseConnection, queue: Arc<dyn Queue>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(Probes { db, queue })
-}
-
-async fn metrics() -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        aegis_webhook_core::metrics::render(),
-    )
-        .into_response()
-}
-
-/// Serves `router` on `listener` until `shutdown`, then finishes the requests in
-/// progress.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(|error| anyhow::anyhow!("the HTTP server failed: {error}"))
+        .with_state(RouterState { app: state, schema })
 }
 
 async fn graphiql() -> Html<String> {
@@ -179,17 +139,4 @@ async fn graphql_handler(State(state): State<RouterState>, headers: HeaderMap, r
         }
     }
     GraphQLResponse::from(response).into_response()
-}
-
-/// Ready when the database and the broker are both reachable.
-async fn readyz(State(state): State<Probes>) -> Response {
-    if let Err(error) = state.db.ping().await {
-        tracing::warn!(error = %error, "readiness: database unreachable");
-        return (StatusCode::SERVICE_UNAVAILABLE, "database unreachable").into_response();
-    }
-    if !state.queue.is_ready().await {
-        tracing::warn!("readiness: broker unreachable");
-        return (StatusCode::SERVICE_UNAVAILABLE, "broker unreachable").into_response();
-    }
-    (StatusCode::OK, "ready").into_response()
 }

@@ -23,9 +23,10 @@ pub const DEAD_LETTERED: &str = "aegis_deliveries_dead_lettered_total";
 pub const WEBHOOKS_AUTO_DISABLED: &str = "aegis_webhooks_auto_disabled_total";
 pub const WEBHOOKS_REENABLED: &str = "aegis_webhooks_reenabled_total";
 pub const QUEUE_CONSUMER_UP: &str = "aegis_queue_consumer_up";
+pub const PUBLISHES_LEFT_TO_RECONCILER: &str = "aegis_publishes_left_to_reconciler_total";
 
 /// Every metric with its help text, for the exporter and for the docs test.
-pub const CATALOGUE: [(&str, &str); 12] = [
+pub const CATALOGUE: [(&str, &str); 13] = [
     (EVENTS_INGESTED, "Valid events accepted by the ingester, by event_type."),
     (EVENTS_INVALID, "Events refused by the ingester, by reason."),
     (
@@ -58,6 +59,10 @@ pub const CATALOGUE: [(&str, &str); 12] = [
     (
         QUEUE_CONSUMER_UP,
         "1 while this process consumes its queue (by queue: events, tasks), else 0.",
+    ),
+    (
+        PUBLISHES_LEFT_TO_RECONCILER,
+        "Publishes that failed after their database commit, left to the reconciler, by writer: api, ingester, worker, reconciler.",
     ),
 ];
 
@@ -158,6 +163,11 @@ pub fn webhook_auto_disabled(reason: &'static str) {
 
 pub fn webhook_reenabled() {
     counter!(WEBHOOKS_REENABLED).increment(1);
+}
+
+/// A publish failed after its commit; `writer` names the role that wrote.
+pub fn publish_left_to_reconciler(writer: &'static str) {
+    counter!(PUBLISHES_LEFT_TO_RECONCILER, "writer" => writer).increment(1);
 }
 
 /// Counts attempts in flight for as long as it lives.

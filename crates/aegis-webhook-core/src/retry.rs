@@ -1,5 +1,7 @@
 //! Delivery policy as pure functions: the retry schedule, the delay before the
-//! next attempt, and how an attempt's result is classified.
+//! next attempt, how an attempt's result is classified, and [`decide`], which
+//! puts them together into what follows one attempt. Time and randomness are
+//! arguments, so every outcome is unit-tested without a network or a clock.
 
 use std::fmt;
 use std::str::FromStr;
@@ -200,6 +202,78 @@ pub fn next_delay(schedule: &RetrySchedule, next_attempt: u32, jitter: f64) -> O
     Some(base.mul_f64(1.0 + MAX_JITTER_FRACTION * jitter.clamp(0.0, 1.0)))
 }
 
+/// What the retry decision needs to know of one HTTP attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed<'a> {
+    /// The status code, `None` when no response arrived (connection refused or
+    /// reset, TLS failure, no status line within the timeout).
+    pub status: Option<u16>,
+    /// No complete answer within the request timeout (a status may still have
+    /// arrived before the body stalled).
+    pub timed_out: bool,
+    /// `Retry-After`, as the receiver sent it.
+    pub retry_after: Option<&'a str>,
+}
+
+/// The schedule and how far receivers may bend it: everything [`decide`]
+/// applies besides the attempt's own result.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RetryPolicy {
+    pub schedule: RetrySchedule,
+    pub backpressure: Backpressure,
+}
+
+/// What follows one attempt of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A 2xx: the delivery succeeded.
+    Delivered,
+    /// The attempt failed and attempt `next_attempt` is due at `at`, `delay` from now.
+    Retry {
+        next_attempt: u32,
+        delay: Duration,
+        at: chrono::DateTime<chrono::Utc>,
+    },
+    /// The last attempt failed: the delivery fails and is dead-lettered.
+    Exhausted { reason: String },
+    /// The receiver answered 410 Gone: the delivery fails and the webhook is disabled.
+    Gone { reason: String },
+}
+
+/// Decides what follows attempt `attempt` (1-based) given what it came to.
+/// `now` is when the answer arrived (a `Retry-After` date is read against it);
+/// `jitter` is a number in `[0, 1)`, random in production.
+pub fn decide(
+    observed: Observed<'_>,
+    attempt: u32,
+    policy: &RetryPolicy,
+    now: chrono::DateTime<chrono::Utc>,
+    jitter: f64,
+) -> Decision {
+    match classify(observed.status) {
+        AttemptClass::Success => Decision::Delivered,
+        AttemptClass::Gone => Decision::Gone {
+            reason: "the receiver answered 410 Gone; the webhook was disabled".to_owned(),
+        },
+        AttemptClass::Retryable => {
+            let next_attempt = attempt.saturating_add(1);
+            let Some(scheduled) = next_delay(&policy.schedule, next_attempt, jitter) else {
+                return Decision::Exhausted {
+                    reason: format!("all {attempt} attempts failed"),
+                };
+            };
+            let retry_after = observed.retry_after.and_then(|value| parse_retry_after(value, now));
+            let throttled = observed.status == Some(429) || observed.timed_out;
+            let delay = policy.backpressure.apply(scheduled, retry_after, throttled);
+            Decision::Retry {
+                next_attempt,
+                delay,
+                at: now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX),
+            }
+        }
+    }
+}
+
 /// When a failing webhook is turned off: after `after_failures` failed
 /// deliveries in a row (retries exhausted, not single attempts) that span at
 /// least `after`, so that neither a short outage nor a burst of events sent
@@ -336,6 +410,202 @@ mod tests {
         assert_eq!(classify(Some(429)), AttemptClass::Retryable);
         assert_eq!(classify(Some(503)), AttemptClass::Retryable);
         assert_eq!(classify(None), AttemptClass::Retryable);
+    }
+
+    fn at(text: &str) -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::parse_from_rfc3339(text)
+            .expect("valid")
+            .with_timezone(&chrono::Utc)
+    }
+
+    /// Three attempts, 0 s, 10 s, 60 s; Retry-After honoured up to 5 min; 429
+    /// and timeouts wait at least 30 s.
+    fn policy() -> RetryPolicy {
+        RetryPolicy {
+            schedule: "0s,10s,60s".parse().expect("valid"),
+            backpressure: Backpressure {
+                retry_after_max: Duration::from_secs(300),
+                throttled_floor: Duration::from_secs(30),
+            },
+        }
+    }
+
+    fn answered(status: u16) -> Observed<'static> {
+        Observed {
+            status: Some(status),
+            timed_out: false,
+            retry_after: None,
+        }
+    }
+
+    fn retry_in(seconds: u64, next_attempt: u32, now: chrono::DateTime<chrono::Utc>) -> Decision {
+        let delay = Duration::from_secs(seconds);
+        Decision::Retry {
+            next_attempt,
+            delay,
+            at: now + chrono::Duration::from_std(delay).expect("small"),
+        }
+    }
+
+    #[test]
+    fn every_2xx_is_delivered_on_any_attempt_even_with_a_stalled_body() {
+        let now = at("2026-12-01T10:00:00Z");
+        for status in [200, 201, 202, 204, 299] {
+            for attempt in [1, 3] {
+                assert_eq!(
+                    decide(answered(status), attempt, &policy(), now, 0.5),
+                    Decision::Delivered
+                );
+            }
+        }
+        let stalled_body = Observed {
+            timed_out: true,
+            ..answered(200)
+        };
+        assert_eq!(decide(stalled_body, 1, &policy(), now, 0.0), Decision::Delivered);
+    }
+
+    #[test]
+    fn redirects_and_other_4xx_retry_on_the_schedule_with_jitter_that_only_adds() {
+        let now = at("2026-12-01T10:00:00Z");
+        for status in [301, 302, 307, 400, 401, 404, 422] {
+            assert_eq!(
+                decide(answered(status), 1, &policy(), now, 0.0),
+                retry_in(10, 2, now),
+                "{status}"
+            );
+        }
+        // Jitter adds at most a tenth of the scheduled delay.
+        assert_eq!(
+            decide(answered(400), 2, &policy(), now, 0.5),
+            Decision::Retry {
+                next_attempt: 3,
+                delay: Duration::from_secs(63),
+                at: at("2026-12-01T10:01:03Z"),
+            }
+        );
+    }
+
+    #[test]
+    fn gone_disables_whatever_the_attempt() {
+        let now = at("2026-12-01T10:00:00Z");
+        for attempt in [1, 2, 3] {
+            assert!(
+                matches!(decide(answered(410), attempt, &policy(), now, 0.5), Decision::Gone { reason } if reason.contains("410 Gone"))
+            );
+        }
+    }
+
+    #[test]
+    fn server_errors_and_timeouts_of_requests_retry_and_honour_retry_after_within_bounds() {
+        let now = at("2026-12-01T10:00:00Z");
+        for status in [408, 500, 502, 503, 504] {
+            assert_eq!(
+                decide(answered(status), 1, &policy(), now, 0.0),
+                retry_in(10, 2, now),
+                "{status}"
+            );
+            let asked = Observed {
+                retry_after: Some("120"),
+                ..answered(status)
+            };
+            assert_eq!(decide(asked, 1, &policy(), now, 0.0), retry_in(120, 2, now), "{status}");
+            let asked_too_much = Observed {
+                retry_after: Some("86400"),
+                ..answered(status)
+            };
+            assert_eq!(
+                decide(asked_too_much, 1, &policy(), now, 0.0),
+                retry_in(300, 2, now),
+                "{status}: clamped"
+            );
+            let asked_less = Observed {
+                retry_after: Some("1"),
+                ..answered(status)
+            };
+            assert_eq!(
+                decide(asked_less, 2, &policy(), now, 0.0),
+                retry_in(60, 3, now),
+                "{status}: never sooner than the schedule"
+            );
+        }
+        let dated = Observed {
+            retry_after: Some("Tue, 01 Dec 2026 10:02:00 GMT"),
+            ..answered(503)
+        };
+        assert_eq!(
+            decide(dated, 1, &policy(), now, 0.0),
+            retry_in(120, 2, now),
+            "an HTTP-date"
+        );
+        let nonsense = Observed {
+            retry_after: Some("soon"),
+            ..answered(503)
+        };
+        assert_eq!(
+            decide(nonsense, 1, &policy(), now, 0.0),
+            retry_in(10, 2, now),
+            "ignored"
+        );
+    }
+
+    #[test]
+    fn rate_limits_wait_at_least_the_throttled_floor_and_honour_retry_after() {
+        let now = at("2026-12-01T10:00:00Z");
+        assert_eq!(decide(answered(429), 1, &policy(), now, 0.0), retry_in(30, 2, now));
+        let asked = Observed {
+            retry_after: Some("90"),
+            ..answered(429)
+        };
+        assert_eq!(decide(asked, 1, &policy(), now, 0.0), retry_in(90, 2, now));
+    }
+
+    #[test]
+    fn timeouts_wait_at_least_the_throttled_floor_and_connection_errors_follow_the_schedule() {
+        let now = at("2026-12-01T10:00:00Z");
+        let timed_out = Observed {
+            status: None,
+            timed_out: true,
+            retry_after: None,
+        };
+        assert_eq!(decide(timed_out, 1, &policy(), now, 0.0), retry_in(30, 2, now));
+        let refused = Observed {
+            status: None,
+            timed_out: false,
+            retry_after: None,
+        };
+        assert_eq!(decide(refused, 1, &policy(), now, 0.0), retry_in(10, 2, now));
+    }
+
+    #[test]
+    fn the_last_attempt_exhausts_the_delivery_whatever_the_receiver_asks() {
+        let now = at("2026-12-01T10:00:00Z");
+        let exhausted = Decision::Exhausted {
+            reason: "all 3 attempts failed".to_owned(),
+        };
+        let asked = Observed {
+            retry_after: Some("5"),
+            ..answered(503)
+        };
+        let refused = Observed {
+            status: None,
+            timed_out: false,
+            retry_after: None,
+        };
+        for observed in [answered(500), answered(429), answered(301), asked, refused] {
+            assert_eq!(decide(observed, 3, &policy(), now, 0.9), exhausted, "{observed:?}");
+        }
+        // A one-attempt schedule never retries.
+        let once = RetryPolicy {
+            schedule: "0s".parse().expect("valid"),
+            ..policy()
+        };
+        assert_eq!(
+            decide(answered(500), 1, &once, now, 0.0),
+            Decision::Exhausted {
+                reason: "all 1 attempts failed".to_owned()
+            }
+        );
     }
 
     #[test]

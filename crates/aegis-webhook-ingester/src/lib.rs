@@ -20,7 +20,7 @@ use aegis_webhook_core::db::deliveries::{self, EventDelivery};
 use aegis_webhook_core::db::{events, tenants, webhooks};
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
 use aegis_webhook_core::metrics;
-use aegis_webhook_core::queue::{DeliveryTask, FirstAttempts, Queue, QueueMessage, Stream};
+use aegis_webhook_core::queue::{self, DeliveryTask, FirstAttempts, Queue, QueueMessage, Stream, Writer};
 use aegis_webhook_core::telemetry;
 use anyhow::Context as _;
 use chrono::Utc;
@@ -169,7 +169,8 @@ impl Ingester {
     }
 
     /// Handles one envelope end to end. An `Err` is an infrastructure failure
-    /// (database or broker): the envelope must be retried, not dropped.
+    /// before anything was committed (the fan-out, or parking an invalid
+    /// envelope): the envelope must be retried, not dropped.
     pub async fn ingest(&self, body: &[u8]) -> anyhow::Result<IngestOutcome> {
         let event = match ValidatedEvent::parse(body, Utc::now()) {
             Ok(event) => event,
@@ -203,16 +204,18 @@ impl Ingester {
             std::process::abort();
         }
 
-        // The deliveries are safe in the database; if publishing fails from here,
-        // the reconciler publishes them later. All at once: the broker confirms
-        // a pipeline of publishes about as fast as one (one fsync for many).
-        // One message for all of the event's first attempts.
+        // The deliveries are safe in the database: one message for all of the
+        // event's first attempts, and if it cannot be published the reconciler
+        // publishes them (the envelope is acked either way: handing it back
+        // would only bring it round again as a duplicate).
         let deliveries = tasks.len();
         if !tasks.is_empty() {
-            self.queue
-                .publish_first_attempts(FirstAttempts::new(&tasks))
-                .await
-                .context("failed to publish the delivery tasks")?;
+            let _ = queue::publish_after_commit(
+                Writer::Ingester,
+                "an event's first attempts",
+                self.queue.publish_first_attempts(FirstAttempts::new(&tasks)),
+            )
+            .await;
         }
         metrics::event_ingested(event_type);
         tracing::info!(%event_id, event = %event_type, deliveries, "event fanned out");

@@ -69,6 +69,17 @@ pub struct HttpResult {
     pub timed_out: bool,
 }
 
+impl HttpResult {
+    /// What the retry decision reads of it.
+    pub fn observed(&self) -> aegis_webhook_core::retry::Observed<'_> {
+        aegis_webhook_core::retry::Observed {
+            status: self.status,
+            timed_out: self.timed_out,
+            retry_after: self.retry_after.as_deref(),
+        }
+    }
+}
+
 /// POSTs `body` and reads at most `max_body` bytes of the answer, all within
 /// `timeout`. A body that does not arrive in time still leaves the status.
 pub async fn post(

@@ -21,10 +21,12 @@ use std::time::Duration;
 
 use aegis_webhook_core::config::Config;
 use aegis_webhook_core::db::deliveries::{self, Attempt, NextStep};
+use aegis_webhook_core::db::events::StoredEvent;
+use aegis_webhook_core::db::webhooks::Webhook;
 use aegis_webhook_core::event::delivered_body;
 use aegis_webhook_core::metrics::{self, AttemptOutcome};
-use aegis_webhook_core::queue::{self, DeliveryTask, Queue, Stream};
-use aegis_webhook_core::retry::{self, AttemptClass, RetrySchedule};
+use aegis_webhook_core::queue::{self, AfterCommit, DeliveryTask, Queue, Stream, Writer};
+use aegis_webhook_core::retry::{self, Decision, RetryPolicy};
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::signing;
 use aegis_webhook_core::target::TargetPolicy;
@@ -58,8 +60,7 @@ pub struct Worker {
     queue: Arc<dyn Queue>,
     client: reqwest::Client,
     policy: Arc<TargetPolicy>,
-    schedule: RetrySchedule,
-    backpressure: retry::Backpressure,
+    retry: RetryPolicy,
     request_timeout: Duration,
     max_response_body_bytes: usize,
     concurrency: usize,
@@ -101,6 +102,82 @@ impl Outcome {
     }
 }
 
+/// What the claim step came to.
+enum Claim {
+    Granted(Attemptable),
+    /// No attempt is made; this is why.
+    Refused(Outcome),
+}
+
+/// A claimed delivery whose webhook is active: an attempt can be made.
+struct Attemptable {
+    delivery: deliveries::Delivery,
+    webhook: Arc<Webhook>,
+    event: Arc<StoredEvent>,
+}
+
+/// The request of one attempt.
+struct Request {
+    headers: HeaderMap,
+    body: String,
+}
+
+/// What sending came to.
+struct Sent {
+    started_at: chrono::DateTime<Utc>,
+    result: http::HttpResult,
+}
+
+/// What a decision means for the delivery's row, its webhook's health, the
+/// caller and the metrics: one place, so the four always agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Consequences {
+    next: NextStep,
+    health: store::Health,
+    outcome: Outcome,
+    metric: AttemptOutcome,
+}
+
+impl Consequences {
+    /// `had_streak`: the webhook had failures recorded when the attempt was
+    /// claimed (so a success must end the streak).
+    fn of(decision: &Decision, had_streak: bool) -> Self {
+        match decision {
+            Decision::Delivered => Consequences {
+                next: NextStep::Succeeded,
+                health: store::Health::Succeeded { had_streak },
+                outcome: Outcome::Delivered,
+                metric: AttemptOutcome::Success,
+            },
+            Decision::Retry {
+                next_attempt,
+                delay,
+                at,
+            } => Consequences {
+                next: NextStep::RetryAt(*at),
+                health: store::Health::Unchanged,
+                outcome: Outcome::RetryScheduled {
+                    next_attempt: *next_attempt,
+                    delay: *delay,
+                },
+                metric: AttemptOutcome::Retry,
+            },
+            Decision::Exhausted { reason } => Consequences {
+                next: NextStep::Failed(reason.clone()),
+                health: store::Health::Failed,
+                outcome: Outcome::Failed { reason: reason.clone() },
+                metric: AttemptOutcome::Failed,
+            },
+            Decision::Gone { reason } => Consequences {
+                next: NextStep::Failed(reason.clone()),
+                health: store::Health::Gone { reason: reason.clone() },
+                outcome: Outcome::Failed { reason: reason.clone() },
+                metric: AttemptOutcome::Gone,
+            },
+        }
+    }
+}
+
 /// The `deliver` span of a task taken from the queue: the child of the span
 /// that published it, when the message says which.
 fn task_span(task: &DeliveryTask, receipt: &Receipt) -> tracing::Span {
@@ -136,8 +213,10 @@ impl Worker {
             db,
             queue,
             policy,
-            schedule: config.retry_schedule.clone(),
-            backpressure: config.backpressure(),
+            retry: RetryPolicy {
+                schedule: config.retry_schedule.clone(),
+                backpressure: config.backpressure(),
+            },
             request_timeout: config.request_timeout,
             max_response_body_bytes: config.max_response_body_bytes,
             concurrency: config.worker_concurrency,
@@ -145,142 +224,173 @@ impl Worker {
         })
     }
 
-    /// Makes the attempt a task asks for. An `Err` is an infrastructure failure
-    /// (database or broker) before anything was sent: hand the task back.
+    /// Makes the attempt a task asks for, as named steps: claim → prepare →
+    /// send → decide → record → schedule. The decision is
+    /// [`retry::decide`], a pure function; what it means for the delivery, the
+    /// webhook's health and the metrics is [`Consequences::of`], another.
+    ///
+    /// An `Err` means the attempt was not recorded: the claim failed (nothing was
+    /// sent), or the request went out and recording its result failed. Either
+    /// way the delivery is still pending in the database, so the caller hands
+    /// the task back, and the attempt is made (again) once its claim's lease
+    /// ends. Publishing what the recorded decision schedules cannot fail the
+    /// step: it follows the one after-commit policy
+    /// ([`queue::publish_after_commit`]).
     pub async fn process_one(&self, task: DeliveryTask) -> anyhow::Result<Outcome> {
-        let delivery_id = task.delivery_id();
-        let attempt = task.attempt();
+        let claimed = match self.claim(task).await? {
+            Claim::Granted(claimed) => claimed,
+            Claim::Refused(outcome) => return Ok(outcome),
+        };
+        let request = self.prepare(&claimed, task.attempt(), Utc::now());
+        let sent = self.send(&claimed.webhook, request).await;
+        let decision = retry::decide(
+            sent.result.observed(),
+            task.attempt(),
+            &self.retry,
+            Utc::now(),
+            rand::rng().random::<f64>(),
+        );
+        let had_streak = claimed.webhook.consecutive_failures > 0 || claimed.webhook.failing_since.is_some();
+        let consequences = Consequences::of(&decision, had_streak);
+        self.record(&task, &claimed, &sent, &consequences).await?;
+        self.schedule(task, &claimed, &decision).await;
+        tracing::info!(
+            delivery_id = %task.delivery_id(),
+            attempt = task.attempt(),
+            status = sent.result.status,
+            error = sent.result.error.as_deref(),
+            duration_ms = sent.result.duration.as_millis() as u64,
+            outcome = ?consequences.outcome,
+            "delivery attempt"
+        );
+        Ok(consequences.outcome)
+    }
+
+    /// Claim: takes the attempt for a lease, with what it is built from. A task
+    /// that is early, stale, or for a webhook that is disabled or gone is
+    /// refused, with what became of it.
+    async fn claim(&self, task: DeliveryTask) -> anyhow::Result<Claim> {
         let Some(Claimed {
             delivery,
             webhook,
             event,
-        }) = self.store.claim(delivery_id, attempt).await?
+        }) = self.store.claim(task.delivery_id(), task.attempt()).await?
         else {
-            return self.unclaimed(task).await;
+            return Ok(Claim::Refused(self.unclaimed(task).await?));
         };
-        let webhook = match webhook {
-            Some(webhook) if webhook.active => webhook,
-            Some(_) => return self.cancel(delivery_id, "webhook is disabled").await,
-            None => return self.cancel(delivery_id, "webhook was deleted").await,
-        };
+        match webhook {
+            Some(webhook) if webhook.active => Ok(Claim::Granted(Attemptable {
+                delivery,
+                webhook,
+                event,
+            })),
+            Some(_) => Ok(Claim::Refused(
+                self.cancel(task.delivery_id(), "webhook is disabled").await?,
+            )),
+            None => Ok(Claim::Refused(
+                self.cancel(task.delivery_id(), "webhook was deleted").await?,
+            )),
+        }
+    }
 
-        let body = delivered_body(delivery.event_type, &event.timestamp, &event.data);
-        let previous_secret = webhook.previous_secret_at(Utc::now());
-        let headers = self.headers(&delivery, &webhook.secret, previous_secret, attempt, &body);
+    /// Prepare: the exact bytes to send (the same on every attempt) and the
+    /// signed headers for attempt `attempt` at `now`.
+    fn prepare(&self, claimed: &Attemptable, attempt: u32, now: chrono::DateTime<Utc>) -> Request {
+        let body = delivered_body(
+            claimed.delivery.event_type,
+            &claimed.event.timestamp,
+            &claimed.event.data,
+        );
+        let previous_secret = claimed.webhook.previous_secret_at(now);
+        let headers = self.headers(
+            &claimed.delivery,
+            &claimed.webhook.secret,
+            previous_secret,
+            attempt,
+            now.timestamp(),
+            &body,
+        );
+        Request { headers, body }
+    }
+
+    /// Send: the POST, under the request timeout and the response-size cap.
+    async fn send(&self, webhook: &Webhook, request: Request) -> Sent {
         let started_at = Utc::now();
-        let in_flight = metrics::InFlight::start();
+        let _in_flight = metrics::InFlight::start();
         let result = http::post(
             &self.client,
             &self.policy,
             &webhook.url,
-            headers,
-            body,
+            request.headers,
+            request.body,
             self.request_timeout,
             self.max_response_body_bytes,
         )
         .await;
-        drop(in_flight);
+        Sent { started_at, result }
+    }
 
-        let class = retry::classify(result.status);
-        let (next, outcome) = match class {
-            AttemptClass::Success => (NextStep::Succeeded, Outcome::Delivered),
-            AttemptClass::Gone => {
-                let reason = "the receiver answered 410 Gone; the webhook was disabled".to_owned();
-                (NextStep::Failed(reason.clone()), Outcome::Failed { reason })
-            }
-            AttemptClass::Retryable => {
-                let jitter = rand::rng().random::<f64>();
-                let retry_after = result
-                    .retry_after
-                    .as_deref()
-                    .and_then(|value| retry::parse_retry_after(value, Utc::now()));
-                let throttled = result.status == Some(429) || result.timed_out;
-                match retry::next_delay(&self.schedule, attempt + 1, jitter)
-                    .map(|scheduled| self.backpressure.apply(scheduled, retry_after, throttled))
-                {
-                    Some(delay) => (
-                        NextStep::RetryAt(Utc::now() + delay),
-                        Outcome::RetryScheduled {
-                            next_attempt: attempt + 1,
-                            delay,
-                        },
-                    ),
-                    None => {
-                        let reason = format!("all {attempt} attempts failed");
-                        (NextStep::Failed(reason.clone()), Outcome::Failed { reason })
-                    }
-                }
-            }
-        };
-
-        let health = match &outcome {
-            Outcome::Delivered => store::Health::Succeeded {
-                had_streak: webhook.consecutive_failures > 0 || webhook.failing_since.is_some(),
-            },
-            Outcome::Failed { reason } if class == AttemptClass::Gone => store::Health::Gone { reason: reason.clone() },
-            Outcome::Failed { .. } => store::Health::Failed,
-            Outcome::RetryScheduled { .. } | Outcome::Deferred { .. } | Outcome::Skipped { .. } => {
-                store::Health::Unchanged
-            }
-        };
+    /// Record: the attempt, the delivery's next state and the webhook's health
+    /// in one (shared) transaction; then the metrics of what was recorded.
+    async fn record(
+        &self,
+        task: &DeliveryTask,
+        claimed: &Attemptable,
+        sent: &Sent,
+        consequences: &Consequences,
+    ) -> anyhow::Result<()> {
+        let result = &sent.result;
         let recording = Recording {
             attempt: Attempt {
-                delivery_id,
-                attempt,
-                started_at,
+                delivery_id: task.delivery_id(),
+                attempt: task.attempt(),
+                started_at: sent.started_at,
                 duration: result.duration,
                 status_code: result.status,
                 error: result.error.clone(),
                 response_body: result.body.clone(),
             },
-            next,
-            webhook_id: webhook.id,
-            health,
+            next: consequences.next.clone(),
+            webhook_id: claimed.webhook.id,
+            health: consequences.health.clone(),
         };
         let disabled = self.store.record(recording).await?;
-        let now = Utc::now();
         if let Some(reason) = disabled {
-            tracing::warn!(webhook_id = %webhook.id, reason, "webhook disabled automatically");
+            tracing::warn!(webhook_id = %claimed.webhook.id, reason, "webhook disabled automatically");
             metrics::webhook_auto_disabled(reason);
         }
-        metrics::delivery_attempt(
-            match (&outcome, class) {
-                (Outcome::Delivered, _) => AttemptOutcome::Success,
-                (_, AttemptClass::Gone) => AttemptOutcome::Gone,
-                (Outcome::Failed { .. }, _) => AttemptOutcome::Failed,
-                _ => AttemptOutcome::Retry,
-            },
-            result.duration,
-        );
-        match &outcome {
+        metrics::delivery_attempt(consequences.metric, result.duration);
+        match consequences.outcome {
             Outcome::Delivered => {
-                metrics::event_delivered_after((now - delivery.created_at).to_std().unwrap_or_default());
+                let lag = (Utc::now() - claimed.delivery.created_at).to_std().unwrap_or_default();
+                metrics::event_delivered_after(lag);
             }
-            Outcome::RetryScheduled { next_attempt, .. } => metrics::retry_scheduled(*next_attempt),
+            Outcome::RetryScheduled { next_attempt, .. } => metrics::retry_scheduled(next_attempt),
             _ => {}
         }
+        Ok(())
+    }
 
-        // The database already says what comes next; if publishing fails, the
-        // reconciler publishes it later.
-        match &outcome {
-            Outcome::RetryScheduled { next_attempt, delay } => {
-                self.queue
-                    .publish_task(DeliveryTask::new(delivery_id, webhook.id, *next_attempt), *delay)
-                    .await?;
+    /// Schedule: publishes what the recorded decision says comes next. The
+    /// database already says it, so a failed publish is left to the reconciler.
+    async fn schedule(&self, task: DeliveryTask, claimed: &Attemptable, decision: &Decision) {
+        let _ = match decision {
+            Decision::Retry {
+                next_attempt, delay, ..
+            } => {
+                let retry = DeliveryTask::new(task.delivery_id(), claimed.webhook.id, *next_attempt);
+                queue::publish_after_commit(Writer::Worker, "a retry", self.queue.publish_task(retry, *delay)).await
             }
-            Outcome::Failed { reason } => self.queue.publish_dead_letter(task, reason).await?,
-            Outcome::Delivered | Outcome::Deferred { .. } | Outcome::Skipped { .. } => {}
-        }
-        tracing::info!(
-            delivery_id = %delivery_id,
-            attempt,
-            status = result.status,
-            error = result.error.as_deref(),
-            duration_ms = result.duration.as_millis() as u64,
-            outcome = ?outcome,
-            "delivery attempt"
-        );
-        Ok(outcome)
+            Decision::Exhausted { reason } | Decision::Gone { reason } => {
+                queue::publish_after_commit(
+                    Writer::Worker,
+                    "a dead letter",
+                    self.queue.publish_dead_letter(task, reason),
+                )
+                .await
+            }
+            Decision::Delivered => AfterCommit::Published,
+        };
     }
 
     /// Explains a failed claim: a task that came early (through a broker tier
@@ -318,10 +428,10 @@ impl Worker {
         secret: &aegis_webhook_core::secret::SigningSecret,
         previous_secret: Option<&aegis_webhook_core::secret::SigningSecret>,
         attempt: u32,
+        timestamp: i64,
         body: &str,
     ) -> HeaderMap {
         let delivery_id = delivery.id.to_string();
-        let timestamp = Utc::now().timestamp();
         let pairs = [
             ("x-aegis-signature", signing::aegis_signature(secret, body.as_bytes())),
             ("x-aegis-event", delivery.event_type.as_str().to_owned()),
@@ -496,25 +606,20 @@ impl Worker {
         let Taken { task, receipt } = taken;
         let delay = self.request_timeout;
         let until = Utc::now() + delay;
-        let held = async {
-            deliveries::postpone(&self.db, task.delivery_id(), until, Utc::now()).await?;
-            self.queue.publish_task(task, delay).await?;
-            anyhow::Ok(())
-        };
-        match held.await {
-            Ok(()) => {
-                if let Err(error) = receipt.ack().await {
-                    tracing::error!(error = %error, "failed to ack a held-back task");
-                }
-            }
-            Err(error) => {
-                tracing::error!(
-                    error = format!("{error:#}"),
-                    "failed to hold back a task; requeueing it"
-                );
-                tokio::time::sleep(ERROR_PAUSE).await;
-                let _ = receipt.requeue().await;
-            }
+        if let Err(error) = deliveries::postpone(&self.db, task.delivery_id(), until, Utc::now()).await {
+            // Nothing written: the task goes back as it is.
+            tracing::error!(
+                error = format!("{error:#}"),
+                "failed to hold back a task; requeueing it"
+            );
+            tokio::time::sleep(ERROR_PAUSE).await;
+            let _ = receipt.requeue().await;
+            return;
+        }
+        let _ =
+            queue::publish_after_commit(Writer::Worker, "a held-back task", self.queue.publish_task(task, delay)).await;
+        if let Err(error) = receipt.ack().await {
+            tracing::error!(error = %error, "failed to ack a held-back task");
         }
     }
 
@@ -552,5 +657,82 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> chrono::DateTime<Utc> {
+        chrono::DateTime::parse_from_rfc3339(text)
+            .expect("valid")
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn each_decision_has_one_set_of_consequences() {
+        let delivered = Consequences::of(&Decision::Delivered, true);
+        assert_eq!(delivered.next, NextStep::Succeeded);
+        assert_eq!(delivered.health, store::Health::Succeeded { had_streak: true });
+        assert_eq!(delivered.outcome, Outcome::Delivered);
+        assert_eq!(delivered.metric, AttemptOutcome::Success);
+        assert_eq!(
+            Consequences::of(&Decision::Delivered, false).health,
+            store::Health::Succeeded { had_streak: false },
+            "a healthy webhook has nothing to write"
+        );
+
+        let due = at("2026-12-01T10:00:05Z");
+        let retry = Decision::Retry {
+            next_attempt: 2,
+            delay: Duration::from_secs(5),
+            at: due,
+        };
+        assert_eq!(
+            Consequences::of(&retry, true),
+            Consequences {
+                next: NextStep::RetryAt(due),
+                health: store::Health::Unchanged,
+                outcome: Outcome::RetryScheduled {
+                    next_attempt: 2,
+                    delay: Duration::from_secs(5)
+                },
+                metric: AttemptOutcome::Retry,
+            },
+            "a retry leaves the streak alone: the delivery has not failed yet"
+        );
+
+        let exhausted = Decision::Exhausted {
+            reason: "all 3 attempts failed".to_owned(),
+        };
+        assert_eq!(
+            Consequences::of(&exhausted, false),
+            Consequences {
+                next: NextStep::Failed("all 3 attempts failed".to_owned()),
+                health: store::Health::Failed,
+                outcome: Outcome::Failed {
+                    reason: "all 3 attempts failed".to_owned()
+                },
+                metric: AttemptOutcome::Failed,
+            }
+        );
+
+        let gone = Decision::Gone {
+            reason: "410".to_owned(),
+        };
+        assert_eq!(
+            Consequences::of(&gone, false),
+            Consequences {
+                next: NextStep::Failed("410".to_owned()),
+                health: store::Health::Gone {
+                    reason: "410".to_owned()
+                },
+                outcome: Outcome::Failed {
+                    reason: "410".to_owned()
+                },
+                metric: AttemptOutcome::Gone,
+            }
+        );
     }
 }

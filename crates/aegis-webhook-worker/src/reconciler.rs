@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aegis_webhook_core::db::deliveries;
-use aegis_webhook_core::queue::{DeliveryTask, Queue};
+use aegis_webhook_core::queue::{self, AfterCommit, DeliveryTask, Queue, Writer};
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 
 /// Deliveries handled per database round trip.
 const BATCH: u64 = 500;
+/// Publishes failing in a row that end a pass early.
+const GIVE_UP_AFTER: usize = 8;
 
 #[derive(Clone)]
 pub struct Reconciler {
@@ -34,23 +36,37 @@ impl Reconciler {
 
     /// Publishes a task for every unclaimed pending delivery due before
     /// `due_before` (every one, for `None`), each delayed until it is due.
-    /// Returns how many it published.
+    /// Returns how many it published. A publish that fails is counted like
+    /// every writer's ([`queue::publish_after_commit`]) and the pass goes on
+    /// (the delivery is still pending, so the next pass finds it again),
+    /// unless [`GIVE_UP_AFTER`] fail in a row: the broker is down, and the next
+    /// pass tries again.
     pub async fn republish(&self, due_before: Option<DateTime<Utc>>) -> anyhow::Result<usize> {
         let now = Utc::now();
         let mut published = 0;
+        let mut failed_in_a_row = 0;
         let mut cursor = None;
         loop {
             let batch = deliveries::pending_unclaimed(&self.db, due_before, now, BATCH, cursor).await?;
             for pending in &batch {
                 let delay = (pending.due_at - now).to_std().unwrap_or(Duration::ZERO);
-                self.queue
-                    .publish_task(
-                        DeliveryTask::new(pending.id, pending.webhook_id, pending.next_attempt),
-                        delay,
-                    )
-                    .await?;
+                let task = DeliveryTask::new(pending.id, pending.webhook_id, pending.next_attempt);
+                let publish = self.queue.publish_task(task, delay);
+                match queue::publish_after_commit(Writer::Reconciler, "a pending delivery", publish).await {
+                    AfterCommit::Published => {
+                        published += 1;
+                        failed_in_a_row = 0;
+                    }
+                    AfterCommit::LeftToReconciler => failed_in_a_row += 1,
+                }
+                if failed_in_a_row >= GIVE_UP_AFTER {
+                    tracing::warn!(
+                        published,
+                        "the broker refuses publishes; the rest waits for the next pass"
+                    );
+                    return Ok(published);
+                }
             }
-            published += batch.len();
             match batch.last() {
                 Some(last) if batch.len() as u64 == BATCH => cursor = Some((last.due_at, last.id)),
                 _ => break,

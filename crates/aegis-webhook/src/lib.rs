@@ -2,6 +2,7 @@
 //! crates, so tests start exactly what `main` starts.
 
 pub mod credentials;
+pub mod ops;
 pub mod otlp;
 
 use std::net::SocketAddr;
@@ -81,37 +82,69 @@ pub struct RunningSystem {
     pub queue: Arc<dyn Queue>,
     /// Set when the queue is the in-process one, for inspection.
     pub memory_queue: Option<MemoryQueue>,
-    api: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
-    ingester: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
-    worker: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>,
-    reconciler: Option<(CancellationToken, JoinHandle<()>)>,
-    /// Cancelled when a role ends without being asked to: the process must not
-    /// keep running with a part missing (an orchestrator restarts it).
+    /// The HTTP server: the API with the probes, or the probes alone.
+    http: Option<Supervised>,
+    ingester: Option<Supervised>,
+    worker: Option<Supervised>,
+    reconciler: Option<Supervised>,
+    /// Cancelled when a supervised task ends without being asked to: the
+    /// process must not keep running with a part missing (an orchestrator
+    /// restarts it).
     role_failed: CancellationToken,
 }
 
-/// Runs a role until it ends; an end nobody asked for (an error, or a return
-/// before `stop`) cancels `role_failed`.
-fn spawn_role<F>(
+/// Set to a duration (`500ms`) to make the HTTP server task fail that long
+/// after start, as a crashed server would: the fault test that checks the
+/// process then exits non-zero sets it.
+pub const FAIL_HTTP_SERVER_AFTER_ENV: &str = "AEGIS_TEST_FAIL_HTTP_SERVER_AFTER";
+
+/// A long-lived task of the process, asked to stop with its token.
+pub struct Supervised {
     name: &'static str,
-    role: F,
     stop: CancellationToken,
-    role_failed: CancellationToken,
-) -> JoinHandle<anyhow::Result<()>>
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Supervised {
+    /// Asks the task to stop and waits for it: its error, if it ended with one.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.handle
+            .await
+            .with_context(|| format!("the {} task's supervisor failed", self.name))?
+    }
+}
+
+/// Runs `task` until it ends, as every long-lived task of a process runs: an
+/// end nobody asked for (an error, a panic, or a return before `stop`)
+/// cancels `role_failed`, which stops the process with an error.
+pub fn supervise<F>(
+    name: &'static str,
+    task: impl FnOnce(CancellationToken) -> F,
+    role_failed: &CancellationToken,
+) -> Supervised
 where
     F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    tokio::spawn(async move {
-        let result = role.await;
+    let stop = CancellationToken::new();
+    let running = tokio::spawn(task(stop.clone()));
+    let (asked, role_failed) = (stop.clone(), role_failed.clone());
+    let handle = tokio::spawn(async move {
+        let result = match running.await {
+            Ok(result) => result,
+            Err(error) if error.is_panic() => Err(anyhow::anyhow!("the {name} task panicked")),
+            Err(_) => Err(anyhow::anyhow!("the {name} task was cancelled")),
+        };
         if let Err(error) = &result {
             tracing::error!(role = name, error = format!("{error:#}"), "role failed");
             role_failed.cancel();
-        } else if !stop.is_cancelled() {
+        } else if !asked.is_cancelled() {
             tracing::error!(role = name, "role ended unexpectedly");
             role_failed.cancel();
         }
         result
-    })
+    });
+    Supervised { name, stop, handle }
 }
 
 impl std::fmt::Debug for RunningSystem {
@@ -120,14 +153,6 @@ impl std::fmt::Debug for RunningSystem {
             .field("addr", &self.addr)
             .finish_non_exhaustive()
     }
-}
-
-async fn join(name: &str, part: Option<(CancellationToken, JoinHandle<anyhow::Result<()>>)>) -> anyhow::Result<()> {
-    if let Some((token, handle)) = part {
-        token.cancel();
-        handle.await.with_context(|| format!("the {name} task panicked"))??;
-    }
-    Ok(())
 }
 
 impl RunningSystem {
@@ -139,16 +164,21 @@ impl RunningSystem {
     /// Stops in dependency order: no new events (API), then the ingester drains
     /// what already arrived, then workers finish in-flight attempts within the
     /// grace period. Whatever is left stays pending in the database.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
-        join("API", self.api.take()).await?;
-        join("ingester", self.ingester.take()).await?;
-        join("worker", self.worker.take()).await?;
-        if let Some((token, handle)) = self.reconciler.take() {
-            token.cancel();
-            handle.await.context("the reconciler task panicked")?;
+    pub async fn stop(self) -> anyhow::Result<()> {
+        // Every part is stopped, even after one of them failed; the first
+        // failure is the answer.
+        let mut first_failure = Ok(());
+        for part in [self.http, self.ingester, self.worker, self.reconciler]
+            .into_iter()
+            .flatten()
+        {
+            let stopped = part.stop().await;
+            if first_failure.is_ok() {
+                first_failure = stopped;
+            }
         }
-        self.db.clone().close().await.context("failed to close the database")?;
-        Ok(())
+        self.db.close().await.context("failed to close the database")?;
+        first_failure
     }
 }
 
@@ -187,20 +217,30 @@ pub async fn start(
     db: DatabaseConnection,
     listener: Option<TcpListener>,
 ) -> anyhow::Result<RunningSystem> {
+    let (queue, memory_queue) = open_queue(config, roles).await?;
+    start_on_queue(config, roles, db, listener, queue, memory_queue).await
+}
+
+/// [`start`] on a queue the caller opened with [`open_queue`] (and may have
+/// wrapped: the fault tests make its publishes fail). `memory_queue` is the
+/// in-process queue when that is what `queue` stands on.
+pub async fn start_on_queue(
+    config: &Config,
+    roles: Roles,
+    db: DatabaseConnection,
+    listener: Option<TcpListener>,
+    queue: Arc<dyn Queue>,
+    memory_queue: Option<MemoryQueue>,
+) -> anyhow::Result<RunningSystem> {
     aegis_webhook_core::metrics::install();
     let cipher = secret_cipher(config)?;
-    let (queue, memory_queue) = open_queue(config, roles).await?;
     let role_failed = CancellationToken::new();
 
-    let api = match (roles.api, listener) {
+    // Every role listens: the API serves everything there, the others their
+    // probes and metrics.
+    let routes = match (roles.api, listener) {
         (false, None) => None,
-        (false, Some(listener)) => {
-            let addr = listener.local_addr().context("failed to read the listener's address")?;
-            let token = CancellationToken::new();
-            let router = aegis_webhook_api::ops_router(db.clone(), queue.clone());
-            let handle = tokio::spawn(aegis_webhook_api::serve(listener, router, token.clone()));
-            Some((addr, token, handle))
-        }
+        (false, Some(listener)) => Some((listener, ops::router(db.clone(), queue.clone()))),
         (true, None) => anyhow::bail!("the API role needs a listener"),
         (true, Some(listener)) => {
             let state = AppState {
@@ -214,41 +254,63 @@ pub async fn start(
                 graphql_introspection: config.graphql_introspection,
                 graphql_max_body_bytes: config.graphql_max_body_bytes,
             };
-            let addr = listener.local_addr().context("failed to read the listener's address")?;
-            let token = CancellationToken::new();
-            let handle = tokio::spawn(aegis_webhook_api::serve(
-                listener,
-                aegis_webhook_api::router(state),
-                token.clone(),
-            ));
-            Some((addr, token, handle))
+            let router = aegis_webhook_api::router(state).merge(ops::router(db.clone(), queue.clone()));
+            Some((listener, router))
         }
     };
-    let addr = api.as_ref().map(|(addr, _, _)| *addr);
+    let mut addr = None;
+    let http = match routes {
+        None => None,
+        Some((listener, router)) => {
+            addr = Some(listener.local_addr().context("failed to read the listener's address")?);
+            let fail_after = injected_http_failure()?;
+            Some(supervise(
+                "HTTP server",
+                |stop| async move {
+                    let serving = ops::serve(listener, router, stop);
+                    match fail_after {
+                        None => serving.await,
+                        Some(after) => tokio::select! {
+                            served = serving => served,
+                            () = tokio::time::sleep(after) => {
+                                anyhow::bail!("{FAIL_HTTP_SERVER_AFTER_ENV} is set: the HTTP server task fails")
+                            }
+                        },
+                    }
+                },
+                &role_failed,
+            ))
+        }
+    };
 
     let ingester = roles.ingester.then(|| {
-        let token = CancellationToken::new();
-        let ingesting = Ingester::new(db.clone(), queue.clone()).run(token.clone(), usize::from(config.amqp_prefetch));
-        let handle = spawn_role("ingester", ingesting, token.clone(), role_failed.clone());
-        (token, handle)
+        let ingester = Ingester::new(db.clone(), queue.clone());
+        let concurrency = usize::from(config.amqp_prefetch);
+        supervise("ingester", |stop| ingester.run(stop, concurrency), &role_failed)
     });
 
     let (worker, reconciler) = if roles.worker {
         let worker = Worker::new(config, db.clone(), queue.clone(), cipher)?;
-        let token = CancellationToken::new();
-        let working = worker.run(token.clone(), config.shutdown_grace);
-        let handle = spawn_role("worker", working, token.clone(), role_failed.clone());
-        let reconciler_token = CancellationToken::new();
+        let grace = config.shutdown_grace;
+        let working = supervise("worker", |stop| worker.run(stop, grace), &role_failed);
         // The in-process queue starts empty, so every pending delivery is
         // re-enqueued at start: stopping the process loses nothing. A broker
         // keeps its messages; there the periodic pass finds what went missing.
-        let reconciler_handle = tokio::spawn(Reconciler::new(db.clone(), queue.clone()).run(
+        let reconciler = Reconciler::new(db.clone(), queue.clone());
+        let (recover_all, interval, grace) = (
             memory_queue.is_some(),
             config.reconcile_interval,
             config.reconcile_grace,
-            reconciler_token.clone(),
-        ));
-        (Some((token, handle)), Some((reconciler_token, reconciler_handle)))
+        );
+        let reconciling = supervise(
+            "reconciler",
+            |stop| async move {
+                reconciler.run(recover_all, interval, grace, stop).await;
+                Ok(())
+            },
+            &role_failed,
+        );
+        (Some(working), Some(reconciling))
     } else {
         (None, None)
     };
@@ -258,12 +320,23 @@ pub async fn start(
         db,
         queue,
         memory_queue,
-        api: api.map(|(_, token, handle)| (token, handle)),
+        http,
         ingester,
         worker,
         reconciler,
         role_failed,
     })
+}
+
+/// The fault that [`FAIL_HTTP_SERVER_AFTER_ENV`] asks for, if any.
+fn injected_http_failure() -> anyhow::Result<Option<std::time::Duration>> {
+    std::env::var(FAIL_HTTP_SERVER_AFTER_ENV)
+        .ok()
+        .map(|after| {
+            humantime::parse_duration(&after)
+                .with_context(|| format!("{FAIL_HTTP_SERVER_AFTER_ENV} is not a duration: {after}"))
+        })
+        .transpose()
 }
 
 /// RabbitMQ when `AEGIS_AMQP_URL` is set, else the in-process queue (returned
@@ -376,4 +449,47 @@ pub async fn run_until_signal(system: RunningSystem) -> anyhow::Result<()> {
         anyhow::bail!("a role failed (see the log above); stopped the rest");
     }
     stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_supervised_task_that_fails_panics_or_returns_unasked_fails_the_process() {
+        type End = fn() -> anyhow::Result<()>;
+        let ends: [(&str, End); 3] = [
+            ("an error", || Err(anyhow::anyhow!("boom"))),
+            ("a panic", || panic!("boom")),
+            ("a return nobody asked for", || Ok(())),
+        ];
+        for (how, end) in ends {
+            let role_failed = CancellationToken::new();
+            let task = supervise("test", |_stop| async move { end() }, &role_failed);
+            tokio::time::timeout(std::time::Duration::from_secs(5), role_failed.cancelled())
+                .await
+                .unwrap_or_else(|_| panic!("{how} did not fail the process"));
+            let stopped = task.stop().await;
+            assert_eq!(
+                stopped.is_err(),
+                how != "a return nobody asked for",
+                "{how}: {stopped:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_supervised_task_asked_to_stop_does_not_fail_the_process() {
+        let role_failed = CancellationToken::new();
+        let task = supervise(
+            "test",
+            |stop| async move {
+                stop.cancelled().await;
+                Ok(())
+            },
+            &role_failed,
+        );
+        task.stop().await.expect("a clean stop");
+        assert!(!role_failed.is_cancelled());
+    }
 }

@@ -4,7 +4,9 @@
 //! (counted by distinct `X-Aegis-Delivery`); duplicates are reported.
 //!
 //! These tests restart the shared broker, so they run one at a time, in their
-//! own test binary (cargo runs test binaries one after another).
+//! own test binary (cargo runs test binaries one after another). Alone in
+//! their binary, they can also read the process's own metrics
+//! (`publish_failures`).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -20,6 +22,7 @@ use aegis_webhook_tests::support::{
 use futures::StreamExt as _;
 use uuid::Uuid;
 
+mod publish_failures;
 mod startup;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

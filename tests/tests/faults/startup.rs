@@ -1,9 +1,12 @@
-//! Replicas started at the same instant, as on a first install: every start-up
-//! write (the bootstrap tenant and key, the broker topology) is made by several
-//! processes at once, and every process must come up and stay up.
+//! Processes starting and failing: replicas started at the same instant, as on
+//! a first install, where every start-up write (the bootstrap tenant and key,
+//! the broker topology) is made by several processes at once and every process
+//! must come up and stay up; and a process whose HTTP server dies, which must
+//! exit rather than live on without it.
 
 use std::time::Duration;
 
+use aegis_webhook::FAIL_HTTP_SERVER_AFTER_ENV;
 use aegis_webhook_core::db::{self, tenants};
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_tests::processes::RoleProcess;
@@ -91,5 +94,31 @@ async fn replicas_started_together_with_one_bootstrap_key_all_come_up() {
                 "round {round}: the {role} process stopped with {status}"
             );
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_whose_http_server_fails_exits_non_zero() {
+    let _serial = crate::SERIAL.lock().await;
+    if scanner_channel().await.is_none() {
+        return;
+    }
+    let Some((mut settings, _)) = fresh_install().await else {
+        return;
+    };
+    settings.push((FAIL_HTTP_SERVER_AFTER_ENV.to_owned(), "1s".to_owned()));
+    for role in ["api", "worker"] {
+        let mut process = RoleProcess::spawn(role, &settings).await;
+        let healthz = format!("http://{}/healthz", process.addr.expect("every role listens"));
+        let answer = reqwest::get(&healthz)
+            .await
+            .expect("the server answers before it fails");
+        assert_eq!(answer.status(), 200);
+        let status = process.wait(Duration::from_secs(30)).await;
+        assert!(
+            !status.success(),
+            "the {role} process lived on without its HTTP server: {status}"
+        );
+        assert!(reqwest::get(&healthz).await.is_err(), "nothing serves any more");
     }
 }

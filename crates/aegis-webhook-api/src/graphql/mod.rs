@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use aegis_webhook_core::db::{deliveries, events, tenants, webhooks};
 use aegis_webhook_core::event::{EventData, EventType, ValidatedEvent};
-use aegis_webhook_core::queue::DeliveryTask;
+use aegis_webhook_core::queue::{self, DeliveryTask, Writer};
 use aegis_webhook_core::secret::SigningSecret;
 use aegis_webhook_core::target::WebhookUrl;
 use async_graphql::connection::{Connection, Edge, EmptyFields};
@@ -344,14 +344,10 @@ impl MutationRoot {
         }
         .await
         .map_err(ApiError::Internal)?;
-        // Stored first; if publishing fails the reconciler sends it.
-        if let Err(error) = state
+        let publish = state
             .queue
-            .publish_task(DeliveryTask::new(delivery_id, webhook.id, 1), std::time::Duration::ZERO)
-            .await
-        {
-            tracing::warn!(error = %error, "test delivery stored but not published; the reconciler will send it");
-        }
+            .publish_task(DeliveryTask::new(delivery_id, webhook.id, 1), std::time::Duration::ZERO);
+        let _ = queue::publish_after_commit(Writer::Api, "a test delivery", publish).await;
         delivery_of(state, caller, delivery_id).await
     }
 
@@ -410,9 +406,8 @@ async fn reopen_and_publish(state: &AppState, id: Uuid) -> ApiResult<bool> {
         .or_not_found("delivery")?;
     let Some(reopened) = next else { return Ok(false) };
     let task = DeliveryTask::new(id, reopened.webhook_id, reopened.attempts + 1);
-    if let Err(error) = state.queue.publish_task(task, std::time::Duration::ZERO).await {
-        tracing::warn!(error = %error, "redelivery stored but not published; the reconciler will send it");
-    }
+    let publish = state.queue.publish_task(task, std::time::Duration::ZERO);
+    let _ = queue::publish_after_commit(Writer::Api, "a redelivery", publish).await;
     Ok(true)
 }
 

@@ -290,6 +290,62 @@ pub trait Queue: Send + Sync + 'static {
     async fn consume(&self, stream: Stream) -> Result<Box<dyn Consumer>, QueueError>;
 }
 
+/// The processes that write to the database and then publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    Api,
+    Ingester,
+    Worker,
+    Reconciler,
+}
+
+impl Writer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Writer::Api => "api",
+            Writer::Ingester => "ingester",
+            Writer::Worker => "worker",
+            Writer::Reconciler => "reconciler",
+        }
+    }
+}
+
+/// Whether a publish after a commit reached the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a publish left to the reconciler may change what the caller reports"]
+pub enum AfterCommit {
+    Published,
+    /// The broker refused or was unreachable: the reconciler publishes it.
+    LeftToReconciler,
+}
+
+/// The one "commit, then publish" policy of every writer: call it only once the
+/// database holds what the message announces. The write is the truth and the
+/// message a hint, so a publish that fails here is not an error of the caller's
+/// step (a requeue would redo committed work, or discard a claim): it is logged,
+/// counted (`aegis_publishes_left_to_reconciler_total{writer}`) and left to the
+/// reconciler, which publishes every pending delivery that has gone unclaimed
+/// past its due time. (A dead letter's copy is not re-sent: the delivery's
+/// `FAILED` row is its record, and replays read the database.)
+pub async fn publish_after_commit(
+    writer: Writer,
+    what: &'static str,
+    publish: impl std::future::Future<Output = Result<(), QueueError>>,
+) -> AfterCommit {
+    match publish.await {
+        Ok(()) => AfterCommit::Published,
+        Err(error) => {
+            tracing::warn!(
+                writer = writer.as_str(),
+                error = format!("{error:#}"),
+                "{what} committed but not published; the reconciler will publish it"
+            );
+            crate::metrics::publish_left_to_reconciler(writer.as_str());
+            AfterCommit::LeftToReconciler
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
