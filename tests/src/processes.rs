@@ -3,7 +3,9 @@
 //! exactly as `aegis-webhook api|ingester|worker` would (configuration from
 //! `AEGIS_*`, its own telemetry, `aegis_webhook::start`, stop on SIGTERM, the
 //! last spans flushed), so SIGKILL and SIGTERM hit a real process without
-//! depending on a separately built binary.
+//! depending on a separately built binary. [`ProcessCluster`] is what those
+//! processes share: a migrated PostgreSQL database, a broker prefix of their
+//! own, and the settings each is started with.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -11,6 +13,13 @@ use std::time::Duration;
 
 use aegis_webhook::{Roles, open_database, run_until_signal, start, telemetry_settings};
 use aegis_webhook_core::config::Config;
+use aegis_webhook_core::db::{self, tenants, webhooks};
+use aegis_webhook_core::event::EventType;
+use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
+use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
+use uuid::Uuid;
+
+use crate::support::{Backend, amqp_url, fresh_database, scanner_channel, scratch_dir};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -44,7 +53,11 @@ pub async fn role_process_main() {
     tokio::task::spawn_blocking(aegis_webhook_core::telemetry::shutdown)
         .await
         .expect("flush the last spans");
-    stopped.expect("clean stop");
+    // As `main` does: a role that failed ends the process with an error.
+    if let Err(error) = stopped {
+        eprintln!("Error: {error:#}");
+        std::process::exit(1);
+    }
 }
 
 /// One child process running one role.
@@ -133,5 +146,98 @@ impl RoleProcess {
             .await
             .unwrap_or_else(|_| panic!("the {} process did not stop within {within:?}", self.role))
             .expect("wait")
+    }
+}
+
+/// PostgreSQL and RabbitMQ prepared for role processes: a migrated database
+/// (as after the migrate Job), a queue prefix of its own, and the settings
+/// every process of the cluster gets.
+pub struct ProcessCluster {
+    pub database_url: String,
+    pub secret_key: String,
+    pub ingest_token: String,
+    settings: Vec<(String, String)>,
+}
+
+impl ProcessCluster {
+    /// `None` (after a loud notice) when PostgreSQL or RabbitMQ is unreachable
+    /// outside CI; in CI that fails. `prefix` names the queues' prefix.
+    pub async fn prepare(prefix: &str) -> Option<ProcessCluster> {
+        scanner_channel().await?;
+        let database_url = fresh_database(Backend::Postgres, &scratch_dir()).await?;
+        let db = db::connect(&database_url).await.expect("connect");
+        db::migrate(&db).await.expect("migrate");
+        db.close().await.expect("close");
+        let secret_key = SecretCipher::generate_key();
+        let ingest_token = format!("ingest-{}", Uuid::new_v4().simple());
+        let settings = [
+            ("AEGIS_DATABASE_URL", database_url.clone()),
+            ("AEGIS_DATABASE_MAX_CONNECTIONS", "4".to_owned()),
+            ("AEGIS_AMQP_URL", amqp_url()),
+            ("AEGIS_AMQP_PREFIX", format!("{prefix}-{}.", Uuid::new_v4().simple())),
+            ("AEGIS_AMQP_QUEUE_EXPIRY", "10m".to_owned()),
+            ("AEGIS_SECRET_KEY", secret_key.clone()),
+            ("AEGIS_INGEST_TOKEN", ingest_token.clone()),
+            ("AEGIS_ALLOW_PRIVATE_TARGETS", "127.0.0.0/8".to_owned()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_owned(), value))
+        .collect();
+        Some(ProcessCluster {
+            database_url,
+            secret_key,
+            ingest_token,
+            settings,
+        })
+    }
+
+    /// Tenant `tenant` with `count` webhooks for `POAM_OVERDUE` on `receiver_url`;
+    /// returns the tenant's id.
+    pub async fn tenant_with_webhooks(&self, tenant: &str, receiver_url: &str, count: usize) -> Uuid {
+        let db = db::connect(&self.database_url).await.expect("connect");
+        let tenant = tenants::ensure_tenant(&db, tenant).await.expect("tenant");
+        let cipher = SecretCipher::from_base64(&self.secret_key).expect("key");
+        for _ in 0..count {
+            webhooks::create_webhook(
+                &db,
+                &cipher,
+                tenant.id,
+                webhooks::NewWebhook {
+                    url: WebhookUrl::parse(receiver_url, &TargetPolicy::allowing_loopback()).expect("url"),
+                    events: vec![EventType::PoamOverdue],
+                    description: None,
+                    project_ids: vec![],
+                    secret: SigningSecret::generate(),
+                    active: true,
+                },
+            )
+            .await
+            .expect("webhook");
+        }
+        db.close().await.expect("close");
+        tenant.id
+    }
+
+    /// Sets (or replaces) a setting for every process started after.
+    pub fn set(&mut self, key: &str, value: impl Into<String>) {
+        self.settings.retain(|(existing, _)| existing != key);
+        self.settings.push((key.to_owned(), value.into()));
+    }
+
+    /// The settings with one more (or replaced), for one process.
+    pub fn with(&self, key: &str, value: &str) -> Vec<(String, String)> {
+        let mut settings = self.settings.clone();
+        settings.retain(|(existing, _)| existing != key);
+        settings.push((key.to_owned(), value.to_owned()));
+        settings
+    }
+
+    pub fn settings(&self) -> &[(String, String)] {
+        &self.settings
+    }
+
+    /// Starts `role` with the cluster's settings.
+    pub async fn spawn(&self, role: &'static str) -> RoleProcess {
+        RoleProcess::spawn(role, &self.settings).await
     }
 }

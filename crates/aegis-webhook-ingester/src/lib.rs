@@ -20,6 +20,7 @@ use aegis_webhook_core::db::deliveries::{self, EventDelivery};
 use aegis_webhook_core::db::{events, tenants, webhooks};
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
 use aegis_webhook_core::metrics;
+use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
 use aegis_webhook_core::queue::{self, DeliveryTask, FirstAttempts, Queue, QueueMessage, Stream, Writer};
 use aegis_webhook_core::telemetry;
 use anyhow::Context as _;
@@ -237,49 +238,30 @@ impl Ingester {
     /// Consumes the events stream until `shutdown`, ingesting up to
     /// `concurrency` envelopes at once (each waits on its database commit and
     /// broker confirms, so one at a time would leave both idle); then drains
-    /// what is already arriving and returns.
+    /// what is already arriving, waits for what is in progress, and returns.
     pub async fn run(self, shutdown: CancellationToken, concurrency: usize) -> anyhow::Result<()> {
-        let mut consumer = self.queue.consume(Stream::Events).await?;
-        metrics::consumer_up("events", true);
         let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
         let in_progress = tokio_util::task::TaskTracker::new();
-        loop {
-            let permit = slots
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
-            let next = if shutdown.is_cancelled() {
-                match tokio::time::timeout(DRAIN_IDLE, consumer.next()).await {
-                    Ok(next) => next,
-                    Err(_idle) => break,
-                }
-            } else {
-                tokio::select! {
-                    next = consumer.next() => next,
-                    () = shutdown.cancelled() => continue,
-                }
-            };
-            match next {
-                None => break,
-                Some(Err(error)) => {
-                    tracing::error!(error = %error, "events consumer failed");
-                    metrics::consumer_up("events", false);
-                    tokio::time::sleep(ERROR_PAUSE).await;
-                }
-                Some(Ok(message)) => {
-                    metrics::consumer_up("events", true);
-                    let ingester = self.clone();
-                    in_progress.spawn(async move {
-                        ingester.handle(message).await;
-                        drop(permit);
-                    });
-                }
-            }
-        }
+        let queue = self.queue.clone();
+        consume(
+            queue.as_ref(),
+            Stream::Events,
+            "events",
+            slots,
+            &shutdown,
+            Drain::UntilIdle(DRAIN_IDLE),
+            |message, permit| {
+                let ingester = self.clone();
+                in_progress.spawn(async move {
+                    ingester.handle(message).await;
+                    drop(permit);
+                });
+                async { Flow::Continue }
+            },
+        )
+        .await?;
         in_progress.close();
         in_progress.wait().await;
-        metrics::consumer_up("events", false);
         tracing::info!("ingester stopped");
         Ok(())
     }

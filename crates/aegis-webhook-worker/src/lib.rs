@@ -25,6 +25,7 @@ use aegis_webhook_core::db::events::StoredEvent;
 use aegis_webhook_core::db::webhooks::Webhook;
 use aegis_webhook_core::event::delivered_body;
 use aegis_webhook_core::metrics::{self, AttemptOutcome};
+use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
 use aegis_webhook_core::queue::{self, AfterCommit, DeliveryTask, Queue, Stream, Writer};
 use aegis_webhook_core::retry::{self, Decision, RetryPolicy};
 use aegis_webhook_core::secret::SecretCipher;
@@ -471,77 +472,23 @@ impl Worker {
     /// not finished by then are left unacknowledged, so the broker (or, in
     /// embedded mode, the start-up recovery) hands them out again.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
-        let mut consumer = self.queue.consume(Stream::Tasks).await?;
-        metrics::consumer_up("tasks", true);
         let slots = Arc::new(Semaphore::new(self.concurrency));
         // As many may wait in webhooks' lines as run: the prefetch (twice the
         // concurrency) leaves room for both, so waiting tasks never stop the
         // broker from handing this worker tasks for other webhooks.
         let lanes = Arc::new(Lanes::new(self.webhook_concurrency, self.concurrency));
         let in_flight = TaskTracker::new();
-        loop {
-            let permit = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                () = shutdown.cancelled() => break,
-            };
-            let message = tokio::select! {
-                message = consumer.next() => message,
-                () = shutdown.cancelled() => break,
-            };
-            let message = match message {
-                None => break,
-                Some(Err(error)) => {
-                    tracing::error!(error = %error, "tasks consumer failed");
-                    metrics::consumer_up("tasks", false);
-                    tokio::time::sleep(ERROR_PAUSE).await;
-                    continue;
-                }
-                Some(Ok(message)) => message,
-            };
-            metrics::consumer_up("tasks", true);
-            let tasks = match queue::decode_tasks(&message.body) {
-                Ok(tasks) if !tasks.is_empty() => tasks,
-                Ok(_) => {
-                    let _ = message.ack().await;
-                    continue;
-                }
-                Err(error) => {
-                    // Nothing can be done with it; the deliveries it was for, if
-                    // any, are still pending in the database and the reconciler
-                    // finds them.
-                    tracing::error!(error = %error, "undecodable delivery task dropped");
-                    let _ = message.ack().await;
-                    continue;
-                }
-            };
-            // A message may carry an event's first attempts: each task takes a
-            // slot of its own, so the rest wait here for theirs.
-            let receipts = Receipt::split(message, tasks.len());
-            let mut first_permit = Some(permit);
-            let mut stopping = false;
-            for (task, receipt) in tasks.into_iter().zip(receipts) {
-                let permit = match first_permit.take() {
-                    Some(permit) => permit,
-                    None if stopping => {
-                        let _ = receipt.requeue().await;
-                        continue;
-                    }
-                    None => tokio::select! {
-                        permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-                        () = shutdown.cancelled() => {
-                            stopping = true;
-                            let _ = receipt.requeue().await;
-                            continue;
-                        }
-                    },
-                };
-                self.dispatch(Taken { task, receipt }, permit, &lanes, &in_flight);
-            }
-            if stopping {
-                break;
-            }
-        }
-        metrics::consumer_up("tasks", false);
+        let queue = self.queue.clone();
+        consume(
+            queue.as_ref(),
+            Stream::Tasks,
+            "tasks",
+            slots.clone(),
+            &shutdown,
+            Drain::Immediately,
+            |message, permit| self.dispatch_message(message, permit, &slots, &shutdown, &lanes, &in_flight),
+        )
+        .await?;
         // Waiting tasks go back to the queue at once, for other workers.
         for taken in lanes.drain_waiting() {
             if let Err(error) = taken.receipt.requeue().await {
@@ -557,6 +504,60 @@ impl Worker {
         }
         tracing::info!("worker stopped");
         Ok(())
+    }
+
+    /// Hands each task of a message to [`Worker::dispatch`] with a slot of its
+    /// own (the message's `permit` is the first). Stops the loop when shutdown
+    /// comes while the message's later tasks wait for slots; those go back.
+    async fn dispatch_message(
+        &self,
+        message: queue::QueueMessage,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        slots: &Arc<Semaphore>,
+        shutdown: &CancellationToken,
+        lanes: &Arc<Lanes>,
+        in_flight: &TaskTracker,
+    ) -> Flow {
+        let tasks = match queue::decode_tasks(&message.body) {
+            Ok(tasks) if !tasks.is_empty() => tasks,
+            Ok(_) => {
+                let _ = message.ack().await;
+                return Flow::Continue;
+            }
+            Err(error) => {
+                // Nothing can be done with it; the deliveries it was for, if
+                // any, are still pending in the database and the reconciler
+                // finds them.
+                tracing::error!(error = %error, "undecodable delivery task dropped");
+                let _ = message.ack().await;
+                return Flow::Continue;
+            }
+        };
+        // A message may carry an event's first attempts: each task takes a
+        // slot of its own, so the rest wait here for theirs.
+        let receipts = Receipt::split(message, tasks.len());
+        let mut first_permit = Some(permit);
+        let mut flow = Flow::Continue;
+        for (task, receipt) in tasks.into_iter().zip(receipts) {
+            let permit = match first_permit.take() {
+                Some(permit) => permit,
+                None if flow == Flow::Stop => {
+                    let _ = receipt.requeue().await;
+                    continue;
+                }
+                None => tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => {
+                        flow = Flow::Stop;
+                        let _ = receipt.requeue().await;
+                        continue;
+                    }
+                    permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                },
+            };
+            self.dispatch(Taken { task, receipt }, permit, lanes, in_flight);
+        }
+        flow
     }
 
     /// Runs a task now, lines it up behind its webhook's running attempts, or

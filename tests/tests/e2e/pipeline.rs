@@ -225,9 +225,10 @@ async fn stopping_dev_loses_no_pending_delivery(backend: Backend) {
         (rows[0].attempts == 1).then_some(())
     })
     .await;
+    // `stop` returns once every task of the process has ended, so nothing
+    // sends from here until the restart.
     app.stop().await;
     let config = app.config.clone();
-    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(receiver.received().len(), 1, "nothing is sent while stopped");
 
     let app = TestApp::start(config).await;

@@ -11,14 +11,8 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use aegis_webhook_core::db::{self, tenants, webhooks};
-use aegis_webhook_core::event::EventType;
-use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
-use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
-use aegis_webhook_tests::processes::{RoleProcess, role_process_main};
-use aegis_webhook_tests::support::{
-    Backend, Receiver, amqp_url, envelope, fresh_database, scanner_channel, scratch_dir, seed_poam_overdue_data,
-};
+use aegis_webhook_tests::processes::{ProcessCluster, RoleProcess, role_process_main};
+use aegis_webhook_tests::support::{Receiver, envelope, scanner_channel, seed_poam_overdue_data};
 use futures::StreamExt as _;
 use uuid::Uuid;
 
@@ -36,11 +30,10 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const WEBHOOKS: usize = 3;
 
-/// PostgreSQL and RabbitMQ prepared for separate processes: a migrated database
-/// with a tenant and three webhooks on one receiver, and the settings every
-/// process gets.
+/// A process cluster (see [`ProcessCluster`]) with a tenant and three webhooks
+/// on one receiver, quick retries and a quick reconciler.
 struct Cluster {
-    settings: Vec<(String, String)>,
+    processes: ProcessCluster,
     tenant_id: Uuid,
     ingest_token: String,
     receiver: Receiver,
@@ -48,68 +41,34 @@ struct Cluster {
 
 impl Cluster {
     async fn prepare(receiver_delay: Duration) -> Option<Cluster> {
-        scanner_channel().await?;
-        let database_url = fresh_database(Backend::Postgres, &scratch_dir()).await?;
-        let db = db::connect(&database_url).await.expect("connect");
-        db::migrate(&db).await.expect("migrate");
-        let tenant = tenants::ensure_tenant(&db, "acme").await.expect("tenant");
-        let secret_key = SecretCipher::generate_key();
-        let cipher = SecretCipher::from_base64(&secret_key).expect("key");
+        let mut processes = ProcessCluster::prepare("faults").await?;
         let receiver = Receiver::start_slow(&[], 200, receiver_delay).await;
-        for _ in 0..WEBHOOKS {
-            webhooks::create_webhook(
-                &db,
-                &cipher,
-                tenant.id,
-                webhooks::NewWebhook {
-                    url: WebhookUrl::parse(&receiver.url(), &TargetPolicy::allowing_loopback()).expect("url"),
-                    events: vec![EventType::PoamOverdue],
-                    description: None,
-                    project_ids: vec![],
-                    secret: SigningSecret::generate(),
-                    active: true,
-                },
-            )
-            .await
-            .expect("webhook");
+        let tenant_id = processes.tenant_with_webhooks("acme", &receiver.url(), WEBHOOKS).await;
+        for (key, value) in [
+            ("AEGIS_DATABASE_MAX_CONNECTIONS", "8"),
+            ("AEGIS_RETRY_SCHEDULE", "0s,500ms,1s,2s,5s,10s"),
+            ("AEGIS_REQUEST_TIMEOUT", "2s"),
+            ("AEGIS_RECONCILE_INTERVAL", "1s"),
+            ("AEGIS_RECONCILE_GRACE", "2s"),
+            ("AEGIS_SHUTDOWN_GRACE", "10s"),
+            ("AEGIS_WORKER_CONCURRENCY", "32"),
+        ] {
+            processes.set(key, value);
         }
-        db.close().await.expect("close");
-        let ingest_token = format!("ingest-{}", Uuid::new_v4().simple());
-        let settings = [
-            ("AEGIS_DATABASE_URL", database_url),
-            ("AEGIS_DATABASE_MAX_CONNECTIONS", "8".to_owned()),
-            ("AEGIS_AMQP_URL", amqp_url()),
-            ("AEGIS_AMQP_PREFIX", format!("faults-{}.", Uuid::new_v4().simple())),
-            ("AEGIS_AMQP_QUEUE_EXPIRY", "10m".to_owned()),
-            ("AEGIS_SECRET_KEY", secret_key),
-            ("AEGIS_INGEST_TOKEN", ingest_token.clone()),
-            ("AEGIS_ALLOW_PRIVATE_TARGETS", "127.0.0.0/8".to_owned()),
-            ("AEGIS_RETRY_SCHEDULE", "0s,500ms,1s,2s,5s,10s".to_owned()),
-            ("AEGIS_REQUEST_TIMEOUT", "2s".to_owned()),
-            ("AEGIS_RECONCILE_INTERVAL", "1s".to_owned()),
-            ("AEGIS_RECONCILE_GRACE", "2s".to_owned()),
-            ("AEGIS_SHUTDOWN_GRACE", "10s".to_owned()),
-            ("AEGIS_WORKER_CONCURRENCY", "32".to_owned()),
-        ]
-        .into_iter()
-        .map(|(key, value)| (key.to_owned(), value))
-        .collect();
         Some(Cluster {
-            settings,
-            tenant_id: tenant.id,
-            ingest_token,
+            ingest_token: processes.ingest_token.clone(),
+            processes,
+            tenant_id,
             receiver,
         })
     }
 
     fn with(&self, key: &str, value: &str) -> Vec<(String, String)> {
-        let mut settings = self.settings.clone();
-        settings.push((key.to_owned(), value.to_owned()));
-        settings
+        self.processes.with(key, value)
     }
 
     async fn spawn(&self, role: &'static str) -> RoleProcess {
-        RoleProcess::spawn(role, &self.settings).await
+        self.processes.spawn(role).await
     }
 
     /// Posts `count` distinct events to the intake, 8 at a time, retrying each
@@ -488,7 +447,8 @@ async fn every_process_exports_the_documented_metrics_with_the_right_values() {
     cluster.publish(&api, events).await;
     let channel = scanner_channel().await.expect("RabbitMQ");
     let prefix = cluster
-        .settings
+        .processes
+        .settings()
         .iter()
         .find(|(key, _)| key == "AEGIS_AMQP_PREFIX")
         .map(|(_, value)| value.clone())

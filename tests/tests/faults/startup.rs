@@ -7,36 +7,18 @@
 use std::time::Duration;
 
 use aegis_webhook::FAIL_HTTP_SERVER_AFTER_ENV;
-use aegis_webhook_core::db::{self, tenants};
-use aegis_webhook_core::secret::SecretCipher;
-use aegis_webhook_tests::processes::RoleProcess;
-use aegis_webhook_tests::support::{Backend, amqp_url, fresh_database, scanner_channel, scratch_dir};
+use aegis_webhook_core::db::tenants;
+use aegis_webhook_tests::processes::ProcessCluster;
 
-/// The settings of every process of a fresh install, with its bootstrap key: a
-/// migrated, empty database (the migrate Job ran) and a broker without this
-/// deployment's queues.
-async fn fresh_install() -> Option<(Vec<(String, String)>, String)> {
-    let database_url = fresh_database(Backend::Postgres, &scratch_dir()).await?;
-    let migrator = db::connect(&database_url).await.expect("connect");
-    db::migrate(&migrator).await.expect("migrate");
-    migrator.close().await.expect("close");
+/// A fresh install, with its bootstrap key: a migrated, empty database (the
+/// migrate Job ran) and a broker without this deployment's queues.
+async fn fresh_install() -> Option<(ProcessCluster, String)> {
+    let mut cluster = ProcessCluster::prepare("startup").await?;
     let key = tenants::generate_api_key();
-    let settings = [
-        ("AEGIS_DATABASE_URL", database_url),
-        ("AEGIS_DATABASE_MAX_CONNECTIONS", "4".to_owned()),
-        ("AEGIS_AMQP_URL", amqp_url()),
-        ("AEGIS_AMQP_PREFIX", format!("startup-{}.", Uuid::new_v4().simple())),
-        ("AEGIS_AMQP_QUEUE_EXPIRY", "1m".to_owned()),
-        ("AEGIS_SECRET_KEY", SecretCipher::generate_key()),
-        ("AEGIS_INGEST_TOKEN", format!("ingest-{}", Uuid::new_v4().simple())),
-        ("AEGIS_BOOTSTRAP_API_KEY", key.clone()),
-    ]
-    .into_iter()
-    .map(|(name, value)| (name.to_owned(), value))
-    .collect();
-    Some((settings, key))
+    cluster.set("AEGIS_AMQP_QUEUE_EXPIRY", "1m");
+    cluster.set("AEGIS_BOOTSTRAP_API_KEY", key.clone());
+    Some((cluster, key))
 }
-use uuid::Uuid;
 
 const ROUNDS: usize = 20;
 const ROLES: [&str; 4] = ["api", "api", "ingester", "worker"];
@@ -44,16 +26,13 @@ const ROLES: [&str; 4] = ["api", "api", "ingester", "worker"];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_started_together_with_one_bootstrap_key_all_come_up() {
     let _serial = crate::SERIAL.lock().await;
-    if scanner_channel().await.is_none() {
-        return;
-    }
     for round in 0..ROUNDS {
-        let Some((settings, key)) = fresh_install().await else {
+        let Some((cluster, key)) = fresh_install().await else {
             return;
         };
 
         // `spawn` fails the test if a process exits before it serves.
-        let mut processes = futures::future::join_all(ROLES.map(|role| RoleProcess::spawn(role, &settings))).await;
+        let mut processes = futures::future::join_all(ROLES.map(|role| cluster.spawn(role))).await;
 
         let client = reqwest::Client::new();
         let mut tenant_ids = Vec::new();
@@ -100,15 +79,12 @@ async fn replicas_started_together_with_one_bootstrap_key_all_come_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_whose_http_server_fails_exits_non_zero() {
     let _serial = crate::SERIAL.lock().await;
-    if scanner_channel().await.is_none() {
-        return;
-    }
-    let Some((mut settings, _)) = fresh_install().await else {
+    let Some((mut cluster, _)) = fresh_install().await else {
         return;
     };
-    settings.push((FAIL_HTTP_SERVER_AFTER_ENV.to_owned(), "1s".to_owned()));
+    cluster.set(FAIL_HTTP_SERVER_AFTER_ENV, "1s");
     for role in ["api", "worker"] {
-        let mut process = RoleProcess::spawn(role, &settings).await;
+        let mut process = cluster.spawn(role).await;
         let healthz = format!("http://{}/healthz", process.addr.expect("every role listens"));
         let answer = reqwest::get(&healthz)
             .await

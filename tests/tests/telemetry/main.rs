@@ -9,14 +9,8 @@ mod collector;
 
 use std::time::{Duration, Instant};
 
-use aegis_webhook_core::db::{self, tenants, webhooks};
-use aegis_webhook_core::event::EventType;
-use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
-use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
-use aegis_webhook_tests::processes::{RoleProcess, role_process_main};
-use aegis_webhook_tests::support::{
-    Backend, Receiver, amqp_url, envelope, fresh_database, scanner_channel, scratch_dir, seed_poam_overdue_data,
-};
+use aegis_webhook_tests::processes::{ProcessCluster, RoleProcess, role_process_main};
+use aegis_webhook_tests::support::{Receiver, envelope, seed_poam_overdue_data};
 use collector::{CollectedSpan, Collector};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use uuid::Uuid;
@@ -32,52 +26,17 @@ async fn one_trace_follows_an_event_from_the_intake_to_the_http_attempt() {
     // Arrange: a database with a tenant and one webhook, a receiver, a
     // collector, and the three roles as processes exporting to it.
     let started = Instant::now();
-    if scanner_channel().await.is_none() {
-        return; // RabbitMQ is unreachable outside CI (reported; in CI it fails).
-    }
-    let Some(database_url) = fresh_database(Backend::Postgres, &scratch_dir()).await else {
-        return;
+    let Some(mut cluster) = ProcessCluster::prepare("telemetry").await else {
+        return; // PostgreSQL or RabbitMQ is unreachable outside CI (reported; in CI it fails).
     };
-    let db = db::connect(&database_url).await.expect("connect");
-    db::migrate(&db).await.expect("migrate");
-    let tenant = tenants::ensure_tenant(&db, "acme").await.expect("tenant");
-    let secret_key = SecretCipher::generate_key();
-    let cipher = SecretCipher::from_base64(&secret_key).expect("key");
     let receiver = Receiver::start(&[], 200).await;
-    webhooks::create_webhook(
-        &db,
-        &cipher,
-        tenant.id,
-        webhooks::NewWebhook {
-            url: WebhookUrl::parse(&receiver.url(), &TargetPolicy::allowing_loopback()).expect("url"),
-            events: vec![EventType::PoamOverdue],
-            description: None,
-            project_ids: vec![],
-            secret: SigningSecret::generate(),
-            active: true,
-        },
-    )
-    .await
-    .expect("webhook");
-    db.close().await.expect("close");
+    let tenant_id = cluster.tenant_with_webhooks("acme", &receiver.url(), 1).await;
     let collector = Collector::start().await;
-    let ingest_token = format!("ingest-{}", Uuid::new_v4().simple());
-    let settings: Vec<(String, String)> = [
-        ("AEGIS_DATABASE_URL", database_url),
-        ("AEGIS_DATABASE_MAX_CONNECTIONS", "4".to_owned()),
-        ("AEGIS_AMQP_URL", amqp_url()),
-        ("AEGIS_AMQP_PREFIX", format!("telemetry-{}.", Uuid::new_v4().simple())),
-        ("AEGIS_AMQP_QUEUE_EXPIRY", "10m".to_owned()),
-        ("AEGIS_SECRET_KEY", secret_key),
-        ("AEGIS_INGEST_TOKEN", ingest_token.clone()),
-        ("AEGIS_ALLOW_PRIVATE_TARGETS", "127.0.0.0/8".to_owned()),
-        ("AEGIS_OTLP_ENDPOINT", collector.endpoint()),
-        // The API and the ingester export every 100 ms, as a busy system would.
-        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_owned()),
-    ]
-    .into_iter()
-    .map(|(key, value)| (key.to_owned(), value))
-    .collect();
+    let ingest_token = cluster.ingest_token.clone();
+    cluster.set("AEGIS_OTLP_ENDPOINT", collector.endpoint());
+    // The API and the ingester export every 100 ms, as a busy system would.
+    cluster.set("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let settings = cluster.settings().to_vec();
     // The worker's batches wait ten minutes: its spans can only arrive through
     // the flush on SIGTERM, which is what this shows.
     let mut worker_settings = settings.clone();
@@ -99,7 +58,7 @@ async fn one_trace_follows_an_event_from_the_intake_to_the_http_attempt() {
         (untraced_event, None),
         (traced_event, Some(format!("00-{scanner_trace}-{scanner_span}-01"))),
     ] {
-        let mut event = envelope(tenant.id, "POAM_OVERDUE", seed_poam_overdue_data());
+        let mut event = envelope(tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
         event["id"] = serde_json::json!(event_id);
         let mut request = client.post(&intake).bearer_auth(&ingest_token).json(&event);
         if let Some(traceparent) = traceparent {

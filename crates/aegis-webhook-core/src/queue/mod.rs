@@ -13,6 +13,7 @@
 //! the calling span's, so a publish made while handling a message carries the
 //! trace on.
 
+pub mod consume;
 pub mod memory;
 pub mod rabbitmq;
 
@@ -337,8 +338,9 @@ pub async fn publish_after_commit(
         Err(error) => {
             tracing::warn!(
                 writer = writer.as_str(),
+                what,
                 error = format!("{error:#}"),
-                "{what} committed but not published; the reconciler will publish it"
+                "publish after commit failed; left to the reconciler"
             );
             crate::metrics::publish_left_to_reconciler(writer.as_str());
             AfterCommit::LeftToReconciler
