@@ -15,6 +15,7 @@ use aegis_webhook::{Roles, open_database, run_until_signal, start, telemetry_set
 use aegis_webhook_core::config::Config;
 use aegis_webhook_core::db::{self, tenants, webhooks};
 use aegis_webhook_core::event::EventType;
+use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
 use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
 use uuid::Uuid;
@@ -193,7 +194,7 @@ impl ProcessCluster {
 
     /// Tenant `tenant` with `count` webhooks for `POAM_OVERDUE` on `receiver_url`;
     /// returns the tenant's id.
-    pub async fn tenant_with_webhooks(&self, tenant: &str, receiver_url: &str, count: usize) -> Uuid {
+    pub async fn tenant_with_webhooks(&self, tenant: &str, receiver_url: &str, count: usize) -> TenantId {
         let db = db::connect(&self.database_url).await.expect("connect");
         let tenant = tenants::ensure_tenant(&db, tenant).await.expect("tenant");
         let cipher = SecretCipher::from_base64(&self.secret_key).expect("key");

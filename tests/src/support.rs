@@ -395,7 +395,7 @@ pub fn seed_poam_overdue_data() -> Value {
     })
 }
 
-pub fn envelope(tenant_id: uuid::Uuid, event: &str, data: Value) -> Value {
+pub fn envelope(tenant_id: aegis_webhook_core::ids::TenantId, event: &str, data: Value) -> Value {
     json!({
         "event": event,
         "timestamp": "2025-12-16T15:30:00Z",

@@ -94,16 +94,16 @@ async fn accept(state: AppState, headers: HeaderMap, body: Result<Bytes, BytesRe
         }
     };
     let span = tracing::Span::current();
-    span.record("aegis.event.id", display(event.id));
-    span.record("aegis.event.type", event.event_type.as_str());
-    span.record("aegis.tenant.id", display(event.tenant_id));
-    match tenants::tenant_by_id(&state.db, event.tenant_id).await {
+    span.record("aegis.event.id", display(event.id()));
+    span.record("aegis.event.type", event.event_type().as_str());
+    span.record("aegis.tenant.id", display(event.tenant_id()));
+    match tenants::tenant_by_id(&state.db, event.tenant_id()).await {
         Ok(Some(_)) => {}
         Ok(None) => {
             return reply(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "INVALID_EVENT",
-                format!("tenantId: no tenant with id {}", event.tenant_id),
+                format!("tenantId: no tenant with id {}", event.tenant_id()),
             );
         }
         Err(error) => {
@@ -117,7 +117,7 @@ async fn accept(state: AppState, headers: HeaderMap, body: Result<Bytes, BytesRe
     }
     if let Err(error) = state
         .queue
-        .publish_event(event.event_type.as_str(), event.to_envelope_json().into())
+        .publish_event(event.event_type().as_str(), event.to_envelope_json().into())
         .await
     {
         tracing::error!(error = %error, "publishing an event failed at intake");
@@ -127,6 +127,6 @@ async fn accept(state: AppState, headers: HeaderMap, body: Result<Bytes, BytesRe
             "the queue is unavailable; retry later",
         );
     }
-    tracing::info!(event_id = %event.id, event = %event.event_type, "event accepted");
-    (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": event.id }))).into_response()
+    tracing::info!(event_id = %event.id(), event = %event.event_type(), "event accepted");
+    (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": event.id() }))).into_response()
 }

@@ -8,6 +8,8 @@ use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::ids::{TenantId, WebhookId};
+
 /// Every event type a webhook can subscribe to or receive.
 ///
 /// The names are the wire names of the seed document and of the GraphQL enum
@@ -145,14 +147,16 @@ pub enum EnvelopeError {
     Invalid(String),
 }
 
-/// An upstream event after validation: the only form the rest of the system sees.
+/// An upstream event after validation: the only form the rest of the system
+/// sees. Made only by [`ValidatedEvent::parse`] (and, for `testWebhook`, by
+/// [`ValidatedEvent::webhook_test`]), so its type and its data always agree.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidatedEvent {
-    pub id: Uuid,
-    pub tenant_id: Uuid,
-    pub event_type: EventType,
-    pub timestamp: DateTime<Utc>,
-    pub data: EventData,
+    id: Uuid,
+    tenant_id: TenantId,
+    event_type: EventType,
+    timestamp: DateTime<Utc>,
+    data: EventData,
 }
 
 /// The `data` object of each upstream event type, exactly the seed's shape. Field
@@ -379,11 +383,49 @@ impl ValidatedEvent {
         let data = EventData::parse(event_type, raw.data)?;
         Ok(ValidatedEvent {
             id: raw.id.unwrap_or_else(Uuid::now_v7),
-            tenant_id: raw.tenant_id,
+            tenant_id: TenantId::from_uuid(raw.tenant_id),
             event_type,
             timestamp,
             data,
         })
+    }
+
+    /// The `WEBHOOK_TEST` event that `testWebhook` sends to a webhook at `now`.
+    pub fn webhook_test(tenant_id: TenantId, webhook_id: WebhookId, now: DateTime<Utc>) -> Self {
+        ValidatedEvent {
+            id: Uuid::now_v7(),
+            tenant_id,
+            event_type: EventType::WebhookTest,
+            timestamp: now,
+            data: EventData::WebhookTest(WebhookTest {
+                webhook_id: webhook_id.as_uuid(),
+                message: "This is a test event from Aegis Webhooks.".to_owned(),
+            }),
+        }
+    }
+
+    /// The envelope's `id`: the upstream dedupe key, unique within a tenant
+    /// (generated when the envelope had none).
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The tenant the event is for (the envelope's `tenantId`).
+    pub fn tenant_id(&self) -> TenantId {
+        self.tenant_id
+    }
+
+    pub fn event_type(&self) -> EventType {
+        self.event_type
+    }
+
+    pub fn timestamp(&self) -> DateTime<Utc> {
+        self.timestamp
+    }
+
+    /// The validated `data`, of the event's type.
+    pub fn data(&self) -> &EventData {
+        &self.data
     }
 
     /// The envelope to publish on the broker: what [`ValidatedEvent::parse`] reads
@@ -393,7 +435,7 @@ impl ValidatedEvent {
             id: self.id,
             event: self.event_type,
             timestamp: self.timestamp_text(),
-            tenant_id: self.tenant_id,
+            tenant_id: self.tenant_id.as_uuid(),
             data: &self.data,
         };
         serde_json::to_vec(&envelope).expect("an envelope always serializes")

@@ -6,6 +6,7 @@ pub mod batch;
 pub mod config;
 pub mod db;
 pub mod event;
+pub mod ids;
 pub mod metrics;
 pub mod queue;
 pub mod retry;

@@ -21,8 +21,8 @@ pub fn plan_deliveries(event: &ValidatedEvent, subscriptions: &[Subscription]) -
             let wants = |event_type| subscription.events.contains(&event_type);
             let delivered_as = if event.is_critical_vulnerability() && wants(EventType::CriticalVulnerabilityDetected) {
                 EventType::CriticalVulnerabilityDetected
-            } else if wants(event.event_type) {
-                event.event_type
+            } else if wants(event.event_type()) {
+                event.event_type()
             } else {
                 return None;
             };
@@ -55,7 +55,7 @@ mod tests {
 
     fn subscription(events: &[EventType], projects: &[Uuid]) -> Subscription {
         Subscription {
-            webhook_id: Uuid::now_v7(),
+            webhook_id: aegis_webhook_core::ids::WebhookId::generate(),
             events: events.to_vec(),
             project_ids: projects.to_vec(),
         }

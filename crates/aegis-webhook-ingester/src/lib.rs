@@ -19,6 +19,7 @@ use aegis_webhook_core::batch::Batcher;
 use aegis_webhook_core::db::deliveries::{self, EventDelivery};
 use aegis_webhook_core::db::{events, tenants, webhooks};
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
+use aegis_webhook_core::ids::{EventId, TenantId};
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
 use aegis_webhook_core::queue::{self, DeliveryTask, FirstAttempts, Queue, QueueMessage, Stream, Writer};
@@ -77,7 +78,7 @@ pub enum IngestOutcome {
 #[derive(Debug)]
 enum FanOut {
     UnknownTenant {
-        tenant_id: Uuid,
+        tenant_id: TenantId,
     },
     Duplicate,
     /// Stored with its deliveries; these are their first attempts' tasks.
@@ -90,33 +91,33 @@ enum FanOut {
 /// statements for the whole batch, whatever its size. The envelopes being
 /// ingested at once share it (see [`Batcher`]).
 async fn fan_out(db: &DatabaseConnection, events: Vec<ValidatedEvent>) -> anyhow::Result<Vec<FanOut>> {
-    let mut tenant_ids: Vec<Uuid> = events.iter().map(|event| event.tenant_id).collect();
+    let mut tenant_ids: Vec<TenantId> = events.iter().map(|event| event.tenant_id()).collect();
     tenant_ids.sort_unstable();
     tenant_ids.dedup();
     let known = tenants::existing_tenants(db, &tenant_ids).await?;
     let mut outcomes: Vec<FanOut> = events
         .iter()
-        .map(|event| match known.contains(&event.tenant_id) {
+        .map(|event| match known.contains(&event.tenant_id()) {
             true => FanOut::Duplicate,
             false => FanOut::UnknownTenant {
-                tenant_id: event.tenant_id,
+                tenant_id: event.tenant_id(),
             },
         })
         .collect();
     let storable: Vec<usize> = (0..events.len())
-        .filter(|index| known.contains(&events[*index].tenant_id))
+        .filter(|index| known.contains(&events[*index].tenant_id()))
         .collect();
     let storable_events: Vec<&ValidatedEvent> = storable.iter().map(|index| &events[*index]).collect();
 
     let transaction = db.begin().await.context("failed to begin the fan-out")?;
     // `None` for a repeat, also of an earlier envelope in this batch.
     let rows = events::insert_events(&transaction, &storable_events).await?;
-    let new_events: Vec<(usize, Uuid)> = storable
+    let new_events: Vec<(usize, EventId)> = storable
         .iter()
         .zip(&rows)
         .filter_map(|(index, row)| row.map(|row| (*index, row)))
         .collect();
-    let mut tenants_of_new: Vec<Uuid> = new_events.iter().map(|(index, _)| events[*index].tenant_id).collect();
+    let mut tenants_of_new: Vec<TenantId> = new_events.iter().map(|(index, _)| events[*index].tenant_id()).collect();
     tenants_of_new.sort_unstable();
     tenants_of_new.dedup();
     let subscriptions = webhooks::active_subscriptions_of(&transaction, &tenants_of_new).await?;
@@ -126,7 +127,7 @@ async fn fan_out(db: &DatabaseConnection, events: Vec<ValidatedEvent>) -> anyhow
     for (index, row) in &new_events {
         let event = &events[*index];
         let subscribed = subscriptions
-            .get(&event.tenant_id)
+            .get(&event.tenant_id())
             .map(Vec::as_slice)
             .unwrap_or_default();
         let start = planned.len();
@@ -134,7 +135,7 @@ async fn fan_out(db: &DatabaseConnection, events: Vec<ValidatedEvent>) -> anyhow
             plan_deliveries(event, subscribed)
                 .into_iter()
                 .map(|delivery| EventDelivery {
-                    tenant_id: event.tenant_id,
+                    tenant_id: event.tenant_id(),
                     event_id: *row,
                     delivery,
                 }),
@@ -185,10 +186,10 @@ impl Ingester {
         };
         // The `ingest` span's fields, when there is one.
         let span = tracing::Span::current();
-        span.record("aegis.event.id", display(event.id));
-        span.record("aegis.event.type", event.event_type.as_str());
-        span.record("aegis.tenant.id", display(event.tenant_id));
-        let (event_id, event_type) = (event.id, event.event_type);
+        span.record("aegis.event.id", display(event.id()));
+        span.record("aegis.event.type", event.event_type().as_str());
+        span.record("aegis.tenant.id", display(event.tenant_id()));
+        let (event_id, event_type) = (event.id(), event.event_type());
         let tasks = match self.fan_outs.call(event).await? {
             FanOut::UnknownTenant { tenant_id } => {
                 let reason = format!("tenantId: no tenant with id {tenant_id}");

@@ -7,8 +7,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
+use aegis_webhook_core::ids::WebhookId;
 use aegis_webhook_core::queue::DeliveryTask;
-use uuid::Uuid;
 
 use crate::receipt::Receipt;
 
@@ -36,7 +36,7 @@ struct Lane {
 
 #[derive(Default)]
 struct State {
-    lanes: HashMap<Uuid, Lane>,
+    lanes: HashMap<WebhookId, Lane>,
     waiting: usize,
 }
 
@@ -77,7 +77,7 @@ impl Lanes {
 
     /// Ends an attempt to `webhook`: returns the next task waiting for it, which
     /// takes over the slot, or frees the slot.
-    pub fn finish(&self, webhook: Option<Uuid>) -> Option<Taken> {
+    pub fn finish(&self, webhook: Option<WebhookId>) -> Option<Taken> {
         let webhook = webhook?;
         let mut state = self.state.lock().expect("not poisoned");
         let lane = state.lanes.get_mut(&webhook)?;
@@ -111,6 +111,8 @@ impl Lanes {
 
 #[cfg(test)]
 mod tests {
+    use aegis_webhook_core::ids::DeliveryId;
+
     use super::*;
     use aegis_webhook_core::queue::{Acknowledger, QueueError, QueueMessage};
     use async_trait::async_trait;
@@ -127,8 +129,8 @@ mod tests {
         }
     }
 
-    fn taken(webhook: Uuid) -> Taken {
-        let task = DeliveryTask::new(Uuid::now_v7(), webhook, 1);
+    fn taken(webhook: WebhookId) -> Taken {
+        let task = DeliveryTask::new(DeliveryId::generate(), webhook, 1);
         Taken {
             task,
             receipt: Receipt::split(QueueMessage::new(task.encode(), Box::new(NoAck)), 1)
@@ -144,7 +146,7 @@ mod tests {
     #[test]
     fn a_busy_webhook_waits_without_blocking_others_and_overflow_is_handed_back() {
         let lanes = Lanes::new(2, 3);
-        let (slow, other) = (Uuid::now_v7(), Uuid::now_v7());
+        let (slow, other) = (WebhookId::generate(), WebhookId::generate());
         assert!(is_run(&lanes.admit(taken(slow))));
         assert!(is_run(&lanes.admit(taken(slow))));
         for _ in 0..3 {

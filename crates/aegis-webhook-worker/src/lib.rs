@@ -24,6 +24,7 @@ use aegis_webhook_core::db::deliveries::{self, Attempt, NextStep};
 use aegis_webhook_core::db::events::StoredEvent;
 use aegis_webhook_core::db::webhooks::Webhook;
 use aegis_webhook_core::event::delivered_body;
+use aegis_webhook_core::ids::DeliveryId;
 use aegis_webhook_core::metrics::{self, AttemptOutcome};
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
 use aegis_webhook_core::queue::{self, AfterCommit, DeliveryTask, Queue, Stream, Writer};
@@ -416,7 +417,7 @@ impl Worker {
         }
     }
 
-    async fn cancel(&self, delivery_id: uuid::Uuid, reason: &str) -> anyhow::Result<Outcome> {
+    async fn cancel(&self, delivery_id: DeliveryId, reason: &str) -> anyhow::Result<Outcome> {
         deliveries::cancel(&self.db, delivery_id, reason).await?;
         Ok(Outcome::Skipped {
             reason: reason.to_owned(),

@@ -12,12 +12,12 @@ use aegis_webhook_core::batch::Batcher;
 use aegis_webhook_core::db::deliveries::{self, Attempt, ClaimRequest, Delivery, NextStep};
 use aegis_webhook_core::db::events::{self, StoredEvent};
 use aegis_webhook_core::db::webhooks::{self, HealthChange, Webhook};
+use aegis_webhook_core::ids::{DeliveryId, EventId, WebhookId};
 use aegis_webhook_core::retry::AutoDisable;
 use aegis_webhook_core::secret::SecretCipher;
 use anyhow::Context as _;
 use chrono::Utc;
 use sea_orm::{DatabaseConnection, TransactionTrait as _};
-use uuid::Uuid;
 
 /// The most requests one statement or transaction serves.
 const MAX_BATCH: usize = 256;
@@ -54,7 +54,7 @@ pub enum Health {
 pub struct Recording {
     pub attempt: Attempt,
     pub next: NextStep,
-    pub webhook_id: Uuid,
+    pub webhook_id: WebhookId,
     pub health: Health,
 }
 
@@ -86,7 +86,7 @@ impl Store {
 
     /// Claims attempt `attempt` of the delivery (see [`deliveries::claim`]) and
     /// loads what the attempt needs; `None` when it cannot be claimed.
-    pub async fn claim(&self, delivery_id: Uuid, attempt: u32) -> anyhow::Result<Option<Claimed>> {
+    pub async fn claim(&self, delivery_id: DeliveryId, attempt: u32) -> anyhow::Result<Option<Claimed>> {
         self.claims.call(ClaimRequest { delivery_id, attempt }).await
     }
 
@@ -104,22 +104,24 @@ async fn claim_batch(
     wanted: Vec<ClaimRequest>,
 ) -> anyhow::Result<Vec<Option<Claimed>>> {
     let claimed = deliveries::claim_many(db, &wanted, lease, Utc::now()).await?;
-    let mut webhook_ids: Vec<Uuid> = claimed.iter().map(|delivery| delivery.webhook_id).collect();
+    let mut webhook_ids: Vec<WebhookId> = claimed.iter().map(|delivery| delivery.webhook_id).collect();
     webhook_ids.sort_unstable();
     webhook_ids.dedup();
-    let mut event_ids: Vec<Uuid> = claimed.iter().map(|delivery| delivery.event_id).collect();
+    let mut event_ids: Vec<EventId> = claimed.iter().map(|delivery| delivery.event_id).collect();
     event_ids.sort_unstable();
     event_ids.dedup();
     let (webhooks, events) = tokio::try_join!(
         webhooks::webhooks_by_ids(db, cipher, &webhook_ids),
         events::events_by_ids(db, &event_ids),
     )?;
-    let webhooks: HashMap<Uuid, Arc<Webhook>> = webhooks
+    let webhooks: HashMap<WebhookId, Arc<Webhook>> = webhooks
         .into_iter()
         .map(|webhook| (webhook.id, Arc::new(webhook)))
         .collect();
-    let events: HashMap<Uuid, Arc<StoredEvent>> = events.into_iter().map(|event| (event.id, Arc::new(event))).collect();
-    let mut claimed: HashMap<Uuid, Delivery> = claimed.into_iter().map(|delivery| (delivery.id, delivery)).collect();
+    let events: HashMap<EventId, Arc<StoredEvent>> =
+        events.into_iter().map(|event| (event.id, Arc::new(event))).collect();
+    let mut claimed: HashMap<DeliveryId, Delivery> =
+        claimed.into_iter().map(|delivery| (delivery.id, delivery)).collect();
     wanted
         .into_iter()
         .map(|request| {
@@ -152,7 +154,7 @@ async fn record_batch(
 ) -> anyhow::Result<Vec<DisabledBecause>> {
     // Each webhook's health over the batch, in order; and its last recording,
     // which reports a disabling.
-    let mut health: BTreeMap<Uuid, (HealthChange, Option<&str>, usize)> = BTreeMap::new();
+    let mut health: BTreeMap<WebhookId, (HealthChange, Option<&str>, usize)> = BTreeMap::new();
     for (index, recording) in recordings.iter().enumerate() {
         let (change, gone, last) = health.entry(recording.webhook_id).or_default();
         *last = index;

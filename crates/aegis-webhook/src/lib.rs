@@ -376,7 +376,7 @@ pub async fn open_queue(config: &Config, roles: Roles) -> anyhow::Result<(Arc<dy
 /// What `dev` printed for the user.
 #[derive(Debug, Clone)]
 pub struct DevSetup {
-    pub tenant_id: uuid::Uuid,
+    pub tenant_id: aegis_webhook_core::ids::TenantId,
     pub api_key: String,
     pub ingest_token: String,
 }

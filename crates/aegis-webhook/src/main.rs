@@ -224,9 +224,9 @@ async fn publish(config: Config, file: &std::path::Path) -> anyhow::Result<()> {
     // The canonical envelope carries the id, so publishing the same file twice
     // with an `id` is deduplicated by the ingester.
     queue
-        .publish_event(event.event_type.as_str(), event.to_envelope_json().into())
+        .publish_event(event.event_type().as_str(), event.to_envelope_json().into())
         .await?;
-    println!("published {} {}", event.event_type, event.id);
+    println!("published {} {}", event.event_type(), event.id());
     Ok(())
 }
 

@@ -24,7 +24,7 @@ on_both_backends!(
 /// The delivery rows of the only webhook of `app`, once they reach `status`.
 async fn deliveries_once(
     app: &TestApp,
-    webhook_id: Uuid,
+    webhook_id: aegis_webhook_core::ids::WebhookId,
     count: usize,
     status: DeliveryStatus,
 ) -> Vec<deliveries::Delivery> {
@@ -37,7 +37,7 @@ async fn deliveries_once(
     .await
 }
 
-fn webhook_id(created: &Value) -> Uuid {
+fn webhook_id(created: &Value) -> aegis_webhook_core::ids::WebhookId {
     created["id"].as_str().expect("id").parse().expect("uuid id")
 }
 

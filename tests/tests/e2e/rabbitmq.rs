@@ -98,7 +98,7 @@ async fn an_envelope_published_by_a_plain_amqp_client_is_delivered_signed() {
     crate::signature::assert_signed(&received[0], "your-webhook-secret");
     let body: serde_json::Value = serde_json::from_slice(&received[0].body).expect("JSON");
     assert_eq!(body["data"], seed_vulnerability_data());
-    let webhook_id: Uuid = created["id"].as_str().expect("id").parse().expect("uuid");
+    let webhook_id: aegis_webhook_core::ids::WebhookId = created["id"].as_str().expect("id").parse().expect("uuid");
     eventually(Duration::from_secs(5), "the delivery to succeed", || async {
         let rows = deliveries::deliveries_of_webhook(app.db(), webhook_id)
             .await
@@ -162,7 +162,7 @@ async fn a_failing_receiver_goes_through_the_tier_queues_to_the_dead_letter_queu
         .await;
     assert_eq!(status, 202);
 
-    let webhook_id: Uuid = created["id"].as_str().expect("id").parse().expect("uuid");
+    let webhook_id: aegis_webhook_core::ids::WebhookId = created["id"].as_str().expect("id").parse().expect("uuid");
     let delivery = eventually(Duration::from_secs(15), "the delivery to fail", || async {
         let rows = deliveries::deliveries_of_webhook(app.db(), webhook_id)
             .await

@@ -6,6 +6,7 @@ use std::time::Duration;
 use aegis_webhook_core::db::deliveries::{self, Attempt, NewDelivery, NextStep};
 use aegis_webhook_core::db::{self, events, tenants, webhooks};
 use aegis_webhook_core::event::{EventType, ValidatedEvent};
+use aegis_webhook_core::ids::{DeliveryId, TenantId, WebhookId};
 use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
 use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
 use chrono::{SubsecRound as _, Utc};
@@ -35,8 +36,8 @@ async fn open(backend: Backend) -> Option<DatabaseConnection> {
 struct Fixture {
     db: DatabaseConnection,
     cipher: SecretCipher,
-    tenant_id: Uuid,
-    webhook_id: Uuid,
+    tenant_id: TenantId,
+    webhook_id: WebhookId,
 }
 
 async fn fixture(backend: Backend) -> Option<Fixture> {
@@ -66,8 +67,14 @@ async fn fixture(backend: Backend) -> Option<Fixture> {
     })
 }
 
-fn poam_event(tenant_id: Uuid) -> ValidatedEvent {
-    let envelope = envelope(tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
+fn poam_event(tenant_id: TenantId) -> ValidatedEvent {
+    poam_event_with_id(tenant_id, Uuid::now_v7())
+}
+
+/// An event with the envelope id `id`, which is unique only within a tenant.
+fn poam_event_with_id(tenant_id: TenantId, id: Uuid) -> ValidatedEvent {
+    let mut envelope = envelope(tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
+    envelope["id"] = serde_json::json!(id);
     ValidatedEvent::parse(envelope.to_string().as_bytes(), Utc::now()).expect("valid")
 }
 
@@ -175,8 +182,7 @@ async fn an_event_id_is_stored_once_per_tenant(backend: Backend) {
 
     // The same id from another tenant is a different event.
     let other = tenants::ensure_tenant(&fixture.db, "other").await.expect("tenant");
-    let mut theirs = event.clone();
-    theirs.tenant_id = other.id;
+    let theirs = poam_event_with_id(other.id, event.id());
     assert!(
         events::insert_event(&fixture.db, &theirs)
             .await
@@ -185,7 +191,7 @@ async fn an_event_id_is_stored_once_per_tenant(backend: Backend) {
     );
 }
 
-async fn pending_delivery(fixture: &Fixture) -> Uuid {
+async fn pending_delivery(fixture: &Fixture) -> DeliveryId {
     let event_row = events::insert_event(&fixture.db, &poam_event(fixture.tenant_id))
         .await
         .expect("insert")
@@ -266,8 +272,7 @@ async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
     events::insert_event(&fixture.db, &stored_before).await.expect("insert");
     let other = tenants::ensure_tenant(&fixture.db, "other").await.expect("tenant");
     let (first, second) = (poam_event(fixture.tenant_id), poam_event(fixture.tenant_id));
-    let mut same_id_other_tenant = first.clone();
-    same_id_other_tenant.tenant_id = other.id;
+    let same_id_other_tenant = poam_event_with_id(other.id, first.id());
     let rows = events::insert_events(
         &fixture.db,
         &[&first, &second, &first, &stored_before, &same_id_other_tenant],
@@ -277,7 +282,7 @@ async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
     let stored: Vec<bool> = rows.iter().map(Option::is_some).collect();
     assert_eq!(stored, [true, true, false, false, true], "{rows:?}");
     assert_eq!(
-        tenants::existing_tenants(&fixture.db, &[other.id, Uuid::now_v7(), fixture.tenant_id])
+        tenants::existing_tenants(&fixture.db, &[other.id, TenantId::generate(), fixture.tenant_id])
             .await
             .expect("tenants"),
         [other.id, fixture.tenant_id].into_iter().collect()
@@ -291,7 +296,7 @@ async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
     );
     let wanted = |delivery_id, attempt| deliveries::ClaimRequest { delivery_id, attempt };
     let lease = Duration::from_secs(60);
-    let mut claimed: Vec<Uuid> = deliveries::claim_many(
+    let mut claimed: Vec<DeliveryId> = deliveries::claim_many(
         &fixture.db,
         &[wanted(a, 1), wanted(b, 2), wanted(c, 1), wanted(a, 1)],
         lease,
@@ -419,7 +424,7 @@ async fn the_reconciler_scan_pages_through_unclaimed_pending_deliveries(backend:
             _ => break,
         }
     }
-    let expected: Vec<Uuid> = ids.iter().copied().filter(|id| *id != ids[2]).collect();
+    let expected: Vec<DeliveryId> = ids.iter().copied().filter(|id| *id != ids[2]).collect();
     seen.sort();
     let mut expected_sorted = expected.clone();
     expected_sorted.sort();

@@ -34,7 +34,7 @@ const WEBHOOKS: usize = 3;
 /// on one receiver, quick retries and a quick reconciler.
 struct Cluster {
     processes: ProcessCluster,
-    tenant_id: Uuid,
+    tenant_id: aegis_webhook_core::ids::TenantId,
     ingest_token: String,
     receiver: Receiver,
 }
@@ -429,7 +429,8 @@ async fn every_process_exports_the_documented_metrics_with_the_right_values() {
         let answer = call("{ tenant { id } }", serde_json::json!({})).await;
         answer["data"]["tenant"]["id"].as_str().map(str::to_owned)
     };
-    let default_tenant: Uuid = default_tenant.expect("the viewer's tenant").parse().expect("uuid");
+    let default_tenant: aegis_webhook_core::ids::TenantId =
+        default_tenant.expect("the viewer's tenant").parse().expect("uuid");
     let mut to_default = envelope(default_tenant, "POAM_OVERDUE", seed_poam_overdue_data());
     to_default["id"] = serde_json::json!(Uuid::new_v4());
     let answer = client

@@ -23,12 +23,21 @@ impl ApiError {
             message: message.to_string(),
         }
     }
+}
 
-    /// Maps a store error; `NotFound` names what was looked for.
-    pub fn from_store(error: StoreError, what: &'static str) -> Self {
+/// A store error by what it means, for calls that look nothing up by id
+/// (create, list): a `NotFound` there is a bug, not the client's doing.
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
         match error {
-            StoreError::NotFound => ApiError::NotFound(what),
+            StoreError::NotFound => ApiError::Internal(anyhow::anyhow!(
+                "a store call that looks nothing up by id answered not found"
+            )),
             StoreError::Conflict(message) => ApiError::Conflict(message),
+            StoreError::Invalid(message) => ApiError::BadUserInput {
+                field: "input",
+                message,
+            },
             StoreError::Unexpected(error) => ApiError::Internal(error),
         }
     }
@@ -59,13 +68,52 @@ impl From<ApiError> for async_graphql::Error {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// Maps a store result at the GraphQL boundary, naming what a `NotFound` was.
+/// Maps the result of a store call that looks `what` up by id: its `NotFound`
+/// is the client's (`NOT_FOUND`, also for another tenant's id); every other
+/// error maps as [`From<StoreError>`] does.
 pub trait StoreResultExt<T> {
     fn or_not_found(self, what: &'static str) -> ApiResult<T>;
 }
 
 impl<T> StoreResultExt<T> for Result<T, StoreError> {
     fn or_not_found(self, what: &'static str) -> ApiResult<T> {
-        self.map_err(|error| ApiError::from_store(error, what))
+        self.map_err(|error| match error {
+            StoreError::NotFound => ApiError::NotFound(what),
+            other => ApiError::from(other),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(error: ApiError) -> String {
+        let error: async_graphql::Error = error.into();
+        let extensions = error.extensions.expect("every error has a code");
+        extensions.get("code").expect("code").to_string()
+    }
+
+    #[test]
+    fn store_errors_map_by_what_they_mean() {
+        let lookup = |error: StoreError| code(Err::<(), _>(error).or_not_found("webhook").expect_err("an error"));
+        assert_eq!(lookup(StoreError::NotFound), "\"NOT_FOUND\"");
+        assert_eq!(lookup(StoreError::Conflict("taken".to_owned())), "\"CONFLICT\"");
+        assert_eq!(lookup(StoreError::Invalid("no name".to_owned())), "\"BAD_USER_INPUT\"");
+        assert_eq!(
+            lookup(StoreError::Unexpected(anyhow::anyhow!("disk full"))),
+            "\"INTERNAL\""
+        );
+
+        // Where nothing is looked up by id, a not-found is the server's fault.
+        assert_eq!(code(ApiError::from(StoreError::NotFound)), "\"INTERNAL\"");
+        assert_eq!(
+            code(ApiError::from(StoreError::Invalid("no name".to_owned()))),
+            "\"BAD_USER_INPUT\""
+        );
+        assert_eq!(
+            code(ApiError::from(StoreError::Conflict("taken".to_owned()))),
+            "\"CONFLICT\""
+        );
     }
 }

@@ -6,13 +6,13 @@ mod types;
 use std::collections::BTreeSet;
 
 use aegis_webhook_core::db::{deliveries, events, tenants, webhooks};
-use aegis_webhook_core::event::{EventData, EventType, ValidatedEvent};
+use aegis_webhook_core::event::{EventType, ValidatedEvent};
+use aegis_webhook_core::ids::{DeliveryId, TenantId};
 use aegis_webhook_core::queue::{self, DeliveryTask, Writer};
 use aegis_webhook_core::secret::SigningSecret;
 use aegis_webhook_core::target::WebhookUrl;
 use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, EmptySubscription, ID, Object, Schema};
-use sea_orm::TransactionTrait as _;
 use uuid::Uuid;
 
 pub use error::{ApiError, ApiResult, StoreResultExt};
@@ -28,7 +28,7 @@ pub type AegisSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
 /// The authenticated caller, put into every request's data by the HTTP handler.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
-    pub tenant_id: Uuid,
+    pub tenant_id: TenantId,
 }
 
 /// Limits that keep one request from costing much: how deep and how wide a
@@ -64,11 +64,11 @@ fn state<'a>(ctx: &Context<'a>) -> &'a AppState {
 
 /// A page of a list fetched with one row more than `first`, which tells whether
 /// another page follows; cursors are the rows' ids.
-fn connection<R, T: async_graphql::OutputType>(
+fn connection<R, T: async_graphql::OutputType, Id: std::fmt::Display>(
     mut rows: Vec<R>,
     first: usize,
     has_previous: bool,
-    id: impl Fn(&R) -> Uuid,
+    id: impl Fn(&R) -> Id,
     convert: impl Fn(R) -> T,
 ) -> Connection<String, T, EmptyFields, EmptyFields> {
     let has_next = rows.len() > first;
@@ -92,16 +92,21 @@ fn page_size(first: Option<i32>) -> ApiResult<usize> {
     }
 }
 
-fn parse_cursor(after: Option<String>) -> ApiResult<Option<Uuid>> {
+/// A page's cursor: the id of the last item of the page before.
+fn parse_cursor<Id: std::str::FromStr>(after: Option<String>) -> ApiResult<Option<Id>> {
     after
         .map(|cursor| {
-            Uuid::parse_str(&cursor).map_err(|_| ApiError::bad_input("after", "after: not a cursor of this list"))
+            cursor
+                .parse()
+                .map_err(|_| ApiError::bad_input("after", "after: not a cursor of this list"))
         })
         .transpose()
 }
 
-fn parse_id(field: &'static str, id: &ID) -> ApiResult<Uuid> {
-    Uuid::parse_str(id.as_str())
+/// A GraphQL `ID` as the typed id it must be: the one conversion at this edge.
+fn parse_id<Id: std::str::FromStr>(field: &'static str, id: &ID) -> ApiResult<Id> {
+    id.as_str()
+        .parse()
         .map_err(|_| ApiError::bad_input(field, format!("{field}: `{}` is not a valid id", id.as_str())))
 }
 
@@ -145,7 +150,7 @@ impl QueryRoot {
         let state = state(ctx);
         let page = webhooks::list_webhooks(&state.db, &state.cipher, caller.tenant_id, after, first as u64)
             .await
-            .or_not_found("webhook")?;
+            .map_err(ApiError::from)?;
         Ok(connection(
             page,
             first,
@@ -190,7 +195,7 @@ impl QueryRoot {
         };
         let page = deliveries::list_deliveries(&state(ctx).db, caller.tenant_id, &filter, after, first as u64)
             .await
-            .or_not_found("delivery")?;
+            .map_err(ApiError::from)?;
         Ok(connection(
             page,
             first,
@@ -229,7 +234,7 @@ impl MutationRoot {
         let new = validate_input(state, input)?;
         let webhook = webhooks::create_webhook(&state.db, &state.cipher, caller.tenant_id, new)
             .await
-            .or_not_found("webhook")?;
+            .map_err(ApiError::from)?;
         tracing::info!(webhook_id = %webhook.id, tenant_id = %caller.tenant_id, "webhook created");
         Ok(webhook.into())
     }
@@ -318,32 +323,18 @@ impl MutationRoot {
         let webhook = webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, id)
             .await
             .or_not_found("webhook")?;
-        let event = ValidatedEvent {
-            id: Uuid::now_v7(),
-            tenant_id: caller.tenant_id,
+        let event = ValidatedEvent::webhook_test(caller.tenant_id, webhook.id, chrono::Utc::now());
+        let new = deliveries::NewDelivery {
+            webhook_id: webhook.id,
             event_type: EventType::WebhookTest,
-            timestamp: chrono::Utc::now(),
-            data: EventData::WebhookTest(aegis_webhook_core::event::WebhookTest {
-                webhook_id: webhook.id,
-                message: "This is a test event from Aegis Webhooks.".to_owned(),
-            }),
         };
-        let delivery_id = async {
-            let transaction = state.db.begin().await?;
-            let event_row = events::insert_event(&transaction, &event)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("a fresh test event id collided"))?;
-            let new = deliveries::NewDelivery {
-                webhook_id: webhook.id,
-                event_type: EventType::WebhookTest,
-            };
-            let ids = deliveries::insert_pending(&transaction, caller.tenant_id, event_row, &[new], chrono::Utc::now())
-                .await?;
-            transaction.commit().await?;
-            Ok::<_, anyhow::Error>(ids[0])
-        }
-        .await
-        .map_err(ApiError::Internal)?;
+        let stored = events::insert_event_with_deliveries(&state.db, &event, &[new], chrono::Utc::now())
+            .await
+            .map_err(ApiError::from)?;
+        let delivery_id = match stored.as_deref() {
+            Some([delivery_id]) => *delivery_id,
+            _ => return Err(ApiError::Internal(anyhow::anyhow!("a fresh test event was stored as a repeat")).into()),
+        };
         let publish = state
             .queue
             .publish_task(DeliveryTask::new(delivery_id, webhook.id, 1), std::time::Duration::ZERO);
@@ -380,7 +371,7 @@ impl MutationRoot {
             .or_not_found("webhook")?;
         let failed = deliveries::failed_since(&state.db, webhook_id, since)
             .await
-            .or_not_found("delivery")?;
+            .map_err(ApiError::from)?;
         let mut replayed = 0;
         for id in failed {
             if reopen_and_publish(state, id).await? {
@@ -391,7 +382,7 @@ impl MutationRoot {
     }
 }
 
-async fn delivery_of(state: &AppState, caller: Caller, id: Uuid) -> async_graphql::Result<Delivery> {
+async fn delivery_of(state: &AppState, caller: Caller, id: DeliveryId) -> async_graphql::Result<Delivery> {
     let delivery = deliveries::delivery_of_tenant(&state.db, caller.tenant_id, id)
         .await
         .or_not_found("delivery")?;
@@ -400,7 +391,7 @@ async fn delivery_of(state: &AppState, caller: Caller, id: Uuid) -> async_graphq
 
 /// Reopens a finished delivery and publishes its next attempt; false when it
 /// was still pending.
-async fn reopen_and_publish(state: &AppState, id: Uuid) -> ApiResult<bool> {
+async fn reopen_and_publish(state: &AppState, id: DeliveryId) -> ApiResult<bool> {
     let next = deliveries::reopen(&state.db, id, chrono::Utc::now())
         .await
         .or_not_found("delivery")?;

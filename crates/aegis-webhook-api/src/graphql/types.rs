@@ -71,6 +71,9 @@ pub struct Tenant {
 #[graphql(complex)]
 pub struct Webhook {
     pub id: ID,
+    /// `id`, typed, for the fields resolved from it.
+    #[graphql(skip)]
+    pub webhook_id: aegis_webhook_core::ids::WebhookId,
     pub url: String,
     pub events: Vec<WebhookEvent>,
     /// The signing secret of `X-Aegis-Signature`.
@@ -107,9 +110,8 @@ pub struct WebhookStats {
 #[async_graphql::ComplexObject]
 impl Webhook {
     async fn stats(&self, ctx: &async_graphql::Context<'_>) -> async_graphql::Result<WebhookStats> {
-        let id = uuid::Uuid::parse_str(self.id.as_str())?;
         let state = ctx.data_unchecked::<crate::AppState>();
-        let stats = deliveries::stats_of_webhook(&state.db, id)
+        let stats = deliveries::stats_of_webhook(&state.db, self.webhook_id)
             .await
             .or_not_found("webhook")?;
         Ok(WebhookStats {
@@ -127,6 +129,7 @@ impl From<WebhookRecord> for Webhook {
     fn from(record: WebhookRecord) -> Self {
         Webhook {
             id: ID(record.id.to_string()),
+            webhook_id: record.id,
             url: record.url,
             events: record.events.into_iter().map(WebhookEvent::from).collect(),
             secret: record.secret.expose().to_owned(),
@@ -210,6 +213,9 @@ pub struct DeliveryFilter {
 pub struct Delivery {
     /// The `X-Aegis-Delivery` header: the same on every attempt.
     pub id: ID,
+    /// `id`, typed, for the fields resolved from it.
+    #[graphql(skip)]
+    pub delivery_id: aegis_webhook_core::ids::DeliveryId,
     pub webhook_id: ID,
     pub event: WebhookEvent,
     pub status: DeliveryStatus,
@@ -225,6 +231,7 @@ impl From<deliveries::Delivery> for Delivery {
     fn from(delivery: deliveries::Delivery) -> Self {
         Delivery {
             id: ID(delivery.id.to_string()),
+            delivery_id: delivery.id,
             webhook_id: ID(delivery.webhook_id.to_string()),
             event: delivery.event_type.into(),
             status: delivery.status.into(),
@@ -241,9 +248,10 @@ impl From<deliveries::Delivery> for Delivery {
 impl Delivery {
     /// Every attempt, oldest first.
     async fn attempts(&self, ctx: &async_graphql::Context<'_>) -> async_graphql::Result<Vec<DeliveryAttempt>> {
-        let id = uuid::Uuid::parse_str(self.id.as_str())?;
         let state = ctx.data_unchecked::<crate::AppState>();
-        let attempts = deliveries::attempts_of(&state.db, id).await.or_not_found("delivery")?;
+        let attempts = deliveries::attempts_of(&state.db, self.delivery_id)
+            .await
+            .or_not_found("delivery")?;
         Ok(attempts.into_iter().map(DeliveryAttempt::from).collect())
     }
 }

@@ -10,6 +10,8 @@ use sea_orm::sea_query::{Condition, Expr};
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
 
+use crate::ids::{DeliveryId, EventId, TenantId, WebhookId};
+
 use super::StoreError;
 use super::entities::{delivery, delivery_attempt};
 use crate::event::EventType;
@@ -58,10 +60,10 @@ impl FromStr for DeliveryStatus {
 /// A delivery as read back.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    pub id: Uuid,
-    pub tenant_id: Uuid,
-    pub webhook_id: Uuid,
-    pub event_id: Uuid,
+    pub id: DeliveryId,
+    pub tenant_id: TenantId,
+    pub webhook_id: WebhookId,
+    pub event_id: EventId,
     pub event_type: EventType,
     pub status: DeliveryStatus,
     pub attempts: u32,
@@ -76,10 +78,10 @@ impl TryFrom<delivery::Model> for Delivery {
 
     fn try_from(row: delivery::Model) -> Result<Self, Self::Error> {
         Ok(Delivery {
-            id: row.id,
-            tenant_id: row.tenant_id,
-            webhook_id: row.webhook_id,
-            event_id: row.event_id,
+            id: DeliveryId::from_uuid(row.id),
+            tenant_id: TenantId::from_uuid(row.tenant_id),
+            webhook_id: WebhookId::from_uuid(row.webhook_id),
+            event_id: EventId::from_uuid(row.event_id),
             event_type: row
                 .event_type
                 .parse()
@@ -97,7 +99,7 @@ impl TryFrom<delivery::Model> for Delivery {
 /// One HTTP attempt, as logged for the customer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
-    pub delivery_id: Uuid,
+    pub delivery_id: DeliveryId,
     pub attempt: u32,
     pub started_at: DateTime<Utc>,
     pub duration: Duration,
@@ -117,8 +119,8 @@ pub enum NextStep {
 /// A delivery that needs a task on the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingDelivery {
-    pub id: Uuid,
-    pub webhook_id: Uuid,
+    pub id: DeliveryId,
+    pub webhook_id: WebhookId,
     pub next_attempt: u32,
     pub due_at: DateTime<Utc>,
 }
@@ -126,18 +128,18 @@ pub struct PendingDelivery {
 /// A delivery the fan-out decided on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NewDelivery {
-    pub webhook_id: Uuid,
+    pub webhook_id: WebhookId,
     pub event_type: EventType,
 }
 
 /// Inserts pending deliveries of one event, all due now, in one statement.
 pub async fn insert_pending(
     db: &impl ConnectionTrait,
-    tenant_id: Uuid,
-    event_id: Uuid,
+    tenant_id: TenantId,
+    event_id: EventId,
     deliveries: &[NewDelivery],
     now: DateTime<Utc>,
-) -> Result<Vec<Uuid>, StoreError> {
+) -> Result<Vec<DeliveryId>, StoreError> {
     let of_event: Vec<EventDelivery> = deliveries
         .iter()
         .map(|delivery| EventDelivery {
@@ -152,8 +154,8 @@ pub async fn insert_pending(
 /// A delivery the fan-out decided on, with the event it delivers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventDelivery {
-    pub tenant_id: Uuid,
-    pub event_id: Uuid,
+    pub tenant_id: TenantId,
+    pub event_id: EventId,
     pub delivery: NewDelivery,
 }
 
@@ -166,14 +168,14 @@ pub async fn insert_pending_of_events(
     db: &impl ConnectionTrait,
     deliveries: &[EventDelivery],
     now: DateTime<Utc>,
-) -> Result<Vec<Uuid>, StoreError> {
-    let ids: Vec<Uuid> = deliveries.iter().map(|_| Uuid::now_v7()).collect();
+) -> Result<Vec<DeliveryId>, StoreError> {
+    let ids: Vec<DeliveryId> = deliveries.iter().map(|_| DeliveryId::generate()).collect();
     for (chunk, chunk_ids) in deliveries.chunks(INSERT_CHUNK).zip(ids.chunks(INSERT_CHUNK)) {
         let rows = chunk.iter().zip(chunk_ids).map(|(new, id)| delivery::ActiveModel {
-            id: Set(*id),
-            tenant_id: Set(new.tenant_id),
-            webhook_id: Set(new.delivery.webhook_id),
-            event_id: Set(new.event_id),
+            id: Set(id.as_uuid()),
+            tenant_id: Set(new.tenant_id.as_uuid()),
+            webhook_id: Set(new.delivery.webhook_id.as_uuid()),
+            event_id: Set(new.event_id.as_uuid()),
             event_type: Set(new.delivery.event_type.as_str().to_owned()),
             status: Set(DeliveryStatus::Pending.as_str().to_owned()),
             attempts: Set(0),
@@ -189,7 +191,7 @@ pub async fn insert_pending_of_events(
     Ok(ids)
 }
 
-pub async fn delivery_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<Delivery>, StoreError> {
+pub async fn delivery_by_id(db: &impl ConnectionTrait, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
     delivery::Entity::find_by_id(id)
         .one(db)
         .await?
@@ -213,7 +215,7 @@ fn unclaimed_at(now: DateTime<Utc>) -> Condition {
 /// yet, or another worker holds an unexpired claim: duplicate tasks then do nothing.
 pub async fn claim(
     db: &impl ConnectionTrait,
-    id: Uuid,
+    id: DeliveryId,
     attempt: u32,
     lease: Duration,
     now: DateTime<Utc>,
@@ -228,7 +230,7 @@ pub async fn claim(
 /// Attempt `attempt` of delivery `delivery_id`, as a task asks for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ClaimRequest {
-    pub delivery_id: Uuid,
+    pub delivery_id: DeliveryId,
     pub attempt: u32,
 }
 
@@ -249,7 +251,10 @@ pub async fn claim_many(
     // Attempt N is claimable only while N - 1 attempts are recorded.
     let mut by_attempt: std::collections::BTreeMap<u32, Vec<Uuid>> = std::collections::BTreeMap::new();
     for request in wanted {
-        by_attempt.entry(request.attempt).or_default().push(request.delivery_id);
+        by_attempt
+            .entry(request.attempt)
+            .or_default()
+            .push(request.delivery_id.as_uuid());
     }
     let mut any_wanted = Condition::any();
     for (attempt, ids) in by_attempt {
@@ -278,7 +283,7 @@ pub async fn claim_many(
 /// then does not take the held-back task for a lost one.
 pub async fn postpone(
     db: &impl ConnectionTrait,
-    id: Uuid,
+    id: DeliveryId,
     until: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
@@ -306,7 +311,7 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, Ne
     }
     let rows = recorded.iter().map(|(attempt, _)| delivery_attempt::ActiveModel {
         id: Set(Uuid::now_v7()),
-        delivery_id: Set(attempt.delivery_id),
+        delivery_id: Set(attempt.delivery_id.as_uuid()),
         attempt: Set(i32::try_from(attempt.attempt).unwrap_or(i32::MAX)),
         started_at: Set(attempt.started_at),
         duration_ms: Set(i64::try_from(attempt.duration.as_millis()).unwrap_or(i64::MAX)),
@@ -341,7 +346,7 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, Ne
             last_status_code: attempt.status_code.map(i32::from),
             failure_reason,
         };
-        groups.entry(state).or_default().push(attempt.delivery_id);
+        groups.entry(state).or_default().push(attempt.delivery_id.as_uuid());
     }
     let now = Utc::now();
     for (state, ids) in groups {
@@ -367,7 +372,7 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, Ne
 }
 
 /// Ends a pending delivery without an attempt (its webhook was deleted or disabled).
-pub async fn cancel(db: &impl ConnectionTrait, id: Uuid, reason: &str) -> Result<(), StoreError> {
+pub async fn cancel(db: &impl ConnectionTrait, id: DeliveryId, reason: &str) -> Result<(), StoreError> {
     delivery::Entity::update_many()
         .col_expr(delivery::Column::Status, Expr::value(DeliveryStatus::Failed.as_str()))
         .col_expr(
@@ -395,7 +400,7 @@ pub async fn pending_unclaimed(
     due_before: Option<DateTime<Utc>>,
     now: DateTime<Utc>,
     limit: u64,
-    after: Option<(DateTime<Utc>, Uuid)>,
+    after: Option<(DateTime<Utc>, DeliveryId)>,
 ) -> Result<Vec<PendingDelivery>, StoreError> {
     let mut query = delivery::Entity::find()
         .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
@@ -423,8 +428,8 @@ pub async fn pending_unclaimed(
     Ok(rows
         .into_iter()
         .map(|row| PendingDelivery {
-            id: row.id,
-            webhook_id: row.webhook_id,
+            id: DeliveryId::from_uuid(row.id),
+            webhook_id: WebhookId::from_uuid(row.webhook_id),
             next_attempt: u32::try_from(row.attempts).unwrap_or_default() + 1,
             due_at: row.next_attempt_at.unwrap_or(now),
         })
@@ -432,7 +437,10 @@ pub async fn pending_unclaimed(
 }
 
 /// A webhook's deliveries, oldest first.
-pub async fn deliveries_of_webhook(db: &impl ConnectionTrait, webhook_id: Uuid) -> Result<Vec<Delivery>, StoreError> {
+pub async fn deliveries_of_webhook(
+    db: &impl ConnectionTrait,
+    webhook_id: WebhookId,
+) -> Result<Vec<Delivery>, StoreError> {
     delivery::Entity::find()
         .filter(delivery::Column::WebhookId.eq(webhook_id))
         .order_by_asc(delivery::Column::Id)
@@ -444,7 +452,7 @@ pub async fn deliveries_of_webhook(db: &impl ConnectionTrait, webhook_id: Uuid) 
 }
 
 /// A delivery's attempts in order.
-pub async fn attempts_of(db: &impl ConnectionTrait, delivery_id: Uuid) -> Result<Vec<Attempt>, StoreError> {
+pub async fn attempts_of(db: &impl ConnectionTrait, delivery_id: DeliveryId) -> Result<Vec<Attempt>, StoreError> {
     let rows = delivery_attempt::Entity::find()
         .filter(delivery_attempt::Column::DeliveryId.eq(delivery_id))
         .order_by_asc(delivery_attempt::Column::Attempt)
@@ -454,7 +462,7 @@ pub async fn attempts_of(db: &impl ConnectionTrait, delivery_id: Uuid) -> Result
     Ok(rows
         .into_iter()
         .map(|row| Attempt {
-            delivery_id: row.delivery_id,
+            delivery_id: DeliveryId::from_uuid(row.delivery_id),
             attempt: u32::try_from(row.attempt).unwrap_or_default(),
             started_at: row.started_at,
             duration: Duration::from_millis(u64::try_from(row.duration_ms).unwrap_or_default()),
@@ -468,7 +476,7 @@ pub async fn attempts_of(db: &impl ConnectionTrait, delivery_id: Uuid) -> Result
 /// Filters of the delivery log.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryFilter {
-    pub webhook_id: Option<Uuid>,
+    pub webhook_id: Option<WebhookId>,
     pub status: Option<DeliveryStatus>,
     pub event_type: Option<EventType>,
     pub created_after: Option<DateTime<Utc>>,
@@ -480,7 +488,7 @@ pub struct DeliveryFilter {
 /// whether another page exists.
 pub async fn list_deliveries(
     db: &impl ConnectionTrait,
-    tenant_id: Uuid,
+    tenant_id: TenantId,
     filter: &DeliveryFilter,
     before: Option<Uuid>,
     limit: u64,
@@ -516,7 +524,11 @@ pub async fn list_deliveries(
 }
 
 /// The tenant's delivery `id`; another tenant's is `NotFound`.
-pub async fn delivery_of_tenant(db: &impl ConnectionTrait, tenant_id: Uuid, id: Uuid) -> Result<Delivery, StoreError> {
+pub async fn delivery_of_tenant(
+    db: &impl ConnectionTrait,
+    tenant_id: TenantId,
+    id: DeliveryId,
+) -> Result<Delivery, StoreError> {
     delivery::Entity::find_by_id(id)
         .filter(delivery::Column::TenantId.eq(tenant_id))
         .one(db)
@@ -528,7 +540,11 @@ pub async fn delivery_of_tenant(db: &impl ConnectionTrait, tenant_id: Uuid, id: 
 /// Makes a finished delivery pending again, due now, for one more attempt (a
 /// customer's redelivery). Returns the number of that attempt, or `None` when the
 /// delivery is still pending (its own task will make the next attempt).
-pub async fn reopen(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> Result<Option<Delivery>, StoreError> {
+pub async fn reopen(
+    db: &impl ConnectionTrait,
+    id: DeliveryId,
+    now: DateTime<Utc>,
+) -> Result<Option<Delivery>, StoreError> {
     let result = delivery::Entity::update_many()
         .col_expr(delivery::Column::Status, Expr::value(DeliveryStatus::Pending.as_str()))
         .col_expr(delivery::Column::NextAttemptAt, Expr::value(Some(now)))
@@ -551,9 +567,9 @@ pub async fn reopen(db: &impl ConnectionTrait, id: Uuid, now: DateTime<Utc>) -> 
 /// The ids of a webhook's failed deliveries created at or after `since`.
 pub async fn failed_since(
     db: &impl ConnectionTrait,
-    webhook_id: Uuid,
+    webhook_id: WebhookId,
     since: DateTime<Utc>,
-) -> Result<Vec<Uuid>, StoreError> {
+) -> Result<Vec<DeliveryId>, StoreError> {
     let rows = delivery::Entity::find()
         .filter(delivery::Column::WebhookId.eq(webhook_id))
         .filter(delivery::Column::Status.eq(DeliveryStatus::Failed.as_str()))
@@ -561,7 +577,7 @@ pub async fn failed_since(
         .order_by_asc(delivery::Column::Id)
         .all(db)
         .await?;
-    Ok(rows.into_iter().map(|row| row.id).collect())
+    Ok(rows.into_iter().map(|row| DeliveryId::from_uuid(row.id)).collect())
 }
 
 /// Counts of a webhook's deliveries by status, and its last success.
@@ -573,7 +589,10 @@ pub struct WebhookDeliveryStats {
     pub last_success_at: Option<DateTime<Utc>>,
 }
 
-pub async fn stats_of_webhook(db: &impl ConnectionTrait, webhook_id: Uuid) -> Result<WebhookDeliveryStats, StoreError> {
+pub async fn stats_of_webhook(
+    db: &impl ConnectionTrait,
+    webhook_id: WebhookId,
+) -> Result<WebhookDeliveryStats, StoreError> {
     use sea_orm::PaginatorTrait as _;
     let with_status = |status: DeliveryStatus| {
         delivery::Entity::find()

@@ -6,6 +6,8 @@ use chrono::Utc;
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TryInsertResult};
 use uuid::Uuid;
 
+use crate::ids::{EventId, TenantId};
+
 use super::StoreError;
 use super::entities::event;
 use crate::event::ValidatedEvent;
@@ -13,8 +15,8 @@ use crate::event::ValidatedEvent;
 /// An event as stored: what every delivery of it is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {
-    pub id: Uuid,
-    pub tenant_id: Uuid,
+    pub id: EventId,
+    pub tenant_id: TenantId,
     pub external_id: Uuid,
     /// The delivered `timestamp` string.
     pub timestamp: String,
@@ -25,8 +27,8 @@ pub struct StoredEvent {
 impl From<event::Model> for StoredEvent {
     fn from(row: event::Model) -> Self {
         StoredEvent {
-            id: row.id,
-            tenant_id: row.tenant_id,
+            id: EventId::from_uuid(row.id),
+            tenant_id: TenantId::from_uuid(row.tenant_id),
             external_id: row.external_id,
             timestamp: row.timestamp,
             data: row.data,
@@ -36,8 +38,27 @@ impl From<event::Model> for StoredEvent {
 
 /// Stores the event and returns its row id, or `None` when the tenant already has
 /// an event with this id: a repeat that must not be fanned out again.
-pub async fn insert_event(db: &impl ConnectionTrait, event: &ValidatedEvent) -> Result<Option<Uuid>, StoreError> {
+pub async fn insert_event(db: &impl ConnectionTrait, event: &ValidatedEvent) -> Result<Option<EventId>, StoreError> {
     Ok(insert_events(db, &[event]).await?.pop().flatten())
+}
+
+/// Stores one event and its deliveries, all due at `now`, in one transaction:
+/// the ingester's batched fan-out for a single event the system makes itself
+/// (`testWebhook`). The delivery ids in `deliveries`' order, or `None` when the
+/// tenant already had an event with this id.
+pub async fn insert_event_with_deliveries(
+    db: &sea_orm::DatabaseConnection,
+    event: &ValidatedEvent,
+    deliveries: &[super::deliveries::NewDelivery],
+    now: chrono::DateTime<Utc>,
+) -> Result<Option<Vec<crate::ids::DeliveryId>>, StoreError> {
+    let transaction = sea_orm::TransactionTrait::begin(db).await?;
+    let Some(event_id) = insert_event(&transaction, event).await? else {
+        return Ok(None);
+    };
+    let ids = super::deliveries::insert_pending(&transaction, event.tenant_id(), event_id, deliveries, now).await?;
+    transaction.commit().await?;
+    Ok(Some(ids))
 }
 
 /// [`insert_event`] for many events in one statement: for each, its row id, or
@@ -45,7 +66,7 @@ pub async fn insert_event(db: &impl ConnectionTrait, event: &ValidatedEvent) -> 
 pub async fn insert_events(
     db: &impl ConnectionTrait,
     events: &[&ValidatedEvent],
-) -> Result<Vec<Option<Uuid>>, StoreError> {
+) -> Result<Vec<Option<EventId>>, StoreError> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
@@ -53,11 +74,11 @@ pub async fn insert_events(
     let received_at = Utc::now();
     let rows = events.iter().zip(&ids).map(|(event, id)| event::ActiveModel {
         id: Set(*id),
-        tenant_id: Set(event.tenant_id),
-        external_id: Set(event.id),
-        event_type: Set(event.event_type.as_str().to_owned()),
+        tenant_id: Set(event.tenant_id().as_uuid()),
+        external_id: Set(event.id()),
+        event_type: Set(event.event_type().as_str().to_owned()),
         timestamp: Set(event.timestamp_text()),
-        data: Set(event.data.to_json()),
+        data: Set(event.data().to_json()),
         received_at: Set(received_at),
     });
     let outcome = event::Entity::insert_many(rows)
@@ -68,11 +89,14 @@ pub async fn insert_events(
         TryInsertResult::Inserted(keys) => keys.into_iter().collect(),
         TryInsertResult::Empty | TryInsertResult::Conflicted => HashSet::new(),
     };
-    Ok(ids.into_iter().map(|id| inserted.contains(&id).then_some(id)).collect())
+    Ok(ids
+        .into_iter()
+        .map(|id| inserted.contains(&id).then_some(EventId::from_uuid(id)))
+        .collect())
 }
 
 /// The events with these ids that exist, in no particular order.
-pub async fn events_by_ids(db: &impl ConnectionTrait, ids: &[Uuid]) -> Result<Vec<StoredEvent>, StoreError> {
+pub async fn events_by_ids(db: &impl ConnectionTrait, ids: &[EventId]) -> Result<Vec<StoredEvent>, StoreError> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }

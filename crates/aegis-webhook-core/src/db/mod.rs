@@ -19,10 +19,15 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbB
 /// Failures callers branch on, and everything else.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// What was looked up by id does not exist (for this tenant).
     #[error("not found")]
     NotFound,
+    /// The write would clash with what is stored (a name or key taken).
     #[error("{0}")]
     Conflict(String),
+    /// The input itself is unacceptable, whatever is stored.
+    #[error("{0}")]
+    Invalid(String),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
@@ -121,12 +126,30 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
         .context("failed to commit the database migrations")
 }
 
+/// The typed ids are UUID columns: conversions for queries (`.eq(webhook_id)`),
+/// the one place where storage meets them.
+macro_rules! id_values {
+    ($($id:ty),+) => {$(
+        impl From<$id> for sea_orm::Value {
+            fn from(id: $id) -> Self {
+                id.as_uuid().into()
+            }
+        }
+    )+};
+}
+id_values!(
+    crate::ids::TenantId,
+    crate::ids::WebhookId,
+    crate::ids::EventId,
+    crate::ids::DeliveryId
+);
+
 /// `ids` for an `IN (…)` list, padded to the next power of two by repeating the
 /// last one (which changes no result). Each list length is its own statement
 /// text, prepared and planned anew; padded, a batch of any size is one of a
 /// few texts, which the connection's statement cache keeps.
-pub(crate) fn in_list(ids: impl IntoIterator<Item = uuid::Uuid>) -> Vec<uuid::Uuid> {
-    let mut ids: Vec<uuid::Uuid> = ids.into_iter().collect();
+pub(crate) fn in_list<Id: Copy>(ids: impl IntoIterator<Item = Id>) -> Vec<Id> {
+    let mut ids: Vec<Id> = ids.into_iter().collect();
     if let Some(&last) = ids.last() {
         ids.resize(ids.len().next_power_of_two(), last);
     }
@@ -172,7 +195,7 @@ mod tests {
         assert_eq!(&padded[..5], &ids[..]);
         assert!(padded[5..].iter().all(|id| *id == ids[4]));
         assert_eq!(in_list(ids[..4].to_vec()).len(), 4);
-        assert!(in_list(Vec::new()).is_empty());
+        assert!(in_list(Vec::<uuid::Uuid>::new()).is_empty());
     }
 
     #[test]

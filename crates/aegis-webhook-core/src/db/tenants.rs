@@ -7,6 +7,8 @@ use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, Query
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::ids::TenantId;
+
 use super::StoreError;
 use super::entities::{api_key, tenant};
 
@@ -15,14 +17,14 @@ pub const API_KEY_PREFIX: &str = "aegis_";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tenant {
-    pub id: Uuid,
+    pub id: TenantId,
     pub name: String,
 }
 
 impl From<tenant::Model> for Tenant {
     fn from(row: tenant::Model) -> Self {
         Tenant {
-            id: row.id,
+            id: TenantId::from_uuid(row.id),
             name: row.name,
         }
     }
@@ -39,15 +41,15 @@ fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-pub async fn tenant_by_id(db: &impl ConnectionTrait, id: Uuid) -> Result<Option<Tenant>, StoreError> {
+pub async fn tenant_by_id(db: &impl ConnectionTrait, id: TenantId) -> Result<Option<Tenant>, StoreError> {
     Ok(tenant::Entity::find_by_id(id).one(db).await?.map(Tenant::from))
 }
 
 /// Which of `ids` are tenants.
 pub async fn existing_tenants(
     db: &impl ConnectionTrait,
-    ids: &[Uuid],
-) -> Result<std::collections::HashSet<Uuid>, StoreError> {
+    ids: &[TenantId],
+) -> Result<std::collections::HashSet<TenantId>, StoreError> {
     if ids.is_empty() {
         return Ok(std::collections::HashSet::new());
     }
@@ -55,7 +57,7 @@ pub async fn existing_tenants(
         .filter(tenant::Column::Id.is_in(super::in_list(ids.iter().copied())))
         .all(db)
         .await?;
-    Ok(rows.into_iter().map(|row| row.id).collect())
+    Ok(rows.into_iter().map(|row| TenantId::from_uuid(row.id)).collect())
 }
 
 pub async fn tenant_by_name(db: &impl ConnectionTrait, name: &str) -> Result<Option<Tenant>, StoreError> {
@@ -91,11 +93,11 @@ pub async fn ensure_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tena
 /// Storing a key that the same tenant already holds is a no-op, also when several
 /// processes store it at once (replicas sharing `AEGIS_BOOTSTRAP_API_KEY`); a key
 /// that another tenant holds is a `Conflict`.
-pub async fn add_api_key(db: &impl ConnectionTrait, tenant_id: Uuid, key: &str) -> Result<(), StoreError> {
+pub async fn add_api_key(db: &impl ConnectionTrait, tenant_id: TenantId, key: &str) -> Result<(), StoreError> {
     let hash = hash_key(key);
     let row = api_key::ActiveModel {
         id: Set(Uuid::now_v7()),
-        tenant_id: Set(tenant_id),
+        tenant_id: Set(tenant_id.as_uuid()),
         key_hash: Set(hash.clone()),
         prefix: Set(key.chars().take(API_KEY_PREFIX.len() + 4).collect()),
         created_at: Set(Utc::now()),
@@ -113,7 +115,7 @@ pub async fn add_api_key(db: &impl ConnectionTrait, tenant_id: Uuid, key: &str) 
         .one(db)
         .await?
         .ok_or_else(|| StoreError::Unexpected(anyhow::anyhow!("an API key vanished after insert")))?;
-    if holder.tenant_id == tenant_id {
+    if holder.tenant_id == tenant_id.as_uuid() {
         Ok(())
     } else {
         Err(StoreError::Conflict(
@@ -123,13 +125,13 @@ pub async fn add_api_key(db: &impl ConnectionTrait, tenant_id: Uuid, key: &str) 
 }
 
 /// The tenant holding this key, if the key exists and is not revoked.
-pub async fn authenticate(db: &impl ConnectionTrait, key: &str) -> Result<Option<Uuid>, StoreError> {
+pub async fn authenticate(db: &impl ConnectionTrait, key: &str) -> Result<Option<TenantId>, StoreError> {
     let found = api_key::Entity::find()
         .filter(api_key::Column::KeyHash.eq(hash_key(key)))
         .filter(api_key::Column::RevokedAt.is_null())
         .one(db)
         .await?;
-    Ok(found.map(|row| row.tenant_id))
+    Ok(found.map(|row| TenantId::from_uuid(row.tenant_id)))
 }
 
 /// An API key as listed: never the key itself, which is not stored.
@@ -146,7 +148,7 @@ pub struct ApiKeyInfo {
 pub async fn create_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tenant, StoreError> {
     let name = name.trim();
     if name.is_empty() {
-        return Err(StoreError::Conflict("a tenant needs a name".to_owned()));
+        return Err(StoreError::Invalid("a tenant needs a name".to_owned()));
     }
     if tenant_by_name(db, name).await?.is_some() {
         return Err(StoreError::Conflict(format!("tenant `{name}` already exists")));
@@ -155,7 +157,7 @@ pub async fn create_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tena
 }
 
 /// Creates a new key for the tenant and returns it: the only time it is shown.
-pub async fn create_api_key(db: &impl ConnectionTrait, tenant_id: Uuid) -> Result<(Uuid, String), StoreError> {
+pub async fn create_api_key(db: &impl ConnectionTrait, tenant_id: TenantId) -> Result<(Uuid, String), StoreError> {
     let key = generate_api_key();
     add_api_key(db, tenant_id, &key).await?;
     let row = api_key::Entity::find()
@@ -166,7 +168,7 @@ pub async fn create_api_key(db: &impl ConnectionTrait, tenant_id: Uuid) -> Resul
     Ok((row.id, key))
 }
 
-pub async fn list_api_keys(db: &impl ConnectionTrait, tenant_id: Uuid) -> Result<Vec<ApiKeyInfo>, StoreError> {
+pub async fn list_api_keys(db: &impl ConnectionTrait, tenant_id: TenantId) -> Result<Vec<ApiKeyInfo>, StoreError> {
     use sea_orm::QueryOrder as _;
     let rows = api_key::Entity::find()
         .filter(api_key::Column::TenantId.eq(tenant_id))

@@ -4,6 +4,8 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
 
+use crate::ids::{TenantId, WebhookId};
+
 use super::StoreError;
 use super::entities::webhook;
 use crate::event::EventType;
@@ -14,8 +16,8 @@ use crate::target::WebhookUrl;
 /// A webhook as the API and the worker see it, secret opened.
 #[derive(Debug, Clone)]
 pub struct Webhook {
-    pub id: Uuid,
-    pub tenant_id: Uuid,
+    pub id: WebhookId,
+    pub tenant_id: TenantId,
     pub url: String,
     pub events: Vec<EventType>,
     pub description: Option<String>,
@@ -59,7 +61,7 @@ pub struct NewWebhook {
 /// The part of a webhook the fan-out needs: no secret is opened for it.
 #[derive(Debug, Clone)]
 pub struct Subscription {
-    pub webhook_id: Uuid,
+    pub webhook_id: WebhookId,
     pub events: Vec<EventType>,
     pub project_ids: Vec<Uuid>,
 }
@@ -101,8 +103,8 @@ fn to_domain(row: webhook::Model, cipher: &SecretCipher) -> Result<Webhook, Stor
         _ => None,
     };
     Ok(Webhook {
-        id: row.id,
-        tenant_id: row.tenant_id,
+        id: WebhookId::from_uuid(row.id),
+        tenant_id: TenantId::from_uuid(row.tenant_id),
         events: parse_events(&row.events)?,
         project_ids: parse_project_ids(row.project_ids.as_deref())?,
         url: row.url,
@@ -122,13 +124,13 @@ fn to_domain(row: webhook::Model, cipher: &SecretCipher) -> Result<Webhook, Stor
 pub async fn create_webhook(
     db: &impl ConnectionTrait,
     cipher: &SecretCipher,
-    tenant_id: Uuid,
+    tenant_id: TenantId,
     new: NewWebhook,
 ) -> Result<Webhook, StoreError> {
     let now = Utc::now();
     let row = webhook::ActiveModel {
         id: Set(Uuid::now_v7()),
-        tenant_id: Set(tenant_id),
+        tenant_id: Set(tenant_id.as_uuid()),
         url: Set(new.url.as_str().to_owned()),
         events: Set(join(&new.events)),
         description: Set(new.description),
@@ -149,7 +151,11 @@ pub async fn create_webhook(
 }
 
 /// The row of the tenant's webhook `id`; another tenant's webhook is `NotFound`.
-async fn row_of_tenant(db: &impl ConnectionTrait, tenant_id: Uuid, id: Uuid) -> Result<webhook::Model, StoreError> {
+async fn row_of_tenant(
+    db: &impl ConnectionTrait,
+    tenant_id: TenantId,
+    id: WebhookId,
+) -> Result<webhook::Model, StoreError> {
     webhook::Entity::find_by_id(id)
         .filter(webhook::Column::TenantId.eq(tenant_id))
         .one(db)
@@ -161,8 +167,8 @@ async fn row_of_tenant(db: &impl ConnectionTrait, tenant_id: Uuid, id: Uuid) -> 
 pub async fn webhook_of_tenant(
     db: &impl ConnectionTrait,
     cipher: &SecretCipher,
-    tenant_id: Uuid,
-    id: Uuid,
+    tenant_id: TenantId,
+    id: WebhookId,
 ) -> Result<Webhook, StoreError> {
     to_domain(row_of_tenant(db, tenant_id, id).await?, cipher)
 }
@@ -171,7 +177,7 @@ pub async fn webhook_of_tenant(
 pub async fn webhook_by_id(
     db: &impl ConnectionTrait,
     cipher: &SecretCipher,
-    id: Uuid,
+    id: WebhookId,
 ) -> Result<Option<Webhook>, StoreError> {
     Ok(webhooks_by_ids(db, cipher, &[id]).await?.pop())
 }
@@ -180,7 +186,7 @@ pub async fn webhook_by_id(
 pub async fn webhooks_by_ids(
     db: &impl ConnectionTrait,
     cipher: &SecretCipher,
-    ids: &[Uuid],
+    ids: &[WebhookId],
 ) -> Result<Vec<Webhook>, StoreError> {
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -199,8 +205,8 @@ pub async fn webhooks_by_ids(
 pub async fn list_webhooks(
     db: &impl ConnectionTrait,
     cipher: &SecretCipher,
-    tenant_id: Uuid,
-    after: Option<Uuid>,
+    tenant_id: TenantId,
+    after: Option<WebhookId>,
     limit: u64,
 ) -> Result<Vec<Webhook>, StoreError> {
     let mut query = webhook::Entity::find()
@@ -223,9 +229,9 @@ pub async fn list_webhooks(
 /// query, by tenant; a tenant without any is absent.
 pub async fn active_subscriptions_of(
     db: &impl ConnectionTrait,
-    tenant_ids: &[Uuid],
-) -> Result<std::collections::HashMap<Uuid, Vec<Subscription>>, StoreError> {
-    let mut by_tenant: std::collections::HashMap<Uuid, Vec<Subscription>> = std::collections::HashMap::new();
+    tenant_ids: &[TenantId],
+) -> Result<std::collections::HashMap<TenantId, Vec<Subscription>>, StoreError> {
+    let mut by_tenant: std::collections::HashMap<TenantId, Vec<Subscription>> = std::collections::HashMap::new();
     if tenant_ids.is_empty() {
         return Ok(by_tenant);
     }
@@ -235,11 +241,14 @@ pub async fn active_subscriptions_of(
         .all(db)
         .await?;
     for row in rows {
-        by_tenant.entry(row.tenant_id).or_default().push(Subscription {
-            webhook_id: row.id,
-            events: parse_events(&row.events)?,
-            project_ids: parse_project_ids(row.project_ids.as_deref())?,
-        });
+        by_tenant
+            .entry(TenantId::from_uuid(row.tenant_id))
+            .or_default()
+            .push(Subscription {
+                webhook_id: WebhookId::from_uuid(row.id),
+                events: parse_events(&row.events)?,
+                project_ids: parse_project_ids(row.project_ids.as_deref())?,
+            });
     }
     Ok(by_tenant)
 }
@@ -265,7 +274,7 @@ impl HealthChange {
 /// failures reaches `auto_disable`'s limits, and returns why.
 pub async fn record_health_change(
     db: &impl ConnectionTrait,
-    webhook_id: Uuid,
+    webhook_id: WebhookId,
     change: HealthChange,
     auto_disable: &AutoDisable,
     now: DateTime<Utc>,
@@ -319,7 +328,7 @@ pub async fn record_health_change(
 /// Deactivates a webhook, saying why (for example, the receiver answered 410 Gone).
 pub async fn disable_webhook(
     db: &impl ConnectionTrait,
-    webhook_id: Uuid,
+    webhook_id: WebhookId,
     reason: &str,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
@@ -350,8 +359,8 @@ pub struct WebhookChanges {
 pub async fn update_webhook(
     db: &impl ConnectionTrait,
     cipher: &SecretCipher,
-    tenant_id: Uuid,
-    id: Uuid,
+    tenant_id: TenantId,
+    id: WebhookId,
     changes: WebhookChanges,
 ) -> Result<Webhook, StoreError> {
     use sea_orm::ActiveModelTrait as _;
@@ -378,8 +387,8 @@ pub async fn update_webhook(
 pub async fn set_webhook_active(
     db: &impl ConnectionTrait,
     cipher: &SecretCipher,
-    tenant_id: Uuid,
-    id: Uuid,
+    tenant_id: TenantId,
+    id: WebhookId,
     active: bool,
 ) -> Result<Webhook, StoreError> {
     use sea_orm::sea_query::Expr;
@@ -409,7 +418,7 @@ pub async fn set_webhook_active(
 }
 
 /// Deletes the tenant's webhook and, with it, its deliveries.
-pub async fn delete_webhook(db: &impl ConnectionTrait, tenant_id: Uuid, id: Uuid) -> Result<(), StoreError> {
+pub async fn delete_webhook(db: &impl ConnectionTrait, tenant_id: TenantId, id: WebhookId) -> Result<(), StoreError> {
     let result = webhook::Entity::delete_many()
         .filter(webhook::Column::Id.eq(id))
         .filter(webhook::Column::TenantId.eq(tenant_id))
@@ -426,8 +435,8 @@ pub async fn delete_webhook(db: &impl ConnectionTrait, tenant_id: Uuid, id: Uuid
 pub async fn rotate_secret(
     db: &impl ConnectionTrait,
     cipher: &SecretCipher,
-    tenant_id: Uuid,
-    id: Uuid,
+    tenant_id: TenantId,
+    id: WebhookId,
     new_secret: &SigningSecret,
     grace_until: DateTime<Utc>,
 ) -> Result<Webhook, StoreError> {

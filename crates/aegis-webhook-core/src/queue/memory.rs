@@ -260,14 +260,13 @@ impl Acknowledger for MemoryAcknowledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use uuid::Uuid;
 
     #[tokio::test(start_paused = true)]
     async fn delayed_tasks_arrive_after_their_delay_and_in_order() {
         let queue = MemoryQueue::new();
         let mut consumer = queue.consume(Stream::Tasks).await.expect("consumer");
-        let late = DeliveryTask::new(Uuid::now_v7(), Uuid::now_v7(), 2);
-        let now = DeliveryTask::new(Uuid::now_v7(), Uuid::now_v7(), 1);
+        let late = DeliveryTask::new(crate::ids::DeliveryId::generate(), crate::ids::WebhookId::generate(), 2);
+        let now = DeliveryTask::new(crate::ids::DeliveryId::generate(), crate::ids::WebhookId::generate(), 1);
         queue.publish_task(late, Duration::from_secs(5)).await.expect("publish");
         queue.publish_task(now, Duration::ZERO).await.expect("publish");
 
@@ -283,16 +282,22 @@ mod tests {
     #[tokio::test]
     async fn first_attempts_go_before_a_backlog_of_retries_without_starving_it() {
         let queue = MemoryQueue::new();
-        let webhook = Uuid::now_v7();
+        let webhook = crate::ids::WebhookId::generate();
         for _ in 0..20 {
             queue
-                .publish_task(DeliveryTask::new(Uuid::now_v7(), webhook, 2), Duration::ZERO)
+                .publish_task(
+                    DeliveryTask::new(crate::ids::DeliveryId::generate(), webhook, 2),
+                    Duration::ZERO,
+                )
                 .await
                 .expect("publish");
         }
         for _ in 0..6 {
             queue
-                .publish_task(DeliveryTask::new(Uuid::now_v7(), webhook, 1), Duration::ZERO)
+                .publish_task(
+                    DeliveryTask::new(crate::ids::DeliveryId::generate(), webhook, 1),
+                    Duration::ZERO,
+                )
                 .await
                 .expect("publish");
         }
@@ -336,7 +341,7 @@ mod tests {
         let trace_id = intake.context().span().span_context().trace_id().to_string();
         async {
             queue.publish_event("POAM_OVERDUE", Bytes::from_static(b"{}")).await?;
-            let retry = DeliveryTask::new(Uuid::now_v7(), Uuid::now_v7(), 2);
+            let retry = DeliveryTask::new(crate::ids::DeliveryId::generate(), crate::ids::WebhookId::generate(), 2);
             queue.publish_task(retry, Duration::from_millis(10)).await
         }
         .instrument(intake)

@@ -22,8 +22,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
+use crate::ids::{DeliveryId, WebhookId};
 use crate::telemetry::TraceHeaders;
 
 /// "Make attempt `attempt` of delivery `delivery_id`." Everything else about the
@@ -35,17 +35,17 @@ use crate::telemetry::TraceHeaders;
 pub enum DeliveryTask {
     /// Still read, for tasks published before `V2`; never written.
     #[serde(rename = "delivery.v1", rename_all = "camelCase")]
-    V1 { delivery_id: Uuid, attempt: u32 },
+    V1 { delivery_id: DeliveryId, attempt: u32 },
     #[serde(rename = "delivery.v2", rename_all = "camelCase")]
     V2 {
-        delivery_id: Uuid,
-        webhook_id: Uuid,
+        delivery_id: DeliveryId,
+        webhook_id: WebhookId,
         attempt: u32,
     },
 }
 
 impl DeliveryTask {
-    pub fn new(delivery_id: Uuid, webhook_id: Uuid, attempt: u32) -> Self {
+    pub fn new(delivery_id: DeliveryId, webhook_id: WebhookId, attempt: u32) -> Self {
         DeliveryTask::V2 {
             delivery_id,
             webhook_id,
@@ -53,14 +53,14 @@ impl DeliveryTask {
         }
     }
 
-    pub fn delivery_id(&self) -> Uuid {
+    pub fn delivery_id(&self) -> DeliveryId {
         match self {
             DeliveryTask::V1 { delivery_id, .. } | DeliveryTask::V2 { delivery_id, .. } => *delivery_id,
         }
     }
 
     /// The webhook the delivery goes to; unknown for `V1` tasks.
-    pub fn webhook_id(&self) -> Option<Uuid> {
+    pub fn webhook_id(&self) -> Option<WebhookId> {
         match self {
             DeliveryTask::V1 { .. } => None,
             DeliveryTask::V2 { webhook_id, .. } => Some(*webhook_id),
@@ -103,8 +103,8 @@ pub enum FirstAttempts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryRef {
-    pub delivery_id: Uuid,
-    pub webhook_id: Uuid,
+    pub delivery_id: DeliveryId,
+    pub webhook_id: WebhookId,
 }
 
 impl FirstAttempts {
@@ -350,13 +350,15 @@ pub async fn publish_after_commit(
 
 #[cfg(test)]
 mod tests {
+    use uuid::Uuid;
+
     use super::*;
 
     #[test]
     fn tasks_have_a_stable_versioned_wire_format() {
         let id = Uuid::parse_str("0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f").expect("uuid");
         let webhook = Uuid::parse_str("0190f5a6-0000-7a2b-9c1f-1c1b2a3d4e5f").expect("uuid");
-        let task = DeliveryTask::new(id, webhook, 3);
+        let task = DeliveryTask::new(DeliveryId::from_uuid(id), WebhookId::from_uuid(webhook), 3);
         assert_eq!(
             task.encode(),
             Bytes::from_static(
@@ -364,13 +366,16 @@ mod tests {
             )
         );
         assert_eq!(DeliveryTask::decode(&task.encode()).expect("decodes"), task);
-        assert_eq!(task.webhook_id(), Some(webhook));
+        assert_eq!(task.webhook_id(), Some(WebhookId::from_uuid(webhook)));
         assert!(!task.is_first_attempt());
         let v1 = DeliveryTask::decode(
             br#"{"type":"delivery.v1","deliveryId":"0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f","attempt":1}"#,
         )
         .expect("v1 still decodes");
-        assert_eq!((v1.delivery_id(), v1.webhook_id(), v1.attempt()), (id, None, 1));
+        assert_eq!(
+            (v1.delivery_id(), v1.webhook_id(), v1.attempt()),
+            (DeliveryId::from_uuid(id), None, 1)
+        );
         assert!(DeliveryTask::decode(br#"{"type":"delivery.v9"}"#).is_err());
     }
 
@@ -378,7 +383,9 @@ mod tests {
     fn an_events_first_attempts_travel_as_one_versioned_message() {
         let id = Uuid::parse_str("0190f5a6-5d43-7a2b-9c1f-1c1b2a3d4e5f").expect("uuid");
         let webhook = Uuid::parse_str("0190f5a6-0000-7a2b-9c1f-1c1b2a3d4e5f").expect("uuid");
-        let tasks = vec![DeliveryTask::new(id, webhook, 1), DeliveryTask::new(webhook, id, 1)];
+        let task =
+            |delivery, webhook| DeliveryTask::new(DeliveryId::from_uuid(delivery), WebhookId::from_uuid(webhook), 1);
+        let tasks = vec![task(id, webhook), task(webhook, id)];
         let first = FirstAttempts::new(&tasks);
         assert_eq!(
             first.encode(),
@@ -387,7 +394,7 @@ mod tests {
             )
         );
         assert_eq!(decode_tasks(&first.encode()).expect("many"), tasks);
-        let single = DeliveryTask::new(id, webhook, 4);
+        let single = DeliveryTask::new(DeliveryId::from_uuid(id), WebhookId::from_uuid(webhook), 4);
         assert_eq!(decode_tasks(&single.encode()).expect("one"), vec![single]);
         assert!(decode_tasks(br#"{"type":"deliveries.v9","deliveries":[]}"#).is_err());
         assert!(decode_tasks(b"not json").is_err());

@@ -664,8 +664,8 @@ mod tests {
     fn delays_route_to_the_longest_tier_that_fits() {
         let schedule = [Duration::ZERO, Duration::from_secs(5), Duration::from_secs(300)];
         let topology = Topology::new("t.", &schedule, None);
-        let first = DeliveryTask::new(uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), 1);
-        let retry = DeliveryTask::new(uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), 2);
+        let first = DeliveryTask::new(crate::ids::DeliveryId::generate(), crate::ids::WebhookId::generate(), 1);
+        let retry = DeliveryTask::new(crate::ids::DeliveryId::generate(), crate::ids::WebhookId::generate(), 2);
         assert_eq!(topology.route_for(&first, Duration::ZERO), Route::Work);
         assert_eq!(topology.route_for(&first, Duration::from_millis(5)), Route::Work);
         assert_eq!(topology.route_for(&retry, Duration::ZERO), Route::Due);
