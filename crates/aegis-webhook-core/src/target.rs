@@ -172,6 +172,15 @@ impl WebhookUrl {
         Ok(WebhookUrl(url))
     }
 
+    /// A URL read back from storage: [`WebhookUrl::parse`] checked it against
+    /// the policy when the webhook was saved, and the worker's resolver checks
+    /// every address at connect time, so only its syntax is read here.
+    pub fn from_stored(text: &str) -> Result<Self, UrlError> {
+        Url::parse(text)
+            .map(WebhookUrl)
+            .map_err(|error| UrlError::NotAUrl(error.to_string()))
+    }
+
     pub fn as_str(&self) -> &str {
         self.0.as_str()
     }

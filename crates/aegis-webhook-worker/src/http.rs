@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aegis_webhook_core::target::{RefusedAddress, TargetPolicy};
+use aegis_webhook_core::target::{RefusedAddress, TargetPolicy, WebhookUrl};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::HeaderMap;
 use tracing::Instrument as _;
@@ -85,42 +85,27 @@ impl HttpResult {
 pub async fn post(
     client: &reqwest::Client,
     policy: &TargetPolicy,
-    url: &str,
+    url: &WebhookUrl,
     headers: HeaderMap,
     body: String,
     timeout: Duration,
     max_body: usize,
 ) -> HttpResult {
-    // Parsed once here, for the span, the address check and the request.
-    let parsed = url::Url::parse(url);
+    let url = url.as_url();
     let span = tracing::info_span!(
         "http.request",
         otel.kind = "client",
         otel.status_code = Empty,
         http.request.method = "POST",
-        server.address = parsed.as_ref().ok().and_then(url::Url::host_str),
-        server.port = parsed.as_ref().ok().and_then(url::Url::port_or_known_default),
-        url.scheme = parsed.as_ref().ok().map(url::Url::scheme),
+        server.address = url.host_str(),
+        server.port = url.port_or_known_default(),
+        url.scheme = url.scheme(),
         http.response.status_code = Empty,
         error.type = Empty,
     );
-    let result = match &parsed {
-        Ok(parsed) => {
-            send(client, policy, parsed, headers, body, timeout, max_body)
-                .instrument(span.clone())
-                .await
-        }
-        // Stored URLs were parsed when the webhook was saved; this is a
-        // corrupted row, and an attempt that fails like any other.
-        Err(error) => HttpResult {
-            status: None,
-            error: Some(format!("the webhook's URL is invalid: {error}")),
-            body: None,
-            duration: Duration::ZERO,
-            retry_after: None,
-            timed_out: false,
-        },
-    };
+    let result = send(client, policy, url, headers, body, timeout, max_body)
+        .instrument(span.clone())
+        .await;
     if let Some(status) = result.status {
         span.record("http.response.status_code", status);
     }

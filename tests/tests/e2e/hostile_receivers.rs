@@ -308,6 +308,7 @@ async fn a_name_resolving_to_loopback_is_refused_at_connect_time_unless_allow_li
     // name; the creation-time check is bypassed here on purpose, as a
     // rebinding name would pass it.
     let url = receiver.url().replace("127.0.0.1", "localhost");
+    let url = aegis_webhook_core::target::WebhookUrl::from_stored(&url).expect("a URL");
     let post = |policy: TargetPolicy| {
         let url = url.clone();
         async move {

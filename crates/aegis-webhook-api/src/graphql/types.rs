@@ -130,7 +130,7 @@ impl From<WebhookRecord> for Webhook {
         Webhook {
             id: ID(record.id.to_string()),
             webhook_id: record.id,
-            url: record.url,
+            url: record.url.to_string(),
             events: record.events.into_iter().map(WebhookEvent::from).collect(),
             secret: record.secret.expose().to_owned(),
             active: record.active,

@@ -18,7 +18,8 @@ use crate::target::WebhookUrl;
 pub struct Webhook {
     pub id: WebhookId,
     pub tenant_id: TenantId,
-    pub url: String,
+    /// Parsed once, when read.
+    pub url: WebhookUrl,
     pub events: Vec<EventType>,
     pub description: Option<String>,
     pub project_ids: Vec<Uuid>,
@@ -107,7 +108,8 @@ fn to_domain(row: webhook::Model, cipher: &SecretCipher) -> Result<Webhook, Stor
         tenant_id: TenantId::from_uuid(row.tenant_id),
         events: parse_events(&row.events)?,
         project_ids: parse_project_ids(row.project_ids.as_deref())?,
-        url: row.url,
+        url: WebhookUrl::from_stored(&row.url)
+            .map_err(|error| StoreError::Unexpected(anyhow::anyhow!("webhook {}: stored URL: {error}", row.id)))?,
         description: row.description,
         secret,
         previous_secret,
