@@ -7,6 +7,7 @@ mod bench;
 mod hostile_receivers;
 mod pipeline;
 mod rabbitmq;
+mod steps;
 mod storage;
 mod verification_docs;
 

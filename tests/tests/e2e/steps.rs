@@ -1,0 +1,191 @@
+//! The ingester's and the worker's one step, driven directly (no consume loop,
+//! no broker): `Ingester::ingest` on envelope bytes and `Worker::process_one`
+//! on a task, against a real database and a real receiver, each outcome as the
+//! step reports it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aegis_webhook_core::db::deliveries::{self, DeliveryStatus};
+use aegis_webhook_core::db::{self, tenants, webhooks};
+use aegis_webhook_core::event::EventType;
+use aegis_webhook_core::ids::TenantId;
+use aegis_webhook_core::queue::memory::MemoryQueue;
+use aegis_webhook_core::queue::{DeliveryTask, Queue};
+use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
+use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
+use aegis_webhook_ingester::{IngestOutcome, Ingester};
+use aegis_webhook_worker::{Outcome, Worker};
+use sea_orm::DatabaseConnection;
+
+use crate::support::{Backend, Receiver, envelope, fresh_database, scratch_dir, seed_poam_overdue_data, test_config};
+
+struct Steps {
+    db: DatabaseConnection,
+    queue: MemoryQueue,
+    ingester: Ingester,
+    worker: Worker,
+    tenant_id: TenantId,
+}
+
+/// A migrated SQLite database with a tenant and one webhook per receiver, and
+/// the two roles' steps on an in-process queue.
+async fn steps(receivers: &[&Receiver]) -> Steps {
+    let scratch = scratch_dir();
+    let url = fresh_database(Backend::Sqlite, &scratch).await.expect("SQLite");
+    let mut config = test_config(url.clone(), scratch);
+    config.retry_schedule = "0s,30s".parse().expect("valid");
+    config
+        .allow_private_targets
+        .extend(TargetPolicy::allowing_loopback_ranges());
+    let db = db::connect(&url).await.expect("connect");
+    db::migrate(&db).await.expect("migrate");
+    let cipher = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
+    let tenant = tenants::ensure_tenant(&db, "acme").await.expect("tenant");
+    for receiver in receivers {
+        let new = webhooks::NewWebhook {
+            url: WebhookUrl::parse(&receiver.url(), &config.target_policy()).expect("url"),
+            events: vec![EventType::PoamOverdue],
+            description: None,
+            project_ids: vec![],
+            secret: SigningSecret::generate(),
+            active: true,
+        };
+        webhooks::create_webhook(&db, &cipher, tenant.id, new)
+            .await
+            .expect("webhook");
+    }
+    let queue = MemoryQueue::new();
+    let shared: Arc<dyn Queue> = Arc::new(queue.clone());
+    Steps {
+        ingester: Ingester::new(db.clone(), shared.clone()),
+        worker: Worker::new(&config, db.clone(), shared, cipher).expect("worker"),
+        db,
+        queue,
+        tenant_id: tenant.id,
+    }
+}
+
+impl Steps {
+    /// The first-attempt tasks of the event's deliveries, as the ingester
+    /// published them (read back from the database, which says the same).
+    async fn first_attempts(&self) -> Vec<DeliveryTask> {
+        let pending = deliveries::pending_unclaimed(&self.db, None, chrono::Utc::now(), 100, None)
+            .await
+            .expect("scan");
+        pending
+            .iter()
+            .map(|delivery| DeliveryTask::new(delivery.id, delivery.webhook_id, delivery.next_attempt))
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ingest_step_fans_out_refuses_and_deduplicates() {
+    let (first, second) = (Receiver::start(&[], 200).await, Receiver::start(&[], 200).await);
+    let steps = steps(&[&first, &second]).await;
+    let mut event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
+    event["id"] = serde_json::json!(uuid::Uuid::now_v7());
+    let bytes = event.to_string();
+
+    let outcome = steps.ingester.ingest(bytes.as_bytes()).await.expect("ingested");
+    let IngestOutcome::FannedOut { deliveries, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(deliveries, 2, "one delivery per subscribed webhook");
+    assert_eq!(steps.first_attempts().await.len(), 2);
+
+    let again = steps.ingester.ingest(bytes.as_bytes()).await.expect("ingested");
+    assert!(matches!(again, IngestOutcome::Duplicate { .. }), "{again:?}");
+    assert_eq!(steps.first_attempts().await.len(), 2, "a repeat adds nothing");
+
+    let unknown = envelope(TenantId::generate(), "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
+    let refused = steps.ingester.ingest(unknown.as_bytes()).await.expect("handled");
+    assert!(
+        matches!(&refused, IngestOutcome::Invalid { reason } if reason.starts_with("tenantId: no tenant")),
+        "{refused:?}"
+    );
+    let garbage = steps.ingester.ingest(b"{not json").await.expect("handled");
+    assert!(
+        matches!(&garbage, IngestOutcome::Invalid { reason } if reason.starts_with("malformed JSON")),
+        "{garbage:?}"
+    );
+    let parked: Vec<String> = steps
+        .queue
+        .invalid_events()
+        .into_iter()
+        .map(|parked| parked.reason)
+        .collect();
+    assert_eq!(parked.len(), 2, "both refusals parked with their reasons: {parked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
+    // The first attempt fails with a 503, the second succeeds.
+    let receiver = Receiver::start(&[503], 200).await;
+    let steps = steps(&[&receiver]).await;
+    let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
+    steps.ingester.ingest(event.as_bytes()).await.expect("ingested");
+    let [task] = steps.first_attempts().await[..] else {
+        panic!("one delivery")
+    };
+
+    // Attempt 1: the 503 schedules attempt 2 for 30 s (+ jitter) later.
+    let outcome = steps.worker.process_one(task).await.expect("processed");
+    let Outcome::RetryScheduled { next_attempt, delay } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(next_attempt, 2);
+    assert!(
+        delay >= Duration::from_secs(30) && delay <= Duration::from_secs(33),
+        "{delay:?}"
+    );
+    assert_eq!(receiver.received().len(), 1);
+
+    // The same task again is stale: nothing is sent.
+    let stale = steps.worker.process_one(task).await.expect("processed");
+    assert!(matches!(stale, Outcome::Skipped { .. }), "{stale:?}");
+
+    // Attempt 2 before it is due goes back for the rest of its delay.
+    let retry = DeliveryTask::new(task.delivery_id(), task.webhook_id().expect("v2"), 2);
+    let early = steps.worker.process_one(retry).await.expect("processed");
+    let Outcome::Deferred { remaining } = early else {
+        panic!("{early:?}")
+    };
+    assert!(remaining > Duration::from_secs(25), "{remaining:?}");
+    assert_eq!(receiver.received().len(), 1, "nothing sent early");
+
+    // Once due (moved forward in the database), attempt 2 is delivered.
+    deliveries::postpone(&steps.db, task.delivery_id(), chrono::Utc::now(), chrono::Utc::now())
+        .await
+        .expect("make it due");
+    let delivered = steps.worker.process_one(retry).await.expect("processed");
+    assert_eq!(delivered, Outcome::Delivered);
+    let received = receiver.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].header("x-aegis-attempt"), "2");
+    let delivery = deliveries::delivery_by_id(&steps.db, task.delivery_id())
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!((delivery.status, delivery.attempts), (DeliveryStatus::Succeeded, 2));
+
+    // A task for a webhook disabled meanwhile sends nothing.
+    let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
+    steps.ingester.ingest(event.as_bytes()).await.expect("ingested");
+    let [paused] = steps.first_attempts().await[..] else {
+        panic!("one new delivery")
+    };
+    let webhook = paused.webhook_id().expect("v2");
+    webhooks::disable_webhook(&steps.db, webhook, "paused for the test", chrono::Utc::now())
+        .await
+        .expect("disable");
+    let skipped = steps.worker.process_one(paused).await.expect("processed");
+    assert_eq!(
+        skipped,
+        Outcome::Skipped {
+            reason: "webhook is disabled".to_owned()
+        }
+    );
+    assert_eq!(receiver.received().len(), 2);
+}
