@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The architecture's invariants that a dependency tree can show (ARCHITECTURE.md):
-# core knows no transport, only the worker can send HTTP requests, and the
+# core knows no transport, database or broker, each adapter crate only its
+# own, only the worker can send HTTP requests, and the
 # receivers' verifier crate brings nothing but hashing, encoding and
 # constant-time comparison into a customer's service.
 set -euo pipefail
@@ -14,13 +15,26 @@ forbid() {
   fi
 }
 
-for transport in axum async-graphql reqwest hyper; do
-  forbid aegis-webhook-core "$transport"
+# Core is the domain and its ports: no transport, no database, no broker.
+for outside in axum async-graphql reqwest hyper sea-orm sqlx lapin; do
+  forbid aegis-webhook-core "$outside"
+done
+# Each adapter is only itself: storage knows no broker, the broker adapter no database.
+for outside in lapin axum async-graphql reqwest; do
+  forbid aegis-webhook-storage "$outside"
+done
+for outside in sea-orm sqlx axum async-graphql reqwest; do
+  forbid aegis-webhook-rabbitmq "$outside"
+done
+# Only the binary assembles the broker adapter into processes.
+for role in aegis-webhook-api aegis-webhook-ingester aegis-webhook-worker; do
+  forbid "$role" lapin
 done
 forbid aegis-webhook-api reqwest
 forbid aegis-webhook-ingester reqwest
 forbid aegis-webhook-ingester axum
 forbid aegis-webhook-worker async-graphql
+forbid aegis-webhook-worker axum
 for heavy in tokio futures sea-orm sqlx lapin opentelemetry tracing serde aegis-webhook-core; do
   forbid aegis-webhook-verify "$heavy"
 done

@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use aegis_webhook::{Roles, open_database, run_until_signal, start, telemetry_settings};
 use aegis_webhook_core::config::Config;
-use aegis_webhook_core::db::{self, tenants, webhooks};
 use aegis_webhook_core::event::EventType;
 use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
 use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
+use aegis_webhook_storage::{self as db, tenants, webhooks};
 use uuid::Uuid;
 
 use crate::support::{Backend, amqp_url, fresh_database, scanner_channel, scratch_dir};

@@ -235,7 +235,7 @@ impl TestApp {
         mut config: Config,
         wrap: impl FnOnce(Arc<dyn Queue>) -> Arc<dyn Queue>,
     ) -> TestApp {
-        let api_key = aegis_webhook_core::db::tenants::generate_api_key();
+        let api_key = aegis_webhook_storage::tenants::generate_api_key();
         config.bootstrap_api_key = Some(aegis_webhook_core::config::Sensitive::new(api_key.clone()));
         config.secret_key = Some(aegis_webhook_core::config::Sensitive::new(
             aegis_webhook_core::secret::SecretCipher::generate_key(),
@@ -243,7 +243,7 @@ impl TestApp {
         let ingest_token = "test-ingest-token".to_owned();
         config.ingest_token = Some(aegis_webhook_core::config::Sensitive::new(ingest_token.clone()));
         let db = aegis_webhook::open_database(&config, true).await.expect("database");
-        let tenant = aegis_webhook_core::db::tenants::tenant_by_name(&db, aegis_webhook::DEFAULT_TENANT)
+        let tenant = aegis_webhook_storage::tenants::tenant_by_name(&db, aegis_webhook::DEFAULT_TENANT)
             .await
             .expect("query")
             .expect("bootstrapped");

@@ -6,9 +6,9 @@
 //! and the message carries their trace on to the ingester. A scanner that
 //! sends `traceparent` has the whole trace begin at its own span.
 
-use aegis_webhook_core::db::tenants;
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
 use aegis_webhook_core::telemetry::{self, TraceHeaders};
+use aegis_webhook_storage::tenants;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;

@@ -8,10 +8,10 @@ mod intake;
 use std::sync::Arc;
 
 use aegis_webhook_core::config::Sensitive;
-use aegis_webhook_core::db::tenants;
 use aegis_webhook_core::queue::Queue;
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::target::TargetPolicy;
+use aegis_webhook_storage::tenants;
 use async_graphql::http::GraphiQLSource;
 use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
 use axum::extract::State;

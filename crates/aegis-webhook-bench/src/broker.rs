@@ -5,8 +5,8 @@
 //! The names come from the system's [`Topology`], so they cannot drift from
 //! what the processes declare.
 
-use aegis_webhook_core::queue::rabbitmq::Topology;
 use aegis_webhook_core::retry::RetrySchedule;
+use aegis_webhook_rabbitmq::Topology;
 use anyhow::Context as _;
 use lapin::options::{ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;

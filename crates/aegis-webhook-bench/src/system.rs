@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use aegis_webhook_core::db::tenants::generate_api_key;
 use aegis_webhook_core::retry::RetrySchedule;
 use aegis_webhook_core::secret::SecretCipher;
+use aegis_webhook_storage::tenants::generate_api_key;
 use anyhow::Context as _;
 
 use crate::api::Api;

@@ -1,10 +1,12 @@
-//! Everything the Aegis Webhooks processes share, and nothing transport-specific:
-//! domain types, signing, delivery policy, configuration, the queue port and its
-//! in-process adapter, storage, the target URL policy and telemetry setup.
+//! The domain of Aegis Webhooks and its ports, shared by every process and
+//! free of any transport, database or broker: events and typed ids, signing,
+//! delivery policy, configuration, the queue port with its in-process adapter
+//! and consume loop, the target URL policy, metrics and telemetry setup. The
+//! adapters are crates of their own (`aegis-webhook-storage`,
+//! `aegis-webhook-rabbitmq`).
 
 pub mod batch;
 pub mod config;
-pub mod db;
 pub mod event;
 pub mod ids;
 pub mod metrics;

@@ -1,8 +1,8 @@
 //! Which webhooks receive an event, and under which event name.
 
-use aegis_webhook_core::db::deliveries::NewDelivery;
-use aegis_webhook_core::db::webhooks::Subscription;
 use aegis_webhook_core::event::{EventType, ValidatedEvent};
+use aegis_webhook_storage::deliveries::NewDelivery;
+use aegis_webhook_storage::webhooks::Subscription;
 
 /// One delivery per subscribed webhook. A critical vulnerability goes, as
 /// `CRITICAL_VULNERABILITY_DETECTED`, to webhooks subscribed to that type, and as

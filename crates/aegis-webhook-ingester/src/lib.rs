@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aegis_webhook_core::batch::Batcher;
-use aegis_webhook_core::db::deliveries::{self, EventDelivery};
-use aegis_webhook_core::db::{events, tenants, webhooks};
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
 use aegis_webhook_core::ids::{EventId, TenantId};
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
 use aegis_webhook_core::queue::{self, DeliveryTask, FirstAttempts, Queue, QueueMessage, Stream, Writer};
 use aegis_webhook_core::telemetry;
+use aegis_webhook_storage::deliveries::{self, EventDelivery};
+use aegis_webhook_storage::{events, tenants, webhooks};
 use anyhow::Context as _;
 use chrono::Utc;
 use sea_orm::{DatabaseConnection, TransactionTrait as _};

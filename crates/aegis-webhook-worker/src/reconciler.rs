@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aegis_webhook_core::db::deliveries;
 use aegis_webhook_core::queue::{self, AfterCommit, DeliveryTask, Queue, Writer};
+use aegis_webhook_storage::deliveries;
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;

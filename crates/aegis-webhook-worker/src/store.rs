@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aegis_webhook_core::batch::Batcher;
-use aegis_webhook_core::db::deliveries::{self, Attempt, ClaimRequest, Delivery, NextStep};
-use aegis_webhook_core::db::events::{self, StoredEvent};
-use aegis_webhook_core::db::webhooks::{self, HealthChange, Webhook};
 use aegis_webhook_core::ids::{DeliveryId, EventId, WebhookId};
 use aegis_webhook_core::retry::AutoDisable;
 use aegis_webhook_core::secret::SecretCipher;
+use aegis_webhook_storage::deliveries::{self, Attempt, ClaimRequest, Delivery, NextStep};
+use aegis_webhook_storage::events::{self, StoredEvent};
+use aegis_webhook_storage::webhooks::{self, HealthChange, Webhook};
 use anyhow::Context as _;
 use chrono::Utc;
 use sea_orm::{DatabaseConnection, TransactionTrait as _};

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use aegis_webhook_core::db::tenants::generate_api_key;
 use aegis_webhook_core::secret::SecretCipher;
+use aegis_webhook_storage::tenants::generate_api_key;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 

@@ -10,13 +10,13 @@ use std::sync::Arc;
 
 use aegis_webhook_api::AppState;
 use aegis_webhook_core::config::{Config, Sensitive};
-use aegis_webhook_core::db::{self, tenants};
 use aegis_webhook_core::queue::Queue;
 use aegis_webhook_core::queue::memory::MemoryQueue;
-use aegis_webhook_core::queue::rabbitmq::{Prefetch, RabbitQueue, Topology};
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::target::TargetPolicy;
 use aegis_webhook_ingester::Ingester;
+use aegis_webhook_rabbitmq::{Prefetch, RabbitQueue, Topology};
+use aegis_webhook_storage::{self as db, tenants};
 use aegis_webhook_worker::Worker;
 use aegis_webhook_worker::reconciler::Reconciler;
 use anyhow::Context as _;

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use aegis_webhook::{DEFAULT_TENANT, Roles, open_database, run_until_signal, start, start_dev};
 use aegis_webhook_core::config::Config;
-use aegis_webhook_core::db::{self, tenants};
 use aegis_webhook_core::event::ValidatedEvent;
 use aegis_webhook_core::telemetry;
+use aegis_webhook_storage::{self as db, tenants};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;

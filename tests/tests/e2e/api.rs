@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use aegis_webhook_core::db::tenants;
+use aegis_webhook_storage::tenants;
 use serde_json::{Value, json};
 
 use crate::on_both_backends;

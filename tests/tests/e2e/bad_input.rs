@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use aegis_webhook_core::db::tenants;
+use aegis_webhook_storage::tenants;
 use serde_json::{Value, json};
 
 use crate::support::{Backend, Receiver, SEED_MUTATION, TestApp, envelope, seed_vulnerability_data};

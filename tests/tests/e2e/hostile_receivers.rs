@@ -190,7 +190,7 @@ async fn every_kind_of_hostile_receiver_ends_in_its_documented_outcome() {
         if let Some(not_before) = expected.not_before {
             // A claim may run up to `DUE_TOLERANCE` early (clock skew between hosts).
             let tolerance =
-                chrono::Duration::from_std(aegis_webhook_core::db::deliveries::DUE_TOLERANCE).expect("small");
+                chrono::Duration::from_std(aegis_webhook_storage::deliveries::DUE_TOLERANCE).expect("small");
             let retried_at = started_at(&attempts[1]);
             assert!(
                 retried_at >= not_before - tolerance,

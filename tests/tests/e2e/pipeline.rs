@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use aegis_webhook_core::db::deliveries::{self, DeliveryStatus};
+use aegis_webhook_storage::deliveries::{self, DeliveryStatus};
 use serde_json::{Value, json};
 use uuid::Uuid;
 

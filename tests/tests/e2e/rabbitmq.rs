@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use aegis_webhook_core::db::deliveries::{self, DeliveryStatus};
-use aegis_webhook_core::queue::rabbitmq::REASON_HEADER;
+use aegis_webhook_rabbitmq::REASON_HEADER;
+use aegis_webhook_storage::deliveries::{self, DeliveryStatus};
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};

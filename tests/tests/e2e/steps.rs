@@ -6,8 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use aegis_webhook_core::db::deliveries::{self, DeliveryStatus};
-use aegis_webhook_core::db::{self, tenants, webhooks};
 use aegis_webhook_core::event::EventType;
 use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::queue::memory::MemoryQueue;
@@ -15,6 +13,8 @@ use aegis_webhook_core::queue::{DeliveryTask, Queue};
 use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
 use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
 use aegis_webhook_ingester::{IngestOutcome, Ingester};
+use aegis_webhook_storage::deliveries::{self, DeliveryStatus};
+use aegis_webhook_storage::{self as db, tenants, webhooks};
 use aegis_webhook_worker::{Outcome, Worker};
 use sea_orm::DatabaseConnection;
 

@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use aegis_webhook_core::db::deliveries::{self, Attempt, NewDelivery, NextStep};
-use aegis_webhook_core::db::{self, events, tenants, webhooks};
 use aegis_webhook_core::event::{EventType, ValidatedEvent};
 use aegis_webhook_core::ids::{DeliveryId, TenantId, WebhookId};
 use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
 use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
+use aegis_webhook_storage::deliveries::{self, Attempt, NewDelivery, NextStep};
+use aegis_webhook_storage::{self as db, events, tenants, webhooks};
 use chrono::{SubsecRound as _, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use uuid::Uuid;

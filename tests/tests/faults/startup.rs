@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use aegis_webhook::FAIL_HTTP_SERVER_AFTER_ENV;
-use aegis_webhook_core::db::tenants;
+use aegis_webhook_storage::tenants;
 use aegis_webhook_tests::processes::ProcessCluster;
 
 /// A fresh install, with its bootstrap key: a migrated, empty database (the

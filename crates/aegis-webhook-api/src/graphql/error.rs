@@ -2,7 +2,7 @@
 //! `extensions.code`; internal errors are logged in full and reach the client as a
 //! generic message.
 
-use aegis_webhook_core::db::StoreError;
+use aegis_webhook_storage::StoreError;
 use async_graphql::ErrorExtensions as _;
 
 ///

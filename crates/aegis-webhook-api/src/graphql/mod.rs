@@ -5,12 +5,12 @@ mod types;
 
 use std::collections::BTreeSet;
 
-use aegis_webhook_core::db::{deliveries, events, tenants, webhooks};
 use aegis_webhook_core::event::{EventType, ValidatedEvent};
 use aegis_webhook_core::ids::{DeliveryId, TenantId};
 use aegis_webhook_core::queue::{self, DeliveryTask, Writer};
 use aegis_webhook_core::secret::SigningSecret;
 use aegis_webhook_core::target::WebhookUrl;
+use aegis_webhook_storage::{deliveries, events, tenants, webhooks};
 use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, EmptySubscription, ID, Object, Schema};
 use uuid::Uuid;

@@ -1,9 +1,9 @@
 //! GraphQL types: the API's own shapes, converted from domain values (never the
 //! database entities themselves).
 
-use aegis_webhook_core::db::deliveries;
-use aegis_webhook_core::db::webhooks::Webhook as WebhookRecord;
 use aegis_webhook_core::event::EventType;
+use aegis_webhook_storage::deliveries;
+use aegis_webhook_storage::webhooks::Webhook as WebhookRecord;
 use async_graphql::{Enum, ID, InputObject, SimpleObject};
 
 use super::StoreResultExt as _;

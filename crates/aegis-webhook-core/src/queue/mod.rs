@@ -15,7 +15,6 @@
 
 pub mod consume;
 pub mod memory;
-pub mod rabbitmq;
 
 use std::time::Duration;
 
@@ -163,13 +162,13 @@ pub const RETRY_SHARE: usize = 4;
 /// due) a consumer serves first on its next take, for the consumers of both
 /// adapters.
 #[derive(Debug, Default)]
-pub(crate) struct LanePicker {
+pub struct LanePicker {
     turn: usize,
 }
 
 impl LanePicker {
     /// Whether this take should look at due retries before first attempts.
-    pub(crate) fn prefer_retries(&mut self) -> bool {
+    pub fn prefer_retries(&mut self) -> bool {
         self.turn = self.turn.wrapping_add(1);
         self.turn.is_multiple_of(RETRY_SHARE)
     }
@@ -254,7 +253,7 @@ pub trait Consumer: Send {
 
 /// The span of one publish, as OpenTelemetry's messaging conventions name
 /// things; the message carries its context, so the consumer's span is its child.
-pub(crate) fn publish_span(system: &'static str, destination: &str) -> tracing::Span {
+pub fn publish_span(system: &'static str, destination: &str) -> tracing::Span {
     tracing::info_span!(
         "publish",
         otel.kind = "producer",

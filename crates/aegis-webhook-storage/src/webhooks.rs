@@ -4,14 +4,14 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
 
-use crate::ids::{TenantId, WebhookId};
+use aegis_webhook_core::ids::{TenantId, WebhookId};
 
-use super::StoreError;
-use super::entities::webhook;
-use crate::event::EventType;
-use crate::retry::AutoDisable;
-use crate::secret::{SecretCipher, SigningSecret};
-use crate::target::WebhookUrl;
+use crate::StoreError;
+use crate::entities::webhook;
+use aegis_webhook_core::event::EventType;
+use aegis_webhook_core::retry::AutoDisable;
+use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
+use aegis_webhook_core::target::WebhookUrl;
 
 /// A webhook as the API and the worker see it, secret opened.
 #[derive(Debug, Clone)]
@@ -159,7 +159,7 @@ async fn row_of_tenant(
     id: WebhookId,
 ) -> Result<webhook::Model, StoreError> {
     webhook::Entity::find_by_id(id)
-        .filter(webhook::Column::TenantId.eq(tenant_id))
+        .filter(webhook::Column::TenantId.eq(tenant_id.as_uuid()))
         .one(db)
         .await?
         .ok_or(StoreError::NotFound)
@@ -194,7 +194,7 @@ pub async fn webhooks_by_ids(
         return Ok(Vec::new());
     }
     webhook::Entity::find()
-        .filter(webhook::Column::Id.is_in(super::in_list(ids.iter().copied())))
+        .filter(webhook::Column::Id.is_in(crate::in_list(ids.iter().map(|id| id.as_uuid()))))
         .all(db)
         .await?
         .into_iter()
@@ -212,12 +212,12 @@ pub async fn list_webhooks(
     limit: u64,
 ) -> Result<Vec<Webhook>, StoreError> {
     let mut query = webhook::Entity::find()
-        .filter(webhook::Column::TenantId.eq(tenant_id))
+        .filter(webhook::Column::TenantId.eq(tenant_id.as_uuid()))
         .order_by_asc(webhook::Column::Id)
         .limit(limit + 1);
     if let Some(after) = after {
         // Ids are UUIDv7, so their order is creation order.
-        query = query.filter(webhook::Column::Id.gt(after));
+        query = query.filter(webhook::Column::Id.gt(after.as_uuid()));
     }
     query
         .all(db)
@@ -238,7 +238,7 @@ pub async fn active_subscriptions_of(
         return Ok(by_tenant);
     }
     let rows = webhook::Entity::find()
-        .filter(webhook::Column::TenantId.is_in(super::in_list(tenant_ids.iter().copied())))
+        .filter(webhook::Column::TenantId.is_in(crate::in_list(tenant_ids.iter().map(|id| id.as_uuid()))))
         .filter(webhook::Column::Active.eq(true))
         .all(db)
         .await?;
@@ -287,7 +287,7 @@ pub async fn record_health_change(
     }
     if change.reset {
         webhook::Entity::update_many()
-            .filter(webhook::Column::Id.eq(webhook_id))
+            .filter(webhook::Column::Id.eq(webhook_id.as_uuid()))
             .col_expr(webhook::Column::ConsecutiveFailures, Expr::value(0))
             .col_expr(
                 webhook::Column::FailingSince,
@@ -302,7 +302,7 @@ pub async fn record_health_change(
     // One statement, so concurrent workers count every failure and the first
     // one dates the streak.
     webhook::Entity::update_many()
-        .filter(webhook::Column::Id.eq(webhook_id))
+        .filter(webhook::Column::Id.eq(webhook_id.as_uuid()))
         .col_expr(
             webhook::Column::ConsecutiveFailures,
             Expr::col(webhook::Column::ConsecutiveFailures).add(i32::try_from(change.failures).unwrap_or(i32::MAX)),
@@ -340,7 +340,7 @@ pub async fn disable_webhook(
         .col_expr(webhook::Column::DisabledReason, Expr::value(reason))
         .col_expr(webhook::Column::DisabledAt, Expr::value(Some(now)))
         .col_expr(webhook::Column::UpdatedAt, Expr::value(now))
-        .filter(webhook::Column::Id.eq(webhook_id))
+        .filter(webhook::Column::Id.eq(webhook_id.as_uuid()))
         .exec(db)
         .await?;
     Ok(())
@@ -397,8 +397,8 @@ pub async fn set_webhook_active(
     let mut update = webhook::Entity::update_many()
         .col_expr(webhook::Column::Active, Expr::value(active))
         .col_expr(webhook::Column::UpdatedAt, Expr::value(Utc::now()))
-        .filter(webhook::Column::Id.eq(id))
-        .filter(webhook::Column::TenantId.eq(tenant_id));
+        .filter(webhook::Column::Id.eq(id.as_uuid()))
+        .filter(webhook::Column::TenantId.eq(tenant_id.as_uuid()));
     update = if active {
         update
             .col_expr(webhook::Column::DisabledReason, Expr::value(Option::<String>::None))
@@ -422,8 +422,8 @@ pub async fn set_webhook_active(
 /// Deletes the tenant's webhook and, with it, its deliveries.
 pub async fn delete_webhook(db: &impl ConnectionTrait, tenant_id: TenantId, id: WebhookId) -> Result<(), StoreError> {
     let result = webhook::Entity::delete_many()
-        .filter(webhook::Column::Id.eq(id))
-        .filter(webhook::Column::TenantId.eq(tenant_id))
+        .filter(webhook::Column::Id.eq(id.as_uuid()))
+        .filter(webhook::Column::TenantId.eq(tenant_id.as_uuid()))
         .exec(db)
         .await?;
     if result.rows_affected == 0 {

@@ -36,11 +36,11 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
-use super::{
+use aegis_webhook_core::queue::{
     Acknowledger, Consumer, DeliveryTask, FirstAttempts, LanePicker, Queue, QueueError, QueueMessage, Stream,
     publish_span,
 };
-use crate::telemetry::TraceHeaders;
+use aegis_webhook_core::telemetry::TraceHeaders;
 
 /// Routing key of the work queue on the deliveries exchange.
 const WORK_ROUTING_KEY: &str = "work";
@@ -664,8 +664,16 @@ mod tests {
     fn delays_route_to_the_longest_tier_that_fits() {
         let schedule = [Duration::ZERO, Duration::from_secs(5), Duration::from_secs(300)];
         let topology = Topology::new("t.", &schedule, None);
-        let first = DeliveryTask::new(crate::ids::DeliveryId::generate(), crate::ids::WebhookId::generate(), 1);
-        let retry = DeliveryTask::new(crate::ids::DeliveryId::generate(), crate::ids::WebhookId::generate(), 2);
+        let first = DeliveryTask::new(
+            aegis_webhook_core::ids::DeliveryId::generate(),
+            aegis_webhook_core::ids::WebhookId::generate(),
+            1,
+        );
+        let retry = DeliveryTask::new(
+            aegis_webhook_core::ids::DeliveryId::generate(),
+            aegis_webhook_core::ids::WebhookId::generate(),
+            2,
+        );
         assert_eq!(topology.route_for(&first, Duration::ZERO), Route::Work);
         assert_eq!(topology.route_for(&first, Duration::from_millis(5)), Route::Work);
         assert_eq!(topology.route_for(&retry, Duration::ZERO), Route::Due);

@@ -126,24 +126,6 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
         .context("failed to commit the database migrations")
 }
 
-/// The typed ids are UUID columns: conversions for queries (`.eq(webhook_id)`),
-/// the one place where storage meets them.
-macro_rules! id_values {
-    ($($id:ty),+) => {$(
-        impl From<$id> for sea_orm::Value {
-            fn from(id: $id) -> Self {
-                id.as_uuid().into()
-            }
-        }
-    )+};
-}
-id_values!(
-    crate::ids::TenantId,
-    crate::ids::WebhookId,
-    crate::ids::EventId,
-    crate::ids::DeliveryId
-);
-
 /// `ids` for an `IN (…)` list, padded to the next power of two by repeating the
 /// last one (which changes no result). Each list length is its own statement
 /// text, prepared and planned anew; padded, a batch of any size is one of a
@@ -175,7 +157,7 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::*;
 
     #[test]
     fn sqlite_paths_are_found_in_urls() {

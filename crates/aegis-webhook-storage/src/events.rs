@@ -6,11 +6,11 @@ use chrono::Utc;
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TryInsertResult};
 use uuid::Uuid;
 
-use crate::ids::{EventId, TenantId};
+use aegis_webhook_core::ids::{EventId, TenantId};
 
-use super::StoreError;
-use super::entities::event;
-use crate::event::ValidatedEvent;
+use crate::StoreError;
+use crate::entities::event;
+use aegis_webhook_core::event::ValidatedEvent;
 
 /// An event as stored: what every delivery of it is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,14 +49,14 @@ pub async fn insert_event(db: &impl ConnectionTrait, event: &ValidatedEvent) -> 
 pub async fn insert_event_with_deliveries(
     db: &sea_orm::DatabaseConnection,
     event: &ValidatedEvent,
-    deliveries: &[super::deliveries::NewDelivery],
+    deliveries: &[crate::deliveries::NewDelivery],
     now: chrono::DateTime<Utc>,
-) -> Result<Option<Vec<crate::ids::DeliveryId>>, StoreError> {
+) -> Result<Option<Vec<aegis_webhook_core::ids::DeliveryId>>, StoreError> {
     let transaction = sea_orm::TransactionTrait::begin(db).await?;
     let Some(event_id) = insert_event(&transaction, event).await? else {
         return Ok(None);
     };
-    let ids = super::deliveries::insert_pending(&transaction, event.tenant_id(), event_id, deliveries, now).await?;
+    let ids = crate::deliveries::insert_pending(&transaction, event.tenant_id(), event_id, deliveries, now).await?;
     transaction.commit().await?;
     Ok(Some(ids))
 }
@@ -101,7 +101,7 @@ pub async fn events_by_ids(db: &impl ConnectionTrait, ids: &[EventId]) -> Result
         return Ok(Vec::new());
     }
     let rows = event::Entity::find()
-        .filter(event::Column::Id.is_in(super::in_list(ids.iter().copied())))
+        .filter(event::Column::Id.is_in(crate::in_list(ids.iter().map(|id| id.as_uuid()))))
         .all(db)
         .await?;
     Ok(rows.into_iter().map(StoredEvent::from).collect())

@@ -10,11 +10,11 @@ use sea_orm::sea_query::{Condition, Expr};
 use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
 
-use crate::ids::{DeliveryId, EventId, TenantId, WebhookId};
+use aegis_webhook_core::ids::{DeliveryId, EventId, TenantId, WebhookId};
 
-use super::StoreError;
-use super::entities::{delivery, delivery_attempt};
-use crate::event::EventType;
+use crate::StoreError;
+use crate::entities::{delivery, delivery_attempt};
+use aegis_webhook_core::event::EventType;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeliveryStatus {
@@ -261,7 +261,7 @@ pub async fn claim_many(
         let previous_attempts = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
         any_wanted = any_wanted.add(
             Condition::all()
-                .add(delivery::Column::Id.is_in(super::in_list(ids)))
+                .add(delivery::Column::Id.is_in(crate::in_list(ids)))
                 .add(delivery::Column::Attempts.eq(previous_attempts)),
         );
     }
@@ -289,7 +289,7 @@ pub async fn postpone(
 ) -> Result<(), StoreError> {
     delivery::Entity::update_many()
         .col_expr(delivery::Column::NextAttemptAt, Expr::value(Some(until)))
-        .filter(delivery::Column::Id.eq(id))
+        .filter(delivery::Column::Id.eq(id.as_uuid()))
         .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
         .filter(unclaimed_at(now))
         .exec(db)
@@ -364,7 +364,7 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, Ne
                 Expr::value(state.failure_reason.map(str::to_owned)),
             )
             .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-            .filter(delivery::Column::Id.is_in(super::in_list(ids)))
+            .filter(delivery::Column::Id.is_in(crate::in_list(ids)))
             .exec(db)
             .await?;
     }
@@ -385,7 +385,7 @@ pub async fn cancel(db: &impl ConnectionTrait, id: DeliveryId, reason: &str) -> 
         )
         .col_expr(delivery::Column::FailureReason, Expr::value(reason))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(Utc::now()))
-        .filter(delivery::Column::Id.eq(id))
+        .filter(delivery::Column::Id.eq(id.as_uuid()))
         .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
         .exec(db)
         .await?;
@@ -415,7 +415,7 @@ pub async fn pending_unclaimed(
             Condition::any().add(delivery::Column::NextAttemptAt.gt(due_at)).add(
                 Condition::all()
                     .add(delivery::Column::NextAttemptAt.eq(due_at))
-                    .add(delivery::Column::Id.gt(id)),
+                    .add(delivery::Column::Id.gt(id.as_uuid())),
             ),
         );
     }
@@ -442,7 +442,7 @@ pub async fn deliveries_of_webhook(
     webhook_id: WebhookId,
 ) -> Result<Vec<Delivery>, StoreError> {
     delivery::Entity::find()
-        .filter(delivery::Column::WebhookId.eq(webhook_id))
+        .filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()))
         .order_by_asc(delivery::Column::Id)
         .all(db)
         .await?
@@ -454,7 +454,7 @@ pub async fn deliveries_of_webhook(
 /// A delivery's attempts in order.
 pub async fn attempts_of(db: &impl ConnectionTrait, delivery_id: DeliveryId) -> Result<Vec<Attempt>, StoreError> {
     let rows = delivery_attempt::Entity::find()
-        .filter(delivery_attempt::Column::DeliveryId.eq(delivery_id))
+        .filter(delivery_attempt::Column::DeliveryId.eq(delivery_id.as_uuid()))
         .order_by_asc(delivery_attempt::Column::Attempt)
         .order_by_asc(delivery_attempt::Column::Id)
         .all(db)
@@ -493,9 +493,9 @@ pub async fn list_deliveries(
     before: Option<Uuid>,
     limit: u64,
 ) -> Result<Vec<Delivery>, StoreError> {
-    let mut query = delivery::Entity::find().filter(delivery::Column::TenantId.eq(tenant_id));
+    let mut query = delivery::Entity::find().filter(delivery::Column::TenantId.eq(tenant_id.as_uuid()));
     if let Some(webhook_id) = filter.webhook_id {
-        query = query.filter(delivery::Column::WebhookId.eq(webhook_id));
+        query = query.filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()));
     }
     if let Some(status) = filter.status {
         query = query.filter(delivery::Column::Status.eq(status.as_str()));
@@ -530,7 +530,7 @@ pub async fn delivery_of_tenant(
     id: DeliveryId,
 ) -> Result<Delivery, StoreError> {
     delivery::Entity::find_by_id(id)
-        .filter(delivery::Column::TenantId.eq(tenant_id))
+        .filter(delivery::Column::TenantId.eq(tenant_id.as_uuid()))
         .one(db)
         .await?
         .ok_or(StoreError::NotFound)
@@ -554,7 +554,7 @@ pub async fn reopen(
         )
         .col_expr(delivery::Column::FailureReason, Expr::value(Option::<String>::None))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-        .filter(delivery::Column::Id.eq(id))
+        .filter(delivery::Column::Id.eq(id.as_uuid()))
         .filter(delivery::Column::Status.ne(DeliveryStatus::Pending.as_str()))
         .exec(db)
         .await?;
@@ -571,7 +571,7 @@ pub async fn failed_since(
     since: DateTime<Utc>,
 ) -> Result<Vec<DeliveryId>, StoreError> {
     let rows = delivery::Entity::find()
-        .filter(delivery::Column::WebhookId.eq(webhook_id))
+        .filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()))
         .filter(delivery::Column::Status.eq(DeliveryStatus::Failed.as_str()))
         .filter(delivery::Column::CreatedAt.gte(since))
         .order_by_asc(delivery::Column::Id)
@@ -596,7 +596,7 @@ pub async fn stats_of_webhook(
     use sea_orm::PaginatorTrait as _;
     let with_status = |status: DeliveryStatus| {
         delivery::Entity::find()
-            .filter(delivery::Column::WebhookId.eq(webhook_id))
+            .filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()))
             .filter(delivery::Column::Status.eq(status.as_str()))
     };
     let last_success = with_status(DeliveryStatus::Succeeded)

@@ -7,10 +7,10 @@ use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, Query
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::ids::TenantId;
+use aegis_webhook_core::ids::TenantId;
 
-use super::StoreError;
-use super::entities::{api_key, tenant};
+use crate::StoreError;
+use crate::entities::{api_key, tenant};
 
 /// Every API key starts with this, so leaked keys are easy to recognise and scan for.
 pub const API_KEY_PREFIX: &str = "aegis_";
@@ -54,7 +54,7 @@ pub async fn existing_tenants(
         return Ok(std::collections::HashSet::new());
     }
     let rows = tenant::Entity::find()
-        .filter(tenant::Column::Id.is_in(super::in_list(ids.iter().copied())))
+        .filter(tenant::Column::Id.is_in(crate::in_list(ids.iter().map(|id| id.as_uuid()))))
         .all(db)
         .await?;
     Ok(rows.into_iter().map(|row| TenantId::from_uuid(row.id)).collect())
@@ -171,7 +171,7 @@ pub async fn create_api_key(db: &impl ConnectionTrait, tenant_id: TenantId) -> R
 pub async fn list_api_keys(db: &impl ConnectionTrait, tenant_id: TenantId) -> Result<Vec<ApiKeyInfo>, StoreError> {
     use sea_orm::QueryOrder as _;
     let rows = api_key::Entity::find()
-        .filter(api_key::Column::TenantId.eq(tenant_id))
+        .filter(api_key::Column::TenantId.eq(tenant_id.as_uuid()))
         .order_by_asc(api_key::Column::Id)
         .all(db)
         .await?;
