@@ -16,6 +16,9 @@ use bytes::Bytes;
 pub enum Publishes {
     /// Single tasks (retries, re-publishes, redeliveries, test deliveries).
     Tasks,
+    /// Single tasks of a second or later attempt: a worker's retry, never a
+    /// first attempt re-published by the reconciler.
+    Retries,
     /// An event's first attempts (the ingester's).
     FirstAttempts,
     /// Any task publish: single tasks, first attempts, dead letters.
@@ -56,6 +59,10 @@ impl FlakyQueue {
         if kind != Publishes::Any && kind != this {
             return Ok(());
         }
+        self.take_failure()
+    }
+
+    fn take_failure(&self) -> Result<(), QueueError> {
         let take = self
             .failures_left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1));
@@ -86,7 +93,12 @@ impl Queue for FlakyQueue {
     }
 
     async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError> {
-        self.refuse(Publishes::Tasks)?;
+        let retry_refused = *self.kind.lock().expect("not poisoned") == Publishes::Retries;
+        if retry_refused && !task.is_first_attempt() {
+            self.take_failure()?;
+        } else {
+            self.refuse(Publishes::Tasks)?;
+        }
         self.inner.publish_task(task, delay).await
     }
 

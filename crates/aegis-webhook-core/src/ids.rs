@@ -26,9 +26,6 @@ macro_rules! typed_id {
         pub struct $name(Uuid);
 
         impl $name {
-            /// What the id names, for messages.
-            pub const WHAT: &'static str = $what;
-
             /// A new id: a UUIDv7, so ids sort by creation time.
             pub fn generate() -> Self {
                 $name(Uuid::now_v7())

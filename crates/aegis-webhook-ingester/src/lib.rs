@@ -37,6 +37,9 @@ pub use fanout::plan_deliveries;
 /// How long the loop keeps draining after shutdown is requested, waiting for
 /// messages that are already on their way.
 const DRAIN_IDLE: Duration = Duration::from_millis(200);
+/// The longest the drain lasts: under steady traffic the stream is never idle,
+/// and what is not taken by then stays with the broker.
+const DRAIN_AT_MOST: Duration = Duration::from_secs(5);
 /// Pause after an infrastructure error before the message is handed back.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
@@ -66,7 +69,8 @@ impl std::fmt::Debug for Ingester {
 /// What became of one envelope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IngestOutcome {
-    /// Stored, with this many deliveries published.
+    /// Stored with this many deliveries, their first attempts published (or,
+    /// if the broker refused, left to the reconciler and counted).
     FannedOut { event_id: Uuid, deliveries: usize },
     /// The tenant already had an event with this id: nothing new to do.
     Duplicate { event_id: Uuid },
@@ -212,7 +216,7 @@ impl Ingester {
         // would only bring it round again as a duplicate).
         let deliveries = tasks.len();
         if !tasks.is_empty() {
-            let _ = queue::publish_after_commit(
+            queue::publish_after_commit(
                 Writer::Ingester,
                 "an event's first attempts",
                 self.queue.publish_first_attempts(FirstAttempts::new(&tasks)),
@@ -250,7 +254,10 @@ impl Ingester {
             "events",
             slots,
             &shutdown,
-            Drain::UntilIdle(DRAIN_IDLE),
+            Drain::UntilIdle {
+                idle: DRAIN_IDLE,
+                at_most: DRAIN_AT_MOST,
+            },
             |message, permit| {
                 let ingester = self.clone();
                 in_progress.spawn(async move {

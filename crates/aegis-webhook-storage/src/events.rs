@@ -42,10 +42,11 @@ pub async fn insert_event(db: &impl ConnectionTrait, event: &ValidatedEvent) -> 
     Ok(insert_events(db, &[event]).await?.pop().flatten())
 }
 
-/// Stores one event and its deliveries, all due at `now`, in one transaction:
-/// the ingester's batched fan-out for a single event the system makes itself
-/// (`testWebhook`). The delivery ids in `deliveries`' order, or `None` when the
-/// tenant already had an event with this id.
+/// Stores one event and its deliveries, all due at `now`, in one transaction
+/// of its own (so it takes the connection, not any `ConnectionTrait`): for an
+/// event the system makes itself (`testWebhook`); upstream events go through
+/// the ingester's batched fan-out. The delivery ids in `deliveries`' order, or
+/// `None` when the tenant already had an event with this id.
 pub async fn insert_event_with_deliveries(
     db: &sea_orm::DatabaseConnection,
     event: &ValidatedEvent,

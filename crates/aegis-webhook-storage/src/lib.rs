@@ -103,8 +103,12 @@ const MIGRATION_LOCK: i64 = 0x6165_6769_735f_6d69;
 /// Applies every pending migration. On PostgreSQL, runs that start together
 /// (two `migrate` Jobs, a Job beside an operator's manual run) take turns:
 /// the whole run is one transaction holding an advisory lock, so the next one
-/// waits for it, then finds nothing pending. (Each migration already runs in a
-/// transaction of its own there, now a savepoint.) A SQLite file belongs to one
+/// waits for it, then finds nothing pending. What follows from one
+/// transaction: each migration is a savepoint in it, so a failing migration
+/// rolls back the others of the same run too (the database is never left
+/// half-way); a run waits for the lock as long as the one before takes; and a
+/// migration that cannot run in a transaction (`CREATE INDEX CONCURRENTLY`)
+/// must not be added without changing this. A SQLite file belongs to one
 /// process, `dev`, which migrates it once at start.
 pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
     if db.get_database_backend() != DbBackend::Postgres {

@@ -144,16 +144,29 @@ pub struct ApiKeyInfo {
     pub revoked_at: Option<chrono::DateTime<Utc>>,
 }
 
-/// Creates a tenant; a name already taken is a `Conflict`.
+/// Creates a tenant; a name already taken is a `Conflict`, also when two
+/// create it at once.
 pub async fn create_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tenant, StoreError> {
     let name = name.trim();
     if name.is_empty() {
         return Err(StoreError::Invalid("a tenant needs a name".to_owned()));
     }
-    if tenant_by_name(db, name).await?.is_some() {
+    let row = tenant::ActiveModel {
+        id: Set(TenantId::generate().as_uuid()),
+        name: Set(name.to_owned()),
+        created_at: Set(Utc::now()),
+    };
+    // Insert if absent: of two runs at once, exactly one creates it.
+    let inserted = tenant::Entity::insert(row)
+        .on_conflict_do_nothing_on([tenant::Column::Name])
+        .exec_without_returning(db)
+        .await?;
+    if !matches!(inserted, sea_orm::TryInsertResult::Inserted(rows) if rows > 0) {
         return Err(StoreError::Conflict(format!("tenant `{name}` already exists")));
     }
-    ensure_tenant(db, name).await
+    tenant_by_name(db, name)
+        .await?
+        .ok_or_else(|| StoreError::Unexpected(anyhow::anyhow!("tenant `{name}` vanished after insert")))
 }
 
 /// Creates a new key for the tenant and returns it: the only time it is shown.

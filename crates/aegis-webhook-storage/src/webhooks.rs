@@ -181,25 +181,45 @@ pub async fn webhook_by_id(
     cipher: &SecretCipher,
     id: WebhookId,
 ) -> Result<Option<Webhook>, StoreError> {
-    Ok(webhooks_by_ids(db, cipher, &[id]).await?.pop())
+    match webhooks_by_ids(db, cipher, &[id]).await?.pop() {
+        None => Ok(None),
+        Some(Ok(webhook)) => Ok(Some(webhook)),
+        Some(Err(unreadable)) => Err(StoreError::Unexpected(anyhow::anyhow!(unreadable.reason))),
+    }
 }
 
-/// [`webhook_by_id`] for many: the webhooks that exist, in no particular order.
+/// A stored webhook that cannot be read back: a URL that does not parse, or a
+/// secret that does not open (a corrupted row, or `AEGIS_SECRET_KEY` changed
+/// without re-sealing).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    pub id: WebhookId,
+    pub reason: String,
+}
+
+/// [`webhook_by_id`] for many: the webhooks that exist, in no particular
+/// order, each read on its own, so one unreadable row fails only itself.
 pub async fn webhooks_by_ids(
     db: &impl ConnectionTrait,
     cipher: &SecretCipher,
     ids: &[WebhookId],
-) -> Result<Vec<Webhook>, StoreError> {
+) -> Result<Vec<Result<Webhook, Unreadable>>, StoreError> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    webhook::Entity::find()
+    Ok(webhook::Entity::find()
         .filter(webhook::Column::Id.is_in(crate::in_list(ids.iter().map(|id| id.as_uuid()))))
         .all(db)
         .await?
         .into_iter()
-        .map(|row| to_domain(row, cipher))
-        .collect()
+        .map(|row| {
+            let id = WebhookId::from_uuid(row.id);
+            to_domain(row, cipher).map_err(|error| Unreadable {
+                id,
+                reason: format!("{error:#}"),
+            })
+        })
+        .collect())
 }
 
 /// One page of the tenant's webhooks in creation order, after the cursor `after`.

@@ -24,7 +24,7 @@ use aegis_webhook_core::event::delivered_body;
 use aegis_webhook_core::ids::DeliveryId;
 use aegis_webhook_core::metrics::{self, AttemptOutcome};
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
-use aegis_webhook_core::queue::{self, AfterCommit, DeliveryTask, Queue, Stream, Writer};
+use aegis_webhook_core::queue::{self, DeliveryTask, Queue, Stream, Writer};
 use aegis_webhook_core::retry::{self, Decision, RetryPolicy};
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::signing;
@@ -52,7 +52,7 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 use admission::{Admission, Lanes, Taken};
 use receipt::Receipt;
-use store::{Claimed, Recording, Store};
+use store::{Claimed, Recording, Store, Target};
 
 /// Everything a worker needs, shared by all its in-flight deliveries.
 #[derive(Clone)]
@@ -82,7 +82,8 @@ pub enum Outcome {
     Delivered,
     /// The attempt failed; attempt `next_attempt` is due after `delay`.
     RetryScheduled { next_attempt: u32, delay: Duration },
-    /// The delivery ended `FAILED` and was dead-lettered.
+    /// The delivery ended `FAILED` (and its dead letter was published, or left
+    /// unpublished and counted: the row is the record).
     Failed { reason: String },
     /// The task arrived before the attempt is due; it was published again for
     /// the rest of the delay.
@@ -233,10 +234,12 @@ impl Worker {
     ///
     /// An `Err` means the attempt was not recorded: the claim failed (nothing was
     /// sent), or the request went out and recording its result failed. Either
-    /// way the delivery is still pending in the database, so the caller hands
-    /// the task back, and the attempt is made (again) once its claim's lease
-    /// ends. Publishing what the recorded decision schedules cannot fail the
-    /// step: it follows the one after-commit policy
+    /// way the delivery is still pending in the database. The caller hands the
+    /// task back; while the claim's lease holds, that task is turned away as
+    /// stale, and the reconciler publishes the attempt again once the lease has
+    /// ended and `AEGIS_RECONCILE_GRACE` passed (so it may be sent twice: at
+    /// least once). Publishing what the recorded decision schedules cannot fail
+    /// the step: it follows the one after-commit policy
     /// ([`queue::publish_after_commit`]).
     pub async fn process_one(&self, task: DeliveryTask) -> anyhow::Result<Outcome> {
         let claimed = match self.claim(task).await? {
@@ -280,19 +283,24 @@ impl Worker {
         else {
             return Ok(Claim::Refused(self.unclaimed(task).await?));
         };
-        match webhook {
-            Some(webhook) if webhook.active => Ok(Claim::Granted(Attemptable {
-                delivery,
-                webhook,
-                event,
-            })),
-            Some(_) => Ok(Claim::Refused(
-                self.cancel(task.delivery_id(), "webhook is disabled").await?,
-            )),
-            None => Ok(Claim::Refused(
-                self.cancel(task.delivery_id(), "webhook was deleted").await?,
-            )),
-        }
+        let refused = match webhook {
+            Target::Found(webhook) if webhook.active => {
+                return Ok(Claim::Granted(Attemptable {
+                    delivery,
+                    webhook,
+                    event,
+                }));
+            }
+            Target::Found(_) => "webhook is disabled".to_owned(),
+            Target::Deleted => "webhook was deleted".to_owned(),
+            // Ended with the reason, where the customer's log shows it, rather
+            // than retried forever; replayDeadLetters sends it once mended.
+            Target::Unreadable(why) => {
+                tracing::error!(webhook_id = %delivery.webhook_id, reason = %why, "a webhook's stored row cannot be read");
+                format!("the webhook's stored configuration cannot be read: {why}")
+            }
+        };
+        Ok(Claim::Refused(self.cancel(task.delivery_id(), &refused).await?))
     }
 
     /// Prepare: the exact bytes to send (the same on every attempt) and the
@@ -376,23 +384,20 @@ impl Worker {
     /// Schedule: publishes what the recorded decision says comes next. The
     /// database already says it, so a failed publish is left to the reconciler.
     async fn schedule(&self, task: DeliveryTask, claimed: &Attemptable, decision: &Decision) {
-        let _ = match decision {
+        match decision {
             Decision::Retry {
                 next_attempt, delay, ..
             } => {
                 let retry = DeliveryTask::new(task.delivery_id(), claimed.webhook.id, *next_attempt);
-                queue::publish_after_commit(Writer::Worker, "a retry", self.queue.publish_task(retry, *delay)).await
+                let publish = self.queue.publish_task(retry, *delay);
+                queue::publish_after_commit(Writer::Worker, "a retry", publish).await;
             }
             Decision::Exhausted { reason } | Decision::Gone { reason } => {
-                queue::publish_after_commit(
-                    Writer::Worker,
-                    "a dead letter",
-                    self.queue.publish_dead_letter(task, reason),
-                )
-                .await
+                let publish = self.queue.publish_dead_letter(task, reason);
+                queue::publish_after_commit(Writer::Worker, "a dead letter", publish).await;
             }
-            Decision::Delivered => AfterCommit::Published,
-        };
+            Decision::Delivered => {}
+        }
     }
 
     /// Explains a failed claim: a task that came early (through a broker tier

@@ -40,8 +40,13 @@ impl Reconciler {
     /// every writer's ([`queue::publish_after_commit`]) and the pass goes on
     /// (the delivery is still pending, so the next pass finds it again),
     /// unless [`GIVE_UP_AFTER`] fail in a row: the broker is down, and the next
-    /// pass tries again.
-    pub async fn republish(&self, due_before: Option<DateTime<Utc>>) -> anyhow::Result<usize> {
+    /// pass tries again. `stop` ends the pass between two publishes, so a
+    /// shutdown does not wait for a long pass against a broker that is away.
+    pub async fn republish(
+        &self,
+        due_before: Option<DateTime<Utc>>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<usize> {
         let now = Utc::now();
         let mut published = 0;
         let mut failed_in_a_row = 0;
@@ -49,6 +54,9 @@ impl Reconciler {
         loop {
             let batch = deliveries::pending_unclaimed(&self.db, due_before, now, BATCH, cursor).await?;
             for pending in &batch {
+                if stop.is_cancelled() {
+                    return Ok(published);
+                }
                 let delay = (pending.due_at - now).to_std().unwrap_or(Duration::ZERO);
                 let task = DeliveryTask::new(pending.id, pending.webhook_id, pending.next_attempt);
                 let publish = self.queue.publish_task(task, delay);
@@ -85,7 +93,7 @@ impl Reconciler {
         shutdown: CancellationToken,
     ) {
         if recover_all_at_start {
-            match self.republish(None).await {
+            match self.republish(None, &shutdown).await {
                 Ok(count) => tracing::info!(count, "pending deliveries re-enqueued at start"),
                 Err(error) => tracing::error!(error = format!("{error:#}"), "start-up recovery failed"),
             }
@@ -98,7 +106,7 @@ impl Reconciler {
                 () = shutdown.cancelled() => return,
             }
             let overdue = Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
-            match self.republish(Some(overdue)).await {
+            match self.republish(Some(overdue), &shutdown).await {
                 Ok(0) => {}
                 Ok(count) => tracing::warn!(count, "re-published deliveries whose task went missing"),
                 Err(error) => tracing::error!(error = format!("{error:#}"), "reconciliation failed"),

@@ -29,9 +29,17 @@ const PARALLEL_BATCHES: usize = 2;
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub delivery: Delivery,
-    /// `None` when the webhook was deleted.
-    pub webhook: Option<Arc<Webhook>>,
+    pub webhook: Target,
     pub event: Arc<StoredEvent>,
+}
+
+/// The webhook of a claimed delivery, as read.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Found(Arc<Webhook>),
+    Deleted,
+    /// Its row cannot be read back; why.
+    Unreadable(String),
 }
 
 /// What a finished attempt does to its webhook's health.
@@ -114,9 +122,12 @@ async fn claim_batch(
         webhooks::webhooks_by_ids(db, cipher, &webhook_ids),
         events::events_by_ids(db, &event_ids),
     )?;
-    let webhooks: HashMap<WebhookId, Arc<Webhook>> = webhooks
+    let webhooks: HashMap<WebhookId, Target> = webhooks
         .into_iter()
-        .map(|webhook| (webhook.id, Arc::new(webhook)))
+        .map(|read| match read {
+            Ok(webhook) => (webhook.id, Target::Found(Arc::new(webhook))),
+            Err(unreadable) => (unreadable.id, Target::Unreadable(unreadable.reason)),
+        })
         .collect();
     let events: HashMap<EventId, Arc<StoredEvent>> =
         events.into_iter().map(|event| (event.id, Arc::new(event))).collect();
@@ -137,7 +148,7 @@ async fn claim_batch(
                 .get(&delivery.event_id)
                 .cloned()
                 .context("the event of a claimed delivery vanished")?;
-            let webhook = webhooks.get(&delivery.webhook_id).cloned();
+            let webhook = webhooks.get(&delivery.webhook_id).cloned().unwrap_or(Target::Deleted);
             Ok(Some(Claimed {
                 delivery,
                 webhook,

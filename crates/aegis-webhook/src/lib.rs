@@ -107,7 +107,7 @@ pub struct Supervised {
 
 impl Supervised {
     /// Asks the task to stop and waits for it: its error, if it ended with one.
-    async fn stop(self) -> anyhow::Result<()> {
+    pub async fn stop(self) -> anyhow::Result<()> {
         self.stop.cancel();
         self.handle
             .await

@@ -247,8 +247,21 @@ async fn another_tenants_ids_are_not_found_and_nothing_changes() {
         answer["data"]["webhook"],
         json!({ "url": receiver.url(), "active": true })
     );
-    // Every refused call left no delivery behind, so nothing more can be sent.
+    // Every refused call left no delivery behind (testWebhook), and the one
+    // delivery was not reopened (redeliver, replayDeadLetters): it is still
+    // done after its one attempt, so nothing more can be sent.
     assert_eq!(app.count("deliveries").await, 1);
+    let answer = app
+        .graphql(
+            "query($id: ID!) { delivery(id: $id) { status attemptCount } }",
+            json!({ "id": delivery_id }),
+        )
+        .await;
+    assert_eq!(
+        answer["data"]["delivery"],
+        json!({ "status": "SUCCEEDED", "attemptCount": 1 }),
+        "{answer}"
+    );
     assert_eq!(receiver.received().len(), 1);
 }
 

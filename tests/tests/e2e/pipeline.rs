@@ -225,10 +225,17 @@ async fn stopping_dev_loses_no_pending_delivery(backend: Backend) {
         (rows[0].attempts == 1).then_some(())
     })
     .await;
-    // `stop` returns once every task of the process has ended, so nothing
-    // sends from here until the restart.
+    let due = deliveries::deliveries_of_webhook(app.db(), webhook_id(&created))
+        .await
+        .expect("query")[0]
+        .next_attempt_at
+        .expect("a retry is scheduled");
     app.stop().await;
     let config = app.config.clone();
+    // Nothing may send the retry while stopped: wait until it was due (and a
+    // little past it, for a leaked task to have sent it), then check.
+    let past_due = (due - chrono::Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(300);
+    tokio::time::sleep(past_due).await;
     assert_eq!(receiver.received().len(), 1, "nothing is sent while stopped");
 
     let app = TestApp::start(config).await;

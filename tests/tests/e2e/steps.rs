@@ -189,3 +189,53 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
     );
     assert_eq!(receiver.received().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_row_that_cannot_be_read_fails_only_its_own_delivery() {
+    let (healthy, broken) = (Receiver::start(&[], 200).await, Receiver::start(&[], 200).await);
+    let steps = steps(&[&healthy, &broken]).await;
+    let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
+    steps.ingester.ingest(event.as_bytes()).await.expect("ingested");
+    // Corrupt the second webhook's stored URL, as a bad manual edit would.
+    let backend = sea_orm::ConnectionTrait::get_database_backend(&steps.db);
+    sea_orm::ConnectionTrait::execute_raw(
+        &steps.db,
+        sea_orm::Statement::from_sql_and_values(
+            backend,
+            match backend {
+                sea_orm::DbBackend::Postgres => "UPDATE webhooks SET url = 'not a url' WHERE url = $1",
+                _ => "UPDATE webhooks SET url = 'not a url' WHERE url = ?",
+            },
+            [broken.url().into()],
+        ),
+    )
+    .await
+    .expect("corrupt the row");
+
+    // Both claimed in one batch: the readable one is still delivered.
+    let tasks = steps.first_attempts().await;
+    assert_eq!(tasks.len(), 2);
+    let outcomes = futures::future::join_all(tasks.iter().map(|task| steps.worker.process_one(*task))).await;
+    let outcomes: Vec<Outcome> = outcomes
+        .into_iter()
+        .map(|outcome| outcome.expect("processed"))
+        .collect();
+    assert!(outcomes.contains(&Outcome::Delivered), "{outcomes:?}");
+    let refused = outcomes
+        .iter()
+        .find_map(|outcome| match outcome {
+            Outcome::Skipped { reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .expect("the unreadable one is refused");
+    assert!(
+        refused.starts_with("the webhook's stored configuration cannot be read"),
+        "{refused}"
+    );
+    assert_eq!((healthy.received().len(), broken.received().len()), (1, 0));
+    // It ends FAILED with the reason, where the customer's log shows it.
+    let failed = deliveries::pending_unclaimed(&steps.db, None, chrono::Utc::now(), 10, None)
+        .await
+        .expect("scan");
+    assert!(failed.is_empty(), "nothing left to retry forever: {failed:?}");
+}

@@ -140,6 +140,18 @@ async fn start_up_writes_are_safe_when_replicas_make_them_at_once(backend: Backe
         assert!(matches!(result, Err(db::StoreError::Conflict(_))), "{result:?}");
     }
     assert_eq!(count("api_keys").await, 1);
+
+    // `tenant create` run twice at once: one creates it, the other is told.
+    let creating = pools.iter().map(|db| tenants::create_tenant(db, "acme"));
+    let created = futures::future::join_all(creating).await;
+    assert_eq!(created.iter().filter(|result| result.is_ok()).count(), 1, "{created:?}");
+    assert!(
+        created
+            .iter()
+            .filter_map(|result| result.as_ref().err())
+            .all(|error| matches!(error, db::StoreError::Conflict(_))),
+        "{created:?}"
+    );
 }
 
 async fn webhook_secrets_are_sealed_at_rest(backend: Backend) {

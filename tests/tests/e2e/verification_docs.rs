@@ -762,7 +762,7 @@ async fn the_docs_typescript_snippets_verify_real_deliveries_under_node() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_docs_go_snippet_verifies_real_deliveries_where_go_is_installed() {
+async fn the_docs_go_snippet_verifies_real_deliveries() {
     // `.ci/run` installs Debian's Go (the oldest the page promises to build with); a
     // developer without Go is told loudly.
     if toolchain("Go", "go", &["version"], true).is_none() {

@@ -83,8 +83,10 @@ async fn a_publish_failing_after_any_writers_commit_is_left_to_the_reconciler_an
     );
 
     // The worker's retry (after a 500) is refused; the reconciler publishes it.
+    // (Only a retry: were the worker slow to take the first attempt, the
+    // reconciler's re-publish of it must not be what is refused.)
     let before = counts();
-    flaky.fail_next(1, Publishes::Tasks);
+    flaky.fail_next(1, Publishes::Retries);
     post_event().await;
     let received = receiver.wait_for(3, within).await;
     assert_eq!(received[1].header("x-aegis-attempt"), "1");

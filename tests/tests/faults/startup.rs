@@ -16,6 +16,10 @@ async fn fresh_install() -> Option<(ProcessCluster, String)> {
     let mut cluster = ProcessCluster::prepare("startup").await?;
     let key = tenants::generate_api_key();
     cluster.set("AEGIS_AMQP_QUEUE_EXPIRY", "1m");
+    // Quick to start, twenty times over: one retry tier to declare, one
+    // database connection to open per process.
+    cluster.set("AEGIS_RETRY_SCHEDULE", "0s,1s");
+    cluster.set("AEGIS_DATABASE_MAX_CONNECTIONS", "1");
     cluster.set("AEGIS_BOOTSTRAP_API_KEY", key.clone());
     Some((cluster, key))
 }
@@ -65,9 +69,13 @@ async fn replicas_started_together_with_one_bootstrap_key_all_come_up() {
                 process.role
             );
         }
-        for process in processes {
+        // Stopped together, as a rollout's scale-down stops them.
+        let stopped = futures::future::join_all(processes.into_iter().map(|process| async move {
             let role = process.role;
-            let status = process.terminate(Duration::from_secs(30)).await;
+            (role, process.terminate(Duration::from_secs(30)).await)
+        }))
+        .await;
+        for (role, status) in stopped {
             assert!(
                 status.success(),
                 "round {round}: the {role} process stopped with {status}"

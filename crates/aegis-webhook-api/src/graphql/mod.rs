@@ -338,7 +338,7 @@ impl MutationRoot {
         let publish = state
             .queue
             .publish_task(DeliveryTask::new(delivery_id, webhook.id, 1), std::time::Duration::ZERO);
-        let _ = queue::publish_after_commit(Writer::Api, "a test delivery", publish).await;
+        queue::publish_after_commit(Writer::Api, "a test delivery", publish).await;
         delivery_of(state, caller, delivery_id).await
     }
 
@@ -398,7 +398,7 @@ async fn reopen_and_publish(state: &AppState, id: DeliveryId) -> ApiResult<bool>
     let Some(reopened) = next else { return Ok(false) };
     let task = DeliveryTask::new(id, reopened.webhook_id, reopened.attempts + 1);
     let publish = state.queue.publish_task(task, std::time::Duration::ZERO);
-    let _ = queue::publish_after_commit(Writer::Api, "a redelivery", publish).await;
+    queue::publish_after_commit(Writer::Api, "a redelivery", publish).await;
     Ok(true)
 }
 

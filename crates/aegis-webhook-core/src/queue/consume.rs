@@ -25,9 +25,10 @@ pub enum Drain {
     /// Stop taking messages at once; those not taken stay with the broker.
     Immediately,
     /// Keep taking the messages already on their way until none has come for
-    /// this long (the ingester: an envelope on its way is fanned out rather
-    /// than handed back).
-    UntilIdle(Duration),
+    /// `idle`, and for `at_most` in all (under steady traffic the stream is
+    /// never idle): the ingester fans out an envelope on its way rather than
+    /// handing it back.
+    UntilIdle { idle: Duration, at_most: Duration },
 }
 
 /// Whether the loop goes on after a message.
@@ -57,7 +58,15 @@ where
 {
     let mut consumer = queue.consume(stream).await?;
     metrics::consumer_up(label, true);
+    // When draining began, once shutdown was seen.
+    let mut draining_since: Option<tokio::time::Instant> = None;
     loop {
+        if let (Drain::UntilIdle { at_most, .. }, true) = (drain, shutdown.is_cancelled()) {
+            let since = *draining_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= at_most {
+                break;
+            }
+        }
         let permit = match drain {
             // Biased: once shutdown is asked for, it wins over a free slot.
             Drain::Immediately => tokio::select! {
@@ -66,11 +75,11 @@ where
                 permit = slots.clone().acquire_owned() => permit,
             },
             // Draining goes on after shutdown, so it waits for a slot whatever.
-            Drain::UntilIdle(_) => slots.clone().acquire_owned().await,
+            Drain::UntilIdle { .. } => slots.clone().acquire_owned().await,
         }
         .expect("the slots are never closed");
         let next = match drain {
-            Drain::UntilIdle(idle) if shutdown.is_cancelled() => {
+            Drain::UntilIdle { idle, .. } if shutdown.is_cancelled() => {
                 match tokio::time::timeout(idle, consumer.next()).await {
                     Ok(next) => next,
                     Err(_idle) => break,
@@ -81,7 +90,7 @@ where
                 () = shutdown.cancelled() => match drain {
                     Drain::Immediately => break,
                     // Shutdown began while waiting: go round to drain.
-                    Drain::UntilIdle(_) => continue,
+                    Drain::UntilIdle { .. } => continue,
                 },
                 next = consumer.next() => next,
             },
@@ -91,7 +100,10 @@ where
             Some(Err(error)) => {
                 tracing::error!(error = %error, stream = label, "consumer failed");
                 metrics::consumer_up(label, false);
-                tokio::time::sleep(ERROR_PAUSE).await;
+                tokio::select! {
+                    () = tokio::time::sleep(ERROR_PAUSE) => {}
+                    () = shutdown.cancelled(), if drain == Drain::Immediately => break,
+                }
             }
             Some(Ok(message)) => {
                 metrics::consumer_up(label, true);
@@ -191,7 +203,10 @@ mod tests {
         let shutdown = CancellationToken::new();
         shutdown.cancel();
         publish(&queue, 2).await;
-        let drain = Drain::UntilIdle(Duration::from_millis(200));
+        let drain = Drain::UntilIdle {
+            idle: Duration::from_millis(200),
+            at_most: Duration::from_secs(5),
+        };
         assert_eq!(
             taken(&queue, &shutdown, drain, Flow::Continue).await,
             2,
@@ -208,5 +223,43 @@ mod tests {
         publish(&queue, 3).await;
         let running = CancellationToken::new();
         assert_eq!(taken(&queue, &running, Drain::Immediately, Flow::Stop).await, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_ends_after_at_most_even_when_the_stream_is_never_idle() {
+        let queue = MemoryQueue::new();
+        publish(&queue, 1).await;
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let drain = Drain::UntilIdle {
+            idle: Duration::from_millis(200),
+            at_most: Duration::from_secs(1),
+        };
+        let started = tokio::time::Instant::now();
+        let mut taken = 0;
+        consume(
+            &queue,
+            Stream::Events,
+            "events",
+            Arc::new(Semaphore::new(8)),
+            &shutdown,
+            drain,
+            |message, _permit| {
+                taken += 1;
+                let queue = queue.clone();
+                async move {
+                    message.ack().await.expect("ack");
+                    // Every 100 ms another arrives: the stream is never idle for 200 ms.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    publish(&queue, 1).await;
+                    Flow::Continue
+                }
+            },
+        )
+        .await
+        .expect("ends");
+        assert!(started.elapsed() >= Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!((9..=12).contains(&taken), "{taken}");
     }
 }

@@ -312,7 +312,6 @@ impl Writer {
 
 /// Whether a publish after a commit reached the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[must_use = "a publish left to the reconciler may change what the caller reports"]
 pub enum AfterCommit {
     Published,
     /// The broker refused or was unreachable: the reconciler publishes it.
