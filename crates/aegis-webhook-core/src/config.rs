@@ -96,6 +96,16 @@ pub struct Config {
     pub graphql_introspection: bool,
     /// Largest GraphQL request body, in bytes.
     pub graphql_max_body_bytes: usize,
+    /// How long the HTTP server waits for a request's headers, counted from
+    /// when it starts waiting (a new connection, or an idle keep-alive one):
+    /// slow-header and idle connections are closed after it.
+    #[serde(with = "humantime_serde_compat")]
+    pub http_header_read_timeout: Duration,
+    /// The longest one HTTP request may take, body read included (408 past it).
+    #[serde(with = "humantime_serde_compat")]
+    pub http_request_timeout: Duration,
+    /// HTTP connections one process serves at once; more wait to be accepted.
+    pub http_max_connections: usize,
     /// How long a rotated-out secret keeps signing `webhook-signature`.
     #[serde(with = "humantime_serde_compat")]
     pub secret_rotation_grace: Duration,
@@ -152,6 +162,9 @@ impl Default for Config {
             max_response_body_bytes: 64 * 1024,
             graphql_introspection: true,
             graphql_max_body_bytes: 256 * 1024,
+            http_header_read_timeout: Duration::from_secs(10),
+            http_request_timeout: Duration::from_secs(30),
+            http_max_connections: 1024,
             secret_rotation_grace: Duration::from_secs(24 * 3600),
             worker_concurrency: 256,
             webhook_concurrency: 64,
@@ -197,6 +210,14 @@ impl Config {
         }
         if self.request_timeout.is_zero() {
             return Err(ConfigError::Invalid("request_timeout must be positive".into()));
+        }
+        if self.http_header_read_timeout.is_zero() || self.http_request_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "http_header_read_timeout and http_request_timeout must be positive".into(),
+            ));
+        }
+        if self.http_max_connections == 0 {
+            return Err(ConfigError::Invalid("http_max_connections must be at least 1".into()));
         }
         if self.max_event_bytes < 1024 {
             return Err(ConfigError::Invalid("max_event_bytes must be at least 1024".into()));

@@ -264,10 +264,11 @@ pub async fn start_on_queue(
         Some((listener, router)) => {
             addr = Some(listener.local_addr().context("failed to read the listener's address")?);
             let fail_after = injected_http_failure()?;
+            let limits = ops::HttpLimits::from_config(config);
             Some(supervise(
                 "HTTP server",
                 |stop| async move {
-                    let serving = ops::serve(listener, router, stop);
+                    let serving = ops::serve(listener, router, stop, limits);
                     match fail_after {
                         None => serving.await,
                         Some(after) => tokio::select! {

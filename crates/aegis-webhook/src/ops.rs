@@ -1,9 +1,10 @@
 //! What every process serves besides its role: `/healthz`, `/readyz` and
 //! `/metrics`, so that every process is probed and scraped the same way, and
 //! the one HTTP server loop that serves them (alone for the ingester and the
-//! worker, beside the API's routes for the API).
+//! worker, beside the API's routes for the API), within [`HttpLimits`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use aegis_webhook_core::queue::Queue;
 use axum::Router;
@@ -11,8 +12,13 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use sea_orm::DatabaseConnection;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// What the probes look at.
@@ -31,13 +37,92 @@ pub fn router(db: DatabaseConnection, queue: Arc<dyn Queue>) -> Router {
         .with_state(Probes { db, queue })
 }
 
-/// Serves `router` on `listener` until `shutdown`, then finishes the requests in
-/// progress.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(|error| anyhow::anyhow!("the HTTP server failed: {error}"))
+/// What bounds one process's HTTP server, from the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// How long a request's headers may take to arrive, counted from when the
+    /// server starts waiting for them, on a new connection or an idle
+    /// keep-alive one: slow-header (slowloris) and idle connections end.
+    pub header_read_timeout: Duration,
+    /// The longest one request may take, its body read included (408).
+    pub request_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl HttpLimits {
+    pub fn from_config(config: &aegis_webhook_core::config::Config) -> Self {
+        HttpLimits {
+            header_read_timeout: config.http_header_read_timeout,
+            request_timeout: config.http_request_timeout,
+            max_connections: config.http_max_connections,
+        }
+    }
+}
+
+/// Pause after a failed `accept` (out of file descriptors, say) before the next.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Serves `router` on `listener` within `limits` until `shutdown`, then stops
+/// accepting and lets the connections finish the requests they are serving.
+///
+/// The loop is hyper's, not `axum::serve`: that sets no header-read timeout
+/// (hyper's needs a timer) and no connection limit. Each connection is a
+/// task of its own, watched by the graceful shutdown that this function
+/// awaits, so none outlives it.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+    limits: HttpLimits,
+) -> anyhow::Result<()> {
+    let router = router.layer(tower_http::timeout::TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        limits.request_timeout,
+    ));
+    // HTTP/1 only, as every client of these endpoints speaks (scanners,
+    // customers' GraphQL clients, probes, Prometheus): with protocol detection
+    // a connection that sends nothing would wait for its first bytes before
+    // any timer starts.
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            permit = slots.clone().acquire_owned() => permit.expect("the slots are never closed"),
+        };
+        let stream = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    tracing::warn!(error = %error, "accepting a connection failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        // Answers are small and latency matters more than packet count.
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // A client that went away or timed out is not the server's error.
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 async fn metrics() -> Response {

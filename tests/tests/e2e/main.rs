@@ -5,6 +5,7 @@ mod api;
 mod bad_input;
 mod bench;
 mod hostile_receivers;
+mod http_limits;
 mod pipeline;
 mod rabbitmq;
 mod steps;
