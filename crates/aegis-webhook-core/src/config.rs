@@ -88,6 +88,12 @@ pub struct Config {
     /// Whole-request timeout of a delivery attempt: connect, TLS, headers, body.
     #[serde(with = "humantime_serde_compat")]
     pub request_timeout: Duration,
+    /// How much longer than `request_timeout` a worker's claim on an attempt
+    /// lasts, for the database writes around the request. A crashed worker's
+    /// attempts wait this long (plus the reconciler's grace) to be retried; an
+    /// attempt recorded later than this may be sent twice.
+    #[serde(with = "humantime_serde_compat")]
+    pub claim_margin: Duration,
     /// Largest upstream event accepted, in bytes.
     pub max_event_bytes: usize,
     /// How much of a receiver's response body is kept in the attempt log.
@@ -158,6 +164,7 @@ impl Default for Config {
             retry_after_max: Duration::from_secs(3600),
             retry_throttled_floor: Duration::from_secs(5),
             request_timeout: Duration::from_secs(15),
+            claim_margin: Duration::from_secs(10),
             max_event_bytes: 256 * 1024,
             max_response_body_bytes: 64 * 1024,
             graphql_introspection: true,

@@ -43,10 +43,6 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 use tracing::field::{Empty, display};
 
-/// Extra time a claim lasts beyond the request timeout, for the database writes
-/// around the request. Short, because a crashed worker's deliveries wait this
-/// long (plus the reconciler's grace) before another worker retries them.
-const CLAIM_MARGIN: Duration = Duration::from_secs(10);
 /// Pause after an infrastructure error before the task is handed back.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
@@ -209,7 +205,7 @@ impl Worker {
         cipher: SecretCipher,
     ) -> anyhow::Result<Self> {
         let policy = Arc::new(config.target_policy());
-        let lease = config.request_timeout + CLAIM_MARGIN;
+        let lease = config.request_timeout + config.claim_margin;
         Ok(Worker {
             client: http::build_client(policy.clone(), config.request_timeout)?,
             store: Store::spawn(db.clone(), cipher, lease, config.auto_disable()),

@@ -48,6 +48,9 @@ impl Cluster {
             ("AEGIS_DATABASE_MAX_CONNECTIONS", "8"),
             ("AEGIS_RETRY_SCHEDULE", "0s,500ms,1s,2s,5s,10s"),
             ("AEGIS_REQUEST_TIMEOUT", "2s"),
+            // A killed worker's claims end 6 s after they were taken (not
+            // 12 s): time enough for the live workers' records under load.
+            ("AEGIS_CLAIM_MARGIN", "4s"),
             ("AEGIS_RECONCILE_INTERVAL", "1s"),
             ("AEGIS_RECONCILE_GRACE", "2s"),
             ("AEGIS_SHUTDOWN_GRACE", "10s"),
