@@ -134,8 +134,8 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
 /// last one (which changes no result). Each list length is its own statement
 /// text, prepared and planned anew; padded, a batch of any size is one of a
 /// few texts, which the connection's statement cache keeps.
-pub(crate) fn in_list<Id: Copy>(ids: impl IntoIterator<Item = Id>) -> Vec<Id> {
-    let mut ids: Vec<Id> = ids.into_iter().collect();
+pub(crate) fn in_list(ids: impl IntoIterator<Item = uuid::Uuid>) -> Vec<uuid::Uuid> {
+    let mut ids: Vec<uuid::Uuid> = ids.into_iter().collect();
     if let Some(&last) = ids.last() {
         ids.resize(ids.len().next_power_of_two(), last);
     }
@@ -181,7 +181,7 @@ mod tests {
         assert_eq!(&padded[..5], &ids[..]);
         assert!(padded[5..].iter().all(|id| *id == ids[4]));
         assert_eq!(in_list(ids[..4].to_vec()).len(), 4);
-        assert!(in_list(Vec::<uuid::Uuid>::new()).is_empty());
+        assert!(in_list(Vec::new()).is_empty());
     }
 
     #[test]
