@@ -7,6 +7,7 @@ mod m20261127_000001_initial;
 mod m20261127_000002_secret_rotation;
 mod m20261127_000003_auto_disable;
 mod m20261127_000004_deliveries_fillfactor;
+mod m20261203_000005_scopes_audit;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000002_secret_rotation::Migration),
             Box::new(m20261127_000003_auto_disable::Migration),
             Box::new(m20261127_000004_deliveries_fillfactor::Migration),
+            Box::new(m20261203_000005_scopes_audit::Migration),
         ]
     }
 }

@@ -16,6 +16,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
+use sha2::Digest as _;
 use subtle::ConstantTimeEq as _;
 use tracing::Instrument as _;
 use tracing::field::{Empty, display};
@@ -72,6 +73,21 @@ async fn accept(state: AppState, headers: HeaderMap, body: Result<Bytes, BytesRe
             "UNAUTHENTICATED",
             "missing or wrong ingest token: send `Authorization: Bearer <ingest token>`",
         );
+    }
+    let token_hash: [u8; 32] = sha2::Sha256::digest(expected.expose().as_bytes()).into();
+    if let Err(refusal) = state.limits.admit_intake(token_hash) {
+        let mut response = reply(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMITED",
+            format!(
+                "rate limit of this ingest token reached (AEGIS_INTAKE_RATE_LIMIT); retry after {} s",
+                refusal.retry_after_secs()
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, refusal.retry_after_secs().into());
+        return response;
     }
     let body = match body {
         Ok(body) => body,

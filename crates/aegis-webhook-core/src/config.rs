@@ -115,6 +115,30 @@ pub struct Config {
     /// How long a rotated-out secret keeps signing `webhook-signature`.
     #[serde(with = "humantime_serde_compat")]
     pub secret_rotation_grace: Duration,
+    /// The longest one GraphQL request may run once admitted; its work is
+    /// cancelled past it.
+    #[serde(with = "humantime_serde_compat")]
+    pub graphql_timeout: Duration,
+    /// Requests per second one API key may make, on average (`/graphql`).
+    pub api_rate_limit: u32,
+    /// Requests one API key may make at once above its rate, after a quiet spell.
+    pub api_rate_burst: u32,
+    /// Requests one API key may have in progress at once.
+    pub api_max_concurrent_requests: u32,
+    /// Events per second one ingest token may post to `/v1/events`, on average.
+    pub intake_rate_limit: u32,
+    /// Events one ingest token may post at once above its rate.
+    pub intake_rate_burst: u32,
+    /// Webhooks one tenant may have.
+    pub max_webhooks_per_tenant: u32,
+    /// Project ids one webhook's filter may name.
+    pub max_project_ids_per_webhook: u32,
+    /// Characters a webhook's description may have.
+    pub max_description_chars: u32,
+    /// Characters a webhook secret chosen by the customer must have at least.
+    pub secret_min_chars: u32,
+    /// Different characters such a secret must have at least.
+    pub secret_min_distinct_chars: u32,
     /// Deliveries one worker process sends at once. Many: an attempt spends
     /// most of its time waiting (on the receiver, and on the batched database
     /// round trips it shares with the others), so slots are cheap.
@@ -173,6 +197,17 @@ impl Default for Config {
             http_request_timeout: Duration::from_secs(30),
             http_max_connections: 1024,
             secret_rotation_grace: Duration::from_secs(24 * 3600),
+            graphql_timeout: Duration::from_secs(10),
+            api_rate_limit: 50,
+            api_rate_burst: 100,
+            api_max_concurrent_requests: 16,
+            intake_rate_limit: 5000,
+            intake_rate_burst: 20000,
+            max_webhooks_per_tenant: 250,
+            max_project_ids_per_webhook: 100,
+            max_description_chars: 1000,
+            secret_min_chars: 16,
+            secret_min_distinct_chars: 8,
             worker_concurrency: 256,
             webhook_concurrency: 64,
             auto_disable_after_failures: 100,
@@ -229,6 +264,25 @@ impl Config {
         if self.max_event_bytes < 1024 {
             return Err(ConfigError::Invalid("max_event_bytes must be at least 1024".into()));
         }
+        if self.graphql_timeout.is_zero() {
+            return Err(ConfigError::Invalid("graphql_timeout must be positive".into()));
+        }
+        for (name, value) in [
+            ("api_rate_limit", self.api_rate_limit),
+            ("api_rate_burst", self.api_rate_burst),
+            ("api_max_concurrent_requests", self.api_max_concurrent_requests),
+            ("intake_rate_limit", self.intake_rate_limit),
+            ("intake_rate_burst", self.intake_rate_burst),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.secret_min_chars < 8 {
+            return Err(ConfigError::Invalid(
+                "secret_min_chars must be at least 8: shorter secrets can be guessed".into(),
+            ));
+        }
         if self.reconcile_interval.is_zero() {
             return Err(ConfigError::Invalid("reconcile_interval must be positive".into()));
         }
@@ -271,8 +325,36 @@ impl Config {
         }
     }
 
+    /// What one tenant may hold and what its input may look like.
+    pub fn quotas(&self) -> Quotas {
+        Quotas {
+            webhooks_per_tenant: self.max_webhooks_per_tenant,
+            project_ids_per_webhook: self.max_project_ids_per_webhook,
+            description_chars: self.max_description_chars,
+            secret: crate::secret::SecretRules {
+                min_chars: self.secret_min_chars as usize,
+                min_distinct_chars: self.secret_min_distinct_chars as usize,
+            },
+        }
+    }
+
     pub fn target_policy(&self) -> TargetPolicy {
         TargetPolicy::new(self.allow_private_targets.clone())
+    }
+}
+
+/// Per-tenant quotas and input rules of the API (`Config::quotas`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    pub webhooks_per_tenant: u32,
+    pub project_ids_per_webhook: u32,
+    pub description_chars: u32,
+    pub secret: crate::secret::SecretRules,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Config::default().quotas()
     }
 }
 

@@ -5,6 +5,7 @@
 //! adapters are crates of their own (`aegis-webhook-storage`,
 //! `aegis-webhook-rabbitmq`).
 
+pub mod access;
 pub mod batch;
 pub mod config;
 pub mod event;

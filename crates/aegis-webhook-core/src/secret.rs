@@ -26,6 +26,27 @@ pub enum SecretError {
     TooLong,
     #[error("secret must not contain whitespace or control characters")]
     BadCharacters,
+    #[error("secret must be at least {0} characters")]
+    ShorterThan(usize),
+    #[error("secret must have at least {0} different characters")]
+    TooFewDistinct(usize),
+}
+
+/// How strong a secret chosen by a customer must be (generated ones always
+/// are). Configurable: `AEGIS_SECRET_MIN_CHARS`, `AEGIS_SECRET_MIN_DISTINCT_CHARS`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretRules {
+    pub min_chars: usize,
+    pub min_distinct_chars: usize,
+}
+
+impl Default for SecretRules {
+    fn default() -> Self {
+        SecretRules {
+            min_chars: MIN_SECRET_CHARS,
+            min_distinct_chars: 8,
+        }
+    }
 }
 
 /// The shared secret a webhook's requests are signed with.
@@ -47,11 +68,30 @@ impl SigningSecret {
         Ok(SigningSecret(text.to_owned()))
     }
 
+    /// [`SigningSecret::parse`], then the strength `rules` a customer's own
+    /// secret must meet: long enough, and not one character repeated.
+    pub fn parse_chosen(text: &str, rules: SecretRules) -> Result<Self, SecretError> {
+        let secret = Self::parse(text)?;
+        if text.chars().count() < rules.min_chars {
+            return Err(SecretError::ShorterThan(rules.min_chars));
+        }
+        let distinct: std::collections::BTreeSet<char> = text.chars().collect();
+        if distinct.len() < rules.min_distinct_chars {
+            return Err(SecretError::TooFewDistinct(rules.min_distinct_chars));
+        }
+        Ok(secret)
+    }
+
     /// `whsec_` + base64 of 32 random bytes.
     pub fn generate() -> Self {
         let mut bytes = [0u8; 32];
         rand::fill(&mut bytes);
         SigningSecret(format!("{GENERATED_PREFIX}{}", BASE64.encode(bytes)))
+    }
+
+    /// Whether it has the form of a generated secret (`whsec_…`).
+    pub fn is_generated(&self) -> bool {
+        self.0.starts_with(GENERATED_PREFIX)
     }
 
     /// The secret itself, for signing and for showing it to its owner.
@@ -164,6 +204,22 @@ mod tests {
             Err(SecretError::BadCharacters)
         );
         assert!(SigningSecret::parse("your-webhook-secret").is_ok());
+        // The documentation's secret meets the default strength rules.
+        let rules = SecretRules::default();
+        assert!(SigningSecret::parse_chosen("your-webhook-secret", rules).is_ok());
+        assert_eq!(
+            SigningSecret::parse_chosen("aaaaaaaaaaaaaaaaaaaa", rules),
+            Err(SecretError::TooFewDistinct(8))
+        );
+        assert_eq!(
+            SigningSecret::parse_chosen("abcdefghijklmnopqrst", SecretRules { min_chars: 24, ..rules }),
+            Err(SecretError::ShorterThan(24))
+        );
+        assert!(
+            SecretError::TooFewDistinct(8)
+                .to_string()
+                .contains("at least 8 different characters")
+        );
     }
 
     #[test]

@@ -453,24 +453,43 @@ pub async fn deliveries_of_webhook(
 
 /// A delivery's attempts in order.
 pub async fn attempts_of(db: &impl ConnectionTrait, delivery_id: DeliveryId) -> Result<Vec<Attempt>, StoreError> {
+    Ok(attempts_of_many(db, &[delivery_id])
+        .await?
+        .remove(&delivery_id)
+        .unwrap_or_default())
+}
+
+/// The attempts of many deliveries in one statement (a page of the delivery
+/// log asks once), each delivery's in order; a delivery without attempts is
+/// absent.
+pub async fn attempts_of_many(
+    db: &impl ConnectionTrait,
+    delivery_ids: &[DeliveryId],
+) -> Result<std::collections::HashMap<DeliveryId, Vec<Attempt>>, StoreError> {
+    let mut by_delivery: std::collections::HashMap<DeliveryId, Vec<Attempt>> = std::collections::HashMap::new();
+    if delivery_ids.is_empty() {
+        return Ok(by_delivery);
+    }
     let rows = delivery_attempt::Entity::find()
-        .filter(delivery_attempt::Column::DeliveryId.eq(delivery_id.as_uuid()))
+        .filter(delivery_attempt::Column::DeliveryId.is_in(crate::in_list(delivery_ids.iter().map(|id| id.as_uuid()))))
+        .order_by_asc(delivery_attempt::Column::DeliveryId)
         .order_by_asc(delivery_attempt::Column::Attempt)
         .order_by_asc(delivery_attempt::Column::Id)
         .all(db)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| Attempt {
-            delivery_id: DeliveryId::from_uuid(row.delivery_id),
+    for row in rows {
+        let delivery_id = DeliveryId::from_uuid(row.delivery_id);
+        by_delivery.entry(delivery_id).or_default().push(Attempt {
+            delivery_id,
             attempt: u32::try_from(row.attempt).unwrap_or_default(),
             started_at: row.started_at,
             duration: Duration::from_millis(u64::try_from(row.duration_ms).unwrap_or_default()),
             status_code: row.status_code.and_then(|code| u16::try_from(code).ok()),
             error: row.error,
             response_body: row.response_body,
-        })
-        .collect())
+        });
+    }
+    Ok(by_delivery)
 }
 
 /// Filters of the delivery log.
@@ -581,7 +600,7 @@ pub async fn failed_since(
 }
 
 /// Counts of a webhook's deliveries by status, and its last success.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WebhookDeliveryStats {
     pub succeeded: u64,
     pub failed: u64,
@@ -589,24 +608,66 @@ pub struct WebhookDeliveryStats {
     pub last_success_at: Option<DateTime<Utc>>,
 }
 
-pub async fn stats_of_webhook(
+/// [`WebhookDeliveryStats`] of many webhooks in one statement (a page of
+/// webhooks asks once, not once per webhook), answered from the
+/// `(webhook_id, status, updated_at)` index: its cost is the size of these
+/// webhooks' own delivery logs, whatever other tenants hold. A webhook without
+/// deliveries gets zeros.
+pub async fn stats_of_webhooks(
     db: &impl ConnectionTrait,
-    webhook_id: WebhookId,
-) -> Result<WebhookDeliveryStats, StoreError> {
-    use sea_orm::PaginatorTrait as _;
-    let with_status = |status: DeliveryStatus| {
-        delivery::Entity::find()
-            .filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()))
-            .filter(delivery::Column::Status.eq(status.as_str()))
-    };
-    let last_success = with_status(DeliveryStatus::Succeeded)
-        .order_by_desc(delivery::Column::UpdatedAt)
-        .one(db)
+    webhook_ids: &[WebhookId],
+) -> Result<std::collections::HashMap<WebhookId, WebhookDeliveryStats>, StoreError> {
+    use sea_orm::FromQueryResult;
+    use sea_orm::sea_query::ExprTrait as _;
+
+    #[derive(FromQueryResult)]
+    struct Group {
+        webhook_id: Uuid,
+        status: String,
+        deliveries: i64,
+        last_updated_at: Option<DateTime<Utc>>,
+    }
+
+    let mut stats: std::collections::HashMap<WebhookId, WebhookDeliveryStats> = webhook_ids
+        .iter()
+        .map(|id| {
+            let zero = WebhookDeliveryStats {
+                succeeded: 0,
+                failed: 0,
+                pending: 0,
+                last_success_at: None,
+            };
+            (*id, zero)
+        })
+        .collect();
+    if webhook_ids.is_empty() {
+        return Ok(stats);
+    }
+    let groups = delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::WebhookId)
+        .column(delivery::Column::Status)
+        .column_as(Expr::col(delivery::Column::WebhookId).count(), "deliveries")
+        .column_as(Expr::col(delivery::Column::UpdatedAt).max(), "last_updated_at")
+        .filter(delivery::Column::WebhookId.is_in(crate::in_list(webhook_ids.iter().map(|id| id.as_uuid()))))
+        .group_by(delivery::Column::WebhookId)
+        .group_by(delivery::Column::Status)
+        .into_model::<Group>()
+        .all(db)
         .await?;
-    Ok(WebhookDeliveryStats {
-        succeeded: with_status(DeliveryStatus::Succeeded).count(db).await?,
-        failed: with_status(DeliveryStatus::Failed).count(db).await?,
-        pending: with_status(DeliveryStatus::Pending).count(db).await?,
-        last_success_at: last_success.map(|row| row.updated_at),
-    })
+    for group in groups {
+        let Some(entry) = stats.get_mut(&WebhookId::from_uuid(group.webhook_id)) else {
+            continue;
+        };
+        let count = u64::try_from(group.deliveries).unwrap_or_default();
+        match group.status.parse::<DeliveryStatus>()? {
+            DeliveryStatus::Succeeded => {
+                entry.succeeded = count;
+                entry.last_success_at = group.last_updated_at;
+            }
+            DeliveryStatus::Failed => entry.failed = count,
+            DeliveryStatus::Pending => entry.pending = count,
+        }
+    }
+    Ok(stats)
 }

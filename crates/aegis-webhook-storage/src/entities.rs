@@ -32,6 +32,8 @@ pub mod api_key {
         pub prefix: String,
         pub created_at: DateTimeUtc,
         pub revoked_at: Option<DateTimeUtc>,
+        /// `read,write,secrets` (`core::access::Scopes`' stored form).
+        pub scopes: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -136,6 +138,30 @@ pub mod delivery_attempt {
         pub status_code: Option<i32>,
         pub error: Option<String>,
         pub response_body: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod audit_entry {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "audit_log")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub tenant_id: Uuid,
+        pub occurred_at: DateTimeUtc,
+        pub api_key_id: Option<Uuid>,
+        pub actor: String,
+        pub operation: String,
+        pub target_kind: String,
+        pub target_id: Option<String>,
+        pub summary: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

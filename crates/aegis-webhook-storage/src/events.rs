@@ -43,16 +43,17 @@ pub async fn insert_event(db: &impl ConnectionTrait, event: &ValidatedEvent) -> 
 }
 
 /// Stores one event and its deliveries, all due at `now`, in one transaction
-/// of its own (so it takes the connection, not any `ConnectionTrait`): for an
+/// of its own (a savepoint when `db` is a transaction already): for an
 /// event the system makes itself (`testWebhook`); upstream events go through
 /// the ingester's batched fan-out. The delivery ids in `deliveries`' order, or
 /// `None` when the tenant already had an event with this id.
 pub async fn insert_event_with_deliveries(
-    db: &sea_orm::DatabaseConnection,
+    db: &impl sea_orm::TransactionTrait,
     event: &ValidatedEvent,
     deliveries: &[crate::deliveries::NewDelivery],
     now: chrono::DateTime<Utc>,
 ) -> Result<Option<Vec<aegis_webhook_core::ids::DeliveryId>>, StoreError> {
+    use sea_orm::TransactionSession as _;
     let transaction = sea_orm::TransactionTrait::begin(db).await?;
     let Some(event_id) = insert_event(&transaction, event).await? else {
         return Ok(None);

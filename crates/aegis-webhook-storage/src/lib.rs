@@ -4,6 +4,7 @@
 //! Repository functions take any `ConnectionTrait`, so callers can compose them
 //! inside one transaction (the ingester's fan-out does).
 
+pub mod audit;
 pub mod deliveries;
 pub mod entities;
 pub mod events;
@@ -28,14 +29,34 @@ pub enum StoreError {
     /// The input itself is unacceptable, whatever is stored.
     #[error("{0}")]
     Invalid(String),
+    /// No database connection came free in time: the database is busy, not
+    /// broken, and the same call may succeed a moment later.
+    #[error("the database is busy")]
+    Busy,
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
 }
 
 impl From<DbErr> for StoreError {
     fn from(error: DbErr) -> Self {
+        if matches!(error, DbErr::ConnectionAcquire(sea_orm::error::ConnAcquireErr::Timeout)) {
+            return StoreError::Busy;
+        }
         StoreError::Unexpected(anyhow::Error::new(error).context("database error"))
     }
+}
+
+/// Begins a transaction that will write. On SQLite it takes the write lock at
+/// once (`BEGIN IMMEDIATE`): a deferred transaction that reads first and then
+/// writes cannot wait for the lock (its snapshot could be stale) and fails
+/// with "database is locked" whenever another connection writes meanwhile.
+/// PostgreSQL ignores the mode.
+pub async fn begin_write(db: &DatabaseConnection) -> Result<sea_orm::DatabaseTransaction, StoreError> {
+    let options = sea_orm::TransactionOptions {
+        sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+        ..Default::default()
+    };
+    Ok(db.begin_with_options(options).await?)
 }
 
 /// Opens the database at `url`, creating the SQLite file (and its folder) when

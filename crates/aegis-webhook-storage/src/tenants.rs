@@ -7,6 +7,7 @@ use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, Query
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use aegis_webhook_core::access::Scopes;
 use aegis_webhook_core::ids::TenantId;
 
 use crate::StoreError;
@@ -89,11 +90,22 @@ pub async fn ensure_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tena
         .ok_or_else(|| StoreError::Unexpected(anyhow::anyhow!("tenant `{name}` vanished after insert")))
 }
 
-/// Stores `key` (already generated or supplied by an operator) for `tenant_id`.
-/// Storing a key that the same tenant already holds is a no-op, also when several
-/// processes store it at once (replicas sharing `AEGIS_BOOTSTRAP_API_KEY`); a key
-/// that another tenant holds is a `Conflict`.
+/// Stores `key` (already generated or supplied by an operator) for `tenant_id`
+/// with every scope (the bootstrap and `dev` keys). See [`add_api_key_with`].
 pub async fn add_api_key(db: &impl ConnectionTrait, tenant_id: TenantId, key: &str) -> Result<(), StoreError> {
+    add_api_key_with(db, tenant_id, key, Scopes::FULL).await
+}
+
+/// Stores `key` for `tenant_id` with `scopes`. Storing a key that the same
+/// tenant already holds is a no-op (its scopes stay as they are), also when
+/// several processes store it at once (replicas sharing
+/// `AEGIS_BOOTSTRAP_API_KEY`); a key that another tenant holds is a `Conflict`.
+pub async fn add_api_key_with(
+    db: &impl ConnectionTrait,
+    tenant_id: TenantId,
+    key: &str,
+    scopes: Scopes,
+) -> Result<(), StoreError> {
     let hash = hash_key(key);
     let row = api_key::ActiveModel {
         id: Set(Uuid::now_v7()),
@@ -102,6 +114,7 @@ pub async fn add_api_key(db: &impl ConnectionTrait, tenant_id: TenantId, key: &s
         prefix: Set(key.chars().take(API_KEY_PREFIX.len() + 4).collect()),
         created_at: Set(Utc::now()),
         revoked_at: Set(None),
+        scopes: Set(scopes.to_string()),
     };
     // Insert if absent, then read who holds it: no window between a read and
     // an insert for another process to fall into, and no unique violation to
@@ -124,14 +137,35 @@ pub async fn add_api_key(db: &impl ConnectionTrait, tenant_id: TenantId, key: &s
     }
 }
 
+/// Who a valid API key speaks for, and what it may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyHolder {
+    pub tenant_id: TenantId,
+    pub key_id: Uuid,
+    pub scopes: Scopes,
+}
+
+fn stored_scopes(text: &str) -> Result<Scopes, StoreError> {
+    text.parse()
+        .map_err(|error| StoreError::Unexpected(anyhow::anyhow!("an API key row holds unreadable scopes: {error}")))
+}
+
 /// The tenant holding this key, if the key exists and is not revoked.
-pub async fn authenticate(db: &impl ConnectionTrait, key: &str) -> Result<Option<TenantId>, StoreError> {
+pub async fn authenticate(db: &impl ConnectionTrait, key: &str) -> Result<Option<KeyHolder>, StoreError> {
     let found = api_key::Entity::find()
         .filter(api_key::Column::KeyHash.eq(hash_key(key)))
         .filter(api_key::Column::RevokedAt.is_null())
         .one(db)
         .await?;
-    Ok(found.map(|row| TenantId::from_uuid(row.tenant_id)))
+    found
+        .map(|row| {
+            Ok(KeyHolder {
+                tenant_id: TenantId::from_uuid(row.tenant_id),
+                key_id: row.id,
+                scopes: stored_scopes(&row.scopes)?,
+            })
+        })
+        .transpose()
 }
 
 /// An API key as listed: never the key itself, which is not stored.
@@ -142,6 +176,7 @@ pub struct ApiKeyInfo {
     pub prefix: String,
     pub created_at: chrono::DateTime<Utc>,
     pub revoked_at: Option<chrono::DateTime<Utc>>,
+    pub scopes: Scopes,
 }
 
 /// Creates a tenant; a name already taken is a `Conflict`, also when two
@@ -169,10 +204,15 @@ pub async fn create_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tena
         .ok_or_else(|| StoreError::Unexpected(anyhow::anyhow!("tenant `{name}` vanished after insert")))
 }
 
-/// Creates a new key for the tenant and returns it: the only time it is shown.
-pub async fn create_api_key(db: &impl ConnectionTrait, tenant_id: TenantId) -> Result<(Uuid, String), StoreError> {
+/// Creates a new key with `scopes` for the tenant and returns it: the only
+/// time it is shown.
+pub async fn create_api_key(
+    db: &impl ConnectionTrait,
+    tenant_id: TenantId,
+    scopes: Scopes,
+) -> Result<(Uuid, String), StoreError> {
     let key = generate_api_key();
-    add_api_key(db, tenant_id, &key).await?;
+    add_api_key_with(db, tenant_id, &key, scopes).await?;
     let row = api_key::Entity::find()
         .filter(api_key::Column::KeyHash.eq(hash_key(&key)))
         .one(db)
@@ -188,19 +228,22 @@ pub async fn list_api_keys(db: &impl ConnectionTrait, tenant_id: TenantId) -> Re
         .order_by_asc(api_key::Column::Id)
         .all(db)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| ApiKeyInfo {
-            id: row.id,
-            prefix: row.prefix,
-            created_at: row.created_at,
-            revoked_at: row.revoked_at,
+    rows.into_iter()
+        .map(|row| {
+            Ok(ApiKeyInfo {
+                id: row.id,
+                scopes: stored_scopes(&row.scopes)?,
+                prefix: row.prefix,
+                created_at: row.created_at,
+                revoked_at: row.revoked_at,
+            })
         })
-        .collect())
+        .collect()
 }
 
-/// Revokes a key at once: the next request with it is refused.
-pub async fn revoke_api_key(db: &impl ConnectionTrait, key_id: Uuid) -> Result<(), StoreError> {
+/// Revokes a key at once: the next request with it is refused. Returns the
+/// tenant that held it.
+pub async fn revoke_api_key(db: &impl ConnectionTrait, key_id: Uuid) -> Result<TenantId, StoreError> {
     use sea_orm::sea_query::Expr;
     let result = api_key::Entity::update_many()
         .col_expr(api_key::Column::RevokedAt, Expr::value(Some(Utc::now())))
@@ -211,5 +254,9 @@ pub async fn revoke_api_key(db: &impl ConnectionTrait, key_id: Uuid) -> Result<(
     if result.rows_affected == 0 {
         return Err(StoreError::NotFound);
     }
-    Ok(())
+    let row = api_key::Entity::find_by_id(key_id)
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    Ok(TenantId::from_uuid(row.tenant_id))
 }

@@ -222,6 +222,15 @@ pub async fn webhooks_by_ids(
         .collect())
 }
 
+/// How many webhooks the tenant has (for its quota).
+pub async fn count_of_tenant(db: &impl ConnectionTrait, tenant_id: TenantId) -> Result<u64, StoreError> {
+    use sea_orm::PaginatorTrait as _;
+    Ok(webhook::Entity::find()
+        .filter(webhook::Column::TenantId.eq(tenant_id.as_uuid()))
+        .count(db)
+        .await?)
+}
+
 /// One page of the tenant's webhooks in creation order, after the cursor `after`.
 /// Fetches `limit + 1` rows so the caller can tell whether another page exists.
 pub async fn list_webhooks(

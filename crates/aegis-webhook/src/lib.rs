@@ -253,6 +253,20 @@ pub async fn start_on_queue(
                 secret_rotation_grace: config.secret_rotation_grace,
                 graphql_introspection: config.graphql_introspection,
                 graphql_max_body_bytes: config.graphql_max_body_bytes,
+                graphql_timeout: config.graphql_timeout,
+                quotas: config.quotas(),
+                limits: Arc::new(aegis_webhook_api::limits::Limits::new(
+                    aegis_webhook_api::limits::LimitSettings {
+                        api_rate: config.api_rate_limit,
+                        api_burst: config.api_rate_burst,
+                        api_concurrent: config.api_max_concurrent_requests,
+                        intake_rate: config.intake_rate_limit,
+                        intake_burst: config.intake_rate_burst,
+                    },
+                )),
+                busy_log: Arc::new(aegis_webhook_api::limits::LogThrottle::new(
+                    std::time::Duration::from_secs(10),
+                )),
             };
             let router = aegis_webhook_api::router(state).merge(ops::router(db.clone(), queue.clone()));
             Some((listener, router))

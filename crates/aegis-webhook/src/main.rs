@@ -8,7 +8,7 @@ use aegis_webhook::{DEFAULT_TENANT, Roles, open_database, run_until_signal, star
 use aegis_webhook_core::config::Config;
 use aegis_webhook_core::event::ValidatedEvent;
 use aegis_webhook_core::telemetry;
-use aegis_webhook_storage::{self as db, tenants};
+use aegis_webhook_storage::{self as db, audit, tenants};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
@@ -74,6 +74,11 @@ enum ApikeyCommand {
         /// The tenant's name.
         #[arg(long, default_value = DEFAULT_TENANT)]
         tenant: String,
+        /// What the key may do, comma-separated: `read` (see configuration and
+        /// the delivery log, never a secret), `write` (change them), `secrets`
+        /// (read webhook secrets back). `read` is always included.
+        #[arg(long, default_value = "read,write,secrets")]
+        scopes: aegis_webhook_core::access::Scopes,
     },
     /// Lists a tenant's keys (their first characters; keys are stored hashed).
     List {
@@ -142,27 +147,43 @@ async fn apikey(config: Config, command: ApikeyCommand) -> anyhow::Result<()> {
         }
     };
     match command {
-        ApikeyCommand::Create { tenant } => {
+        ApikeyCommand::Create { tenant, scopes } => {
             // The default tenant is made on demand, as `dev` and the bootstrap key do.
             let tenant = if tenant == DEFAULT_TENANT {
                 tenants::ensure_tenant(&db, DEFAULT_TENANT).await?
             } else {
                 find_tenant(tenant).await?
             };
-            let (id, key) = tenants::create_api_key(&db, tenant.id).await?;
+            let txn = db::begin_write(&db).await?;
+            let (id, key) = tenants::create_api_key(&txn, tenant.id, scopes).await?;
+            let entry = audit::NewEntry {
+                tenant_id: tenant.id,
+                actor: audit::Actor::Operator,
+                operation: "apikey.create",
+                target_kind: "api_key",
+                target_id: Some(id.to_string()),
+                summary: serde_json::json!({ "scopes": scopes.to_string() }),
+            };
+            audit::record(&txn, entry, chrono::Utc::now()).await?;
+            txn.commit().await?;
             println!("tenant:  {} ({})", tenant.name, tenant.id);
             println!("key id:  {id}");
+            println!("scopes:  {scopes}");
             println!("api key: {key}");
             println!("The key is shown only this once; it is stored hashed.");
         }
         ApikeyCommand::List { tenant } => {
             let tenant = find_tenant(tenant).await?;
-            println!("{:<36}  {:<12}  {:<20}  revoked", "id", "starts with", "created");
+            println!(
+                "{:<36}  {:<12}  {:<18}  {:<20}  revoked",
+                "id", "starts with", "scopes", "created"
+            );
             for key in tenants::list_api_keys(&db, tenant.id).await? {
                 println!(
-                    "{:<36}  {:<12}  {:<20}  {}",
+                    "{:<36}  {:<12}  {:<18}  {:<20}  {}",
                     key.id,
                     key.prefix,
+                    key.scopes.to_string(),
                     key.created_at.format("%Y-%m-%d %H:%M:%S"),
                     key.revoked_at
                         .map_or_else(|| "-".to_owned(), |at| at.format("%Y-%m-%d %H:%M:%S").to_string())
@@ -170,9 +191,20 @@ async fn apikey(config: Config, command: ApikeyCommand) -> anyhow::Result<()> {
             }
         }
         ApikeyCommand::Revoke { id } => {
-            tenants::revoke_api_key(&db, id)
+            let txn = db::begin_write(&db).await?;
+            let tenant_id = tenants::revoke_api_key(&txn, id)
                 .await
                 .map_err(|error| anyhow::anyhow!("cannot revoke key {id}: {error} (unknown or already revoked)"))?;
+            let entry = audit::NewEntry {
+                tenant_id,
+                actor: audit::Actor::Operator,
+                operation: "apikey.revoke",
+                target_kind: "api_key",
+                target_id: Some(id.to_string()),
+                summary: serde_json::json!({}),
+            };
+            audit::record(&txn, entry, chrono::Utc::now()).await?;
+            txn.commit().await?;
             println!("key {id} revoked");
         }
     }

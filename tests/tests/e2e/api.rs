@@ -386,9 +386,24 @@ async fn oversized_deep_and_complex_requests_are_refused_with_a_code() {
         "{answer}"
     );
 
-    // Too complex: many aliases of a cheap field.
-    let wide: String = (0..1200).map(|i| format!(" a{i}: tenant {{ id }}")).collect();
+    // Too wide: many aliases of a cheap field, refused before validation.
+    let wide: String = (0..2100).map(|i| format!(" a{i}: tenant {{ id }}")).collect();
     let answer = app.graphql(&format!("{{{wide} }}"), json!({})).await;
+    assert_eq!(answer["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "{answer}");
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("more than 2000 fields"),
+        "{answer}"
+    );
+
+    // Too complex: a few fields, but each a page of 100 with a database field
+    // per item. The page size counts.
+    let pages: String = (0..30)
+        .map(|i| format!(" a{i}: webhooks(first: 100) {{ nodes {{ stats {{ succeeded }} }} }}"))
+        .collect();
+    let answer = app.graphql(&format!("{{{pages} }}"), json!({})).await;
     assert_eq!(answer["errors"][0]["extensions"]["code"], "BAD_USER_INPUT", "{answer}");
     assert!(
         answer["errors"][0]["message"]
@@ -397,6 +412,12 @@ async fn oversized_deep_and_complex_requests_are_refused_with_a_code() {
             .contains("complex"),
         "{answer}"
     );
+    // The same with small pages is fine.
+    let pages: String = (0..30)
+        .map(|i| format!(" a{i}: webhooks(first: 2) {{ nodes {{ stats {{ succeeded }} }} }}"))
+        .collect();
+    let answer = app.graphql(&format!("{{{pages} }}"), json!({})).await;
+    assert!(answer["errors"].is_null(), "{answer}");
 
     // Introspection is off in this configuration: the schema is not revealed.
     let answer = app.graphql("{ __schema { types { name } } }", json!({})).await;

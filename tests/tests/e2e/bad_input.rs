@@ -253,7 +253,9 @@ async fn a_revoked_key_is_refused_on_its_next_request() {
         tenants::create_tenant(app.db(), "acme").await.is_err(),
         "names are unique"
     );
-    let (key_id, key) = tenants::create_api_key(app.db(), tenant.id).await.expect("key");
+    let (key_id, key) = tenants::create_api_key(app.db(), tenant.id, aegis_webhook_core::access::Scopes::FULL)
+        .await
+        .expect("key");
     let query = "{ tenant { name } }";
 
     let (status, answer) = app.graphql_as(Some(&key), query, json!({})).await;

@@ -113,10 +113,12 @@ async fn start_up_writes_are_safe_when_replicas_make_them_at_once(backend: Backe
         });
         let tenants = futures::future::join_all(started).await;
         assert!(tenants.iter().all(|tenant| *tenant == tenants[0]), "{tenants:?}");
-        assert_eq!(
-            tenants::authenticate(&pools[0], &key).await.expect("authenticate"),
-            Some(tenants[0].id)
-        );
+        let holder = tenants::authenticate(&pools[0], &key)
+            .await
+            .expect("authenticate")
+            .expect("the key is held");
+        assert_eq!(holder.tenant_id, tenants[0].id);
+        assert_eq!(holder.scopes, aegis_webhook_core::access::Scopes::FULL);
     }
     let db = &pools[0];
     let count = |table: &'static str| async move {

@@ -1,43 +1,50 @@
 //! The GraphQL schema: queries and mutations over the caller's own tenant.
 
-mod error;
+pub mod size;
 mod types;
 
-use std::collections::BTreeSet;
-
-use aegis_webhook_core::event::{EventType, ValidatedEvent};
-use aegis_webhook_core::ids::{DeliveryId, TenantId};
-use aegis_webhook_core::queue::{self, DeliveryTask, Writer};
-use aegis_webhook_core::secret::SigningSecret;
-use aegis_webhook_core::target::WebhookUrl;
-use aegis_webhook_storage::{deliveries, events, tenants, webhooks};
+use aegis_webhook_core::event::EventType;
+use aegis_webhook_storage::{audit, deliveries, tenants};
 use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, EmptySubscription, ID, Object, Schema};
-use uuid::Uuid;
 
-pub use error::{ApiError, ApiResult, StoreResultExt};
 pub use types::{
-    Delivery, DeliveryAttempt, DeliveryFilter, DeliveryStatus, EventTypeInfo, Tenant, Webhook, WebhookEvent,
-    WebhookInput, WebhookUpdateInput,
+    AuditEntry, AuditLogFilter, Delivery, DeliveryAttempt, DeliveryFilter, DeliveryStatus, EventTypeInfo, Tenant,
+    Webhook, WebhookEvent, WebhookInput, WebhookUpdateInput,
 };
 
 use crate::AppState;
+use crate::actions::{self, Caller};
+use crate::error::{ApiError, ApiResult, StoreResultExt as _};
 
 pub type AegisSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
 
-/// The authenticated caller, put into every request's data by the HTTP handler.
-#[derive(Debug, Clone, Copy)]
-pub struct Caller {
-    pub tenant_id: TenantId,
-}
-
-/// Limits that keep one request from costing much: how deep and how wide a
-/// query may go.
+/// How deep a query may go.
 const MAX_DEPTH: usize = 12;
-const MAX_COMPLEXITY: usize = 1000;
+/// The most a query may cost, counted before it runs: every field costs 1, a
+/// field that reads the database more (`cost::DB`), and a list multiplies what
+/// it holds by its page size (`first`, default 50). A full page of 100
+/// webhooks with their stats costs about 1,000, a page of 100 deliveries with
+/// every attempt about 11,000; the 250 aliased webhook pages of issue 14's
+/// attack cost about 176,000.
+pub const MAX_COMPLEXITY: usize = 20_000;
 const MAX_PAGE: usize = 100;
 const DEFAULT_PAGE: usize = 50;
-const MAX_DESCRIPTION_CHARS: usize = 1000;
+
+/// Weights of the cost model, used in the `complexity` attributes.
+pub(crate) mod cost {
+    /// A field resolved by its own database statement(s).
+    pub const DB: usize = 5;
+
+    /// A page of `first` items (default 50), each costing `child`, plus the
+    /// statement that reads it.
+    pub fn page(first: Option<i32>, child: usize) -> usize {
+        let first = first.map_or(super::DEFAULT_PAGE, |n| {
+            usize::try_from(n).unwrap_or(0).min(super::MAX_PAGE)
+        });
+        DB + first.max(1) * child
+    }
+}
 
 pub fn build_schema(state: AppState) -> AegisSchema {
     let introspection = state.graphql_introspection;
@@ -52,13 +59,13 @@ pub fn build_schema(state: AppState) -> AegisSchema {
     }
 }
 
-fn caller(ctx: &Context<'_>) -> ApiResult<Caller> {
+pub(crate) fn caller(ctx: &Context<'_>) -> ApiResult<Caller> {
     ctx.data::<Caller>()
         .copied()
         .map_err(|_| ApiError::Internal(anyhow::anyhow!("request without an authenticated caller")))
 }
 
-fn state<'a>(ctx: &Context<'a>) -> &'a AppState {
+pub(crate) fn state<'a>(ctx: &Context<'a>) -> &'a AppState {
     ctx.data_unchecked::<AppState>()
 }
 
@@ -115,6 +122,7 @@ pub struct QueryRoot;
 #[Object]
 impl QueryRoot {
     /// The caller's tenant: its `id` is the `tenantId` events for it carry.
+    #[graphql(complexity = "cost::DB")]
     async fn tenant(&self, ctx: &Context<'_>) -> async_graphql::Result<Tenant> {
         let caller = caller(ctx)?;
         let tenant = tenants::tenant_by_id(&state(ctx).db, caller.tenant_id)
@@ -127,17 +135,15 @@ impl QueryRoot {
         })
     }
 
+    #[graphql(complexity = "cost::DB + child_complexity")]
     async fn webhook(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Webhook> {
         let caller = caller(ctx)?;
-        let id = parse_id("id", &id)?;
-        let state = state(ctx);
-        let webhook = webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, id)
-            .await
-            .or_not_found("webhook")?;
-        Ok(webhook.into())
+        let view = actions::webhook(state(ctx), &caller, parse_id("id", &id)?).await?;
+        Ok(Webhook::from(view))
     }
 
     /// The caller's webhooks in creation order, a page at a time.
+    #[graphql(complexity = "cost::page(first, child_complexity)")]
     async fn webhooks(
         &self,
         ctx: &Context<'_>,
@@ -148,29 +154,35 @@ impl QueryRoot {
         let first = page_size(first)?;
         let after = parse_cursor(after)?;
         let state = state(ctx);
-        let page = webhooks::list_webhooks(&state.db, &state.cipher, caller.tenant_id, after, first as u64)
-            .await
-            .map_err(ApiError::from)?;
+        let page = actions::webhooks_page(state, &caller, after, first as u64).await?;
+        let mut page: Vec<Webhook> = page.into_iter().map(Webhook::from).collect();
+        // The page's stats in one statement, when the query asks for them.
+        if selects(ctx, "stats") {
+            let ids: Vec<_> = page.iter().take(first).map(|webhook| webhook.webhook_id).collect();
+            let mut stats = actions::stats_of(state, &caller, &ids).await?;
+            for webhook in &mut page {
+                webhook.prefetched_stats = stats.remove(&webhook.webhook_id);
+            }
+        }
         Ok(connection(
             page,
             first,
             after.is_some(),
-            |webhook| webhook.id,
-            Webhook::from,
+            |webhook| webhook.webhook_id,
+            |webhook| webhook,
         ))
     }
 
     /// One delivery of the caller's tenant, with its attempts.
+    #[graphql(complexity = "cost::DB + child_complexity")]
     async fn delivery(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Delivery> {
         let caller = caller(ctx)?;
-        let id = parse_id("id", &id)?;
-        let delivery = deliveries::delivery_of_tenant(&state(ctx).db, caller.tenant_id, id)
-            .await
-            .or_not_found("delivery")?;
+        let delivery = actions::delivery(state(ctx), &caller, parse_id("id", &id)?).await?;
         Ok(delivery.into())
     }
 
     /// The delivery log, newest first, a page at a time.
+    #[graphql(complexity = "cost::page(first, child_complexity)")]
     async fn deliveries(
         &self,
         ctx: &Context<'_>,
@@ -193,15 +205,58 @@ impl QueryRoot {
             created_after: filter.since,
             created_before: filter.until,
         };
-        let page = deliveries::list_deliveries(&state(ctx).db, caller.tenant_id, &filter, after, first as u64)
-            .await
-            .map_err(ApiError::from)?;
+        let state = state(ctx);
+        let page = actions::deliveries_page(state, &caller, &filter, after, first as u64).await?;
+        let mut page: Vec<Delivery> = page.into_iter().map(Delivery::from).collect();
+        // The page's attempts in one statement, when the query asks for them.
+        if selects(ctx, "attempts") {
+            let ids: Vec<_> = page.iter().take(first).map(|delivery| delivery.delivery_id).collect();
+            let mut attempts = actions::attempts_of(state, &caller, &ids).await?;
+            for delivery in &mut page {
+                delivery.prefetched_attempts = Some(attempts.remove(&delivery.delivery_id).unwrap_or_default());
+            }
+        }
         Ok(connection(
             page,
             first,
             after.is_some(),
-            |delivery| delivery.id,
-            Delivery::from,
+            |delivery| delivery.delivery_id,
+            |delivery| delivery,
+        ))
+    }
+
+    /// The tenant's audit log: every change made through the API (and every
+    /// API key made or revoked), newest first, a page at a time.
+    #[graphql(complexity = "cost::page(first, child_complexity)")]
+    async fn audit_log(
+        &self,
+        ctx: &Context<'_>,
+        filter: Option<AuditLogFilter>,
+        #[graphql(desc = "Page size, 1 to 100; default 50.")] first: Option<i32>,
+        #[graphql(desc = "The `endCursor` of the previous page.")] after: Option<String>,
+    ) -> async_graphql::Result<Connection<String, AuditEntry, EmptyFields, EmptyFields>> {
+        let caller = caller(ctx)?;
+        let first = page_size(first)?;
+        let after = parse_cursor(after)?;
+        let filter = filter.unwrap_or_default();
+        let filter = audit::Filter {
+            operation: filter.operation,
+            target_id: filter.target_id.map(|id| id.0),
+            api_key_id: filter
+                .api_key_id
+                .as_ref()
+                .map(|id| parse_id("filter.apiKeyId", id))
+                .transpose()?,
+            since: filter.since,
+            until: filter.until,
+        };
+        let page = actions::audit_page(state(ctx), &caller, &filter, after, first as u64).await?;
+        Ok(connection(
+            page,
+            first,
+            after.is_some(),
+            |entry| entry.id,
+            AuditEntry::from,
         ))
     }
 
@@ -222,24 +277,28 @@ impl QueryRoot {
     }
 }
 
+/// Whether the current list field's items select `field` (through `nodes`
+/// or `edges { node }`), so the list can fetch it for the whole page at once.
+fn selects(ctx: &Context<'_>, field: &str) -> bool {
+    let look_ahead = ctx.look_ahead();
+    look_ahead.field("nodes").field(field).exists() || look_ahead.field("edges").field("node").field(field).exists()
+}
+
 pub struct MutationRoot;
 
 #[Object]
 impl MutationRoot {
     /// Creates a webhook. The secret is generated (`whsec_…`) when omitted and is
     /// returned so the receiver can verify `X-Aegis-Signature`.
+    #[graphql(complexity = "cost::DB + child_complexity")]
     async fn create_webhook(&self, ctx: &Context<'_>, input: WebhookInput) -> async_graphql::Result<Webhook> {
         let caller = caller(ctx)?;
-        let state = state(ctx);
-        let new = validate_input(state, input)?;
-        let webhook = webhooks::create_webhook(&state.db, &state.cipher, caller.tenant_id, new)
-            .await
-            .map_err(ApiError::from)?;
-        tracing::info!(webhook_id = %webhook.id, tenant_id = %caller.tenant_id, "webhook created");
-        Ok(webhook.into())
+        let view = actions::create_webhook(state(ctx), &caller, input.into()).await?;
+        Ok(view.into())
     }
 
     /// Changes a webhook; omitted fields stay as they are.
+    #[graphql(complexity = "cost::DB + child_complexity")]
     async fn update_webhook(
         &self,
         ctx: &Context<'_>,
@@ -247,22 +306,15 @@ impl MutationRoot {
         input: WebhookUpdateInput,
     ) -> async_graphql::Result<Webhook> {
         let caller = caller(ctx)?;
-        let id = parse_id("id", &id)?;
-        let state = state(ctx);
-        let changes = validate_changes(state, input)?;
-        let webhook = webhooks::update_webhook(&state.db, &state.cipher, caller.tenant_id, id, changes)
-            .await
-            .or_not_found("webhook")?;
-        Ok(webhook.into())
+        let view = actions::update_webhook(state(ctx), &caller, parse_id("id", &id)?, input.into()).await?;
+        Ok(view.into())
     }
 
     /// Deletes a webhook and its delivery log; returns its id.
+    #[graphql(complexity = "cost::DB")]
     async fn delete_webhook(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<ID> {
         let caller = caller(ctx)?;
-        let uuid = parse_id("id", &id)?;
-        webhooks::delete_webhook(&state(ctx).db, caller.tenant_id, uuid)
-            .await
-            .or_not_found("webhook")?;
+        actions::delete_webhook(state(ctx), &caller, parse_id("id", &id)?).await?;
         Ok(id)
     }
 
@@ -270,6 +322,7 @@ impl MutationRoot {
     /// webhook with it. `X-Aegis-Signature` uses the new secret at once; the old
     /// one keeps signing `webhook-signature`, beside the new, for a grace period
     /// (`AEGIS_SECRET_ROTATION_GRACE`, default 24 h), so receivers can switch.
+    #[graphql(complexity = "cost::DB + child_complexity")]
     async fn rotate_webhook_secret(
         &self,
         ctx: &Context<'_>,
@@ -277,86 +330,39 @@ impl MutationRoot {
         secret: Option<String>,
     ) -> async_graphql::Result<Webhook> {
         let caller = caller(ctx)?;
-        let id = parse_id("id", &id)?;
-        let state = state(ctx);
-        let secret = parse_secret(secret)?;
-        let grace = chrono::Duration::from_std(state.secret_rotation_grace).unwrap_or(chrono::Duration::zero());
-        let webhook = webhooks::rotate_secret(
-            &state.db,
-            &state.cipher,
-            caller.tenant_id,
-            id,
-            &secret,
-            chrono::Utc::now() + grace,
-        )
-        .await
-        .or_not_found("webhook")?;
-        tracing::info!(webhook_id = %webhook.id, "webhook secret rotated");
-        Ok(webhook.into())
+        let view = actions::rotate_secret(state(ctx), &caller, parse_id("id", &id)?, secret).await?;
+        Ok(view.into())
     }
 
     /// Pauses or resumes a webhook. Resuming clears `disabledReason` and the
     /// failure streak.
+    #[graphql(complexity = "cost::DB + child_complexity")]
     async fn set_webhook_active(&self, ctx: &Context<'_>, id: ID, active: bool) -> async_graphql::Result<Webhook> {
         let caller = caller(ctx)?;
-        let id = parse_id("id", &id)?;
-        let state = state(ctx);
-        let was_active = webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, id)
-            .await
-            .or_not_found("webhook")?
-            .active;
-        let webhook = webhooks::set_webhook_active(&state.db, &state.cipher, caller.tenant_id, id, active)
-            .await
-            .or_not_found("webhook")?;
-        if active && !was_active {
-            tracing::info!(webhook_id = %webhook.id, "webhook re-enabled");
-            aegis_webhook_core::metrics::webhook_reenabled();
-        }
-        Ok(webhook.into())
+        let view = actions::set_active(state(ctx), &caller, parse_id("id", &id)?, active).await?;
+        Ok(view.into())
     }
 
     /// Sends a `WEBHOOK_TEST` event to the webhook now; returns its delivery.
+    #[graphql(complexity = "cost::DB + child_complexity")]
     async fn test_webhook(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Delivery> {
         let caller = caller(ctx)?;
-        let id = parse_id("id", &id)?;
-        let state = state(ctx);
-        let webhook = webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, id)
-            .await
-            .or_not_found("webhook")?;
-        let event = ValidatedEvent::webhook_test(caller.tenant_id, webhook.id, chrono::Utc::now());
-        let new = deliveries::NewDelivery {
-            webhook_id: webhook.id,
-            event_type: EventType::WebhookTest,
-        };
-        let stored = events::insert_event_with_deliveries(&state.db, &event, &[new], chrono::Utc::now())
-            .await
-            .map_err(ApiError::from)?;
-        let delivery_id = match stored.as_deref() {
-            Some([delivery_id]) => *delivery_id,
-            _ => return Err(ApiError::Internal(anyhow::anyhow!("a fresh test event was stored as a repeat")).into()),
-        };
-        let publish = state
-            .queue
-            .publish_task(DeliveryTask::new(delivery_id, webhook.id, 1), std::time::Duration::ZERO);
-        queue::publish_after_commit(Writer::Api, "a test delivery", publish).await;
-        delivery_of(state, caller, delivery_id).await
+        let delivery = actions::test_webhook(state(ctx), &caller, parse_id("id", &id)?).await?;
+        Ok(delivery.into())
     }
 
     /// Sends a finished delivery once more (same `X-Aegis-Delivery`, next
     /// attempt number). A delivery still pending is returned as it is.
+    #[graphql(complexity = "cost::DB + child_complexity")]
     async fn redeliver(&self, ctx: &Context<'_>, delivery_id: ID) -> async_graphql::Result<Delivery> {
         let caller = caller(ctx)?;
-        let id = parse_id("deliveryId", &delivery_id)?;
-        let state = state(ctx);
-        deliveries::delivery_of_tenant(&state.db, caller.tenant_id, id)
-            .await
-            .or_not_found("delivery")?;
-        reopen_and_publish(state, id).await?;
-        delivery_of(state, caller, id).await
+        let delivery = actions::redeliver(state(ctx), &caller, parse_id("deliveryId", &delivery_id)?).await?;
+        Ok(delivery.into())
     }
 
-    /// Redelivers every failed delivery of a webhook created since `since`;
-    /// returns how many.
+    /// Redelivers the failed deliveries of a webhook created since `since`,
+    /// at most 1,000 a call (call again for more); returns how many.
+    #[graphql(complexity = "cost::DB * 10")]
     async fn replay_dead_letters(
         &self,
         ctx: &Context<'_>,
@@ -365,113 +371,9 @@ impl MutationRoot {
     ) -> async_graphql::Result<i32> {
         let caller = caller(ctx)?;
         let webhook_id = parse_id("webhookId", &webhook_id)?;
-        let state = state(ctx);
-        webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, webhook_id)
-            .await
-            .or_not_found("webhook")?;
-        let failed = deliveries::failed_since(&state.db, webhook_id, since)
-            .await
-            .map_err(ApiError::from)?;
-        let mut replayed = 0;
-        for id in failed {
-            if reopen_and_publish(state, id).await? {
-                replayed += 1;
-            }
-        }
-        Ok(replayed)
+        let replayed = actions::replay_dead_letters(state(ctx), &caller, webhook_id, since).await?;
+        Ok(i32::try_from(replayed).unwrap_or(i32::MAX))
     }
-}
-
-async fn delivery_of(state: &AppState, caller: Caller, id: DeliveryId) -> async_graphql::Result<Delivery> {
-    let delivery = deliveries::delivery_of_tenant(&state.db, caller.tenant_id, id)
-        .await
-        .or_not_found("delivery")?;
-    Ok(delivery.into())
-}
-
-/// Reopens a finished delivery and publishes its next attempt; false when it
-/// was still pending.
-async fn reopen_and_publish(state: &AppState, id: DeliveryId) -> ApiResult<bool> {
-    let next = deliveries::reopen(&state.db, id, chrono::Utc::now())
-        .await
-        .or_not_found("delivery")?;
-    let Some(reopened) = next else { return Ok(false) };
-    let task = DeliveryTask::new(id, reopened.webhook_id, reopened.attempts + 1);
-    let publish = state.queue.publish_task(task, std::time::Duration::ZERO);
-    queue::publish_after_commit(Writer::Api, "a redelivery", publish).await;
-    Ok(true)
-}
-
-fn validate_url(state: &AppState, url: &str) -> ApiResult<WebhookUrl> {
-    WebhookUrl::parse(url, &state.policy).map_err(|error| ApiError::bad_input("url", error))
-}
-
-fn validate_events(events: Vec<WebhookEvent>) -> ApiResult<Vec<EventType>> {
-    let events: BTreeSet<EventType> = events.into_iter().map(EventType::from).collect();
-    if events.is_empty() {
-        return Err(ApiError::bad_input(
-            "events",
-            "events: must name at least one event type",
-        ));
-    }
-    if let Some(unsubscribable) = events.iter().find(|event| !event.is_subscribable()) {
-        return Err(ApiError::bad_input(
-            "events",
-            format!("events: {unsubscribable} is sent by testWebhook to any webhook and cannot be subscribed to"),
-        ));
-    }
-    Ok(events.into_iter().collect())
-}
-
-/// Trimmed; empty means none.
-fn validate_description(description: String) -> ApiResult<Option<String>> {
-    let description = description.trim().to_owned();
-    if description.chars().count() > MAX_DESCRIPTION_CHARS {
-        return Err(ApiError::bad_input(
-            "description",
-            format!("description: must be at most {MAX_DESCRIPTION_CHARS} characters"),
-        ));
-    }
-    Ok((!description.is_empty()).then_some(description))
-}
-
-fn validate_project_ids(ids: &[ID]) -> ApiResult<Vec<Uuid>> {
-    let ids: BTreeSet<Uuid> = ids
-        .iter()
-        .map(|id| parse_id("projectIds", id))
-        .collect::<ApiResult<_>>()?;
-    Ok(ids.into_iter().collect())
-}
-
-/// A given secret, checked, or a generated one.
-fn parse_secret(secret: Option<String>) -> ApiResult<SigningSecret> {
-    match secret {
-        None => Ok(SigningSecret::generate()),
-        Some(text) => {
-            SigningSecret::parse(&text).map_err(|error| ApiError::bad_input("secret", format!("secret: {error}")))
-        }
-    }
-}
-
-fn validate_input(state: &AppState, input: WebhookInput) -> ApiResult<webhooks::NewWebhook> {
-    let secret = parse_secret(input.secret)?;
-    Ok(webhooks::NewWebhook {
-        url: validate_url(state, &input.url)?,
-        events: validate_events(input.events)?,
-        description: input.description.map(validate_description).transpose()?.flatten(),
-        project_ids: validate_project_ids(&input.project_ids.unwrap_or_default())?,
-        secret,
-        active: input.active.unwrap_or(true),
-    })
-}
-
-fn validate_changes(state: &AppState, input: WebhookUpdateInput) -> ApiResult<webhooks::WebhookChanges> {
-    Ok(webhooks::WebhookChanges {
-        url: input.url.as_deref().map(|url| validate_url(state, url)).transpose()?,
-        events: input.events.map(validate_events).transpose()?,
-        description: input.description.map(validate_description).transpose()?,
-        project_ids: input.project_ids.as_deref().map(validate_project_ids).transpose()?,
-    })
 }
 
 #[cfg(test)]

@@ -2,12 +2,12 @@
 //! database entities themselves).
 
 use aegis_webhook_core::event::EventType;
-use aegis_webhook_storage::deliveries;
-use aegis_webhook_storage::webhooks::Webhook as WebhookRecord;
+use aegis_webhook_storage::{audit, deliveries};
 use async_graphql::{Enum, ID, InputObject, SimpleObject};
-
-use super::StoreResultExt as _;
 use chrono::{DateTime, Utc};
+
+use super::{caller, cost, state};
+use crate::actions::{self, WebhookView};
 
 /// The event types a webhook can subscribe to, as named in the webhook payloads.
 #[derive(Enum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,8 +76,9 @@ pub struct Webhook {
     pub webhook_id: aegis_webhook_core::ids::WebhookId,
     pub url: String,
     pub events: Vec<WebhookEvent>,
-    /// The signing secret of `X-Aegis-Signature`.
-    pub secret: String,
+    /// The webhook with the right to show its secret, for `secret`.
+    #[graphql(skip)]
+    pub view: WebhookView,
     pub active: bool,
     pub description: Option<String>,
     pub project_ids: Vec<ID>,
@@ -92,6 +93,9 @@ pub struct Webhook {
     pub consecutive_failures: u32,
     #[graphql(skip)]
     pub failing_since: Option<DateTime<Utc>>,
+    /// Filled in by a list that read its page's stats at once.
+    #[graphql(skip)]
+    pub prefetched_stats: Option<deliveries::WebhookDeliveryStats>,
 }
 
 /// How a webhook's deliveries are going.
@@ -109,11 +113,25 @@ pub struct WebhookStats {
 
 #[async_graphql::ComplexObject]
 impl Webhook {
+    /// The signing secret of `X-Aegis-Signature`. Readable with an API key
+    /// holding the `secrets` scope, and in the answer to the mutation that set
+    /// it (`createWebhook`, `rotateWebhookSecret`) whatever the key's scopes.
+    async fn secret(&self) -> async_graphql::Result<&str> {
+        Ok(self.view.secret()?)
+    }
+
+    #[graphql(complexity = "cost::DB + child_complexity")]
     async fn stats(&self, ctx: &async_graphql::Context<'_>) -> async_graphql::Result<WebhookStats> {
-        let state = ctx.data_unchecked::<crate::AppState>();
-        let stats = deliveries::stats_of_webhook(&state.db, self.webhook_id)
-            .await
-            .or_not_found("webhook")?;
+        let stats = match self.prefetched_stats {
+            Some(stats) => stats,
+            None => {
+                let caller = caller(ctx)?;
+                actions::stats_of(state(ctx), &caller, &[self.webhook_id])
+                    .await?
+                    .remove(&self.webhook_id)
+                    .unwrap_or_default()
+            }
+        };
         Ok(WebhookStats {
             succeeded: stats.succeeded,
             failed: stats.failed,
@@ -125,23 +143,51 @@ impl Webhook {
     }
 }
 
-impl From<WebhookRecord> for Webhook {
-    fn from(record: WebhookRecord) -> Self {
+impl From<WebhookView> for Webhook {
+    fn from(view: WebhookView) -> Self {
+        let record = &view.webhook;
         Webhook {
             id: ID(record.id.to_string()),
             webhook_id: record.id,
             url: record.url.to_string(),
-            events: record.events.into_iter().map(WebhookEvent::from).collect(),
-            secret: record.secret.expose().to_owned(),
+            events: record.events.iter().copied().map(WebhookEvent::from).collect(),
             active: record.active,
-            description: record.description,
-            project_ids: record.project_ids.into_iter().map(|id| ID(id.to_string())).collect(),
-            disabled_reason: record.disabled_reason,
+            description: record.description.clone(),
+            project_ids: record.project_ids.iter().map(|id| ID(id.to_string())).collect(),
+            disabled_reason: record.disabled_reason.clone(),
             disabled_at: record.disabled_at,
             created_at: record.created_at,
             updated_at: record.updated_at,
             consecutive_failures: record.consecutive_failures,
             failing_since: record.failing_since,
+            prefetched_stats: None,
+            view,
+        }
+    }
+}
+
+impl From<WebhookInput> for actions::WebhookDraft {
+    fn from(input: WebhookInput) -> Self {
+        actions::WebhookDraft {
+            url: input.url,
+            events: input.events.into_iter().map(EventType::from).collect(),
+            secret: input.secret,
+            description: input.description,
+            project_ids: input.project_ids.map(|ids| ids.into_iter().map(|id| id.0).collect()),
+            active: input.active,
+        }
+    }
+}
+
+impl From<WebhookUpdateInput> for actions::WebhookEdit {
+    fn from(input: WebhookUpdateInput) -> Self {
+        actions::WebhookEdit {
+            url: input.url,
+            events: input
+                .events
+                .map(|events| events.into_iter().map(EventType::from).collect()),
+            description: input.description,
+            project_ids: input.project_ids.map(|ids| ids.into_iter().map(|id| id.0).collect()),
         }
     }
 }
@@ -225,6 +271,9 @@ pub struct Delivery {
     pub last_status_code: Option<u16>,
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// Filled in by a list that read its page's attempts at once.
+    #[graphql(skip)]
+    pub prefetched_attempts: Option<Vec<deliveries::Attempt>>,
 }
 
 impl From<deliveries::Delivery> for Delivery {
@@ -240,6 +289,7 @@ impl From<deliveries::Delivery> for Delivery {
             last_status_code: delivery.last_status_code,
             failure_reason: delivery.failure_reason,
             created_at: delivery.created_at,
+            prefetched_attempts: None,
         }
     }
 }
@@ -247,11 +297,20 @@ impl From<deliveries::Delivery> for Delivery {
 #[async_graphql::ComplexObject]
 impl Delivery {
     /// Every attempt, oldest first.
+    // A delivery has a dozen attempts or so (the retry schedule, plus
+    // redeliveries): counted as a page of 16.
+    #[graphql(complexity = "cost::DB + 16 * child_complexity")]
     async fn attempts(&self, ctx: &async_graphql::Context<'_>) -> async_graphql::Result<Vec<DeliveryAttempt>> {
-        let state = ctx.data_unchecked::<crate::AppState>();
-        let attempts = deliveries::attempts_of(&state.db, self.delivery_id)
-            .await
-            .or_not_found("delivery")?;
+        let attempts = match &self.prefetched_attempts {
+            Some(attempts) => attempts.clone(),
+            None => {
+                let caller = caller(ctx)?;
+                actions::attempts_of(state(ctx), &caller, &[self.delivery_id])
+                    .await?
+                    .remove(&self.delivery_id)
+                    .unwrap_or_default()
+            }
+        };
         Ok(attempts.into_iter().map(DeliveryAttempt::from).collect())
     }
 }
@@ -278,6 +337,54 @@ impl From<deliveries::Attempt> for DeliveryAttempt {
             status_code: attempt.status_code,
             error: attempt.error,
             response_body: attempt.response_body,
+        }
+    }
+}
+
+/// Filters of the audit log; all optional, combined with AND.
+#[derive(InputObject, Debug, Default)]
+pub struct AuditLogFilter {
+    /// The mutation, e.g. `createWebhook`, or `apikey.create` / `apikey.revoke`.
+    pub operation: Option<String>,
+    /// The webhook, delivery or API key changed.
+    pub target_id: Option<ID>,
+    /// Changes made with this API key.
+    pub api_key_id: Option<ID>,
+    /// At or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Before.
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// One change to the tenant's configuration: who, when, what.
+#[derive(SimpleObject, Debug)]
+pub struct AuditEntry {
+    pub id: ID,
+    pub occurred_at: DateTime<Utc>,
+    /// The key the change was made with; null when an operator made it at the
+    /// command line.
+    pub api_key_id: Option<ID>,
+    /// `api_key` or `operator`.
+    pub actor: String,
+    pub operation: String,
+    /// `webhook`, `delivery` or `api_key`.
+    pub target_kind: String,
+    pub target_id: Option<ID>,
+    /// What changed (never a secret).
+    pub summary: async_graphql::Json<serde_json::Value>,
+}
+
+impl From<audit::Entry> for AuditEntry {
+    fn from(entry: audit::Entry) -> Self {
+        AuditEntry {
+            id: ID(entry.id.to_string()),
+            occurred_at: entry.occurred_at,
+            api_key_id: entry.api_key_id.map(|id| ID(id.to_string())),
+            actor: entry.actor,
+            operation: entry.operation,
+            target_kind: entry.target_kind,
+            target_id: entry.target_id.map(ID),
+            summary: async_graphql::Json(entry.summary),
         }
     }
 }

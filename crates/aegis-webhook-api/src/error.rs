@@ -1,4 +1,4 @@
-//! The one error type of the GraphQL boundary: each case carries an
+//! The one error type of the API's use cases and of the GraphQL boundary: each case carries an
 //! `extensions.code`; internal errors are logged in full and reach the client as a
 //! generic message.
 
@@ -10,11 +10,23 @@ use async_graphql::ErrorExtensions as _;
 /// error without a code, and this type must go through the conversion below.
 #[derive(Debug)]
 pub enum ApiError {
-    BadUserInput { field: &'static str, message: String },
+    BadUserInput {
+        field: &'static str,
+        message: String,
+    },
     NotFound(&'static str),
     Conflict(String),
+    /// The caller's key lacks the scope the operation needs.
+    Forbidden(String),
+    /// A per-tenant quota would be passed.
+    QuotaExceeded(String),
+    /// The database had no connection free in time: retry shortly (HTTP 503).
+    Busy,
     Internal(anyhow::Error),
 }
+
+/// The `extensions.code` of a busy answer, which the HTTP layer turns into 503.
+pub const BUSY_CODE: &str = "BUSY";
 
 impl ApiError {
     pub fn bad_input(field: &'static str, message: impl std::fmt::Display) -> Self {
@@ -38,6 +50,7 @@ impl From<StoreError> for ApiError {
                 field: "input",
                 message,
             },
+            StoreError::Busy => ApiError::Busy,
             StoreError::Unexpected(error) => ApiError::Internal(error),
         }
     }
@@ -58,6 +71,14 @@ impl From<ApiError> for async_graphql::Error {
             ApiError::Conflict(message) => {
                 async_graphql::Error::new(message.clone()).extend_with(|_, e| e.set("code", "CONFLICT"))
             }
+            ApiError::Forbidden(message) => {
+                async_graphql::Error::new(message.clone()).extend_with(|_, e| e.set("code", "FORBIDDEN"))
+            }
+            ApiError::QuotaExceeded(message) => {
+                async_graphql::Error::new(message.clone()).extend_with(|_, e| e.set("code", "QUOTA_EXCEEDED"))
+            }
+            ApiError::Busy => async_graphql::Error::new("the service is busy; retry in a moment")
+                .extend_with(|_, e| e.set("code", BUSY_CODE)),
             ApiError::Internal(inner) => {
                 tracing::error!(error = format!("{inner:#}"), "internal error in a GraphQL request");
                 async_graphql::Error::new("internal error").extend_with(|_, e| e.set("code", "INTERNAL"))
@@ -104,6 +125,7 @@ mod tests {
             lookup(StoreError::Unexpected(anyhow::anyhow!("disk full"))),
             "\"INTERNAL\""
         );
+        assert_eq!(lookup(StoreError::Busy), "\"BUSY\"");
 
         // Where nothing is looked up by id, a not-found is the server's fault.
         assert_eq!(code(ApiError::from(StoreError::NotFound)), "\"INTERNAL\"");

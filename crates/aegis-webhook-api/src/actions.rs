@@ -1,0 +1,579 @@
+//! The use cases of the API: what a caller may see and do with its tenant's
+//! webhooks and deliveries. The one place that checks a caller's scopes,
+//! validates input against the quotas, and records every change in the audit
+//! log in the same transaction as the change; the GraphQL resolvers (and the
+//! portal's pages) are thin shells around these functions.
+
+use std::collections::BTreeSet;
+
+use aegis_webhook_core::access::{Scope, Scopes};
+use aegis_webhook_core::event::{EventType, ValidatedEvent};
+use aegis_webhook_core::ids::{DeliveryId, TenantId, WebhookId};
+use aegis_webhook_core::queue::{self, DeliveryTask, Writer};
+use aegis_webhook_core::secret::SigningSecret;
+use aegis_webhook_core::target::WebhookUrl;
+use aegis_webhook_storage::audit::{self, Actor};
+use aegis_webhook_storage::deliveries::{self, Delivery};
+use aegis_webhook_storage::webhooks::{self, Webhook};
+use aegis_webhook_storage::{StoreError, events};
+use chrono::{DateTime, Utc};
+use sea_orm::DatabaseTransaction;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::error::{ApiError, ApiResult, StoreResultExt as _};
+
+/// Failed deliveries one `replayDeadLetters` call reopens at most; the caller
+/// calls again for the rest (those already replayed are pending, so they are
+/// not counted twice).
+pub const MAX_REPLAY: u64 = 1000;
+
+/// Who is asking, and with which rights: made by the HTTP layer from a valid
+/// API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant_id: TenantId,
+    pub actor: Actor,
+    pub scopes: Scopes,
+}
+
+impl Caller {
+    pub fn require(&self, scope: Scope) -> ApiResult<()> {
+        if self.scopes.contains(scope) {
+            return Ok(());
+        }
+        let what = match scope {
+            Scope::Read => "reading",
+            Scope::Write => "changing anything",
+            Scope::Secrets => "reading a webhook's secret back",
+        };
+        Err(ApiError::Forbidden(format!(
+            "{what} needs an API key with the `{scope}` scope; this key has `{}`",
+            self.scopes
+        )))
+    }
+}
+
+/// A webhook as a use case returns it: whether its secret may be shown is
+/// decided here, with the webhook, not by whoever renders it.
+#[derive(Debug, Clone)]
+pub struct WebhookView {
+    pub webhook: Webhook,
+    /// The caller may read `secret`: it holds the `secrets` scope, or it has
+    /// just set the secret itself (created the webhook, rotated the secret).
+    pub secret_visible: bool,
+}
+
+impl WebhookView {
+    fn read(caller: &Caller, webhook: Webhook) -> Self {
+        WebhookView {
+            secret_visible: caller.scopes.contains(Scope::Secrets),
+            webhook,
+        }
+    }
+
+    fn set_by_caller(webhook: Webhook) -> Self {
+        WebhookView {
+            webhook,
+            secret_visible: true,
+        }
+    }
+
+    /// The secret, or why this caller may not read it.
+    pub fn secret(&self) -> ApiResult<&str> {
+        if self.secret_visible {
+            Ok(self.webhook.secret.expose())
+        } else {
+            Err(ApiError::Forbidden(
+                "reading a webhook's secret back needs an API key with the `secrets` scope".to_owned(),
+            ))
+        }
+    }
+}
+
+/// A new webhook as the client sent it.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookDraft {
+    pub url: String,
+    pub events: Vec<EventType>,
+    pub secret: Option<String>,
+    pub description: Option<String>,
+    pub project_ids: Option<Vec<String>>,
+    pub active: Option<bool>,
+}
+
+/// Changes to a webhook as the client sent them; `None` leaves a field be.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookEdit {
+    pub url: Option<String>,
+    pub events: Option<Vec<EventType>>,
+    /// An empty string clears it.
+    pub description: Option<String>,
+    /// An empty list removes the filter.
+    pub project_ids: Option<Vec<String>>,
+}
+
+async fn begin(state: &AppState) -> ApiResult<DatabaseTransaction> {
+    aegis_webhook_storage::begin_write(&state.db)
+        .await
+        .map_err(ApiError::from)
+}
+
+async fn commit(txn: DatabaseTransaction) -> ApiResult<()> {
+    txn.commit()
+        .await
+        .map_err(|error| ApiError::from(StoreError::from(error)))
+}
+
+/// Records `operation` on `target` in the caller's audit log, inside `txn`.
+async fn record(
+    txn: &DatabaseTransaction,
+    caller: &Caller,
+    operation: &'static str,
+    target_kind: &'static str,
+    target_id: impl ToString,
+    summary: serde_json::Value,
+) -> ApiResult<()> {
+    let entry = audit::NewEntry {
+        tenant_id: caller.tenant_id,
+        actor: caller.actor,
+        operation,
+        target_kind,
+        target_id: Some(target_id.to_string()),
+        summary,
+    };
+    audit::record(txn, entry, Utc::now()).await.map_err(ApiError::from)?;
+    Ok(())
+}
+
+pub async fn create_webhook(state: &AppState, caller: &Caller, draft: WebhookDraft) -> ApiResult<WebhookView> {
+    caller.require(Scope::Write)?;
+    let quotas = state.quotas;
+    let new = webhooks::NewWebhook {
+        secret: parse_secret(state, draft.secret)?,
+        url: validate_url(state, &draft.url)?,
+        events: validate_events(draft.events)?,
+        description: draft
+            .description
+            .map(|text| validate_description(state, text))
+            .transpose()?
+            .flatten(),
+        project_ids: validate_project_ids(state, &draft.project_ids.unwrap_or_default())?,
+        active: draft.active.unwrap_or(true),
+    };
+    let summary = json!({
+        "url": new.url.as_str(),
+        "events": new.events.iter().map(|event| event.as_str()).collect::<Vec<_>>(),
+        "description": new.description,
+        "projectIds": new.project_ids,
+        "active": new.active,
+        "secret": if new_secret_generated(&new.secret) { "generated" } else { "set" },
+    });
+    let txn = begin(state).await?;
+    let held = webhooks::count_of_tenant(&txn, caller.tenant_id)
+        .await
+        .map_err(ApiError::from)?;
+    if held >= u64::from(quotas.webhooks_per_tenant) {
+        return Err(ApiError::QuotaExceeded(format!(
+            "a tenant may have at most {} webhooks (AEGIS_MAX_WEBHOOKS_PER_TENANT); delete one first",
+            quotas.webhooks_per_tenant
+        )));
+    }
+    let webhook = webhooks::create_webhook(&txn, &state.cipher, caller.tenant_id, new)
+        .await
+        .map_err(ApiError::from)?;
+    record(&txn, caller, "createWebhook", "webhook", webhook.id, summary).await?;
+    commit(txn).await?;
+    tracing::info!(webhook_id = %webhook.id, tenant_id = %caller.tenant_id, "webhook created");
+    Ok(WebhookView::set_by_caller(webhook))
+}
+
+fn new_secret_generated(secret: &SigningSecret) -> bool {
+    secret.is_generated()
+}
+
+pub async fn update_webhook(
+    state: &AppState,
+    caller: &Caller,
+    id: WebhookId,
+    edit: WebhookEdit,
+) -> ApiResult<WebhookView> {
+    caller.require(Scope::Write)?;
+    let changes = webhooks::WebhookChanges {
+        url: edit.url.as_deref().map(|url| validate_url(state, url)).transpose()?,
+        events: edit.events.map(validate_events).transpose()?,
+        description: edit
+            .description
+            .map(|text| validate_description(state, text))
+            .transpose()?,
+        project_ids: edit
+            .project_ids
+            .as_deref()
+            .map(|ids| validate_project_ids(state, ids))
+            .transpose()?,
+    };
+    let mut summary = serde_json::Map::new();
+    if let Some(url) = &changes.url {
+        summary.insert("url".into(), json!(url.as_str()));
+    }
+    if let Some(events) = &changes.events {
+        summary.insert(
+            "events".into(),
+            json!(events.iter().map(|e| e.as_str()).collect::<Vec<_>>()),
+        );
+    }
+    if let Some(description) = &changes.description {
+        summary.insert("description".into(), json!(description));
+    }
+    if let Some(project_ids) = &changes.project_ids {
+        summary.insert("projectIds".into(), json!(project_ids));
+    }
+    let txn = begin(state).await?;
+    let webhook = webhooks::update_webhook(&txn, &state.cipher, caller.tenant_id, id, changes)
+        .await
+        .or_not_found("webhook")?;
+    record(&txn, caller, "updateWebhook", "webhook", id, summary.into()).await?;
+    commit(txn).await?;
+    Ok(WebhookView::read(caller, webhook))
+}
+
+pub async fn delete_webhook(state: &AppState, caller: &Caller, id: WebhookId) -> ApiResult<()> {
+    caller.require(Scope::Write)?;
+    let txn = begin(state).await?;
+    let webhook = webhooks::webhook_of_tenant(&txn, &state.cipher, caller.tenant_id, id)
+        .await
+        .or_not_found("webhook")?;
+    webhooks::delete_webhook(&txn, caller.tenant_id, id)
+        .await
+        .or_not_found("webhook")?;
+    record(
+        &txn,
+        caller,
+        "deleteWebhook",
+        "webhook",
+        id,
+        json!({ "url": webhook.url.as_str() }),
+    )
+    .await?;
+    commit(txn).await
+}
+
+pub async fn rotate_secret(
+    state: &AppState,
+    caller: &Caller,
+    id: WebhookId,
+    secret: Option<String>,
+) -> ApiResult<WebhookView> {
+    caller.require(Scope::Write)?;
+    let secret = parse_secret(state, secret)?;
+    let grace = chrono::Duration::from_std(state.secret_rotation_grace).unwrap_or(chrono::Duration::zero());
+    let grace_until = Utc::now() + grace;
+    let txn = begin(state).await?;
+    let webhook = webhooks::rotate_secret(&txn, &state.cipher, caller.tenant_id, id, &secret, grace_until)
+        .await
+        .or_not_found("webhook")?;
+    let summary = json!({
+        "secret": if new_secret_generated(&secret) { "generated" } else { "set" },
+        "previousSecretSignsUntil": grace_until,
+    });
+    record(&txn, caller, "rotateWebhookSecret", "webhook", id, summary).await?;
+    commit(txn).await?;
+    tracing::info!(webhook_id = %webhook.id, "webhook secret rotated");
+    Ok(WebhookView::set_by_caller(webhook))
+}
+
+pub async fn set_active(state: &AppState, caller: &Caller, id: WebhookId, active: bool) -> ApiResult<WebhookView> {
+    caller.require(Scope::Write)?;
+    let txn = begin(state).await?;
+    let was_active = webhooks::webhook_of_tenant(&txn, &state.cipher, caller.tenant_id, id)
+        .await
+        .or_not_found("webhook")?
+        .active;
+    let webhook = webhooks::set_webhook_active(&txn, &state.cipher, caller.tenant_id, id, active)
+        .await
+        .or_not_found("webhook")?;
+    record(
+        &txn,
+        caller,
+        "setWebhookActive",
+        "webhook",
+        id,
+        json!({ "active": active }),
+    )
+    .await?;
+    commit(txn).await?;
+    if active && !was_active {
+        tracing::info!(webhook_id = %webhook.id, "webhook re-enabled");
+        aegis_webhook_core::metrics::webhook_reenabled();
+    }
+    Ok(WebhookView::read(caller, webhook))
+}
+
+/// Sends a `WEBHOOK_TEST` event to the webhook now; returns its delivery.
+pub async fn test_webhook(state: &AppState, caller: &Caller, id: WebhookId) -> ApiResult<Delivery> {
+    caller.require(Scope::Write)?;
+    let now = Utc::now();
+    let txn = begin(state).await?;
+    let webhook = webhooks::webhook_of_tenant(&txn, &state.cipher, caller.tenant_id, id)
+        .await
+        .or_not_found("webhook")?;
+    let event = ValidatedEvent::webhook_test(caller.tenant_id, webhook.id, now);
+    let new = deliveries::NewDelivery {
+        webhook_id: webhook.id,
+        event_type: EventType::WebhookTest,
+    };
+    let stored = events::insert_event_with_deliveries(&txn, &event, &[new], now)
+        .await
+        .map_err(ApiError::from)?;
+    let delivery_id = match stored.as_deref() {
+        Some([delivery_id]) => *delivery_id,
+        _ => {
+            return Err(ApiError::Internal(anyhow::anyhow!(
+                "a fresh test event was stored as a repeat"
+            )));
+        }
+    };
+    record(
+        &txn,
+        caller,
+        "testWebhook",
+        "webhook",
+        id,
+        json!({ "deliveryId": delivery_id }),
+    )
+    .await?;
+    commit(txn).await?;
+    let publish = state
+        .queue
+        .publish_task(DeliveryTask::new(delivery_id, webhook.id, 1), std::time::Duration::ZERO);
+    queue::publish_after_commit(Writer::Api, "a test delivery", publish).await;
+    delivery(state, caller, delivery_id).await
+}
+
+/// Sends a finished delivery once more (same `X-Aegis-Delivery`, next attempt
+/// number); one still pending is returned as it is.
+pub async fn redeliver(state: &AppState, caller: &Caller, id: DeliveryId) -> ApiResult<Delivery> {
+    caller.require(Scope::Write)?;
+    let txn = begin(state).await?;
+    deliveries::delivery_of_tenant(&txn, caller.tenant_id, id)
+        .await
+        .or_not_found("delivery")?;
+    let reopened = deliveries::reopen(&txn, id, Utc::now())
+        .await
+        .or_not_found("delivery")?;
+    record(
+        &txn,
+        caller,
+        "redeliver",
+        "delivery",
+        id,
+        json!({ "reopened": reopened.is_some() }),
+    )
+    .await?;
+    commit(txn).await?;
+    if let Some(reopened) = reopened {
+        publish_reopened(state, &reopened, "a redelivery").await;
+    }
+    delivery(state, caller, id).await
+}
+
+/// Redelivers up to [`MAX_REPLAY`] failed deliveries of a webhook created
+/// since `since`; returns how many.
+pub async fn replay_dead_letters(
+    state: &AppState,
+    caller: &Caller,
+    webhook_id: WebhookId,
+    since: DateTime<Utc>,
+) -> ApiResult<u64> {
+    caller.require(Scope::Write)?;
+    let now = Utc::now();
+    let txn = begin(state).await?;
+    webhooks::webhook_of_tenant(&txn, &state.cipher, caller.tenant_id, webhook_id)
+        .await
+        .or_not_found("webhook")?;
+    let failed = deliveries::failed_since(&txn, webhook_id, since)
+        .await
+        .map_err(ApiError::from)?;
+    let mut reopened = Vec::new();
+    for id in failed.into_iter().take(MAX_REPLAY as usize) {
+        if let Some(delivery) = deliveries::reopen(&txn, id, now).await.map_err(ApiError::from)? {
+            reopened.push(delivery);
+        }
+    }
+    let summary = json!({ "since": since, "replayed": reopened.len() });
+    record(&txn, caller, "replayDeadLetters", "webhook", webhook_id, summary).await?;
+    commit(txn).await?;
+    for delivery in &reopened {
+        publish_reopened(state, delivery, "a replayed dead letter").await;
+    }
+    Ok(reopened.len() as u64)
+}
+
+async fn publish_reopened(state: &AppState, reopened: &Delivery, what: &'static str) {
+    let task = DeliveryTask::new(reopened.id, reopened.webhook_id, reopened.attempts + 1);
+    let publish = state.queue.publish_task(task, std::time::Duration::ZERO);
+    queue::publish_after_commit(Writer::Api, what, publish).await;
+}
+
+pub async fn webhook(state: &AppState, caller: &Caller, id: WebhookId) -> ApiResult<WebhookView> {
+    caller.require(Scope::Read)?;
+    let webhook = webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, id)
+        .await
+        .or_not_found("webhook")?;
+    Ok(WebhookView::read(caller, webhook))
+}
+
+/// A page of the caller's webhooks in creation order (`limit + 1` rows).
+pub async fn webhooks_page(
+    state: &AppState,
+    caller: &Caller,
+    after: Option<WebhookId>,
+    limit: u64,
+) -> ApiResult<Vec<WebhookView>> {
+    caller.require(Scope::Read)?;
+    let page = webhooks::list_webhooks(&state.db, &state.cipher, caller.tenant_id, after, limit)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(page
+        .into_iter()
+        .map(|webhook| WebhookView::read(caller, webhook))
+        .collect())
+}
+
+/// Delivery counts of the caller's webhooks (ids of other tenants' webhooks
+/// never reach here: the views come from the caller's own pages).
+pub async fn stats_of(
+    state: &AppState,
+    caller: &Caller,
+    webhook_ids: &[WebhookId],
+) -> ApiResult<std::collections::HashMap<WebhookId, deliveries::WebhookDeliveryStats>> {
+    caller.require(Scope::Read)?;
+    deliveries::stats_of_webhooks(&state.db, webhook_ids)
+        .await
+        .map_err(ApiError::from)
+}
+
+pub async fn delivery(state: &AppState, caller: &Caller, id: DeliveryId) -> ApiResult<Delivery> {
+    caller.require(Scope::Read)?;
+    deliveries::delivery_of_tenant(&state.db, caller.tenant_id, id)
+        .await
+        .or_not_found("delivery")
+}
+
+/// A page of the caller's delivery log, newest first (`limit + 1` rows).
+pub async fn deliveries_page(
+    state: &AppState,
+    caller: &Caller,
+    filter: &deliveries::DeliveryFilter,
+    before: Option<Uuid>,
+    limit: u64,
+) -> ApiResult<Vec<Delivery>> {
+    caller.require(Scope::Read)?;
+    deliveries::list_deliveries(&state.db, caller.tenant_id, filter, before, limit)
+        .await
+        .map_err(ApiError::from)
+}
+
+/// The attempts of the caller's deliveries, by delivery.
+pub async fn attempts_of(
+    state: &AppState,
+    caller: &Caller,
+    delivery_ids: &[DeliveryId],
+) -> ApiResult<std::collections::HashMap<DeliveryId, Vec<deliveries::Attempt>>> {
+    caller.require(Scope::Read)?;
+    deliveries::attempts_of_many(&state.db, delivery_ids)
+        .await
+        .map_err(ApiError::from)
+}
+
+/// A page of the caller's audit log, newest first (`limit + 1` rows).
+pub async fn audit_page(
+    state: &AppState,
+    caller: &Caller,
+    filter: &audit::Filter,
+    before: Option<Uuid>,
+    limit: u64,
+) -> ApiResult<Vec<audit::Entry>> {
+    caller.require(Scope::Read)?;
+    audit::list(&state.db, caller.tenant_id, filter, before, limit)
+        .await
+        .map_err(ApiError::from)
+}
+
+fn validate_url(state: &AppState, url: &str) -> ApiResult<WebhookUrl> {
+    WebhookUrl::parse(url, &state.policy).map_err(|error| ApiError::bad_input("url", error))
+}
+
+fn validate_events(events: Vec<EventType>) -> ApiResult<Vec<EventType>> {
+    let events: BTreeSet<EventType> = events.into_iter().collect();
+    if events.is_empty() {
+        return Err(ApiError::bad_input(
+            "events",
+            "events: must name at least one event type",
+        ));
+    }
+    if let Some(unsubscribable) = events.iter().find(|event| !event.is_subscribable()) {
+        return Err(ApiError::bad_input(
+            "events",
+            format!("events: {unsubscribable} is sent by testWebhook to any webhook and cannot be subscribed to"),
+        ));
+    }
+    Ok(events.into_iter().collect())
+}
+
+/// Trimmed; empty means none. Line breaks and tabs are kept; other control
+/// characters are refused (they hide text in logs and terminals).
+fn validate_description(state: &AppState, description: String) -> ApiResult<Option<String>> {
+    let limit = state.quotas.description_chars as usize;
+    let description = description.trim().to_owned();
+    let chars = description.chars().count();
+    if chars > limit {
+        return Err(ApiError::bad_input(
+            "description",
+            format!("description: must be at most {limit} characters (AEGIS_MAX_DESCRIPTION_CHARS), got {chars}"),
+        ));
+    }
+    if let Some(bad) = description.chars().find(|c| c.is_control() && *c != '\n' && *c != '\t') {
+        return Err(ApiError::bad_input(
+            "description",
+            format!(
+                "description: must not contain control characters (found U+{:04X})",
+                u32::from(bad)
+            ),
+        ));
+    }
+    Ok((!description.is_empty()).then_some(description))
+}
+
+fn validate_project_ids(state: &AppState, ids: &[String]) -> ApiResult<Vec<Uuid>> {
+    let limit = state.quotas.project_ids_per_webhook as usize;
+    if ids.len() > limit {
+        return Err(ApiError::bad_input(
+            "projectIds",
+            format!(
+                "projectIds: a webhook may filter on at most {limit} projects (AEGIS_MAX_PROJECT_IDS_PER_WEBHOOK), got {}",
+                ids.len()
+            ),
+        ));
+    }
+    let ids: BTreeSet<Uuid> = ids
+        .iter()
+        .map(|id| {
+            id.parse().map_err(|_| {
+                let shown: String = id.chars().take(64).collect();
+                ApiError::bad_input("projectIds", format!("projectIds: `{shown}` is not a valid id"))
+            })
+        })
+        .collect::<ApiResult<_>>()?;
+    Ok(ids.into_iter().collect())
+}
+
+/// A chosen secret, checked against the strength rules, or a generated one.
+fn parse_secret(state: &AppState, secret: Option<String>) -> ApiResult<SigningSecret> {
+    match secret {
+        None => Ok(SigningSecret::generate()),
+        Some(text) => SigningSecret::parse_chosen(&text, state.quotas.secret)
+            .map_err(|error| ApiError::bad_input("secret", format!("secret: {error}"))),
+    }
+}
