@@ -1,6 +1,7 @@
 //! Security events: their types, the upstream envelope, per-event `data` validation
 //! against the shapes of the customer-facing document, and the delivered body.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -9,6 +10,15 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::ids::{TenantId, WebhookId};
+
+mod strict_json;
+
+use strict_json::StrictJsonError;
+
+/// How much of a refused value an error message repeats, in characters, so a
+/// refusal never echoes a huge value back (nor into the reason header of the
+/// invalid-events queue).
+const ECHOED_CHARS: usize = 64;
 
 /// Every event type a webhook can subscribe to or receive.
 ///
@@ -323,6 +333,15 @@ impl NonEmptyString {
     }
 }
 
+/// At most [`ECHOED_CHARS`] characters of `text`, for quoting a refused value in
+/// a message.
+fn excerpt(text: &str) -> Cow<'_, str> {
+    match text.char_indices().nth(ECHOED_CHARS) {
+        None => Cow::Borrowed(text),
+        Some((cut, _)) => Cow::Owned(format!("{}… ({} characters)", &text[..cut], text.chars().count())),
+    }
+}
+
 /// The envelope as it arrives, before its `data` is checked against its type.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -350,8 +369,10 @@ impl ValidatedEvent {
     /// Parses and validates an upstream envelope. `now` stands in for a missing
     /// timestamp, and a fresh id for a missing `id`.
     pub fn parse(bytes: &[u8], now: DateTime<Utc>) -> Result<Self, EnvelopeError> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|error| EnvelopeError::Malformed(error.to_string()))?;
+        let value = strict_json::from_slice(bytes).map_err(|error| match error {
+            StrictJsonError::Syntax(error) => EnvelopeError::Malformed(error.to_string()),
+            StrictJsonError::DuplicateKey(path) => EnvelopeError::Invalid(format!("{path}: duplicate key")),
+        })?;
         // serde would read a JSON array as a struct; say plainly what is expected.
         if !value.is_object() {
             return Err(EnvelopeError::Invalid("the event must be a JSON object".to_owned()));
@@ -738,6 +759,41 @@ mod tests {
                 "{name}: `{message}` should contain `{expected}`"
             );
         }
+    }
+
+    #[test]
+    fn a_key_repeated_at_any_level_is_refused_naming_its_path() {
+        // serde_json writes keys in order, so the seed's text starts `{"data":{"component":{`.
+        let seed = seed_vulnerability().to_string();
+        let cases = [
+            (
+                r#"{"data":"#,
+                r#"{"event":"POAM_OVERDUE","data":"#,
+                "event: duplicate key",
+            ),
+            (
+                r#""data":{"#,
+                r#""data":{"cveId":"CVE-2024-0001","#,
+                "data.cveId: duplicate key",
+            ),
+            (
+                r#""component":{"#,
+                r#""component":{"name":"wget","#,
+                "data.component.name: duplicate key",
+            ),
+        ];
+        for (anchor, repeated, expected) in cases {
+            let body = seed.replacen(anchor, repeated, 1);
+            assert_ne!(body, seed, "`{anchor}` is in the seed's text");
+            assert_eq!(
+                ValidatedEvent::parse(body.as_bytes(), now()),
+                Err(EnvelopeError::Invalid(expected.to_owned()))
+            );
+        }
+        // Keys are per object: `name` in two objects is no duplicate.
+        let mut envelope = seed_vulnerability();
+        envelope["data"]["name"] = "curl".into();
+        assert!(invalid_message(&envelope).contains("unknown field `name`"));
     }
 
     #[test]
