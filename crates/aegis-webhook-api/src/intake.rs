@@ -2,6 +2,10 @@
 //! here. The envelope is validated, published to the events stream (the same path
 //! AMQP publishers take) and only then acknowledged with 202.
 //!
+//! Checks come in a fixed order, each with its own answer: the ingest token
+//! (401), `Content-Type: application/json` (415), the size (413), then the
+//! envelope itself (400 not JSON, 422 not a valid event).
+//!
 //! Each request is an `intake` span; the event's `publish` span is its child,
 //! and the message carries their trace on to the ingester. A scanner that
 //! sends `traceparent` has the whole trace begin at its own span.
@@ -13,7 +17,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use subtle::ConstantTimeEq as _;
@@ -25,6 +29,16 @@ use crate::{AppState, RouterState, bearer};
 fn reply(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     let body = serde_json::json!({ "error": { "code": code, "message": message.into() } });
     (status, Json(body)).into_response()
+}
+
+/// Whether the request says its body is JSON: `application/json` in any case,
+/// with or without parameters (`; charset=utf-8`).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
 pub(crate) async fn accept_event(
@@ -71,6 +85,13 @@ async fn accept(state: AppState, headers: HeaderMap, body: Result<Bytes, BytesRe
             StatusCode::UNAUTHORIZED,
             "UNAUTHENTICATED",
             "missing or wrong ingest token: send `Authorization: Bearer <ingest token>`",
+        );
+    }
+    if !is_json(&headers) {
+        return reply(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send the event as JSON, with `Content-Type: application/json`",
         );
     }
     let body = match body {
@@ -129,4 +150,44 @@ async fn accept(state: AppState, headers: HeaderMap, body: Result<Bytes, BytesRe
     }
     tracing::info!(event_id = %event.id(), event = %event.event_type(), "event accepted");
     (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": event.id() }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn with_content_type(value: Option<&'static str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = value {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn only_application_json_is_json_whatever_its_case_and_parameters() {
+        for json in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json;charset=UTF-8",
+            " application/json ",
+        ] {
+            assert!(is_json(&with_content_type(Some(json))), "{json}");
+        }
+        for other in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/jsonp",
+            "application/cloudevents+json",
+            "text/json",
+            "",
+        ] {
+            assert!(!is_json(&with_content_type(Some(other))), "{other}");
+        }
+        assert!(!is_json(&with_content_type(None)), "no Content-Type");
+    }
 }
