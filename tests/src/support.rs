@@ -314,11 +314,20 @@ impl TestApp {
 
     /// POSTs raw bytes to the intake with the given token.
     pub async fn post_event_as(&self, token: Option<&str>, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
-        let mut request = self
-            .http
-            .post(self.url("/v1/events"))
-            .header("content-type", "application/json")
-            .body(body);
+        self.post_event_typed(token, Some("application/json"), body).await
+    }
+
+    /// POSTs a raw body to the intake with this `Content-Type` (none if `None`).
+    pub async fn post_event_typed(
+        &self,
+        token: Option<&str>,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let mut request = self.http.post(self.url("/v1/events")).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }

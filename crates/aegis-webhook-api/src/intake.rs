@@ -2,6 +2,10 @@
 //! here. The envelope is validated, published to the events stream (the same path
 //! AMQP publishers take) and only then acknowledged with 202.
 //!
+//! Checks come in a fixed order, each with its own answer: the ingest token
+//! (401), `Content-Type: application/json` (415), the size (413), then the
+//! envelope itself (400 not JSON, 422 not a valid event).
+//!
 //! Each request is an `intake` span; the event's `publish` span is its child,
 //! and the message carries their trace on to the ingester. A scanner that
 //! sends `traceparent` has the whole trace begin at its own span.
@@ -10,10 +14,9 @@ use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
 use aegis_webhook_core::telemetry::{self, TraceHeaders};
 use aegis_webhook_storage::tenants;
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use sha2::Digest as _;
@@ -28,11 +31,17 @@ fn reply(status: StatusCode, code: &str, message: impl Into<String>) -> Response
     (status, Json(body)).into_response()
 }
 
-pub(crate) async fn accept_event(
-    State(state): State<RouterState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+/// Whether the request says its body is JSON: `application/json` in any case,
+/// with or without parameters (`; charset=utf-8`).
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+pub(crate) async fn accept_event(State(state): State<RouterState>, headers: HeaderMap, body: Body) -> Response {
     let span = tracing::info_span!(
         "intake",
         otel.kind = "server",
@@ -57,7 +66,7 @@ pub(crate) async fn accept_event(
     response
 }
 
-async fn accept(state: AppState, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn accept(state: AppState, headers: HeaderMap, body: Body) -> Response {
     let Some(expected) = state.ingest_token.as_ref() else {
         return reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -86,19 +95,37 @@ async fn accept(state: AppState, headers: HeaderMap, body: Result<Bytes, BytesRe
         );
         response
             .headers_mut()
-            .insert(axum::http::header::RETRY_AFTER, refusal.retry_after_secs().into());
+            .insert(header::RETRY_AFTER, refusal.retry_after_secs().into());
         return response;
     }
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return reply(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
-                format!("the event is larger than {} bytes", state.max_event_bytes),
-            );
-        }
-        Err(rejection) => return reply(rejection.status(), "BAD_REQUEST", rejection.body_text()),
+    if !is_json(&headers) {
+        return reply(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send the event as JSON, with `Content-Type: application/json`",
+        );
+    }
+    // The body is read only now, after the cheap checks: a declared length
+    // over the limit is refused unread, and a body that turns out longer is
+    // cut off at the limit.
+    let too_large = || {
+        reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("the event is larger than {} bytes", state.max_event_bytes),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > state.max_event_bytes as u64) {
+        return too_large();
+    }
+    // A read fails when the body passes the limit (the declared length lied,
+    // or there was none) or the client went away, when no one reads the answer.
+    let Ok(body) = axum::body::to_bytes(body, state.max_event_bytes).await else {
+        return too_large();
     };
     let event = match ValidatedEvent::parse(&body, Utc::now()) {
         Ok(event) => event,
@@ -145,4 +172,44 @@ async fn accept(state: AppState, headers: HeaderMap, body: Result<Bytes, BytesRe
     }
     tracing::info!(event_id = %event.id(), event = %event.event_type(), "event accepted");
     (StatusCode::ACCEPTED, Json(serde_json::json!({ "id": event.id() }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn with_content_type(value: Option<&'static str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = value {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+        }
+        headers
+    }
+
+    #[test]
+    fn only_application_json_is_json_whatever_its_case_and_parameters() {
+        for json in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json;charset=UTF-8",
+            " application/json ",
+        ] {
+            assert!(is_json(&with_content_type(Some(json))), "{json}");
+        }
+        for other in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/jsonp",
+            "application/cloudevents+json",
+            "text/json",
+            "",
+        ] {
+            assert!(!is_json(&with_content_type(Some(other))), "{other}");
+        }
+        assert!(!is_json(&with_content_type(None)), "no Content-Type");
+    }
 }

@@ -68,7 +68,6 @@ struct RouterState {
 
 pub fn router(state: AppState) -> Router {
     let schema = graphql::build_schema(state.clone());
-    let max_event_bytes = state.max_event_bytes;
     let max_graphql_bytes = state.graphql_max_body_bytes;
     Router::new()
         .route(
@@ -81,9 +80,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/v1/events",
-            // The intake reads the body itself, to answer an oversized one with a
-            // clear JSON error; the layer only guards memory.
-            post(intake::accept_event).layer(axum::extract::DefaultBodyLimit::max(max_event_bytes)),
+            // The intake reads the body itself, after authentication, and up to
+            // `max_event_bytes` only, to answer an oversized one with a clear
+            // JSON error (413 unread when `Content-Length` says so).
+            post(intake::accept_event),
         )
         .with_state(RouterState { app: state, schema })
 }

@@ -1,14 +1,59 @@
 //! Security events: their types, the upstream envelope, per-event `data` validation
 //! against the shapes of the customer-facing document, and the delivered body.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike as _, NaiveDate, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::ids::{TenantId, WebhookId};
+
+mod strict_json;
+
+use strict_json::StrictJsonError;
+
+/// The limits of the strict intake, checked by [`ValidatedEvent::parse`] and so
+/// the same for `POST /v1/events` and for AMQP publishers.
+///
+/// They are constants, not configuration, because they are part of the contract
+/// with publishers: an API and an ingester configured apart would accept at one
+/// door what they park at the other. They are generous on purpose: each is far
+/// above what a real scanner sends and far below what costs the service anything.
+pub mod limits {
+    use std::ops::RangeInclusive;
+
+    /// `data.component.name`, in characters. Package names are short in practice
+    /// (npm caps them at 214 characters; Maven `group:artifact` coordinates and Go
+    /// module paths stay well under 200), so 256 leaves room.
+    pub const COMPONENT_NAME_CHARS: usize = 256;
+    /// `data.component.version`, in characters. Versions with an epoch, a distro
+    /// revision and build metadata (`1:2.30.2-1+deb11u2`) are a few dozen at most.
+    pub const COMPONENT_VERSION_CHARS: usize = 256;
+    /// `data.fileName`, in characters. A file name, or a relative path as it was
+    /// uploaded: Linux allows 255 bytes per path segment, and 1024 leaves room for
+    /// a few directories.
+    pub const FILE_NAME_CHARS: usize = 1024;
+    /// The digits of a CVE id's sequence number: the pattern of the CVE JSON 5
+    /// record schema, `^CVE-[0-9]{4}-[0-9]{4,19}$`.
+    pub const CVE_SEQUENCE_DIGITS: RangeInclusive<usize> = 4..=19;
+    /// The first year of a CVE id: the first ids were `CVE-1999-…`. The last is
+    /// the current year + 1, the latest that MITRE assigns, checked against the
+    /// `now` given to the parse.
+    pub const CVE_FIRST_YEAR: i32 = 1999;
+    /// The years an event's dates may fall in (`timestamp`,
+    /// `data.scheduledCompletionDate`), inclusive: the era of CVEs and POA&Ms, and
+    /// a long way into a plan's future, while `0001` or `+12026` are refused.
+    pub const DATE_YEARS: RangeInclusive<i32> = 2000..=2100;
+    /// How much of a refused value an error message repeats, in characters, so a
+    /// refusal never echoes a huge value back (nor into the reason header of the
+    /// invalid-events queue).
+    pub const ECHOED_CHARS: usize = 64;
+    /// The longest refusal message, in characters, whatever it quotes.
+    pub const MESSAGE_CHARS: usize = 512;
+}
 
 /// Every event type a webhook can subscribe to or receive.
 ///
@@ -185,8 +230,8 @@ pub struct VulnerabilityDetected {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Component {
-    pub name: NonEmptyString,
-    pub version: NonEmptyString,
+    pub name: BoundedText<{ limits::COMPONENT_NAME_CHARS }>,
+    pub version: BoundedText<{ limits::COMPONENT_VERSION_CHARS }>,
 }
 
 /// Not in the seed document, which only names the notification ("POA&M deadline
@@ -198,7 +243,7 @@ pub struct PoamDueSoon {
     pub poam_id: Uuid,
     pub vulnerability_id: Uuid,
     pub cve_id: CveId,
-    pub scheduled_completion_date: NaiveDate,
+    pub scheduled_completion_date: EventDate,
     pub days_until_due: u32,
 }
 
@@ -208,7 +253,7 @@ pub struct PoamOverdue {
     pub poam_id: Uuid,
     pub vulnerability_id: Uuid,
     pub cve_id: CveId,
-    pub scheduled_completion_date: NaiveDate,
+    pub scheduled_completion_date: EventDate,
     pub days_overdue: u32,
 }
 
@@ -216,7 +261,7 @@ pub struct PoamOverdue {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EvidenceCompleted {
     pub evidence_id: Uuid,
-    pub file_name: NonEmptyString,
+    pub file_name: BoundedText<{ limits::FILE_NAME_CHARS }>,
     pub vulnerabilities_found: u32,
     pub critical_count: u32,
     pub high_count: u32,
@@ -239,29 +284,59 @@ pub enum Severity {
     None,
 }
 
-/// A CVE identifier such as `CVE-2024-47076`: the year, then four or more digits.
+/// A CVE identifier such as `CVE-2024-47076`: `CVE-`, a year from
+/// [`limits::CVE_FIRST_YEAR`], then a sequence number of 4 to 19 digits
+/// ([`limits::CVE_SEQUENCE_DIGITS`]). That the year is at most next year depends
+/// on the clock, so [`ValidatedEvent::parse`] checks it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct CveId(String);
+
+impl CveId {
+    /// The year of the id (`2024` for `CVE-2024-47076`).
+    pub fn year(&self) -> i32 {
+        self.0["CVE-".len().."CVE-YYYY".len()]
+            .parse()
+            .expect("a parsed CVE id has a four-digit year")
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
 
 impl TryFrom<String> for CveId {
     type Error = String;
 
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        let well_formed = value
+        let all_digits = |text: &str| text.bytes().all(|b| b.is_ascii_digit());
+        let parts = value
             .strip_prefix("CVE-")
             .and_then(|rest| rest.split_once('-'))
-            .is_some_and(|(year, number)| {
-                year.len() == 4
-                    && number.len() >= 4
-                    && year.bytes().all(|b| b.is_ascii_digit())
-                    && number.bytes().all(|b| b.is_ascii_digit())
-            });
-        if well_formed {
-            Ok(CveId(value))
-        } else {
-            Err(format!("`{value}` is not a CVE id (expected CVE-YYYY-NNNN)"))
+            .filter(|(year, number)| year.len() == 4 && all_digits(year) && !number.is_empty() && all_digits(number));
+        let Some((year, number)) = parts else {
+            return Err(format!(
+                "`{}` is not a CVE id (expected CVE-YYYY-NNNN)",
+                excerpt(&value)
+            ));
+        };
+        let digits = limits::CVE_SEQUENCE_DIGITS;
+        if !digits.contains(&number.len()) {
+            return Err(format!(
+                "the sequence number of a CVE id must have {} to {} digits (got {})",
+                digits.start(),
+                digits.end(),
+                number.len()
+            ));
         }
+        let year: i32 = year.parse().expect("four ASCII digits");
+        if year < limits::CVE_FIRST_YEAR {
+            return Err(format!(
+                "the year of a CVE id must be {} or later (got {year})",
+                limits::CVE_FIRST_YEAR
+            ));
+        }
+        Ok(CveId(value))
     }
 }
 
@@ -294,32 +369,92 @@ impl From<CvssScore> for f64 {
     }
 }
 
-/// A string with at least one non-whitespace character.
+/// Text of at most `MAX` characters (Unicode scalar values), with at least one
+/// that is not whitespace and none that is a control character: the names,
+/// versions and file names that receivers show and log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct NonEmptyString(String);
+pub struct BoundedText<const MAX: usize>(String);
 
-impl TryFrom<String> for NonEmptyString {
-    type Error = &'static str;
+impl<const MAX: usize> TryFrom<String> for BoundedText<MAX> {
+    type Error = String;
 
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        if value.trim().is_empty() {
-            Err("must not be empty")
-        } else {
-            Ok(NonEmptyString(value))
+        let length = value.chars().count();
+        if length > MAX {
+            return Err(format!("must be at most {MAX} characters (got {length})"));
         }
+        if value.trim().is_empty() {
+            return Err("must not be empty".to_owned());
+        }
+        if let Some((position, control)) = value.chars().enumerate().find(|(_, c)| c.is_control()) {
+            return Err(format!(
+                "must not contain control characters (U+{:04X} at character {})",
+                u32::from(control),
+                position + 1
+            ));
+        }
+        Ok(BoundedText(value))
     }
 }
 
-impl From<NonEmptyString> for String {
-    fn from(value: NonEmptyString) -> Self {
+impl<const MAX: usize> From<BoundedText<MAX>> for String {
+    fn from(value: BoundedText<MAX>) -> Self {
         value.0
     }
 }
 
-impl NonEmptyString {
+impl<const MAX: usize> BoundedText<MAX> {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+/// A calendar date within [`limits::DATE_YEARS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "NaiveDate", into = "NaiveDate")]
+pub struct EventDate(NaiveDate);
+
+impl TryFrom<NaiveDate> for EventDate {
+    type Error = String;
+
+    fn try_from(date: NaiveDate) -> Result<Self, Self::Error> {
+        check_year(date.year()).map(|()| EventDate(date))
+    }
+}
+
+impl From<EventDate> for NaiveDate {
+    fn from(date: EventDate) -> Self {
+        date.0
+    }
+}
+
+impl EventDate {
+    pub fn get(self) -> NaiveDate {
+        self.0
+    }
+}
+
+/// Refuses a year outside [`limits::DATE_YEARS`], naming the range.
+fn check_year(year: i32) -> Result<(), String> {
+    let years = limits::DATE_YEARS;
+    if years.contains(&year) {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be in the years {} to {} (got year {year})",
+            years.start(),
+            years.end()
+        ))
+    }
+}
+
+/// At most [`limits::ECHOED_CHARS`] characters of `text`, for quoting a refused
+/// value in a message.
+fn excerpt(text: &str) -> Cow<'_, str> {
+    match text.char_indices().nth(limits::ECHOED_CHARS) {
+        None => Cow::Borrowed(text),
+        Some((cut, _)) => Cow::Owned(format!("{}… ({} characters)", &text[..cut], text.chars().count())),
     }
 }
 
@@ -348,19 +483,28 @@ struct CanonicalEnvelope<'a> {
 
 impl ValidatedEvent {
     /// Parses and validates an upstream envelope. `now` stands in for a missing
-    /// timestamp, and a fresh id for a missing `id`.
+    /// timestamp, and a fresh id for a missing `id`; it also bounds a CVE id's
+    /// year. Every message is at most [`limits::MESSAGE_CHARS`] characters.
     pub fn parse(bytes: &[u8], now: DateTime<Utc>) -> Result<Self, EnvelopeError> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|error| EnvelopeError::Malformed(error.to_string()))?;
+        Self::parse_unbounded(bytes, now).map_err(|error| match error {
+            EnvelopeError::Malformed(message) => EnvelopeError::Malformed(bounded(message)),
+            EnvelopeError::Invalid(message) => EnvelopeError::Invalid(bounded(message)),
+        })
+    }
+
+    fn parse_unbounded(bytes: &[u8], now: DateTime<Utc>) -> Result<Self, EnvelopeError> {
+        let value = strict_json::from_slice(bytes).map_err(|error| match error {
+            StrictJsonError::Syntax(error) => EnvelopeError::Malformed(error.to_string()),
+            StrictJsonError::DuplicateKey(path) => EnvelopeError::Invalid(format!("{path}: duplicate key")),
+        })?;
         // serde would read a JSON array as a struct; say plainly what is expected.
         if !value.is_object() {
             return Err(EnvelopeError::Invalid("the event must be a JSON object".to_owned()));
         }
         let raw: RawEnvelope = deserialize_at(value, "")?;
-        let event_type: EventType = raw
-            .event
-            .parse()
-            .map_err(|error: UnknownEventType| EnvelopeError::Invalid(format!("event: {error}")))?;
+        let event_type: EventType = raw.event.parse().map_err(|_: UnknownEventType| {
+            EnvelopeError::Invalid(format!("event: unknown event type `{}`", excerpt(&raw.event)))
+        })?;
         if !event_type.is_published_upstream() {
             let hint = match event_type {
                 EventType::CriticalVulnerabilityDetected => {
@@ -374,13 +518,20 @@ impl ValidatedEvent {
         }
         let timestamp = match raw.timestamp {
             None => now,
-            Some(text) => DateTime::parse_from_rfc3339(&text)
-                .map_err(|error| {
-                    EnvelopeError::Invalid(format!("timestamp: `{text}` is not an RFC 3339 date-time ({error})"))
-                })?
-                .with_timezone(&Utc),
+            Some(text) => {
+                let timestamp = DateTime::parse_from_rfc3339(&text)
+                    .map_err(|error| {
+                        EnvelopeError::Invalid(format!(
+                            "timestamp: `{}` is not an RFC 3339 date-time ({error})",
+                            excerpt(&text)
+                        ))
+                    })?
+                    .with_timezone(&Utc);
+                check_year(timestamp.year()).map_err(|error| EnvelopeError::Invalid(format!("timestamp: {error}")))?;
+                timestamp
+            }
         };
-        let data = EventData::parse(event_type, raw.data)?;
+        let data = EventData::parse(event_type, raw.data, now)?;
         Ok(ValidatedEvent {
             id: raw.id.unwrap_or_else(Uuid::now_v7),
             tenant_id: TenantId::from_uuid(raw.tenant_id),
@@ -463,14 +614,14 @@ impl ValidatedEvent {
 }
 
 impl EventData {
-    fn parse(event_type: EventType, data: serde_json::Value) -> Result<Self, EnvelopeError> {
+    fn parse(event_type: EventType, data: serde_json::Value, now: DateTime<Utc>) -> Result<Self, EnvelopeError> {
         if !data.is_object() {
             return Err(EnvelopeError::Invalid(format!(
                 "data: must be a JSON object, not {}",
                 json_kind(&data)
             )));
         }
-        Ok(match event_type {
+        let data = match event_type {
             EventType::VulnerabilityDetected | EventType::CriticalVulnerabilityDetected => {
                 EventData::VulnerabilityDetected(deserialize_at(data, "data")?)
             }
@@ -478,16 +629,40 @@ impl EventData {
             EventType::PoamOverdue => EventData::PoamOverdue(deserialize_at(data, "data")?),
             EventType::EvidenceCompleted => {
                 let evidence: EvidenceCompleted = deserialize_at(data, "data")?;
+                // Critical and high findings are among those found, so together
+                // they cannot be more (the seed's 2 + 5 of 27).
                 let counted = u64::from(evidence.critical_count) + u64::from(evidence.high_count);
                 if counted > u64::from(evidence.vulnerabilities_found) {
-                    return Err(EnvelopeError::Invalid(
-                        "data: criticalCount + highCount exceeds vulnerabilitiesFound".to_owned(),
-                    ));
+                    return Err(EnvelopeError::Invalid(format!(
+                        "data: criticalCount + highCount ({} + {}) exceeds vulnerabilitiesFound ({})",
+                        evidence.critical_count, evidence.high_count, evidence.vulnerabilities_found
+                    )));
                 }
                 EventData::EvidenceCompleted(evidence)
             }
             EventType::WebhookTest => EventData::WebhookTest(deserialize_at(data, "data")?),
-        })
+        };
+        if let Some(cve_id) = data.cve_id() {
+            let last = now.year() + 1;
+            if cve_id.year() > last {
+                return Err(EnvelopeError::Invalid(format!(
+                    "data.cveId: the year of a CVE id must be {} to {last}, next year at the latest (got {})",
+                    limits::CVE_FIRST_YEAR,
+                    cve_id.year()
+                )));
+            }
+        }
+        Ok(data)
+    }
+
+    /// The CVE the event is about, for the types that name one.
+    pub fn cve_id(&self) -> Option<&CveId> {
+        match self {
+            EventData::VulnerabilityDetected(v) => Some(&v.cve_id),
+            EventData::PoamDueSoon(p) => Some(&p.cve_id),
+            EventData::PoamOverdue(p) => Some(&p.cve_id),
+            EventData::EvidenceCompleted(_) | EventData::WebhookTest(_) => None,
+        }
     }
 
     /// The `data` object as delivered, serialized once at ingest and stored.
@@ -504,6 +679,15 @@ fn json_kind(value: &serde_json::Value) -> &'static str {
         serde_json::Value::String(_) => "a string",
         serde_json::Value::Array(_) => "an array",
         serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// `message`, cut to [`limits::MESSAGE_CHARS`] characters: serde's own messages
+/// quote unknown keys and values whole.
+fn bounded(message: String) -> String {
+    match message.char_indices().nth(limits::MESSAGE_CHARS) {
+        None => message,
+        Some((cut, _)) => format!("{}… (message shortened)", &message[..cut]),
     }
 }
 
@@ -585,27 +769,7 @@ mod tests {
 
     #[test]
     fn every_seed_event_parses_and_round_trips_through_the_canonical_envelope() {
-        let seeds = [
-            seed_vulnerability(),
-            serde_json::json!({
-                "event": "POAM_OVERDUE", "timestamp": "2025-12-16T15:30:00Z", "tenantId": TENANT,
-                "data": {
-                    "poamId": "567e8901-e89b-12d3-a456-426614174004",
-                    "vulnerabilityId": "456e7890-e89b-12d3-a456-426614174003",
-                    "cveId": "CVE-2024-47076",
-                    "scheduledCompletionDate": "2026-01-15",
-                    "daysOverdue": 5
-                }
-            }),
-            serde_json::json!({
-                "event": "EVIDENCE_COMPLETED", "timestamp": "2025-12-16T15:30:00Z", "tenantId": TENANT,
-                "data": {
-                    "evidenceId": "345e6789-e89b-12d3-a456-426614174002",
-                    "fileName": "sbom.spdx.json",
-                    "vulnerabilitiesFound": 27, "criticalCount": 2, "highCount": 5
-                }
-            }),
-        ];
+        let seeds = [seed_vulnerability(), seed_poam_overdue(), seed_evidence()];
         for seed in seeds {
             let event = parse(&seed).expect("seed events are valid");
             assert_eq!(
@@ -741,6 +905,310 @@ mod tests {
     }
 
     #[test]
+    fn a_key_repeated_at_any_level_is_refused_naming_its_path() {
+        // serde_json writes keys in order, so the seed's text starts `{"data":{"component":{`.
+        let seed = seed_vulnerability().to_string();
+        let cases = [
+            (
+                r#"{"data":"#,
+                r#"{"event":"POAM_OVERDUE","data":"#,
+                "event: duplicate key",
+            ),
+            (
+                r#""data":{"#,
+                r#""data":{"cveId":"CVE-2024-0001","#,
+                "data.cveId: duplicate key",
+            ),
+            (
+                r#""component":{"#,
+                r#""component":{"name":"wget","#,
+                "data.component.name: duplicate key",
+            ),
+        ];
+        for (anchor, repeated, expected) in cases {
+            let body = seed.replacen(anchor, repeated, 1);
+            assert_ne!(body, seed, "`{anchor}` is in the seed's text");
+            assert_eq!(
+                ValidatedEvent::parse(body.as_bytes(), now()),
+                Err(EnvelopeError::Invalid(expected.to_owned()))
+            );
+        }
+        // Keys are per object: `name` in two objects is no duplicate.
+        let mut envelope = seed_vulnerability();
+        envelope["data"]["name"] = "curl".into();
+        assert!(invalid_message(&envelope).contains("unknown field `name`"));
+    }
+
+    fn seed_poam_overdue() -> serde_json::Value {
+        serde_json::json!({
+            "event": "POAM_OVERDUE", "timestamp": "2025-12-16T15:30:00Z", "tenantId": TENANT,
+            "data": {
+                "poamId": "567e8901-e89b-12d3-a456-426614174004",
+                "vulnerabilityId": "456e7890-e89b-12d3-a456-426614174003",
+                "cveId": "CVE-2024-47076",
+                "scheduledCompletionDate": "2026-01-15",
+                "daysOverdue": 5
+            }
+        })
+    }
+
+    fn seed_evidence() -> serde_json::Value {
+        serde_json::json!({
+            "event": "EVIDENCE_COMPLETED", "timestamp": "2025-12-16T15:30:00Z", "tenantId": TENANT,
+            "data": {
+                "evidenceId": "345e6789-e89b-12d3-a456-426614174002",
+                "fileName": "sbom.spdx.json",
+                "vulnerabilitiesFound": 27, "criticalCount": 2, "highCount": 5
+            }
+        })
+    }
+
+    /// `envelope` with `value` at `pointer`, parsed.
+    fn parse_with(
+        envelope: serde_json::Value,
+        pointer: &str,
+        value: serde_json::Value,
+    ) -> Result<ValidatedEvent, EnvelopeError> {
+        let mut envelope = envelope;
+        *envelope.pointer_mut(pointer).expect("the field is in the seed") = value;
+        parse(&envelope)
+    }
+
+    #[test]
+    fn names_versions_and_file_names_are_bounded_not_blank_and_free_of_control_characters() {
+        let fields = [
+            (
+                seed_vulnerability(),
+                "/data/component/name",
+                "data.component.name",
+                limits::COMPONENT_NAME_CHARS,
+            ),
+            (
+                seed_vulnerability(),
+                "/data/component/version",
+                "data.component.version",
+                limits::COMPONENT_VERSION_CHARS,
+            ),
+            (
+                seed_evidence(),
+                "/data/fileName",
+                "data.fileName",
+                limits::FILE_NAME_CHARS,
+            ),
+        ];
+        assert_eq!(
+            (
+                limits::COMPONENT_NAME_CHARS,
+                limits::COMPONENT_VERSION_CHARS,
+                limits::FILE_NAME_CHARS
+            ),
+            (256, 256, 1024)
+        );
+        for (seed, pointer, path, limit) in fields {
+            let at = |text: String| parse_with(seed.clone(), pointer, text.into());
+            // The limit counts characters, not bytes.
+            at("é".repeat(limit)).unwrap_or_else(|error| panic!("{path}: {limit} characters are allowed: {error}"));
+            for (text, expected) in [
+                (
+                    "x".repeat(limit + 1),
+                    format!("{path}: must be at most {limit} characters (got {})", limit + 1),
+                ),
+                (
+                    "x".repeat(250_000),
+                    format!("{path}: must be at most {limit} characters (got 250000)"),
+                ),
+                ("   ".to_owned(), format!("{path}: must not be empty")),
+                (
+                    "curl\n7".to_owned(),
+                    format!("{path}: must not contain control characters (U+000A at character 5)"),
+                ),
+                (
+                    "\u{7f}".to_owned(),
+                    format!("{path}: must not contain control characters (U+007F at character 1)"),
+                ),
+                (
+                    "a\u{85}".to_owned(),
+                    format!("{path}: must not contain control characters (U+0085 at character 2)"),
+                ),
+            ] {
+                assert_eq!(at(text), Err(EnvelopeError::Invalid(expected)));
+            }
+        }
+        // Other Unicode is welcome: names are not only ASCII.
+        parse_with(
+            seed_evidence(),
+            "/data/fileName",
+            "Prüfbericht 2025 – SBOM 📦.json".into(),
+        )
+        .expect("valid");
+    }
+
+    #[test]
+    fn cve_ids_are_checked_by_pattern_year_and_length() {
+        let cve = |id: String| parse_with(seed_vulnerability(), "/data/cveId", id.into());
+        // `now` is 2026-01-01, so next year is 2027.
+        for valid in [
+            "CVE-1999-0001".to_owned(),
+            "CVE-2024-47076".to_owned(),
+            "CVE-2027-1234".to_owned(),
+            format!("CVE-2024-{}", "9".repeat(19)),
+        ] {
+            cve(valid.clone()).unwrap_or_else(|error| panic!("{valid}: {error}"));
+        }
+        for (id, expected) in [
+            (
+                "CVE-2024-123".to_owned(),
+                "data.cveId: the sequence number of a CVE id must have 4 to 19 digits (got 3)".to_owned(),
+            ),
+            (
+                format!("CVE-2024-{}", "1".repeat(20)),
+                "data.cveId: the sequence number of a CVE id must have 4 to 19 digits (got 20)".to_owned(),
+            ),
+            (
+                format!("CVE-2024-{}", "1".repeat(200_000)),
+                "data.cveId: the sequence number of a CVE id must have 4 to 19 digits (got 200000)".to_owned(),
+            ),
+            (
+                "CVE-1998-1234".to_owned(),
+                "data.cveId: the year of a CVE id must be 1999 or later (got 1998)".to_owned(),
+            ),
+            (
+                "CVE-2028-1234".to_owned(),
+                "data.cveId: the year of a CVE id must be 1999 to 2027, next year at the latest (got 2028)".to_owned(),
+            ),
+            (
+                "cve-2024-1234".to_owned(),
+                "data.cveId: `cve-2024-1234` is not a CVE id (expected CVE-YYYY-NNNN)".to_owned(),
+            ),
+            (
+                "CVE-2024-12a4".to_owned(),
+                "data.cveId: `CVE-2024-12a4` is not a CVE id (expected CVE-YYYY-NNNN)".to_owned(),
+            ),
+            (
+                "CVE-2024-".to_owned(),
+                "data.cveId: `CVE-2024-` is not a CVE id (expected CVE-YYYY-NNNN)".to_owned(),
+            ),
+            (
+                "CVE-2024-1234 ".to_owned(),
+                "data.cveId: `CVE-2024-1234 ` is not a CVE id (expected CVE-YYYY-NNNN)".to_owned(),
+            ),
+        ] {
+            assert_eq!(cve(id), Err(EnvelopeError::Invalid(expected)));
+        }
+        // The POA&M events carry a CVE id too, under the same rules.
+        assert_eq!(
+            parse_with(seed_poam_overdue(), "/data/cveId", "CVE-2099-1234".into()),
+            Err(EnvelopeError::Invalid(
+                "data.cveId: the year of a CVE id must be 1999 to 2027, next year at the latest (got 2099)".to_owned()
+            ))
+        );
+    }
+
+    #[test]
+    fn dates_fall_in_the_years_2000_to_2100() {
+        assert_eq!(limits::DATE_YEARS, 2000..=2100);
+        for valid in [
+            "2000-01-01T00:00:00Z",
+            "2100-12-31T23:59:59.999Z",
+            "2025-12-16T17:30:00+02:00",
+        ] {
+            parse_with(seed_vulnerability(), "/timestamp", valid.into())
+                .unwrap_or_else(|error| panic!("{valid}: {error}"));
+        }
+        for (timestamp, expected) in [
+            (
+                "0001-01-01T00:00:00Z",
+                "timestamp: must be in the years 2000 to 2100 (got year 1)",
+            ),
+            (
+                "1999-12-31T23:59:59Z",
+                "timestamp: must be in the years 2000 to 2100 (got year 1999)",
+            ),
+            (
+                "2101-01-01T00:00:00Z",
+                "timestamp: must be in the years 2000 to 2100 (got year 2101)",
+            ),
+            // Still 2100 where it was sent, but 2101 in UTC, as it is delivered.
+            (
+                "2100-12-31T23:00:00-05:00",
+                "timestamp: must be in the years 2000 to 2100 (got year 2101)",
+            ),
+        ] {
+            assert_eq!(
+                parse_with(seed_vulnerability(), "/timestamp", timestamp.into()),
+                Err(EnvelopeError::Invalid(expected.to_owned()))
+            );
+        }
+        // RFC 3339 has four-digit years only.
+        let message = match parse_with(seed_vulnerability(), "/timestamp", "+12026-01-01T00:00:00Z".into()) {
+            Err(EnvelopeError::Invalid(message)) => message,
+            other => panic!("a five-digit year is refused: {other:?}"),
+        };
+        assert!(
+            message.starts_with("timestamp: `+12026-01-01T00:00:00Z` is not an RFC 3339 date-time"),
+            "{message}"
+        );
+
+        for seed in [seed_poam_overdue(), seed_poam_due_soon()] {
+            for valid in ["2000-01-01", "2100-12-31"] {
+                parse_with(seed.clone(), "/data/scheduledCompletionDate", valid.into())
+                    .unwrap_or_else(|error| panic!("{valid}: {error}"));
+            }
+            for (date, year) in [
+                ("+12026-01-15", "12026"),
+                ("0001-01-01", "1"),
+                ("1999-12-31", "1999"),
+                ("2101-01-01", "2101"),
+            ] {
+                assert_eq!(
+                    parse_with(seed.clone(), "/data/scheduledCompletionDate", date.into()),
+                    Err(EnvelopeError::Invalid(format!(
+                        "data.scheduledCompletionDate: must be in the years 2000 to 2100 (got year {year})"
+                    )))
+                );
+            }
+        }
+    }
+
+    fn seed_poam_due_soon() -> serde_json::Value {
+        let mut envelope = seed_poam_overdue();
+        envelope["event"] = "POAM_DUE_SOON".into();
+        let data = envelope["data"].as_object_mut().expect("object");
+        data.remove("daysOverdue");
+        data.insert("daysUntilDue".to_owned(), 7.into());
+        envelope
+    }
+
+    #[test]
+    fn a_refusal_never_echoes_a_huge_value() {
+        let huge = "A".repeat(200_000);
+        let cases = [
+            ("/event", "event: unknown event type `AAAA"),
+            ("/data/severity", "data.severity: unknown variant `AAAA"),
+            ("/data/cveId", "data.cveId: `AAAA"),
+            ("/timestamp", "timestamp: `AAAA"),
+        ];
+        for (pointer, expected) in cases {
+            let message = match parse_with(seed_vulnerability(), pointer, huge.clone().into()) {
+                Err(EnvelopeError::Invalid(message)) => message,
+                other => panic!("{pointer}: {other:?}"),
+            };
+            assert!(message.starts_with(expected), "{pointer}: {message}");
+            assert!(
+                message.chars().count() <= limits::MESSAGE_CHARS + 30,
+                "{pointer}: {message}"
+            );
+        }
+        // An unknown key is named in the path and in serde's message: cut as a whole.
+        let mut envelope = seed_vulnerability();
+        envelope["data"][huge.as_str()] = 1.into();
+        let message = invalid_message(&envelope);
+        assert!(message.starts_with("data.AAAA"), "{message}");
+        assert!(message.ends_with("… (message shortened)"), "{message}");
+        assert!(message.chars().count() <= limits::MESSAGE_CHARS + 30);
+    }
+
+    #[test]
     fn evidence_counts_must_add_up() {
         let envelope = serde_json::json!({
             "event": "EVIDENCE_COMPLETED", "tenantId": TENANT,
@@ -749,7 +1217,10 @@ mod tests {
                 "vulnerabilitiesFound": 1, "criticalCount": 2, "highCount": 0
             }
         });
-        assert!(invalid_message(&envelope).contains("exceeds vulnerabilitiesFound"));
+        assert_eq!(
+            invalid_message(&envelope),
+            "data: criticalCount + highCount (2 + 0) exceeds vulnerabilitiesFound (1)"
+        );
     }
 
     #[test]
@@ -777,7 +1248,7 @@ mod tests {
                 EventType::CriticalVulnerabilityDetected => EventType::VulnerabilityDetected,
                 other => other,
             };
-            EventData::parse(parse_as, event_type.example_data())
+            EventData::parse(parse_as, event_type.example_data(), now())
                 .unwrap_or_else(|error| panic!("{event_type}: {error}"));
         }
     }

@@ -5,7 +5,9 @@ use std::time::Duration;
 use aegis_webhook_storage::tenants;
 use serde_json::{Value, json};
 
-use crate::support::{Backend, Receiver, SEED_MUTATION, TestApp, envelope, seed_vulnerability_data};
+use crate::support::{
+    Backend, Receiver, SEED_MUTATION, TestApp, envelope, seed_poam_overdue_data, seed_vulnerability_data,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_events_at_the_intake_are_refused_clearly_and_store_nothing() {
@@ -22,6 +24,28 @@ async fn bad_events_at_the_intake_are_refused_clearly_and_store_nothing() {
         change(&mut event);
         event.to_string()
     };
+    let poam_with = |change: &dyn Fn(&mut Value)| {
+        let mut event = envelope(tenant, "POAM_OVERDUE", seed_poam_overdue_data());
+        change(&mut event);
+        event.to_string()
+    };
+    let evidence_with = |change: &dyn Fn(&mut Value)| {
+        let mut event = envelope(
+            tenant,
+            "EVIDENCE_COMPLETED",
+            json!({
+                "evidenceId": "345e6789-e89b-12d3-a456-426614174002",
+                "fileName": "sbom.spdx.json",
+                "vulnerabilitiesFound": 27, "criticalCount": 2, "highCount": 5
+            }),
+        );
+        change(&mut event);
+        event.to_string()
+    };
+    // serde_json writes keys in order, so `"data":{` opens the data object once.
+    let valid_text = valid.to_string();
+    assert!(valid_text.contains(r#""data":{"component":"#), "{valid_text}");
+    let oversized = format!("{{\"pad\":\"{}\"}}", "x".repeat(300 * 1024));
     let cases: Vec<(&str, Option<&str>, String, u16, &str)> = vec![
         (
             "malformed JSON",
@@ -67,6 +91,91 @@ async fn bad_events_at_the_intake_are_refused_clearly_and_store_nothing() {
             422,
             "data.cvssScore: 10.5 is out of range",
         ),
+        // The strict intake: every limit is named in the refusal.
+        (
+            "duplicate key",
+            Some(&token),
+            valid_text.replacen(r#""data":{"#, r#""data":{"cveId":"CVE-2024-0001","#, 1),
+            422,
+            "data.cveId: duplicate key",
+        ),
+        (
+            "duplicate envelope key",
+            Some(&token),
+            valid_text.replacen('{', r#"{"tenantId":"00000000-0000-0000-0000-000000000000","#, 1),
+            422,
+            "tenantId: duplicate key",
+        ),
+        (
+            "long component name",
+            Some(&token),
+            with(&|e| e["data"]["component"]["name"] = json!("n".repeat(257))),
+            422,
+            "data.component.name: must be at most 256 characters (got 257)",
+        ),
+        (
+            "long component version",
+            Some(&token),
+            with(&|e| e["data"]["component"]["version"] = json!("1".repeat(10_000))),
+            422,
+            "data.component.version: must be at most 256 characters (got 10000)",
+        ),
+        (
+            "control character in a name",
+            Some(&token),
+            with(&|e| e["data"]["component"]["name"] = json!("curl\u{1b}[31m")),
+            422,
+            "data.component.name: must not contain control characters (U+001B at character 5)",
+        ),
+        (
+            "250,000-character file name",
+            Some(&token),
+            evidence_with(&|e| e["data"]["fileName"] = json!("f".repeat(250_000))),
+            422,
+            "data.fileName: must be at most 1024 characters (got 250000)",
+        ),
+        (
+            "200,000-digit CVE id",
+            Some(&token),
+            with(&|e| e["data"]["cveId"] = json!(format!("CVE-2024-{}", "1".repeat(200_000)))),
+            422,
+            "data.cveId: the sequence number of a CVE id must have 4 to 19 digits (got 200000)",
+        ),
+        (
+            "CVE id from the future",
+            Some(&token),
+            poam_with(&|e| e["data"]["cveId"] = json!("CVE-2999-1234")),
+            422,
+            "data.cveId: the year of a CVE id must be 1999 to",
+        ),
+        (
+            "CVE id not a CVE id",
+            Some(&token),
+            with(&|e| e["data"]["cveId"] = json!("GHSA-xxxx-yyyy-zzzz")),
+            422,
+            "data.cveId: `GHSA-xxxx-yyyy-zzzz` is not a CVE id (expected CVE-YYYY-NNNN)",
+        ),
+        (
+            "year 1 timestamp",
+            Some(&token),
+            with(&|e| e["timestamp"] = json!("0001-01-01T00:00:00Z")),
+            422,
+            "timestamp: must be in the years 2000 to 2100 (got year 1)",
+        ),
+        (
+            "year +12026 completion date",
+            Some(&token),
+            poam_with(&|e| e["data"]["scheduledCompletionDate"] = json!("+12026-01-15")),
+            422,
+            "data.scheduledCompletionDate: must be in the years 2000 to 2100 (got year 12026)",
+        ),
+        (
+            "more critical than found",
+            Some(&token),
+            evidence_with(&|e| e["data"]["criticalCount"] = json!(30)),
+            422,
+            "data: criticalCount + highCount (30 + 5) exceeds vulnerabilitiesFound (27)",
+        ),
         (
             "unknown tenant",
             Some(&token),
@@ -82,13 +191,7 @@ async fn bad_events_at_the_intake_are_refused_clearly_and_store_nothing() {
             "ingest token",
         ),
         ("missing token", None, valid.to_string(), 401, "ingest token"),
-        (
-            "oversized",
-            Some(&token),
-            format!("{{\"pad\":\"{}\"}}", "x".repeat(300 * 1024)),
-            413,
-            "larger than",
-        ),
+        ("oversized", Some(&token), oversized.clone(), 413, "larger than"),
     ];
     for (name, token, body, expected_status, expected_message) in cases {
         let (status, reply) = app.post_event_as(token, body).await;
@@ -100,13 +203,91 @@ async fn bad_events_at_the_intake_are_refused_clearly_and_store_nothing() {
             message.contains(expected_message),
             "{name}: `{message}` should contain `{expected_message}`"
         );
+        assert!(
+            message.len() < 1024,
+            "{name}: the refusal does not echo the value: {message}"
+        );
+    }
+
+    // Only JSON is taken, and the checks come in order: token, media type, size.
+    /// Name, token, `Content-Type`, body, status, error code.
+    type MediaCase<'a> = (&'a str, Option<&'a str>, Option<&'a str>, String, u16, &'a str);
+    let media_cases: Vec<MediaCase> = vec![
+        (
+            "no Content-Type",
+            Some(&token),
+            None,
+            valid_text.clone(),
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+        ),
+        (
+            "text/plain",
+            Some(&token),
+            Some("text/plain"),
+            valid_text.clone(),
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+        ),
+        (
+            "a form",
+            Some(&token),
+            Some("application/x-www-form-urlencoded"),
+            valid_text.clone(),
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+        ),
+        (
+            "JSON-like",
+            Some(&token),
+            Some("application/jsonp"),
+            valid_text.clone(),
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+        ),
+        (
+            "the token before the media type",
+            None,
+            Some("text/plain"),
+            valid_text.clone(),
+            401,
+            "UNAUTHENTICATED",
+        ),
+        (
+            "the media type before the size",
+            Some(&token),
+            Some("text/plain"),
+            oversized.clone(),
+            415,
+            "UNSUPPORTED_MEDIA_TYPE",
+        ),
+        (
+            "the size before the parse",
+            Some(&token),
+            Some("application/json"),
+            oversized,
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+    ];
+    for (name, token, content_type, body, expected_status, expected_code) in media_cases {
+        let (status, reply) = app.post_event_typed(token, content_type, body).await;
+        assert_eq!(status.as_u16(), expected_status, "{name}: {reply}");
+        assert_eq!(reply["error"]["code"], expected_code, "{name}: {reply}");
+        if expected_status == 415 {
+            let message = reply["error"]["message"].as_str().expect("a message");
+            assert!(message.contains("application/json"), "{name}: {message}");
+        }
     }
 
     // Nothing was stored or sent; a valid event afterwards still goes through.
     assert_eq!(app.count("events").await, 0);
     assert_eq!(app.count("deliveries").await, 0);
-    let (status, _) = app.post_event(&valid).await;
-    assert_eq!(status, 202);
+    // Parameters and case do not matter to the media type.
+    let (status, reply) = app
+        .post_event_typed(Some(&token), Some("Application/JSON; charset=UTF-8"), valid_text)
+        .await;
+    assert_eq!(status, 202, "{reply}");
     receiver.wait_for(1, Duration::from_secs(5)).await;
     // One delivery stored in all: nothing else can be sent.
     assert_eq!(app.count("deliveries").await, 1);

@@ -114,10 +114,12 @@ async fn connections_past_the_limit_wait_and_a_body_that_never_comes_is_a_408() 
     // A request whose body never arrives: its headers are in, so the
     // request timeout (not the header one) ends it, with a 408.
     let mut stalled = TcpStream::connect(app.addr).await.expect("connect");
-    stalled
-        .write_all(b"POST /v1/events HTTP/1.1\r\nHost: aegis\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
-        .await
-        .expect("write");
+    // (Authenticated, so the intake goes on to read the body.)
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: aegis\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        app.setup.ingest_token
+    );
+    stalled.write_all(head.as_bytes()).await.expect("write");
     let asked = Instant::now();
     let answer = closed_by_server(&mut stalled, Duration::from_secs(1) + MARGIN).await;
     assert!(

@@ -124,19 +124,28 @@ async fn garbage_and_invalid_events_are_parked_with_a_reason_and_valid_ones_go_t
     publish_raw(&channel, &exchange, "POAM_OVERDUE", b"\x00\xff garbage \xfe").await;
     publish_raw(&channel, &exchange, "whatever", br#"{"hello": "world"}"#).await;
     publish_raw(&channel, &exchange, "POAM_OVERDUE", bad_data.to_string().as_bytes()).await;
+    // The strict intake's rules hold on this path too: they live in the parse.
+    let duplicate_key = valid
+        .to_string()
+        .replacen(r#""data":{"#, r#""data":{"daysOverdue":1,"#, 1);
+    assert_ne!(duplicate_key, valid.to_string());
+    publish_raw(&channel, &exchange, "POAM_OVERDUE", duplicate_key.as_bytes()).await;
+    let mut huge_cve = valid.clone();
+    huge_cve["data"]["cveId"] = json!(format!("CVE-2024-{}", "1".repeat(200_000)));
+    publish_raw(&channel, &exchange, "POAM_OVERDUE", huge_cve.to_string().as_bytes()).await;
     publish_raw(&channel, &exchange, "POAM_OVERDUE", valid.to_string().as_bytes()).await;
 
     receiver.wait_for(2, Duration::from_secs(10)).await;
     let invalid_queue = format!("{prefix}aegis.events.invalid");
     let mut parked = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while parked.len() < 3 && tokio::time::Instant::now() < deadline {
+    while parked.len() < 5 && tokio::time::Instant::now() < deadline {
         parked.extend(drain(&channel, &invalid_queue).await);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The ingester takes envelopes concurrently, so they are parked in any order.
     let reasons: Vec<&str> = parked.iter().map(|(_, reason)| reason.as_str()).collect();
-    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
     let parked_for = |reason: &dyn Fn(&str) -> bool| {
         parked
             .iter()
@@ -147,6 +156,8 @@ async fn garbage_and_invalid_events_are_parked_with_a_reason_and_valid_ones_go_t
     assert_eq!(garbage.0, b"\x00\xff garbage \xfe", "the original bytes are kept");
     parked_for(&|reason| reason.contains("unknown field `hello`"));
     parked_for(&|reason| reason.starts_with("data.daysOverdue: invalid type"));
+    parked_for(&|reason| reason == "data.daysOverdue: duplicate key");
+    parked_for(&|reason| reason == "data.cveId: the sequence number of a CVE id must have 4 to 19 digits (got 200000)");
     assert_eq!(receiver.received().len(), 2);
 }
 
