@@ -118,6 +118,18 @@ impl RoleProcess {
     }
 
     /// Whether the process has not ended (by itself or otherwise) yet.
+    /// The resident memory of the process now, in bytes (`VmRSS`).
+    pub fn resident_bytes(&self) -> u64 {
+        let pid = self.child.id().expect("the process runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kib * 1024
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().expect("ask for the process's status").is_none()
     }

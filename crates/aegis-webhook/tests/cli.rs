@@ -88,5 +88,41 @@ fn apikey_create_does_what_its_help_says_about_tenants() {
     let default = run(&["apikey", "create"]);
     assert!(default.status.success(), "{}", String::from_utf8_lossy(&default.stderr));
     assert!(String::from_utf8_lossy(&default.stdout).contains("tenant:  default"));
+    assert!(String::from_utf8_lossy(&default.stdout).contains("scopes:  read,write,secrets"));
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// `apikey create --scopes` gives a key only those rights, `list` shows them,
+/// and a scope that does not exist is refused by name.
+#[test]
+fn apikey_scopes_are_chosen_at_create_and_shown_by_list() {
+    let scratch = std::env::temp_dir().join(format!("aegis-cli-scopes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let database = format!("sqlite://{}/aegis.db?mode=rwc", scratch.display());
+    let run = |args: &[&str]| {
+        aegis_webhook()
+            .env("AEGIS_DATABASE_URL", &database)
+            .args(args)
+            .output()
+            .expect("run aegis-webhook")
+    };
+    assert!(run(&["migrate"]).status.success());
+    let created = run(&["apikey", "create", "--scopes", "read"]);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    assert!(String::from_utf8_lossy(&created.stdout).contains("scopes:  read\n"));
+    let created = run(&["apikey", "create", "--scopes", "write"]);
+    assert!(String::from_utf8_lossy(&created.stdout).contains("scopes:  read,write\n"));
+
+    let refused = run(&["apikey", "create", "--scopes", "read,admin"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("unknown scope `admin`"), "{stderr}");
+
+    let listed = run(&["apikey", "list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let rows: Vec<&str> = listed.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{listed}");
+    assert!(rows[0].contains(" read ") && !rows[0].contains("write"), "{listed}");
+    assert!(rows[1].contains(" read,write "), "{listed}");
     let _ = std::fs::remove_dir_all(&scratch);
 }

@@ -10,6 +10,7 @@ mod pipeline;
 mod rabbitmq;
 mod steps;
 mod storage;
+mod tenancy;
 mod verification_docs;
 
 pub use aegis_webhook_tests::{on_both_backends, signature, support};

@@ -16,6 +16,7 @@ use aegis_webhook_tests::support::{Receiver, envelope, scanner_channel, seed_poa
 use futures::StreamExt as _;
 use uuid::Uuid;
 
+mod attacks;
 mod publish_failures;
 mod startup;
 
