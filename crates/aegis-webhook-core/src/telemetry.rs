@@ -75,12 +75,18 @@ fn exported() -> Targets {
     Targets::new().with_target("aegis_webhook", LevelFilter::INFO)
 }
 
+/// The log filter when neither `AEGIS_LOG` nor `RUST_LOG` is set. sqlx's pool
+/// warns once per slow connection checkout: under a flood that is a line per
+/// statement, so its pool logs only errors; the API reports a busy database
+/// itself, once per interval (`aegis_webhook_api::limits::LogThrottle`).
+const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,sqlx::pool=error,sea_orm=warn";
+
 /// Installs the global subscriber. Safe to call more than once (tests do); only
 /// the first call takes effect, and a later call's exporter is shut down unused.
 pub fn init(settings: Settings) {
     let filter = EnvFilter::try_from_env("AEGIS_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn"));
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // The log filter applies to the logs only, so quieter logs keep every span.
     let mut layers: Vec<Box<dyn Layer<Registry> + Send + Sync>> = vec![match settings.log_format {

@@ -148,3 +148,44 @@ async fn connections_past_the_limit_wait_and_a_body_that_never_comes_is_a_408() 
     );
     assert!(waited < HEADER_TIMEOUT + MARGIN, "{waited:?}");
 }
+
+/// Reads until the end of the first response's head, within `within`.
+async fn response_head(socket: &mut TcpStream, within: Duration) -> String {
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let reading = async {
+        while !received.windows(4).any(|window| window == b"\r\n\r\n") {
+            match socket.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(read) => received.extend_from_slice(&buffer[..read]),
+            }
+        }
+    };
+    tokio::time::timeout(within, reading)
+        .await
+        .unwrap_or_else(|_| panic!("no answer within {within:?}"));
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+/// A declared body over the limit is refused as soon as its headers are in:
+/// no byte of it is waited for (the request timeout here is 30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_length_over_the_limit_is_answered_413_before_the_body_is_read() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite is always there");
+    let requests = [
+        format!(
+            "POST /v1/events HTTP/1.1\r\nHost: aegis\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n",
+            app.setup.ingest_token
+        ),
+        format!(
+            "POST /graphql HTTP/1.1\r\nHost: aegis\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n",
+            app.setup.api_key
+        ),
+    ];
+    for request in requests {
+        let mut socket = TcpStream::connect(app.addr).await.expect("connect");
+        socket.write_all(request.as_bytes()).await.expect("write");
+        let head = response_head(&mut socket, Duration::from_secs(5)).await;
+        assert!(head.starts_with("HTTP/1.1 413"), "{request}: {head}");
+    }
+}
