@@ -66,22 +66,25 @@ pub(crate) async fn accept_event(State(state): State<RouterState>, headers: Head
     response
 }
 
-async fn accept(state: AppState, headers: HeaderMap, body: Body) -> Response {
+/// The checks made before the body is read: the intake is on, the token is
+/// right and within its rate, the body says it is JSON.
+// Boxed: a `Response` is large, and the refusal is the rare path.
+fn admit(state: &AppState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(expected) = state.ingest_token.as_ref() else {
-        return reply(
+        return Err(Box::new(reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "INTAKE_DISABLED",
             "the HTTP intake is disabled: set AEGIS_INGEST_TOKEN to enable it",
-        );
+        )));
     };
     let authorized =
-        bearer(&headers).is_some_and(|token| bool::from(token.as_bytes().ct_eq(expected.expose().as_bytes())));
+        bearer(headers).is_some_and(|token| bool::from(token.as_bytes().ct_eq(expected.expose().as_bytes())));
     if !authorized {
-        return reply(
+        return Err(Box::new(reply(
             StatusCode::UNAUTHORIZED,
             "UNAUTHENTICATED",
             "missing or wrong ingest token: send `Authorization: Bearer <ingest token>`",
-        );
+        )));
     }
     let token_hash: [u8; 32] = sha2::Sha256::digest(expected.expose().as_bytes()).into();
     if let Err(refusal) = state.limits.admit_intake(token_hash) {
@@ -96,36 +99,68 @@ async fn accept(state: AppState, headers: HeaderMap, body: Body) -> Response {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, refusal.retry_after_secs().into());
-        return response;
+        return Err(Box::new(response));
     }
-    if !is_json(&headers) {
-        return reply(
+    if !is_json(headers) {
+        return Err(Box::new(reply(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "UNSUPPORTED_MEDIA_TYPE",
             "send the event as JSON, with `Content-Type: application/json`",
-        );
+        )));
     }
-    // The body is read only now, after the cheap checks: a declared length
-    // over the limit is refused unread, and a body that turns out longer is
-    // cut off at the limit.
-    let too_large = || {
-        reply(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
-            format!("the event is larger than {} bytes", state.max_event_bytes),
-        )
-    };
+    Ok(())
+}
+
+fn too_large(limit: usize) -> Response {
+    reply(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PAYLOAD_TOO_LARGE",
+        format!("the event is larger than {limit} bytes"),
+    )
+}
+
+/// An answer that ends the connection: sent while the client may still be
+/// sending a body nobody will read, so the connection cannot carry another
+/// request, and the client must not try to.
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+    response
+}
+
+/// A refusal given before the body was read. A body within the limit is read
+/// and dropped first, so the connection stays usable for the client's next
+/// request; a larger one is not waited for, and the connection is closed.
+async fn answer_unread(response: Response, body: Body, declared: Option<u64>, limit: usize) -> Response {
+    if declared.is_some_and(|length| length > limit as u64) {
+        return closing(response);
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(_) => response,
+        Err(_) => closing(response),
+    }
+}
+
+async fn accept(state: AppState, headers: HeaderMap, body: Body) -> Response {
+    let limit = state.max_event_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > state.max_event_bytes as u64) {
-        return too_large();
+    if let Err(refused) = admit(&state, &headers) {
+        return answer_unread(*refused, body, declared, limit).await;
+    }
+    // The body is read only now, after the cheap checks: a declared length
+    // over the limit is refused unread, and a body that turns out longer is
+    // cut off at the limit.
+    if declared.is_some_and(|length| length > limit as u64) {
+        return closing(too_large(limit));
     }
     // A read fails when the body passes the limit (the declared length lied,
     // or there was none) or the client went away, when no one reads the answer.
-    let Ok(body) = axum::body::to_bytes(body, state.max_event_bytes).await else {
-        return too_large();
+    let Ok(body) = axum::body::to_bytes(body, limit).await else {
+        return closing(too_large(limit));
     };
     let event = match ValidatedEvent::parse(&body, Utc::now()) {
         Ok(event) => event,
