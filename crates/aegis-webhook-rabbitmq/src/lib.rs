@@ -43,6 +43,13 @@ use aegis_webhook_core::queue::{
 use aegis_webhook_core::telemetry::TraceHeaders;
 
 /// Routing key of the work queue on the deliveries exchange.
+/// The longest one publish may take, connecting and the broker's confirm
+/// included. Past it the publish fails like any other, under the caller's
+/// policy (the intake answers 503, the other writers leave it to the
+/// reconciler), instead of holding a request or a step until some outer
+/// timeout.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+
 const WORK_ROUTING_KEY: &str = "work";
 /// Routing key of the due-retries queue, which every tier dead-letters into.
 const DUE_ROUTING_KEY: &str = "due";
@@ -375,9 +382,24 @@ impl RabbitQueue {
         headers: Option<FieldTable>,
     ) -> Result<(), QueueError> {
         let destination = if exchange.is_empty() { routing_key } else { exchange };
-        self.publish_confirmed(exchange, routing_key, body, headers.unwrap_or_default())
-            .instrument(publish_span("rabbitmq", destination))
-            .await
+        let confirmed = self
+            .publish_confirmed(exchange, routing_key, body, headers.unwrap_or_default())
+            .instrument(publish_span("rabbitmq", destination));
+        match tokio::time::timeout(PUBLISH_TIMEOUT, confirmed).await {
+            Ok(result) => result,
+            Err(_) => {
+                // A connection that takes this long is broken (a broker
+                // restarting mid-handshake, a confirm that never comes): the
+                // next publish opens a fresh one. `try_lock`, since whoever
+                // holds the lock may be what hangs.
+                if let Ok(mut live) = self.inner.live.try_lock() {
+                    live.take();
+                }
+                Err(QueueError::Unexpected(anyhow::anyhow!(
+                    "no confirm from RabbitMQ within {PUBLISH_TIMEOUT:?} for a publish to `{destination}`"
+                )))
+            }
+        }
     }
 
     async fn publish_confirmed(
