@@ -68,6 +68,8 @@ pub struct Delivery {
     pub status: DeliveryStatus,
     pub attempts: u32,
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Until when a worker's claim on the next attempt holds, if one does.
+    pub locked_until: Option<DateTime<Utc>>,
     pub last_status_code: Option<u16>,
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -89,6 +91,7 @@ impl TryFrom<delivery::Model> for Delivery {
             status: row.status.parse()?,
             attempts: u32::try_from(row.attempts).unwrap_or_default(),
             next_attempt_at: row.next_attempt_at,
+            locked_until: row.locked_until,
             last_status_code: row.last_status_code.and_then(|code| u16::try_from(code).ok()),
             failure_reason: row.failure_reason,
             created_at: row.created_at,

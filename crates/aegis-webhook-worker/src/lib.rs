@@ -396,17 +396,23 @@ impl Worker {
         }
     }
 
-    /// Explains a failed claim: a task that came early (through a broker tier
-    /// shorter than its delay) goes back for the rest; anything else is stale.
+    /// Explains a failed claim. A task whose attempt is the delivery's next,
+    /// with no claim held on it, came early (through a broker tier shorter
+    /// than its delay, or an instant before the claim's clock said it was
+    /// due): it goes back for the rest of its delay, if any, rather than be
+    /// dropped and wait for the reconciler. Anything else (a finished
+    /// delivery, another attempt, a claim held by another worker) is stale.
     async fn unclaimed(&self, task: DeliveryTask) -> anyhow::Result<Outcome> {
+        let now = Utc::now();
         let early = deliveries::delivery_by_id(&self.db, task.delivery_id())
             .await?
             .filter(|delivery| {
-                delivery.status == deliveries::DeliveryStatus::Pending && delivery.attempts + 1 == task.attempt()
+                delivery.status == deliveries::DeliveryStatus::Pending
+                    && delivery.attempts + 1 == task.attempt()
+                    && delivery.locked_until.is_none_or(|until| until < now)
             })
             .and_then(|delivery| delivery.next_attempt_at)
-            .and_then(|due| (due - Utc::now()).to_std().ok())
-            .filter(|remaining| *remaining > deliveries::DUE_TOLERANCE);
+            .map(|due| (due - now).to_std().unwrap_or_default());
         match early {
             Some(remaining) => {
                 self.queue.publish_task(task, remaining).await?;
