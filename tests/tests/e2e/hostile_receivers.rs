@@ -288,12 +288,12 @@ async fn one_hanging_endpoint_does_not_slow_nine_healthy_ones() {
         return;
     };
     eprintln!("nine healthy webhooks × {EVENTS} events: {alone:?} alone, {beside_hanging:?} beside a hanging one");
-    // Starved healthy deliveries would wait out the 10 s request timeout. The
-    // second of slack is for fixed costs that matter now that the run alone
-    // takes ~0.2 s: the hanging webhook's held-back tasks are database writes
-    // and publishes of their own (a bare 2x failed once at 0.40 s against 0.19 s).
+    // Starved healthy deliveries would wait out the hanging webhook's 10 s
+    // request timeout: what is measured is that they do not, so the bound is
+    // half of it. (A ratio to the run alone, ~0.2-0.7 s, measures the
+    // machine's load as much as the mechanism once tests run side by side.)
     assert!(
-        beside_hanging <= alone * 2 + Duration::from_secs(1),
+        beside_hanging < Duration::from_secs(5),
         "a hanging endpoint slowed the others: {beside_hanging:?} against {alone:?}"
     );
 }

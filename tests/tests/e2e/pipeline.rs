@@ -183,15 +183,20 @@ async fn a_receiver_that_always_fails_ends_failed_after_the_whole_schedule(backe
     assert!(attempts.iter().all(|attempt| attempt.status_code == Some(503)));
     assert_eq!(receiver.received().len(), max_attempts as usize);
 
-    // Dead-lettered with its reason.
-    let dead = app
+    // Dead-lettered with its reason: published right after the row's commit,
+    // so it may follow the FAILED row by a moment.
+    let queue = app
         .system
         .as_ref()
         .expect("running")
         .memory_queue
         .as_ref()
-        .expect("in-process")
-        .dead_letters();
+        .expect("in-process");
+    let dead = eventually(Duration::from_secs(5), "the dead letter", || async {
+        let dead = queue.dead_letters();
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
     assert_eq!(dead.len(), 1);
     assert!(
         std::str::from_utf8(&dead[0].body)
