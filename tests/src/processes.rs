@@ -20,7 +20,7 @@ use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
 use aegis_webhook_storage::{self as db, tenants, webhooks};
 use uuid::Uuid;
 
-use crate::support::{Backend, amqp_url, fresh_database, scanner_channel, scratch_dir};
+use crate::support::{Backend, amqp_url, migrated_database, scanner_channel, scratch_dir};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -177,10 +177,7 @@ impl ProcessCluster {
     /// outside CI; in CI that fails. `prefix` names the queues' prefix.
     pub async fn prepare(prefix: &str) -> Option<ProcessCluster> {
         scanner_channel().await?;
-        let database_url = fresh_database(Backend::Postgres, &scratch_dir()).await?;
-        let db = db::connect(&database_url).await.expect("connect");
-        db::migrate(&db).await.expect("migrate");
-        db.close().await.expect("close");
+        let database_url = migrated_database(Backend::Postgres, &scratch_dir()).await?;
         let secret_key = SecretCipher::generate_key();
         let ingest_token = format!("ingest-{}", Uuid::new_v4().simple());
         let settings = [
