@@ -380,3 +380,81 @@ async fn the_audit_log_shows_every_change_with_its_key_and_only_to_its_tenant() 
     let (_, answer) = app.graphql_as(Some(&other_key), log, json!({})).await;
     assert_eq!(answer["data"]["auditLog"]["nodes"], json!([]), "{answer}");
 }
+
+/// Issue 14's `stats` attack: a tenant with no deliveries once waited for a
+/// scan of every tenant's. Now a page of webhooks reads its stats in one
+/// statement on the webhook's own index: another tenant's 30,000 deliveries
+/// cost it nothing (before, each of this page's 20 webhooks ran four counts
+/// over them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_stats_costs_what_its_own_tenant_holds_whatever_others_hold() {
+    use aegis_webhook_core::event::{EventType, ValidatedEvent};
+    use aegis_webhook_core::secret::SigningSecret;
+    use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
+    use aegis_webhook_storage::{deliveries, events, webhooks};
+
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite");
+    let new_webhook = || webhooks::NewWebhook {
+        url: WebhookUrl::parse(RECEIVER, &TargetPolicy::allowing_loopback()).expect("url"),
+        events: vec![EventType::PoamOverdue],
+        description: None,
+        project_ids: vec![],
+        secret: SigningSecret::generate(),
+        active: true,
+    };
+    // The busy tenant's webhook is never read back through the API: any key
+    // seals its secret.
+    let cipher = &aegis_webhook_core::secret::SecretCipher::from_base64(
+        &aegis_webhook_core::secret::SecretCipher::generate_key(),
+    )
+    .expect("key");
+
+    // The busy tenant: one webhook with 30,000 pending deliveries.
+    let busy = tenants::create_tenant(app.db(), "busy").await.expect("tenant");
+    let busy_webhook = webhooks::create_webhook(app.db(), cipher, busy.id, new_webhook())
+        .await
+        .expect("webhook");
+    let envelope = crate::support::envelope(busy.id, "POAM_OVERDUE", crate::support::seed_poam_overdue_data());
+    let event = ValidatedEvent::parse(envelope.to_string().as_bytes(), chrono::Utc::now()).expect("event");
+    let event_id = events::insert_event(app.db(), &event)
+        .await
+        .expect("insert")
+        .expect("new");
+    let many = vec![
+        deliveries::NewDelivery {
+            webhook_id: busy_webhook.id,
+            event_type: EventType::PoamOverdue,
+        };
+        30_000
+    ];
+    deliveries::insert_pending(app.db(), busy.id, event_id, &many, chrono::Utc::now())
+        .await
+        .expect("deliveries");
+
+    // The quiet tenant (the dev tenant): twenty webhooks, no deliveries.
+    for _ in 0..20 {
+        app.create_webhook(RECEIVER, &["POAM_OVERDUE"], None).await;
+    }
+    let page = "{ webhooks(first: 100) { nodes { id stats { succeeded failed pending lastSuccessAt } } } }";
+    let mut slowest = std::time::Duration::ZERO;
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let answer = app.graphql(page, json!({})).await;
+        slowest = slowest.max(started.elapsed());
+        assert!(answer["errors"].is_null(), "{answer}");
+        let nodes = answer["data"]["webhooks"]["nodes"].as_array().expect("nodes");
+        assert_eq!(nodes.len(), 20);
+        assert!(nodes.iter().all(|node| node["stats"]["pending"] == 0), "{answer}");
+    }
+    eprintln!("a page of 20 webhooks' stats beside 30,000 deliveries of another tenant: {slowest:?} at worst");
+    // Scanning the other tenant's deliveries 80 times took seconds; one index
+    // seek per webhook takes milliseconds. The bound leaves room for a busy
+    // machine, not for the scan.
+    assert!(slowest < std::time::Duration::from_millis(250), "{slowest:?}");
+
+    // And the busy tenant's own count is right.
+    let stats = deliveries::stats_of_webhooks(app.db(), &[busy_webhook.id])
+        .await
+        .expect("stats");
+    assert_eq!(stats[&busy_webhook.id].pending, 30_000);
+}
