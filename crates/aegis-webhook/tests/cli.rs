@@ -16,6 +16,38 @@ fn aegis_webhook() -> Command {
     command
 }
 
+/// A migrated SQLite database in a scratch folder of its own, and a way to
+/// run the command line on it; the folder goes when the value is dropped.
+struct ScratchDatabase {
+    folder: std::path::PathBuf,
+    url: String,
+}
+
+impl ScratchDatabase {
+    fn migrated(name: &str) -> ScratchDatabase {
+        let folder = std::env::temp_dir().join(format!("aegis-cli-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&folder);
+        let url = format!("sqlite://{}/aegis.db?mode=rwc", folder.display());
+        let database = ScratchDatabase { folder, url };
+        assert!(database.run(&["migrate"]).status.success());
+        database
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        aegis_webhook()
+            .env("AEGIS_DATABASE_URL", &self.url)
+            .args(args)
+            .output()
+            .expect("run aegis-webhook")
+    }
+}
+
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.folder);
+    }
+}
+
 #[test]
 fn help_lists_every_subcommand() {
     let output = aegis_webhook()
@@ -59,17 +91,8 @@ fn apikey_create_does_what_its_help_says_about_tenants() {
     assert!(help.contains("Tenant `default` is created on demand"), "{help}");
     assert!(help.contains("`aegis-webhook tenant create`"), "{help}");
 
-    let scratch = std::env::temp_dir().join(format!("aegis-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
-    let database = format!("sqlite://{}/aegis.db?mode=rwc", scratch.display());
-    let run = |args: &[&str]| {
-        aegis_webhook()
-            .env("AEGIS_DATABASE_URL", &database)
-            .args(args)
-            .output()
-            .expect("run aegis-webhook")
-    };
-    assert!(run(&["migrate"]).status.success());
+    let database = ScratchDatabase::migrated("tenants");
+    let run = |args: &[&str]| database.run(args);
 
     let refused = run(&["apikey", "create", "--tenant", "acme"]);
     assert!(!refused.status.success(), "a key for a tenant that does not exist");
@@ -89,24 +112,14 @@ fn apikey_create_does_what_its_help_says_about_tenants() {
     assert!(default.status.success(), "{}", String::from_utf8_lossy(&default.stderr));
     assert!(String::from_utf8_lossy(&default.stdout).contains("tenant:  default"));
     assert!(String::from_utf8_lossy(&default.stdout).contains("scopes:  read,write,secrets"));
-    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 /// `apikey create --scopes` gives a key only those rights, `list` shows them,
 /// and a scope that does not exist is refused by name.
 #[test]
 fn apikey_scopes_are_chosen_at_create_and_shown_by_list() {
-    let scratch = std::env::temp_dir().join(format!("aegis-cli-scopes-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
-    let database = format!("sqlite://{}/aegis.db?mode=rwc", scratch.display());
-    let run = |args: &[&str]| {
-        aegis_webhook()
-            .env("AEGIS_DATABASE_URL", &database)
-            .args(args)
-            .output()
-            .expect("run aegis-webhook")
-    };
-    assert!(run(&["migrate"]).status.success());
+    let database = ScratchDatabase::migrated("scopes");
+    let run = |args: &[&str]| database.run(args);
     let created = run(&["apikey", "create", "--scopes", "read"]);
     assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
     assert!(String::from_utf8_lossy(&created.stdout).contains("scopes:  read\n"));
@@ -124,5 +137,4 @@ fn apikey_scopes_are_chosen_at_create_and_shown_by_list() {
     assert_eq!(rows.len(), 2, "{listed}");
     assert!(rows[0].contains(" read ") && !rows[0].contains("write"), "{listed}");
     assert!(rows[1].contains(" read,write "), "{listed}");
-    let _ = std::fs::remove_dir_all(&scratch);
 }
