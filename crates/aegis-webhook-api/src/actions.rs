@@ -392,11 +392,11 @@ pub async fn replay_dead_letters(
     webhooks::webhook_of_tenant(&txn, &state.cipher, caller.tenant_id, webhook_id)
         .await
         .or_not_found("webhook")?;
-    let failed = deliveries::failed_since(&txn, webhook_id, since)
+    let failed = deliveries::failed_since(&txn, webhook_id, since, MAX_REPLAY)
         .await
         .map_err(ApiError::from)?;
     let mut reopened = Vec::new();
-    for id in failed.into_iter().take(MAX_REPLAY as usize) {
+    for id in failed {
         if let Some(delivery) = deliveries::reopen(&txn, id, now).await.map_err(ApiError::from)? {
             reopened.push(delivery);
         }

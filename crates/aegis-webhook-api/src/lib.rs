@@ -206,6 +206,9 @@ async fn graphql_handler(State(state): State<RouterState>, headers: HeaderMap, r
             .map(ToString::to_string);
         match code {
             None => {
+                if let Some(explained) = graphql::explain_limit(&error.message) {
+                    error.message = explained;
+                }
                 error
                     .extensions
                     .get_or_insert_with(Default::default)

@@ -591,15 +591,20 @@ pub async fn failed_since(
     db: &impl ConnectionTrait,
     webhook_id: WebhookId,
     since: DateTime<Utc>,
+    limit: u64,
 ) -> Result<Vec<DeliveryId>, StoreError> {
-    let rows = delivery::Entity::find()
+    let ids: Vec<Uuid> = delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::Id)
         .filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()))
         .filter(delivery::Column::Status.eq(DeliveryStatus::Failed.as_str()))
         .filter(delivery::Column::CreatedAt.gte(since))
         .order_by_asc(delivery::Column::Id)
+        .limit(limit)
+        .into_tuple()
         .all(db)
         .await?;
-    Ok(rows.into_iter().map(|row| DeliveryId::from_uuid(row.id)).collect())
+    Ok(ids.into_iter().map(DeliveryId::from_uuid).collect())
 }
 
 /// Counts of a webhook's deliveries by status, and its last success.

@@ -46,6 +46,23 @@ pub async fn tenant_by_id(db: &impl ConnectionTrait, id: TenantId) -> Result<Opt
     Ok(tenant::Entity::find_by_id(id).one(db).await?.map(Tenant::from))
 }
 
+/// Locks the tenant's row until the end of the transaction `db` is (PostgreSQL
+/// `SELECT … FOR UPDATE`), so that checks against the tenant's quotas and the
+/// writes they allow take turns. SQLite takes its write lock at `BEGIN
+/// IMMEDIATE` ([`crate::begin_write`]) and needs nothing more.
+pub async fn lock_tenant(db: &impl ConnectionTrait, id: TenantId) -> Result<(), StoreError> {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(());
+    }
+    use sea_orm::QuerySelect as _;
+    tenant::Entity::find_by_id(id.as_uuid())
+        .lock_exclusive()
+        .one(db)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    Ok(())
+}
+
 /// Which of `ids` are tenants.
 pub async fn existing_tenants(
     db: &impl ConnectionTrait,

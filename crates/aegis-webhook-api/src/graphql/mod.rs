@@ -22,27 +22,44 @@ pub type AegisSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
 /// How deep a query may go.
 const MAX_DEPTH: usize = 12;
 /// The most a query may cost, counted before it runs: every field costs 1, a
-/// field that reads the database more (`cost::DB`), and a list multiplies what
-/// it holds by its page size (`first`, default 50). A full page of 100
-/// webhooks with their stats costs about 1,000, a page of 100 deliveries with
-/// every attempt about 11,000; the 250 aliased webhook pages of issue 14's
-/// attack cost about 176,000.
+/// root field that reads the database `cost::ROOT` (root fields run side by
+/// side, so they are what a document could multiply into statements: twenty
+/// at most), a per-item field that reads it `cost::DB`, and a list multiplies
+/// what it holds by its page size (`first`, default 50). A full page of 100
+/// webhooks with their stats costs about 1,800, a page of 100 deliveries with
+/// every attempt about 11,700.
 pub const MAX_COMPLEXITY: usize = 20_000;
 const MAX_PAGE: usize = 100;
 const DEFAULT_PAGE: usize = 50;
 
 /// Weights of the cost model, used in the `complexity` attributes.
 pub(crate) mod cost {
-    /// A field resolved by its own database statement(s).
+    /// A root field, which runs at least one statement of its own.
+    pub const ROOT: usize = 1_000;
+    /// A field of an item that reads the database: one statement for a whole
+    /// page (the list reads it for all its items at once), or one more under
+    /// a single item.
     pub const DB: usize = 5;
 
-    /// A page of `first` items (default 50), each costing `child`, plus the
-    /// statement that reads it.
+    /// A root page of `first` items (default 50), each costing `child`.
     pub fn page(first: Option<i32>, child: usize) -> usize {
         let first = first.map_or(super::DEFAULT_PAGE, |n| {
             usize::try_from(n).unwrap_or(0).min(super::MAX_PAGE)
         });
-        DB + first.max(1) * child
+        ROOT + first.max(1) * child
+    }
+}
+
+/// async-graphql's messages for its own limits, and what this API says
+/// instead: the limit, by number.
+pub(crate) fn explain_limit(message: &str) -> Option<String> {
+    match message {
+        "Query is too complex." => Some(format!(
+            "the query costs more than {MAX_COMPLEXITY}: a root field counts {}, a list its page size (`first`, default {DEFAULT_PAGE}) times what each item selects; ask for fewer root fields or smaller pages",
+            cost::ROOT
+        )),
+        "Query is nested too deep." => Some(format!("the query is nested more than {MAX_DEPTH} deep")),
+        _ => None,
     }
 }
 
@@ -122,7 +139,7 @@ pub struct QueryRoot;
 #[Object]
 impl QueryRoot {
     /// The caller's tenant: its `id` is the `tenantId` events for it carry.
-    #[graphql(complexity = "cost::DB")]
+    #[graphql(complexity = "cost::ROOT + child_complexity")]
     async fn tenant(&self, ctx: &Context<'_>) -> async_graphql::Result<Tenant> {
         let caller = caller(ctx)?;
         let tenant = tenants::tenant_by_id(&state(ctx).db, caller.tenant_id)
@@ -135,7 +152,7 @@ impl QueryRoot {
         })
     }
 
-    #[graphql(complexity = "cost::DB + child_complexity")]
+    #[graphql(complexity = "cost::ROOT + child_complexity")]
     async fn webhook(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Webhook> {
         let caller = caller(ctx)?;
         let view = actions::webhook(state(ctx), &caller, parse_id("id", &id)?).await?;
@@ -174,7 +191,7 @@ impl QueryRoot {
     }
 
     /// One delivery of the caller's tenant, with its attempts.
-    #[graphql(complexity = "cost::DB + child_complexity")]
+    #[graphql(complexity = "cost::ROOT + child_complexity")]
     async fn delivery(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Delivery> {
         let caller = caller(ctx)?;
         let delivery = actions::delivery(state(ctx), &caller, parse_id("id", &id)?).await?;
@@ -290,7 +307,7 @@ pub struct MutationRoot;
 impl MutationRoot {
     /// Creates a webhook. The secret is generated (`whsec_…`) when omitted and is
     /// returned so the receiver can verify `X-Aegis-Signature`.
-    #[graphql(complexity = "cost::DB + child_complexity")]
+    #[graphql(complexity = "cost::ROOT + child_complexity")]
     async fn create_webhook(&self, ctx: &Context<'_>, input: WebhookInput) -> async_graphql::Result<Webhook> {
         let caller = caller(ctx)?;
         let view = actions::create_webhook(state(ctx), &caller, input.into()).await?;
@@ -298,7 +315,7 @@ impl MutationRoot {
     }
 
     /// Changes a webhook; omitted fields stay as they are.
-    #[graphql(complexity = "cost::DB + child_complexity")]
+    #[graphql(complexity = "cost::ROOT + child_complexity")]
     async fn update_webhook(
         &self,
         ctx: &Context<'_>,
@@ -311,7 +328,7 @@ impl MutationRoot {
     }
 
     /// Deletes a webhook and its delivery log; returns its id.
-    #[graphql(complexity = "cost::DB")]
+    #[graphql(complexity = "cost::ROOT")]
     async fn delete_webhook(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<ID> {
         let caller = caller(ctx)?;
         actions::delete_webhook(state(ctx), &caller, parse_id("id", &id)?).await?;
@@ -322,7 +339,7 @@ impl MutationRoot {
     /// webhook with it. `X-Aegis-Signature` uses the new secret at once; the old
     /// one keeps signing `webhook-signature`, beside the new, for a grace period
     /// (`AEGIS_SECRET_ROTATION_GRACE`, default 24 h), so receivers can switch.
-    #[graphql(complexity = "cost::DB + child_complexity")]
+    #[graphql(complexity = "cost::ROOT + child_complexity")]
     async fn rotate_webhook_secret(
         &self,
         ctx: &Context<'_>,
@@ -336,7 +353,7 @@ impl MutationRoot {
 
     /// Pauses or resumes a webhook. Resuming clears `disabledReason` and the
     /// failure streak.
-    #[graphql(complexity = "cost::DB + child_complexity")]
+    #[graphql(complexity = "cost::ROOT + child_complexity")]
     async fn set_webhook_active(&self, ctx: &Context<'_>, id: ID, active: bool) -> async_graphql::Result<Webhook> {
         let caller = caller(ctx)?;
         let view = actions::set_active(state(ctx), &caller, parse_id("id", &id)?, active).await?;
@@ -344,7 +361,7 @@ impl MutationRoot {
     }
 
     /// Sends a `WEBHOOK_TEST` event to the webhook now; returns its delivery.
-    #[graphql(complexity = "cost::DB + child_complexity")]
+    #[graphql(complexity = "cost::ROOT + child_complexity")]
     async fn test_webhook(&self, ctx: &Context<'_>, id: ID) -> async_graphql::Result<Delivery> {
         let caller = caller(ctx)?;
         let delivery = actions::test_webhook(state(ctx), &caller, parse_id("id", &id)?).await?;
@@ -353,7 +370,7 @@ impl MutationRoot {
 
     /// Sends a finished delivery once more (same `X-Aegis-Delivery`, next
     /// attempt number). A delivery still pending is returned as it is.
-    #[graphql(complexity = "cost::DB + child_complexity")]
+    #[graphql(complexity = "cost::ROOT + child_complexity")]
     async fn redeliver(&self, ctx: &Context<'_>, delivery_id: ID) -> async_graphql::Result<Delivery> {
         let caller = caller(ctx)?;
         let delivery = actions::redeliver(state(ctx), &caller, parse_id("deliveryId", &delivery_id)?).await?;
@@ -362,7 +379,7 @@ impl MutationRoot {
 
     /// Redelivers the failed deliveries of a webhook created since `since`,
     /// at most 1,000 a call (call again for more); returns how many.
-    #[graphql(complexity = "cost::DB * 10")]
+    #[graphql(complexity = "cost::ROOT * 5")]
     async fn replay_dead_letters(
         &self,
         ctx: &Context<'_>,

@@ -5,10 +5,13 @@
 //! spreading the one before twice) makes that walk exponential in the
 //! document's length, before any limit is checked. This walk is linear: it
 //! counts each fragment's expanded size once, stops as soon as the total passes
-//! the limit, and refuses fragments that spread themselves. It runs on the
-//! text's nesting first, so no parser recursion can be driven deep.
+//! the limit, and refuses fragments that spread themselves. Every fragment
+//! definition counts, used or not (validation walks them all), their number
+//! and how deeply spreads chain are capped, and the text's nesting is checked
+//! first, so neither this walk nor the parser's nor validation's recursion
+//! can be driven deep.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use async_graphql::parser::types::{ExecutableDocument, Selection, SelectionSet};
 use async_graphql::parser::{Positioned, parse_query};
@@ -23,6 +26,13 @@ pub const MAX_EXPANDED_FIELDS: usize = 2_000;
 /// and well within what the parser recurses through safely.
 pub const MAX_NESTING: usize = 48;
 
+/// Fragment definitions a document may hold.
+pub const MAX_FRAGMENTS: usize = 100;
+
+/// How many fragments a chain of spreads may pass through (`...A` spreading
+/// `...B` spreading `...C` is three).
+pub const MAX_SPREAD_DEPTH: usize = 16;
+
 /// Why a document is refused before execution; the message names the limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused(pub String);
@@ -35,14 +45,27 @@ pub fn check(query: &str) -> Result<(), Refused> {
     let Ok(document) = parse_query(query) else {
         return Ok(());
     };
+    if document.fragments.len() > MAX_FRAGMENTS {
+        return Err(Refused(format!(
+            "the query defines {} fragments; at most {MAX_FRAGMENTS} are allowed",
+            document.fragments.len()
+        )));
+    }
     let mut walk = Walk {
         document: &document,
         expanded: HashMap::new(),
-        in_progress: HashSet::new(),
+        in_progress: Vec::new(),
     };
     let mut total = 0usize;
     for (_, operation) in document.operations.iter() {
         total = total.saturating_add(walk.selection_set(&operation.node.selection_set)?);
+        if total > MAX_EXPANDED_FIELDS {
+            return Err(too_large());
+        }
+    }
+    // Unused fragments too: validation walks every definition.
+    for (name, fragment) in &document.fragments {
+        total = total.saturating_add(walk.fragment(name, fragment.pos)?);
         if total > MAX_EXPANDED_FIELDS {
             return Err(too_large());
         }
@@ -59,7 +82,7 @@ fn too_large() -> Refused {
 /// Bracket depth outside strings and comments, in one pass over the text.
 fn check_nesting(query: &str) -> Result<(), Refused> {
     let mut depth = 0usize;
-    let mut chars = query.chars();
+    let mut chars = query.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
             '{' | '[' | '(' => {
@@ -78,15 +101,45 @@ fn check_nesting(query: &str) -> Result<(), Refused> {
                     }
                 }
             }
+            '"' if chars.peek() == Some(&'"') => {
+                chars.next();
+                if chars.peek() == Some(&'"') {
+                    // A block string: it ends at the next `"""` not escaped
+                    // as `\"""`; lone quotes inside it are text.
+                    chars.next();
+                    let mut quotes = 0;
+                    while let Some(c) = chars.next() {
+                        match c {
+                            '\\' if quotes == 0 => {
+                                // `\"""` is an escaped triple quote.
+                                let mut ahead = chars.clone();
+                                if ahead.next() == Some('"') && ahead.next() == Some('"') && ahead.next() == Some('"') {
+                                    chars.next();
+                                    chars.next();
+                                    chars.next();
+                                }
+                            }
+                            '"' => {
+                                quotes += 1;
+                                if quotes == 3 {
+                                    break;
+                                }
+                            }
+                            _ => quotes = 0,
+                        }
+                    }
+                }
+                // Otherwise `""`, an empty string.
+            }
             '"' => {
-                // Brackets inside strings do not nest; escapes are skipped
-                // whole. (A block string's quotes pair up the same way.)
+                // A string ends at its closing quote or, unclosed, at the end
+                // of the line (where the parser will refuse it).
                 while let Some(c) = chars.next() {
                     match c {
                         '\\' => {
                             chars.next();
                         }
-                        '"' => break,
+                        '"' | '\n' | '\r' => break,
                         _ => {}
                     }
                 }
@@ -101,8 +154,9 @@ struct Walk<'a> {
     document: &'a ExecutableDocument,
     /// Each fragment's expanded size, computed once.
     expanded: HashMap<&'a Name, usize>,
-    /// The fragments being expanded now: meeting one again is a cycle.
-    in_progress: HashSet<&'a Name>,
+    /// The chain of fragments being expanded now: meeting one of them again
+    /// is a cycle; its length is the spread depth.
+    in_progress: Vec<&'a Name>,
 }
 
 impl<'a> Walk<'a> {
@@ -130,14 +184,20 @@ impl<'a> Walk<'a> {
         let Some(fragment) = self.document.fragments.get(name) else {
             return Ok(0);
         };
-        if !self.in_progress.insert(name) {
+        if self.in_progress.contains(&name) {
             return Err(Refused(format!(
                 "fragment `{name}` spreads itself (line {}, column {})",
                 pos.line, pos.column
             )));
         }
+        if self.in_progress.len() >= MAX_SPREAD_DEPTH {
+            return Err(Refused(format!(
+                "fragment spreads chain through more than {MAX_SPREAD_DEPTH} fragments"
+            )));
+        }
+        self.in_progress.push(name);
         let size = self.selection_set(&fragment.node.selection_set)?;
-        self.in_progress.remove(name);
+        self.in_progress.pop();
         self.expanded.insert(name, size);
         Ok(size)
     }
@@ -180,12 +240,16 @@ mod tests {
 
     #[test]
     fn a_fragment_bomb_is_refused_in_linear_time() {
-        // 2^40 fields expanded: counting them one by one would never end.
+        // 2^15 fields expanded from 15 fragments: refused by the expanded size,
+        // counted once per fragment.
+        let refused = check(&fragment_bomb(15)).expect_err("refused");
+        assert!(refused.0.contains("more than 2000 fields"), "{refused:?}");
+        // 2^40: refused by the chain's depth before anything is expanded.
         let query = fragment_bomb(40);
         assert!(query.len() < 4_000, "{}", query.len());
         let started = std::time::Instant::now();
         let refused = check(&query).expect_err("refused");
-        assert!(refused.0.contains("more than 2000 fields"), "{refused:?}");
+        assert!(refused.0.contains("more than 16 fragments"), "{refused:?}");
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
         // A small one is fine: 2^5 = 32 fields.
         assert_eq!(check(&fragment_bomb(5)), Ok(()));
@@ -195,6 +259,47 @@ mod tests {
     fn many_aliases_count_as_the_fields_they_are() {
         let alias = |n: usize| format!("a{n}: webhooks(first: 100) {{ nodes {{ stats {{ succeeded }} }} }}");
         let query = format!("{{ {} }}", (0..600).map(alias).collect::<Vec<_>>().join(" "));
+        assert!(check(&query).is_err());
+    }
+
+    #[test]
+    fn block_strings_and_unclosed_strings_do_not_hide_brackets() {
+        let deep = "[".repeat(60);
+        // A lone quote inside a block string is text, not a string's start.
+        let query = format!("{{ webhook(id: \"\"\" \" \"\"\", x: {deep}) {{ id }} }}");
+        assert!(check(&query).expect_err("refused").0.contains("48 deep"));
+        // An escaped triple quote does not end the block string.
+        let query = format!("{{ webhook(id: \"\"\" \\\"\"\" {deep} \"\"\") {{ id }} }}");
+        assert_eq!(check(&query), Ok(()));
+        // An unclosed string ends at its line.
+        let query = format!("{{ webhook(id: \"open\n x: {deep}) {{ id }} }}");
+        assert!(check(&query).is_err());
+        // The empty string is two quotes, nothing more.
+        let query = format!("{{ webhook(id: \"\", x: {deep}) {{ id }} }}");
+        assert!(check(&query).is_err());
+    }
+
+    #[test]
+    fn unused_fragments_many_fragments_and_long_spread_chains_are_refused() {
+        // A chain of unused fragments: validation would walk it all.
+        let mut query = String::from("{ __typename }\n");
+        for i in 0..60 {
+            query.push_str(&format!("fragment f{i} on Query {{ ...f{} }}\n", i + 1));
+        }
+        query.push_str("fragment f60 on Query { __typename }\n");
+        let refused = check(&query).expect_err("refused");
+        assert!(refused.0.contains("more than 16 fragments"), "{refused:?}");
+
+        let mut query = String::from("{ __typename }\n");
+        for i in 0..101 {
+            query.push_str(&format!("fragment f{i} on Query {{ __typename }}\n"));
+        }
+        let refused = check(&query).expect_err("refused");
+        assert!(refused.0.contains("at most 100"), "{refused:?}");
+
+        // Unused but large: counted.
+        let fields: String = (0..2100).map(|i| format!(" a{i}: __typename")).collect();
+        let query = format!("{{ __typename }}\nfragment big on Query {{{fields} }}\n");
         assert!(check(&query).is_err());
     }
 
