@@ -4,6 +4,7 @@
 
 pub mod actions;
 pub mod error;
+mod graphiql;
 pub mod graphql;
 mod intake;
 pub mod limits;
@@ -15,11 +16,10 @@ use aegis_webhook_core::queue::Queue;
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::target::TargetPolicy;
 use aegis_webhook_storage::tenants;
-use async_graphql::http::GraphiQLSource;
 use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sea_orm::DatabaseConnection;
@@ -74,7 +74,7 @@ pub fn router(state: AppState) -> Router {
             "/graphql",
             // The GraphQL extractor reads the body itself, past axum's default
             // limit; this layer refuses a larger body with 413 before that.
-            get(graphiql)
+            get(graphiql::page)
                 .post(graphql_handler)
                 .layer(tower_http::limit::RequestBodyLimitLayer::new(max_graphql_bytes)),
         )
@@ -85,11 +85,8 @@ pub fn router(state: AppState) -> Router {
             // JSON error (413 unread when `Content-Length` says so).
             post(intake::accept_event),
         )
+        .merge(graphiql::routes())
         .with_state(RouterState { app: state, schema })
-}
-
-async fn graphiql() -> Html<String> {
-    Html(GraphiQLSource::build().endpoint("/graphql").finish())
 }
 
 /// The bearer token of an `Authorization` header, if it has one.

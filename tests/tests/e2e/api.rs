@@ -507,3 +507,45 @@ async fn lists_page_with_cursors_and_deliveries_filter_by_time() {
     assert_eq!(second["edges"].as_array().expect("edges").len(), 1);
     assert_eq!(second["pageInfo"]["hasNextPage"], false);
 }
+
+/// GraphiQL comes from the server itself: the page names only same-origin
+/// assets, each is served (pinned by its path), and the page's
+/// Content-Security-Policy lets it load scripts and connect nowhere else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphiql_loads_nothing_from_outside_the_deployment() {
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite");
+    let page = app.http.get(app.url("/graphql")).send().await.expect("page");
+    assert_eq!(page.status(), 200);
+    let policy = page.headers()["content-security-policy"]
+        .to_str()
+        .expect("ASCII")
+        .to_owned();
+    for directive in [
+        "default-src 'self'",
+        "script-src 'self'",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(policy.contains(directive), "{policy}");
+    }
+    let html = page.text().await.expect("HTML");
+    assert!(
+        !html.contains("http://") && !html.contains("https://") && !html.contains("//cdn"),
+        "{html}"
+    );
+    let assets: Vec<&str> = html
+        .split(['"', '\''])
+        .filter(|part| part.starts_with("/assets/"))
+        .collect();
+    assert_eq!(assets.len(), 5, "{html}");
+    for asset in assets {
+        let response = app.http.get(app.url(asset)).send().await.expect("asset");
+        assert_eq!(response.status(), 200, "{asset}");
+        let content_type = response.headers()["content-type"].to_str().expect("ASCII").to_owned();
+        assert!(
+            content_type == "text/javascript" || content_type == "text/css",
+            "{asset}: {content_type}"
+        );
+        assert!(!response.bytes().await.expect("body").is_empty(), "{asset}");
+    }
+}
