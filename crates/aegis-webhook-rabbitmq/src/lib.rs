@@ -264,6 +264,9 @@ pub enum Route {
 struct Live {
     connection: Connection,
     publisher: Channel,
+    /// Which connection this is (counted from 1), so that a publish that
+    /// failed on it drops this one and not a fresh one opened meanwhile.
+    generation: u64,
 }
 
 struct Inner {
@@ -272,6 +275,8 @@ struct Inner {
     /// Unacknowledged messages one consumer may hold, per stream.
     prefetch: Prefetch,
     live: Mutex<Option<Live>>,
+    /// Connections opened so far.
+    opened: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -311,6 +316,7 @@ impl RabbitQueue {
                     tasks: prefetch.tasks.max(1),
                 },
                 live: Mutex::new(None),
+                opened: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         (|| queue.publisher())
@@ -343,22 +349,48 @@ impl RabbitQueue {
             .await
             .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
         tracing::info!("connected to RabbitMQ");
-        Ok(Live { connection, publisher })
+        let generation = self.inner.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        Ok(Live {
+            connection,
+            publisher,
+            generation,
+        })
+    }
+
+    /// Drops connection `generation` if it is still the live one, so the next
+    /// publish opens a fresh one; `wait` says whether to wait for the lock
+    /// (false when whoever holds it may be what hangs).
+    async fn forget(&self, generation: u64, wait: bool) {
+        let live = if wait {
+            Some(self.inner.live.lock().await)
+        } else {
+            self.inner.live.try_lock().ok()
+        };
+        if let Some(mut live) = live
+            && live.as_ref().is_some_and(|current| current.generation == generation)
+        {
+            live.take();
+        }
     }
 
     /// The live publishing channel, reconnecting when the old one is gone.
     async fn publisher(&self) -> Result<Channel, QueueError> {
+        Ok(self.publisher_and_generation().await?.0)
+    }
+
+    /// [`RabbitQueue::publisher`], with the generation of its connection.
+    async fn publisher_and_generation(&self) -> Result<(Channel, u64), QueueError> {
         let mut live = self.inner.live.lock().await;
         if let Some(current) = live.as_ref()
             && current.connection.status().connected()
             && current.publisher.status().connected()
         {
-            return Ok(current.publisher.clone());
+            return Ok((current.publisher.clone(), current.generation));
         }
         let fresh = self.open().await?;
-        let channel = fresh.publisher.clone();
+        let opened = (fresh.publisher.clone(), fresh.generation);
         *live = Some(fresh);
-        Ok(channel)
+        Ok(opened)
     }
 
     /// A new channel on the live connection, for a consumer.
@@ -382,18 +414,21 @@ impl RabbitQueue {
         headers: Option<FieldTable>,
     ) -> Result<(), QueueError> {
         let destination = if exchange.is_empty() { routing_key } else { exchange };
+        // The connection the publish went out on, once it has one.
+        let used = std::sync::atomic::AtomicU64::new(0);
         let confirmed = self
-            .publish_confirmed(exchange, routing_key, body, headers.unwrap_or_default())
+            .publish_confirmed(exchange, routing_key, body, headers.unwrap_or_default(), &used)
             .instrument(publish_span("rabbitmq", destination));
         match tokio::time::timeout(PUBLISH_TIMEOUT, confirmed).await {
             Ok(result) => result,
             Err(_) => {
                 // A connection that takes this long is broken (a broker
                 // restarting mid-handshake, a confirm that never comes): the
-                // next publish opens a fresh one. `try_lock`, since whoever
-                // holds the lock may be what hangs.
-                if let Ok(mut live) = self.inner.live.try_lock() {
-                    live.take();
+                // next publish opens a fresh one. Without waiting for the
+                // lock, since whoever holds it may be what hangs.
+                let generation = used.load(std::sync::atomic::Ordering::Relaxed);
+                if generation != 0 {
+                    self.forget(generation, false).await;
                 }
                 Err(QueueError::Unexpected(anyhow::anyhow!(
                     "no confirm from RabbitMQ within {PUBLISH_TIMEOUT:?} for a publish to `{destination}`"
@@ -408,11 +443,13 @@ impl RabbitQueue {
         routing_key: &str,
         body: &[u8],
         mut headers: FieldTable,
+        used: &std::sync::atomic::AtomicU64,
     ) -> Result<(), QueueError> {
         for (name, value) in TraceHeaders::current().iter() {
             headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
         }
-        let channel = self.publisher().await?;
+        let (channel, generation) = self.publisher_and_generation().await?;
+        used.store(generation, std::sync::atomic::Ordering::Relaxed);
         let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
@@ -442,8 +479,8 @@ impl RabbitQueue {
                 "publisher confirms are off on the publishing channel"
             ))),
             Err(error) => {
-                // Force a fresh connection next time.
-                self.inner.live.lock().await.take();
+                // A fresh connection next time (unless one was opened meanwhile).
+                self.forget(generation, true).await;
                 Err(unexpected(error, "failed to publish to RabbitMQ"))
             }
         }
