@@ -41,3 +41,14 @@ if ! command -v go >/dev/null 2>&1; then
   echo "installing Go (the docs' Go verification snippet runs in it)"
   apt-get update -qq && apt-get install -y -qq golang-go
 fi
+
+# The browser tests: Debian's Chromium, driven by playwright-core (pinned in
+# tests/browser/package-lock.json; it never downloads a browser of its own).
+if ! [ -x /usr/bin/chromium ]; then
+  echo "installing Chromium (the browser tests run in it)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+fi
+if ! [ -f tests/browser/node_modules/playwright-core/package.json ]; then
+  echo "installing the browser tests' npm packages"
+  npm ci --prefix tests/browser --no-audit --no-fund
+fi

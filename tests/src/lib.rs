@@ -3,6 +3,7 @@
 //! them, the verification docs' Rust snippets, child processes for the fault
 //! tests, and a queue whose publishes fail on demand.
 
+pub mod browser;
 pub mod doc_snippets;
 pub mod flaky;
 pub mod hostile;

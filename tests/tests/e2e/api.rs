@@ -549,3 +549,33 @@ async fn graphiql_loads_nothing_from_outside_the_deployment() {
         assert!(!response.bytes().await.expect("body").is_empty(), "{asset}");
     }
 }
+
+/// The same in a real browser: GraphiQL renders, and every request the page
+/// makes goes to the server itself, with no Content-Security-Policy refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphiql_renders_in_chromium_and_every_request_stays_on_the_server() {
+    if !aegis_webhook_tests::browser::available() {
+        return;
+    }
+    let app = TestApp::spawn(Backend::Sqlite).await.expect("SQLite");
+    let origin = app.url("");
+    let url = app.url("/graphql");
+    let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots/graphiql.png");
+    let visit = tokio::task::spawn_blocking(move || {
+        aegis_webhook_tests::browser::visit(&url, ".graphiql-container", &screenshot)
+    })
+    .await
+    .expect("the browser run");
+    assert!(visit.requests.len() >= 6, "the page and its five assets: {visit:?}");
+    for request in &visit.requests {
+        assert!(request.url.starts_with(&origin), "a request left the server: {visit:?}");
+        assert!(!request.failed, "{visit:?}");
+    }
+    assert!(
+        !visit
+            .console_errors
+            .iter()
+            .any(|error| error.contains("Content Security Policy") || error.contains("Refused to")),
+        "{visit:?}"
+    );
+}
