@@ -168,9 +168,15 @@ pub async fn create_webhook(state: &AppState, caller: &Caller, draft: WebhookDra
         "description": new.description,
         "projectIds": new.project_ids,
         "active": new.active,
-        "secret": if new_secret_generated(&new.secret) { "generated" } else { "set" },
+        "secret": secret_origin(&new.secret),
     });
     let txn = begin(state).await?;
+    // Creations of one tenant take turns from here to the commit, so the
+    // count below is not raced past the quota (SQLite's write lock already
+    // does this; on PostgreSQL it is the tenant row's lock).
+    aegis_webhook_storage::tenants::lock_tenant(&txn, caller.tenant_id)
+        .await
+        .map_err(ApiError::from)?;
     let held = webhooks::count_of_tenant(&txn, caller.tenant_id)
         .await
         .map_err(ApiError::from)?;
@@ -189,8 +195,9 @@ pub async fn create_webhook(state: &AppState, caller: &Caller, draft: WebhookDra
     Ok(WebhookView::set_by_caller(webhook))
 }
 
-fn new_secret_generated(secret: &SigningSecret) -> bool {
-    secret.is_generated()
+/// How a secret came to be, for the audit log (never the secret itself).
+fn secret_origin(secret: &SigningSecret) -> &'static str {
+    if secret.is_generated() { "generated" } else { "set" }
 }
 
 pub async fn update_webhook(
@@ -274,7 +281,7 @@ pub async fn rotate_secret(
         .await
         .or_not_found("webhook")?;
     let summary = json!({
-        "secret": if new_secret_generated(&secret) { "generated" } else { "set" },
+        "secret": secret_origin(&secret),
         "previousSecretSignsUntil": grace_until,
     });
     record(&txn, caller, "rotateWebhookSecret", "webhook", id, summary).await?;
@@ -395,12 +402,9 @@ pub async fn replay_dead_letters(
     let failed = deliveries::failed_since(&txn, webhook_id, since, MAX_REPLAY)
         .await
         .map_err(ApiError::from)?;
-    let mut reopened = Vec::new();
-    for id in failed {
-        if let Some(delivery) = deliveries::reopen(&txn, id, now).await.map_err(ApiError::from)? {
-            reopened.push(delivery);
-        }
-    }
+    let reopened = deliveries::reopen_many(&txn, &failed, now)
+        .await
+        .map_err(ApiError::from)?;
     let summary = json!({ "since": since, "replayed": reopened.len() });
     record(&txn, caller, "replayDeadLetters", "webhook", webhook_id, summary).await?;
     commit(txn).await?;

@@ -567,7 +567,20 @@ pub async fn reopen(
     id: DeliveryId,
     now: DateTime<Utc>,
 ) -> Result<Option<Delivery>, StoreError> {
-    let result = delivery::Entity::update_many()
+    Ok(reopen_many(db, &[id], now).await?.pop())
+}
+
+/// [`reopen`] for many deliveries in one statement: those that were finished,
+/// as they are now (in no particular order); pending ones are left as they are.
+pub async fn reopen_many(
+    db: &impl ConnectionTrait,
+    ids: &[DeliveryId],
+    now: DateTime<Utc>,
+) -> Result<Vec<Delivery>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    delivery::Entity::update_many()
         .col_expr(delivery::Column::Status, Expr::value(DeliveryStatus::Pending.as_str()))
         .col_expr(delivery::Column::NextAttemptAt, Expr::value(Some(now)))
         .col_expr(
@@ -576,14 +589,13 @@ pub async fn reopen(
         )
         .col_expr(delivery::Column::FailureReason, Expr::value(Option::<String>::None))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-        .filter(delivery::Column::Id.eq(id.as_uuid()))
+        .filter(delivery::Column::Id.is_in(crate::in_list(ids.iter().map(|id| id.as_uuid()))))
         .filter(delivery::Column::Status.ne(DeliveryStatus::Pending.as_str()))
-        .exec(db)
-        .await?;
-    if result.rows_affected == 0 {
-        return Ok(None);
-    }
-    delivery_by_id(db, id).await?.ok_or(StoreError::NotFound).map(Some)
+        .exec_with_returning(db)
+        .await?
+        .into_iter()
+        .map(Delivery::try_from)
+        .collect()
 }
 
 /// The ids of a webhook's failed deliveries created at or after `since`.

@@ -458,3 +458,19 @@ async fn a_page_of_stats_costs_what_its_own_tenant_holds_whatever_others_hold() 
         .expect("stats");
     assert_eq!(stats[&busy_webhook.id].pending, 30_000);
 }
+
+/// The webhook quota holds when a tenant's creations race: on PostgreSQL each
+/// creation locks the tenant before it counts (SQLite's write lock already
+/// serialises them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creations_do_not_pass_the_webhook_quota() {
+    let Some(app) = TestApp::spawn_with(Backend::Postgres, |config| config.max_webhooks_per_tenant = 3).await else {
+        return;
+    };
+    let input = json!({ "input": { "url": RECEIVER, "events": ["POAM_OVERDUE"] } });
+    let answers = futures::future::join_all((0..8).map(|_| app.graphql(CREATE, input.clone()))).await;
+    let created = answers.iter().filter(|answer| answer["errors"].is_null()).count();
+    let refused = answers.iter().filter(|answer| code(answer) == "QUOTA_EXCEEDED").count();
+    assert_eq!((created, refused), (3, 5), "{answers:?}");
+    assert_eq!(app.count("webhooks").await, 3);
+}
