@@ -35,7 +35,9 @@ kv.schema_contents = functools.lru_cache(maxsize=None)(kv.schema_contents)
 CRD_GROUPS = ("keda.sh/", "monitoring.coreos.com/")
 ROLES = ("api", "ingester", "worker")
 SECRET_NAME = "aegis-webhook-secrets"
-WORK_QUEUE = "aegis.deliveries.work"
+# The KEDA trigger's regex: the total backlog of first attempts, both lanes.
+FIRST_ATTEMPT_QUEUES = r"^aegis\.deliveries\.(work|bulk)$"
+LANE_QUEUES = ("aegis.deliveries.work", "aegis.deliveries.bulk")
 
 problems: list[str] = []
 
@@ -238,8 +240,13 @@ def check_overlay(label: str, path: Path, secret_keys: set[str]) -> None:
             problem(where, "minReplicaCount must be at least 1 (workers run the reconciler)")
         for trigger in so["spec"]["triggers"]:
             metadata = trigger.get("metadata", {})
-            if trigger.get("type") != "rabbitmq" or metadata.get("queueName") != WORK_QUEUE:
-                problem(where, f"its trigger must be rabbitmq on {WORK_QUEUE}")
+            if trigger.get("type") != "rabbitmq" or metadata.get("queueName") != FIRST_ATTEMPT_QUEUES:
+                problem(where, f"its trigger must be rabbitmq on {FIRST_ATTEMPT_QUEUES}")
+            if (metadata.get("useRegex"), metadata.get("operation"), metadata.get("protocol")) != ("true", "sum", "http"):
+                problem(where, "its trigger must sum the lanes' queues (useRegex, operation sum, protocol http)")
+            lanes = re.compile(FIRST_ATTEMPT_QUEUES)
+            if not all(lanes.match(queue) for queue in LANE_QUEUES) or lanes.match("aegis.deliveries.due"):
+                problem(where, "its regex must match both lanes of first attempts and nothing else")
             if metadata.get("mode") != "QueueLength":
                 problem(where, "its trigger must use mode QueueLength")
             auth = auths.get(trigger.get("authenticationRef", {}).get("name"))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use aegis_webhook_core::queue::{Consumer, DeliveryTask, FirstAttempts, Queue, QueueError, Stream};
+use aegis_webhook_core::queue::{Consumer, DeliveryTask, FirstAttempts, Lane, Queue, QueueError, Stream};
 use async_trait::async_trait;
 use bytes::Bytes;
 
@@ -102,9 +102,13 @@ impl Queue for FlakyQueue {
         self.inner.publish_task(task, delay).await
     }
 
-    async fn publish_first_attempts(&self, first: FirstAttempts) -> Result<(), QueueError> {
+    async fn defer_event(&self, envelope: Bytes) -> Result<(), QueueError> {
+        self.inner.defer_event(envelope).await
+    }
+
+    async fn publish_first_attempts(&self, first: FirstAttempts, lane: Lane) -> Result<(), QueueError> {
         self.refuse(Publishes::FirstAttempts)?;
-        self.inner.publish_first_attempts(first).await
+        self.inner.publish_first_attempts(first, lane).await
     }
 
     async fn publish_dead_letter(&self, task: DeliveryTask, reason: &str) -> Result<(), QueueError> {
@@ -114,5 +118,9 @@ impl Queue for FlakyQueue {
 
     async fn consume(&self, stream: Stream) -> Result<Box<dyn Consumer>, QueueError> {
         self.inner.consume(stream).await
+    }
+
+    async fn lane_depths(&self) -> Result<Vec<(Stream, Lane, u64)>, QueueError> {
+        self.inner.lane_depths().await
     }
 }

@@ -13,11 +13,9 @@ use std::time::Duration;
 
 use aegis_webhook::{Roles, open_database, run_until_signal, start, telemetry_settings};
 use aegis_webhook_core::config::Config;
-use aegis_webhook_core::event::EventType;
 use aegis_webhook_core::ids::TenantId;
-use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
-use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
-use aegis_webhook_storage::{self as db, tenants, webhooks};
+use aegis_webhook_core::secret::SecretCipher;
+use aegis_webhook_storage as db;
 use uuid::Uuid;
 
 use crate::support::{Backend, amqp_url, migrated_database, scanner_channel, scratch_dir};
@@ -205,27 +203,10 @@ impl ProcessCluster {
     /// returns the tenant's id.
     pub async fn tenant_with_webhooks(&self, tenant: &str, receiver_url: &str, count: usize) -> TenantId {
         let db = db::connect(&self.database_url).await.expect("connect");
-        let tenant = tenants::ensure_tenant(&db, tenant).await.expect("tenant");
         let cipher = SecretCipher::from_base64(&self.secret_key).expect("key");
-        for _ in 0..count {
-            webhooks::create_webhook(
-                &db,
-                &cipher,
-                tenant.id,
-                webhooks::NewWebhook {
-                    url: WebhookUrl::parse(receiver_url, &TargetPolicy::allowing_loopback()).expect("url"),
-                    events: vec![EventType::PoamOverdue],
-                    description: None,
-                    project_ids: vec![],
-                    secret: SigningSecret::generate(),
-                    active: true,
-                },
-            )
-            .await
-            .expect("webhook");
-        }
+        let tenant = crate::support::tenant_with_webhooks(&db, &cipher, tenant, receiver_url, count).await;
         db.close().await.expect("close");
-        tenant.id
+        tenant
     }
 
     /// Sets (or replaces) a setting for every process started after.

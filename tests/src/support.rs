@@ -203,6 +203,39 @@ pub async fn scanner_channel() -> Option<lapin::Channel> {
     }
 }
 
+/// Tenant `name` with `count` webhooks for `POAM_OVERDUE` on `receiver_url`,
+/// written straight to the database (secrets sealed with `cipher`); returns
+/// the tenant's id.
+pub async fn tenant_with_webhooks(
+    db: &sea_orm::DatabaseConnection,
+    cipher: &aegis_webhook_core::secret::SecretCipher,
+    name: &str,
+    receiver_url: &str,
+    count: usize,
+) -> aegis_webhook_core::ids::TenantId {
+    use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
+    use aegis_webhook_storage::{tenants, webhooks};
+    let tenant = tenants::ensure_tenant(db, name).await.expect("tenant");
+    for _ in 0..count {
+        webhooks::create_webhook(
+            db,
+            cipher,
+            tenant.id,
+            webhooks::NewWebhook {
+                url: WebhookUrl::parse(receiver_url, &TargetPolicy::allowing_loopback()).expect("url"),
+                events: vec![aegis_webhook_core::event::EventType::PoamOverdue],
+                description: None,
+                project_ids: vec![],
+                secret: aegis_webhook_core::secret::SigningSecret::generate(),
+                active: true,
+            },
+        )
+        .await
+        .expect("webhook");
+    }
+    tenant.id
+}
+
 /// A scratch folder unique to one test.
 pub fn scratch_dir() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("aegis-test-{}", uuid::Uuid::new_v4().simple()));

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -44,6 +45,17 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// Whether tenants share the system fairly (see [`crate::fairness`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fairness {
+    /// Work beyond its tenant's share waits in the bulk lanes.
+    #[default]
+    On,
+    /// One lane per stage, first in, first out (for comparison).
+    Off,
 }
 
 /// Every setting of every process. Field names are the lowercase form of the
@@ -146,6 +158,24 @@ pub struct Config {
     /// Requests one worker process sends to one webhook at once, so a slow or
     /// hanging endpoint ties up at most this many of the worker's slots.
     pub webhook_concurrency: usize,
+    /// `on`: work beyond its tenant's share waits in the bulk lanes, so no
+    /// tenant's flood delays another's events; `off`: first in, first out.
+    pub fairness: Fairness,
+    /// Events per second one tenant may have ingested in the express lane
+    /// (per ingester process); more wait in the bulk lane.
+    pub fair_share_events_per_second: u32,
+    /// Events one tenant may send at once, after a quiet spell, that still go
+    /// in the express lane.
+    pub fair_share_event_burst: u32,
+    /// Deliveries per second one tenant's events may put in the express lane
+    /// of the delivery tasks (per ingester process).
+    pub fair_share_deliveries_per_second: u32,
+    /// Deliveries one tenant may put in the express lane at once after a
+    /// quiet spell; an event with more subscribers than this goes bulk.
+    pub fair_share_delivery_burst: u32,
+    /// While the express lane has work, about one take in this many looks at
+    /// the bulk lane first, so bulk tenants are never starved.
+    pub bulk_lane_share: u32,
     /// Consecutive failed deliveries after which a webhook is disabled
     /// (provided they span `auto_disable_after`); 0 never disables.
     pub auto_disable_after_failures: u32,
@@ -210,6 +240,12 @@ impl Default for Config {
             secret_min_distinct_chars: 8,
             worker_concurrency: 256,
             webhook_concurrency: 64,
+            fairness: Fairness::On,
+            fair_share_events_per_second: 50,
+            fair_share_event_burst: 100,
+            fair_share_deliveries_per_second: 200,
+            fair_share_delivery_burst: 500,
+            bulk_lane_share: 8,
             auto_disable_after_failures: 100,
             auto_disable_after: Duration::from_secs(24 * 3600),
             reconcile_interval: Duration::from_secs(30),
@@ -273,10 +309,22 @@ impl Config {
             ("api_max_concurrent_requests", self.api_max_concurrent_requests),
             ("intake_rate_limit", self.intake_rate_limit),
             ("intake_rate_burst", self.intake_rate_burst),
+            ("fair_share_events_per_second", self.fair_share_events_per_second),
+            ("fair_share_event_burst", self.fair_share_event_burst),
+            (
+                "fair_share_deliveries_per_second",
+                self.fair_share_deliveries_per_second,
+            ),
+            ("fair_share_delivery_burst", self.fair_share_delivery_burst),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
+        }
+        if self.bulk_lane_share < 2 {
+            return Err(ConfigError::Invalid(
+                "bulk_lane_share must be at least 2: at 1 the bulk lane would always go first".into(),
+            ));
         }
         if self.secret_min_chars < 8 {
             return Err(ConfigError::Invalid(
@@ -308,6 +356,27 @@ impl Config {
         match &self.database_url {
             Some(url) => url.clone(),
             None => format!("sqlite://{}/aegis.db?mode=rwc", self.data_dir.display()),
+        }
+    }
+
+    /// Each tenant's shares, or `None` when fairness is off.
+    pub fn fair_shares(&self) -> Option<crate::fairness::Shares> {
+        use crate::fairness::{Share, Shares};
+        let share = |per_second: u32, burst: u32| Share {
+            per_second: NonZeroU32::new(per_second).expect("validated positive"),
+            burst: NonZeroU32::new(burst).expect("validated positive"),
+        };
+        (self.fairness == Fairness::On).then(|| Shares {
+            events: share(self.fair_share_events_per_second, self.fair_share_event_burst),
+            deliveries: share(self.fair_share_deliveries_per_second, self.fair_share_delivery_burst),
+        })
+    }
+
+    /// How consumers share their takes between lanes.
+    pub fn lane_weights(&self) -> crate::queue::LaneWeights {
+        crate::queue::LaneWeights {
+            bulk_share: self.bulk_lane_share,
+            ..crate::queue::LaneWeights::default()
         }
     }
 

@@ -9,6 +9,7 @@ pub mod access;
 pub mod batch;
 pub mod config;
 pub mod event;
+pub mod fairness;
 pub mod ids;
 pub mod metrics;
 pub mod queue;

@@ -24,9 +24,13 @@ pub const WEBHOOKS_AUTO_DISABLED: &str = "aegis_webhooks_auto_disabled_total";
 pub const WEBHOOKS_REENABLED: &str = "aegis_webhooks_reenabled_total";
 pub const QUEUE_CONSUMER_UP: &str = "aegis_queue_consumer_up";
 pub const PUBLISHES_LEFT_TO_RECONCILER: &str = "aegis_publishes_left_to_reconciler_total";
+pub const LANE_ENQUEUED: &str = "aegis_lane_enqueued_total";
+pub const LANE_TAKEN: &str = "aegis_lane_taken_total";
+pub const LANE_WAIT: &str = "aegis_lane_wait_seconds";
+pub const LANE_DEPTH: &str = "aegis_lane_depth";
 
 /// Every metric with its help text, for the exporter and for the docs test.
-pub const CATALOGUE: [(&str, &str); 13] = [
+pub const CATALOGUE: [(&str, &str); 17] = [
     (EVENTS_INGESTED, "Valid events accepted by the ingester, by event_type."),
     (EVENTS_INVALID, "Events refused by the ingester, by reason."),
     (
@@ -63,6 +67,22 @@ pub const CATALOGUE: [(&str, &str); 13] = [
     (
         PUBLISHES_LEFT_TO_RECONCILER,
         "Publishes that failed after their database commit, left to the reconciler, by writer: api, ingester, worker, reconciler.",
+    ),
+    (
+        LANE_ENQUEUED,
+        "What the ingester's fairness decision put in each lane, by stream and lane: events (stream events) and deliveries (stream tasks).",
+    ),
+    (
+        LANE_TAKEN,
+        "Messages this process's consumers took, by stream (events, tasks) and lane (express, bulk, due).",
+    ),
+    (
+        LANE_WAIT,
+        "How long the message this process last took from a lane had waited since it was due, in seconds: the age of the lane's head, by stream and lane.",
+    ),
+    (
+        LANE_DEPTH,
+        "Messages waiting in a lane that no consumer holds yet, by stream and lane; read from the broker every 10 s.",
     ),
 ];
 
@@ -184,6 +204,24 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         gauge!(DELIVERIES_IN_FLIGHT).decrement(1.0);
     }
+}
+
+/// The fairness decision put `count` items (events or deliveries) in `lane`.
+pub fn lane_enqueued(stream: crate::queue::Stream, lane: crate::queue::Lane, count: usize) {
+    counter!(LANE_ENQUEUED, "stream" => stream.as_str(), "lane" => lane.as_str()).increment(count as u64);
+}
+
+/// A consumer took a message from `lane`, which had waited `waited` (if known).
+pub fn lane_taken(stream: crate::queue::Stream, lane: crate::queue::Lane, waited: Option<Duration>) {
+    counter!(LANE_TAKEN, "stream" => stream.as_str(), "lane" => lane.as_str()).increment(1);
+    if let Some(waited) = waited {
+        gauge!(LANE_WAIT, "stream" => stream.as_str(), "lane" => lane.as_str()).set(waited.as_secs_f64());
+    }
+}
+
+/// `depth` messages wait in `lane`.
+pub fn lane_depth(stream: crate::queue::Stream, lane: crate::queue::Lane, depth: u64) {
+    gauge!(LANE_DEPTH, "stream" => stream.as_str(), "lane" => lane.as_str()).set(depth as f64);
 }
 
 /// `queue`: `events` or `tasks`.

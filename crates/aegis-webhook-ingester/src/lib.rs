@@ -3,6 +3,14 @@
 //! the envelopes ingested at the same moment), then publishes the delivery tasks
 //! and only then acknowledges the envelope.
 //!
+//! Fair sharing (see `aegis_webhook_core::fairness`): an event taken from the
+//! express lane whose tenant is beyond its share of ingestion is not fanned
+//! out there but deferred to the bulk lane, a cheap move that keeps the
+//! express lane flowing for everyone else; events taken from the bulk lane
+//! are fanned out with their deliveries in the bulk lane of the tasks. An
+//! event ingested in the express lane puts its deliveries in the express
+//! lane of the tasks if its tenant's delivery share has room for them.
+//!
 //! An envelope that fails validation is parked on the invalid-events queue with
 //! its reason and acknowledged; the consumer carries on.
 //!
@@ -17,10 +25,11 @@ use std::time::Duration;
 
 use aegis_webhook_core::batch::Batcher;
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
+use aegis_webhook_core::fairness::FairShare;
 use aegis_webhook_core::ids::{EventId, TenantId};
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
-use aegis_webhook_core::queue::{self, DeliveryTask, FirstAttempts, Queue, QueueMessage, Stream, Writer};
+use aegis_webhook_core::queue::{self, DeliveryTask, FirstAttempts, Lane, Queue, QueueMessage, Stream, Writer};
 use aegis_webhook_core::telemetry;
 use aegis_webhook_storage::deliveries::{self, EventDelivery};
 use aegis_webhook_storage::{events, tenants, webhooks};
@@ -57,6 +66,7 @@ const PARALLEL_FAN_OUTS: usize = 2;
 pub struct Ingester {
     queue: Arc<dyn Queue>,
     fan_outs: Batcher<ValidatedEvent, FanOut>,
+    fair: Arc<FairShare>,
     crash_after_commit: bool,
 }
 
@@ -74,6 +84,9 @@ pub enum IngestOutcome {
     FannedOut { event_id: Uuid, deliveries: usize },
     /// The tenant already had an event with this id: nothing new to do.
     Duplicate { event_id: Uuid },
+    /// Its tenant is beyond its share: moved to the bulk lane, where it is
+    /// ingested when the express lane lets it.
+    Deferred { event_id: Uuid },
     /// Refused and parked on the invalid-events queue with this reason.
     Invalid { reason: String },
 }
@@ -161,23 +174,26 @@ async fn fan_out(db: &DatabaseConnection, events: Vec<ValidatedEvent>) -> anyhow
 }
 
 impl Ingester {
-    /// Starts the fan-out batcher on the current runtime.
-    pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>) -> Self {
+    /// Starts the fan-out batcher on the current runtime; `fair` decides the
+    /// lanes.
+    pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>, fair: Arc<FairShare>) -> Self {
         let fan_outs = Batcher::spawn("fan-out", MAX_FAN_OUT_BATCH, PARALLEL_FAN_OUTS, move |events| {
             let db = db.clone();
             async move { fan_out(&db, events).await }
         });
         Ingester {
             fan_outs,
+            fair,
             queue,
             crash_after_commit: std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some(),
         }
     }
 
-    /// Handles one envelope end to end. An `Err` is an infrastructure failure
-    /// before anything was committed (the fan-out, or parking an invalid
-    /// envelope): the envelope must be retried, not dropped.
-    pub async fn ingest(&self, body: &[u8]) -> anyhow::Result<IngestOutcome> {
+    /// Handles one envelope taken from `lane` end to end. An `Err` is an
+    /// infrastructure failure before anything was committed (the fan-out, or
+    /// parking an invalid envelope): the envelope must be retried, not
+    /// dropped.
+    pub async fn ingest(&self, body: &[u8], lane: Lane) -> anyhow::Result<IngestOutcome> {
         let event = match ValidatedEvent::parse(body, Utc::now()) {
             Ok(event) => event,
             Err(error) => {
@@ -193,7 +209,24 @@ impl Ingester {
         span.record("aegis.event.id", display(event.id()));
         span.record("aegis.event.type", event.event_type().as_str());
         span.record("aegis.tenant.id", display(event.tenant_id()));
-        let (event_id, event_type) = (event.id(), event.event_type());
+        let (event_id, event_type, tenant_id) = (event.id(), event.event_type(), event.tenant_id());
+        let mut lane = lane;
+        if lane == Lane::Express && self.fair.lane_of_event(tenant_id) == Lane::Bulk {
+            match self.queue.defer_event(bytes::Bytes::copy_from_slice(body)).await {
+                Ok(()) => {
+                    metrics::lane_enqueued(Stream::Events, Lane::Bulk, 1);
+                    return Ok(IngestOutcome::Deferred { event_id });
+                }
+                // Fanning it out now, in the bulk lane of the tasks, keeps
+                // it safe; only the ingester's own time is unfair.
+                Err(error) => {
+                    tracing::warn!(error = %error, "failed to defer an event; ingesting it now");
+                    lane = Lane::Bulk;
+                }
+            }
+        } else if lane == Lane::Express {
+            metrics::lane_enqueued(Stream::Events, Lane::Express, 1);
+        }
         let tasks = match self.fan_outs.call(event).await? {
             FanOut::UnknownTenant { tenant_id } => {
                 let reason = format!("tenantId: no tenant with id {tenant_id}");
@@ -216,10 +249,15 @@ impl Ingester {
         // would only bring it round again as a duplicate).
         let deliveries = tasks.len();
         if !tasks.is_empty() {
+            let lane = match lane {
+                Lane::Express => self.fair.lane_of_deliveries(tenant_id, deliveries),
+                _ => Lane::Bulk,
+            };
+            metrics::lane_enqueued(Stream::Tasks, lane, deliveries);
             queue::publish_after_commit(
                 Writer::Ingester,
                 "an event's first attempts",
-                self.queue.publish_first_attempts(FirstAttempts::new(&tasks)),
+                self.queue.publish_first_attempts(FirstAttempts::new(&tasks), lane),
             )
             .await;
         }
@@ -292,7 +330,7 @@ impl Ingester {
 
     /// Ingests a message, then acks it, or hands it back after a failure.
     async fn ingest_and_settle(&self, message: QueueMessage) {
-        let ingested = self.ingest(&message.body).await;
+        let ingested = self.ingest(&message.body, message.lane()).await;
         let span = tracing::Span::current();
         match &ingested {
             Ok(IngestOutcome::FannedOut { deliveries, .. }) => {
@@ -301,6 +339,9 @@ impl Ingester {
             }
             Ok(IngestOutcome::Duplicate { .. }) => {
                 span.record("aegis.ingest.outcome", "duplicate");
+            }
+            Ok(IngestOutcome::Deferred { .. }) => {
+                span.record("aegis.ingest.outcome", "deferred");
             }
             Ok(IngestOutcome::Invalid { .. }) => {
                 span.record("aegis.ingest.outcome", "invalid");

@@ -5,13 +5,24 @@
 //! The whole topology is declared here, idempotently, by every process at start:
 //!
 //! ```text
-//! exchange {p}aegis.events (topic) ──"#"──► queue {p}aegis.ingest ──► ingester
+//! exchange {p}aegis.events (topic) ──"#"──► queue {p}aegis.ingest ──► ingester (express lane)
+//! queue {p}aegis.ingest.bulk               ◄── events beyond their tenant's share ──► ingester (bulk lane)
 //! queue {p}aegis.events.invalid            ◄── refused events, reason in a header
-//! exchange {p}aegis.deliveries (direct) ──"work"──► queue {p}aegis.deliveries.work ──► workers (first attempts)
+//! exchange {p}aegis.deliveries (direct) ──"work"──► queue {p}aegis.deliveries.work ──► workers (first attempts, express)
+//!                                        ──"bulk"──► queue {p}aegis.deliveries.bulk ──► workers (first attempts, bulk)
 //!                                        ──"due"───► queue {p}aegis.deliveries.due  ──► workers (retries)
 //! queue {p}aegis.deliveries.retry.<ms>     ── TTL expires ──► {p}aegis.deliveries ("due")
 //! queue {p}aegis.deliveries.dead           ◄── deliveries that failed for good
 //! ```
+//!
+//! Each lane is a queue of its own, consumed side by side on one channel and
+//! taken from in the order [`LanePicker`] gives (see `aegis_webhook_core::fairness`):
+//! a fixed handful of queues, whatever the number of tenants.
+//!
+//! Every message the system publishes says when it became due (header
+//! `x-aegis-due-at`, milliseconds since the epoch), so a consumer can tell how
+//! long the head of each lane waited; upstream events may say it with the AMQP
+//! `timestamp` property instead.
 //!
 //! Every message carries the trace context of its `publish` span in the headers
 //! `traceparent` (and `tracestate`); dead-lettering out of a tier queue keeps
@@ -37,8 +48,8 @@ use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
 use aegis_webhook_core::queue::{
-    Acknowledger, Consumer, DeliveryTask, FirstAttempts, LanePicker, Queue, QueueError, QueueMessage, Stream,
-    publish_span,
+    Acknowledger, Consumer, DeliveryTask, FirstAttempts, Lane, LanePicker, LaneWeights, Queue, QueueError,
+    QueueMessage, Stream, poll_lanes, publish_span,
 };
 use aegis_webhook_core::telemetry::TraceHeaders;
 
@@ -51,6 +62,10 @@ use aegis_webhook_core::telemetry::TraceHeaders;
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 const WORK_ROUTING_KEY: &str = "work";
+/// Routing key of the bulk lane of first attempts.
+const BULK_ROUTING_KEY: &str = "bulk";
+/// Header saying when a message became due, in milliseconds since the epoch.
+const DUE_AT_HEADER: &str = "x-aegis-due-at";
 /// Routing key of the due-retries queue, which every tier dead-letters into.
 const DUE_ROUTING_KEY: &str = "due";
 /// Header carrying why an event was refused or a delivery dead-lettered.
@@ -102,6 +117,10 @@ impl Topology {
     pub fn ingest_queue(&self) -> String {
         format!("{}aegis.ingest", self.prefix)
     }
+    /// The bulk lane of the events stream: events beyond their tenant's share.
+    pub fn ingest_bulk_queue(&self) -> String {
+        format!("{}aegis.ingest.bulk", self.prefix)
+    }
     pub fn invalid_queue(&self) -> String {
         format!("{}aegis.events.invalid", self.prefix)
     }
@@ -110,6 +129,20 @@ impl Topology {
     }
     pub fn work_queue(&self) -> String {
         format!("{}aegis.deliveries.work", self.prefix)
+    }
+    /// The bulk lane of first attempts: deliveries beyond their tenant's share.
+    pub fn bulk_queue(&self) -> String {
+        format!("{}aegis.deliveries.bulk", self.prefix)
+    }
+    /// Every lane's queue, by stream.
+    pub fn lane_queues(&self) -> [(Stream, Lane, String); 5] {
+        [
+            (Stream::Events, Lane::Express, self.ingest_queue()),
+            (Stream::Events, Lane::Bulk, self.ingest_bulk_queue()),
+            (Stream::Tasks, Lane::Express, self.work_queue()),
+            (Stream::Tasks, Lane::Bulk, self.bulk_queue()),
+            (Stream::Tasks, Lane::Due, self.due_queue()),
+        ]
     }
     /// Retries whose delay has passed: apart from first attempts, so that a
     /// backlog of retries cannot delay new deliveries.
@@ -185,8 +218,10 @@ impl Topology {
         let durable_queue = QueueDeclareOptions::durable();
         for queue in [
             self.ingest_queue(),
+            self.ingest_bulk_queue(),
             self.invalid_queue(),
             self.work_queue(),
+            self.bulk_queue(),
             self.due_queue(),
             self.dead_queue(),
         ] {
@@ -210,6 +245,15 @@ impl Topology {
                 self.work_queue().into(),
                 self.deliveries_exchange().into(),
                 WORK_ROUTING_KEY.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                self.bulk_queue().into(),
+                self.deliveries_exchange().into(),
+                BULK_ROUTING_KEY.into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -274,6 +318,8 @@ struct Inner {
     topology: Topology,
     /// Unacknowledged messages one consumer may hold, per stream.
     prefetch: Prefetch,
+    /// How consumers share their takes between lanes.
+    weights: LaneWeights,
     live: Mutex<Option<Live>>,
     /// Connections opened so far.
     opened: std::sync::atomic::AtomicU64,
@@ -292,6 +338,31 @@ impl std::fmt::Debug for RabbitQueue {
     }
 }
 
+/// The `x-aegis-due-at` value of a message due after `delay`.
+fn due_at(delay: Duration) -> AMQPValue {
+    let due = std::time::SystemTime::now() + delay;
+    let millis = due
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    AMQPValue::LongLongInt(i64::try_from(millis).unwrap_or(i64::MAX))
+}
+
+/// When a taken message became due: our header, or else the AMQP timestamp
+/// (seconds) an upstream publisher may have set.
+fn due_at_of(properties: &BasicProperties) -> Option<std::time::SystemTime> {
+    let header = properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(DUE_AT_HEADER).cloned());
+    let millis = match header {
+        Some(AMQPValue::LongLongInt(millis)) => u64::try_from(millis).ok()?,
+        Some(AMQPValue::LongUInt(millis)) => u64::from(millis),
+        _ => properties.timestamp().map(|seconds| seconds.saturating_mul(1000))?,
+    };
+    Some(std::time::UNIX_EPOCH + Duration::from_millis(millis))
+}
+
 fn backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
@@ -306,7 +377,12 @@ fn unexpected(error: impl Into<anyhow::Error>, what: &str) -> QueueError {
 impl RabbitQueue {
     /// Connects (retrying for a while, so a process may start before the broker)
     /// and declares the topology.
-    pub async fn connect(url: &str, topology: Topology, prefetch: Prefetch) -> Result<Self, QueueError> {
+    pub async fn connect(
+        url: &str,
+        topology: Topology,
+        prefetch: Prefetch,
+        weights: LaneWeights,
+    ) -> Result<Self, QueueError> {
         let queue = RabbitQueue {
             inner: Arc::new(Inner {
                 url: url.to_owned(),
@@ -315,6 +391,7 @@ impl RabbitQueue {
                     events: prefetch.events.max(1),
                     tasks: prefetch.tasks.max(1),
                 },
+                weights,
                 live: Mutex::new(None),
                 opened: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -448,6 +525,9 @@ impl RabbitQueue {
         for (name, value) in TraceHeaders::current().iter() {
             headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
         }
+        if !headers.contains_key(DUE_AT_HEADER) {
+            headers.insert(DUE_AT_HEADER.into(), due_at(Duration::ZERO));
+        }
         let (channel, generation) = self.publisher_and_generation().await?;
         used.store(generation, std::sync::atomic::Ordering::Relaxed);
         let mut properties = BasicProperties::default()
@@ -486,6 +566,13 @@ impl RabbitQueue {
         }
     }
 
+    /// The headers of a message due after `delay`.
+    fn due_headers(delay: Duration) -> FieldTable {
+        let mut headers = FieldTable::default();
+        headers.insert(DUE_AT_HEADER.into(), due_at(delay));
+        headers
+    }
+
     fn reason_headers(reason: &str) -> FieldTable {
         let mut headers = FieldTable::default();
         headers.insert(REASON_HEADER.into(), AMQPValue::LongString(LongString::from(reason)));
@@ -510,24 +597,31 @@ impl Queue for RabbitQueue {
             .await
     }
 
-    async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError> {
-        let topology = &self.inner.topology;
-        match topology.route_for(&task, delay) {
-            Route::Work => {
-                self.publish(&topology.deliveries_exchange(), WORK_ROUTING_KEY, &task.encode(), None)
-                    .await
-            }
-            Route::Due => {
-                self.publish(&topology.deliveries_exchange(), DUE_ROUTING_KEY, &task.encode(), None)
-                    .await
-            }
-            Route::Tier(tier) => self.publish("", &topology.tier_queue(tier), &task.encode(), None).await,
-        }
+    async fn defer_event(&self, envelope: Bytes) -> Result<(), QueueError> {
+        let queue = self.inner.topology.ingest_bulk_queue();
+        self.publish("", &queue, &envelope, None).await
     }
 
-    async fn publish_first_attempts(&self, first: FirstAttempts) -> Result<(), QueueError> {
+    async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError> {
+        let topology = &self.inner.topology;
+        let (exchange, routing_key) = match topology.route_for(&task, delay) {
+            Route::Work => (topology.deliveries_exchange(), WORK_ROUTING_KEY.to_owned()),
+            Route::Due => (topology.deliveries_exchange(), DUE_ROUTING_KEY.to_owned()),
+            Route::Tier(tier) => (String::new(), topology.tier_queue(tier)),
+        };
+        let headers = Self::due_headers(delay);
+        self.publish(&exchange, &routing_key, &task.encode(), Some(headers))
+            .await
+    }
+
+    async fn publish_first_attempts(&self, first: FirstAttempts, lane: Lane) -> Result<(), QueueError> {
         let exchange = self.inner.topology.deliveries_exchange();
-        self.publish(&exchange, WORK_ROUTING_KEY, &first.encode(), None).await
+        let routing_key = match lane {
+            Lane::Express => WORK_ROUTING_KEY,
+            Lane::Bulk => BULK_ROUTING_KEY,
+            Lane::Due => DUE_ROUTING_KEY,
+        };
+        self.publish(&exchange, routing_key, &first.encode(), None).await
     }
 
     async fn publish_dead_letter(&self, task: DeliveryTask, reason: &str) -> Result<(), QueueError> {
@@ -541,10 +635,33 @@ impl Queue for RabbitQueue {
             queue: self.clone(),
             stream,
             inner: None,
-            picker: LanePicker::default(),
+            picker: LanePicker::new(self.inner.weights),
         };
         consumer.subscribe().await?;
         Ok(Box::new(consumer))
+    }
+
+    async fn lane_depths(&self) -> Result<Vec<(Stream, Lane, u64)>, QueueError> {
+        // A channel of its own: a passive declare of a missing queue closes
+        // the channel it is made on.
+        let channel = self.consumer_channel().await?;
+        let mut depths = Vec::with_capacity(5);
+        for (stream, lane, queue) in self.inner.topology.lane_queues() {
+            let declared = channel
+                .queue_declare(
+                    queue.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|error| unexpected(error, "failed to read a lane's depth"))?;
+            depths.push((stream, lane, u64::from(declared.message_count())));
+        }
+        let _ = channel.close(200, "depths read".into()).await;
+        Ok(depths)
     }
 }
 
@@ -555,23 +672,25 @@ struct RabbitConsumer {
     picker: LanePicker,
 }
 
-/// The broker consumers behind one [`Consumer`]: the events queue, or the two
-/// lanes of the tasks stream on one channel.
+/// The broker consumers behind one [`Consumer`]: one per lane of its stream,
+/// on one channel.
 struct Subscription {
-    main: lapin::Consumer,
+    express: lapin::Consumer,
+    bulk: lapin::Consumer,
     due: Option<lapin::Consumer>,
 }
 
 impl RabbitConsumer {
     async fn subscribe(&mut self) -> Result<(), QueueError> {
         let topology = &self.queue.inner.topology;
-        let (queue_name, prefetch) = match self.stream {
-            Stream::Events => (topology.ingest_queue(), self.queue.inner.prefetch.events),
-            Stream::Tasks => (topology.work_queue(), self.queue.inner.prefetch.tasks),
+        let prefetch = match self.stream {
+            Stream::Events => self.queue.inner.prefetch.events,
+            Stream::Tasks => self.queue.inner.prefetch.tasks,
         };
         let channel = self.queue.consumer_channel().await?;
-        // Per consumer (not per channel): each lane may hold `prefetch` tasks,
-        // so a full lane of retries never blocks first attempts at the broker.
+        // Per consumer (not per channel): each lane may hold `prefetch`
+        // messages, so a full bulk lane (or a full lane of retries) never
+        // keeps the express lane's next message at the broker.
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await
@@ -590,12 +709,20 @@ impl RabbitConsumer {
                     .map_err(|error| unexpected(error, "failed to start consuming"))
             }
         };
-        let main = start(queue_name).await?;
-        let due = match self.stream {
-            Stream::Events => None,
-            Stream::Tasks => Some(start(topology.due_queue()).await?),
+        let lane_queue = |wanted: Lane| {
+            topology
+                .lane_queues()
+                .into_iter()
+                .find(|(stream, lane, _)| *stream == self.stream && *lane == wanted)
+                .map(|(_, _, queue)| queue)
         };
-        self.inner = Some(Subscription { main, due });
+        let express = start(lane_queue(Lane::Express).expect("every stream has an express lane")).await?;
+        let bulk = start(lane_queue(Lane::Bulk).expect("every stream has a bulk lane")).await?;
+        let due = match lane_queue(Lane::Due) {
+            Some(queue) => Some(start(queue).await?),
+            None => None,
+        };
+        self.inner = Some(Subscription { express, bulk, due });
         Ok(())
     }
 }
@@ -618,31 +745,30 @@ impl Consumer for RabbitConsumer {
                     continue;
                 }
             }
-            let subscription = self.inner.as_mut().expect("subscribed above");
-            let next = match subscription.due.as_mut() {
-                None => subscription.main.next().await,
-                Some(due) if self.picker.prefer_retries() => tokio::select! {
-                    biased;
-                    next = due.next() => next,
-                    next = subscription.main.next() => next,
-                },
-                Some(due) => tokio::select! {
-                    biased;
-                    next = subscription.main.next() => next,
-                    next = due.next() => next,
-                },
-            };
+            let Subscription { express, bulk, due } = self.inner.as_mut().expect("subscribed above");
+            let order = self.picker.order();
+            let next = std::future::poll_fn(|cx| {
+                poll_lanes(cx, order, |lane, cx| match lane {
+                    Lane::Express => Some(express.poll_next_unpin(cx)),
+                    Lane::Bulk => Some(bulk.poll_next_unpin(cx)),
+                    Lane::Due => due.as_mut().map(|due| due.poll_next_unpin(cx)),
+                })
+            })
+            .await;
             match next {
-                Some(Ok(delivery)) => {
+                Some((lane, Ok(delivery))) => {
                     let trace_headers = trace_headers_of(&delivery.properties);
+                    let due_at = due_at_of(&delivery.properties);
                     let acknowledger = RabbitAcknowledger { acker: delivery.acker };
                     return Some(Ok(QueueMessage::new(
                         Bytes::from(delivery.data),
                         Box::new(acknowledger),
                     )
+                    .with_lane(lane)
+                    .with_due_at(due_at)
                     .with_trace_headers(trace_headers)));
                 }
-                Some(Err(error)) => {
+                Some((_, Err(error))) => {
                     tracing::warn!(error = %error, "RabbitMQ consumer failed; reconnecting");
                     self.inner = None;
                 }
@@ -775,5 +901,40 @@ mod tests {
         );
         assert_eq!(topology.work_queue(), "t.aegis.deliveries.work");
         assert_eq!(topology.due_queue(), "t.aegis.deliveries.due");
+        let lanes: Vec<(Stream, Lane, String)> = topology.lane_queues().into_iter().collect();
+        assert_eq!(
+            lanes,
+            [
+                (Stream::Events, Lane::Express, "t.aegis.ingest".to_owned()),
+                (Stream::Events, Lane::Bulk, "t.aegis.ingest.bulk".to_owned()),
+                (Stream::Tasks, Lane::Express, "t.aegis.deliveries.work".to_owned()),
+                (Stream::Tasks, Lane::Bulk, "t.aegis.deliveries.bulk".to_owned()),
+                (Stream::Tasks, Lane::Due, "t.aegis.deliveries.due".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_message_says_when_it_became_due_in_a_header_or_the_amqp_timestamp() {
+        let mut headers = FieldTable::default();
+        headers.insert(DUE_AT_HEADER.into(), AMQPValue::LongLongInt(1_700_000_000_123));
+        let ours = BasicProperties::default().with_headers(headers);
+        assert_eq!(
+            due_at_of(&ours),
+            Some(std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123))
+        );
+        let upstream = BasicProperties::default().with_timestamp(1_700_000_000);
+        assert_eq!(
+            due_at_of(&upstream),
+            Some(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        assert_eq!(due_at_of(&BasicProperties::default()), None);
+        let AMQPValue::LongLongInt(later) = due_at(Duration::from_secs(60)) else {
+            panic!("milliseconds as a long long");
+        };
+        let AMQPValue::LongLongInt(now) = due_at(Duration::ZERO) else {
+            panic!("milliseconds as a long long");
+        };
+        assert!((59_900..=60_100).contains(&(later - now)), "{later} - {now}");
     }
 }

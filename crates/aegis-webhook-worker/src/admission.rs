@@ -1,8 +1,10 @@
 //! Per-webhook admission: at most `per_webhook` attempts to one webhook are in
 //! flight in this process, so a slow or hanging endpoint ties up only its own
-//! slots. Tasks beyond that wait here, unacknowledged, in their webhook's line;
-//! when the lines hold `waiting_limit` tasks in all, further ones are handed
-//! back to the queue for later (see [`Admission::Full`]).
+//! slots. Tasks beyond that wait here, unacknowledged, in their webhook's line,
+//! which holds at most as many as the webhook may have in flight, so one slow
+//! webhook cannot fill the room every other webhook's line needs; when its
+//! line is full, or the lines hold `waiting_limit` tasks in all, further ones
+//! are handed back to the queue for later (see [`Admission::Full`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -66,7 +68,7 @@ impl Lanes {
         if lane.in_flight < self.per_webhook {
             lane.in_flight += 1;
             Admission::Run(taken)
-        } else if waiting < self.waiting_limit {
+        } else if lane.waiting.len() < self.per_webhook && waiting < self.waiting_limit {
             lane.waiting.push_back(taken);
             state.waiting += 1;
             Admission::Waiting
@@ -145,22 +147,50 @@ mod tests {
 
     #[test]
     fn a_busy_webhook_waits_without_blocking_others_and_overflow_is_handed_back() {
-        let lanes = Lanes::new(2, 3);
+        let lanes = Lanes::new(3, 4);
         let (slow, other) = (WebhookId::generate(), WebhookId::generate());
-        assert!(is_run(&lanes.admit(taken(slow))));
-        assert!(is_run(&lanes.admit(taken(slow))));
+        for _ in 0..3 {
+            assert!(is_run(&lanes.admit(taken(slow))));
+        }
         for _ in 0..3 {
             assert!(matches!(lanes.admit(taken(slow)), Admission::Waiting));
         }
+        // Its line holds as many as it may run: the rest is handed back,
+        // and the room left in the lines stays for other webhooks.
         assert!(matches!(lanes.admit(taken(slow)), Admission::Full(_)));
-        // Another webhook still runs at once, however long the slow one's line.
-        assert!(is_run(&lanes.admit(taken(other))));
-        assert_eq!(lanes.waiting(), 3);
-
-        // A finished attempt hands its slot to the next in line, in order.
+        for _ in 0..3 {
+            assert!(is_run(&lanes.admit(taken(other))));
+        }
+        assert!(matches!(lanes.admit(taken(other)), Admission::Waiting));
+        // Now the lines are full in all.
+        assert!(matches!(lanes.admit(taken(other)), Admission::Full(_)));
+        assert!(lanes.finish(Some(other)).is_some());
+        for _ in 0..3 {
+            assert!(lanes.finish(Some(other)).is_none());
+        }
         assert!(lanes.finish(Some(slow)).is_some());
         assert_eq!(lanes.waiting(), 2);
         assert_eq!(lanes.drain_waiting().len(), 2);
+        assert_eq!(lanes.waiting(), 0);
+        for _ in 0..3 {
+            assert!(lanes.finish(Some(slow)).is_none());
+        }
+        assert!(lanes.finish(None).is_none());
+    }
+
+    #[test]
+    fn a_finished_attempt_hands_its_slot_to_the_next_in_line() {
+        let lanes = Lanes::new(2, 3);
+        let slow = WebhookId::generate();
+        assert!(is_run(&lanes.admit(taken(slow))));
+        assert!(is_run(&lanes.admit(taken(slow))));
+        for _ in 0..2 {
+            assert!(matches!(lanes.admit(taken(slow)), Admission::Waiting));
+        }
+        assert_eq!(lanes.waiting(), 2);
+        assert!(lanes.finish(Some(slow)).is_some());
+        assert!(is_run(&lanes.admit(taken(WebhookId::generate()))));
+        assert!(lanes.finish(Some(slow)).is_some());
         assert_eq!(lanes.waiting(), 0);
         assert!(lanes.finish(Some(slow)).is_none());
         assert!(lanes.finish(Some(slow)).is_none());

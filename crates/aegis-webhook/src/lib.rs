@@ -87,6 +87,8 @@ pub struct RunningSystem {
     ingester: Option<Supervised>,
     worker: Option<Supervised>,
     reconciler: Option<Supervised>,
+    /// Reads the lanes' depths into their gauges, beside the consuming roles.
+    lane_depths: Option<Supervised>,
     /// Cancelled when a supervised task ends without being asked to: the
     /// process must not keep running with a part missing (an orchestrator
     /// restarts it).
@@ -168,7 +170,7 @@ impl RunningSystem {
         // Every part is stopped, even after one of them failed; the first
         // failure is the answer.
         let mut first_failure = Ok(());
-        for part in [self.http, self.ingester, self.worker, self.reconciler]
+        for part in [self.http, self.ingester, self.worker, self.reconciler, self.lane_depths]
             .into_iter()
             .flatten()
         {
@@ -299,7 +301,8 @@ pub async fn start_on_queue(
     };
 
     let ingester = roles.ingester.then(|| {
-        let ingester = Ingester::new(db.clone(), queue.clone());
+        let fair = Arc::new(aegis_webhook_core::fairness::FairShare::new(config.fair_shares()));
+        let ingester = Ingester::new(db.clone(), queue.clone(), fair);
         let concurrency = usize::from(config.amqp_prefetch);
         supervise("ingester", |stop| ingester.run(stop, concurrency), &role_failed)
     });
@@ -330,8 +333,26 @@ pub async fn start_on_queue(
         (None, None)
     };
 
+    let lane_depths = (roles.ingester || roles.worker).then(|| {
+        let queue = queue.clone();
+        supervise(
+            "lane depths",
+            |stop| async move {
+                aegis_webhook_core::queue::watch_lane_depths(
+                    queue.as_ref(),
+                    aegis_webhook_core::queue::LANE_DEPTH_INTERVAL,
+                    stop,
+                )
+                .await;
+                Ok(())
+            },
+            &role_failed,
+        )
+    });
+
     Ok(RunningSystem {
         addr,
+        lane_depths,
         db,
         queue,
         memory_queue,
@@ -370,7 +391,7 @@ pub async fn open_queue(config: &Config, roles: Roles) -> anyhow::Result<(Arc<dy
                 // (see the worker's admission).
                 tasks: u16::try_from(config.worker_concurrency.saturating_mul(2)).unwrap_or(u16::MAX),
             };
-            let queue = RabbitQueue::connect(url.expose(), topology, prefetch)
+            let queue = RabbitQueue::connect(url.expose(), topology, prefetch, config.lane_weights())
                 .await
                 .context("failed to set up RabbitMQ")?;
             Ok((Arc::new(queue), None))
@@ -382,7 +403,7 @@ pub async fn open_queue(config: &Config, roles: Roles) -> anyhow::Result<(Arc<dy
                      run `aegis-webhook dev`, or set AEGIS_AMQP_URL for separate processes"
                 );
             }
-            let memory = MemoryQueue::new();
+            let memory = MemoryQueue::with_weights(config.lane_weights());
             Ok((Arc::new(memory.clone()), Some(memory)))
         }
     }

@@ -4,6 +4,7 @@
 mod api;
 mod bad_input;
 mod bench;
+mod fairness;
 mod hostile_receivers;
 mod http_limits;
 mod pipeline;

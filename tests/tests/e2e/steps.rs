@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aegis_webhook_core::event::EventType;
+use aegis_webhook_core::fairness::FairShare;
 use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::queue::memory::MemoryQueue;
-use aegis_webhook_core::queue::{DeliveryTask, Queue};
+use aegis_webhook_core::queue::{DeliveryTask, Lane, Queue};
 use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
 use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
 use aegis_webhook_ingester::{IngestOutcome, Ingester};
@@ -58,7 +59,11 @@ async fn steps(receivers: &[&Receiver]) -> Steps {
     let queue = MemoryQueue::new();
     let shared: Arc<dyn Queue> = Arc::new(queue.clone());
     Steps {
-        ingester: Ingester::new(db.clone(), shared.clone()),
+        ingester: Ingester::new(
+            db.clone(),
+            shared.clone(),
+            Arc::new(FairShare::new(config.fair_shares())),
+        ),
         worker: Worker::new(&config, db.clone(), shared, cipher).expect("worker"),
         db,
         queue,
@@ -88,24 +93,40 @@ async fn one_ingest_step_fans_out_refuses_and_deduplicates() {
     event["id"] = serde_json::json!(uuid::Uuid::now_v7());
     let bytes = event.to_string();
 
-    let outcome = steps.ingester.ingest(bytes.as_bytes()).await.expect("ingested");
+    let outcome = steps
+        .ingester
+        .ingest(bytes.as_bytes(), Lane::Express)
+        .await
+        .expect("ingested");
     let IngestOutcome::FannedOut { deliveries, .. } = outcome else {
         panic!("{outcome:?}")
     };
     assert_eq!(deliveries, 2, "one delivery per subscribed webhook");
     assert_eq!(steps.first_attempts().await.len(), 2);
 
-    let again = steps.ingester.ingest(bytes.as_bytes()).await.expect("ingested");
+    let again = steps
+        .ingester
+        .ingest(bytes.as_bytes(), Lane::Express)
+        .await
+        .expect("ingested");
     assert!(matches!(again, IngestOutcome::Duplicate { .. }), "{again:?}");
     assert_eq!(steps.first_attempts().await.len(), 2, "a repeat adds nothing");
 
     let unknown = envelope(TenantId::generate(), "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
-    let refused = steps.ingester.ingest(unknown.as_bytes()).await.expect("handled");
+    let refused = steps
+        .ingester
+        .ingest(unknown.as_bytes(), Lane::Express)
+        .await
+        .expect("handled");
     assert!(
         matches!(&refused, IngestOutcome::Invalid { reason } if reason.starts_with("tenantId: no tenant")),
         "{refused:?}"
     );
-    let garbage = steps.ingester.ingest(b"{not json").await.expect("handled");
+    let garbage = steps
+        .ingester
+        .ingest(b"{not json", Lane::Express)
+        .await
+        .expect("handled");
     assert!(
         matches!(&garbage, IngestOutcome::Invalid { reason } if reason.starts_with("malformed JSON")),
         "{garbage:?}"
@@ -125,7 +146,11 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
     let receiver = Receiver::start(&[503], 200).await;
     let steps = steps(&[&receiver]).await;
     let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
-    steps.ingester.ingest(event.as_bytes()).await.expect("ingested");
+    steps
+        .ingester
+        .ingest(event.as_bytes(), Lane::Express)
+        .await
+        .expect("ingested");
     let [task] = steps.first_attempts().await[..] else {
         panic!("one delivery")
     };
@@ -172,7 +197,11 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
 
     // A task for a webhook disabled meanwhile sends nothing.
     let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
-    steps.ingester.ingest(event.as_bytes()).await.expect("ingested");
+    steps
+        .ingester
+        .ingest(event.as_bytes(), Lane::Express)
+        .await
+        .expect("ingested");
     let [paused] = steps.first_attempts().await[..] else {
         panic!("one new delivery")
     };
@@ -195,7 +224,11 @@ async fn a_webhook_row_that_cannot_be_read_fails_only_its_own_delivery() {
     let (healthy, broken) = (Receiver::start(&[], 200).await, Receiver::start(&[], 200).await);
     let steps = steps(&[&healthy, &broken]).await;
     let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
-    steps.ingester.ingest(event.as_bytes()).await.expect("ingested");
+    steps
+        .ingester
+        .ingest(event.as_bytes(), Lane::Express)
+        .await
+        .expect("ingested");
     // Corrupt the second webhook's stored URL, as a bad manual edit would.
     let backend = sea_orm::ConnectionTrait::get_database_backend(&steps.db);
     sea_orm::ConnectionTrait::execute_raw(

@@ -17,6 +17,7 @@ use futures::StreamExt as _;
 use uuid::Uuid;
 
 mod attacks;
+mod fairness;
 mod publish_failures;
 mod startup;
 

@@ -107,6 +107,7 @@ where
             }
             Some(Ok(message)) => {
                 metrics::consumer_up(label, true);
+                metrics::lane_taken(stream, message.lane(), message.waited());
                 if dispatch(message, permit).await == Flow::Stop {
                     break;
                 }

@@ -3,16 +3,17 @@
 //! delivery's state lives in the database and is re-enqueued at start.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{
-    Acknowledger, Consumer, DeliveryTask, FirstAttempts, LanePicker, Queue, QueueError, QueueMessage, Stream,
-    publish_span,
+    Acknowledger, Consumer, DeliveryTask, FirstAttempts, Lane, LanePicker, LaneWeights, Queue, QueueError,
+    QueueMessage, Stream, poll_lanes, publish_span,
 };
 use crate::telemetry::TraceHeaders;
 
@@ -20,19 +21,21 @@ use crate::telemetry::TraceHeaders;
 const PARKED_CAPACITY: usize = 1000;
 
 /// A message in a channel: the body and the trace context it was published in,
-/// as a broker keeps headers beside the body.
+/// as a broker keeps headers beside the body, and when it became due.
 #[derive(Clone)]
 struct Message {
     body: Bytes,
     trace_headers: TraceHeaders,
+    due_at: SystemTime,
 }
 
 impl Message {
-    /// A body published now, in the current span.
-    fn published(body: Bytes) -> Self {
+    /// A body published now, in the current span, due after `delay`.
+    fn published(body: Bytes, delay: Duration) -> Self {
         Message {
             body,
             trace_headers: TraceHeaders::current(),
+            due_at: SystemTime::now() + delay,
         }
     }
 }
@@ -42,6 +45,8 @@ struct Channel {
     sender: mpsc::UnboundedSender<Message>,
     // Several consumers may share one stream; each message goes to one of them.
     receiver: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Message>>>,
+    /// Messages sent and not yet taken.
+    depth: Arc<AtomicU64>,
 }
 
 impl Channel {
@@ -50,11 +55,20 @@ impl Channel {
         Channel {
             sender,
             receiver: Arc::new(tokio::sync::Mutex::new(receiver)),
+            depth: Arc::default(),
         }
     }
 
     fn send(&self, message: Message) -> Result<(), QueueError> {
-        self.sender.send(message).map_err(|_| QueueError::Closed)
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        self.sender.send(message).map_err(|_| {
+            self.depth.fetch_sub(1, Ordering::Relaxed);
+            QueueError::Closed
+        })
+    }
+
+    fn depth(&self) -> u64 {
+        self.depth.load(Ordering::Relaxed)
     }
 }
 
@@ -65,13 +79,44 @@ pub struct Parked {
     pub reason: String,
 }
 
+/// The lanes of one stream.
+#[derive(Clone)]
+struct Lanes {
+    express: Channel,
+    bulk: Channel,
+    /// Retries whose delay has passed; the events stream has none.
+    due: Option<Channel>,
+}
+
+impl Lanes {
+    fn new(with_due: bool) -> Self {
+        Lanes {
+            express: Channel::new(),
+            bulk: Channel::new(),
+            due: with_due.then(Channel::new),
+        }
+    }
+
+    fn get(&self, lane: Lane) -> Option<&Channel> {
+        match lane {
+            Lane::Express => Some(&self.express),
+            Lane::Bulk => Some(&self.bulk),
+            Lane::Due => self.due.as_ref(),
+        }
+    }
+
+    /// The lane a message for `lane` goes to: the events stream has no due
+    /// lane, so its retries (it has none) would go express.
+    fn channel(&self, lane: Lane) -> &Channel {
+        self.get(lane).unwrap_or(&self.express)
+    }
+}
+
 #[derive(Clone)]
 pub struct MemoryQueue {
-    events: Channel,
-    /// First attempts.
-    tasks: Channel,
-    /// Retries whose delay has passed.
-    due: Channel,
+    events: Lanes,
+    tasks: Lanes,
+    weights: LaneWeights,
     invalid_events: Arc<Mutex<VecDeque<Parked>>>,
     dead_letters: Arc<Mutex<VecDeque<Parked>>>,
 }
@@ -90,10 +135,15 @@ impl Default for MemoryQueue {
 
 impl MemoryQueue {
     pub fn new() -> Self {
+        Self::with_weights(LaneWeights::default())
+    }
+
+    /// A queue whose consumers share their takes between lanes by `weights`.
+    pub fn with_weights(weights: LaneWeights) -> Self {
         MemoryQueue {
-            events: Channel::new(),
-            tasks: Channel::new(),
-            due: Channel::new(),
+            events: Lanes::new(false),
+            tasks: Lanes::new(true),
+            weights,
             invalid_events: Arc::default(),
             dead_letters: Arc::default(),
         }
@@ -119,11 +169,11 @@ impl MemoryQueue {
             .collect()
     }
 
-    fn task_channel(&self, task: &DeliveryTask) -> &Channel {
+    fn task_lane(task: &DeliveryTask) -> Lane {
         if task.is_first_attempt() {
-            &self.tasks
+            Lane::Express
         } else {
-            &self.due
+            Lane::Due
         }
     }
 }
@@ -142,7 +192,8 @@ fn park(parked: &Mutex<VecDeque<Parked>>, body: Bytes, reason: &str) {
 #[async_trait]
 impl Queue for MemoryQueue {
     async fn publish_event(&self, _event_name: &str, envelope: Bytes) -> Result<(), QueueError> {
-        publish_span("in-process", "events").in_scope(|| self.events.send(Message::published(envelope)))
+        publish_span("in-process", "events")
+            .in_scope(|| self.events.express.send(Message::published(envelope, Duration::ZERO)))
     }
 
     async fn publish_invalid_event(&self, body: Bytes, reason: &str) -> Result<(), QueueError> {
@@ -151,12 +202,18 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
+    async fn defer_event(&self, envelope: Bytes) -> Result<(), QueueError> {
+        publish_span("in-process", "events.bulk")
+            .in_scope(|| self.events.bulk.send(Message::published(envelope, Duration::ZERO)))
+    }
+
     async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError> {
-        let channel = self.task_channel(&task).clone();
-        let span = publish_span("in-process", if task.is_first_attempt() { "tasks" } else { "due" });
+        let lane = Self::task_lane(&task);
+        let channel = self.tasks.channel(lane).clone();
+        let span = publish_span("in-process", lane.as_str());
         // The context is taken now, in the publishing span: the delay is the
         // queue's, as in a broker's tier queue.
-        let message = span.in_scope(|| Message::published(task.encode()));
+        let message = span.in_scope(|| Message::published(task.encode(), delay));
         if delay.is_zero() {
             return channel.send(message);
         }
@@ -169,8 +226,12 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn publish_first_attempts(&self, first: FirstAttempts) -> Result<(), QueueError> {
-        publish_span("in-process", "tasks").in_scope(|| self.tasks.send(Message::published(first.encode())))
+    async fn publish_first_attempts(&self, first: FirstAttempts, lane: Lane) -> Result<(), QueueError> {
+        publish_span("in-process", lane.as_str()).in_scope(|| {
+            self.tasks
+                .channel(lane)
+                .send(Message::published(first.encode(), Duration::ZERO))
+        })
     }
 
     async fn publish_dead_letter(&self, task: DeliveryTask, reason: &str) -> Result<(), QueueError> {
@@ -179,65 +240,66 @@ impl Queue for MemoryQueue {
     }
 
     async fn consume(&self, stream: Stream) -> Result<Box<dyn Consumer>, QueueError> {
-        Ok(match stream {
-            Stream::Events => Box::new(MemoryConsumer {
-                channel: self.events.clone(),
-            }),
-            Stream::Tasks => Box::new(TasksConsumer {
-                first: self.tasks.clone(),
-                due: self.due.clone(),
-                picker: LanePicker::default(),
-            }),
-        })
+        let lanes = match stream {
+            Stream::Events => self.events.clone(),
+            Stream::Tasks => self.tasks.clone(),
+        };
+        Ok(Box::new(LanesConsumer {
+            lanes,
+            picker: LanePicker::new(self.weights),
+        }))
+    }
+
+    async fn lane_depths(&self) -> Result<Vec<(Stream, Lane, u64)>, QueueError> {
+        let mut depths = Vec::with_capacity(5);
+        for (stream, lanes) in [(Stream::Events, &self.events), (Stream::Tasks, &self.tasks)] {
+            for lane in [Lane::Express, Lane::Bulk, Lane::Due] {
+                if let Some(channel) = lanes.get(lane) {
+                    depths.push((stream, lane, channel.depth()));
+                }
+            }
+        }
+        Ok(depths)
     }
 }
 
-fn message_of(channel: &Channel, message: Message) -> QueueMessage {
+fn message_of(channel: &Channel, lane: Lane, message: Message) -> QueueMessage {
+    channel.depth.fetch_sub(1, Ordering::Relaxed);
     let acknowledger = MemoryAcknowledger {
         channel: channel.clone(),
         message: message.clone(),
     };
-    QueueMessage::new(message.body, Box::new(acknowledger)).with_trace_headers(message.trace_headers)
+    QueueMessage::new(message.body, Box::new(acknowledger))
+        .with_lane(lane)
+        .with_due_at(Some(message.due_at))
+        .with_trace_headers(message.trace_headers)
 }
 
-struct MemoryConsumer {
-    channel: Channel,
-}
-
-#[async_trait]
-impl Consumer for MemoryConsumer {
-    async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>> {
-        let message = self.channel.receiver.lock().await.recv().await?;
-        Some(Ok(message_of(&self.channel, message)))
-    }
-}
-
-/// Takes from both lanes of the tasks stream, first attempts first.
-struct TasksConsumer {
-    first: Channel,
-    due: Channel,
+/// Takes from the lanes of one stream in the order the [`LanePicker`] says.
+struct LanesConsumer {
+    lanes: Lanes,
     picker: LanePicker,
 }
 
 #[async_trait]
-impl Consumer for TasksConsumer {
+impl Consumer for LanesConsumer {
     async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>> {
-        let mut first = self.first.receiver.lock().await;
-        let mut due = self.due.receiver.lock().await;
-        let (channel, message) = if self.picker.prefer_retries() {
-            tokio::select! {
-                biased;
-                message = due.recv() => (&self.due, message?),
-                message = first.recv() => (&self.first, message?),
-            }
-        } else {
-            tokio::select! {
-                biased;
-                message = first.recv() => (&self.first, message?),
-                message = due.recv() => (&self.due, message?),
-            }
+        let mut express = self.lanes.express.receiver.lock().await;
+        let mut bulk = self.lanes.bulk.receiver.lock().await;
+        let mut due = match &self.lanes.due {
+            Some(due) => Some(due.receiver.lock().await),
+            None => None,
         };
-        Some(Ok(message_of(channel, message)))
+        let order = self.picker.order();
+        let (lane, message) = std::future::poll_fn(|cx| {
+            poll_lanes(cx, order, |lane, cx| match lane {
+                Lane::Express => Some(express.poll_recv(cx)),
+                Lane::Bulk => Some(bulk.poll_recv(cx)),
+                Lane::Due => due.as_mut().map(|due| due.poll_recv(cx)),
+            })
+        })
+        .await?;
+        Some(Ok(message_of(self.lanes.channel(lane), lane, message)))
     }
 }
 
@@ -308,8 +370,59 @@ mod tests {
             taken.push(DeliveryTask::decode(&message.body).expect("task").attempt());
         }
         // Of the first eight takes, six are the first attempts although they were
-        // published after twenty retries; two are retries (one in RETRY_SHARE).
+        // published after twenty retries; two are retries (one in four).
         assert_eq!(taken, [1, 1, 1, 2, 1, 1, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn the_express_lane_overtakes_a_bulk_backlog_which_gets_every_take_left() {
+        let queue = MemoryQueue::new();
+        let first_attempts = || {
+            let task = DeliveryTask::new(crate::ids::DeliveryId::generate(), crate::ids::WebhookId::generate(), 1);
+            FirstAttempts::new(&[task])
+        };
+        for _ in 0..100 {
+            queue
+                .publish_first_attempts(first_attempts(), Lane::Bulk)
+                .await
+                .expect("publish");
+        }
+        for _ in 0..3 {
+            queue
+                .publish_first_attempts(first_attempts(), Lane::Express)
+                .await
+                .expect("publish");
+        }
+        queue.defer_event(Bytes::from_static(b"{}")).await.expect("defer");
+        let depths = queue.lane_depths().await.expect("depths");
+        assert!(depths.contains(&(Stream::Tasks, Lane::Bulk, 100)), "{depths:?}");
+        assert!(depths.contains(&(Stream::Tasks, Lane::Express, 3)), "{depths:?}");
+        assert!(depths.contains(&(Stream::Events, Lane::Bulk, 1)), "{depths:?}");
+
+        let mut consumer = queue.consume(Stream::Tasks).await.expect("consumer");
+        let mut lanes = Vec::new();
+        for _ in 0..10 {
+            let message = consumer.next().await.expect("open").expect("message");
+            assert!(
+                message.waited().is_some(),
+                "the in-process queue knows when a message became due"
+            );
+            lanes.push(message.lane());
+        }
+        // One take in eight looks at the bulk lane first (the first take
+        // here); the three express tasks go next although published after a
+        // hundred bulk ones, and then the bulk lane, alone, gets every take.
+        use Lane::{Bulk, Express};
+        assert_eq!(
+            lanes,
+            [Bulk, Express, Express, Express, Bulk, Bulk, Bulk, Bulk, Bulk, Bulk]
+        );
+        let depths = queue.lane_depths().await.expect("depths");
+        assert!(depths.contains(&(Stream::Tasks, Lane::Bulk, 93)), "{depths:?}");
+
+        let mut events = queue.consume(Stream::Events).await.expect("consumer");
+        let deferred = events.next().await.expect("open").expect("message");
+        assert_eq!(deferred.lane(), Lane::Bulk);
     }
 
     #[tokio::test]

@@ -152,35 +152,114 @@ pub fn decode_tasks(body: &[u8]) -> Result<Vec<DeliveryTask>, serde_json::Error>
     })
 }
 
-/// The two streams processes consume.
-/// Of every `RETRY_SHARE` tasks a busy worker takes while both kinds wait, one
-/// is a retry: first attempts go first, but a flood of them cannot park retries
-/// forever either.
-pub const RETRY_SHARE: usize = 4;
+/// A lane of a stream. Each stream has an express lane and a bulk lane (see
+/// [`crate::fairness`]: work within its tenant's share, and work beyond it);
+/// the tasks stream has a third, the due lane, for retries whose delay has
+/// passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Express,
+    Bulk,
+    Due,
+}
 
-/// Picks which lane of the tasks stream (first attempts, or retries that are
-/// due) a consumer serves first on its next take, for the consumers of both
-/// adapters.
+impl Lane {
+    /// The lane's name in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Express => "express",
+            Lane::Bulk => "bulk",
+            Lane::Due => "due",
+        }
+    }
+}
+
+/// How consumers share their takes between lanes while several have work:
+/// about one take in `retry_share` looks at due retries first and one in
+/// `bulk_share` at the bulk lane first; every other take looks at the express
+/// lane first. A lane with nothing waiting is passed over, so a lane alone
+/// gets every take (work-conserving).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LaneWeights {
+    pub retry_share: u32,
+    pub bulk_share: u32,
+}
+
+impl Default for LaneWeights {
+    fn default() -> Self {
+        LaneWeights {
+            retry_share: 4,
+            bulk_share: 8,
+        }
+    }
+}
+
+/// Picks the order in which a consumer looks at the lanes on its next take,
+/// for the consumers of both adapters: a weighted round-robin over the lanes
+/// that have work (see [`LaneWeights`]).
 #[derive(Debug, Default)]
 pub struct LanePicker {
-    turn: usize,
+    turn: u32,
+    weights: LaneWeights,
 }
 
 impl LanePicker {
-    /// Whether this take should look at due retries before first attempts.
-    pub fn prefer_retries(&mut self) -> bool {
-        self.turn = self.turn.wrapping_add(1);
-        self.turn.is_multiple_of(RETRY_SHARE)
+    pub fn new(weights: LaneWeights) -> Self {
+        LanePicker { turn: 0, weights }
     }
+
+    /// The order of this take: every lane, most preferred first.
+    pub fn order(&mut self) -> [Lane; 3] {
+        self.turn = self.turn.wrapping_add(1);
+        if self.turn.is_multiple_of(self.weights.retry_share.max(1)) {
+            [Lane::Due, Lane::Express, Lane::Bulk]
+        } else if self.turn % self.weights.bulk_share.max(2) == 1 {
+            [Lane::Bulk, Lane::Express, Lane::Due]
+        } else {
+            [Lane::Express, Lane::Due, Lane::Bulk]
+        }
+    }
+}
+
+/// Takes from the first lane in `order` with a message ready; if none has,
+/// every lane has registered the waker and the take waits for whichever is
+/// first. `poll` answers `None` for a lane the stream does not have. A lane
+/// that ended ends the take (`Ready(None)`): the consumer is closed.
+pub fn poll_lanes<T>(
+    cx: &mut std::task::Context<'_>,
+    order: [Lane; 3],
+    mut poll: impl FnMut(Lane, &mut std::task::Context<'_>) -> Option<std::task::Poll<Option<T>>>,
+) -> std::task::Poll<Option<(Lane, T)>> {
+    use std::task::Poll;
+    for lane in order {
+        match poll(lane, cx) {
+            None | Some(Poll::Pending) => continue,
+            Some(Poll::Ready(Some(item))) => return Poll::Ready(Some((lane, item))),
+            Some(Poll::Ready(None)) => return Poll::Ready(None),
+        }
+    }
+    Poll::Pending
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
-    /// Upstream envelopes, consumed by the ingester.
+    /// Upstream envelopes, consumed by the ingester: the express lane, where
+    /// they arrive, and the bulk lane, where the ingester defers those beyond
+    /// their tenant's share.
     Events,
-    /// Delivery tasks, consumed by workers: first attempts and due retries,
-    /// kept in two lanes and interleaved by [`LanePicker`].
+    /// Delivery tasks, consumed by workers: first attempts in the express and
+    /// bulk lanes, due retries in the due lane, interleaved by [`LanePicker`].
     Tasks,
+}
+
+impl Stream {
+    /// The stream's name in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Events => "events",
+            Stream::Tasks => "tasks",
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +282,11 @@ pub trait Acknowledger: Send {
 /// A message taken from a stream, to be acked or requeued exactly once.
 pub struct QueueMessage {
     pub body: Bytes,
+    /// The lane it was taken from.
+    lane: Lane,
+    /// When it became due (published, or its delay over), if the publisher
+    /// said: how long it waited in its lane is the lane's health.
+    due_at: Option<std::time::SystemTime>,
     /// The trace context the publisher sent along; empty if it sent none.
     trace_headers: TraceHeaders,
     acknowledger: Box<dyn Acknowledger>,
@@ -220,9 +304,33 @@ impl QueueMessage {
     pub fn new(body: Bytes, acknowledger: Box<dyn Acknowledger>) -> Self {
         QueueMessage {
             body,
+            lane: Lane::Express,
+            due_at: None,
             trace_headers: TraceHeaders::default(),
             acknowledger,
         }
+    }
+
+    /// The message as taken from `lane`.
+    pub fn with_lane(mut self, lane: Lane) -> Self {
+        self.lane = lane;
+        self
+    }
+
+    /// The message with the time it became due.
+    pub fn with_due_at(mut self, due_at: Option<std::time::SystemTime>) -> Self {
+        self.due_at = due_at;
+        self
+    }
+
+    pub fn lane(&self) -> Lane {
+        self.lane
+    }
+
+    /// How long it waited in its lane before it was taken, if known.
+    pub fn waited(&self) -> Option<Duration> {
+        self.due_at
+            .map(|due_at| std::time::SystemTime::now().duration_since(due_at).unwrap_or_default())
     }
 
     /// The message with the trace context it arrived with.
@@ -281,13 +389,22 @@ pub trait Queue: Send + Sync + 'static {
     /// Publishes a delivery task that becomes visible after `delay`.
     async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError>;
 
-    /// Publishes one event's first attempts as one message, visible at once.
-    async fn publish_first_attempts(&self, first: FirstAttempts) -> Result<(), QueueError>;
+    /// Puts an upstream envelope in the bulk lane of the events stream (its
+    /// tenant is beyond its share), returning once the broker has it.
+    async fn defer_event(&self, envelope: Bytes) -> Result<(), QueueError>;
+
+    /// Publishes one event's first attempts as one message in `lane` (express
+    /// or bulk), visible at once.
+    async fn publish_first_attempts(&self, first: FirstAttempts, lane: Lane) -> Result<(), QueueError>;
 
     /// Parks the task of a delivery that failed for good.
     async fn publish_dead_letter(&self, task: DeliveryTask, reason: &str) -> Result<(), QueueError>;
 
     async fn consume(&self, stream: Stream) -> Result<Box<dyn Consumer>, QueueError>;
+
+    /// Messages waiting in each lane (not yet taken by any consumer), for
+    /// the lane metrics.
+    async fn lane_depths(&self) -> Result<Vec<(Stream, Lane, u64)>, QueueError>;
 }
 
 /// The processes that write to the database and then publish.
@@ -346,6 +463,31 @@ pub async fn publish_after_commit(
     }
 }
 
+/// How often [`watch_lane_depths`] reads the lanes' depths.
+pub const LANE_DEPTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Reads every lane's depth each `interval` into `aegis_lane_depth` until
+/// `stop`. A failed read is logged and tried again next time: the gauges are
+/// for people, and the broker being away is reported elsewhere.
+pub async fn watch_lane_depths(queue: &dyn Queue, interval: Duration, stop: tokio_util::sync::CancellationToken) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match queue.lane_depths().await {
+            Ok(depths) => {
+                for (stream, lane, depth) in depths {
+                    crate::metrics::lane_depth(stream, lane, depth);
+                }
+            }
+            Err(error) => tracing::debug!(error = %error, "failed to read the lanes' depths"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use uuid::Uuid;
@@ -399,10 +541,46 @@ mod tests {
     }
 
     #[test]
-    fn the_lane_picker_prefers_first_attempts_but_never_starves_retries() {
+    fn the_lane_picker_prefers_the_express_lane_but_never_starves_the_others() {
         let mut picker = LanePicker::default();
-        let turns: Vec<bool> = (0..8).map(|_| picker.prefer_retries()).collect();
-        assert_eq!(turns.iter().filter(|retries| **retries).count(), 8 / RETRY_SHARE);
-        assert!(!turns[0], "the first pick prefers first attempts");
+        let orders: Vec<[Lane; 3]> = (0..64).map(|_| picker.order()).collect();
+        let first = |lane| orders.iter().filter(|order| order[0] == lane).count();
+        // Of 64 takes: 16 look at due retries first (one in four), 8 at the
+        // bulk lane (one in eight), the rest at the express lane.
+        assert_eq!((first(Lane::Due), first(Lane::Bulk), first(Lane::Express)), (16, 8, 40));
+        assert_eq!(orders[0], [Lane::Bulk, Lane::Express, Lane::Due]);
+        assert_eq!(orders[1], [Lane::Express, Lane::Due, Lane::Bulk]);
+        // Every order names every lane, so a lane alone is always served.
+        for order in &orders {
+            let mut lanes = order.to_vec();
+            lanes.sort_by_key(|lane| lane.as_str());
+            assert_eq!(lanes, [Lane::Bulk, Lane::Due, Lane::Express]);
+        }
+    }
+
+    #[test]
+    fn a_take_goes_to_the_first_ready_lane_in_order_and_skips_absent_ones() {
+        use std::task::{Context, Poll};
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let ready = |lanes: &'static [Lane]| {
+            move |lane: Lane, _: &mut Context<'_>| match lane {
+                Lane::Due => None,
+                lane if lanes.contains(&lane) => Some(Poll::Ready(Some(lane.as_str()))),
+                _ => Some(Poll::Pending),
+            }
+        };
+        let order = [Lane::Bulk, Lane::Express, Lane::Due];
+        assert_eq!(
+            poll_lanes(&mut cx, order, ready(&[Lane::Express, Lane::Bulk])),
+            Poll::Ready(Some((Lane::Bulk, "bulk")))
+        );
+        assert_eq!(
+            poll_lanes(&mut cx, order, ready(&[Lane::Express])),
+            Poll::Ready(Some((Lane::Express, "express")))
+        );
+        assert_eq!(poll_lanes(&mut cx, order, ready(&[])), Poll::Pending);
+        let ended = |_: Lane, _: &mut Context<'_>| Some(Poll::<Option<()>>::Ready(None));
+        assert_eq!(poll_lanes(&mut cx, order, ended), Poll::Ready(None));
     }
 }

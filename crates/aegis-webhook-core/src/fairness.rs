@@ -1,0 +1,248 @@
+//! Fair sharing between tenants: which lane an event or an event's deliveries
+//! wait in, so that one tenant's flood never queues another tenant's alert
+//! behind it.
+//!
+//! Every tenant has a share of each stage's capacity: a rate with a burst
+//! (GCRA, the `governor` crate), kept in this process's memory. Work within
+//! its tenant's share goes to the express lane, work beyond it to the bulk
+//! lane; consumers take from the express lane first and from the bulk lane
+//! whenever the express lane is empty (see [`crate::queue::LanePicker`]), so a
+//! tenant alone on the system still gets all of it. Work sent to the bulk lane
+//! takes nothing from the tenant's share: a tenant that stops flooding is back
+//! in the express lane as soon as its share has room for its next event, at
+//! most `burst / rate` after it stopped.
+//!
+//! The decision is a pure function of the tenant's recent history and the
+//! clock, which is injected (tests run it on a fake one). Tenants idle for
+//! longer than their burst window are forgotten ([`FairShare::forget_idle`]),
+//! so memory grows with the tenants active in the last seconds, not with all
+//! tenants.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+
+use crate::ids::TenantId;
+use crate::queue::Lane;
+
+/// A tenant's share of one stage: `per_second` on average, `burst` at once
+/// after a quiet spell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+impl Share {
+    fn quota(self) -> Quota {
+        Quota::per_second(self.per_second).allow_burst(self.burst)
+    }
+}
+
+/// The shares of both stages where a backlog can form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shares {
+    /// Events a tenant may have ingested in the express lane.
+    pub events: Share,
+    /// Deliveries a tenant's events may put in the express lane of the tasks.
+    pub deliveries: Share,
+}
+
+type Limiter<C> = RateLimiter<TenantId, DefaultKeyedStateStore<TenantId>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// Decides lanes by tenant; `off` puts everything in the express lane (plain
+/// first-in, first-out, as before fairness).
+pub struct FairShare<C: Clock = DefaultClock> {
+    stages: Option<(Limiter<C>, Limiter<C>)>,
+    /// Events decided so far: every [`FORGET_EVERY`] the idle are forgotten.
+    decided: AtomicU64,
+}
+
+/// How many events' lanes are decided between two [`FairShare::forget_idle`].
+const FORGET_EVERY: u64 = 4096;
+
+impl<C: Clock> std::fmt::Debug for FairShare<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FairShare")
+            .field("on", &self.stages.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FairShare<DefaultClock> {
+    /// Fair sharing with `shares` on the system clock; `None` switches it off.
+    pub fn new(shares: Option<Shares>) -> Self {
+        Self::with_clock(shares, &DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> FairShare<C> {
+    pub fn with_clock(shares: Option<Shares>, clock: &C) -> Self {
+        FairShare {
+            stages: shares.map(|shares| {
+                (
+                    RateLimiter::dashmap_with_clock(shares.events.quota(), clock.clone()),
+                    RateLimiter::dashmap_with_clock(shares.deliveries.quota(), clock.clone()),
+                )
+            }),
+            decided: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.stages.is_some()
+    }
+
+    /// The lane of one event of `tenant` waiting to be ingested.
+    pub fn lane_of_event(&self, tenant: TenantId) -> Lane {
+        if self.decided.fetch_add(1, Ordering::Relaxed) % FORGET_EVERY == FORGET_EVERY - 1 {
+            self.forget_idle();
+        }
+        match &self.stages {
+            None => Lane::Express,
+            Some((events, _)) => lane_within(events, tenant, 1),
+        }
+    }
+
+    /// The lane of `count` deliveries of one event of `tenant`: all of them
+    /// travel in one message, so they share a lane.
+    pub fn lane_of_deliveries(&self, tenant: TenantId, count: usize) -> Lane {
+        match &self.stages {
+            None => Lane::Express,
+            Some((_, deliveries)) => lane_within(deliveries, tenant, count),
+        }
+    }
+
+    /// Forgets tenants whose share is whole again: they would be decided the
+    /// same way as a tenant never seen. Call it now and then.
+    pub fn forget_idle(&self) {
+        if let Some((events, deliveries)) = &self.stages {
+            for limiter in [events, deliveries] {
+                limiter.retain_recent();
+                limiter.shrink_to_fit();
+            }
+        }
+    }
+
+    /// Tenants remembered, for tests and metrics.
+    pub fn remembered(&self) -> usize {
+        self.stages
+            .as_ref()
+            .map_or(0, |(events, deliveries)| events.len().max(deliveries.len()))
+    }
+}
+
+/// Express if the tenant's share has room for `count` more now (and takes
+/// it), bulk otherwise (taking nothing). More than a whole burst at once is
+/// bulk: no share could ever hold it.
+fn lane_within<C: Clock>(limiter: &Limiter<C>, tenant: TenantId, count: usize) -> Lane {
+    let Some(count) = u32::try_from(count).ok().and_then(NonZeroU32::new) else {
+        return Lane::Express;
+    };
+    match limiter.check_key_n(&tenant, count) {
+        Ok(Ok(())) => Lane::Express,
+        Ok(Err(_)) | Err(_) => Lane::Bulk,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use governor::clock::FakeRelativeClock;
+
+    use super::*;
+
+    fn share(per_second: u32, burst: u32) -> Share {
+        Share {
+            per_second: NonZeroU32::new(per_second).expect("positive"),
+            burst: NonZeroU32::new(burst).expect("positive"),
+        }
+    }
+
+    fn shares() -> Shares {
+        Shares {
+            events: share(50, 100),
+            deliveries: share(200, 500),
+        }
+    }
+
+    #[test]
+    fn a_flood_goes_to_the_bulk_lane_once_its_burst_is_spent_and_a_trickle_never_does() {
+        let clock = FakeRelativeClock::default();
+        let fair = FairShare::with_clock(Some(shares()), &clock);
+        let (flood, trickle) = (TenantId::generate(), TenantId::generate());
+        let lanes: Vec<Lane> = (0..300).map(|_| fair.lane_of_event(flood)).collect();
+        assert_eq!(lanes.iter().filter(|lane| **lane == Lane::Express).count(), 100);
+        assert!(lanes[100..].iter().all(|lane| *lane == Lane::Bulk));
+        // A second later the flood has earned 50 more events; the trickle,
+        // 10 events a second all along, was never held back.
+        for _ in 0..10 {
+            clock.advance(Duration::from_millis(100));
+            assert_eq!(fair.lane_of_event(trickle), Lane::Express);
+            assert_eq!(fair.lane_of_deliveries(trickle, 1), Lane::Express);
+        }
+        let lanes: Vec<Lane> = (0..100).map(|_| fair.lane_of_event(flood)).collect();
+        assert_eq!(lanes.iter().filter(|lane| **lane == Lane::Express).count(), 50);
+    }
+
+    #[test]
+    fn deliveries_count_by_the_event_and_an_event_bigger_than_the_burst_is_bulk() {
+        let clock = FakeRelativeClock::default();
+        let fair = FairShare::with_clock(Some(shares()), &clock);
+        let tenant = TenantId::generate();
+        // 50 events of 10 deliveries fill the burst of 500; the next waits.
+        for _ in 0..50 {
+            assert_eq!(fair.lane_of_deliveries(tenant, 10), Lane::Express);
+        }
+        assert_eq!(fair.lane_of_deliveries(tenant, 10), Lane::Bulk);
+        // At 200 a second, room for 10 more comes back within 50 ms.
+        clock.advance(Duration::from_millis(50));
+        assert_eq!(fair.lane_of_deliveries(tenant, 10), Lane::Express);
+        assert_eq!(fair.lane_of_deliveries(TenantId::generate(), 501), Lane::Bulk);
+        assert_eq!(fair.lane_of_deliveries(TenantId::generate(), 0), Lane::Express);
+    }
+
+    #[test]
+    fn a_tenant_that_stops_flooding_is_express_again_within_burst_over_rate() {
+        let clock = FakeRelativeClock::default();
+        let fair = FairShare::with_clock(Some(shares()), &clock);
+        let tenant = TenantId::generate();
+        // A long flood: thousands of events, nearly all bulk (which takes
+        // nothing from the share, so the flood's length does not matter).
+        for _ in 0..5_000 {
+            fair.lane_of_event(tenant);
+            fair.lane_of_deliveries(tenant, 10);
+        }
+        assert_eq!(fair.lane_of_event(tenant), Lane::Bulk);
+        // It stops. burst / rate later (events 100/50 = 2 s, deliveries
+        // 500/200 = 2.5 s), its whole burst is express again.
+        clock.advance(Duration::from_millis(2_500));
+        let events: Vec<Lane> = (0..100).map(|_| fair.lane_of_event(tenant)).collect();
+        assert!(events.iter().all(|lane| *lane == Lane::Express), "{events:?}");
+        let deliveries: Vec<Lane> = (0..50).map(|_| fair.lane_of_deliveries(tenant, 10)).collect();
+        assert!(deliveries.iter().all(|lane| *lane == Lane::Express), "{deliveries:?}");
+    }
+
+    #[test]
+    fn switched_off_everything_is_express_and_idle_tenants_are_forgotten() {
+        let off = FairShare::new(None);
+        let tenant = TenantId::generate();
+        assert!((0..10_000).all(|_| off.lane_of_event(tenant) == Lane::Express));
+        assert_eq!(off.lane_of_deliveries(tenant, 100_000), Lane::Express);
+
+        let clock = FakeRelativeClock::default();
+        let fair = FairShare::with_clock(Some(shares()), &clock);
+        for _ in 0..1_000 {
+            fair.lane_of_event(TenantId::generate());
+        }
+        assert_eq!(fair.remembered(), 1_000);
+        clock.advance(Duration::from_secs(3));
+        fair.forget_idle();
+        assert_eq!(fair.remembered(), 0);
+    }
+}
