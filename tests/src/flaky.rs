@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use aegis_webhook_core::queue::{Consumer, DeliveryTask, FirstAttempts, Lane, Queue, QueueError, Stream};
+use aegis_webhook_core::queue::{
+    Consumer, DeferredEvents, DeliveryTask, FirstAttempts, Lane, Queue, QueueError, Stream,
+};
 use async_trait::async_trait;
 use bytes::Bytes;
 
@@ -102,8 +104,8 @@ impl Queue for FlakyQueue {
         self.inner.publish_task(task, delay).await
     }
 
-    async fn defer_event(&self, envelope: Bytes) -> Result<(), QueueError> {
-        self.inner.defer_event(envelope).await
+    async fn defer_events(&self, deferred: DeferredEvents) -> Result<(), QueueError> {
+        self.inner.defer_events(deferred).await
     }
 
     async fn publish_first_attempts(&self, first: FirstAttempts, lane: Lane) -> Result<(), QueueError> {

@@ -29,7 +29,9 @@ use aegis_webhook_core::fairness::FairShare;
 use aegis_webhook_core::ids::{EventId, TenantId};
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
-use aegis_webhook_core::queue::{self, DeliveryTask, FirstAttempts, Lane, Queue, QueueMessage, Stream, Writer};
+use aegis_webhook_core::queue::{
+    self, DeferredEvents, DeliveryTask, FirstAttempts, Lane, Queue, QueueMessage, Stream, Writer,
+};
 use aegis_webhook_core::telemetry;
 use aegis_webhook_storage::deliveries::{self, EventDelivery};
 use aegis_webhook_storage::{events, tenants, webhooks};
@@ -61,11 +63,20 @@ pub const CRASH_AFTER_COMMIT_ENV: &str = "AEGIS_TEST_CRASH_AFTER_FANOUT_COMMIT";
 const MAX_FAN_OUT_BATCH: usize = 64;
 /// Fan-out transactions in flight at once: one commits while the next fills.
 const PARALLEL_FAN_OUTS: usize = 2;
+/// The most envelopes one message of the bulk lane carries.
+const MAX_DEFERRAL_BATCH: usize = 256;
+/// Deferral publishes in flight at once.
+const PARALLEL_DEFERRALS: usize = 2;
 
 #[derive(Clone)]
 pub struct Ingester {
     queue: Arc<dyn Queue>,
+    /// Fan-outs of the express lane's events, and of the bulk lane's: apart,
+    /// so an express event never waits behind a bulk message's hundreds.
     fan_outs: Batcher<ValidatedEvent, FanOut>,
+    bulk_fan_outs: Batcher<ValidatedEvent, FanOut>,
+    /// Envelopes moved to the bulk lane, many to a message.
+    deferrals: Batcher<String, ()>,
     fair: Arc<FairShare>,
     crash_after_commit: bool,
 }
@@ -84,6 +95,8 @@ pub enum IngestOutcome {
     FannedOut { event_id: Uuid, deliveries: usize },
     /// The tenant already had an event with this id: nothing new to do.
     Duplicate { event_id: Uuid },
+    /// A message of the bulk lane: each of its `events` was ingested.
+    DeferredBatch { events: usize, deliveries: usize },
     /// Its tenant is beyond its share: moved to the bulk lane, where it is
     /// ingested when the express lane lets it.
     Deferred { event_id: Uuid },
@@ -177,12 +190,29 @@ impl Ingester {
     /// Starts the fan-out batcher on the current runtime; `fair` decides the
     /// lanes.
     pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>, fair: Arc<FairShare>) -> Self {
-        let fan_outs = Batcher::spawn("fan-out", MAX_FAN_OUT_BATCH, PARALLEL_FAN_OUTS, move |events| {
+        let fan_outs_on = |name| {
             let db = db.clone();
-            async move { fan_out(&db, events).await }
-        });
+            Batcher::spawn(name, MAX_FAN_OUT_BATCH, PARALLEL_FAN_OUTS, move |events| {
+                let db = db.clone();
+                async move { fan_out(&db, events).await }
+            })
+        };
+        let (fan_outs, bulk_fan_outs) = (fan_outs_on("fan-out"), fan_outs_on("bulk fan-out"));
+        let deferrals = {
+            let queue = queue.clone();
+            Batcher::spawn("deferral", MAX_DEFERRAL_BATCH, PARALLEL_DEFERRALS, move |envelopes| {
+                let queue = queue.clone();
+                async move {
+                    let count = envelopes.len();
+                    queue.defer_events(DeferredEvents::new(envelopes)).await?;
+                    Ok(vec![(); count])
+                }
+            })
+        };
         Ingester {
             fan_outs,
+            bulk_fan_outs,
+            deferrals,
             fair,
             queue,
             crash_after_commit: std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some(),
@@ -194,6 +224,19 @@ impl Ingester {
     /// parking an invalid envelope): the envelope must be retried, not
     /// dropped.
     pub async fn ingest(&self, body: &[u8], lane: Lane) -> anyhow::Result<IngestOutcome> {
+        self.ingest_in_slot(body, lane, &mut None).await
+    }
+
+    /// [`Ingester::ingest`] in one of the consume loop's slots: a deferral
+    /// gives its slot back at once, since moving an envelope costs no fan-out
+    /// (the express lane's prefetch still bounds how many are in flight), so
+    /// a flood's deferrals are never held up behind the fan-outs in progress.
+    async fn ingest_in_slot(
+        &self,
+        body: &[u8],
+        lane: Lane,
+        slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> anyhow::Result<IngestOutcome> {
         let event = match ValidatedEvent::parse(body, Utc::now()) {
             Ok(event) => event,
             Err(error) => {
@@ -212,7 +255,8 @@ impl Ingester {
         let (event_id, event_type, tenant_id) = (event.id(), event.event_type(), event.tenant_id());
         let mut lane = lane;
         if lane == Lane::Express && self.fair.lane_of_event(tenant_id) == Lane::Bulk {
-            match self.queue.defer_event(bytes::Bytes::copy_from_slice(body)).await {
+            slot.take();
+            match self.deferrals.call(with_id(body, event_id)?).await {
                 Ok(()) => {
                     metrics::lane_enqueued(Stream::Events, Lane::Bulk, 1);
                     return Ok(IngestOutcome::Deferred { event_id });
@@ -227,7 +271,11 @@ impl Ingester {
         } else if lane == Lane::Express {
             metrics::lane_enqueued(Stream::Events, Lane::Express, 1);
         }
-        let tasks = match self.fan_outs.call(event).await? {
+        let fan_outs = match lane {
+            Lane::Express => &self.fan_outs,
+            _ => &self.bulk_fan_outs,
+        };
+        let tasks = match fan_outs.call(event).await? {
             FanOut::UnknownTenant { tenant_id } => {
                 let reason = format!("tenantId: no tenant with id {tenant_id}");
                 return self.refuse(body, "unknown_tenant", reason).await;
@@ -266,6 +314,34 @@ impl Ingester {
         Ok(IngestOutcome::FannedOut { event_id, deliveries })
     }
 
+    /// Ingests a message of the bulk lane: every envelope it carries, in the
+    /// bulk lane, at once. If any fails, the whole message goes back; those
+    /// already stored are then duplicates (each carries its id), ignored.
+    async fn ingest_deferred(&self, body: &[u8]) -> anyhow::Result<IngestOutcome> {
+        let deferred = match DeferredEvents::decode(body) {
+            Ok(deferred) => deferred,
+            // Not ours: taken as one envelope, like any other.
+            Err(_) => return self.ingest(body, Lane::Bulk).await,
+        };
+        let ingested = futures::future::join_all(
+            deferred
+                .envelopes()
+                .iter()
+                .map(|envelope| self.ingest(envelope.as_bytes(), Lane::Bulk)),
+        )
+        .await;
+        let mut deliveries = 0;
+        for outcome in ingested {
+            if let IngestOutcome::FannedOut { deliveries: count, .. } = outcome? {
+                deliveries += count;
+            }
+        }
+        Ok(IngestOutcome::DeferredBatch {
+            events: deferred.envelopes().len(),
+            deliveries,
+        })
+    }
+
     /// Parks an invalid event; `class` labels the metric, `reason` says what
     /// exactly was wrong.
     async fn refuse(&self, body: &[u8], class: &'static str, reason: String) -> anyhow::Result<IngestOutcome> {
@@ -298,10 +374,7 @@ impl Ingester {
             },
             |message, permit| {
                 let ingester = self.clone();
-                in_progress.spawn(async move {
-                    ingester.handle(message).await;
-                    drop(permit);
-                });
+                in_progress.spawn(async move { ingester.handle(message, permit).await });
                 async { Flow::Continue }
             },
         )
@@ -312,7 +385,7 @@ impl Ingester {
         Ok(())
     }
 
-    async fn handle(&self, message: QueueMessage) {
+    async fn handle(&self, message: QueueMessage, slot: tokio::sync::OwnedSemaphorePermit) {
         let span = tracing::info_span!(
             "ingest",
             otel.kind = "consumer",
@@ -325,12 +398,18 @@ impl Ingester {
             aegis.deliveries = Empty,
         );
         telemetry::continue_trace(&span, message.trace_headers());
-        self.ingest_and_settle(message).instrument(span).await;
+        self.ingest_and_settle(message, slot).instrument(span).await;
     }
 
     /// Ingests a message, then acks it, or hands it back after a failure.
-    async fn ingest_and_settle(&self, message: QueueMessage) {
-        let ingested = self.ingest(&message.body, message.lane()).await;
+    async fn ingest_and_settle(&self, message: QueueMessage, slot: tokio::sync::OwnedSemaphorePermit) {
+        // Held until the message is settled (through the pause after a
+        // failure too), unless a deferral gives it back first.
+        let mut slot = Some(slot);
+        let ingested = match message.lane() {
+            Lane::Bulk => self.ingest_deferred(&message.body).await,
+            lane => self.ingest_in_slot(&message.body, lane, &mut slot).await,
+        };
         let span = tracing::Span::current();
         match &ingested {
             Ok(IngestOutcome::FannedOut { deliveries, .. }) => {
@@ -342,6 +421,10 @@ impl Ingester {
             }
             Ok(IngestOutcome::Deferred { .. }) => {
                 span.record("aegis.ingest.outcome", "deferred");
+            }
+            Ok(IngestOutcome::DeferredBatch { deliveries, .. }) => {
+                span.record("aegis.ingest.outcome", "deferred_batch");
+                span.record("aegis.deliveries", *deliveries);
             }
             Ok(IngestOutcome::Invalid { .. }) => {
                 span.record("aegis.ingest.outcome", "invalid");
@@ -365,5 +448,35 @@ impl Ingester {
                 }
             }
         }
+    }
+}
+
+/// The envelope as upstream sent it, with the `id` the ingester gave it if it
+/// had none: a deferred envelope ingested twice (its message handed back
+/// after a failure) is then a duplicate, not a second event.
+fn with_id(body: &[u8], id: Uuid) -> anyhow::Result<String> {
+    let mut envelope: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).context("a valid envelope is a JSON object")?;
+    if envelope.contains_key("id") {
+        return String::from_utf8(body.to_vec()).context("a valid envelope is UTF-8");
+    }
+    envelope.insert("id".to_owned(), serde_json::Value::String(id.to_string()));
+    Ok(serde_json::to_string(&envelope)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deferred_envelope_keeps_its_bytes_or_gains_the_id_it_was_given() {
+        let id = Uuid::now_v7();
+        let with = format!(r#"{{"id":"{id}","event":"POAM_OVERDUE"}}"#);
+        assert_eq!(with_id(with.as_bytes(), Uuid::now_v7()).expect("json"), with);
+        let without = with_id(br#"{"event":"POAM_OVERDUE","tenantId":"t"}"#, id).expect("json");
+        let parsed: serde_json::Value = serde_json::from_str(&without).expect("json");
+        assert_eq!(parsed["id"], id.to_string());
+        assert_eq!(parsed["event"], "POAM_OVERDUE");
+        assert!(with_id(b"[1]", id).is_err());
     }
 }

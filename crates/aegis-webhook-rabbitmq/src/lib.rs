@@ -48,8 +48,8 @@ use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
 use aegis_webhook_core::queue::{
-    Acknowledger, Consumer, DeliveryTask, FirstAttempts, Lane, LanePicker, LaneWeights, Queue, QueueError,
-    QueueMessage, Stream, poll_lanes, publish_span,
+    Acknowledger, Consumer, DeferredEvents, DeliveryTask, FirstAttempts, Lane, LanePicker, LaneWeights, Queue,
+    QueueError, QueueMessage, Stream, poll_lanes, publish_span,
 };
 use aegis_webhook_core::telemetry::TraceHeaders;
 
@@ -64,6 +64,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 const WORK_ROUTING_KEY: &str = "work";
 /// Routing key of the bulk lane of first attempts.
 const BULK_ROUTING_KEY: &str = "bulk";
+/// How many times `AEGIS_AMQP_PREFETCH` the ingester holds of the express lane
+/// of events (see `RabbitConsumer::subscribe`).
+const EXPRESS_EVENTS_PREFETCH_FACTOR: u16 = 8;
 /// Header saying when a message became due, in milliseconds since the epoch.
 const DUE_AT_HEADER: &str = "x-aegis-due-at";
 /// Routing key of the due-retries queue, which every tier dead-letters into.
@@ -597,9 +600,9 @@ impl Queue for RabbitQueue {
             .await
     }
 
-    async fn defer_event(&self, envelope: Bytes) -> Result<(), QueueError> {
+    async fn defer_events(&self, deferred: DeferredEvents) -> Result<(), QueueError> {
         let queue = self.inner.topology.ingest_bulk_queue();
-        self.publish("", &queue, &envelope, None).await
+        self.publish("", &queue, &deferred.encode(), None).await
     }
 
     async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError> {
@@ -688,16 +691,17 @@ impl RabbitConsumer {
             Stream::Tasks => self.queue.inner.prefetch.tasks,
         };
         let channel = self.queue.consumer_channel().await?;
-        // Per consumer (not per channel): each lane may hold `prefetch`
-        // messages, so a full bulk lane (or a full lane of retries) never
-        // keeps the express lane's next message at the broker.
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|error| unexpected(error, "failed to set the prefetch"))?;
-        let start = |queue_name: String| {
+        // Per consumer (not per channel, so set before each consumer
+        // starts): each lane may hold its own prefetch, so a full bulk lane
+        // (or a full lane of retries) never keeps the express lane's next
+        // message at the broker.
+        let start = |queue_name: String, prefetch: u16| {
             let channel = channel.clone();
             async move {
+                channel
+                    .basic_qos(prefetch, BasicQosOptions::default())
+                    .await
+                    .map_err(|error| unexpected(error, "failed to set the prefetch"))?;
                 channel
                     .basic_consume(
                         ShortString::from(queue_name),
@@ -709,6 +713,14 @@ impl RabbitConsumer {
                     .map_err(|error| unexpected(error, "failed to start consuming"))
             }
         };
+        // The ingester moves a flooding tenant's events out of the express
+        // lane of events with one publish each, without a fan-out slot: the
+        // more it holds, the more of those publishes are in flight at once,
+        // and the faster a flood is moved out of everyone else's way.
+        let express_prefetch = match self.stream {
+            Stream::Events => prefetch.saturating_mul(EXPRESS_EVENTS_PREFETCH_FACTOR),
+            Stream::Tasks => prefetch,
+        };
         let lane_queue = |wanted: Lane| {
             topology
                 .lane_queues()
@@ -716,10 +728,14 @@ impl RabbitConsumer {
                 .find(|(stream, lane, _)| *stream == self.stream && *lane == wanted)
                 .map(|(_, _, queue)| queue)
         };
-        let express = start(lane_queue(Lane::Express).expect("every stream has an express lane")).await?;
-        let bulk = start(lane_queue(Lane::Bulk).expect("every stream has a bulk lane")).await?;
+        let express = start(
+            lane_queue(Lane::Express).expect("every stream has an express lane"),
+            express_prefetch,
+        )
+        .await?;
+        let bulk = start(lane_queue(Lane::Bulk).expect("every stream has a bulk lane"), prefetch).await?;
         let due = match lane_queue(Lane::Due) {
-            Some(queue) => Some(start(queue).await?),
+            Some(queue) => Some(start(queue, prefetch).await?),
             None => None,
         };
         self.inner = Some(Subscription { express, bulk, due });

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::{
-    Acknowledger, Consumer, DeliveryTask, FirstAttempts, Lane, LanePicker, LaneWeights, Queue, QueueError,
-    QueueMessage, Stream, poll_lanes, publish_span,
+    Acknowledger, Consumer, DeferredEvents, DeliveryTask, FirstAttempts, Lane, LanePicker, LaneWeights, Queue,
+    QueueError, QueueMessage, Stream, poll_lanes, publish_span,
 };
 use crate::telemetry::TraceHeaders;
 
@@ -202,9 +202,12 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 
-    async fn defer_event(&self, envelope: Bytes) -> Result<(), QueueError> {
-        publish_span("in-process", "events.bulk")
-            .in_scope(|| self.events.bulk.send(Message::published(envelope, Duration::ZERO)))
+    async fn defer_events(&self, deferred: DeferredEvents) -> Result<(), QueueError> {
+        publish_span("in-process", "events.bulk").in_scope(|| {
+            self.events
+                .bulk
+                .send(Message::published(deferred.encode(), Duration::ZERO))
+        })
     }
 
     async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError> {
@@ -393,7 +396,10 @@ mod tests {
                 .await
                 .expect("publish");
         }
-        queue.defer_event(Bytes::from_static(b"{}")).await.expect("defer");
+        queue
+            .defer_events(DeferredEvents::new(vec!["{}".to_owned()]))
+            .await
+            .expect("defer");
         let depths = queue.lane_depths().await.expect("depths");
         assert!(depths.contains(&(Stream::Tasks, Lane::Bulk, 100)), "{depths:?}");
         assert!(depths.contains(&(Stream::Tasks, Lane::Express, 3)), "{depths:?}");

@@ -137,6 +137,38 @@ impl FirstAttempts {
     }
 }
 
+/// Envelopes the ingester moved to the bulk lane of the events stream
+/// together, each as upstream JSON carrying an `id` (the ingester adds the one
+/// it gave an envelope without), so that ingesting one again is a no-op. One
+/// message for many keeps the broker's cost of moving a flood aside small.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum DeferredEvents {
+    #[serde(rename = "events.deferred.v1", rename_all = "camelCase")]
+    V1 { envelopes: Vec<String> },
+}
+
+impl DeferredEvents {
+    pub fn new(envelopes: Vec<String>) -> Self {
+        DeferredEvents::V1 { envelopes }
+    }
+
+    pub fn envelopes(&self) -> &[String] {
+        match self {
+            DeferredEvents::V1 { envelopes } => envelopes,
+        }
+    }
+
+    pub fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("deferred events always serialize"))
+    }
+
+    /// The envelopes of a message of the bulk lane of events.
+    pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+}
+
 /// Reads a message of the tasks stream: a single task, or one event's first
 /// attempts.
 pub fn decode_tasks(body: &[u8]) -> Result<Vec<DeliveryTask>, serde_json::Error> {
@@ -389,9 +421,10 @@ pub trait Queue: Send + Sync + 'static {
     /// Publishes a delivery task that becomes visible after `delay`.
     async fn publish_task(&self, task: DeliveryTask, delay: Duration) -> Result<(), QueueError>;
 
-    /// Puts an upstream envelope in the bulk lane of the events stream (its
-    /// tenant is beyond its share), returning once the broker has it.
-    async fn defer_event(&self, envelope: Bytes) -> Result<(), QueueError>;
+    /// Puts upstream envelopes in the bulk lane of the events stream (their
+    /// tenants are beyond their share), as one message, returning once the
+    /// broker has it.
+    async fn defer_events(&self, deferred: DeferredEvents) -> Result<(), QueueError>;
 
     /// Publishes one event's first attempts as one message in `lane` (express
     /// or bulk), visible at once.
