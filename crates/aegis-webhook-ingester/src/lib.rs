@@ -223,8 +223,22 @@ impl Ingester {
     /// infrastructure failure before anything was committed (the fan-out, or
     /// parking an invalid envelope): the envelope must be retried, not
     /// dropped.
+    /// A message of the bulk lane may carry many envelopes
+    /// ([`DeferredEvents`]): each is ingested.
     pub async fn ingest(&self, body: &[u8], lane: Lane) -> anyhow::Result<IngestOutcome> {
-        self.ingest_in_slot(body, lane, &mut None).await
+        self.ingest_message(body, lane, &mut None).await
+    }
+
+    async fn ingest_message(
+        &self,
+        body: &[u8],
+        lane: Lane,
+        slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> anyhow::Result<IngestOutcome> {
+        match lane {
+            Lane::Bulk => self.ingest_deferred(body).await,
+            lane => self.ingest_in_slot(body, lane, slot).await,
+        }
     }
 
     /// [`Ingester::ingest`] in one of the consume loop's slots: a deferral
@@ -321,13 +335,13 @@ impl Ingester {
         let deferred = match DeferredEvents::decode(body) {
             Ok(deferred) => deferred,
             // Not ours: taken as one envelope, like any other.
-            Err(_) => return self.ingest(body, Lane::Bulk).await,
+            Err(_) => return self.ingest_in_slot(body, Lane::Bulk, &mut None).await,
         };
         let ingested = futures::future::join_all(
             deferred
                 .envelopes()
                 .iter()
-                .map(|envelope| self.ingest(envelope.as_bytes(), Lane::Bulk)),
+                .map(|envelope| async move { self.ingest_in_slot(envelope.as_bytes(), Lane::Bulk, &mut None).await }),
         )
         .await;
         let mut deliveries = 0;
@@ -406,10 +420,7 @@ impl Ingester {
         // Held until the message is settled (through the pause after a
         // failure too), unless a deferral gives it back first.
         let mut slot = Some(slot);
-        let ingested = match message.lane() {
-            Lane::Bulk => self.ingest_deferred(&message.body).await,
-            lane => self.ingest_in_slot(&message.body, lane, &mut slot).await,
-        };
+        let ingested = self.ingest_message(&message.body, message.lane(), &mut slot).await;
         let span = tracing::Span::current();
         match &ingested {
             Ok(IngestOutcome::FannedOut { deliveries, .. }) => {

@@ -85,6 +85,97 @@ impl Steps {
     }
 }
 
+/// Beyond its tenant's share, an event taken from the express lane is moved
+/// to the bulk lane, several to a message, each with the id it was given;
+/// ingested from there, its deliveries are stored, and a message ingested
+/// twice (handed back after a failure) adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_share_events_are_deferred_with_their_ids_and_ingested_once_from_the_bulk_lane() {
+    use aegis_webhook_core::fairness::{Share, Shares};
+    use aegis_webhook_core::queue::{DeferredEvents, Stream};
+    use std::num::NonZeroU32;
+
+    let receiver = Receiver::start(&[], 200).await;
+    let steps = steps(&[&receiver]).await;
+    let one = NonZeroU32::new(1).expect("positive");
+    let share = Share {
+        per_second: one,
+        burst: one,
+    };
+    let ingester = Ingester::new(
+        steps.db.clone(),
+        Arc::new(steps.queue.clone()),
+        Arc::new(FairShare::new(Some(Shares {
+            events: share,
+            deliveries: share,
+        }))),
+    );
+    // Without ids: the ingester gives each one.
+    let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        outcomes.push(
+            ingester
+                .ingest(event.as_bytes(), Lane::Express)
+                .await
+                .expect("ingested"),
+        );
+    }
+    assert!(
+        matches!(outcomes[0], IngestOutcome::FannedOut { deliveries: 1, .. }),
+        "{outcomes:?}"
+    );
+    let deferred_ids: Vec<uuid::Uuid> = outcomes[1..]
+        .iter()
+        .map(|outcome| match outcome {
+            IngestOutcome::Deferred { event_id } => *event_id,
+            other => panic!("deferred, not {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        steps.first_attempts().await.len(),
+        1,
+        "deferred events are not stored yet"
+    );
+
+    // The bulk lane holds them, with their ids, in one message or two.
+    let mut events = steps.queue.consume(Stream::Events).await.expect("consumer");
+    let mut messages = Vec::new();
+    let mut carried = Vec::new();
+    while carried.len() < 2 {
+        let message = events.next().await.expect("open").expect("message");
+        assert_eq!(message.lane(), Lane::Bulk);
+        let deferred = DeferredEvents::decode(&message.body).expect("deferred events");
+        for envelope in deferred.envelopes() {
+            let value: serde_json::Value = serde_json::from_str(envelope).expect("json");
+            carried.push(
+                value["id"]
+                    .as_str()
+                    .expect("an id")
+                    .parse::<uuid::Uuid>()
+                    .expect("uuid"),
+            );
+        }
+        messages.push(message.body.clone());
+    }
+    assert_eq!(carried, deferred_ids);
+
+    for body in &messages {
+        let outcome = ingester.ingest(body, Lane::Bulk).await.expect("ingested");
+        assert!(matches!(outcome, IngestOutcome::DeferredBatch { .. }), "{outcome:?}");
+    }
+    assert_eq!(steps.first_attempts().await.len(), 3);
+    // Handed back and taken again: nothing new.
+    for body in &messages {
+        let outcome = ingester.ingest(body, Lane::Bulk).await.expect("ingested");
+        assert!(
+            matches!(outcome, IngestOutcome::DeferredBatch { deliveries: 0, .. }),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(steps.first_attempts().await.len(), 3, "a repeat adds nothing");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_ingest_step_fans_out_refuses_and_deduplicates() {
     let (first, second) = (Receiver::start(&[], 200).await, Receiver::start(&[], 200).await);
