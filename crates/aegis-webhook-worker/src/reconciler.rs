@@ -2,11 +2,13 @@
 //! path, so pending deliveries whose task went missing (a crash between commit
 //! and publish, a restart of the in-process queue, a lost message) are found here
 //! and published again. Safe in many replicas: a duplicate task loses the claim.
+//! A periodic pass waits while tasks wait in the queue: behind a backlog
+//! longer than the grace, every waiting delivery would look lost.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use aegis_webhook_core::queue::{self, AfterCommit, DeliveryTask, Queue, Writer};
+use aegis_webhook_core::queue::{self, AfterCommit, DeliveryTask, Queue, Stream, Writer};
 use aegis_webhook_storage::deliveries;
 use chrono::{DateTime, Utc};
 use sea_orm::DatabaseConnection;
@@ -32,6 +34,33 @@ impl std::fmt::Debug for Reconciler {
 impl Reconciler {
     pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>) -> Self {
         Reconciler { db, queue }
+    }
+
+    /// One periodic pass: re-publishes the pending deliveries unclaimed for
+    /// `grace` past their due time, unless tasks wait in the queue (then
+    /// `None`: see [`Reconciler::tasks_waiting`]).
+    pub async fn pass(&self, grace: Duration, stop: &CancellationToken) -> anyhow::Result<Option<usize>> {
+        if self.tasks_waiting().await {
+            tracing::debug!("tasks wait in the queue; reconciliation waits for the next pass");
+            return Ok(None);
+        }
+        let overdue = Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
+        Ok(Some(self.republish(Some(overdue), stop).await?))
+    }
+
+    /// Whether delivery tasks wait in any lane now. Then an unclaimed pending
+    /// delivery past its grace is most likely one of them, behind a backlog
+    /// longer than the grace, not lost; a pass would publish the whole
+    /// backlog a second time (into the express lane), slowing everyone. Lost
+    /// tasks are found by the first pass after the backlog drains. If the
+    /// depths cannot be read, the pass runs.
+    async fn tasks_waiting(&self) -> bool {
+        match self.queue.lane_depths().await {
+            Ok(depths) => depths
+                .iter()
+                .any(|(stream, _, depth)| *stream == Stream::Tasks && *depth > 0),
+            Err(_) => false,
+        }
     }
 
     /// Publishes a task for every unclaimed pending delivery due before
@@ -105,10 +134,9 @@ impl Reconciler {
                 _ = ticks.tick() => {}
                 () = shutdown.cancelled() => return,
             }
-            let overdue = Utc::now() - chrono::Duration::from_std(grace).unwrap_or_default();
-            match self.republish(Some(overdue), &shutdown).await {
-                Ok(0) => {}
-                Ok(count) => tracing::warn!(count, "re-published deliveries whose task went missing"),
+            match self.pass(grace, &shutdown).await {
+                Ok(None | Some(0)) => {}
+                Ok(Some(count)) => tracing::warn!(count, "re-published deliveries whose task went missing"),
                 Err(error) => tracing::error!(error = format!("{error:#}"), "reconciliation failed"),
             }
         }

@@ -176,6 +176,38 @@ async fn over_share_events_are_deferred_with_their_ids_and_ingested_once_from_th
     assert_eq!(steps.first_attempts().await.len(), 3, "a repeat adds nothing");
 }
 
+/// A delivery whose task waits behind a backlog is not lost: the
+/// reconciler's pass does nothing while tasks wait in the queue (it would
+/// publish the whole backlog again), and once the queue is empty it
+/// re-publishes what is still pending past its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_waits_while_tasks_wait_and_then_finds_the_lost() {
+    use aegis_webhook_core::queue::Stream;
+    use aegis_webhook_worker::reconciler::Reconciler;
+
+    let receiver = Receiver::start(&[], 200).await;
+    let steps = steps(&[&receiver]).await;
+    let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
+    steps
+        .ingester
+        .ingest(event.as_bytes(), Lane::Express)
+        .await
+        .expect("ingested");
+    let reconciler = Reconciler::new(steps.db.clone(), Arc::new(steps.queue.clone()));
+    let stop = tokio_util::sync::CancellationToken::new();
+
+    // Its task waits in the express lane: the pass waits too.
+    assert_eq!(reconciler.pass(Duration::ZERO, &stop).await.expect("pass"), None);
+    // The task is lost (taken and never handled): the next pass finds it.
+    let mut tasks = steps.queue.consume(Stream::Tasks).await.expect("consumer");
+    let lost = tasks.next().await.expect("open").expect("message");
+    lost.ack().await.expect("ack");
+    assert_eq!(reconciler.pass(Duration::ZERO, &stop).await.expect("pass"), Some(1));
+    let found = tasks.next().await.expect("open").expect("message");
+    let task = DeliveryTask::decode(&found.body).expect("a task");
+    assert_eq!(vec![task], steps.first_attempts().await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_ingest_step_fans_out_refuses_and_deduplicates() {
     let (first, second) = (Receiver::start(&[], 200).await, Receiver::start(&[], 200).await);
