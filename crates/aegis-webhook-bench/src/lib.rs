@@ -273,8 +273,9 @@ async fn measure(
             anyhow::bail!("tenant B's API key answered tenant A's id {tenant_id}");
         }
         eprintln!(
-            "aegis-bench: creating {} webhooks{}",
+            "aegis-bench: creating {} webhook{}{}",
             load.secrets.len(),
+            if load.secrets.len() == 1 { "" } else { "s" },
             if loads.len() > 1 {
                 format!(" for tenant {}", tenant_label(tenant))
             } else {

@@ -268,11 +268,16 @@ impl fmt::Display for Report {
             d.expected, d.verified, d.missing, d.received, d.duplicates, d.invalid_signatures, d.unexpected
         )?;
         let p = &self.published;
+        let handed_over = match &self.tenants {
+            Some(tenants) => format!(
+                "{} events handed over (tenant A {} of {}, tenant B {})",
+                p.handed_over, tenants.tenant_a.events, self.events, tenants.tenant_b.events
+            ),
+            None => format!("{} of {} events handed over", p.handed_over, self.events),
+        };
         writeln!(
             f,
-            "  published     {} of {} events handed over, {} accepted, {} failed{}{}",
-            p.handed_over,
-            self.events,
+            "  published     {handed_over}, {} accepted, {} failed{}{}",
             p.accepted,
             p.failed,
             if p.finished { "" } else { "; stopped before it finished" },
@@ -413,11 +418,12 @@ fn tenant_lines(f: &mut fmt::Formatter<'_>, label: &str, tenant: &TenantFigures)
     )?;
     writeln!(
         f,
-        "                {:.0} deliveries/s ({} in {:.2} s, its first publish to its last receipt); latency {} \
-         (event → receipt, {} deliveries)",
+        "                {:.0} deliveries/s ({} in {:.2} s, its first publish to its last receipt; publishing took \
+         {:.2} s); latency {} (event → receipt, {} deliveries)",
         tenant.deliveries_per_second,
         d.verified,
         tenant.seconds,
+        tenant.publish_seconds,
         latency_text(tenant.latency_ms.as_ref()),
         tenant.latency_ms.as_ref().map_or(0, |l| l.samples)
     )
