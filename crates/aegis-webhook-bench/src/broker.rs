@@ -1,6 +1,7 @@
 //! The benchmark's own RabbitMQ connection: a unique name prefix per run, a
-//! wait until the system's consumers are attached, a publisher with confirms,
-//! and the deletion of the run's exchanges and queues at the end.
+//! wait until the system's consumers are attached, publishers with confirms
+//! (on this connection, or on one of their own), and the deletion of the run's
+//! exchanges and queues at the end.
 //!
 //! The names come from the system's [`Topology`], so they cannot drift from
 //! what the processes declare.
@@ -16,8 +17,41 @@ use lapin::{Channel, Connection, ConnectionProperties};
 /// a safety net for runs killed before they could delete their queues.
 pub const QUEUE_EXPIRY: &str = "10m";
 
+async fn connect(url: &str, name: &str) -> anyhow::Result<Connection> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, properties)
+        .await
+        .with_context(|| format!("RabbitMQ is unreachable at {url}; start it (scripts/services.sh) or pass --amqp-url"))
+}
+
+async fn confirming_channel(connection: &Connection) -> anyhow::Result<Channel> {
+    let channel = connection
+        .create_channel()
+        .await
+        .context("failed to open a RabbitMQ channel")?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .context("failed to enable publisher confirms")?;
+    Ok(channel)
+}
+
+/// A publishing channel and the connection it alone uses.
+#[derive(Debug)]
+pub struct SeparatePublisher {
+    connection: Connection,
+    pub channel: Channel,
+}
+
+impl SeparatePublisher {
+    pub async fn close(self) {
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
 #[derive(Debug)]
 pub struct Broker {
+    url: String,
     connection: Connection,
     pub prefix: String,
     topology: Topology,
@@ -27,13 +61,11 @@ impl Broker {
     /// Connects with a fresh prefix. `retry_schedule` must be the one the
     /// processes use, since it names the retry tier queues.
     pub async fn connect(url: &str, retry_schedule: &RetrySchedule) -> anyhow::Result<Broker> {
-        let properties = ConnectionProperties::default().with_connection_name("aegis-bench".into());
-        let connection = Connection::connect(url, properties).await.with_context(|| {
-            format!("RabbitMQ is unreachable at {url}; start it (scripts/services.sh) or pass --amqp-url")
-        })?;
+        let connection = connect(url, "aegis-bench").await?;
         let prefix = format!("bench-{}.", uuid::Uuid::new_v4().simple());
         let topology = Topology::new(&prefix, retry_schedule.delays(), None);
         Ok(Broker {
+            url: url.to_owned(),
             connection,
             prefix,
             topology,
@@ -47,16 +79,16 @@ impl Broker {
 
     /// A channel with publisher confirms on.
     pub async fn publisher(&self) -> anyhow::Result<Channel> {
-        let channel = self
-            .connection
-            .create_channel()
-            .await
-            .context("failed to open a RabbitMQ channel")?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .context("failed to enable publisher confirms")?;
-        Ok(channel)
+        confirming_channel(&self.connection).await
+    }
+
+    /// A channel with publisher confirms on a connection of its own, named
+    /// `name`: a second publisher's messages do not wait behind the first's on
+    /// one socket, nor under the flow control RabbitMQ applies per connection.
+    pub async fn separate_publisher(&self, name: &str) -> anyhow::Result<SeparatePublisher> {
+        let connection = connect(&self.url, name).await?;
+        let channel = confirming_channel(&connection).await?;
+        Ok(SeparatePublisher { connection, channel })
     }
 
     /// Consumers on a queue, or `None` while it does not exist yet.

@@ -11,6 +11,11 @@
 //!
 //! The measured window is the first publish to the last verified receipt;
 //! starting the system and creating webhooks are outside it.
+//!
+//! The noisy scenario has two tenants, each a [`Load`]: tenant A (the
+//! bootstrap tenant) publishes its events as fast as the burst does while
+//! tenant B publishes a few a second from the same moment until A's
+//! deliveries have all arrived; the report gives each tenant's figures.
 
 pub mod api;
 pub mod broker;
@@ -28,27 +33,60 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use options::Args;
-use options::{Mode, Pace, Plan, Via};
+use options::{Mode, Pace, Plan, Quiet, Via};
 use procstat::Machine;
 use publish::Published;
 use receiver::{Receiver, Tally};
 use report::{
-    Deliveries, Latency, MachineLoad, ProcessUsage, Report, ServiceUsage, Settings, Throughput, per_thousand,
+    Deliveries, Latency, MachineLoad, ProcessUsage, Report, ServiceUsage, Settings, TenantFigures, Tenants, Throughput,
+    per_thousand,
 };
 use system::System;
 
 /// How often the wait checks for completion and redraws the progress bar.
 /// The measured times come from the receipts themselves, not from this tick.
 const TICK: Duration = Duration::from_millis(50);
+
+/// One tenant's share of a run: its events, its webhooks' secrets, and when it
+/// publishes. Tenant [`NOISY`] is the bootstrap tenant (the only one outside
+/// the noisy scenario, tenant A in it); tenant [`QUIET`] is the noisy
+/// scenario's tenant B, which publishes until A's deliveries have all arrived.
+#[derive(Debug)]
+struct Load {
+    events: Arc<events::Events>,
+    secrets: Vec<String>,
+    pace: Pace,
+}
+
+const NOISY: usize = 0;
+const QUIET: usize = 1;
+
+impl Load {
+    fn generate(tenant: usize, events: u32, webhooks: u16, pace: Pace) -> Load {
+        Load {
+            events: Arc::new(events::Events::generate(events)),
+            secrets: (0..webhooks)
+                .map(|index| format!("bench-secret-{tenant}-{index}-{}", Uuid::new_v4().simple()))
+                .collect(),
+            pace,
+        }
+    }
+
+    fn webhooks(&self) -> u64 {
+        self.secrets.len() as u64
+    }
+}
 
 /// Runs one benchmark and returns its report, also written as JSON when asked.
 /// An error means the run could not be made (the system did not start, a
@@ -59,17 +97,22 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     let interrupt = watch_signals()?;
     let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
 
-    let events = Arc::new(events::Events::generate(plan.events));
-    let secrets: Vec<String> = (0..plan.webhooks)
-        .map(|index| format!("bench-secret-{index}-{}", Uuid::new_v4().simple()))
+    let mut loads = vec![Load::generate(NOISY, plan.events, plan.webhooks, plan.pace)];
+    if let Some(quiet) = plan.quiet {
+        let most = quiet.most_events(plan.timeout)?;
+        loads.push(Load::generate(QUIET, most, Quiet::WEBHOOKS, quiet.pace()));
+    }
+    let tenants = loads
+        .iter()
+        .map(|load| (load.events.clone(), load.secrets.clone()))
         .collect();
-    let receiver = Receiver::start(events.clone(), secrets.clone(), plan.response_delay).await?;
+    let receiver = Receiver::start(tenants, plan.response_delay).await?;
 
     // The processes' logs and the embedded data folder; kept when a run fails.
     let work_dir = std::env::temp_dir().join(format!("aegis-bench-{}", Uuid::new_v4().simple()));
     std::fs::create_dir_all(&work_dir).with_context(|| format!("failed to create {}", work_dir.display()))?;
     let mut system = System::new(&plan.bin, &work_dir);
-    let measured = measure(&plan, &mut system, &receiver, &events, &secrets, &interrupt).await;
+    let measured = measure(&plan, &mut system, &receiver, &loads, &interrupt).await;
     eprintln!("aegis-bench: stopping the system");
     let shutdown_problems = system.shutdown().await;
     let measured = match measured {
@@ -83,7 +126,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         }
     };
 
-    let report = build_report(&plan, measured, &events, shutdown_problems, started_at);
+    let report = build_report(&plan, measured, &loads, shutdown_problems, started_at);
     if let Some(path) = &plan.json {
         write_json(path, &report)?;
     }
@@ -185,8 +228,11 @@ impl CpuReading {
 #[derive(Debug)]
 struct Measured {
     ended: Ended,
-    published: Published,
+    /// By tenant, as the loads.
+    published: Vec<Published>,
+    /// All tenants together, and each alone.
     tally: Tally,
+    tallies: Vec<Tally>,
     start: CpuReading,
     end: CpuReading,
     /// (name, pid, peak RSS in bytes) of each spawned process, read at the end.
@@ -194,12 +240,17 @@ struct Measured {
     own_peak_rss: Option<u64>,
 }
 
+/// A tenant's publisher, built but not yet started, and what stops it early.
+struct Publisher {
+    publishing: BoxFuture<'static, Published>,
+    stop: CancellationToken,
+}
+
 async fn measure(
     plan: &Plan,
     system: &mut System,
     receiver: &Receiver,
-    events: &Arc<events::Events>,
-    secrets: &[String],
+    loads: &[Load],
     interrupt: &CancellationToken,
 ) -> anyhow::Result<Measured> {
     eprintln!(
@@ -211,54 +262,113 @@ async fn measure(
         started = system.start(plan) => started?,
         () = interrupt.cancelled() => anyhow::bail!("interrupted while starting the system"),
     }
-    let api = system.api.clone().context("the started system has no API")?;
-    let tenant_id = api.tenant_id().await?;
-    eprintln!("aegis-bench: creating {} webhooks", secrets.len());
-    for (index, secret) in secrets.iter().enumerate() {
-        api.create_webhook(&receiver.url(index), secret).await?;
+    let mut apis = vec![system.api.clone().context("the started system has no API")?];
+    if loads.len() > QUIET {
+        apis.push(system.quiet_api.clone().context("the started system has no tenant B")?);
+    }
+    let mut tenant_ids = Vec::new();
+    for (tenant, (load, api)) in loads.iter().zip(&apis).enumerate() {
+        let tenant_id = api.tenant_id().await?;
+        if tenant_ids.contains(&tenant_id) {
+            anyhow::bail!("tenant B's API key answered tenant A's id {tenant_id}");
+        }
+        eprintln!(
+            "aegis-bench: creating {} webhook{}{}",
+            load.secrets.len(),
+            if load.secrets.len() == 1 { "" } else { "s" },
+            if loads.len() > 1 {
+                format!(" for tenant {}", tenant_label(tenant))
+            } else {
+                String::new()
+            }
+        );
+        for (index, secret) in load.secrets.iter().enumerate() {
+            api.create_webhook(&receiver.url(tenant, index), secret).await?;
+        }
+        tenant_ids.push(tenant_id);
     }
 
-    let amqp = match plan.via {
-        Via::Amqp => {
-            let broker = system.broker().context("--via amqp needs production mode")?;
-            Some((broker.publisher().await?, broker.events_exchange()))
-        }
-        Via::Http => None,
-    };
+    // Every publisher is made ready first, so that they start together.
+    let mut publishers = Vec::new();
+    let mut separate_connections = Vec::new();
+    for (tenant, (load, api)) in loads.iter().zip(&apis).enumerate() {
+        let stop = CancellationToken::new();
+        let publishing = match plan.via {
+            Via::Amqp => {
+                let broker = system.broker().context("--via amqp needs production mode")?;
+                let channel = if tenant == NOISY {
+                    broker.publisher().await?
+                } else {
+                    // Tenant B's few events do not queue behind A's flood in
+                    // the benchmark's own socket.
+                    let separate = broker.separate_publisher("aegis-bench-tenant-b").await?;
+                    let channel = separate.channel.clone();
+                    separate_connections.push(separate);
+                    channel
+                };
+                publish::via_amqp(
+                    channel,
+                    broker.events_exchange(),
+                    load.events.clone(),
+                    tenant_ids[tenant],
+                    load.pace,
+                    plan.amqp_in_flight as usize,
+                    stop.clone(),
+                )
+                .boxed()
+            }
+            Via::Http => {
+                // A client (and so a connection pool) per tenant.
+                let client = reqwest::Client::builder()
+                    .pool_max_idle_per_host(usize::from(plan.http_clients))
+                    .build()
+                    .context("failed to build the HTTP client")?;
+                let intake = publish::Intake {
+                    client,
+                    url: api.intake_url(),
+                    ingest_token: api.ingest_token.clone(),
+                };
+                publish::via_http(
+                    intake,
+                    load.events.clone(),
+                    tenant_ids[tenant],
+                    load.pace,
+                    usize::from(plan.http_clients),
+                    stop.clone(),
+                )
+                .boxed()
+            }
+        };
+        publishers.push(Publisher { publishing, stop });
+    }
     let services = plan.mode == Mode::Production;
-    eprintln!(
-        "aegis-bench: publishing {} events via {} to {} webhooks",
-        plan.events, plan.via, plan.webhooks
-    );
+    match plan.quiet {
+        None => eprintln!(
+            "aegis-bench: publishing {} events via {} to {} webhooks",
+            plan.events, plan.via, plan.webhooks
+        ),
+        Some(quiet) => eprintln!(
+            "aegis-bench: publishing via {}: tenant A {} events to {} webhooks as fast as possible, tenant B {} \
+             events/s to {} webhook until A's deliveries have all arrived (AEGIS_FAIRNESS={})",
+            plan.via,
+            plan.events,
+            plan.webhooks,
+            quiet.per_second,
+            Quiet::WEBHOOKS,
+            plan.fairness()
+        ),
+    }
     let start = CpuReading::take(system, services);
-    let publisher = match amqp {
-        Some((channel, exchange)) => tokio::spawn(publish::via_amqp(
-            channel,
-            exchange,
-            events.clone(),
-            tenant_id,
-            plan.pace,
-            plan.amqp_in_flight as usize,
-        )),
-        None => {
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(usize::from(plan.http_clients))
-                .build()
-                .context("failed to build the HTTP client")?;
-            tokio::spawn(publish::via_http(
-                client,
-                api.intake_url(),
-                api.ingest_token.clone(),
-                events.clone(),
-                tenant_id,
-                plan.pace,
-                usize::from(plan.http_clients),
-            ))
-        }
-    };
+    let (handles, stops) = publishers
+        .into_iter()
+        .map(|publisher| (tokio::spawn(publisher.publishing), publisher.stop))
+        .unzip();
 
-    let (ended, published) = wait_for_deliveries(plan, system, receiver, events, publisher, interrupt).await;
+    let (ended, published) = wait_for_deliveries(plan, system, receiver, loads, handles, stops, interrupt).await;
     let end = CpuReading::take(system, services);
+    for separate in separate_connections {
+        separate.close().await;
+    }
     let processes = system
         .processes
         .iter()
@@ -279,11 +389,17 @@ async fn measure(
         ended,
         published,
         tally: receiver.tally(),
+        tallies: (0..loads.len()).map(|tenant| receiver.tally_of(tenant)).collect(),
         start,
         end,
         processes,
         own_peak_rss,
     })
+}
+
+/// `A` or `B`, as the noisy scenario names its tenants.
+fn tenant_label(tenant: usize) -> char {
+    if tenant == NOISY { 'A' } else { 'B' }
 }
 
 fn progress_bar(expected: u64) -> ProgressBar {
@@ -297,52 +413,112 @@ fn progress_bar(expected: u64) -> ProgressBar {
     bar
 }
 
+/// Where the noisy scenario's tenant B stands.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct QuietProgress {
+    /// Asked to stop publishing.
+    stopped: bool,
+    /// Its publisher has ended: `handed_over` is final.
+    publisher_done: bool,
+    handed_over: u64,
+    webhooks: u64,
+    verified: u64,
+}
+
+/// What waiting does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Wait,
+    /// Tenant A's deliveries have all arrived: tenant B stops publishing, and
+    /// the wait goes on for B's outstanding deliveries.
+    StopQuiet,
+    Complete,
+}
+
+/// The next step, from tenant A's (or the only tenant's) verified and
+/// expected deliveries and, in the noisy scenario, where tenant B stands.
+fn next_step(verified: u64, expected: u64, quiet: Option<QuietProgress>) -> Step {
+    if verified < expected {
+        return Step::Wait;
+    }
+    match quiet {
+        None => Step::Complete,
+        Some(quiet) if !quiet.stopped => Step::StopQuiet,
+        Some(quiet) if quiet.publisher_done && quiet.verified >= quiet.handed_over * quiet.webhooks => Step::Complete,
+        Some(_) => Step::Wait,
+    }
+}
+
 /// Waits until every expected delivery is verified, or the run cannot
 /// complete (timeout, a process ended, publishing failed, interrupted).
+/// Returns each tenant's publishing outcome.
 async fn wait_for_deliveries(
     plan: &Plan,
     system: &mut System,
     receiver: &Receiver,
-    events: &events::Events,
-    mut publisher: JoinHandle<Published>,
+    loads: &[Load],
+    mut publishers: Vec<JoinHandle<Published>>,
+    stops: Vec<CancellationToken>,
     interrupt: &CancellationToken,
-) -> (Ended, Published) {
+) -> (Ended, Vec<Published>) {
     let expected = plan.expected_deliveries();
     let bar = progress_bar(expected);
     let deadline = tokio::time::Instant::now() + plan.timeout;
-    let mut published = None;
+    let mut outcomes: Vec<Option<Published>> = vec![None; publishers.len()];
+    let mut quiet_stopped = false;
     let ended = loop {
         if interrupt.is_cancelled() {
             break Ended::Interrupted;
         }
-        let counts = receiver.counts();
-        bar.set_position(counts.verified);
+        let all = receiver.counts();
+        let noisy = receiver.counts_of(NOISY);
+        let quiet = loads.get(QUIET).map(|load| QuietProgress {
+            stopped: quiet_stopped,
+            publisher_done: outcomes[QUIET].is_some(),
+            handed_over: u64::from(load.events.published()),
+            webhooks: load.webhooks(),
+            verified: receiver.counts_of(QUIET).verified,
+        });
+        bar.set_position(noisy.verified);
+        let published = loads[NOISY].events.published();
+        let mut message = format!("· published {published}/{}", loads[NOISY].events.len());
+        if let Some(quiet) = quiet {
+            message.push_str(&format!(
+                " · tenant B {}/{} verified",
+                quiet.verified,
+                quiet.handed_over * quiet.webhooks
+            ));
+        }
         bar.set_message(format!(
-            "· published {}/{} · {} duplicates · {} invalid · {} unexpected",
-            events.published(),
-            events.len(),
-            counts.duplicates,
-            counts.invalid_signatures,
-            counts.unexpected
+            "{message} · {} duplicates · {} invalid · {} unexpected",
+            all.duplicates, all.invalid_signatures, all.unexpected
         ));
-        if counts.verified >= expected {
-            break Ended::Complete;
+        match next_step(noisy.verified, expected, quiet) {
+            Step::Complete => break Ended::Complete,
+            Step::StopQuiet => {
+                stops[QUIET].cancel();
+                quiet_stopped = true;
+            }
+            Step::Wait => {}
         }
         if let Some((process, status)) = system.exited() {
             break Ended::ProcessExited(format!("{} ({status}); see {}", process.name, process.log.display()));
         }
-        if published.is_none() && publisher.is_finished() {
-            let outcome = (&mut publisher).await.unwrap_or_else(|error| Published {
-                finished: true,
-                failed: 1,
-                first_error: Some(format!("the publisher failed: {error}")),
-                ..Published::default()
-            });
-            let failed = outcome.failed > 0;
-            published = Some(outcome);
-            if failed {
-                break Ended::PublishFailed;
+        let mut failed = false;
+        for (outcome, publisher) in outcomes.iter_mut().zip(publishers.iter_mut()) {
+            if outcome.is_none() && publisher.is_finished() {
+                let finished = publisher.await.unwrap_or_else(|error| Published {
+                    finished: true,
+                    failed: 1,
+                    first_error: Some(format!("the publisher failed: {error}")),
+                    ..Published::default()
+                });
+                failed |= finished.failed > 0;
+                *outcome = Some(finished);
             }
+        }
+        if failed {
+            break Ended::PublishFailed;
         }
         if tokio::time::Instant::now() >= deadline {
             break Ended::TimedOut(plan.timeout);
@@ -353,6 +529,10 @@ async fn wait_for_deliveries(
         }
     };
     bar.finish_and_clear();
+    // Whatever still publishes stops where it is.
+    for stop in &stops {
+        stop.cancel();
+    }
     // When every delivery arrived, only the last confirms can be outstanding;
     // otherwise publishing stops where it is.
     let allowance = if ended == Ended::Complete {
@@ -360,17 +540,21 @@ async fn wait_for_deliveries(
     } else {
         Duration::ZERO
     };
-    let mut published = match published {
-        Some(published) => published,
-        None => match tokio::time::timeout(allowance, &mut publisher).await {
-            Ok(Ok(published)) => published,
-            _ => {
-                publisher.abort();
-                Published::default()
-            }
-        },
-    };
-    published.handed_over = u64::from(events.published());
+    let mut published = Vec::new();
+    for ((outcome, mut publisher), load) in outcomes.into_iter().zip(publishers).zip(loads) {
+        let mut outcome = match outcome {
+            Some(outcome) => outcome,
+            None => match tokio::time::timeout(allowance, &mut publisher).await {
+                Ok(Ok(outcome)) => outcome,
+                _ => {
+                    publisher.abort();
+                    Published::default()
+                }
+            },
+        };
+        outcome.handed_over = u64::from(load.events.published());
+        published.push(outcome);
+    }
     (ended, published)
 }
 
@@ -382,33 +566,131 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// The measured times of some deliveries: from the first publish to the last
+/// verified receipt, deliveries per second over it, and from the first
+/// publish to the last.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Timing {
+    seconds: f64,
+    deliveries_per_second: f64,
+    publish_seconds: f64,
+}
+
+impl Timing {
+    fn of(verified: u64, span: Option<(Instant, Instant)>, last_verified_at: Option<Instant>) -> Timing {
+        let seconds = match (span, last_verified_at) {
+            (Some((first, _)), Some(last)) => last.saturating_duration_since(first).as_secs_f64(),
+            _ => 0.0,
+        };
+        Timing {
+            seconds,
+            deliveries_per_second: if seconds > 0.0 { verified as f64 / seconds } else { 0.0 },
+            publish_seconds: span.map_or(0.0, |(first, last)| last.duration_since(first).as_secs_f64()),
+        }
+    }
+}
+
+/// The first and the last publish of all tenants together.
+fn combined_span(spans: impl IntoIterator<Item = Option<(Instant, Instant)>>) -> Option<(Instant, Instant)> {
+    spans
+        .into_iter()
+        .flatten()
+        .reduce(|(first, last), (other_first, other_last)| (first.min(other_first), last.max(other_last)))
+}
+
+/// One tenant's figures in the noisy scenario: what it handed over, what
+/// arrived of it (of `expected`), how fast and how late.
+fn tenant_figures(
+    tally: Tally,
+    published: &Published,
+    span: Option<(Instant, Instant)>,
+    expected: u64,
+    webhooks: u16,
+    rate_per_second: Option<u32>,
+) -> TenantFigures {
+    let timing = Timing::of(tally.verified, span, tally.last_verified_at);
+    TenantFigures {
+        events: published.handed_over,
+        webhooks,
+        rate_per_second,
+        deliveries: Deliveries {
+            expected,
+            received: tally.requests,
+            verified: tally.verified,
+            missing: expected.saturating_sub(tally.verified),
+            duplicates: tally.duplicates,
+            invalid_signatures: tally.invalid_signatures,
+            unexpected: tally.unexpected,
+        },
+        seconds: timing.seconds,
+        deliveries_per_second: timing.deliveries_per_second,
+        publish_seconds: timing.publish_seconds,
+        latency_ms: Latency::from_micros(tally.latencies_us),
+        acceptance_ms: Latency::from_micros(published.acceptance_us.clone()),
+    }
+}
+
 fn build_report(
     plan: &Plan,
     measured: Measured,
-    events: &events::Events,
+    loads: &[Load],
     shutdown_problems: Vec<String>,
     started_at: String,
 ) -> Report {
     let Measured {
         ended,
-        mut published,
+        published: by_tenant,
         tally,
+        tallies,
         start,
         end,
         processes,
         own_peak_rss,
     } = measured;
-    let expected = plan.expected_deliveries();
+    let spans: Vec<_> = loads.iter().map(|load| load.events.publish_span()).collect();
+    let tenants = plan.quiet.map(|quiet| {
+        let mut tallies = tallies.into_iter();
+        let mut figures = |tenant: usize, expected: u64, rate| {
+            let tally = tallies.next().unwrap_or_default();
+            let webhooks = u16::try_from(loads[tenant].secrets.len()).unwrap_or(u16::MAX);
+            tenant_figures(tally, &by_tenant[tenant], spans[tenant], expected, webhooks, rate)
+        };
+        Tenants {
+            fairness: plan.fairness().to_owned(),
+            // Every one of A's events; as many of B's as it handed over.
+            tenant_a: figures(NOISY, plan.expected_deliveries(), None),
+            tenant_b: figures(
+                QUIET,
+                by_tenant[QUIET].handed_over * u64::from(Quiet::WEBHOOKS),
+                Some(quiet.per_second),
+            ),
+        }
+    });
+    // All tenants together; tenant B's deliveries are as many as it handed over.
+    let expected = plan.expected_deliveries()
+        + by_tenant
+            .iter()
+            .zip(loads)
+            .skip(1)
+            .map(|(published, load)| published.handed_over * load.webhooks())
+            .sum::<u64>();
+    let mut published = Published {
+        finished: by_tenant.iter().all(|published| published.finished),
+        handed_over: by_tenant.iter().map(|published| published.handed_over).sum(),
+        ..Published::default()
+    };
+    for part in by_tenant {
+        published.merge(part);
+    }
     let verified = tally.verified;
     let machine = Machine::read();
 
-    let span = events.publish_span();
-    let elapsed = match (span, tally.last_verified_at) {
-        (Some((first, _)), Some(last)) => last.saturating_duration_since(first).as_secs_f64(),
-        _ => 0.0,
-    };
-    let publish_seconds = span.map_or(0.0, |(first, last)| last.duration_since(first).as_secs_f64());
-    let deliveries_per_second = if elapsed > 0.0 { verified as f64 / elapsed } else { 0.0 };
+    let span = combined_span(spans);
+    let Timing {
+        seconds: elapsed,
+        deliveries_per_second,
+        publish_seconds,
+    } = Timing::of(verified, span, tally.last_verified_at);
 
     let worker_concurrency = plan
         .concurrency
@@ -497,6 +779,17 @@ fn build_report(
             "{missing} of {expected} expected deliveries did not arrive verified"
         ));
     }
+    if let Some(tenants) = &tenants {
+        for (label, figures) in [("A", &tenants.tenant_a), ("B", &tenants.tenant_b)] {
+            let d = &figures.deliveries;
+            if d.missing > 0 {
+                problems.push(format!(
+                    "tenant {label}: {} of {} expected deliveries did not arrive verified",
+                    d.missing, d.expected
+                ));
+            }
+        }
+    }
     if tally.invalid_signatures > 0 {
         problems.push(format!(
             "{} requests had a missing or wrong X-Aegis-Signature",
@@ -551,9 +844,10 @@ fn build_report(
             workers,
             worker_concurrency,
             response_delay_ms: plan.response_delay.as_secs_f64() * 1000.0,
-            rate_per_second: match plan.pace {
-                Pace::Burst => None,
-                Pace::Rate { per_second } => Some(per_second),
+            rate_per_second: match (plan.pace, plan.quiet) {
+                (_, Some(quiet)) => Some(quiet.per_second),
+                (Pace::Burst, None) => None,
+                (Pace::Rate { per_second }, None) => Some(per_second),
             },
             http_clients: (plan.via == Via::Http).then_some(plan.http_clients),
             amqp_in_flight: (plan.via == Via::Amqp).then_some(plan.amqp_in_flight),
@@ -582,6 +876,7 @@ fn build_report(
         },
         latency_ms: Latency::from_micros(tally.latencies_us),
         acceptance_ms,
+        tenants,
         processes: process_usage,
         services,
         load_generator,
@@ -590,5 +885,89 @@ fn build_report(
         machine,
         binary: plan.bin.display().to_string(),
         started_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiet(stopped: bool, publisher_done: bool, handed_over: u64, verified: u64) -> Option<QuietProgress> {
+        Some(QuietProgress {
+            stopped,
+            publisher_done,
+            handed_over,
+            webhooks: 1,
+            verified,
+        })
+    }
+
+    #[test]
+    fn tenant_b_publishes_until_a_is_complete_then_the_wait_ends_with_bs_deliveries() {
+        // One tenant: complete when its deliveries are.
+        assert_eq!(next_step(9, 10, None), Step::Wait);
+        assert_eq!(next_step(10, 10, None), Step::Complete);
+        // B keeps publishing while A drains, however far ahead B's deliveries are.
+        assert_eq!(next_step(9, 10, quiet(false, false, 30, 30)), Step::Wait);
+        assert_eq!(next_step(10, 10, quiet(false, false, 31, 30)), Step::StopQuiet);
+        // Stopped: the wait goes on until B's publisher has ended and every
+        // event it handed over has arrived.
+        assert_eq!(next_step(10, 10, quiet(true, false, 31, 31)), Step::Wait);
+        assert_eq!(next_step(10, 10, quiet(true, true, 32, 31)), Step::Wait);
+        assert_eq!(next_step(10, 10, quiet(true, true, 32, 32)), Step::Complete);
+    }
+
+    #[test]
+    fn each_tenants_throughput_and_latency_are_its_own() {
+        let first = Instant::now();
+        let span = Some((first, first + Duration::from_secs(1)));
+        let tally = Tally {
+            requests: 41,
+            verified: 40,
+            duplicates: 1,
+            latencies_us: (1..=40).map(|ms| ms * 1000).collect(),
+            last_verified_at: Some(first + Duration::from_secs(4)),
+            ..Tally::default()
+        };
+        let published = Published {
+            handed_over: 21,
+            finished: true,
+            accepted: 21,
+            acceptance_us: vec![500; 21],
+            ..Published::default()
+        };
+        let figures = tenant_figures(tally, &published, span, 42, 2, Some(10));
+        let d = &figures.deliveries;
+        assert_eq!(
+            (d.expected, d.received, d.verified, d.missing, d.duplicates),
+            (42, 41, 40, 2, 1)
+        );
+        assert_eq!(
+            (figures.events, figures.webhooks, figures.rate_per_second),
+            (21, 2, Some(10))
+        );
+        // From the tenant's first publish to its last receipt.
+        assert_eq!(
+            (figures.seconds, figures.deliveries_per_second, figures.publish_seconds),
+            (4.0, 10.0, 1.0)
+        );
+        let latency = figures.latency_ms.expect("latencies");
+        assert_eq!((latency.samples, latency.p50, latency.max), (40, 20.0, 40.0));
+        assert_eq!(figures.acceptance_ms.expect("acceptances").p99, 0.5);
+
+        let nothing = tenant_figures(Tally::default(), &Published::default(), None, 0, 1, None);
+        assert_eq!((nothing.deliveries_per_second, nothing.seconds), (0.0, 0.0));
+        assert!(nothing.latency_ms.is_none());
+    }
+
+    #[test]
+    fn both_tenants_together_span_from_the_first_publish_to_the_last() {
+        let zero = Instant::now();
+        let at = |ms| zero + Duration::from_millis(ms);
+        assert_eq!(
+            combined_span([Some((at(5), at(900))), None, Some((at(0), at(2000)))]),
+            Some((at(0), at(2000)))
+        );
+        assert_eq!(combined_span([None, None]), None);
     }
 }

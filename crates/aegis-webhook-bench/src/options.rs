@@ -20,7 +20,9 @@ use serde::Serialize;
         aegis-bench --mode embedded\n  \
         aegis-bench --mode production --via amqp --json burst.json\n  \
         aegis-bench --mode production --scenario steady --rate 100 --duration 30s\n  \
-        aegis-bench --mode production --scenario slow --concurrency 256 --workers 2"
+        aegis-bench --mode production --scenario slow --concurrency 256 --workers 2\n  \
+        aegis-bench --mode production --scenario noisy\n  \
+        aegis-bench --mode production --scenario noisy --set AEGIS_FAIRNESS=off"
 )]
 pub struct Args {
     /// `embedded`: one `aegis-webhook dev` process (SQLite, in-process queue).
@@ -30,21 +32,26 @@ pub struct Args {
     pub mode: Mode,
     /// `burst`: every event at once. `steady`: --rate events/s for --duration.
     /// `slow`: like burst, with every response delayed by --response-delay.
+    /// `noisy`: tenant A publishes --events to --webhooks as fast as possible
+    /// while tenant B publishes --rate events/s to one webhook until A's
+    /// deliveries have all arrived; reports B's latency beside A's throughput.
     #[arg(long, value_enum, default_value_t = Scenario::Burst)]
     pub scenario: Scenario,
     /// How events reach the system: `amqp` (the events exchange; default in
     /// production) or `http` (POST /v1/events; the only path in embedded mode).
     #[arg(long, value_enum)]
     pub via: Option<Via>,
-    /// Events to publish [burst: 2000, slow: 1000; steady publishes rate × duration].
+    /// Events to publish [burst: 2000, slow: 1000, noisy: 20000 (tenant A's);
+    /// steady publishes rate × duration].
     #[arg(long)]
     pub events: Option<u32>,
-    /// Webhooks, each subscribed to every event [burst: 10, steady: 1, slow: 2].
+    /// Webhooks, each subscribed to every event [burst: 10, steady: 1, slow: 2,
+    /// noisy: 10 (tenant A's; tenant B has one)].
     #[arg(long)]
     pub webhooks: Option<u16>,
-    /// Steady scenario: events per second.
-    #[arg(long, default_value_t = 100)]
-    pub rate: u32,
+    /// Events per second: steady scenario [100]; noisy scenario, tenant B's [10].
+    #[arg(long)]
+    pub rate: Option<u32>,
     /// Steady scenario: how long to publish.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub duration: Duration,
@@ -64,9 +71,9 @@ pub struct Args {
     #[arg(long, default_value_t = 1000)]
     pub amqp_in_flight: u32,
     /// How long after the first publish to wait for every delivery; then the
-    /// report says what arrived and the exit status is 1.
-    #[arg(long, value_parser = parse_duration, default_value = "120s")]
-    pub timeout: Duration,
+    /// report says what arrived and the exit status is 1 [noisy: 600s, others: 120s].
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
     /// How long to keep listening after the last expected delivery, to count
     /// late duplicates (not part of the measured time).
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
@@ -111,6 +118,7 @@ pub enum Scenario {
     Burst,
     Steady,
     Slow,
+    Noisy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -153,6 +161,31 @@ impl Pace {
     }
 }
 
+/// The noisy scenario's second tenant, B: one webhook, and events at a steady
+/// rate from the first publish until tenant A's deliveries have all arrived.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quiet {
+    pub per_second: u32,
+}
+
+impl Quiet {
+    /// B's webhooks.
+    pub const WEBHOOKS: u16 = 1;
+
+    pub fn pace(self) -> Pace {
+        Pace::Rate {
+            per_second: self.per_second,
+        }
+    }
+
+    /// The most events B can publish before a run of `timeout` gives up: its
+    /// events are generated before the run, like A's.
+    pub fn most_events(self, timeout: Duration) -> anyhow::Result<u32> {
+        let events = u128::from(self.per_second) * timeout.as_millis() / 1000 + 1;
+        u32::try_from(events).context("--rate × --timeout is too many events for tenant B")
+    }
+}
+
 /// A run, fully resolved.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -162,6 +195,8 @@ pub struct Plan {
     pub events: u32,
     pub webhooks: u16,
     pub pace: Pace,
+    /// Noisy scenario: tenant B (the events and webhooks above are tenant A's).
+    pub quiet: Option<Quiet>,
     pub response_delay: Duration,
     pub workers: u16,
     pub concurrency: Option<u32>,
@@ -188,6 +223,11 @@ impl Plan {
         if args.mode == Mode::Embedded && args.workers != 1 {
             anyhow::bail!("embedded mode runs one `dev` process; --workers needs --mode production");
         }
+        let rate = |default: u32| match args.rate.unwrap_or(default) {
+            0 => anyhow::bail!("--rate must be at least 1 event per second"),
+            rate => Ok(rate),
+        };
+        let mut quiet = None;
         let (events, webhooks, pace, response_delay) = match args.scenario {
             Scenario::Burst => (
                 args.events.unwrap_or(2000),
@@ -205,18 +245,35 @@ impl Plan {
                 if args.events.is_some() {
                     anyhow::bail!("the steady scenario publishes --rate × --duration events; drop --events");
                 }
-                if args.rate == 0 {
-                    anyhow::bail!("--rate must be at least 1 event per second");
-                }
-                let events = (u128::from(args.rate) * args.duration.as_millis() / 1000).max(1);
+                let rate = rate(100)?;
+                let events = (u128::from(rate) * args.duration.as_millis() / 1000).max(1);
                 (
                     u32::try_from(events).context("--rate × --duration is too many events")?,
                     args.webhooks.unwrap_or(1),
-                    Pace::Rate { per_second: args.rate },
+                    Pace::Rate { per_second: rate },
+                    args.response_delay.unwrap_or(Duration::ZERO),
+                )
+            }
+            Scenario::Noisy => {
+                quiet = Some(Quiet { per_second: rate(10)? });
+                (
+                    args.events.unwrap_or(20_000),
+                    args.webhooks.unwrap_or(10),
+                    Pace::Burst,
                     args.response_delay.unwrap_or(Duration::ZERO),
                 )
             }
         };
+        let timeout = args.timeout.unwrap_or(match args.scenario {
+            // 200,000 deliveries at the defaults, ten times the burst's: a
+            // FIFO system took 366 s on a shared 2-core machine.
+            Scenario::Noisy => Duration::from_secs(600),
+            Scenario::Burst | Scenario::Steady | Scenario::Slow => Duration::from_secs(120),
+        });
+        if let Some(quiet) = quiet {
+            // Refused now rather than when the events are generated.
+            quiet.most_events(timeout)?;
+        }
         if events == 0 || webhooks == 0 {
             anyhow::bail!("--events and --webhooks must be at least 1");
         }
@@ -247,12 +304,13 @@ impl Plan {
             events,
             webhooks,
             pace,
+            quiet,
             response_delay,
             workers: args.workers,
             concurrency: args.concurrency,
             http_clients: args.http_clients,
             amqp_in_flight: args.amqp_in_flight,
-            timeout: args.timeout,
+            timeout,
             settle: args.settle,
             json: args.json,
             bin,
@@ -262,8 +320,16 @@ impl Plan {
         })
     }
 
+    /// Deliveries of the events and webhooks above (tenant A's in the noisy
+    /// scenario; B's depend on how long A takes).
     pub fn expected_deliveries(&self) -> u64 {
         u64::from(self.events) * u64::from(self.webhooks)
+    }
+
+    /// `AEGIS_FAIRNESS` as the run sets it: `on` (the system's default) unless
+    /// `--set AEGIS_FAIRNESS=…` says otherwise.
+    pub fn fairness(&self) -> &str {
+        self.setting("AEGIS_FAIRNESS").unwrap_or("on")
     }
 
     /// The value of a `--set` setting, if given.
@@ -321,6 +387,50 @@ mod tests {
 
         let slow = plan(&["--scenario", "slow"]).expect("slow");
         assert_eq!(slow.response_delay, Duration::from_millis(200));
+
+        for other in [&burst, &steady, &slow] {
+            assert_eq!((other.quiet, other.timeout), (None, Duration::from_secs(120)));
+        }
+    }
+
+    #[test]
+    fn the_noisy_scenario_floods_from_tenant_a_beside_ten_events_a_second_from_b() {
+        let noisy = plan(&["--mode", "production", "--scenario", "noisy"]).expect("noisy");
+        assert_eq!(
+            (noisy.events, noisy.webhooks, noisy.expected_deliveries(), noisy.pace),
+            (20_000, 10, 200_000, Pace::Burst)
+        );
+        assert_eq!(noisy.quiet, Some(Quiet { per_second: 10 }));
+        assert_eq!((noisy.via, noisy.timeout), (Via::Amqp, Duration::from_secs(600)));
+        assert_eq!(noisy.fairness(), "on");
+        // B's events are generated beforehand: enough for the whole timeout.
+        let quiet = noisy.quiet.expect("tenant B");
+        assert_eq!(quiet.most_events(noisy.timeout).expect("events"), 6001);
+        assert_eq!(quiet.pace().offset(25), Duration::from_millis(2500));
+
+        let small = plan(&[
+            "--scenario",
+            "noisy",
+            "--events",
+            "2000",
+            "--rate",
+            "50",
+            "--timeout",
+            "60s",
+            "--set",
+            "AEGIS_FAIRNESS=off",
+        ])
+        .expect("noisy, small");
+        assert_eq!((small.events, small.quiet), (2000, Some(Quiet { per_second: 50 })));
+        assert_eq!(small.fairness(), "off");
+
+        // --rate is tenant B's in the noisy scenario; steady keeps its own default.
+        let steady = plan(&["--scenario", "steady", "--rate", "20", "--duration", "2s"]).expect("steady");
+        assert_eq!((steady.events, steady.quiet), (40, None));
+        let error = plan(&["--scenario", "noisy", "--rate", "0"])
+            .expect_err("no events from B")
+            .to_string();
+        assert!(error.contains("--rate must be at least 1"), "{error}");
     }
 
     #[test]

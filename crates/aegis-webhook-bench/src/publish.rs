@@ -2,7 +2,9 @@
 //! events exchange over AMQP (persistent, publisher confirms, many publishes
 //! in flight), or to `POST /v1/events` with the ingest token from several
 //! concurrent clients. Each event's publish time is recorded just before it is
-//! handed over.
+//! handed over. Publishing ends after the last event, or earlier when `stop`
+//! is cancelled (the noisy scenario's tenant B publishes until tenant A is
+//! done); the events handed over by then are still confirmed or answered.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,6 +15,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
 use serde::Serialize;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::events::{EVENT_NAME, Events};
@@ -23,7 +26,8 @@ use crate::options::Pace;
 pub struct Published {
     /// Events given to the broker or the intake (set by the caller).
     pub handed_over: u64,
-    /// Whether publishing ran to its end (it stops early when a run does).
+    /// Whether publishing ran to its end, or to `stop` (it stops early when a
+    /// run does).
     pub finished: bool,
     /// Confirmed by the broker, or answered 202 by the intake.
     pub accepted: u64,
@@ -50,7 +54,9 @@ impl Published {
             .push(u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX));
     }
 
-    fn merge(&mut self, other: Published) {
+    /// Adds another part's acceptances and failures to this one's (not
+    /// `handed_over` or `finished`, which the caller knows).
+    pub fn merge(&mut self, other: Published) {
         self.acceptance_us.extend(other.acceptance_us);
         self.accepted += other.accepted;
         self.failed += other.failed;
@@ -70,8 +76,8 @@ impl Published {
     }
 }
 
-/// Publishes every event to `exchange` with the event name as routing key,
-/// keeping up to `in_flight` publishes unconfirmed.
+/// Publishes every event (until `stop`) to `exchange` with the event name as
+/// routing key, keeping up to `in_flight` publishes unconfirmed.
 pub async fn via_amqp(
     channel: Channel,
     exchange: String,
@@ -79,6 +85,7 @@ pub async fn via_amqp(
     tenant_id: Uuid,
     pace: Pace,
     in_flight: usize,
+    stop: CancellationToken,
 ) -> Published {
     let mut outcome = Published {
         finished: true,
@@ -94,13 +101,14 @@ pub async fn via_amqp(
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
     let start = Instant::now();
-    for index in 0..events.len() {
+    'publishing: for index in 0..events.len() {
         let due = start + pace.offset(index);
         // Take in confirms while waiting for the event's time (steady) or for
         // room in the window (burst).
         loop {
             tokio::select! {
                 biased;
+                () = stop.cancelled() => break 'publishing,
                 Some(result) = unconfirmed.next(), if !unconfirmed.is_empty() => outcome.confirmation(result),
                 () = tokio::time::sleep_until(due), if unconfirmed.len() < in_flight => break,
             }
@@ -136,35 +144,54 @@ pub async fn via_amqp(
     outcome
 }
 
-/// POSTs every event to the intake from `clients` concurrent clients.
+/// Where and how events are posted with `--via http`.
+#[derive(Debug, Clone)]
+pub struct Intake {
+    /// One per publisher, so tenants do not share connections.
+    pub client: reqwest::Client,
+    /// `…/v1/events`.
+    pub url: String,
+    pub ingest_token: String,
+}
+
+/// POSTs every event (until `stop`) to the intake from `clients` concurrent
+/// clients.
 pub async fn via_http(
-    client: reqwest::Client,
-    url: String,
-    ingest_token: String,
+    intake: Intake,
     events: Arc<Events>,
     tenant_id: Uuid,
     pace: Pace,
     clients: usize,
+    stop: CancellationToken,
 ) -> Published {
     let next = Arc::new(AtomicU32::new(0));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
-        let (client, url, token, events, next) = (
-            client.clone(),
-            url.clone(),
-            ingest_token.clone(),
+        let (client, url, token, events, next, stop) = (
+            intake.client.clone(),
+            intake.url.clone(),
+            intake.ingest_token.clone(),
             events.clone(),
             next.clone(),
+            stop.clone(),
         );
         tasks.spawn(async move {
             let mut outcome = Published::default();
             loop {
+                if stop.is_cancelled() {
+                    return outcome;
+                }
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 if index >= events.len() {
                     return outcome;
                 }
-                tokio::time::sleep_until(start + pace.offset(index)).await;
+                tokio::select! {
+                    biased;
+                    // Event `index` is never handed over.
+                    () = stop.cancelled() => return outcome,
+                    () = tokio::time::sleep_until(start + pace.offset(index)) => {}
+                }
                 let body = events.envelope(index, tenant_id);
                 events.mark_published(index);
                 let handed_over = Instant::now();

@@ -8,6 +8,11 @@
 //! `X-Aegis-Delivery`; a repeated `X-Aegis-Delivery` is a duplicate (allowed by
 //! at-least-once delivery); anything else is invalid or unexpected. So a fast
 //! wrong answer cannot score.
+//!
+//! Webhooks belong to tenants (one in most scenarios, two in the noisy one),
+//! numbered one after the other; each tenant has its own events and its own
+//! [`Tally`], so a delivery is told apart by the webhook it arrived at, and an
+//! event of one tenant arriving at another tenant's webhook is unexpected.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -25,7 +30,7 @@ use uuid::Uuid;
 
 use crate::events::Events;
 
-/// What the receiver has seen so far.
+/// What the receiver has seen so far, for one tenant or for all.
 #[derive(Debug, Clone, Default)]
 pub struct Tally {
     /// Every request, whatever it carried.
@@ -47,28 +52,108 @@ pub struct Tally {
     pub last_verified_at: Option<Instant>,
 }
 
+impl Tally {
+    /// The counts only (no latencies), cheap enough for a progress display.
+    fn counts(&self) -> Tally {
+        Tally {
+            latencies_us: Vec::new(),
+            ..*self
+        }
+    }
+
+    /// Adds `other`'s requests to these.
+    fn add(&mut self, other: &Tally) {
+        self.requests += other.requests;
+        self.verified += other.verified;
+        self.duplicates += other.duplicates;
+        self.invalid_signatures += other.invalid_signatures;
+        self.unexpected += other.unexpected;
+        self.latencies_us.extend_from_slice(&other.latencies_us);
+        self.last_verified_at = self.last_verified_at.max(other.last_verified_at);
+    }
+}
+
+/// One tenant's events and webhooks.
 #[derive(Debug)]
-struct Ledger {
+struct Tenant {
+    events: Arc<Events>,
+    /// HMAC keys, by the tenant's own webhook index: the secrets' UTF-8 bytes.
+    secrets: Vec<Vec<u8>>,
+    /// The receiver-wide index of its first webhook.
+    first_webhook: usize,
+}
+
+#[derive(Debug, Default)]
+struct TenantLedger {
     tally: Tally,
-    delivery_ids: HashSet<Uuid>,
     /// `pairs[event * webhooks + webhook]`: whether that delivery arrived.
     pairs: Vec<bool>,
 }
 
 #[derive(Debug)]
+struct Ledger {
+    /// By tenant, as [`Shared::tenants`].
+    tenants: Vec<TenantLedger>,
+    /// Requests to a path that is no tenant's webhook.
+    elsewhere: Tally,
+    /// Across tenants: the system's delivery ids are unique.
+    delivery_ids: HashSet<Uuid>,
+}
+
+#[derive(Debug)]
 struct Shared {
-    events: Arc<Events>,
-    /// HMAC keys, by webhook index: the secrets' UTF-8 bytes.
-    secrets: Vec<Vec<u8>>,
+    tenants: Vec<Tenant>,
     response_delay: Duration,
     ledger: Mutex<Ledger>,
 }
 
 impl Shared {
+    fn new(tenants: Vec<(Arc<Events>, Vec<String>)>, response_delay: Duration) -> Shared {
+        let mut first_webhook = 0;
+        let tenants: Vec<Tenant> = tenants
+            .into_iter()
+            .map(|(events, secrets)| {
+                let tenant = Tenant {
+                    events,
+                    secrets: secrets.into_iter().map(String::into_bytes).collect(),
+                    first_webhook,
+                };
+                first_webhook += tenant.secrets.len();
+                tenant
+            })
+            .collect();
+        let ledgers: Vec<TenantLedger> = tenants
+            .iter()
+            .map(|tenant| TenantLedger {
+                tally: Tally::default(),
+                pairs: vec![false; tenant.events.len() as usize * tenant.secrets.len()],
+            })
+            .collect();
+        let pairs = ledgers.iter().map(|ledger| ledger.pairs.len()).sum();
+        Shared {
+            tenants,
+            response_delay,
+            ledger: Mutex::new(Ledger {
+                tenants: ledgers,
+                elsewhere: Tally::default(),
+                delivery_ids: HashSet::with_capacity(pairs),
+            }),
+        }
+    }
+
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
         // A panic while holding the lock cannot leave the counts half-updated
         // in a way worth refusing to report.
         self.ledger.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The tenant and its own webhook index of a `/hooks/<index>` path.
+    fn webhook(&self, path: &str) -> Option<(usize, usize)> {
+        let index = path.parse::<usize>().ok()?;
+        self.tenants.iter().enumerate().find_map(|(number, tenant)| {
+            let own = index.checked_sub(tenant.first_webhook)?;
+            (own < tenant.secrets.len()).then_some((number, own))
+        })
     }
 }
 
@@ -96,23 +181,10 @@ impl Drop for Receiver {
 }
 
 impl Receiver {
-    /// Starts on `127.0.0.1:0`; `secrets[i]` is webhook `i`'s signing secret.
-    pub async fn start(
-        events: Arc<Events>,
-        secrets: Vec<String>,
-        response_delay: Duration,
-    ) -> anyhow::Result<Receiver> {
-        let pairs = events.len() as usize * secrets.len();
-        let shared = Arc::new(Shared {
-            events,
-            secrets: secrets.into_iter().map(String::into_bytes).collect(),
-            response_delay,
-            ledger: Mutex::new(Ledger {
-                tally: Tally::default(),
-                delivery_ids: HashSet::with_capacity(pairs),
-                pairs: vec![false; pairs],
-            }),
-        });
+    /// Starts on `127.0.0.1:0`. `tenants[t]` is tenant `t`'s events and its
+    /// webhooks' signing secrets.
+    pub async fn start(tenants: Vec<(Arc<Events>, Vec<String>)>, response_delay: Duration) -> anyhow::Result<Receiver> {
+        let shared = Arc::new(Shared::new(tenants, response_delay));
         let app = axum::Router::new()
             .route("/hooks/{webhook}", axum::routing::post(receive))
             .fallback(unexpected)
@@ -129,29 +201,40 @@ impl Receiver {
         Ok(Receiver { addr, shared, server })
     }
 
-    /// The URL webhook `index` is created with.
-    pub fn url(&self, index: usize) -> String {
-        format!("http://{}/hooks/{index}", self.addr)
+    /// The URL tenant `tenant`'s webhook `index` is created with.
+    pub fn url(&self, tenant: usize, index: usize) -> String {
+        let webhook = self.shared.tenants[tenant].first_webhook + index;
+        format!("http://{}/hooks/{webhook}", self.addr)
     }
 
-    /// Everything seen so far.
+    /// Everything seen so far, all tenants together.
     pub fn tally(&self) -> Tally {
-        self.shared.ledger().tally.clone()
+        let ledger = self.shared.ledger();
+        let mut all = ledger.elsewhere.clone();
+        for tenant in &ledger.tenants {
+            all.add(&tenant.tally);
+        }
+        all
     }
 
-    /// The counts only (no latencies), cheap enough for a progress display.
+    /// Everything seen so far at tenant `tenant`'s webhooks.
+    pub fn tally_of(&self, tenant: usize) -> Tally {
+        self.shared.ledger().tenants[tenant].tally.clone()
+    }
+
+    /// [`Receiver::tally`] without latencies, cheap enough for a progress display.
     pub fn counts(&self) -> Tally {
         let ledger = self.shared.ledger();
-        let tally = &ledger.tally;
-        Tally {
-            requests: tally.requests,
-            verified: tally.verified,
-            duplicates: tally.duplicates,
-            invalid_signatures: tally.invalid_signatures,
-            unexpected: tally.unexpected,
-            latencies_us: Vec::new(),
-            last_verified_at: tally.last_verified_at,
+        let mut all = ledger.elsewhere.counts();
+        for tenant in &ledger.tenants {
+            all.add(&tenant.tally.counts());
         }
+        all
+    }
+
+    /// [`Receiver::tally_of`] without latencies.
+    pub fn counts_of(&self, tenant: usize) -> Tally {
+        self.shared.ledger().tenants[tenant].tally.counts()
     }
 }
 
@@ -176,38 +259,42 @@ async fn receive(
 /// system's delivery log too.
 async fn unexpected(State(shared): State<Arc<Shared>>) -> StatusCode {
     let mut ledger = shared.ledger();
-    ledger.tally.requests += 1;
-    ledger.tally.unexpected += 1;
+    ledger.elsewhere.requests += 1;
+    ledger.elsewhere.unexpected += 1;
     StatusCode::NOT_FOUND
 }
 
 fn judge(shared: &Shared, webhook: &str, headers: &HeaderMap, body: &[u8], at: Instant) -> Verdict {
-    let webhook = webhook
-        .parse::<usize>()
-        .ok()
-        .filter(|index| *index < shared.secrets.len());
-    let signed = webhook.is_some_and(|index| {
-        headers
-            .get("x-aegis-signature")
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|header| signature_is_valid(&shared.secrets[index], body, header))
-    });
+    let Some((number, webhook)) = shared.webhook(webhook) else {
+        let mut ledger = shared.ledger();
+        ledger.elsewhere.requests += 1;
+        ledger.elsewhere.unexpected += 1;
+        return Verdict::Unexpected;
+    };
+    let tenant = &shared.tenants[number];
+    let signed = headers
+        .get("x-aegis-signature")
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|header| signature_is_valid(&tenant.secrets[webhook], body, header));
     let delivery_id = headers
         .get("x-aegis-delivery")
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<Uuid>().ok());
-    let event = shared.events.identify(body);
+    // Only this tenant's events: another tenant's is unexpected here.
+    let event = tenant.events.identify(body);
 
-    let mut ledger = shared.ledger();
-    ledger.tally.requests += 1;
-    let verdict = match (webhook, signed, delivery_id, event) {
-        (Some(_), false, _, _) => Verdict::InvalidSignature,
-        (Some(webhook), true, Some(delivery_id), Some(event)) => {
+    let mut guard = shared.ledger();
+    let ledger = &mut *guard;
+    let own = &mut ledger.tenants[number];
+    own.tally.requests += 1;
+    let verdict = match (signed, delivery_id, event) {
+        (false, _, _) => Verdict::InvalidSignature,
+        (true, Some(delivery_id), Some(event)) => {
             if !ledger.delivery_ids.insert(delivery_id) {
                 Verdict::Duplicate
             } else {
-                let pair = event as usize * shared.secrets.len() + webhook;
-                if std::mem::replace(&mut ledger.pairs[pair], true) {
+                let pair = event as usize * tenant.secrets.len() + webhook;
+                if std::mem::replace(&mut own.pairs[pair], true) {
                     Verdict::Unexpected
                 } else {
                     Verdict::Verified
@@ -216,20 +303,20 @@ fn judge(shared: &Shared, webhook: &str, headers: &HeaderMap, body: &[u8], at: I
         }
         _ => Verdict::Unexpected,
     };
+    let tally = &mut own.tally;
     match verdict {
         Verdict::Verified => {
-            let tally = &mut ledger.tally;
             tally.verified += 1;
             tally.last_verified_at = Some(at);
-            if let Some(latency) = event.and_then(|event| shared.events.latency(event, at)) {
+            if let Some(latency) = event.and_then(|event| tenant.events.latency(event, at)) {
                 tally
                     .latencies_us
                     .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
             }
         }
-        Verdict::Duplicate => ledger.tally.duplicates += 1,
-        Verdict::InvalidSignature => ledger.tally.invalid_signatures += 1,
-        Verdict::Unexpected => ledger.tally.unexpected += 1,
+        Verdict::Duplicate => tally.duplicates += 1,
+        Verdict::InvalidSignature => tally.invalid_signatures += 1,
+        Verdict::Unexpected => tally.unexpected += 1,
     }
     verdict
 }
@@ -258,16 +345,10 @@ mod tests {
 
     fn shared(events: u32, webhooks: usize) -> (Shared, Arc<Events>) {
         let events = Arc::new(Events::generate(events));
-        let shared = Shared {
-            events: events.clone(),
-            secrets: vec![SECRET.as_bytes().to_vec(); webhooks],
-            response_delay: Duration::ZERO,
-            ledger: Mutex::new(Ledger {
-                tally: Tally::default(),
-                delivery_ids: HashSet::new(),
-                pairs: vec![false; events.len() as usize * webhooks],
-            }),
-        };
+        let shared = Shared::new(
+            vec![(events.clone(), vec![SECRET.to_owned(); webhooks])],
+            Duration::ZERO,
+        );
         (shared, events)
     }
 
@@ -328,7 +409,11 @@ mod tests {
             Verdict::Unexpected
         );
 
-        let tally = shared.ledger().tally.clone();
+        // The unknown webhook's request is no tenant's.
+        let ledger = shared.ledger();
+        assert_eq!((ledger.elsewhere.requests, ledger.elsewhere.unexpected), (1, 1));
+        let mut tally = ledger.elsewhere.clone();
+        tally.add(&ledger.tenants[0].tally);
         assert_eq!(
             (
                 tally.requests,
@@ -340,6 +425,53 @@ mod tests {
             (7, 2, 1, 2, 2)
         );
         assert_eq!(tally.latencies_us.len(), 2);
+    }
+
+    #[test]
+    fn each_tenant_counts_what_arrives_at_its_own_webhooks() {
+        // Tenant 0 has webhooks /hooks/0 and /hooks/1, tenant 1 has /hooks/2.
+        let (noisy, quiet) = (Arc::new(Events::generate(2)), Arc::new(Events::generate(2)));
+        let shared = Shared::new(
+            vec![
+                (noisy.clone(), vec![SECRET.to_owned(); 2]),
+                (quiet.clone(), vec![SECRET.to_owned()]),
+            ],
+            Duration::ZERO,
+        );
+        assert_eq!(
+            (
+                shared.webhook("0"),
+                shared.webhook("1"),
+                shared.webhook("2"),
+                shared.webhook("3")
+            ),
+            (Some((0, 0)), Some((0, 1)), Some((1, 0)), None)
+        );
+        noisy.mark_published(0);
+        quiet.mark_published(0);
+        let (noisy_body, quiet_body) = (delivered_body(&noisy, 0), delivered_body(&quiet, 0));
+        let now = Instant::now();
+        let deliver = |path: &str, body: &[u8]| judge(&shared, path, &headers(&sign(body), Uuid::new_v4()), body, now);
+
+        assert_eq!(deliver("1", &noisy_body), Verdict::Verified);
+        assert_eq!(deliver("2", &quiet_body), Verdict::Verified);
+        // One tenant's event at the other's webhook, either way round.
+        assert_eq!(deliver("0", &quiet_body), Verdict::Unexpected);
+        assert_eq!(deliver("2", &noisy_body), Verdict::Unexpected);
+        assert_eq!(deliver("3", &quiet_body), Verdict::Unexpected);
+
+        let ledger = shared.ledger();
+        let counts = |tally: &Tally| {
+            (
+                tally.requests,
+                tally.verified,
+                tally.unexpected,
+                tally.latencies_us.len(),
+            )
+        };
+        assert_eq!(counts(&ledger.tenants[0].tally), (2, 1, 1, 1));
+        assert_eq!(counts(&ledger.tenants[1].tally), (2, 1, 1, 1));
+        assert_eq!(counts(&ledger.elsewhere), (1, 0, 1, 0));
     }
 
     #[test]

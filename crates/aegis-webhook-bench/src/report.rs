@@ -23,9 +23,11 @@ pub struct Report {
     pub mode: Mode,
     pub scenario: Scenario,
     pub via: Via,
+    /// Events and webhooks (tenant A's in the noisy scenario).
     pub events: u32,
     pub webhooks: u16,
     pub settings: Settings,
+    /// All tenants together, as `published`, `throughput` and the latencies.
     pub deliveries: Deliveries,
     pub published: Published,
     pub throughput: Throughput,
@@ -34,6 +36,8 @@ pub struct Report {
     /// Event handed over → the broker's confirm (AMQP) or the intake's 202
     /// (HTTP): the publishing part of the latency.
     pub acceptance_ms: Option<Latency>,
+    /// Noisy scenario: each tenant's figures, and the fairness setting.
+    pub tenants: Option<Tenants>,
     /// The system's processes, each measured alone.
     pub processes: Vec<ProcessUsage>,
     /// PostgreSQL and RabbitMQ (production mode): every process of each.
@@ -58,7 +62,7 @@ pub struct Settings {
     /// `AEGIS_WORKER_CONCURRENCY` of each worker.
     pub worker_concurrency: u32,
     pub response_delay_ms: f64,
-    /// Steady scenario: events per second.
+    /// Steady scenario: events per second; noisy scenario: tenant B's.
     pub rate_per_second: Option<u32>,
     pub http_clients: Option<u16>,
     pub amqp_in_flight: Option<u32>,
@@ -82,6 +86,40 @@ pub struct Deliveries {
     /// Validly signed requests nobody asked for (unknown event or webhook, or
     /// an (event, webhook) pair under a second `X-Aegis-Delivery`).
     pub unexpected: u64,
+}
+
+/// The noisy scenario's two tenants, side by side.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tenants {
+    /// `AEGIS_FAIRNESS` as the run set it: `on` (the default) or what
+    /// `--set AEGIS_FAIRNESS=…` gave every process.
+    pub fairness: String,
+    /// Publishes every event as fast as possible: its throughput.
+    pub tenant_a: TenantFigures,
+    /// Publishes at a steady rate until A's deliveries have all arrived: its
+    /// latency.
+    pub tenant_b: TenantFigures,
+}
+
+/// One tenant's deliveries, each counted at that tenant's own webhooks.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantFigures {
+    /// Events handed over.
+    pub events: u64,
+    pub webhooks: u16,
+    /// Events per second, when published at a rate.
+    pub rate_per_second: Option<u32>,
+    pub deliveries: Deliveries,
+    /// The tenant's first publish to its last verified receipt.
+    pub seconds: f64,
+    /// Verified deliveries ÷ `seconds`.
+    pub deliveries_per_second: f64,
+    /// The tenant's first publish to its last.
+    pub publish_seconds: f64,
+    /// Event→receipt of each of the tenant's verified deliveries.
+    pub latency_ms: Option<Latency>,
+    /// Event handed over → accepted, for the tenant's events.
+    pub acceptance_ms: Option<Latency>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -196,11 +234,19 @@ impl fmt::Display for Report {
             Some(rate) => format!("{rate} events/s"),
             None => "as fast as possible".to_owned(),
         };
-        writeln!(
-            f,
-            "  scenario      {}: {} events × {} webhooks, {pace}, via {}",
-            self.scenario, self.events, self.webhooks, self.via
-        )?;
+        match (&self.tenants, settings.rate_per_second) {
+            (Some(_), Some(rate)) => writeln!(
+                f,
+                "  scenario      {}: tenant A {} events × {} webhooks as fast as possible, tenant B {rate} events/s × 1 \
+                 webhook until A's deliveries have all arrived, via {}",
+                self.scenario, self.events, self.webhooks, self.via
+            )?,
+            _ => writeln!(
+                f,
+                "  scenario      {}: {} events × {} webhooks, {pace}, via {}",
+                self.scenario, self.events, self.webhooks, self.via
+            )?,
+        }
         let mut knobs = format!(
             "worker concurrency {}, response delay {} ms",
             settings.worker_concurrency, settings.response_delay_ms
@@ -222,11 +268,16 @@ impl fmt::Display for Report {
             d.expected, d.verified, d.missing, d.received, d.duplicates, d.invalid_signatures, d.unexpected
         )?;
         let p = &self.published;
+        let handed_over = match &self.tenants {
+            Some(tenants) => format!(
+                "{} events handed over (tenant A {} of {}, tenant B {})",
+                p.handed_over, tenants.tenant_a.events, self.events, tenants.tenant_b.events
+            ),
+            None => format!("{} of {} events handed over", p.handed_over, self.events),
+        };
         writeln!(
             f,
-            "  published     {} of {} events handed over, {} accepted, {} failed{}{}",
-            p.handed_over,
-            self.events,
+            "  published     {handed_over}, {} accepted, {} failed{}{}",
             p.accepted,
             p.failed,
             if p.finished { "" } else { "; stopped before it finished" },
@@ -234,9 +285,11 @@ impl fmt::Display for Report {
                 .as_ref()
                 .map_or_else(String::new, |error| format!(" (first failure: {error})"))
         )?;
+        // The noisy scenario's overall figures mix its tenants; each one's follow.
+        let all = if self.tenants.is_some() { ", both tenants" } else { "" };
         writeln!(
             f,
-            "  throughput    {:.0} deliveries/s end to end ({} in {:.2} s, first publish to last receipt; publishing took {:.2} s)",
+            "  throughput    {:.0} deliveries/s end to end ({} in {:.2} s, first publish to last receipt{all}; publishing took {:.2} s)",
             t.deliveries_per_second, d.verified, t.seconds, t.publish_seconds
         )?;
         if let (Some(ceiling), Some(percent)) = (t.ceiling_deliveries_per_second, t.percent_of_ceiling) {
@@ -248,7 +301,7 @@ impl fmt::Display for Report {
         match &self.latency_ms {
             Some(l) => writeln!(
                 f,
-                "  latency       p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (event → receipt, {} deliveries)",
+                "  latency       p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (event → receipt, {} deliveries{all})",
                 l.p50, l.p90, l.p99, l.max, l.samples
             )?,
             None => writeln!(f, "  latency       -")?,
@@ -263,6 +316,11 @@ impl fmt::Display for Report {
                 "  accepted in   p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms (event handed over → {by})",
                 l.p50, l.p90, l.p99, l.max
             )?;
+        }
+        if let Some(tenants) = &self.tenants {
+            writeln!(f, "  fairness      AEGIS_FAIRNESS={}", tenants.fairness)?;
+            tenant_lines(f, "A", &tenants.tenant_a)?;
+            tenant_lines(f, "B", &tenants.tenant_b)?;
         }
         writeln!(
             f,
@@ -322,6 +380,53 @@ impl fmt::Display for Report {
         }
         Ok(())
     }
+}
+
+fn latency_text(latency: Option<&Latency>) -> String {
+    latency.map_or_else(
+        || "-".to_owned(),
+        |l| {
+            format!(
+                "p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                l.p50, l.p90, l.p99, l.max
+            )
+        },
+    )
+}
+
+/// Two lines for one of the noisy scenario's tenants: its deliveries, then
+/// its throughput and latency.
+fn tenant_lines(f: &mut fmt::Formatter<'_>, label: &str, tenant: &TenantFigures) -> fmt::Result {
+    let d = &tenant.deliveries;
+    let pace = match tenant.rate_per_second {
+        Some(rate) => format!(" at {rate}/s"),
+        None => String::new(),
+    };
+    writeln!(
+        f,
+        "  tenant {label}      {} events{pace} × {} webhook{}: {} of {} deliveries verified, {} missing, {} duplicates, {} \
+         invalid signatures, {} unexpected",
+        tenant.events,
+        tenant.webhooks,
+        if tenant.webhooks == 1 { "" } else { "s" },
+        d.verified,
+        d.expected,
+        d.missing,
+        d.duplicates,
+        d.invalid_signatures,
+        d.unexpected
+    )?;
+    writeln!(
+        f,
+        "                {:.0} deliveries/s ({} in {:.2} s, its first publish to its last receipt; publishing took \
+         {:.2} s); latency {} (event → receipt, {} deliveries)",
+        tenant.deliveries_per_second,
+        d.verified,
+        tenant.seconds,
+        tenant.publish_seconds,
+        latency_text(tenant.latency_ms.as_ref()),
+        tenant.latency_ms.as_ref().map_or(0, |l| l.samples)
+    )
 }
 
 #[cfg(test)]

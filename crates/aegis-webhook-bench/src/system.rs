@@ -7,6 +7,10 @@
 //!   `migrate`, then `api`, `ingester` and N `worker` processes, each with its
 //!   own `AEGIS_LISTEN`.
 //!
+//! The noisy scenario's second tenant is made as an operator makes one, with
+//! `aegis-webhook tenant create` and `apikey create` on the database before
+//! the serving processes start.
+//!
 //! [`System`] records every resource as soon as it exists, so
 //! [`System::shutdown`] releases whatever was started even when starting
 //! failed halfway or was interrupted.
@@ -35,13 +39,30 @@ const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
 const SHUTDOWN_GRACE: &str = "5s";
 /// How long a process has after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `tenant create` and `apikey create` may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// The name of the noisy scenario's tenant B (tenant A is the bootstrap
+/// tenant, `default`).
+pub const QUIET_TENANT: &str = "bench-quiet";
+
+/// The key in what `aegis-webhook apikey create` prints (`api key: <key>`).
+fn api_key_in(output: &str) -> Option<&str> {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix("api key:"))
+        .map(str::trim)
+        .filter(|key| !key.is_empty())
+}
 
 #[derive(Debug)]
 pub struct System {
     bin: PathBuf,
     log_dir: PathBuf,
     pub processes: Vec<Spawned>,
+    /// The API as the bootstrap tenant (tenant A in the noisy scenario) uses it.
     pub api: Option<Api>,
+    /// The same API with tenant B's key (noisy scenario).
+    pub quiet_api: Option<Api>,
     database: Option<FreshDatabase>,
     broker: Option<Broker>,
 }
@@ -63,6 +84,7 @@ impl System {
             log_dir: log_dir.to_owned(),
             processes: Vec::new(),
             api: None,
+            quiet_api: None,
             database: None,
             broker: None,
         }
@@ -106,6 +128,35 @@ impl System {
         settings
     }
 
+    /// Creates tenant B with `settings` (the database's) and returns its API
+    /// key, read from what `apikey create` prints.
+    async fn create_quiet_tenant(&self, settings: &[(String, String)]) -> anyhow::Result<String> {
+        run_once(
+            &self.bin,
+            &["tenant", "create", QUIET_TENANT],
+            "tenant-create",
+            settings,
+            &self.log_dir,
+            ADMIN_TIMEOUT,
+        )
+        .await?;
+        let name = "apikey-create";
+        run_once(
+            &self.bin,
+            &["apikey", "create", "--tenant", QUIET_TENANT],
+            name,
+            settings,
+            &self.log_dir,
+            ADMIN_TIMEOUT,
+        )
+        .await?;
+        let log = self.log_dir.join(format!("{name}.log"));
+        let output = std::fs::read_to_string(&log).with_context(|| format!("failed to read {}", log.display()))?;
+        api_key_in(&output)
+            .map(str::to_owned)
+            .with_context(|| format!("`apikey create` printed no `api key:` line; see {}", log.display()))
+    }
+
     async fn start_embedded(&mut self, plan: &Plan) -> anyhow::Result<()> {
         let port = free_port()?;
         let api = Api {
@@ -115,8 +166,30 @@ impl System {
             http: reqwest::Client::new(),
         };
         let mut settings = Self::base_settings(plan);
+        settings.push(setting(
+            "AEGIS_DATA_DIR",
+            self.log_dir.join("data").display().to_string(),
+        ));
+        if plan.quiet.is_some() {
+            // `dev` would migrate the SQLite file at start; the tenant needs
+            // the tables first, and the file is `dev`'s alone once it runs.
+            let admin = Self::with_overrides(plan, settings.clone());
+            run_once(
+                &self.bin,
+                &["migrate"],
+                "migrate",
+                &admin,
+                &self.log_dir,
+                MIGRATE_TIMEOUT,
+            )
+            .await?;
+            let key = self.create_quiet_tenant(&admin).await?;
+            self.quiet_api = Some(Api {
+                api_key: key,
+                ..api.clone()
+            });
+        }
         settings.extend([
-            setting("AEGIS_DATA_DIR", self.log_dir.join("data").display().to_string()),
             setting("AEGIS_LISTEN", format!("127.0.0.1:{port}")),
             setting("AEGIS_BOOTSTRAP_API_KEY", api.api_key.clone()),
             setting("AEGIS_INGEST_TOKEN", api.ingest_token.clone()),
@@ -171,6 +244,13 @@ impl System {
             ingest_token: format!("aegis_ingest_bench_{}", uuid::Uuid::new_v4().simple()),
             http: reqwest::Client::new(),
         };
+        if plan.quiet.is_some() {
+            let key = self.create_quiet_tenant(&with_own(Vec::new())).await?;
+            self.quiet_api = Some(Api {
+                api_key: key,
+                ..api.clone()
+            });
+        }
         // Only the API bootstraps the tenant, so processes do not race to create it.
         let api_settings = with_own(vec![
             setting("AEGIS_LISTEN", format!("127.0.0.1:{port}")),
@@ -251,5 +331,22 @@ impl System {
             problems.push(format!("{error:#}"));
         }
         problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_key_is_read_from_what_apikey_create_prints() {
+        let printed = "tenant:  bench-quiet (0190b3c4-0000-7000-8000-000000000000)\n\
+                       key id:  0190b3c4-0000-7000-8000-000000000001\n\
+                       scopes:  read,write,secrets\n\
+                       api key: aegis_abc123\n\
+                       The key is shown only this once; it is stored hashed.\n";
+        assert_eq!(api_key_in(printed), Some("aegis_abc123"));
+        assert_eq!(api_key_in("api key: \n"), None);
+        assert_eq!(api_key_in("no tenant `bench-quiet`"), None);
     }
 }

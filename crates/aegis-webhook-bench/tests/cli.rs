@@ -20,6 +20,8 @@ fn help_names_every_mode_scenario_and_publishing_path() {
         "burst",
         "steady",
         "slow",
+        "noisy",
+        "AEGIS_FAIRNESS=off",
         "amqp",
         "http",
         "--json",

@@ -1,6 +1,7 @@
 //! The benchmark (`aegis-bench`, crates/aegis-webhook-bench) as a smoke test:
-//! a tiny run in each mode, asserting from its JSON report that every delivery
-//! arrived verified and none was invalid. No timing is asserted.
+//! a tiny run in each mode (and of the noisy scenario's two tenants),
+//! asserting from its JSON report that every delivery arrived verified and
+//! none was invalid. No timing is asserted.
 //!
 //! Nothing is built here. `cargo test --workspace` builds the `aegis-bench`
 //! and `aegis-webhook` binaries (their crates have integration tests, which is
@@ -116,4 +117,48 @@ async fn production_run_over_http_verifies_every_delivery() {
     }
     let report = run_bench(&["--mode", "production", "--via", "http", "--workers", "1"]).await;
     assert_every_delivery_verified(&report);
+}
+
+/// The noisy scenario: tenant B (a second tenant the benchmark makes) gets
+/// every one of its deliveries at its own webhook, beside tenant A's.
+fn assert_both_tenants_complete(report: &Value, fairness: &str) {
+    assert_eq!(report["passed"], true, "{report:#}");
+    assert_eq!(
+        report["deliveries"]["unexpected"], 0,
+        "no delivery at another tenant's webhook: {report:#}"
+    );
+    let tenants = &report["tenants"];
+    assert_eq!(tenants["fairness"], fairness, "{report:#}");
+    let (a, b) = (&tenants["tenant_a"], &tenants["tenant_b"]);
+    assert_eq!(a["deliveries"]["verified"], EVENTS * WEBHOOKS, "{report:#}");
+    assert_eq!(a["deliveries"]["missing"], 0, "{report:#}");
+    let b_verified = b["deliveries"]["verified"].as_u64().expect("a count");
+    assert!(b_verified >= 1, "tenant B published from the start: {report:#}");
+    assert_eq!(b["deliveries"]["expected"], b_verified, "{report:#}");
+    assert_eq!(b["latency_ms"]["samples"], b_verified, "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_noisy_run_keeps_the_tenants_apart() {
+    let report = run_bench(&["--mode", "embedded", "--scenario", "noisy", "--rate", "50"]).await;
+    assert_both_tenants_complete(&report, "on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_noisy_run_keeps_the_tenants_apart_with_fairness_off() {
+    if !production_services_reachable().await {
+        return;
+    }
+    let report = run_bench(&[
+        "--mode",
+        "production",
+        "--scenario",
+        "noisy",
+        "--rate",
+        "50",
+        "--set",
+        "AEGIS_FAIRNESS=off",
+    ])
+    .await;
+    assert_both_tenants_complete(&report, "off");
 }
