@@ -129,14 +129,13 @@ impl Broker {
             .create_channel()
             .await
             .context("failed to open a RabbitMQ channel")?;
-        let queues = [
-            self.topology.ingest_queue(),
-            self.topology.invalid_queue(),
-            self.topology.work_queue(),
-            self.topology.dead_queue(),
-        ]
-        .into_iter()
-        .chain(self.topology.tier_queues());
+        let queues = self
+            .topology
+            .lane_queues()
+            .into_iter()
+            .map(|(_, _, queue)| queue)
+            .chain([self.topology.invalid_queue(), self.topology.dead_queue()])
+            .chain(self.topology.tier_queues());
         for queue in queues {
             channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
