@@ -56,6 +56,16 @@ slow production-slow-c256-w2 256 --mode production --workers 2 --events 4000
 slow production-slow-c1000-w1 1000 --mode production --workers 1 --events 5000
 slow production-slow-c2000-w1 2000 --mode production --workers 1 --events 10000
 
+# (d) noisy: tenant A floods 20,000 events × 10 webhooks while tenant B sends
+# 10 events/s to one; fairness on, then off (first in, first out), and A's
+# flood alone for its throughput's comparison (docs/performance.md, "Fair
+# sharing between tenants").
+for mode in embedded production; do
+  run "$mode-noisy-fair" --mode "$mode" --scenario noisy
+  run "$mode-noisy-fifo" --mode "$mode" --scenario noisy --set AEGIS_FAIRNESS=off
+  run "$mode-burst-20000x10" --mode "$mode" --scenario burst --events 20000
+done
+
 # Memory over time: 10 minutes of the steady scenario; compare its peak RSS
 # with the 30 s run's (flat memory: about the same).
 timeout=900s run production-steady-10min --mode production --scenario steady --via amqp --duration 600s
