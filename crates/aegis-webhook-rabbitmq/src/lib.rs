@@ -311,6 +311,11 @@ pub enum Route {
 struct Live {
     connection: Connection,
     publisher: Channel,
+    /// A second confirmed channel for the express lane's publishes: a
+    /// confirm comes back in order, after every publish before it on its
+    /// channel, so on one channel an express task would wait for the bulk
+    /// lane's hundreds.
+    express: Channel,
     /// Which connection this is (counted from 1), so that a publish that
     /// failed on it drops this one and not a fresh one opened meanwhile.
     generation: u64,
@@ -428,11 +433,20 @@ impl RabbitQueue {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
+        let express = connection
+            .create_channel()
+            .await
+            .map_err(|error| unexpected(error, "failed to open a RabbitMQ channel"))?;
+        express
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
         tracing::info!("connected to RabbitMQ");
         let generation = self.inner.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         Ok(Live {
             connection,
             publisher,
+            express,
             generation,
         })
     }
@@ -455,20 +469,26 @@ impl RabbitQueue {
 
     /// The live publishing channel, reconnecting when the old one is gone.
     async fn publisher(&self) -> Result<Channel, QueueError> {
-        Ok(self.publisher_and_generation().await?.0)
+        Ok(self.publisher_and_generation(Lane::Bulk).await?.0)
     }
 
-    /// [`RabbitQueue::publisher`], with the generation of its connection.
-    async fn publisher_and_generation(&self) -> Result<(Channel, u64), QueueError> {
+    /// The publishing channel for `lane` (the express lane's own, or the one
+    /// every other publish shares), with the generation of its connection.
+    async fn publisher_and_generation(&self, lane: Lane) -> Result<(Channel, u64), QueueError> {
+        let chosen = |live: &Live| match lane {
+            Lane::Express => live.express.clone(),
+            Lane::Bulk | Lane::Due => live.publisher.clone(),
+        };
         let mut live = self.inner.live.lock().await;
         if let Some(current) = live.as_ref()
             && current.connection.status().connected()
             && current.publisher.status().connected()
+            && current.express.status().connected()
         {
-            return Ok((current.publisher.clone(), current.generation));
+            return Ok((chosen(current), current.generation));
         }
         let fresh = self.open().await?;
-        let opened = (fresh.publisher.clone(), fresh.generation);
+        let opened = (chosen(&fresh), fresh.generation);
         *live = Some(fresh);
         Ok(opened)
     }
@@ -493,11 +513,23 @@ impl RabbitQueue {
         body: &[u8],
         headers: Option<FieldTable>,
     ) -> Result<(), QueueError> {
+        self.publish_in(Lane::Bulk, exchange, routing_key, body, headers).await
+    }
+
+    /// [`RabbitQueue::publish`] on the channel of `lane`.
+    async fn publish_in(
+        &self,
+        lane: Lane,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        headers: Option<FieldTable>,
+    ) -> Result<(), QueueError> {
         let destination = if exchange.is_empty() { routing_key } else { exchange };
         // The connection the publish went out on, once it has one.
         let used = std::sync::atomic::AtomicU64::new(0);
         let confirmed = self
-            .publish_confirmed(exchange, routing_key, body, headers.unwrap_or_default(), &used)
+            .publish_confirmed(lane, exchange, routing_key, body, headers.unwrap_or_default(), &used)
             .instrument(publish_span("rabbitmq", destination));
         match tokio::time::timeout(PUBLISH_TIMEOUT, confirmed).await {
             Ok(result) => result,
@@ -519,6 +551,7 @@ impl RabbitQueue {
 
     async fn publish_confirmed(
         &self,
+        lane: Lane,
         exchange: &str,
         routing_key: &str,
         body: &[u8],
@@ -531,7 +564,7 @@ impl RabbitQueue {
         if !headers.contains_key(DUE_AT_HEADER) {
             headers.insert(DUE_AT_HEADER.into(), due_at(Duration::ZERO));
         }
-        let (channel, generation) = self.publisher_and_generation().await?;
+        let (channel, generation) = self.publisher_and_generation(lane).await?;
         used.store(generation, std::sync::atomic::Ordering::Relaxed);
         let mut properties = BasicProperties::default()
             .with_delivery_mode(2)
@@ -624,7 +657,8 @@ impl Queue for RabbitQueue {
             Lane::Bulk => BULK_ROUTING_KEY,
             Lane::Due => DUE_ROUTING_KEY,
         };
-        self.publish(&exchange, routing_key, &first.encode(), None).await
+        self.publish_in(lane, &exchange, routing_key, &first.encode(), None)
+            .await
     }
 
     async fn publish_dead_letter(&self, task: DeliveryTask, reason: &str) -> Result<(), QueueError> {
