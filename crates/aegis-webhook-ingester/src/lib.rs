@@ -346,17 +346,19 @@ impl Ingester {
             // Not ours: taken as one envelope, like any other.
             Err(_) => return self.ingest_in_slot(body, Lane::Bulk, &mut None).await,
         };
-        let ingested = futures::future::join_all(
-            deferred
-                .envelopes()
-                .iter()
-                .map(|envelope| async move { self.ingest_in_slot(envelope.as_bytes(), Lane::Bulk, &mut None).await }),
-        )
-        .await;
+        // At most a deferral batch at once, whatever the message holds: the
+        // bulk queue takes publishes from anyone with broker credentials.
         let mut deliveries = 0;
-        for outcome in ingested {
-            if let IngestOutcome::FannedOut { deliveries: count, .. } = outcome? {
-                deliveries += count;
+        for chunk in deferred.envelopes().chunks(MAX_DEFERRAL_BATCH) {
+            let ingested =
+                futures::future::join_all(chunk.iter().map(|envelope| async move {
+                    self.ingest_in_slot(envelope.as_bytes(), Lane::Bulk, &mut None).await
+                }))
+                .await;
+            for outcome in ingested {
+                if let IngestOutcome::FannedOut { deliveries: count, .. } = outcome? {
+                    deliveries += count;
+                }
             }
         }
         Ok(IngestOutcome::DeferredBatch {

@@ -72,6 +72,15 @@ async fn steps(receivers: &[&Receiver]) -> Steps {
 }
 
 impl Steps {
+    /// Ingests one new `POAM_OVERDUE` event of the tenant, from the express lane.
+    async fn ingest_one_event(&self) {
+        let event = envelope(self.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
+        self.ingester
+            .ingest(event.as_bytes(), Lane::Express)
+            .await
+            .expect("ingested");
+    }
+
     /// The first-attempt tasks of the event's deliveries, as the ingester
     /// published them (read back from the database, which says the same).
     async fn first_attempts(&self) -> Vec<DeliveryTask> {
@@ -187,12 +196,7 @@ async fn the_reconciler_waits_while_tasks_wait_and_then_finds_the_lost() {
 
     let receiver = Receiver::start(&[], 200).await;
     let steps = steps(&[&receiver]).await;
-    let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
-    steps
-        .ingester
-        .ingest(event.as_bytes(), Lane::Express)
-        .await
-        .expect("ingested");
+    steps.ingest_one_event().await;
     let reconciler = Reconciler::new(steps.db.clone(), Arc::new(steps.queue.clone()));
     let stop = tokio_util::sync::CancellationToken::new();
 
@@ -268,12 +272,7 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
     // The first attempt fails with a 503, the second succeeds.
     let receiver = Receiver::start(&[503], 200).await;
     let steps = steps(&[&receiver]).await;
-    let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
-    steps
-        .ingester
-        .ingest(event.as_bytes(), Lane::Express)
-        .await
-        .expect("ingested");
+    steps.ingest_one_event().await;
     let [task] = steps.first_attempts().await[..] else {
         panic!("one delivery")
     };
@@ -319,12 +318,7 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
     assert_eq!((delivery.status, delivery.attempts), (DeliveryStatus::Succeeded, 2));
 
     // A task for a webhook disabled meanwhile sends nothing.
-    let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
-    steps
-        .ingester
-        .ingest(event.as_bytes(), Lane::Express)
-        .await
-        .expect("ingested");
+    steps.ingest_one_event().await;
     let [paused] = steps.first_attempts().await[..] else {
         panic!("one new delivery")
     };
@@ -346,12 +340,7 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
 async fn a_webhook_row_that_cannot_be_read_fails_only_its_own_delivery() {
     let (healthy, broken) = (Receiver::start(&[], 200).await, Receiver::start(&[], 200).await);
     let steps = steps(&[&healthy, &broken]).await;
-    let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
-    steps
-        .ingester
-        .ingest(event.as_bytes(), Lane::Express)
-        .await
-        .expect("ingested");
+    steps.ingest_one_event().await;
     // Corrupt the second webhook's stored URL, as a bad manual edit would.
     let backend = sea_orm::ConnectionTrait::get_database_backend(&steps.db);
     sea_orm::ConnectionTrait::execute_raw(
