@@ -8,6 +8,7 @@ mod m20261127_000002_secret_rotation;
 mod m20261127_000003_auto_disable;
 mod m20261127_000004_deliveries_fillfactor;
 mod m20261203_000005_scopes_audit;
+mod m20261203_000006_portal_sessions;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000003_auto_disable::Migration),
             Box::new(m20261127_000004_deliveries_fillfactor::Migration),
             Box::new(m20261203_000005_scopes_audit::Migration),
+            Box::new(m20261203_000006_portal_sessions::Migration),
         ]
     }
 }

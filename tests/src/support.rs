@@ -334,6 +334,8 @@ impl TestApp {
                 tenant_id: tenant.id,
                 api_key,
                 ingest_token,
+                // Production prints no portal link; tests make their own.
+                portal_link: String::new(),
             },
             system: Some(system),
             config,

@@ -505,6 +505,163 @@ pub async fn audit_page(
         .map_err(ApiError::from)
 }
 
+/// The event a delivery of the caller's carries (its body is built from it).
+pub async fn event_of(state: &AppState, caller: &Caller, delivery: &Delivery) -> ApiResult<events::StoredEvent> {
+    caller.require(Scope::Read)?;
+    events::events_by_ids(&state.db, &[delivery.event_id])
+        .await
+        .map_err(ApiError::from)?
+        .into_iter()
+        .find(|event| event.tenant_id == caller.tenant_id)
+        .ok_or(ApiError::NotFound("event"))
+}
+
+/// The caller's webhook's deliveries by hour and status over the last
+/// `hours` hours, oldest first.
+pub async fn deliveries_by_hour(
+    state: &AppState,
+    caller: &Caller,
+    webhook_id: WebhookId,
+    hours: u32,
+) -> ApiResult<Vec<deliveries::HourOfDeliveries>> {
+    caller.require(Scope::Read)?;
+    webhooks::webhook_of_tenant(&state.db, &state.cipher, caller.tenant_id, webhook_id)
+        .await
+        .or_not_found("webhook")?;
+    deliveries::deliveries_by_hour(&state.db, webhook_id, Utc::now(), hours)
+        .await
+        .map_err(ApiError::from)
+}
+
+/// How long a portal link waits to be opened (at most; a shorter session
+/// makes it shorter).
+pub const PORTAL_LINK_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// The shortest and longest portal session, in seconds.
+pub const PORTAL_SESSION_TTL_SECONDS: std::ops::RangeInclusive<i64> = 60..=86_400;
+
+/// A portal session as the client asked for it.
+#[derive(Debug, Clone, Default)]
+pub struct PortalSessionRequest {
+    pub ttl_seconds: i64,
+    /// The session may look but change nothing.
+    pub read_only: bool,
+    pub accent_color: Option<String>,
+    pub logo_url: Option<String>,
+}
+
+/// A single-use link into the portal.
+#[derive(Debug, Clone)]
+pub struct PortalLink {
+    /// `/portal/open/<token>`.
+    pub path: String,
+    /// `AEGIS_PUBLIC_URL` + `path`, when the public address is known.
+    pub url: Option<String>,
+    pub link_expires_at: DateTime<Utc>,
+    pub scopes: Scopes,
+}
+
+/// Makes a single-use link that opens a portal session for the caller's
+/// tenant, with the caller's scopes (only `read` when `read_only`). The
+/// session acts as the caller's API key: the audit log names it, and it ends
+/// when the key is revoked.
+pub async fn create_portal_session(
+    state: &AppState,
+    caller: &Caller,
+    request: PortalSessionRequest,
+) -> ApiResult<PortalLink> {
+    caller.require(Scope::Read)?;
+    let Actor::ApiKey(api_key_id) = caller.actor else {
+        return Err(ApiError::Forbidden(
+            "portal sessions are made with an API key".to_owned(),
+        ));
+    };
+    if !PORTAL_SESSION_TTL_SECONDS.contains(&request.ttl_seconds) {
+        return Err(ApiError::bad_input(
+            "ttlSeconds",
+            format!(
+                "ttlSeconds: must be from {} to {} (a day), got {}",
+                PORTAL_SESSION_TTL_SECONDS.start(),
+                PORTAL_SESSION_TTL_SECONDS.end(),
+                request.ttl_seconds
+            ),
+        ));
+    }
+    let theme = aegis_webhook_storage::portal::Theme {
+        accent_color: request.accent_color.map(validate_accent_color).transpose()?,
+        logo_url: request.logo_url.map(validate_logo_url).transpose()?,
+    };
+    let scopes = if request.read_only {
+        Scopes::READ_ONLY
+    } else {
+        caller.scopes
+    };
+    let now = Utc::now();
+    let session_ttl = chrono::Duration::seconds(request.ttl_seconds);
+    let link_lifetime = chrono::Duration::from_std(PORTAL_LINK_LIFETIME)
+        .unwrap_or(session_ttl)
+        .min(session_ttl);
+    let link_expires_at = now + link_lifetime;
+    let new = aegis_webhook_storage::portal::NewLink {
+        tenant_id: caller.tenant_id,
+        api_key_id,
+        scopes,
+        link_expires_at,
+        session_ttl,
+        theme,
+    };
+    let txn = begin(state).await?;
+    let (id, token) = aegis_webhook_storage::portal::create_link(&txn, new, now)
+        .await
+        .map_err(ApiError::from)?;
+    let summary = json!({
+        "ttlSeconds": request.ttl_seconds,
+        "scopes": scopes.to_string(),
+        "linkExpiresAt": link_expires_at,
+    });
+    record(&txn, caller, "createPortalSession", "portal_session", id, summary).await?;
+    commit(txn).await?;
+    let path = format!("/portal/open/{token}");
+    Ok(PortalLink {
+        url: state
+            .public_url
+            .as_deref()
+            .map(|base| format!("{}{path}", base.trim_end_matches('/'))),
+        path,
+        link_expires_at,
+        scopes,
+    })
+}
+
+/// `#rrggbb`: it is written into the portal's style sheet.
+fn validate_accent_color(color: String) -> ApiResult<String> {
+    let color = color.trim().to_ascii_lowercase();
+    let valid = color.len() == 7 && color.starts_with('#') && color[1..].chars().all(|c| c.is_ascii_hexdigit());
+    if !valid {
+        return Err(ApiError::bad_input(
+            "accentColor",
+            "accentColor: must be a colour as #rrggbb, e.g. #0b5fff",
+        ));
+    }
+    Ok(color)
+}
+
+/// An `https` URL of at most 2,048 characters: the browser loads it, and its
+/// origin is allowed in the portal's Content-Security-Policy.
+fn validate_logo_url(text: String) -> ApiResult<String> {
+    let parsed = url::Url::parse(text.trim())
+        .ok()
+        .filter(|url| url.scheme() == "https" && url.host_str().is_some() && url.username().is_empty())
+        .filter(|url| url.as_str().len() <= 2048);
+    match parsed {
+        Some(url) => Ok(url.to_string()),
+        None => Err(ApiError::bad_input(
+            "logoUrl",
+            "logoUrl: must be an https:// URL of at most 2048 characters",
+        )),
+    }
+}
+
 fn validate_url(state: &AppState, url: &str) -> ApiResult<WebhookUrl> {
     WebhookUrl::parse(url, &state.policy).map_err(|error| ApiError::bad_input("url", error))
 }

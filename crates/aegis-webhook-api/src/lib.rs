@@ -8,6 +8,7 @@ mod graphiql;
 pub mod graphql;
 mod intake;
 pub mod limits;
+pub mod portal;
 
 use std::sync::Arc;
 
@@ -52,6 +53,10 @@ pub struct AppState {
     pub limits: Arc<Limits>,
     /// "The database is busy" is logged once per interval, not per request.
     pub busy_log: Arc<LogThrottle>,
+    /// Where customers reach this API, for the links it makes.
+    pub public_url: Option<String>,
+    /// How the portal's pages may be framed and its cookie sent.
+    pub portal: portal::Settings,
 }
 
 impl std::fmt::Debug for AppState {
@@ -86,7 +91,11 @@ pub fn router(state: AppState) -> Router {
             post(intake::accept_event),
         )
         .merge(graphiql::routes())
-        .with_state(RouterState { app: state, schema })
+        .with_state(RouterState {
+            app: state.clone(),
+            schema,
+        })
+        .merge(portal::router(state))
 }
 
 /// The bearer token of an `Authorization` header, if it has one.

@@ -198,6 +198,17 @@ pub struct Config {
     /// are exported to `<url>/v1/traces`, as with `OTEL_EXPORTER_OTLP_ENDPOINT`.
     /// Unset, no exporter is built and nothing is exported.
     pub otlp_endpoint: Option<String>,
+    /// The address customers reach the API at (`https://webhooks.example.com`),
+    /// for the links it makes (`createPortalSession`); unset, those links are
+    /// paths only. `dev` sets it to its own address.
+    pub public_url: Option<String>,
+    /// Origins allowed to show the portal in a frame (`https://app.example.com`,
+    /// comma-separated); empty: no page may frame it. Set, the session cookie
+    /// becomes `SameSite=None; Secure; Partitioned` so it is sent in the frame.
+    pub portal_frame_ancestors: String,
+    /// Whether the portal's cookie is `Secure` (sent over HTTPS only). `dev`
+    /// turns it off when it listens on loopback, where there is no TLS.
+    pub portal_cookie_secure: bool,
 }
 
 impl Default for Config {
@@ -254,6 +265,9 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(25),
             log_format: LogFormat::Text,
             otlp_endpoint: None,
+            public_url: None,
+            portal_frame_ancestors: String::new(),
+            portal_cookie_secure: true,
         }
     }
 }
@@ -334,6 +348,30 @@ impl Config {
         if self.reconcile_interval.is_zero() {
             return Err(ConfigError::Invalid("reconcile_interval must be positive".into()));
         }
+        if let Some(url) = &self.public_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::Invalid(
+                "public_url must be an http:// or https:// URL (https://webhooks.example.com)".into(),
+            ));
+        }
+        for origin in self.portal_frame_ancestors() {
+            // An origin and nothing else: it is written into a header.
+            let valid = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"))
+                .is_some_and(|host| !host.is_empty() && !host.contains(['/', ' ', ';', '\'', '"', ',']));
+            if !valid {
+                return Err(ConfigError::Invalid(format!(
+                    "portal_frame_ancestors: `{origin}` is not an origin (https://app.example.com)"
+                )));
+            }
+        }
+        if !self.portal_frame_ancestors().is_empty() && !self.portal_cookie_secure {
+            return Err(ConfigError::Invalid(
+                "portal_frame_ancestors needs portal_cookie_secure: browsers send a framed page's cookie only when it is Secure".into(),
+            ));
+        }
         if let Some(endpoint) = &self.otlp_endpoint
             && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
         {
@@ -357,6 +395,15 @@ impl Config {
             Some(url) => url.clone(),
             None => format!("sqlite://{}/aegis.db?mode=rwc", self.data_dir.display()),
         }
+    }
+
+    /// The origins of `portal_frame_ancestors`, trimmed.
+    pub fn portal_frame_ancestors(&self) -> Vec<&str> {
+        self.portal_frame_ancestors
+            .split(',')
+            .map(str::trim)
+            .filter(|origin| !origin.is_empty())
+            .collect()
     }
 
     /// Each tenant's shares, or `None` when fairness is off.

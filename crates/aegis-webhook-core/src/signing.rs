@@ -48,6 +48,35 @@ pub fn verify_standard_webhook(
     )
 }
 
+/// The headers of one attempt of a delivery, in the order they are sent:
+/// what the worker sends and what the portal shows. `webhook-signature`
+/// carries one signature per secret while a rotation's grace period lasts.
+pub fn delivery_headers(
+    delivery_id: &str,
+    event_type: crate::event::EventType,
+    attempt: u32,
+    timestamp: i64,
+    body: &[u8],
+    secret: &SigningSecret,
+    previous_secret: Option<&SigningSecret>,
+) -> [(&'static str, String); 8] {
+    let mut signatures = standard_webhooks_signature(secret, delivery_id, timestamp, body);
+    if let Some(previous) = previous_secret {
+        signatures.push(' ');
+        signatures.push_str(&standard_webhooks_signature(previous, delivery_id, timestamp, body));
+    }
+    [
+        ("content-type", "application/json".to_owned()),
+        ("x-aegis-signature", aegis_signature(secret, body)),
+        ("x-aegis-event", event_type.as_str().to_owned()),
+        ("x-aegis-delivery", delivery_id.to_owned()),
+        ("x-aegis-attempt", attempt.to_string()),
+        ("webhook-id", delivery_id.to_owned()),
+        ("webhook-timestamp", timestamp.to_string()),
+        ("webhook-signature", signatures),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -702,3 +702,73 @@ pub async fn stats_of_webhooks(
     }
     Ok(stats)
 }
+
+/// A webhook's deliveries created in one hour, by status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HourOfDeliveries {
+    pub hour_start: DateTime<Utc>,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub pending: u64,
+}
+
+/// The smallest UUIDv7 of the millisecond `at`: delivery ids are UUIDv7, so
+/// "created at or after `at`" is a range of the `(webhook_id, id)` index.
+fn first_v7_id_at(at: DateTime<Utc>) -> Uuid {
+    let millis = u64::try_from(at.timestamp_millis()).unwrap_or_default();
+    uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid()
+}
+
+/// The deliveries of `webhook_id` created in each of the `hours` whole hours
+/// up to the one holding `now`, oldest first. One grouped count per hour,
+/// each a range of the `(webhook_id, id)` index: the cost is the webhook's
+/// own deliveries of those hours, whatever else the table holds.
+pub async fn deliveries_by_hour(
+    db: &impl ConnectionTrait,
+    webhook_id: WebhookId,
+    now: DateTime<Utc>,
+    hours: u32,
+) -> Result<Vec<HourOfDeliveries>, StoreError> {
+    use sea_orm::FromQueryResult;
+    use sea_orm::sea_query::ExprTrait as _;
+
+    #[derive(FromQueryResult)]
+    struct Group {
+        status: String,
+        deliveries: i64,
+    }
+
+    let this_hour = now.timestamp() - now.timestamp().rem_euclid(3600);
+    let mut result = Vec::with_capacity(hours as usize);
+    for back in (0..i64::from(hours)).rev() {
+        let start = DateTime::from_timestamp(this_hour - back * 3600, 0).unwrap_or(now);
+        let end = start + chrono::Duration::hours(1);
+        let groups = delivery::Entity::find()
+            .select_only()
+            .column(delivery::Column::Status)
+            .column_as(Expr::col(delivery::Column::Id).count(), "deliveries")
+            .filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()))
+            .filter(delivery::Column::Id.gte(first_v7_id_at(start)))
+            .filter(delivery::Column::Id.lt(first_v7_id_at(end)))
+            .group_by(delivery::Column::Status)
+            .into_model::<Group>()
+            .all(db)
+            .await?;
+        let mut hour = HourOfDeliveries {
+            hour_start: start,
+            succeeded: 0,
+            failed: 0,
+            pending: 0,
+        };
+        for group in groups {
+            let count = u64::try_from(group.deliveries).unwrap_or_default();
+            match group.status.parse::<DeliveryStatus>()? {
+                DeliveryStatus::Succeeded => hour.succeeded = count,
+                DeliveryStatus::Failed => hour.failed = count,
+                DeliveryStatus::Pending => hour.pending = count,
+            }
+        }
+        result.push(hour);
+    }
+    Ok(result)
+}

@@ -169,3 +169,31 @@ pub mod audit_entry {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod portal_session {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "portal_sessions")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub tenant_id: Uuid,
+        pub api_key_id: Uuid,
+        pub scopes: String,
+        pub link_hash: String,
+        pub link_expires_at: DateTimeUtc,
+        pub session_hash: Option<String>,
+        pub opened_at: Option<DateTimeUtc>,
+        pub ttl_seconds: i64,
+        pub expires_at: Option<DateTimeUtc>,
+        pub accent_color: Option<String>,
+        pub logo_url: Option<String>,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

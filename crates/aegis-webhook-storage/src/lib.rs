@@ -8,6 +8,7 @@ pub mod audit;
 pub mod deliveries;
 pub mod entities;
 pub mod events;
+pub mod portal;
 pub mod tenants;
 pub mod webhooks;
 

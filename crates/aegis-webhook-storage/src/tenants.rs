@@ -33,12 +33,21 @@ impl From<tenant::Model> for Tenant {
 
 /// A new random API key: `aegis_` + 32 random bytes, URL-safe base64.
 pub fn generate_api_key() -> String {
-    let mut bytes = [0u8; 32];
-    rand::fill(&mut bytes);
-    format!("{API_KEY_PREFIX}{}", BASE64_URL.encode(bytes))
+    format!("{API_KEY_PREFIX}{}", random_token())
 }
 
-fn hash_key(key: &str) -> String {
+/// 32 random bytes, URL-safe base64: a bearer credential (API key, portal
+/// link, portal session).
+pub(crate) fn random_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    BASE64_URL.encode(bytes)
+}
+
+/// How bearer credentials are stored: only their SHA-256, so a read of the
+/// database gives none of them away. (They are 256 random bits: a plain
+/// hash is enough, and lets the lookup use a unique index.)
+pub(crate) fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 

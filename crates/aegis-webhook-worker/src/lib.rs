@@ -35,7 +35,7 @@ use aegis_webhook_storage::events::StoredEvent;
 use aegis_webhook_storage::webhooks::Webhook;
 use chrono::Utc;
 use rand::RngExt as _;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use sea_orm::DatabaseConnection;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -440,33 +440,16 @@ impl Worker {
         timestamp: i64,
         body: &str,
     ) -> HeaderMap {
-        let delivery_id = delivery.id.to_string();
-        let pairs = [
-            ("x-aegis-signature", signing::aegis_signature(secret, body.as_bytes())),
-            ("x-aegis-event", delivery.event_type.as_str().to_owned()),
-            ("x-aegis-delivery", delivery_id.clone()),
-            ("x-aegis-attempt", attempt.to_string()),
-            ("webhook-id", delivery_id.clone()),
-            ("webhook-timestamp", timestamp.to_string()),
-            ("webhook-signature", {
-                // During a rotation's grace period receivers may still hold the
-                // old secret: the header carries one signature per secret.
-                let mut signatures =
-                    signing::standard_webhooks_signature(secret, &delivery_id, timestamp, body.as_bytes());
-                if let Some(previous) = previous_secret {
-                    signatures.push(' ');
-                    signatures.push_str(&signing::standard_webhooks_signature(
-                        previous,
-                        &delivery_id,
-                        timestamp,
-                        body.as_bytes(),
-                    ));
-                }
-                signatures
-            }),
-        ];
-        let mut headers = HeaderMap::with_capacity(pairs.len() + 1);
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let pairs = signing::delivery_headers(
+            &delivery.id.to_string(),
+            delivery.event_type,
+            attempt,
+            timestamp,
+            body.as_bytes(),
+            secret,
+            previous_secret,
+        );
+        let mut headers = HeaderMap::with_capacity(pairs.len());
         for (name, value) in pairs {
             let value = HeaderValue::from_str(&value).expect("header values are ASCII we produced");
             headers.insert(HeaderName::from_static(name), value);

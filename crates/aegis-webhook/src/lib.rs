@@ -269,6 +269,11 @@ pub async fn start_on_queue(
                 busy_log: Arc::new(aegis_webhook_api::limits::LogThrottle::new(
                     std::time::Duration::from_secs(10),
                 )),
+                public_url: config.public_url.clone(),
+                portal: aegis_webhook_api::portal::Settings {
+                    frame_ancestors: config.portal_frame_ancestors().into_iter().map(str::to_owned).collect(),
+                    cookie_secure: config.portal_cookie_secure,
+                },
             };
             let router = aegis_webhook_api::router(state).merge(ops::router(db.clone(), queue.clone()));
             Some((listener, router))
@@ -415,7 +420,15 @@ pub struct DevSetup {
     pub tenant_id: aegis_webhook_core::ids::TenantId,
     pub api_key: String,
     pub ingest_token: String,
+    /// A single-use link into the portal for tenant `default`, made at
+    /// start: see [`DEV_PORTAL_LINK_LIFETIME`].
+    pub portal_link: String,
 }
+
+/// How long the portal link `dev` prints at start stays usable (once), and
+/// how long the session it opens lasts: a working day, so a link printed in
+/// the morning still opens; the next start prints a new one.
+pub const DEV_PORTAL_LINK_LIFETIME: chrono::Duration = chrono::Duration::hours(12);
 
 /// `aegis-webhook dev`: SQLite in the data folder, migrations applied, loopback
 /// targets allowed, tenant `default` with an API key and an ingest token (from
@@ -442,8 +455,19 @@ pub async fn start_dev(mut config: Config, listener: TcpListener) -> anyhow::Res
         }
     }
 
+    let address = listener.local_addr()?;
+    let public_url = config
+        .public_url
+        .get_or_insert_with(|| format!("http://{address}"))
+        .clone();
+    if address.ip().is_loopback() {
+        // No TLS on loopback: a Secure cookie would not be kept.
+        config.portal_cookie_secure = false;
+    }
+
     let db = open_database(&config, true).await?;
     let tenant = tenants::ensure_tenant(&db, DEFAULT_TENANT).await?;
+    let portal_link = dev_portal_link(&db, &api_key, &public_url).await?;
     let system = start(&config, Roles::ALL, db, Some(listener)).await?;
     Ok((
         system,
@@ -451,8 +475,27 @@ pub async fn start_dev(mut config: Config, listener: TcpListener) -> anyhow::Res
             tenant_id: tenant.id,
             api_key,
             ingest_token,
+            portal_link,
         },
     ))
+}
+
+/// A portal link for the bootstrap key's tenant, with the key's scopes.
+async fn dev_portal_link(db: &DatabaseConnection, api_key: &str, public_url: &str) -> anyhow::Result<String> {
+    let holder = tenants::authenticate(db, api_key)
+        .await?
+        .context("dev's API key is not stored: cannot make a portal link")?;
+    let now = chrono::Utc::now();
+    let link = aegis_webhook_storage::portal::NewLink {
+        tenant_id: holder.tenant_id,
+        api_key_id: holder.key_id,
+        scopes: holder.scopes,
+        link_expires_at: now + DEV_PORTAL_LINK_LIFETIME,
+        session_ttl: DEV_PORTAL_LINK_LIFETIME,
+        theme: aegis_webhook_storage::portal::Theme::default(),
+    };
+    let (_, token) = aegis_webhook_storage::portal::create_link(db, link, now).await?;
+    Ok(format!("{}/portal/open/{token}", public_url.trim_end_matches('/')))
 }
 
 /// Runs until SIGINT or SIGTERM (how Kubernetes stops a pod), then stops in

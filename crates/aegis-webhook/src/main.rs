@@ -224,6 +224,7 @@ async fn dev(config: Config) -> anyhow::Result<()> {
     let addr = system.addr.context("dev always serves HTTP")?;
     println!(
         "\nAegis Webhooks is running (embedded: SQLite + in-process queue)\n\n  \
+         Customer portal     {portal_link}\n                      (opens once; a new link at every start)\n  \
          GraphQL + GraphiQL  http://{addr}/graphql\n  \
          Event intake        POST http://{addr}/v1/events\n  \
          Tenant id           {tenant}\n  \
@@ -232,6 +233,7 @@ async fn dev(config: Config) -> anyhow::Result<()> {
          Database            {database}\n  \
          Credentials         {credentials}\n\n\
          Loopback targets (http://127.0.0.1:…) are allowed in dev. Ctrl-C stops; pending deliveries resume at the next start.\n",
+        portal_link = setup.portal_link,
         tenant = setup.tenant_id,
         api_key = setup.api_key,
         ingest_token = setup.ingest_token,

@@ -9,8 +9,8 @@ use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, EmptySubscription, ID, Object, Schema};
 
 pub use types::{
-    AuditEntry, AuditLogFilter, Delivery, DeliveryAttempt, DeliveryFilter, DeliveryStatus, EventTypeInfo, Tenant,
-    Webhook, WebhookEvent, WebhookInput, WebhookUpdateInput,
+    AuditEntry, AuditLogFilter, Delivery, DeliveryAttempt, DeliveryFilter, DeliveryStatus, EventTypeInfo,
+    PortalSession, PortalThemeInput, Tenant, Webhook, WebhookEvent, WebhookInput, WebhookUpdateInput,
 };
 
 use crate::AppState;
@@ -390,6 +390,32 @@ impl MutationRoot {
         let webhook_id = parse_id("webhookId", &webhook_id)?;
         let replayed = actions::replay_dead_letters(state(ctx), &caller, webhook_id, since).await?;
         Ok(i32::try_from(replayed).unwrap_or(i32::MAX))
+    }
+
+    /// Makes a single-use link into the customer portal (`/portal`) for this
+    /// key's tenant. It must be opened within 10 minutes (or `ttlSeconds`, if
+    /// shorter); opening it starts a browser session of `ttlSeconds` (60 to
+    /// 86,400) with this key's scopes, or `read` only when `readOnly`. The
+    /// session acts as this key (the audit log names it) and ends if the key
+    /// is revoked. `theme` styles the portal for this session.
+    #[graphql(complexity = "cost::ROOT * 5")]
+    async fn create_portal_session(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(default = 3600)] ttl_seconds: i64,
+        #[graphql(default = false)] read_only: bool,
+        theme: Option<PortalThemeInput>,
+    ) -> async_graphql::Result<PortalSession> {
+        let caller = caller(ctx)?;
+        let theme = theme.unwrap_or_default();
+        let request = actions::PortalSessionRequest {
+            ttl_seconds,
+            read_only,
+            accent_color: theme.accent_color,
+            logo_url: theme.logo_url,
+        };
+        let link = actions::create_portal_session(state(ctx), &caller, request).await?;
+        Ok(PortalSession::from(link))
     }
 }
 

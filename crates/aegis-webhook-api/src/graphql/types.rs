@@ -388,3 +388,38 @@ impl From<audit::Entry> for AuditEntry {
         }
     }
 }
+
+/// How the portal looks for a session.
+#[derive(InputObject, Debug, Default)]
+pub struct PortalThemeInput {
+    /// `#rrggbb`: buttons and links.
+    pub accent_color: Option<String>,
+    /// An `https` URL of the logo shown in the header (the portal allows its
+    /// origin in its Content-Security-Policy).
+    pub logo_url: Option<String>,
+}
+
+/// A single-use link into the customer portal.
+#[derive(SimpleObject, Debug)]
+pub struct PortalSession {
+    /// The link: `AEGIS_PUBLIC_URL` followed by `path`; null when the
+    /// server's public address is not configured (prefix `path` with it).
+    pub url: Option<String>,
+    /// `/portal/open/<token>`; the token is shown only here.
+    pub path: String,
+    /// Opened later than this, the link is refused.
+    pub link_expires_at: DateTime<Utc>,
+    /// What the session may do: `read`, `write`, `secrets`.
+    pub scopes: Vec<String>,
+}
+
+impl From<actions::PortalLink> for PortalSession {
+    fn from(link: actions::PortalLink) -> Self {
+        PortalSession {
+            url: link.url,
+            path: link.path,
+            link_expires_at: link.link_expires_at,
+            scopes: link.scopes.iter().map(|scope| scope.as_str().to_owned()).collect(),
+        }
+    }
+}

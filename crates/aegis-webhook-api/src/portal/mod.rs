@@ -1,0 +1,930 @@
+//! The customer portal, `/portal`: server-rendered pages over the same use
+//! cases as GraphQL ([`crate::actions`]), so one place decides what a tenant
+//! may see and do. No script at all: forms, links and one inline SVG, which
+//! keeps the pages usable with a keyboard and lets the Content-Security-Policy
+//! forbid every script.
+//!
+//! Entered through a single-use link (`createPortalSession`); the session is
+//! an HttpOnly cookie whose hash is stored (`storage::portal`). Every
+//! state-changing request is a POST carrying a token derived from the
+//! session's cookie (CSRF); every request counts against the rate and
+//! concurrency limits of the API key that made the session.
+
+mod chart;
+mod pages;
+
+use std::collections::HashMap;
+
+use aegis_webhook_core::access::Scope;
+use aegis_webhook_core::event::EventType;
+use aegis_webhook_core::ids::{DeliveryId, WebhookId};
+use aegis_webhook_storage::audit::Actor;
+use aegis_webhook_storage::deliveries::{DeliveryFilter, DeliveryStatus};
+use aegis_webhook_storage::portal::{self as sessions, Session};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, NaiveDateTime, Utc};
+use maud::Markup;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+use tokio::sync::OwnedSemaphorePermit;
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::actions::{self, Caller, WebhookDraft, WebhookEdit};
+use crate::error::ApiError;
+
+pub use pages::VERIFICATION_SNIPPET;
+
+/// The session cookie's name.
+const COOKIE: &str = "aegis_portal";
+
+/// Rows on one page of the delivery log.
+const DELIVERIES_PER_PAGE: u64 = 50;
+
+/// Hours the webhook page's chart covers.
+const CHART_HOURS: u32 = 24;
+
+/// The largest form the portal accepts, in bytes (a webhook's fields at
+/// their quotas fit many times over).
+const MAX_FORM_BYTES: usize = 64 * 1024;
+
+/// Where the style sheet is served; versioned, so a new build is never mixed
+/// with a cached old one.
+const STYLESHEET: &str = "/portal/assets/portal-1.css";
+
+/// How the portal may be framed, and its cookie sent.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Origins allowed to frame the portal (`frame-ancestors`); empty: none.
+    pub frame_ancestors: Vec<String>,
+    /// The cookie is `Secure`.
+    pub cookie_secure: bool,
+}
+
+/// The portal's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/portal", get(|| async { Redirect::to("/portal/webhooks") }))
+        .route("/portal/open/{token}", get(open_link))
+        .route("/portal/signout", post(sign_out))
+        .route("/portal/webhooks", get(webhook_list).post(webhook_create))
+        .route("/portal/webhooks/new", get(webhook_new))
+        .route("/portal/webhooks/{id}", get(webhook_page))
+        .route("/portal/webhooks/{id}/edit", get(webhook_edit_form).post(webhook_edit))
+        .route("/portal/webhooks/{id}/active", post(webhook_set_active))
+        .route("/portal/webhooks/{id}/test", post(webhook_test))
+        .route("/portal/webhooks/{id}/replay", post(webhook_replay))
+        .route(
+            "/portal/webhooks/{id}/rotate",
+            get(webhook_rotate_confirm).post(webhook_rotate),
+        )
+        .route(
+            "/portal/webhooks/{id}/delete",
+            get(webhook_delete_confirm).post(webhook_delete),
+        )
+        .route("/portal/events", get(event_catalog))
+        .route("/portal/deliveries", get(delivery_log))
+        .route("/portal/deliveries/{id}", get(delivery_page))
+        .route("/portal/deliveries/{id}/redeliver", post(delivery_redeliver))
+        .route("/portal/theme.css", get(theme_css))
+        .route(STYLESHEET, get(stylesheet))
+        // A larger body is refused (413) before a handler reads it.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .with_state(state)
+}
+
+/// One request of a signed-in visitor.
+pub(crate) struct Visit {
+    caller: Caller,
+    session: Session,
+    /// The token every form of this session carries.
+    csrf: String,
+    /// Held for the request: the key's concurrency limit.
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Visit {
+    fn can_write(&self) -> bool {
+        self.caller.scopes.contains(Scope::Write)
+    }
+}
+
+/// What a portal handler answers when it cannot go on: a page (boxed: it
+/// travels in every `Err`).
+pub(crate) struct Refused(Box<Response>);
+
+impl Refused {
+    fn new(response: Response) -> Self {
+        Refused(Box::new(response))
+    }
+}
+
+impl IntoResponse for Refused {
+    fn into_response(self) -> Response {
+        *self.0
+    }
+}
+
+impl From<ApiError> for Refused {
+    fn from(error: ApiError) -> Self {
+        Refused::new(error_page(&error))
+    }
+}
+
+type PortalResult = Result<Response, Refused>;
+
+/// The session the request's cookie names, admitted under its key's limits.
+async fn visit(state: &AppState, headers: &HeaderMap) -> Result<Visit, Refused> {
+    let Some(cookie) = session_cookie(headers) else {
+        return Err(Refused::new(signed_out_page(StatusCode::UNAUTHORIZED)));
+    };
+    let session = match sessions::authenticate(&state.db, &cookie, Utc::now()).await {
+        Ok(Some(session)) => session,
+        Ok(None) => return Err(Refused::new(signed_out_page(StatusCode::UNAUTHORIZED))),
+        Err(error) => return Err(ApiError::from(error).into()),
+    };
+    let slot = state.limits.admit_api(session.api_key_id).map_err(|refusal| {
+        let message = format!(
+            "Too many requests for this session's API key; wait {} s and try again.",
+            refusal.retry_after_secs()
+        );
+        let mut response = message_page(StatusCode::TOO_MANY_REQUESTS, "Slow down", &message);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, refusal.retry_after_secs().into());
+        Refused::new(response)
+    })?;
+    Ok(Visit {
+        caller: Caller {
+            tenant_id: session.tenant_id,
+            actor: Actor::ApiKey(session.api_key_id),
+            scopes: session.scopes,
+        },
+        csrf: csrf_token(&cookie),
+        session,
+        _slot: slot,
+    })
+}
+
+fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|cookie| cookie.name() == COOKIE)
+        .map(|cookie| cookie.value().to_owned())
+        .filter(|value| !value.is_empty() && value.len() <= 128)
+}
+
+/// The CSRF token of a session: derived from its cookie, which a page of
+/// another site cannot read, so it needs no storage of its own.
+fn csrf_token(cookie: &str) -> String {
+    hex::encode(Sha256::digest(format!("aegis-portal-csrf\0{cookie}")))
+}
+
+/// A POST's fields, `application/x-www-form-urlencoded`; repeated names
+/// (checkboxes) kept. Checked for the session's CSRF token before anything
+/// else reads it.
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    fn parse(headers: &HeaderMap, body: &Bytes, visit: &Visit) -> Result<Form, Refused> {
+        let urlencoded = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.starts_with("application/x-www-form-urlencoded"));
+        if !urlencoded {
+            return Err(Refused::new(message_page(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Not a form",
+                "The portal accepts forms (application/x-www-form-urlencoded) only.",
+            )));
+        }
+        let form = Form(
+            url::form_urlencoded::parse(body)
+                .map(|(name, value)| (name.into_owned(), value.into_owned()))
+                .collect(),
+        );
+        let sent = form.get("csrf").unwrap_or_default();
+        if !bool::from(sent.as_bytes().ct_eq(visit.csrf.as_bytes())) {
+            return Err(Refused::new(message_page(
+                StatusCode::FORBIDDEN,
+                "Refused",
+                "This form did not come from your portal session (its security token is missing or wrong). \
+                 Reload the page and try again.",
+            )));
+        }
+        Ok(form)
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    fn all(&self, name: &str) -> impl Iterator<Item = &str> {
+        self.0
+            .iter()
+            .filter(move |(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// An id from the path; one that does not parse is as unknown as one that
+/// names nothing of this tenant's.
+fn parse_id<T: std::str::FromStr>(text: &str, what: &'static str) -> Result<T, Refused> {
+    text.parse().map_err(|_| ApiError::NotFound(what).into())
+}
+
+// Security headers of every portal answer.
+
+fn content_security_policy(state: &AppState, logo_origin: Option<&str>) -> String {
+    let frame_ancestors = if state.portal.frame_ancestors.is_empty() {
+        "'none'".to_owned()
+    } else {
+        state.portal.frame_ancestors.join(" ")
+    };
+    let logo = logo_origin.map(|origin| format!(" {origin}")).unwrap_or_default();
+    format!(
+        "default-src 'none'; style-src 'self'; img-src 'self' data:{logo}; form-action 'self'; \
+         frame-ancestors {frame_ancestors}; base-uri 'none'"
+    )
+}
+
+fn secure_headers(state: &AppState, response: &mut Response, logo_origin: Option<&str>) {
+    let csp = content_security_policy(state, logo_origin);
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&csp) {
+        headers.insert(header::CONTENT_SECURITY_POLICY, value);
+    }
+    if state.portal.frame_ancestors.is_empty() {
+        headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    }
+    // Pages hold secrets and a tenant's data: never kept by a cache, and no
+    // link (the sign-in link least of all) leaks through `Referer`.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+}
+
+fn logo_origin(session: &Session) -> Option<String> {
+    let logo = url::Url::parse(session.theme.logo_url.as_deref()?).ok()?;
+    Some(logo.origin().ascii_serialization())
+}
+
+/// A page of a signed-in visitor, with its security headers.
+fn respond(state: &AppState, visit: &Visit, status: StatusCode, markup: Markup) -> Response {
+    let mut response = (status, markup.into_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    secure_headers(state, &mut response, logo_origin(&visit.session).as_deref());
+    response
+}
+
+/// 303 to `location` (after a POST: a reload does not send the form again).
+fn see_other(state: &AppState, location: &str) -> Response {
+    let mut response = Redirect::to(location).into_response();
+    secure_headers(state, &mut response, None);
+    response
+}
+
+fn message_page(status: StatusCode, title: &str, message: &str) -> Response {
+    let mut response = (status, pages::message(title, message).into_string()).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    response
+}
+
+fn signed_out_page(status: StatusCode) -> Response {
+    message_page(
+        status,
+        "Signed out",
+        "This browser has no portal session, or it has ended. Open a new portal link from the application that \
+         sent you here.",
+    )
+}
+
+/// An error of a use case as a page: what the GraphQL error would say.
+fn error_page(error: &ApiError) -> Response {
+    match error {
+        ApiError::NotFound(what) => message_page(
+            StatusCode::NOT_FOUND,
+            "Not found",
+            &format!("No such {what} here. It may have been deleted, or the link is wrong."),
+        ),
+        ApiError::BadUserInput { message, .. } => message_page(StatusCode::BAD_REQUEST, "Check your input", message),
+        ApiError::Forbidden(message) => message_page(StatusCode::FORBIDDEN, "Not allowed", message),
+        ApiError::Conflict(message) | ApiError::QuotaExceeded(message) => {
+            message_page(StatusCode::CONFLICT, "Not done", message)
+        }
+        ApiError::Busy => {
+            let mut response = message_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Busy",
+                "The service is busy; try again in a moment.",
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, 1.into());
+            response
+        }
+        ApiError::Internal(error) => {
+            tracing::error!(error = %error, "a portal request failed");
+            message_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Something went wrong",
+                "Something went wrong on our side; it has been logged. Try again later.",
+            )
+        }
+    }
+}
+
+// Signing in and out.
+
+/// `GET /portal/open/{token}`: the single-use link. Sets the session cookie
+/// and goes to the webhooks.
+async fn open_link(State(state): State<AppState>, Path(token): Path<String>) -> PortalResult {
+    let opened = if token.len() > 128 {
+        None
+    } else {
+        sessions::open_link(&state.db, &token, Utc::now())
+            .await
+            .map_err(ApiError::from)?
+    };
+    let Some((session, cookie)) = opened else {
+        return Ok(message_page(
+            StatusCode::FORBIDDEN,
+            "Link not valid",
+            "This portal link has been used already, has expired, or was never valid. A link works once, within \
+             10 minutes of being made; ask the application that sent you for a new one.",
+        ));
+    };
+    let mut response = see_other(&state, "/portal/webhooks");
+    let max_age = (session.expires_at - Utc::now()).num_seconds().max(0);
+    let cookie = session_set_cookie(&state, cookie, max_age);
+    if let Ok(value) = HeaderValue::from_str(&cookie.to_string()) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    tracing::info!(tenant_id = %session.tenant_id, session_id = %session.id, "portal session opened");
+    Ok(response)
+}
+
+fn session_set_cookie(state: &AppState, value: String, max_age_secs: i64) -> cookie::Cookie<'static> {
+    let framed = !state.portal.frame_ancestors.is_empty();
+    let mut cookie = cookie::Cookie::build((COOKIE, value))
+        .path("/portal")
+        .http_only(true)
+        .secure(state.portal.cookie_secure)
+        .max_age(cookie::time::Duration::seconds(max_age_secs));
+    cookie = if framed {
+        // Sent inside another site's frame only as SameSite=None (which needs
+        // Secure); Partitioned keeps it to that embedding site, where
+        // browsers block other third-party cookies.
+        cookie.same_site(cookie::SameSite::None).partitioned(true)
+    } else {
+        cookie.same_site(cookie::SameSite::Lax)
+    };
+    cookie.build()
+}
+
+/// `POST /portal/signout`.
+async fn sign_out(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    Form::parse(&headers, &body, &visit)?;
+    if let Some(cookie) = session_cookie(&headers) {
+        sessions::end(&state.db, &cookie, Utc::now())
+            .await
+            .map_err(ApiError::from)?;
+    }
+    let mut response = signed_out_page(StatusCode::OK);
+    let cleared = session_set_cookie(&state, String::new(), 0);
+    if let Ok(value) = HeaderValue::from_str(&cleared.to_string()) {
+        response.headers_mut().insert(header::SET_COOKIE, value);
+    }
+    Ok(response)
+}
+
+// Webhooks.
+
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    after: Option<String>,
+}
+
+/// Webhooks on one page of the list.
+const WEBHOOKS_PER_PAGE: u64 = 50;
+
+async fn webhook_list(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    let after = query
+        .after
+        .as_deref()
+        .map(|id| parse_id::<WebhookId>(id, "page"))
+        .transpose()?;
+    let mut page = actions::webhooks_page(&state, &visit.caller, after, WEBHOOKS_PER_PAGE).await?;
+    let next = (page.len() as u64 > WEBHOOKS_PER_PAGE).then(|| {
+        page.truncate(WEBHOOKS_PER_PAGE as usize);
+        page.last().map(|view| view.webhook.id)
+    });
+    let ids: Vec<WebhookId> = page.iter().map(|view| view.webhook.id).collect();
+    let stats = actions::stats_of(&state, &visit.caller, &ids).await?;
+    let markup = pages::webhook_list(&visit, &page, &stats, next.flatten());
+    Ok(respond(&state, &visit, StatusCode::OK, markup))
+}
+
+async fn webhook_new(State(state): State<AppState>, headers: HeaderMap) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    visit.caller.require(Scope::Write)?;
+    let markup = pages::webhook_form(&visit, None, &pages::WebhookFields::default(), None);
+    Ok(respond(&state, &visit, StatusCode::OK, markup))
+}
+
+/// The fields of the webhook form, as sent.
+fn webhook_fields(form: &Form) -> pages::WebhookFields {
+    pages::WebhookFields {
+        url: form.get("url").unwrap_or_default().trim().to_owned(),
+        events: form.all("events").map(str::to_owned).collect(),
+        description: form.get("description").unwrap_or_default().to_owned(),
+        project_ids: form.get("project_ids").unwrap_or_default().to_owned(),
+        secret: form.get("secret").unwrap_or_default().to_owned(),
+        active: form.get("active").is_some(),
+    }
+}
+
+fn parse_events(fields: &pages::WebhookFields) -> Result<Vec<EventType>, ApiError> {
+    fields
+        .events
+        .iter()
+        .map(|name| {
+            name.parse::<EventType>()
+                .map_err(|_| ApiError::bad_input("events", format!("events: `{name}` is not an event type")))
+        })
+        .collect()
+}
+
+fn parse_project_ids(text: &str) -> Vec<String> {
+    text.split([',', '\n', ' ', '\r', '\t'])
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+async fn webhook_create(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    let form = Form::parse(&headers, &body, &visit)?;
+    let fields = webhook_fields(&form);
+    let created = async {
+        let draft = WebhookDraft {
+            url: fields.url.clone(),
+            events: parse_events(&fields)?,
+            secret: Some(fields.secret.trim().to_owned()).filter(|secret| !secret.is_empty()),
+            description: Some(fields.description.clone()),
+            project_ids: Some(parse_project_ids(&fields.project_ids)),
+            active: Some(fields.active),
+        };
+        actions::create_webhook(&state, &visit.caller, draft).await
+    }
+    .await;
+    match created {
+        // Shown now, with its secret, which the visitor set or has just had
+        // generated (as `createWebhook` answers it).
+        Ok(view) => {
+            let markup = pages::webhook_created(&visit, &view);
+            Ok(respond(&state, &visit, StatusCode::CREATED, markup))
+        }
+        Err(ApiError::BadUserInput { message, .. }) => {
+            let markup = pages::webhook_form(&visit, None, &fields, Some(&message));
+            Ok(respond(&state, &visit, StatusCode::BAD_REQUEST, markup))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct WebhookQuery {
+    reveal: Option<String>,
+    replayed: Option<u64>,
+    tested: Option<String>,
+}
+
+async fn webhook_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<WebhookQuery>,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    let id: WebhookId = parse_id(&id, "webhook")?;
+    let view = actions::webhook(&state, &visit.caller, id).await?;
+    let stats = actions::stats_of(&state, &visit.caller, &[id]).await?;
+    let hours = actions::deliveries_by_hour(&state, &visit.caller, id, CHART_HOURS).await?;
+    let reveal = query.reveal.as_deref() == Some("secret");
+    let notice = query
+        .replayed
+        .map(|count| format!("{count} failed deliveries were sent again."));
+    let notice = notice.or_else(|| query.tested.map(|_| "A test event was sent.".to_owned()));
+    let markup = pages::webhook_page(
+        &visit,
+        &view,
+        stats.get(&id).copied().unwrap_or_default(),
+        &chart::deliveries_by_hour(&hours),
+        reveal,
+        notice.as_deref(),
+    );
+    Ok(respond(&state, &visit, StatusCode::OK, markup))
+}
+
+async fn webhook_edit_form(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    visit.caller.require(Scope::Write)?;
+    let id: WebhookId = parse_id(&id, "webhook")?;
+    let view = actions::webhook(&state, &visit.caller, id).await?;
+    let fields = pages::WebhookFields::of(&view.webhook);
+    let markup = pages::webhook_form(&visit, Some(id), &fields, None);
+    Ok(respond(&state, &visit, StatusCode::OK, markup))
+}
+
+async fn webhook_edit(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    let form = Form::parse(&headers, &body, &visit)?;
+    let id: WebhookId = parse_id(&id, "webhook")?;
+    let fields = webhook_fields(&form);
+    let edited = async {
+        let edit = WebhookEdit {
+            url: Some(fields.url.clone()),
+            events: Some(parse_events(&fields)?),
+            description: Some(fields.description.clone()),
+            project_ids: Some(parse_project_ids(&fields.project_ids)),
+        };
+        actions::update_webhook(&state, &visit.caller, id, edit).await
+    }
+    .await;
+    match edited {
+        Ok(_) => Ok(see_other(&state, &format!("/portal/webhooks/{id}"))),
+        Err(ApiError::BadUserInput { message, .. }) => {
+            let markup = pages::webhook_form(&visit, Some(id), &fields, Some(&message));
+            Ok(respond(&state, &visit, StatusCode::BAD_REQUEST, markup))
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
+async fn webhook_set_active(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    let form = Form::parse(&headers, &body, &visit)?;
+    let id: WebhookId = parse_id(&id, "webhook")?;
+    let active = match form.get("active") {
+        Some("true") => true,
+        Some("false") => false,
+        _ => return Err(ApiError::bad_input("active", "active: must be true or false").into()),
+    };
+    actions::set_active(&state, &visit.caller, id, active).await?;
+    Ok(see_other(&state, &format!("/portal/webhooks/{id}")))
+}
+
+async fn webhook_test(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    Form::parse(&headers, &body, &visit)?;
+    let id: WebhookId = parse_id(&id, "webhook")?;
+    let delivery = actions::test_webhook(&state, &visit.caller, id).await?;
+    Ok(see_other(&state, &format!("/portal/deliveries/{}", delivery.id)))
+}
+
+async fn webhook_replay(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    let form = Form::parse(&headers, &body, &visit)?;
+    let id: WebhookId = parse_id(&id, "webhook")?;
+    let since = parse_time(form.get("since").unwrap_or_default(), "since")?
+        .ok_or_else(|| ApiError::bad_input("since", "since: choose the time from which to replay"))?;
+    let replayed = actions::replay_dead_letters(&state, &visit.caller, id, since).await?;
+    Ok(see_other(&state, &format!("/portal/webhooks/{id}?replayed={replayed}")))
+}
+
+async fn webhook_rotate_confirm(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    visit.caller.require(Scope::Write)?;
+    let id: WebhookId = parse_id(&id, "webhook")?;
+    let view = actions::webhook(&state, &visit.caller, id).await?;
+    let grace = humantime::format_duration(state.secret_rotation_grace).to_string();
+    let markup = pages::rotate_confirm(&visit, &view, &grace);
+    Ok(respond(&state, &visit, StatusCode::OK, markup))
+}
+
+async fn webhook_rotate(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    Form::parse(&headers, &body, &visit)?;
+    let id: WebhookId = parse_id(&id, "webhook")?;
+    let view = actions::rotate_secret(&state, &visit.caller, id, None).await?;
+    let markup = pages::secret_rotated(&visit, &view);
+    Ok(respond(&state, &visit, StatusCode::OK, markup))
+}
+
+async fn webhook_delete_confirm(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    visit.caller.require(Scope::Write)?;
+    let id: WebhookId = parse_id(&id, "webhook")?;
+    let view = actions::webhook(&state, &visit.caller, id).await?;
+    let markup = pages::delete_confirm(&visit, &view);
+    Ok(respond(&state, &visit, StatusCode::OK, markup))
+}
+
+async fn webhook_delete(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    Form::parse(&headers, &body, &visit)?;
+    let id: WebhookId = parse_id(&id, "webhook")?;
+    actions::delete_webhook(&state, &visit.caller, id).await?;
+    Ok(see_other(&state, "/portal/webhooks"))
+}
+
+// The event catalog.
+
+async fn event_catalog(State(state): State<AppState>, headers: HeaderMap) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    let markup = pages::event_catalog(&visit);
+    Ok(respond(&state, &visit, StatusCode::OK, markup))
+}
+
+// Deliveries.
+
+/// A `datetime-local` field (UTC, as the form says) or an RFC 3339 time;
+/// empty is none.
+fn parse_time(text: &str, field: &'static str) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(time) = DateTime::parse_from_rfc3339(text) {
+        return Ok(Some(time.with_timezone(&Utc)));
+    }
+    ["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S%.f"]
+        .iter()
+        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
+        .map(|time| Some(time.and_utc()))
+        .ok_or_else(|| {
+            let shown: String = text.chars().take(40).collect();
+            ApiError::bad_input(
+                field,
+                format!("{field}: `{shown}` is not a time (YYYY-MM-DDTHH:MM, UTC)"),
+            )
+        })
+}
+
+/// The delivery log's filters as the query string holds them.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct LogQuery {
+    #[serde(default)]
+    webhook: String,
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    event: String,
+    #[serde(default)]
+    since: String,
+    #[serde(default)]
+    until: String,
+    before: Option<String>,
+}
+
+impl LogQuery {
+    fn filter(&self) -> Result<DeliveryFilter, Refused> {
+        let webhook_id = match self.webhook.as_str() {
+            "" => None,
+            id => Some(parse_id::<WebhookId>(id, "webhook")?),
+        };
+        let status = match self.status.as_str() {
+            "" => None,
+            status => Some(
+                status
+                    .parse::<DeliveryStatus>()
+                    .map_err(|_| ApiError::bad_input("status", "status: must be PENDING, SUCCEEDED or FAILED"))?,
+            ),
+        };
+        let event_type = match self.event.as_str() {
+            "" => None,
+            event => Some(
+                event
+                    .parse::<EventType>()
+                    .map_err(|_| ApiError::bad_input("event", "event: not an event type"))?,
+            ),
+        };
+        Ok(DeliveryFilter {
+            webhook_id,
+            status,
+            event_type,
+            created_after: parse_time(&self.since, "since")?,
+            created_before: parse_time(&self.until, "until")?,
+        })
+    }
+
+    /// The query string of these filters, for the next page's link.
+    fn filters_query(&self) -> String {
+        url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("webhook", &self.webhook)
+            .append_pair("status", &self.status)
+            .append_pair("event", &self.event)
+            .append_pair("since", &self.since)
+            .append_pair("until", &self.until)
+            .finish()
+    }
+}
+
+async fn delivery_log(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(query): Query<LogQuery>,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    let filter = query.filter()?;
+    let before: Option<Uuid> = query.before.as_deref().map(|id| parse_id(id, "page")).transpose()?;
+    let mut page = actions::deliveries_page(&state, &visit.caller, &filter, before, DELIVERIES_PER_PAGE).await?;
+    let older = (page.len() as u64 > DELIVERIES_PER_PAGE).then(|| {
+        page.truncate(DELIVERIES_PER_PAGE as usize);
+        page.last().map(|delivery| delivery.id)
+    });
+    // The webhook filter's choices, and each row's URL.
+    let webhooks =
+        actions::webhooks_page(&state, &visit.caller, None, u64::from(state.quotas.webhooks_per_tenant)).await?;
+    let urls: HashMap<WebhookId, String> = webhooks
+        .iter()
+        .map(|view| (view.webhook.id, view.webhook.url.as_str().to_owned()))
+        .collect();
+    let older_link = older
+        .flatten()
+        .map(|id| format!("/portal/deliveries?{}&before={id}", query.filters_query()));
+    let markup = pages::delivery_log(&visit, &query, &page, &urls, older_link.as_deref());
+    Ok(respond(&state, &visit, StatusCode::OK, markup))
+}
+
+#[derive(serde::Deserialize)]
+struct DeliveryQuery {
+    redelivered: Option<String>,
+}
+
+async fn delivery_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(query): Query<DeliveryQuery>,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    let id: DeliveryId = parse_id(&id, "delivery")?;
+    let delivery = actions::delivery(&state, &visit.caller, id).await?;
+    let event = actions::event_of(&state, &visit.caller, &delivery).await?;
+    let view = actions::webhook(&state, &visit.caller, delivery.webhook_id).await?;
+    let attempts = actions::attempts_of(&state, &visit.caller, &[id])
+        .await?
+        .remove(&id)
+        .unwrap_or_default();
+    let notice = query
+        .redelivered
+        .map(|_| "Sent again: the new attempt appears below once it is made (reload the page).");
+    let markup = pages::delivery_page(&visit, &delivery, &event, &view, &attempts, notice);
+    Ok(respond(&state, &visit, StatusCode::OK, markup))
+}
+
+async fn delivery_redeliver(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> PortalResult {
+    let visit = visit(&state, &headers).await?;
+    Form::parse(&headers, &body, &visit)?;
+    let id: DeliveryId = parse_id(&id, "delivery")?;
+    actions::redeliver(&state, &visit.caller, id).await?;
+    Ok(see_other(&state, &format!("/portal/deliveries/{id}?redelivered=1")))
+}
+
+// Style.
+
+async fn stylesheet() -> Response {
+    let mut response = include_str!("../../assets/portal/portal.css").into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/css; charset=utf-8"),
+    );
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
+    response
+}
+
+/// The session's accent colour as a style sheet (so no inline style is
+/// needed, and the policy can keep `style-src 'self'`).
+async fn theme_css(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let accent = match session_cookie(&headers) {
+        Some(cookie) => sessions::authenticate(&state.db, &cookie, Utc::now())
+            .await
+            .ok()
+            .flatten()
+            .and_then(|session| session.theme.accent_color),
+        None => None,
+    };
+    let css = accent.map_or_else(String::new, |accent| format!(":root {{ --accent: {accent}; }}\n"));
+    let mut response = css.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/css; charset=utf-8"),
+    );
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_datetime_local_field_is_utc_and_garbage_is_a_clear_error() {
+        let parsed = parse_time("2026-12-03T10:30", "since").expect("valid");
+        assert_eq!(
+            parsed.map(|time| time.to_rfc3339()),
+            Some("2026-12-03T10:30:00+00:00".to_owned())
+        );
+        assert_eq!(parse_time("  ", "since").expect("empty is none"), None);
+        let Err(ApiError::BadUserInput { message, .. }) = parse_time("yesterday", "until") else {
+            panic!("garbage must be refused");
+        };
+        assert!(message.contains("until: `yesterday` is not a time"), "{message}");
+    }
+
+    #[test]
+    fn the_csrf_token_is_bound_to_the_session_cookie() {
+        assert_eq!(csrf_token("a"), csrf_token("a"));
+        assert_ne!(csrf_token("a"), csrf_token("b"));
+        assert_eq!(csrf_token("a").len(), 64);
+    }
+
+    #[test]
+    fn project_ids_may_be_separated_by_commas_spaces_or_lines() {
+        assert_eq!(parse_project_ids(" a, b\nc  d,,\r\n"), vec!["a", "b", "c", "d"]);
+    }
+}
