@@ -42,13 +42,16 @@ if ! command -v go >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq golang-go
 fi
 
-# The browser tests: Debian's Chromium, driven by playwright-core (pinned in
-# tests/browser/package-lock.json; it never downloads a browser of its own).
+# The browser tests: Debian's Chromium, driven by playwright-core, and axe-core
+# for the pages' accessibility checks (both pinned in
+# tests/browser/package-lock.json; playwright-core never downloads a browser of
+# its own). Each is looked for, so a tree installed before one was added gets it.
 if ! [ -x /usr/bin/chromium ]; then
   echo "installing Chromium (the browser tests run in it)"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 fi
-if ! [ -f tests/browser/node_modules/playwright-core/package.json ]; then
+if ! [ -f tests/browser/node_modules/playwright-core/package.json ] ||
+  ! [ -f tests/browser/node_modules/axe-core/axe.min.js ]; then
   echo "installing the browser tests' npm packages"
   npm ci --prefix tests/browser --no-audit --no-fund
 fi

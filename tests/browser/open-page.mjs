@@ -28,7 +28,14 @@ try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   const requests = [];
   const consoleErrors = [];
-  page.on("request", (request) => requests.push({ url: request.url(), failed: false }));
+  page.on("request", (request) =>
+    requests.push({
+      url: request.url(),
+      method: request.method(),
+      resourceType: request.resourceType(),
+      failed: false,
+    }),
+  );
   page.on("requestfailed", (request) => {
     const seen = requests.find((r) => r.url === request.url() && !r.failed);
     if (seen) seen.failed = true;
