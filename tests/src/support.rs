@@ -630,3 +630,122 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `createPortalSession` with `key`; returns the link's path.
+pub async fn portal_link(app: &TestApp, key: &str, read_only: bool) -> String {
+    let (status, answer) = app
+        .graphql_as(
+            Some(key),
+            "mutation($readOnly: Boolean!) { createPortalSession(ttlSeconds: 600, readOnly: $readOnly) { path url } }",
+            json!({ "readOnly": read_only }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let path = answer["data"]["createPortalSession"]["path"]
+        .as_str()
+        .unwrap_or_else(|| panic!("createPortalSession failed: {answer}"));
+    assert_eq!(
+        answer["data"]["createPortalSession"]["url"],
+        json!(app.url(path)),
+        "dev knows its own address"
+    );
+    path.to_owned()
+}
+
+/// A browser's part in the portal, over plain HTTP: keeps the session cookie,
+/// follows no redirect (tests look at each answer), and sends forms with the
+/// page's CSRF token.
+pub struct PortalClient {
+    base: String,
+    http: reqwest::Client,
+    pub cookie: Option<String>,
+}
+
+/// An answer of the portal: status, `Location`, body.
+#[derive(Debug)]
+pub struct PortalAnswer {
+    pub status: StatusCode,
+    pub location: Option<String>,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl PortalClient {
+    pub fn new(app: &TestApp) -> PortalClient {
+        PortalClient {
+            base: app.url(""),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
+            cookie: None,
+        }
+    }
+
+    /// Opens a link; keeps the cookie it sets, if any.
+    pub async fn open(&mut self, path: &str) -> PortalAnswer {
+        let answer = self.get(path).await;
+        if let Some(cookie) = answer
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .find_map(|value| value.strip_prefix("aegis_portal="))
+        {
+            self.cookie = cookie.split(';').next().map(str::to_owned);
+        }
+        answer
+    }
+
+    async fn answer(response: reqwest::Response) -> PortalAnswer {
+        PortalAnswer {
+            status: response.status(),
+            location: response
+                .headers()
+                .get("location")
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned),
+            headers: response.headers().clone(),
+            body: response.text().await.expect("body"),
+        }
+    }
+
+    fn with_cookie(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.cookie {
+            Some(cookie) => request.header("cookie", format!("aegis_portal={cookie}")),
+            None => request,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> PortalAnswer {
+        let request = self.with_cookie(self.http.get(format!("{}{path}", self.base)));
+        Self::answer(request.send().await.expect("GET")).await
+    }
+
+    /// POSTs `fields` as a form, exactly as given (no token added).
+    pub async fn post_raw(&self, path: &str, fields: &[(&str, &str)]) -> PortalAnswer {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
+        let request = self
+            .with_cookie(self.http.post(format!("{}{path}", self.base)))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(body);
+        Self::answer(request.send().await.expect("POST")).await
+    }
+
+    /// POSTs `fields` with the CSRF token of the session's pages.
+    pub async fn post(&self, path: &str, fields: &[(&str, &str)]) -> PortalAnswer {
+        let page = self.get("/portal/events").await;
+        let token = csrf_token_of(&page.body).expect("a signed-in page carries a CSRF token");
+        let mut fields = fields.to_vec();
+        fields.push(("csrf", &token));
+        self.post_raw(path, &fields).await
+    }
+}
+
+/// The CSRF token a portal page's forms carry.
+pub fn csrf_token_of(html: &str) -> Option<String> {
+    let start = html.find(r#"name="csrf" value=""#)? + r#"name="csrf" value=""#.len();
+    html[start..].split('"').next().map(str::to_owned)
+}

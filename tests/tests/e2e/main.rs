@@ -8,6 +8,7 @@ mod fairness;
 mod hostile_receivers;
 mod http_limits;
 mod pipeline;
+mod portal;
 mod rabbitmq;
 mod steps;
 mod storage;

@@ -1,0 +1,351 @@
+//! The customer portal's doors, over plain HTTP on both databases: a link
+//! opens once and only in time, a forged cookie or a revoked key opens
+//! nothing, a form from elsewhere (no CSRF token) changes nothing, a read-only
+//! session changes nothing, and another tenant's ids are not found, whether
+//! read or acted on. (The pages themselves, in a real browser:
+//! `portal_browser`.)
+
+use aegis_webhook_core::access::Scopes;
+use aegis_webhook_storage::tenants;
+use reqwest::StatusCode;
+use sea_orm::ConnectionTrait as _;
+use serde_json::json;
+
+use crate::on_both_backends;
+use crate::support::{Backend, PortalClient, TestApp, portal_link, seed_poam_overdue_data};
+
+on_both_backends!(
+    a_link_opens_once_and_only_in_time,
+    forged_cookies_and_revoked_keys_open_nothing,
+    a_form_without_the_sessions_token_changes_nothing,
+    another_tenants_ids_are_not_found,
+    a_read_only_session_changes_nothing,
+);
+
+async fn a_link_opens_once_and_only_in_time(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let link = portal_link(&app, &app.setup.api_key, false).await;
+
+    let mut browser = PortalClient::new(&app);
+    let opened = browser.open(&link).await;
+    assert_eq!(opened.status, StatusCode::SEE_OTHER, "{opened:?}");
+    assert_eq!(opened.location.as_deref(), Some("/portal/webhooks"));
+    let set_cookie = opened.headers["set-cookie"].to_str().expect("ascii");
+    for attribute in ["HttpOnly", "SameSite=Lax", "Path=/portal"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    assert_eq!(
+        opened.headers["referrer-policy"], "no-referrer",
+        "the link must not leak"
+    );
+    let page = browser.get("/portal/webhooks").await;
+    assert_eq!(page.status, StatusCode::OK, "{page:?}");
+    let csp = page.headers["content-security-policy"].to_str().expect("ascii");
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+
+    // Used: refused, to anyone, and the first session stays.
+    let mut second = PortalClient::new(&app);
+    let again = second.open(&link).await;
+    assert_eq!(again.status, StatusCode::FORBIDDEN, "{again:?}");
+    assert!(again.body.contains("used already, has expired"), "{}", again.body);
+    assert!(second.cookie.is_none());
+    assert_eq!(browser.get("/portal/webhooks").await.status, StatusCode::OK);
+
+    // Expired before it was opened: refused.
+    let late = portal_link(&app, &app.setup.api_key, false).await;
+    let backend = app.db().get_database_backend();
+    app.db()
+        .execute_raw(sea_orm::Statement::from_sql_and_values(
+            backend,
+            "UPDATE portal_sessions SET link_expires_at = $1 WHERE opened_at IS NULL",
+            [(chrono::Utc::now() - chrono::Duration::seconds(1)).into()],
+        ))
+        .await
+        .expect("age the link");
+    let mut third = PortalClient::new(&app);
+    assert_eq!(third.open(&late).await.status, StatusCode::FORBIDDEN);
+
+    // A made-up token, and an absurd one: refused the same way.
+    assert_eq!(
+        third.open("/portal/open/not-a-token").await.status,
+        StatusCode::FORBIDDEN
+    );
+    let absurd = format!("/portal/open/{}", "a".repeat(5000));
+    assert_eq!(third.open(&absurd).await.status, StatusCode::FORBIDDEN);
+
+    // A session past its end: signed out.
+    app.db()
+        .execute_raw(sea_orm::Statement::from_sql_and_values(
+            backend,
+            "UPDATE portal_sessions SET expires_at = $1 WHERE opened_at IS NOT NULL",
+            [(chrono::Utc::now() - chrono::Duration::seconds(1)).into()],
+        ))
+        .await
+        .expect("end the session");
+    assert_eq!(browser.get("/portal/webhooks").await.status, StatusCode::UNAUTHORIZED);
+
+    // Bad requests for a link are refused with the field named.
+    for (variables, field) in [
+        (json!({ "ttl": 5 }), "ttlSeconds"),
+        (
+            json!({ "ttl": 600, "accent": "red; background: url(x)" }),
+            "accentColor",
+        ),
+        (json!({ "ttl": 600, "logo": "javascript:alert(1)" }), "logoUrl"),
+        (json!({ "ttl": 600, "logo": "http://logo.example/x.png" }), "logoUrl"),
+    ] {
+        let (_, answer) = app
+            .graphql_as(
+                Some(&app.setup.api_key),
+                "mutation($ttl: Int!, $accent: String, $logo: String) { \
+                 createPortalSession(ttlSeconds: $ttl, theme: { accentColor: $accent, logoUrl: $logo }) { path } }",
+                variables,
+            )
+            .await;
+        assert_eq!(answer["errors"][0]["extensions"]["field"], field, "{answer}");
+    }
+}
+
+async fn forged_cookies_and_revoked_keys_open_nothing(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let mut anonymous = PortalClient::new(&app);
+    let page = anonymous.get("/portal/webhooks").await;
+    assert_eq!(page.status, StatusCode::UNAUTHORIZED);
+    assert!(page.body.contains("no portal session"), "{}", page.body);
+
+    anonymous.cookie = Some("forged-cookie-value".to_owned());
+    assert_eq!(anonymous.get("/portal/webhooks").await.status, StatusCode::UNAUTHORIZED);
+    anonymous.cookie = Some("x".repeat(4000));
+    assert_eq!(
+        anonymous.get("/portal/deliveries").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let refused = anonymous
+        .post_raw("/portal/webhooks", &[("url", "https://example.com")])
+        .await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+
+    // A session made with a key that is then revoked ends with it.
+    let (key_id, key) = tenants::create_api_key(app.db(), app.setup.tenant_id, Scopes::FULL)
+        .await
+        .expect("key");
+    let mut browser = PortalClient::new(&app);
+    browser.open(&portal_link(&app, &key, false).await).await;
+    assert_eq!(browser.get("/portal/webhooks").await.status, StatusCode::OK);
+    tenants::revoke_api_key(app.db(), key_id).await.expect("revoke");
+    assert_eq!(browser.get("/portal/webhooks").await.status, StatusCode::UNAUTHORIZED);
+
+    // Signing out ends the session for good.
+    let mut browser = PortalClient::new(&app);
+    browser.open(&portal_link(&app, &app.setup.api_key, false).await).await;
+    let out = browser.post("/portal/signout", &[]).await;
+    assert_eq!(out.status, StatusCode::OK, "{out:?}");
+    assert!(out.headers["set-cookie"].to_str().expect("ascii").contains("Max-Age=0"));
+    assert_eq!(browser.get("/portal/webhooks").await.status, StatusCode::UNAUTHORIZED);
+}
+
+async fn a_form_without_the_sessions_token_changes_nothing(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let mut browser = PortalClient::new(&app);
+    browser.open(&portal_link(&app, &app.setup.api_key, false).await).await;
+    let webhook = app
+        .create_webhook("http://127.0.0.1:9/hook", &["POAM_OVERDUE"], None)
+        .await;
+    let id = webhook["id"].as_str().expect("id");
+
+    // What a page of another site can make the browser send: the cookie,
+    // but no token (or a wrong one).
+    for fields in [
+        vec![("url", "https://attacker.example/hook"), ("events", "POAM_OVERDUE")],
+        vec![
+            ("url", "https://attacker.example/hook"),
+            ("events", "POAM_OVERDUE"),
+            ("csrf", "0000"),
+        ],
+    ] {
+        let refused = browser.post_raw("/portal/webhooks", &fields).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{refused:?}");
+        assert!(refused.body.contains("security token"), "{}", refused.body);
+        for action in ["delete", "rotate", "test"] {
+            let refused = browser
+                .post_raw(&format!("/portal/webhooks/{id}/{action}"), &fields)
+                .await;
+            assert_eq!(refused.status, StatusCode::FORBIDDEN, "{action}: {refused:?}");
+        }
+    }
+    assert_eq!(app.count("webhooks").await, 1, "nothing created, nothing deleted");
+    assert_eq!(app.count("deliveries").await, 0, "no test event sent");
+    let secret = app
+        .graphql("query($id: ID!) { webhook(id: $id) { secret } }", json!({ "id": id }))
+        .await;
+    assert_eq!(secret["data"]["webhook"]["secret"], webhook["secret"], "not rotated");
+
+    // Not a form at all: refused before anything reads it.
+    let page = browser.get("/portal/webhooks").await;
+    let token = crate::support::csrf_token_of(&page.body).expect("token");
+    let json_body = reqwest::Client::new()
+        .post(app.url("/portal/webhooks"))
+        .header(
+            "cookie",
+            format!("aegis_portal={}", browser.cookie.clone().expect("cookie")),
+        )
+        .header("content-type", "application/json")
+        .body(json!({ "csrf": token, "url": "https://x.example" }).to_string())
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(json_body.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+
+    // With the token, the same form works.
+    let created = browser
+        .post(
+            "/portal/webhooks",
+            &[
+                ("url", "http://127.0.0.1:9/other"),
+                ("events", "POAM_OVERDUE"),
+                ("active", "true"),
+            ],
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{created:?}");
+    assert!(created.body.contains("whsec_"), "the new secret is shown once");
+    assert_eq!(app.count("webhooks").await, 2);
+
+    // A refused input re-shows the form with the reason and what was typed.
+    let refused = browser
+        .post(
+            "/portal/webhooks",
+            &[("url", "ftp://nowhere.example/x"), ("events", "POAM_OVERDUE")],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(refused.body.contains("role=\"alert\""), "{}", refused.body);
+    assert!(refused.body.contains("ftp://nowhere.example/x"), "{}", refused.body);
+    assert_eq!(app.count("webhooks").await, 2);
+}
+
+async fn another_tenants_ids_are_not_found(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let receiver = crate::support::Receiver::start(&[], 200).await;
+
+    // Tenant B's webhook and delivery.
+    let other = tenants::create_tenant(app.db(), "other-tenant").await.expect("tenant");
+    let (_, other_key) = tenants::create_api_key(app.db(), other.id, Scopes::FULL)
+        .await
+        .expect("key");
+    let (_, created) = app
+        .graphql_as(
+            Some(&other_key),
+            crate::support::SEED_MUTATION,
+            json!({ "input": { "url": receiver.url(), "events": ["POAM_OVERDUE"] } }),
+        )
+        .await;
+    let their_webhook = created["data"]["createWebhook"]["id"].as_str().expect("id").to_owned();
+    let envelope = crate::support::envelope(other.id, "POAM_OVERDUE", seed_poam_overdue_data());
+    app.post_event(&envelope).await;
+    receiver.wait_for(1, std::time::Duration::from_secs(10)).await;
+    let (_, deliveries) = app
+        .graphql_as(Some(&other_key), "{ deliveries(first: 1) { nodes { id } } }", json!({}))
+        .await;
+    let their_delivery = deliveries["data"]["deliveries"]["nodes"][0]["id"]
+        .as_str()
+        .expect("B's delivery")
+        .to_owned();
+
+    // Tenant A's session: B's pages and actions are not found, B's data is untouched.
+    let mut browser = PortalClient::new(&app);
+    browser.open(&portal_link(&app, &app.setup.api_key, false).await).await;
+    for path in [
+        format!("/portal/webhooks/{their_webhook}"),
+        format!("/portal/webhooks/{their_webhook}?reveal=secret"),
+        format!("/portal/webhooks/{their_webhook}/edit"),
+        format!("/portal/webhooks/{their_webhook}/delete"),
+        format!("/portal/webhooks/{their_webhook}/rotate"),
+        format!("/portal/deliveries/{their_delivery}"),
+        "/portal/webhooks/not-an-id".to_owned(),
+    ] {
+        let page = browser.get(&path).await;
+        assert_eq!(page.status, StatusCode::NOT_FOUND, "{path}: {page:?}");
+        assert!(!page.body.contains(&receiver.url()), "{path} shows B's endpoint");
+    }
+    for path in [
+        format!("/portal/webhooks/{their_webhook}/delete"),
+        format!("/portal/webhooks/{their_webhook}/rotate"),
+        format!("/portal/webhooks/{their_webhook}/test"),
+        format!("/portal/deliveries/{their_delivery}/redeliver"),
+    ] {
+        let refused = browser.post(&path, &[]).await;
+        assert_eq!(refused.status, StatusCode::NOT_FOUND, "{path}: {refused:?}");
+    }
+    let refused = browser
+        .post(
+            &format!("/portal/webhooks/{their_webhook}/edit"),
+            &[("url", "https://attacker.example/x"), ("events", "POAM_OVERDUE")],
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND);
+    // The log filtered on B's webhook shows nothing of B's.
+    let log = browser
+        .get(&format!("/portal/deliveries?webhook={their_webhook}"))
+        .await;
+    assert_eq!(log.status, StatusCode::OK);
+    assert!(!log.body.contains(&their_delivery), "{}", log.body);
+    assert!(log.body.contains("No deliveries match."));
+
+    let (_, still) = app
+        .graphql_as(
+            Some(&other_key),
+            "query($id: ID!) { webhook(id: $id) { url secret } }",
+            json!({ "id": their_webhook }),
+        )
+        .await;
+    assert_eq!(still["data"]["webhook"]["url"], json!(receiver.url()), "{still}");
+    assert_eq!(
+        still["data"]["webhook"]["secret"],
+        created["data"]["createWebhook"]["secret"]
+    );
+    assert_eq!(receiver.received().len(), 1, "nothing redelivered or tested");
+}
+
+async fn a_read_only_session_changes_nothing(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let webhook = app
+        .create_webhook("http://127.0.0.1:9/hook", &["POAM_OVERDUE"], None)
+        .await;
+    let id = webhook["id"].as_str().expect("id");
+    let mut browser = PortalClient::new(&app);
+    browser.open(&portal_link(&app, &app.setup.api_key, true).await).await;
+
+    let page = browser.get(&format!("/portal/webhooks/{id}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("Read-only session"), "{}", page.body);
+    assert!(!page.body.contains("Send test event"), "no write controls shown");
+    let secret = webhook["secret"].as_str().expect("secret");
+    let revealed = browser.get(&format!("/portal/webhooks/{id}?reveal=secret")).await;
+    assert!(
+        !revealed.body.contains(secret),
+        "read-only sessions cannot read secrets"
+    );
+    assert!(revealed.body.contains("secrets"), "{}", revealed.body);
+
+    for path in ["test", "rotate", "delete"] {
+        let refused = browser.post(&format!("/portal/webhooks/{id}/{path}"), &[]).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{path}: {refused:?}");
+    }
+    assert_eq!(browser.get("/portal/webhooks/new").await.status, StatusCode::FORBIDDEN);
+    assert_eq!(app.count("webhooks").await, 1);
+    assert_eq!(app.count("deliveries").await, 0);
+}
