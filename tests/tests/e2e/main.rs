@@ -9,6 +9,7 @@ mod hostile_receivers;
 mod http_limits;
 mod pipeline;
 mod portal;
+mod portal_browser;
 mod rabbitmq;
 mod steps;
 mod storage;

@@ -129,10 +129,13 @@ fn status_of(webhook: &Webhook) -> Markup {
     html! {
         @if webhook.active {
             span class="badge ok" { "Active" }
-        } @else if let Some(reason) = &webhook.disabled_reason {
-            span class="badge bad" { "Disabled" } " " span class="reason" { (reason) }
         } @else {
-            span class="badge" { "Paused" }
+            // Paused by someone, or disabled after failing for too long: the
+            // reason says which.
+            span class="badge bad" { "Paused" }
+            @if let Some(reason) = &webhook.disabled_reason {
+                " " span class="reason" { (reason) }
+            }
         }
     }
 }
