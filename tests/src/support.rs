@@ -749,3 +749,22 @@ pub fn csrf_token_of(html: &str) -> Option<String> {
     let start = html.find(r#"name="csrf" value=""#)? + r#"name="csrf" value=""#.len();
     html[start..].split('"').next().map(str::to_owned)
 }
+
+/// A binary of the workspace, `<target>/<profile>/<name>`: a test runs as
+/// `<target>/<profile>/deps/<test>-<hash>`, and `cargo test --workspace`
+/// builds the binaries of packages with integration tests beside it.
+pub fn built_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test binary is in <target>/<profile>/deps");
+    let path = profile_dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: `cargo test --workspace` builds it, or run \
+         `cargo build -p aegis-webhook -p aegis-webhook-bench` before this test alone",
+        path.display()
+    );
+    path
+}

@@ -8,32 +8,14 @@
 //! what makes cargo build a package's binaries for a test run) into the
 //! target folder this test binary runs from.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{amqp_url, postgres_reachable, postgres_server, scanner_channel, scratch_dir};
+use crate::support::{amqp_url, built_binary, postgres_reachable, postgres_server, scanner_channel, scratch_dir};
 
 const EVENTS: u64 = 20;
 const WEBHOOKS: u64 = 2;
-
-/// `<target>/<profile>/<name>`: this test runs as `<target>/<profile>/deps/e2e-<hash>`.
-fn built_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("the test binary is in <target>/<profile>/deps");
-    let path = profile_dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: `cargo test --workspace` builds it, or run \
-         `cargo build -p aegis-webhook -p aegis-webhook-bench` before this test alone",
-        path.display()
-    );
-    path
-}
 
 /// Runs `aegis-bench` with `arguments` and returns its JSON report; fails
 /// with the benchmark's own output when it fails.

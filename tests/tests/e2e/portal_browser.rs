@@ -92,7 +92,11 @@ async fn a_customer_manages_a_webhook_and_debugs_its_deliveries_in_chromium() {
 
         // Keyboard: the first Tab reaches the skip link.
         browser.press("Tab");
-        assert!(browser.focused().text.contains("Skip to content"), "{:?}", browser.focused());
+        assert!(
+            browser.focused().text.contains("Skip to content"),
+            "{:?}",
+            browser.focused()
+        );
 
         // Create a webhook.
         browser.click("a[href='/portal/webhooks/new']");
@@ -123,7 +127,10 @@ async fn a_customer_manages_a_webhook_and_debugs_its_deliveries_in_chromium() {
         browser.click("table.deliveries tbody tr a");
         assert_eq!(browser.text("h1"), "Delivery");
         let delivery_url = browser.url();
-        assert!(delivery_url.contains(first.header("x-aegis-delivery")), "{delivery_url}");
+        assert!(
+            delivery_url.contains(first.header("x-aegis-delivery")),
+            "{delivery_url}"
+        );
         assert_eq!(
             browser.text("#body"),
             String::from_utf8_lossy(&first.body),
@@ -150,8 +157,16 @@ async fn a_customer_manages_a_webhook_and_debugs_its_deliveries_in_chromium() {
         browser.click("dl.facts a[href^='/portal/webhooks/']");
         assert_eq!(browser.text("h1"), "Webhook");
         assert_eq!(browser.count("svg.chart"), 1);
-        assert!(browser.text("dl.facts").contains("100.0 %"), "{}", browser.text("dl.facts"));
-        assert_eq!(browser.count("#secret"), 0, "the secret is not on the page until asked for");
+        assert!(
+            browser.text("dl.facts").contains("100.0 %"),
+            "{}",
+            browser.text("dl.facts")
+        );
+        assert_eq!(
+            browser.count("#secret"),
+            0,
+            "the secret is not on the page until asked for"
+        );
         check_page(&mut browser, "webhook");
         browser.click("text=Reveal secret");
         assert_eq!(browser.text("#secret"), secret);
@@ -202,7 +217,10 @@ async fn a_customer_manages_a_webhook_and_debugs_its_deliveries_in_chromium() {
         let requests = browser.requests();
         assert!(requests.len() > 20, "{requests:?}");
         for request in &requests {
-            assert!(request.url.starts_with(&origin), "a request left the server: {request:?}");
+            assert!(
+                request.url.starts_with(&origin),
+                "a request left the server: {request:?}"
+            );
             assert!(!request.failed, "{request:?}");
         }
         let errors: Vec<String> = browser
@@ -219,4 +237,58 @@ async fn a_customer_manages_a_webhook_and_debugs_its_deliveries_in_chromium() {
     drop(receiver);
     let mut app = std::sync::Arc::into_inner(app).expect("the browser is done with the app");
     app.stop().await;
+}
+
+/// The README's first command, as a new user runs it: `aegis-webhook dev`
+/// prints a portal link, and opening it in Chromium shows the webhooks page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_prints_a_portal_link_that_opens_the_webhooks_page() {
+    use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+    if !browser::available() {
+        return;
+    }
+    let data = crate::support::scratch_dir();
+    let mut dev = tokio::process::Command::new(crate::support::built_binary("aegis-webhook"))
+        .arg("dev")
+        .env("AEGIS_LISTEN", "127.0.0.1:0")
+        .env("AEGIS_DATA_DIR", &data)
+        .env("AEGIS_LOG", "warn")
+        .env_remove("AEGIS_DATABASE_URL")
+        .env_remove("AEGIS_AMQP_URL")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start `aegis-webhook dev`");
+    let mut lines = BufReader::new(dev.stdout.take().expect("stdout")).lines();
+    let link = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.expect("dev's output") {
+            if let Some(link) = line.trim().strip_prefix("Customer portal") {
+                return link.trim().to_owned();
+            }
+        }
+        panic!("dev ended without printing a portal link");
+    })
+    .await
+    .expect("dev prints its banner within 60 s");
+    assert!(
+        link.starts_with("http://127.0.0.1:") && link.contains("/portal/open/"),
+        "{link}"
+    );
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let landed = tokio::task::spawn_blocking(move || {
+        let mut browser = Browser::launch();
+        let landed = browser.goto(&link);
+        let heading = browser.text("h1");
+        browser.screenshot(&screenshot("dev-link"));
+        browser.close();
+        (landed, heading)
+    })
+    .await
+    .expect("the browser run");
+    assert_eq!(landed.0.status, Some(200), "{landed:?}");
+    assert!(landed.0.url.ends_with("/portal/webhooks"), "{landed:?}");
+    assert_eq!(landed.1, "Webhooks");
+    dev.kill().await.expect("stop dev");
 }
