@@ -460,8 +460,9 @@ pub async fn start_dev(mut config: Config, listener: TcpListener) -> anyhow::Res
         .public_url
         .get_or_insert_with(|| format!("http://{address}"))
         .clone();
-    if address.ip().is_loopback() {
-        // No TLS on loopback: a Secure cookie would not be kept.
+    if address.ip().is_loopback() && config.portal_frame_ancestors().is_empty() {
+        // No TLS on loopback. (A framed portal keeps Secure: browsers send a
+        // cookie into another site's frame only when it is.)
         config.portal_cookie_secure = false;
     }
 

@@ -349,3 +349,50 @@ async fn a_read_only_session_changes_nothing(backend: Backend) {
     assert_eq!(app.count("webhooks").await, 1);
     assert_eq!(app.count("deliveries").await, 0);
 }
+
+/// Embedding in the Aegis app: the configured origins may frame the portal,
+/// and its cookie is one a browser sends inside their frame. A theme's logo
+/// origin is the one outside address the pages may load from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_portal_allows_its_framing_origin_and_its_theme() {
+    let Some(app) = TestApp::spawn_with(Backend::Sqlite, |config| {
+        config.portal_frame_ancestors = "https://app.aegis.example, https://staging.aegis.example".to_owned();
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, answer) = app
+        .graphql_as(
+            Some(&app.setup.api_key),
+            "mutation { createPortalSession(theme: { accentColor: \"#7B1FA2\", \
+             logoUrl: \"https://cdn.aegis.example/logo.svg\" }) { path } }",
+            json!({}),
+        )
+        .await;
+    let link = answer["data"]["createPortalSession"]["path"].as_str().expect("path");
+    let mut browser = PortalClient::new(&app);
+    let opened = browser.open(link).await;
+    let set_cookie = opened.headers["set-cookie"].to_str().expect("ascii");
+    for attribute in ["SameSite=None", "Secure", "Partitioned", "HttpOnly"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    let page = browser.get("/portal/webhooks").await;
+    let csp = page.headers["content-security-policy"].to_str().expect("ascii");
+    assert!(
+        csp.contains("frame-ancestors https://app.aegis.example https://staging.aegis.example"),
+        "{csp}"
+    );
+    assert!(csp.contains("img-src 'self' data: https://cdn.aegis.example;"), "{csp}");
+    assert!(
+        page.headers.get("x-frame-options").is_none(),
+        "it would forbid the frame"
+    );
+    assert!(
+        page.body.contains(r#"src="https://cdn.aegis.example/logo.svg""#),
+        "{}",
+        page.body
+    );
+    let theme = browser.get("/portal/theme.css").await;
+    assert_eq!(theme.body.trim(), ":root { --accent: #7b1fa2; }");
+}
