@@ -38,4 +38,14 @@ forbid aegis-webhook-worker axum
 for heavy in tokio futures sea-orm sqlx lapin opentelemetry tracing serde aegis-webhook-core; do
   forbid aegis-webhook-verify "$heavy"
 done
+# The portal adds no data path: its pages read and change a tenant's data only
+# through the use cases (api::actions), as GraphQL does; from storage it takes
+# types and its own sessions, never a query.
+portal_queries=$(grep -rnE 'sea_orm|(deliveries|webhooks|events|tenants|audit)::[a-z_]+\(' \
+  crates/aegis-webhook-api/src/portal || true)
+if [ -n "$portal_queries" ]; then
+  echo "INVARIANT BROKEN: the portal queries storage itself instead of calling api::actions:" >&2
+  echo "$portal_queries" >&2
+  exit 1
+fi
 echo "invariants hold"
