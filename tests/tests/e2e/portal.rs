@@ -20,6 +20,7 @@ on_both_backends!(
     a_form_without_the_sessions_token_changes_nothing,
     another_tenants_ids_are_not_found,
     a_read_only_session_changes_nothing,
+    a_webhooks_pages_count_its_own_deliveries,
 );
 
 async fn a_link_opens_once_and_only_in_time(backend: Backend) {
@@ -395,4 +396,56 @@ async fn an_embedded_portal_allows_its_framing_origin_and_its_theme() {
     );
     let theme = browser.get("/portal/theme.css").await;
     assert_eq!(theme.body.trim(), ":root { --accent: #7b1fa2; }");
+}
+
+async fn a_webhooks_pages_count_its_own_deliveries(backend: Backend) {
+    let Some(app) = TestApp::spawn(backend).await else {
+        return;
+    };
+    let receiver = crate::support::Receiver::start(&[500], 200).await;
+    let counted = app
+        .create_webhook(&format!("{}/counted", receiver.url()), &["POAM_OVERDUE"], None)
+        .await;
+    app.create_webhook(&format!("{}/other", receiver.url()), &["POAM_DUE_SOON"], None)
+        .await;
+    for _ in 0..3 {
+        let envelope = crate::support::envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
+        app.post_event(&envelope).await;
+    }
+    // The first attempt fails (500) and is retried; all three succeed.
+    receiver.wait_for(4, std::time::Duration::from_secs(10)).await;
+    let id = counted["id"].as_str().expect("id");
+    let mut browser = PortalClient::new(&app);
+    browser.open(&portal_link(&app, &app.setup.api_key, false).await).await;
+
+    let page = crate::support::eventually(std::time::Duration::from_secs(10), "the attempts recorded", || async {
+        let page = browser.get(&format!("/portal/webhooks/{id}")).await;
+        page.body
+            .contains("3 succeeded, 0 failed, 0 pending; the busiest hour had 3.")
+            .then_some(page)
+    })
+    .await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("100.0 %"), "{}", page.body);
+
+    let log = browser
+        .get(&format!("/portal/deliveries?webhook={id}&status=SUCCEEDED"))
+        .await;
+    assert_eq!(
+        log.body.matches("class=\"badge ok\">SUCCEEDED").count(),
+        3,
+        "{}",
+        log.body
+    );
+    let failed = browser
+        .get(&format!("/portal/deliveries?webhook={id}&status=FAILED"))
+        .await;
+    assert!(failed.body.contains("No deliveries match."));
+    let refused = browser.get("/portal/deliveries?since=yesterday").await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert!(
+        refused.body.contains("since: `yesterday` is not a time"),
+        "{}",
+        refused.body
+    );
 }

@@ -95,6 +95,7 @@ pub fn router(state: AppState) -> Router {
         .route(STYLESHEET, get(stylesheet))
         // A larger body is refused (413) before a handler reads it.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .layer(axum::middleware::map_response_with_state(state.clone(), secure_headers))
         .with_state(state)
 }
 
@@ -260,20 +261,27 @@ fn content_security_policy(state: &AppState, logo_origin: Option<&str>) -> Strin
     )
 }
 
-fn secure_headers(state: &AppState, response: &mut Response, logo_origin: Option<&str>) {
-    let csp = content_security_policy(state, logo_origin);
+/// Every answer of the portal leaves through here: the policy (unless the
+/// page set its own, with the session's logo), framing, and no caching or
+/// `Referer` (pages hold secrets and a tenant's data, and the sign-in link
+/// must not travel on). Assets set their own caching.
+async fn secure_headers(State(state): State<AppState>, mut response: Response) -> Response {
+    let csp = content_security_policy(&state, None);
     let headers = response.headers_mut();
-    if let Ok(value) = HeaderValue::from_str(&csp) {
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY)
+        && let Ok(value) = HeaderValue::from_str(&csp)
+    {
         headers.insert(header::CONTENT_SECURITY_POLICY, value);
     }
     if state.portal.frame_ancestors.is_empty() {
         headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     }
-    // Pages hold secrets and a tenant's data: never kept by a cache, and no
-    // link (the sign-in link least of all) leaks through `Referer`.
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    response
 }
 
 fn logo_origin(session: &Session) -> Option<String> {
@@ -281,40 +289,32 @@ fn logo_origin(session: &Session) -> Option<String> {
     Some(logo.origin().ascii_serialization())
 }
 
-/// A page of a signed-in visitor, with its security headers.
-fn respond(state: &AppState, visit: &Visit, status: StatusCode, markup: Markup) -> Response {
+fn html(status: StatusCode, markup: Markup) -> Response {
     let mut response = (status, markup.into_string()).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
-    secure_headers(state, &mut response, logo_origin(&visit.session).as_deref());
+    response
+}
+
+/// A page of a signed-in visitor; its policy allows the session's logo.
+fn respond(state: &AppState, visit: &Visit, status: StatusCode, markup: Markup) -> Response {
+    let mut response = html(status, markup);
+    let csp = content_security_policy(state, logo_origin(&visit.session).as_deref());
+    if let Ok(value) = HeaderValue::from_str(&csp) {
+        response.headers_mut().insert(header::CONTENT_SECURITY_POLICY, value);
+    }
     response
 }
 
 /// 303 to `location` (after a POST: a reload does not send the form again).
-fn see_other(state: &AppState, location: &str) -> Response {
-    let mut response = Redirect::to(location).into_response();
-    secure_headers(state, &mut response, None);
-    response
+fn see_other(location: &str) -> Response {
+    Redirect::to(location).into_response()
 }
 
 fn message_page(status: StatusCode, title: &str, message: &str) -> Response {
-    let mut response = (status, pages::message(title, message).into_string()).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-        ),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    response
+    html(status, pages::message(title, message))
 }
 
 fn signed_out_page(status: StatusCode) -> Response {
@@ -379,7 +379,7 @@ async fn open_link(State(state): State<AppState>, Path(token): Path<String>) -> 
              10 minutes of being made; ask the application that sent you for a new one.",
         ));
     };
-    let mut response = see_other(&state, "/portal/webhooks");
+    let mut response = see_other("/portal/webhooks");
     let max_age = (session.expires_at - Utc::now()).num_seconds().max(0);
     let cookie = session_set_cookie(&state, cookie, max_age);
     if let Ok(value) = HeaderValue::from_str(&cookie.to_string()) {
@@ -590,7 +590,7 @@ async fn webhook_edit(
     }
     .await;
     match edited {
-        Ok(_) => Ok(see_other(&state, &format!("/portal/webhooks/{id}"))),
+        Ok(_) => Ok(see_other(&format!("/portal/webhooks/{id}"))),
         Err(ApiError::BadUserInput { message, .. }) => {
             let markup = pages::webhook_form(&visit, Some(id), &fields, Some(&message));
             Ok(respond(&state, &visit, StatusCode::BAD_REQUEST, markup))
@@ -614,7 +614,7 @@ async fn webhook_set_active(
         _ => return Err(ApiError::bad_input("active", "active: must be true or false").into()),
     };
     actions::set_active(&state, &visit.caller, id, active).await?;
-    Ok(see_other(&state, &format!("/portal/webhooks/{id}")))
+    Ok(see_other(&format!("/portal/webhooks/{id}")))
 }
 
 async fn webhook_test(
@@ -627,7 +627,7 @@ async fn webhook_test(
     Form::parse(&headers, &body, &visit)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     let delivery = actions::test_webhook(&state, &visit.caller, id).await?;
-    Ok(see_other(&state, &format!("/portal/deliveries/{}", delivery.id)))
+    Ok(see_other(&format!("/portal/deliveries/{}", delivery.id)))
 }
 
 async fn webhook_replay(
@@ -642,7 +642,7 @@ async fn webhook_replay(
     let since = parse_time(form.get("since").unwrap_or_default(), "since")?
         .ok_or_else(|| ApiError::bad_input("since", "since: choose the time from which to replay"))?;
     let replayed = actions::replay_dead_letters(&state, &visit.caller, id, since).await?;
-    Ok(see_other(&state, &format!("/portal/webhooks/{id}?replayed={replayed}")))
+    Ok(see_other(&format!("/portal/webhooks/{id}?replayed={replayed}")))
 }
 
 async fn webhook_rotate_confirm(
@@ -696,7 +696,7 @@ async fn webhook_delete(
     Form::parse(&headers, &body, &visit)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     actions::delete_webhook(&state, &visit.caller, id).await?;
-    Ok(see_other(&state, "/portal/webhooks"))
+    Ok(see_other("/portal/webhooks"))
 }
 
 // The event catalog.
@@ -855,7 +855,7 @@ async fn delivery_redeliver(
     Form::parse(&headers, &body, &visit)?;
     let id: DeliveryId = parse_id(&id, "delivery")?;
     actions::redeliver(&state, &visit.caller, id).await?;
-    Ok(see_other(&state, &format!("/portal/deliveries/{id}?redelivered=1")))
+    Ok(see_other(&format!("/portal/deliveries/{id}?redelivered=1")))
 }
 
 // Style.
