@@ -176,6 +176,7 @@ async fn a_customer_manages_a_webhook_and_debugs_its_deliveries_in_chromium() {
         assert_eq!(browser.text("h1"), "Secret rotated");
         let rotated = browser.text("#secret");
         assert!(rotated.starts_with("whsec_") && rotated != secret, "{rotated}");
+        check_page(&mut browser, "secret-rotated");
 
         // A test event, signed with the new secret.
         browser.click("text=Back to the webhook");
@@ -186,14 +187,25 @@ async fn a_customer_manages_a_webhook_and_debugs_its_deliveries_in_chromium() {
         assert_eq!(test.header("x-aegis-event"), "WEBHOOK_TEST");
         crate::signature::assert_signed(test, &rotated);
 
-        // Pause, then the delete confirmation (kept: cancelled).
+        // Edit, pause, then the delete confirmation (kept: cancelled).
         browser.click("dl.facts a[href^='/portal/webhooks/']");
+        browser.click("a[href$='/edit']");
+        check_page(&mut browser, "webhook-edit");
+        browser.fill("#description", "Compliance alerts (edited)");
+        browser.click("form.stack button[type='submit']");
+        assert!(browser.text("dl.facts").contains("Compliance alerts (edited)"));
         browser.click("form[action$='/active'] button");
         assert!(browser.text("dl.facts").contains("Paused"));
         browser.click("a[href$='/delete']");
         check_page(&mut browser, "delete");
         browser.click("text=Cancel");
         assert_eq!(browser.text("h1"), "Webhook");
+
+        // The list, with the webhook's health.
+        browser.click("nav a[href='/portal/webhooks']");
+        let row = browser.text("tbody tr");
+        assert!(row.contains("Paused") && row.contains("100.0 %"), "{row}");
+        check_page(&mut browser, "webhooks");
 
         // The event catalog.
         browser.click("nav a[href='/portal/events']");
@@ -204,6 +216,7 @@ async fn a_customer_manages_a_webhook_and_debugs_its_deliveries_in_chromium() {
         let theirs = browser.goto(&format!("{origin}/portal/deliveries/{their_delivery}"));
         assert_eq!(theirs.status, Some(404), "{theirs:?}");
         assert!(!browser.content().contains(&receiver.url()));
+        check_page(&mut browser, "not-found");
 
         // A phone's width: still usable, still accessible.
         browser.viewport(390, 844);
