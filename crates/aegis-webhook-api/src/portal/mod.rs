@@ -53,9 +53,15 @@ const CHART_HOURS: u32 = 24;
 /// their quotas fit many times over).
 const MAX_FORM_BYTES: usize = 64 * 1024;
 
-/// Where the style sheet is served; versioned, so a new build is never mixed
-/// with a cached old one.
-const STYLESHEET: &str = "/portal/assets/portal-1.css";
+/// The style sheet, compiled in.
+const STYLE: &str = include_str!("../../assets/portal/portal.css");
+
+/// Where the style sheet is served: named by its content's hash, so it can
+/// be cached for good and a changed one is never mixed with an old copy.
+static STYLESHEET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let hash = hex::encode(Sha256::digest(STYLE));
+    format!("/portal/assets/portal-{}.css", &hash[..12])
+});
 
 /// How the portal may be framed, and its cookie sent.
 #[derive(Debug, Clone, Default)]
@@ -92,7 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/deliveries/{id}", get(delivery_page))
         .route("/portal/deliveries/{id}/redeliver", post(delivery_redeliver))
         .route("/portal/theme.css", get(theme_css))
-        .route(STYLESHEET, get(stylesheet))
+        .route(&STYLESHEET, get(stylesheet))
         // A larger body is refused (413) before a handler reads it.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
         .layer(axum::middleware::map_response_with_state(state.clone(), secure_headers))
@@ -861,7 +867,7 @@ async fn delivery_redeliver(
 // Style.
 
 async fn stylesheet() -> Response {
-    let mut response = include_str!("../../assets/portal/portal.css").into_response();
+    let mut response = STYLE.into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

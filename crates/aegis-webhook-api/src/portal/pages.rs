@@ -62,7 +62,7 @@ fn layout(visit: &Visit, section: Section, title: &str, content: Markup) -> Mark
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " — Aegis Webhooks" }
-                link rel="stylesheet" href=(STYLESHEET);
+                link rel="stylesheet" href=(*STYLESHEET);
                 link rel="stylesheet" href="/portal/theme.css";
             }
             body {
@@ -112,7 +112,7 @@ pub fn message(title: &str, message: &str) -> Markup {
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " — Aegis Webhooks" }
-                link rel="stylesheet" href=(STYLESHEET);
+                link rel="stylesheet" href=(*STYLESHEET);
             }
             body {
                 main id="main" class="message" {
@@ -166,7 +166,7 @@ pub fn webhook_list(
             p { "No webhooks yet." }
         } @else {
             div class="table-wrap" role="region" aria-label="Webhooks" tabindex="0" {
-                table {
+                table class="cards" {
                     thead {
                         tr {
                             th scope="col" { "Endpoint" }
@@ -181,21 +181,21 @@ pub fn webhook_list(
                             @let webhook = &view.webhook;
                             @let stat = stats.get(&webhook.id).copied().unwrap_or_default();
                             tr {
-                                td {
+                                td data-label="Endpoint" class="endpoint" {
                                     a href=(format!("/portal/webhooks/{}", webhook.id)) { (webhook.url.as_str()) }
                                     @if let Some(description) = &webhook.description {
                                         div class="muted" { (description) }
                                     }
                                 }
-                                td { (status_of(webhook)) }
-                                td { (success_rate(&stat)) }
-                                td {
+                                td data-label="Status" { (status_of(webhook)) }
+                                td data-label="Success rate" { (success_rate(&stat)) }
+                                td data-label="Last success" {
                                     @match stat.last_success_at {
                                         Some(at) => (time(at)),
                                         None => "never",
                                     }
                                 }
-                                td { (webhook.consecutive_failures) }
+                                td data-label="Failure streak" { (webhook.consecutive_failures) }
                             }
                         }
                     }
@@ -544,7 +544,7 @@ pub fn delivery_log(
             p { "No deliveries match." }
         } @else {
             div class="table-wrap" role="region" aria-label="Deliveries" tabindex="0" {
-                table class="deliveries" {
+                table class="deliveries cards" {
                     thead {
                         tr {
                             th scope="col" { "Created" }
@@ -558,12 +558,12 @@ pub fn delivery_log(
                     tbody {
                         @for delivery in page {
                             tr {
-                                td { a href=(format!("/portal/deliveries/{}", delivery.id)) { (time(delivery.created_at)) } }
-                                td { code { (delivery.event_type.as_str()) } }
-                                td class="endpoint" { (urls.get(&delivery.webhook_id).map_or("", String::as_str)) }
-                                td { (status_badge(delivery.status)) }
-                                td { (delivery.attempts) }
-                                td { @if let Some(code) = delivery.last_status_code { (code) } @else { "—" } }
+                                td data-label="Created" { a href=(format!("/portal/deliveries/{}", delivery.id)) { (time(delivery.created_at)) } }
+                                td data-label="Event" { code { (delivery.event_type.as_str()) } }
+                                td data-label="Endpoint" class="endpoint" { (urls.get(&delivery.webhook_id).map_or("", String::as_str)) }
+                                td data-label="Status" { (status_badge(delivery.status)) }
+                                td data-label="Attempts" { (delivery.attempts) }
+                                td data-label="Last response" { @if let Some(code) = delivery.last_status_code { (code) } @else { "—" } }
                             }
                         }
                     }
