@@ -8,7 +8,7 @@
 #
 # Exits 1 when any run lost or mis-signed a delivery; the other runs still go.
 # Each run may take up to 10 minutes (--timeout 600s); the last one, the
-# 10-minute steady run, takes 10. The whole script takes about 16 minutes.
+# 10-minute steady run, takes 10. The whole script takes about 17 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,6 +65,10 @@ for mode in embedded production; do
   run "$mode-noisy-fifo" --mode "$mode" --scenario noisy --set AEGIS_FAIRNESS=off
   run "$mode-burst-20000x10" --mode "$mode" --scenario burst --events 20000
 done
+
+# (e) the customer portal: 10,000 deliveries to one webhook, then its pages
+# timed (docs/performance.md, "The portal's pages").
+for mode in embedded production; do run "$mode-portal" --mode "$mode" --scenario portal; done
 
 # Memory over time: 10 minutes of the steady scenario; compare its peak RSS
 # with the 30 s run's (flat memory: about the same).

@@ -1,5 +1,6 @@
-//! The system's HTTP API as a customer uses it: readiness, the tenant, and
-//! webhooks created with the documentation's `createWebhook` mutation.
+//! The system's HTTP API as a customer uses it: readiness, the tenant,
+//! webhooks created with the documentation's `createWebhook` mutation, their
+//! delivery counts, and links into the customer portal (`createPortalSession`).
 
 use anyhow::Context as _;
 use serde_json::{Value, json};
@@ -8,6 +9,37 @@ use uuid::Uuid;
 /// The customer-facing mutation, as the documentation writes it.
 const CREATE_WEBHOOK: &str = "mutation CreateWebhook($input: WebhookInput!) { \
      createWebhook(input: $input) { id url events secret active } }";
+
+/// A single-use link into the customer portal, valid for `ttlSeconds`.
+const CREATE_PORTAL_SESSION: &str = "mutation CreatePortalSession($ttl: Int!) { \
+     createPortalSession(ttlSeconds: $ttl) { path url } }";
+
+/// Every webhook's delivery counts (the portal scenario has few webhooks;
+/// 100 is the largest page).
+const WEBHOOK_STATS: &str = "{ webhooks(first: 100) { nodes { id stats { succeeded failed pending } } } }";
+
+/// A webhook's deliveries as the API counts them from the database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeliveryCounts {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub pending: u64,
+}
+
+impl DeliveryCounts {
+    pub fn total(self) -> u64 {
+        self.succeeded + self.failed + self.pending
+    }
+}
+
+/// What `createPortalSession` answers.
+#[derive(Debug, Clone)]
+pub struct PortalLink {
+    /// `/portal/open/<token>`, on the API's address.
+    pub path: String,
+    /// The whole link, when the server knows its public address.
+    pub url: Option<String>,
+}
 
 /// Where the API is and the credentials the benchmark gave the system.
 #[derive(Debug, Clone)]
@@ -61,8 +93,9 @@ impl Api {
             .with_context(|| format!("no tenant id in {data}"))
     }
 
-    /// Creates an active webhook for `VULNERABILITY_DETECTED` with `secret`.
-    pub async fn create_webhook(&self, url: &str, secret: &str) -> anyhow::Result<()> {
+    /// Creates an active webhook for `VULNERABILITY_DETECTED` with `secret`;
+    /// returns its id.
+    pub async fn create_webhook(&self, url: &str, secret: &str) -> anyhow::Result<Uuid> {
         let input = json!({ "url": url, "events": [crate::events::EVENT_NAME], "secret": secret });
         let data = self
             .graphql(CREATE_WEBHOOK, json!({ "input": input }))
@@ -72,6 +105,53 @@ impl Api {
         if webhook["active"] != json!(true) || webhook["secret"] != json!(secret) {
             anyhow::bail!("createWebhook answered an unexpected webhook: {webhook}");
         }
-        Ok(())
+        webhook["id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .with_context(|| format!("createWebhook answered no webhook id: {webhook}"))
+    }
+
+    /// Each of the tenant's webhooks' delivery counts, by webhook id.
+    pub async fn delivery_counts(&self) -> anyhow::Result<Vec<(Uuid, DeliveryCounts)>> {
+        let data = self.graphql(WEBHOOK_STATS, json!({})).await?;
+        let nodes = data["webhooks"]["nodes"]
+            .as_array()
+            .with_context(|| format!("no webhooks in {data}"))?;
+        nodes
+            .iter()
+            .map(|node| {
+                let id = node["id"].as_str().and_then(|id| id.parse().ok());
+                let count = |name: &str| node["stats"][name].as_u64();
+                match (id, count("succeeded"), count("failed"), count("pending")) {
+                    (Some(id), Some(succeeded), Some(failed), Some(pending)) => Ok((
+                        id,
+                        DeliveryCounts {
+                            succeeded,
+                            failed,
+                            pending,
+                        },
+                    )),
+                    _ => anyhow::bail!("a webhook without its id or stats: {node}"),
+                }
+            })
+            .collect()
+    }
+
+    /// A single-use link into the customer portal for this key's tenant,
+    /// opening a session of `ttl_seconds`.
+    pub async fn create_portal_session(&self, ttl_seconds: u32) -> anyhow::Result<PortalLink> {
+        let data = self
+            .graphql(CREATE_PORTAL_SESSION, json!({ "ttl": ttl_seconds }))
+            .await
+            .context("failed to create a portal session")?;
+        let session = &data["createPortalSession"];
+        let path = session["path"]
+            .as_str()
+            .filter(|path| path.starts_with('/'))
+            .with_context(|| format!("createPortalSession answered no path: {session}"))?;
+        Ok(PortalLink {
+            path: path.to_owned(),
+            url: session["url"].as_str().map(str::to_owned),
+        })
     }
 }

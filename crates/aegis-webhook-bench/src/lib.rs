@@ -16,11 +16,18 @@
 //! bootstrap tenant) publishes its events as fast as the burst does while
 //! tenant B publishes a few a second from the same moment until A's
 //! deliveries have all arrived; the report gives each tenant's figures.
+//!
+//! The portal scenario is a burst to one webhook followed by the customer
+//! portal's pages ([`portal`]): once every delivery has arrived (and the API
+//! counts them all), a portal session fetches the delivery log, the webhook's
+//! page and one delivery's page, each many times, one at a time, and the
+//! report gives each page's time from request to whole body.
 
 pub mod api;
 pub mod broker;
 pub mod events;
 pub mod options;
+pub mod portal;
 pub mod postgres;
 pub mod process;
 pub mod procstat;
@@ -44,13 +51,13 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use options::Args;
-use options::{Mode, Pace, Plan, Quiet, Via};
+use options::{Mode, Pace, Plan, Quiet, Scenario, Via};
 use procstat::Machine;
 use publish::Published;
 use receiver::{Receiver, Tally};
 use report::{
-    Deliveries, Latency, MachineLoad, ProcessUsage, Report, ServiceUsage, Settings, TenantFigures, Tenants, Throughput,
-    per_thousand,
+    Deliveries, Latency, MachineLoad, PageTiming, Portal, ProcessUsage, Report, ServiceUsage, Settings, TenantFigures,
+    Tenants, Throughput, per_thousand,
 };
 use system::System;
 
@@ -238,6 +245,8 @@ struct Measured {
     /// (name, pid, peak RSS in bytes) of each spawned process, read at the end.
     processes: Vec<(String, u32, Option<u64>)>,
     own_peak_rss: Option<u64>,
+    /// Portal scenario: the pages' figures, or why they could not be measured.
+    portal: Option<Result<Portal, String>>,
 }
 
 /// A tenant's publisher, built but not yet started, and what stops it early.
@@ -267,6 +276,8 @@ async fn measure(
         apis.push(system.quiet_api.clone().context("the started system has no tenant B")?);
     }
     let mut tenant_ids = Vec::new();
+    // By tenant, in the receiver's order.
+    let mut webhook_ids: Vec<Vec<Uuid>> = Vec::new();
     for (tenant, (load, api)) in loads.iter().zip(&apis).enumerate() {
         let tenant_id = api.tenant_id().await?;
         if tenant_ids.contains(&tenant_id) {
@@ -282,9 +293,11 @@ async fn measure(
                 String::new()
             }
         );
+        let mut ids = Vec::new();
         for (index, secret) in load.secrets.iter().enumerate() {
-            api.create_webhook(&receiver.url(tenant, index), secret).await?;
+            ids.push(api.create_webhook(&receiver.url(tenant, index), secret).await?);
         }
+        webhook_ids.push(ids);
         tenant_ids.push(tenant_id);
     }
 
@@ -385,6 +398,18 @@ async fn measure(
             () = interrupt.cancelled() => {}
         }
     }
+    let portal = match (plan.scenario, &ended) {
+        (Scenario::Portal, Ended::Complete) => {
+            let webhook_id = webhook_ids[NOISY].first().copied().context("the run made no webhook")?;
+            let measured = measure_portal(plan, system, webhook_id, interrupt).await;
+            if let Err(error) = &measured {
+                eprintln!("aegis-bench: THE PORTAL FAILED: {error:#}");
+            }
+            Some(measured.map_err(|error| format!("{error:#}")))
+        }
+        (Scenario::Portal, _) => Some(Err("not measured: the deliveries did not all arrive".to_owned())),
+        _ => None,
+    };
     Ok(Measured {
         ended,
         published,
@@ -394,6 +419,173 @@ async fn measure(
         end,
         processes,
         own_peak_rss,
+        portal,
+    })
+}
+
+/// Untimed GETs of each portal page before its timed ones: the connection
+/// is open, the server's caches and PostgreSQL's buffers are warm.
+const PORTAL_WARMUP: u32 = 5;
+
+/// How long, after the last receipt, the API may take to count every
+/// delivery as done (the worker records outcomes in batches).
+const COUNTS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The portal scenario's second part: once the API counts every delivery as
+/// done, opens a portal session with the bootstrap key and times each page.
+async fn measure_portal(
+    plan: &Plan,
+    system: &System,
+    webhook_id: Uuid,
+    interrupt: &CancellationToken,
+) -> anyhow::Result<Portal> {
+    let api = system.api.clone().context("the started system has no API")?;
+    let expected = plan.expected_deliveries();
+    let deadline = Instant::now() + COUNTS_TIMEOUT;
+    let counts = loop {
+        let counts = api.delivery_counts().await?;
+        let total: u64 = counts.iter().map(|(_, counts)| counts.total()).sum();
+        let pending: u64 = counts.iter().map(|(_, counts)| counts.pending).sum();
+        if total == expected && pending == 0 {
+            break counts;
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "{COUNTS_TIMEOUT:?} after the last receipt the API counts {total} deliveries ({pending} pending), \
+                 not {expected} done"
+            );
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = interrupt.cancelled() => anyhow::bail!("interrupted before the portal was measured"),
+        }
+    };
+    let deliveries_in_database: u64 = counts.iter().map(|(_, counts)| counts.total()).sum();
+    let webhook_deliveries = counts
+        .iter()
+        .find(|(id, _)| *id == webhook_id)
+        .map(|(_, counts)| counts.total())
+        .with_context(|| format!("the API does not list webhook {webhook_id}"))?;
+
+    let session = portal::Session::open(&api).await?;
+    let log_of_webhook = format!("/portal/deliveries?webhook={webhook_id}");
+    let first = session.get(&log_of_webhook).await?;
+    let delivery_id = *portal::delivery_links(&first.body)
+        .first()
+        .with_context(|| format!("{log_of_webhook} links to no delivery"))?;
+    let pages = [
+        (
+            "delivery log, one webhook",
+            log_of_webhook,
+            Some(webhook_deliveries.min(portal::LOG_PAGE_ROWS)),
+        ),
+        (
+            "delivery log, unfiltered",
+            "/portal/deliveries".to_owned(),
+            Some(deliveries_in_database.min(portal::LOG_PAGE_ROWS)),
+        ),
+        ("webhook, 24-hour chart", format!("/portal/webhooks/{webhook_id}"), None),
+        ("one delivery", format!("/portal/deliveries/{delivery_id}"), None),
+    ];
+
+    let services = plan.mode == Mode::Production;
+    let server = system
+        .processes
+        .iter()
+        .find(|process| process.name == "api" || process.name == "dev")
+        .map(|process| process.pid);
+    let phase_start = CpuReading::take(system, services);
+    let mut timings = Vec::new();
+    for (page, path, expected_rows) in pages {
+        eprintln!(
+            "aegis-bench: portal: {page}: {PORTAL_WARMUP} warm-up and {} timed GETs of {path}",
+            plan.page_requests
+        );
+        for _ in 0..PORTAL_WARMUP {
+            session.get(&path).await?;
+        }
+        let before = CpuReading::take(system, services);
+        let mut micros = Vec::new();
+        let mut body = String::new();
+        for _ in 0..plan.page_requests {
+            if interrupt.is_cancelled() {
+                anyhow::bail!("interrupted while timing the portal");
+            }
+            let fetched = session.get(&path).await?;
+            micros.push(u64::try_from(fetched.elapsed.as_micros()).unwrap_or(u64::MAX));
+            body = fetched.body;
+        }
+        let after = CpuReading::take(system, services);
+        let rows = match expected_rows {
+            Some(expected_rows) => {
+                let rows = portal::delivery_links(&body).len() as u64;
+                if rows != expected_rows {
+                    anyhow::bail!("{path} shows {rows} deliveries, not the first {expected_rows}");
+                }
+                Some(rows)
+            }
+            None => None,
+        };
+        let per_request = |ticks: u64| seconds(ticks) * 1000.0 / f64::from(plan.page_requests);
+        timings.push(PageTiming {
+            page: page.to_owned(),
+            path,
+            rows,
+            body_kib: body.len() as f64 / 1024.0,
+            latency_ms: Latency::from_micros(micros).context("no request was timed")?,
+            server_cpu_ms_per_request: server.and_then(|pid| {
+                let ticks = after.processes.get(&pid)?.checked_sub(*before.processes.get(&pid)?)?;
+                Some(per_request(ticks))
+            }),
+            postgres_cpu_ms_per_request: services
+                .then(|| per_request(procstat::ticks_between(&before.postgres, &after.postgres))),
+        });
+    }
+    let phase_end = CpuReading::take(system, services);
+    Ok(Portal {
+        deliveries_in_database,
+        webhook_deliveries,
+        webhook_id: webhook_id.to_string(),
+        warmup_requests: PORTAL_WARMUP,
+        target_ms: 200.0,
+        pages: timings,
+        server_peak_rss_mib: server.and_then(|pid| procstat::peak_rss_bytes(pid).ok()).map(mib),
+        machine_load: machine_load(&phase_start, &phase_end, accounted_seconds(&phase_start, &phase_end)),
+    })
+}
+
+/// CPU seconds between two readings of the run's own processes, PostgreSQL,
+/// RabbitMQ and the benchmark.
+fn accounted_seconds(start: &CpuReading, end: &CpuReading) -> f64 {
+    let processes: u64 = end
+        .processes
+        .iter()
+        .map(|(pid, after)| after.saturating_sub(start.processes.get(pid).copied().unwrap_or(0)))
+        .sum();
+    seconds(
+        processes
+            + procstat::ticks_between(&start.postgres, &end.postgres)
+            + procstat::ticks_between(&start.rabbitmq, &end.rabbitmq)
+            + end.own.saturating_sub(start.own),
+    )
+}
+
+/// How busy the machine was between two readings, and how much of it was
+/// not `accounted` CPU seconds (the run's).
+fn machine_load(start: &CpuReading, end: &CpuReading, accounted: f64) -> Option<MachineLoad> {
+    let (before, after) = (start.machine_busy?, end.machine_busy?);
+    let window = end.at.duration_since(start.at).as_secs_f64();
+    let busy = seconds(after.saturating_sub(before));
+    let cores = Machine::read().cores as f64;
+    Some(MachineLoad {
+        window_seconds: window,
+        busy_cpu_seconds: busy,
+        busy_percent: if window > 0.0 {
+            busy * 100.0 / (window * cores)
+        } else {
+            0.0
+        },
+        other_cpu_seconds: (busy - accounted).max(0.0),
     })
 }
 
@@ -646,6 +838,7 @@ fn build_report(
         end,
         processes,
         own_peak_rss,
+        portal,
     } = measured;
     let spans: Vec<_> = loads.iter().map(|load| load.events.publish_span()).collect();
     let tenants = plan.quiet.map(|quiet| {
@@ -803,6 +996,14 @@ fn build_report(
             tally.unexpected
         ));
     }
+    let portal = match portal {
+        Some(Ok(portal)) => Some(portal),
+        Some(Err(error)) => {
+            problems.push(format!("the portal's pages: {error}"));
+            None
+        }
+        None => None,
+    };
     if published.failed > 0 {
         problems.push(format!(
             "{} events failed to publish: {}",
@@ -827,6 +1028,15 @@ fn build_report(
                 load.other_cpu_seconds, load.window_seconds
             ));
         }
+    }
+    if let Some(load) = portal.as_ref().and_then(|portal| portal.machine_load.as_ref())
+        && load.other_cpu_seconds > 0.1 * load.window_seconds * machine.cores as f64
+    {
+        warnings.push(format!(
+            "other processes on this machine used {:.1} CPU s while the portal's pages were timed ({:.1} s): the \
+             figures are disturbed; run again on an idle machine",
+            load.other_cpu_seconds, load.window_seconds
+        ));
     }
     warnings.extend(shutdown_problems);
 
@@ -877,6 +1087,7 @@ fn build_report(
         latency_ms: Latency::from_micros(tally.latencies_us),
         acceptance_ms,
         tenants,
+        portal,
         processes: process_usage,
         services,
         load_generator,

@@ -22,7 +22,8 @@ use serde::Serialize;
         aegis-bench --mode production --scenario steady --rate 100 --duration 30s\n  \
         aegis-bench --mode production --scenario slow --concurrency 256 --workers 2\n  \
         aegis-bench --mode production --scenario noisy\n  \
-        aegis-bench --mode production --scenario noisy --set AEGIS_FAIRNESS=off"
+        aegis-bench --mode production --scenario noisy --set AEGIS_FAIRNESS=off\n  \
+        aegis-bench --mode production --scenario portal"
 )]
 pub struct Args {
     /// `embedded`: one `aegis-webhook dev` process (SQLite, in-process queue).
@@ -35,18 +36,22 @@ pub struct Args {
     /// `noisy`: tenant A publishes --events to --webhooks as fast as possible
     /// while tenant B publishes --rate events/s to one webhook until A's
     /// deliveries have all arrived; reports B's latency beside A's throughput.
+    /// `portal`: --events deliveries to one webhook, then times the customer
+    /// portal's pages (delivery log, webhook, delivery) with a portal session,
+    /// --page-requests GETs of each, one at a time.
     #[arg(long, value_enum, default_value_t = Scenario::Burst)]
     pub scenario: Scenario,
     /// How events reach the system: `amqp` (the events exchange; default in
     /// production) or `http` (POST /v1/events; the only path in embedded mode).
     #[arg(long, value_enum)]
     pub via: Option<Via>,
-    /// Events to publish [burst: 2000, slow: 1000, noisy: 20000 (tenant A's);
-    /// steady publishes rate × duration].
+    /// Events to publish [burst: 2000, slow: 1000, noisy: 20000 (tenant A's),
+    /// portal: 10000; steady publishes rate × duration].
     #[arg(long)]
     pub events: Option<u32>,
     /// Webhooks, each subscribed to every event [burst: 10, steady: 1, slow: 2,
-    /// noisy: 10 (tenant A's; tenant B has one)].
+    /// noisy: 10 (tenant A's; tenant B has one), portal: 1 (the pages are the
+    /// first webhook's)].
     #[arg(long)]
     pub webhooks: Option<u16>,
     /// Events per second: steady scenario [100]; noisy scenario, tenant B's [10].
@@ -70,6 +75,10 @@ pub struct Args {
     /// Unconfirmed publishes in flight with --via amqp.
     #[arg(long, default_value_t = 1000)]
     pub amqp_in_flight: u32,
+    /// Portal scenario: timed GETs of each page, one at a time, after
+    /// a few warm-up ones.
+    #[arg(long, default_value_t = 100)]
+    pub page_requests: u32,
     /// How long after the first publish to wait for every delivery; then the
     /// report says what arrived and the exit status is 1 [noisy: 600s, others: 120s].
     #[arg(long, value_parser = parse_duration)]
@@ -119,6 +128,7 @@ pub enum Scenario {
     Steady,
     Slow,
     Noisy,
+    Portal,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -186,6 +196,11 @@ impl Quiet {
     }
 }
 
+/// The portal scenario's settings for every process, before the caller's
+/// `--set`: the API key's rate limit out of the way of sequential page loads.
+pub const PORTAL_RATE_LIMITS: [(&str, &str); 2] =
+    [("AEGIS_API_RATE_LIMIT", "1000000"), ("AEGIS_API_RATE_BURST", "1000000")];
+
 /// A run, fully resolved.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -202,6 +217,8 @@ pub struct Plan {
     pub concurrency: Option<u32>,
     pub http_clients: u16,
     pub amqp_in_flight: u32,
+    /// Portal scenario: timed GETs of each page.
+    pub page_requests: u32,
     pub timeout: Duration,
     pub settle: Duration,
     pub json: Option<PathBuf>,
@@ -263,12 +280,18 @@ impl Plan {
                     args.response_delay.unwrap_or(Duration::ZERO),
                 )
             }
+            Scenario::Portal => (
+                args.events.unwrap_or(10_000),
+                args.webhooks.unwrap_or(1),
+                Pace::Burst,
+                args.response_delay.unwrap_or(Duration::ZERO),
+            ),
         };
         let timeout = args.timeout.unwrap_or(match args.scenario {
             // 200,000 deliveries at the defaults, ten times the burst's: a
             // FIFO system took 366 s on a shared 2-core machine.
             Scenario::Noisy => Duration::from_secs(600),
-            Scenario::Burst | Scenario::Steady | Scenario::Slow => Duration::from_secs(120),
+            Scenario::Burst | Scenario::Steady | Scenario::Slow | Scenario::Portal => Duration::from_secs(120),
         });
         if let Some(quiet) = quiet {
             // Refused now rather than when the events are generated.
@@ -283,6 +306,22 @@ impl Plan {
         if args.concurrency == Some(0) {
             anyhow::bail!("--concurrency must be at least 1");
         }
+        if args.page_requests == 0 {
+            anyhow::bail!("--page-requests must be at least 1");
+        }
+        let mut settings = Vec::new();
+        if args.scenario == Scenario::Portal {
+            // The pages are timed one after another, faster than a person
+            // clicks: the API key's rate limit (50/s by default, which the
+            // session counts against) would answer 429 and be what is
+            // measured. Lifted for this scenario; a --set of the same name wins.
+            settings.extend(
+                PORTAL_RATE_LIMITS
+                    .iter()
+                    .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+            );
+        }
+        settings.extend(args.settings);
         let bin = match args.bin {
             Some(bin) => bin,
             None => std::env::current_exe()
@@ -310,13 +349,14 @@ impl Plan {
             concurrency: args.concurrency,
             http_clients: args.http_clients,
             amqp_in_flight: args.amqp_in_flight,
+            page_requests: args.page_requests,
             timeout,
             settle: args.settle,
             json: args.json,
             bin,
             postgres_url: args.postgres_url.trim_end_matches('/').to_owned(),
             amqp_url: args.amqp_url,
-            settings: args.settings,
+            settings,
         })
     }
 
@@ -449,6 +489,30 @@ mod tests {
         let missing = Args::try_parse_from(["aegis-bench", "--bin", "/nonexistent/aegis-webhook"]).expect("parses");
         let error = Plan::resolve(missing).expect_err("no binary there").to_string();
         assert!(error.contains("cargo build --release -p aegis-webhook"), "{error}");
+    }
+
+    #[test]
+    fn the_portal_scenario_fills_one_webhook_with_ten_thousand_deliveries() {
+        let portal = plan(&["--mode", "production", "--scenario", "portal"]).expect("portal");
+        assert_eq!(
+            (
+                portal.events,
+                portal.webhooks,
+                portal.expected_deliveries(),
+                portal.pace
+            ),
+            (10_000, 1, 10_000, Pace::Burst)
+        );
+        assert_eq!((portal.page_requests, portal.timeout), (100, Duration::from_secs(120)));
+        // The API key's rate limit is lifted, unless the caller says otherwise.
+        assert_eq!(portal.setting("AEGIS_API_RATE_LIMIT"), Some("1000000"));
+        let limited = plan(&["--scenario", "portal", "--set", "AEGIS_API_RATE_LIMIT=50"]).expect("portal");
+        assert_eq!(limited.setting("AEGIS_API_RATE_LIMIT"), Some("50"));
+        assert_eq!(plan(&[]).expect("burst").setting("AEGIS_API_RATE_LIMIT"), None);
+        let error = plan(&["--scenario", "portal", "--page-requests", "0"])
+            .expect_err("no requests")
+            .to_string();
+        assert!(error.contains("--page-requests"), "{error}");
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct Report {
     pub acceptance_ms: Option<Latency>,
     /// Noisy scenario: each tenant's figures, and the fairness setting.
     pub tenants: Option<Tenants>,
+    /// Portal scenario: how long the customer portal's pages took, once the
+    /// deliveries were in.
+    pub portal: Option<Portal>,
     /// The system's processes, each measured alone.
     pub processes: Vec<ProcessUsage>,
     /// PostgreSQL and RabbitMQ (production mode): every process of each.
@@ -163,6 +166,49 @@ impl Latency {
             max: micros[micros.len() - 1] as f64 / 1000.0,
         })
     }
+}
+
+/// The portal scenario's figures: each page fetched `requests` times, one at
+/// a time, over the deliveries the run made.
+#[derive(Debug, Clone, Serialize)]
+pub struct Portal {
+    /// Every delivery in the database, as the API counts them (the sum of
+    /// every webhook's `stats`), when the pages were measured.
+    pub deliveries_in_database: u64,
+    /// The measured webhook's.
+    pub webhook_deliveries: u64,
+    pub webhook_id: String,
+    /// Untimed GETs of each page before its timed ones.
+    pub warmup_requests: u32,
+    /// The delivery log's first page (one webhook) should take less than
+    /// this: the portal's target, compared with its p99.
+    pub target_ms: f64,
+    pub pages: Vec<PageTiming>,
+    /// The server process's (`api` or `dev`) peak RSS after the pages.
+    pub server_peak_rss_mib: Option<f64>,
+    /// The machine over the timed requests of every page.
+    pub machine_load: Option<MachineLoad>,
+}
+
+/// One page of the portal, timed.
+#[derive(Debug, Clone, Serialize)]
+pub struct PageTiming {
+    /// What the page is: `delivery log, one webhook`, …
+    pub page: String,
+    /// The path requested, with its query.
+    pub path: String,
+    /// Rows (deliveries linked) on the page, for the delivery log.
+    pub rows: Option<u64>,
+    /// The size of the page's HTML.
+    pub body_kib: f64,
+    /// Request sent → whole body read, over the timed requests (every one
+    /// answered 200).
+    pub latency_ms: Latency,
+    /// CPU time of the server process (`api` or `dev`) over the timed
+    /// requests, per request.
+    pub server_cpu_ms_per_request: Option<f64>,
+    /// PostgreSQL's (production mode), per request.
+    pub postgres_cpu_ms_per_request: Option<f64>,
 }
 
 /// The machine's busy CPU time over the measured window (`/proc/stat`), to
@@ -322,6 +368,9 @@ impl fmt::Display for Report {
             tenant_lines(f, "A", &tenants.tenant_a)?;
             tenant_lines(f, "B", &tenants.tenant_b)?;
         }
+        if let Some(portal) = &self.portal {
+            portal_lines(f, portal)?;
+        }
         writeln!(
             f,
             "  CPU, memory   {:<28} {:>9} {:>18} {:>14}",
@@ -392,6 +441,67 @@ fn latency_text(latency: Option<&Latency>) -> String {
             )
         },
     )
+}
+
+/// The portal scenario's pages: one line each, request → whole body.
+fn portal_lines(f: &mut fmt::Formatter<'_>, portal: &Portal) -> fmt::Result {
+    let requests = portal.pages.first().map_or(0, |page| page.latency_ms.samples);
+    writeln!(
+        f,
+        "  portal        {} deliveries in the database, {} of them the webhook's ({}); {requests} timed GETs of each \
+         page one at a time after {} warm-up, request → whole body",
+        portal.deliveries_in_database, portal.webhook_deliveries, portal.webhook_id, portal.warmup_requests
+    )?;
+    writeln!(
+        f,
+        "                {:<34} {:>8} {:>8} {:>8} {:>8} {:>5} {:>8} {:>11} {:>10}",
+        "page", "p50 ms", "p90 ms", "p99 ms", "max ms", "rows", "KiB", "server CPU", "PostgreSQL"
+    )?;
+    for page in &portal.pages {
+        let l = &page.latency_ms;
+        writeln!(
+            f,
+            "                {:<34} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>5} {:>8.1} {:>11} {:>10}",
+            page.page,
+            l.p50,
+            l.p90,
+            l.p99,
+            l.max,
+            page.rows.map_or_else(|| "-".to_owned(), |rows| rows.to_string()),
+            page.body_kib,
+            optional(page.server_cpu_ms_per_request, 2),
+            optional(page.postgres_cpu_ms_per_request, 2)
+        )?;
+    }
+    writeln!(
+        f,
+        "                (CPU: ms per request; the server is the `api` or `dev` process){}",
+        portal
+            .server_peak_rss_mib
+            .map_or_else(String::new, |mib| format!("; server peak RSS {mib:.1} MiB"))
+    )?;
+    if let Some(log) = portal.pages.first() {
+        let p99 = log.latency_ms.p99;
+        writeln!(
+            f,
+            "  portal target {} under {:.0} ms: p99 {p99:.1} ms — {}",
+            log.page,
+            portal.target_ms,
+            if p99 < portal.target_ms {
+                "met".to_owned()
+            } else {
+                format!("missed by {:.1} ms", p99 - portal.target_ms)
+            }
+        )?;
+    }
+    if let Some(load) = &portal.machine_load {
+        writeln!(
+            f,
+            "  portal load   {:.0} % of all cores busy over {:.2} s of timed requests; {:.2} CPU s of it not this run's",
+            load.busy_percent, load.window_seconds, load.other_cpu_seconds
+        )?;
+    }
+    Ok(())
 }
 
 /// Two lines for one of the noisy scenario's tenants: its deliveries, then

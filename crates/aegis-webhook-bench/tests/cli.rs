@@ -21,6 +21,8 @@ fn help_names_every_mode_scenario_and_publishing_path() {
         "steady",
         "slow",
         "noisy",
+        "portal",
+        "--page-requests",
         "AEGIS_FAIRNESS=off",
         "amqp",
         "http",

@@ -144,3 +144,43 @@ async fn production_noisy_run_keeps_the_tenants_apart_with_fairness_off() {
     .await;
     assert_both_tenants_complete(&report, "off");
 }
+
+/// The portal scenario: after the deliveries, every page of the portal it
+/// times answered 200 each time, and the delivery log showed the deliveries
+/// the run made (two webhooks: the webhook's 20, all 40 unfiltered).
+fn assert_portal_pages_measured(report: &Value) {
+    assert_every_delivery_verified(report);
+    let portal = &report["portal"];
+    assert_eq!(portal["deliveries_in_database"], EVENTS * WEBHOOKS, "{report:#}");
+    assert_eq!(portal["webhook_deliveries"], EVENTS, "{report:#}");
+    let pages = portal["pages"].as_array().expect("the pages' figures");
+    let rows: Vec<&Value> = pages.iter().map(|page| &page["rows"]).collect();
+    assert_eq!(
+        rows,
+        [
+            &Value::from(EVENTS),
+            &Value::from(EVENTS * WEBHOOKS),
+            &Value::Null,
+            &Value::Null
+        ],
+        "{report:#}"
+    );
+    for page in pages {
+        assert_eq!(page["latency_ms"]["samples"], 3, "{report:#}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_portal_run_times_every_page() {
+    let report = run_bench(&["--mode", "embedded", "--scenario", "portal", "--page-requests", "3"]).await;
+    assert_portal_pages_measured(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_portal_run_times_every_page() {
+    if !production_services_reachable().await {
+        return;
+    }
+    let report = run_bench(&["--mode", "production", "--scenario", "portal", "--page-requests", "3"]).await;
+    assert_portal_pages_measured(&report);
+}
