@@ -526,10 +526,27 @@ pub async fn list_deliveries(
     before: Option<Uuid>,
     limit: u64,
 ) -> Result<Vec<Delivery>, StoreError> {
-    let mut query = delivery::Entity::find().filter(delivery::Column::TenantId.eq(tenant_id.as_uuid()));
-    if let Some(webhook_id) = filter.webhook_id {
-        query = query.filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()));
-    }
+    let mut query = delivery::Entity::find();
+    query = match filter.webhook_id {
+        // A webhook's deliveries are its tenant's: once the webhook is known
+        // to be the tenant's, the webhook alone selects them, and the page is
+        // a backward range of the `(webhook_id, id)` index. (With the tenant
+        // in the statement too, a planner whose statistics lag the table's
+        // growth intersects the tenant's index with the webhook's and reads
+        // every one of the webhook's deliveries: 43 ms at 100,000 of them.)
+        Some(webhook_id) => {
+            let owned = crate::entities::webhook::Entity::find_by_id(webhook_id.as_uuid())
+                .filter(crate::entities::webhook::Column::TenantId.eq(tenant_id.as_uuid()))
+                .one(db)
+                .await?
+                .is_some();
+            if !owned {
+                return Ok(Vec::new());
+            }
+            query.filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()))
+        }
+        None => query.filter(delivery::Column::TenantId.eq(tenant_id.as_uuid())),
+    };
     if let Some(status) = filter.status {
         query = query.filter(delivery::Column::Status.eq(status.as_str()));
     }
