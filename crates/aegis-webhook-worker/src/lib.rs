@@ -560,7 +560,7 @@ impl Worker {
         lanes: &Arc<Lanes>,
         in_flight: &TaskTracker,
     ) {
-        match lanes.admit(taken) {
+        match lanes.admit(taken, std::time::Instant::now()) {
             Admission::Run(taken) => {
                 let (worker, lanes) = (self.clone(), lanes.clone());
                 in_flight.spawn(async move {
@@ -569,34 +569,35 @@ impl Worker {
                     // waiting for the same webhook.
                     while let Some(taken) = next {
                         let webhook = taken.task.webhook_id();
+                        let started = std::time::Instant::now();
                         worker.handle(taken).await;
-                        next = lanes.finish(webhook);
+                        next = lanes.finish(webhook, started.elapsed());
                     }
                     drop(permit);
                 });
             }
             Admission::Waiting => drop(permit),
-            Admission::Full(taken) => {
+            Admission::Full(taken, attempt) => {
                 drop(permit);
                 let worker = self.clone();
-                in_flight.spawn(async move { worker.hold_back(taken).await });
+                let delay = admission::hold_back_for(attempt, self.request_timeout);
+                in_flight.spawn(async move { worker.hold_back(taken, delay).await });
             }
         }
     }
 
     /// A task whose webhook has every slot busy while the lines are full: it
-    /// goes back to the queue for one request timeout (the longest a busy slot
-    /// stays busy), and the delivery is postponed to match, so the reconciler
-    /// does not count it as lost.
-    async fn hold_back(&self, taken: Taken) {
+    /// goes back to the queue for `delay` (see [`admission::hold_back_for`]),
+    /// and the delivery is postponed to match, so the reconciler does not
+    /// count it as lost.
+    async fn hold_back(&self, taken: Taken, delay: Duration) {
         let span = task_span(&taken.task, &taken.receipt);
         span.record("aegis.delivery.outcome", "held_back");
-        self.hold_back_in_span(taken).instrument(span).await
+        self.hold_back_in_span(taken, delay).instrument(span).await
     }
 
-    async fn hold_back_in_span(&self, taken: Taken) {
+    async fn hold_back_in_span(&self, taken: Taken, delay: Duration) {
         let Taken { task, receipt } = taken;
-        let delay = self.request_timeout;
         let until = Utc::now() + delay;
         if let Err(error) = deliveries::postpone(&self.db, task.delivery_id(), until, Utc::now()).await {
             // Nothing written: the task goes back as it is.
