@@ -633,17 +633,43 @@ pub async fn create_portal_session(
     })
 }
 
-/// `#rrggbb`: it is written into the portal's style sheet.
+/// `#rrggbb`, written into the portal's style sheet, dark enough for the
+/// white text of its buttons to stay readable (WCAG AA: a contrast of 4.5).
 fn validate_accent_color(color: String) -> ApiResult<String> {
     let color = color.trim().to_ascii_lowercase();
-    let valid = color.len() == 7 && color.starts_with('#') && color[1..].chars().all(|c| c.is_ascii_hexdigit());
-    if !valid {
+    let Some(contrast) = contrast_with_white(&color) else {
         return Err(ApiError::bad_input(
             "accentColor",
-            "accentColor: must be a colour as #rrggbb, e.g. #0b5fff",
+            "accentColor: must be a colour as #rrggbb, e.g. #0b57d0",
+        ));
+    };
+    if contrast < 4.5 {
+        return Err(ApiError::bad_input(
+            "accentColor",
+            format!(
+                "accentColor: {color} is too light for the white text of buttons (contrast {contrast:.1}; at least 4.5, \
+                 WCAG AA); choose a darker one"
+            ),
         ));
     }
     Ok(color)
+}
+
+/// The WCAG contrast ratio of `#rrggbb` against white, or `None` when it
+/// is not such a colour.
+fn contrast_with_white(color: &str) -> Option<f64> {
+    let hex = color.strip_prefix('#').filter(|hex| hex.len() == 6)?;
+    let channel = |at: usize| {
+        let value = f64::from(u8::from_str_radix(hex.get(at..at + 2)?, 16).ok()?) / 255.0;
+        // sRGB to linear light, as WCAG defines relative luminance.
+        Some(if value <= 0.039_28 {
+            value / 12.92
+        } else {
+            ((value + 0.055) / 1.055).powf(2.4)
+        })
+    };
+    let luminance = 0.2126 * channel(0)? + 0.7152 * channel(2)? + 0.0722 * channel(4)?;
+    Some(1.05 / (luminance + 0.05))
 }
 
 /// An `https` URL of at most 2,048 characters: the browser loads it, and its
@@ -736,5 +762,30 @@ fn parse_secret(state: &AppState, secret: Option<String>) -> ApiResult<SigningSe
         None => Ok(SigningSecret::generate()),
         Some(text) => SigningSecret::parse_chosen(&text, state.quotas.secret)
             .map_err(|error| ApiError::bad_input("secret", format!("secret: {error}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_accent_colour_must_leave_white_text_readable() {
+        // WCAG's own extremes, and the portal's default accent.
+        assert_eq!(contrast_with_white("#000000").map(|c| (c * 10.0).round()), Some(210.0));
+        assert_eq!(contrast_with_white("#ffffff"), Some(1.0));
+        assert!(contrast_with_white("#0b57d0").is_some_and(|c| c > 4.5));
+        assert!(validate_accent_color(" #0B57D0 ".to_owned()).is_ok_and(|color| color == "#0b57d0"));
+        let Err(ApiError::BadUserInput { message, .. }) = validate_accent_color("#ffeb3b".to_owned()) else {
+            panic!("a yellow accent leaves white text unreadable");
+        };
+        assert!(
+            message.contains("too light") && message.contains("contrast 1.2"),
+            "{message}"
+        );
+        for garbage in ["red", "#12345", "#1234567", "#gg0000", "#ff000\u{e9}"] {
+            assert!(contrast_with_white(garbage).is_none(), "{garbage}");
+            assert!(validate_accent_color(garbage.to_owned()).is_err(), "{garbage}");
+        }
     }
 }

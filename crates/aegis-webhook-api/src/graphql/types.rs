@@ -392,7 +392,8 @@ impl From<audit::Entry> for AuditEntry {
 /// How the portal looks for a session.
 #[derive(InputObject, Debug, Default)]
 pub struct PortalThemeInput {
-    /// `#rrggbb`: buttons and links.
+    /// `#rrggbb`: buttons and links; dark enough for white text on it (a
+    /// WCAG contrast of at least 4.5).
     pub accent_color: Option<String>,
     /// An `https` URL of the logo shown in the header (the portal allows its
     /// origin in its Content-Security-Policy).
