@@ -768,3 +768,14 @@ pub fn built_binary(name: &str) -> PathBuf {
     );
     path
 }
+
+/// The text of the element with `id` in a page (no nested elements).
+pub fn text_of_id(html: &str, id: &str) -> String {
+    let marker = format!(r#"id="{id}""#);
+    html.split(&marker)
+        .nth(1)
+        .and_then(|rest| rest.split_once('>'))
+        .and_then(|(_, rest)| rest.split('<').next())
+        .unwrap_or_else(|| panic!("no element #{id} in {html}"))
+        .to_owned()
+}

@@ -206,8 +206,8 @@ pub struct Config {
     /// comma-separated); empty: no page may frame it. Set, the session cookie
     /// becomes `SameSite=None; Secure; Partitioned` so it is sent in the frame.
     pub portal_frame_ancestors: String,
-    /// Whether the portal's cookie is `Secure` (sent over HTTPS only). `dev`
-    /// turns it off when it listens on loopback, where there is no TLS.
+    /// Whether the portal's cookie is `Secure` (sent over HTTPS only). `dev`,
+    /// which serves no TLS, turns it off unless framing is configured.
     pub portal_cookie_secure: bool,
 }
 
@@ -356,11 +356,13 @@ impl Config {
             ));
         }
         for origin in self.portal_frame_ancestors() {
-            // An origin and nothing else: it is written into a header.
-            let valid = origin
-                .strip_prefix("https://")
-                .or_else(|| origin.strip_prefix("http://"))
-                .is_some_and(|host| !host.is_empty() && !host.contains(['/', ' ', ';', '\'', '"', ',']));
+            // An origin and nothing else, exactly as a browser writes it: it
+            // goes into the Content-Security-Policy header as a source.
+            // No wildcard: a list of the sites that may frame it.
+            let valid = !origin.contains('*')
+                && url::Url::parse(origin).is_ok_and(|url| {
+                    matches!(url.scheme(), "http" | "https") && url.origin().ascii_serialization() == origin
+                });
             if !valid {
                 return Err(ConfigError::Invalid(format!(
                     "portal_frame_ancestors: `{origin}` is not an origin (https://app.example.com)"
@@ -585,6 +587,37 @@ mod tests {
             assert!(Config::load(None).is_err());
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_portal_may_be_framed_only_by_origins_written_as_browsers_write_them() {
+        let framed = |origins: &str, secure: bool| Config {
+            portal_frame_ancestors: origins.to_owned(),
+            portal_cookie_secure: secure,
+            ..Config::default()
+        };
+        assert!(
+            framed("https://app.aegis.example, http://localhost:3000", true)
+                .validate()
+                .is_ok()
+        );
+        for bad in [
+            "https://*",
+            "https://app.aegis.example/",
+            "https://app.aegis.example/path",
+            "https://app.aegis.example\tdata:",
+            "https://app.aegis.example; script-src *",
+            "app.aegis.example",
+            "javascript:alert(1)",
+            "https://APP.aegis.example",
+        ] {
+            let error = framed(bad, true).validate().expect_err(bad).to_string();
+            assert!(error.contains("portal_frame_ancestors"), "{bad}: {error}");
+        }
+        let error = framed("https://app.aegis.example", false)
+            .validate()
+            .expect_err("not Secure");
+        assert!(error.to_string().contains("portal_cookie_secure"), "{error}");
     }
 
     /// docs/operations.md's configuration reference: one row per setting, the

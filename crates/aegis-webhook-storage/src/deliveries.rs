@@ -553,11 +553,13 @@ pub async fn list_deliveries(
     if let Some(event_type) = filter.event_type {
         query = query.filter(delivery::Column::EventType.eq(event_type.as_str()));
     }
+    // Ids are UUIDv7, made when the delivery is: a time window is a range of
+    // the same index the page walks, not a filter on every row it passes.
     if let Some(after) = filter.created_after {
-        query = query.filter(delivery::Column::CreatedAt.gte(after));
+        query = query.filter(delivery::Column::Id.gte(first_v7_id_at(after)));
     }
     if let Some(before) = filter.created_before {
-        query = query.filter(delivery::Column::CreatedAt.lt(before));
+        query = query.filter(delivery::Column::Id.lt(first_v7_id_at(before)));
     }
     if let Some(cursor) = before {
         // Ids are UUIDv7: their order is creation order.

@@ -460,8 +460,8 @@ pub async fn start_dev(mut config: Config, listener: TcpListener) -> anyhow::Res
         .public_url
         .get_or_insert_with(|| format!("http://{address}"))
         .clone();
-    if address.ip().is_loopback() && config.portal_frame_ancestors().is_empty() {
-        // No TLS on loopback. (A framed portal keeps Secure: browsers send a
+    if config.portal_frame_ancestors().is_empty() {
+        // `dev` serves no TLS. (A framed portal keeps Secure: browsers send a
         // cookie into another site's frame only when it is.)
         config.portal_cookie_secure = false;
     }

@@ -221,6 +221,69 @@ async fn a_form_without_the_sessions_token_changes_nothing(backend: Backend) {
     assert!(created.body.contains("whsec_"), "the new secret is shown once");
     assert_eq!(app.count("webhooks").await, 2);
 
+    // Rotating from the confirmation page once; the same form sent again (a
+    // reload) rotates nothing.
+    let confirm = browser.get(&format!("/portal/webhooks/{id}/rotate")).await;
+    let version = confirm
+        .body
+        .split(r#"name="version" value=""#)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the form names the webhook's version")
+        .to_owned();
+    let rotated = browser
+        .post(&format!("/portal/webhooks/{id}/rotate"), &[("version", &version)])
+        .await;
+    assert_eq!(rotated.status, StatusCode::OK, "{rotated:?}");
+    let again = browser
+        .post(&format!("/portal/webhooks/{id}/rotate"), &[("version", &version)])
+        .await;
+    assert_eq!(again.status, StatusCode::SEE_OTHER, "{again:?}");
+    assert_eq!(again.location, Some(format!("/portal/webhooks/{id}?changed=1")));
+    let shown = browser.get(&format!("/portal/webhooks/{id}?reveal=secret")).await;
+    assert!(
+        rotated
+            .body
+            .contains(&crate::support::text_of_id(&shown.body, "secret")),
+        "the secret shown after the first rotation is the one that holds"
+    );
+
+    // A browser sends a textarea's line breaks as CRLF: kept as line breaks.
+    let edited = browser
+        .post(
+            &format!("/portal/webhooks/{id}/edit"),
+            &[
+                ("url", "http://127.0.0.1:9/hook"),
+                ("events", "POAM_OVERDUE"),
+                ("description", "first line\r\nsecond line"),
+            ],
+        )
+        .await;
+    assert_eq!(edited.status, StatusCode::SEE_OTHER, "{edited:?}");
+    let described = app
+        .graphql(
+            "query($id: ID!) { webhook(id: $id) { description projectIds } }",
+            json!({ "id": id }),
+        )
+        .await;
+    assert_eq!(
+        described["data"]["webhook"]["description"], "first line\nsecond line",
+        "{described}"
+    );
+    // A field the form leaves out is left as it is.
+    let edited = browser
+        .post(&format!("/portal/webhooks/{id}/edit"), &[("events", "POAM_OVERDUE")])
+        .await;
+    assert_eq!(edited.status, StatusCode::SEE_OTHER, "{edited:?}");
+    let described = app
+        .graphql(
+            "query($id: ID!) { webhook(id: $id) { url description } }",
+            json!({ "id": id }),
+        )
+        .await;
+    assert_eq!(described["data"]["webhook"]["description"], "first line\nsecond line");
+    assert_eq!(described["data"]["webhook"]["url"], "http://127.0.0.1:9/hook");
+
     // A refused input re-shows the form with the reason and what was typed.
     let refused = browser
         .post(
@@ -394,8 +457,14 @@ async fn an_embedded_portal_allows_its_framing_origin_and_its_theme() {
         "{}",
         page.body
     );
-    let theme = browser.get("/portal/theme.css").await;
+    assert!(
+        page.body.contains(r#"href="/portal/theme/7b1fa2.css""#),
+        "{}",
+        page.body
+    );
+    let theme = browser.get("/portal/theme/7b1fa2.css").await;
     assert_eq!(theme.body.trim(), ":root { --accent: #7b1fa2; }");
+    assert_eq!(browser.get("/portal/theme/red.css").await.status, StatusCode::NOT_FOUND);
 }
 
 async fn a_webhooks_pages_count_its_own_deliveries(backend: Backend) {

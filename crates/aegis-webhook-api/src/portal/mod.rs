@@ -97,10 +97,15 @@ pub fn router(state: AppState) -> Router {
         .route("/portal/deliveries", get(delivery_log))
         .route("/portal/deliveries/{id}", get(delivery_page))
         .route("/portal/deliveries/{id}/redeliver", post(delivery_redeliver))
-        .route("/portal/theme.css", get(theme_css))
+        .route("/portal/theme/{file}", get(theme_css))
         .route(&STYLESHEET, get(stylesheet))
+        .route(
+            "/portal/{*unknown}",
+            get(|| async { message_page(StatusCode::NOT_FOUND, "Not found", "No such page here.") }),
+        )
         // A larger body is refused (413) before a handler reads it.
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), under_deadline))
         .layer(axum::middleware::map_response_with_state(state.clone(), secure_headers))
         .with_state(state)
 }
@@ -290,6 +295,28 @@ async fn secure_headers(State(state): State<AppState>, mut response: Response) -
     response
 }
 
+/// Every portal request runs under the deadline GraphQL requests have
+/// (`AEGIS_GRAPHQL_TIMEOUT`); its work is dropped past it.
+async fn under_deadline(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let deadline = state.graphql_timeout;
+    match tokio::time::timeout(deadline, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => message_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too slow",
+            &format!(
+                "This page took longer than {} ms (AEGIS_GRAPHQL_TIMEOUT) and was stopped; narrow the filters or \
+                 try again.",
+                deadline.as_millis()
+            ),
+        ),
+    }
+}
+
 fn logo_origin(session: &Session) -> Option<String> {
     let logo = url::Url::parse(session.theme.logo_url.as_deref()?).ok()?;
     Some(logo.origin().ascii_serialization())
@@ -381,8 +408,8 @@ async fn open_link(State(state): State<AppState>, Path(token): Path<String>) -> 
         return Ok(message_page(
             StatusCode::FORBIDDEN,
             "Link not valid",
-            "This portal link has been used already, has expired, or was never valid. A link works once, within \
-             10 minutes of being made; ask the application that sent you for a new one.",
+            "This portal link has been used already, has expired, or was never valid. A link works once, and only \
+             for a short time after it is made; ask the application that sent you for a new one.",
         ));
     };
     let mut response = see_other("/portal/webhooks");
@@ -415,19 +442,25 @@ fn session_set_cookie(state: &AppState, value: String, max_age_secs: i64) -> coo
 
 /// `POST /portal/signout`.
 async fn sign_out(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
+    let cleared = session_set_cookie(&state, String::new(), 0);
+    let clear = |mut response: Response| {
+        if let Ok(value) = HeaderValue::from_str(&cleared.to_string()) {
+            response.headers_mut().insert(header::SET_COOKIE, value);
+        }
+        response
+    };
+    // An ended or unknown session still loses its cookie.
+    let visit = match visit(&state, &headers).await {
+        Ok(visit) => visit,
+        Err(refused) => return Ok(clear(refused.into_response())),
+    };
     Form::parse(&headers, &body, &visit)?;
     if let Some(cookie) = session_cookie(&headers) {
         sessions::end(&state.db, &cookie, Utc::now())
             .await
             .map_err(ApiError::from)?;
     }
-    let mut response = signed_out_page(StatusCode::OK);
-    let cleared = session_set_cookie(&state, String::new(), 0);
-    if let Ok(value) = HeaderValue::from_str(&cleared.to_string()) {
-        response.headers_mut().insert(header::SET_COOKIE, value);
-    }
-    Ok(response)
+    Ok(clear(signed_out_page(StatusCode::OK)))
 }
 
 // Webhooks.
@@ -474,7 +507,9 @@ fn webhook_fields(form: &Form) -> pages::WebhookFields {
     pages::WebhookFields {
         url: form.get("url").unwrap_or_default().trim().to_owned(),
         events: form.all("events").map(str::to_owned).collect(),
-        description: form.get("description").unwrap_or_default().to_owned(),
+        // Browsers send a textarea's line breaks as CRLF; a description keeps
+        // plain line breaks (a carriage return is a refused control character).
+        description: form.get("description").unwrap_or_default().replace("\r\n", "\n"),
         project_ids: form.get("project_ids").unwrap_or_default().to_owned(),
         secret: form.get("secret").unwrap_or_default().to_owned(),
         active: form.get("active").is_some(),
@@ -535,7 +570,7 @@ async fn webhook_create(State(state): State<AppState>, headers: HeaderMap, body:
 struct WebhookQuery {
     reveal: Option<String>,
     replayed: Option<u64>,
-    tested: Option<String>,
+    changed: Option<String>,
 }
 
 async fn webhook_page(
@@ -550,10 +585,21 @@ async fn webhook_page(
     let stats = actions::stats_of(&state, &visit.caller, &[id]).await?;
     let hours = actions::deliveries_by_hour(&state, &visit.caller, id, CHART_HOURS).await?;
     let reveal = query.reveal.as_deref() == Some("secret");
-    let notice = query
-        .replayed
-        .map(|count| format!("{count} failed deliveries were sent again."));
-    let notice = notice.or_else(|| query.tested.map(|_| "A test event was sent.".to_owned()));
+    let notice = query.replayed.map(|count| {
+        let more = if count >= actions::MAX_REPLAY {
+            format!(" (at most {} at a time: replay again for more)", actions::MAX_REPLAY)
+        } else {
+            String::new()
+        };
+        format!("Failed deliveries sent again: {count}{more}.")
+    });
+    let notice = notice.or_else(|| {
+        query.changed.map(|_| {
+            "Nothing done: the webhook had changed since that page was shown (its secret was rotated already?). \
+             Here it is as it is now."
+                .to_owned()
+        })
+    });
     let markup = pages::webhook_page(
         &visit,
         &view,
@@ -586,11 +632,13 @@ async fn webhook_edit(
     let id: WebhookId = parse_id(&id, "webhook")?;
     let fields = webhook_fields(&form);
     let edited = async {
+        // A field the form did not send is left as it is (`WebhookEdit`).
+        let sent = |name| form.get(name).is_some();
         let edit = WebhookEdit {
-            url: Some(fields.url.clone()),
-            events: Some(parse_events(&fields)?),
-            description: Some(fields.description.clone()),
-            project_ids: Some(parse_project_ids(&fields.project_ids)),
+            url: sent("url").then(|| fields.url.clone()),
+            events: sent("events").then(|| parse_events(&fields)).transpose()?,
+            description: sent("description").then(|| fields.description.clone()),
+            project_ids: sent("project_ids").then(|| parse_project_ids(&fields.project_ids)),
         };
         actions::update_webhook(&state, &visit.caller, id, edit).await
     }
@@ -672,8 +720,16 @@ async fn webhook_rotate(
     body: Bytes,
 ) -> PortalResult {
     let visit = visit(&state, &headers).await?;
-    Form::parse(&headers, &body, &visit)?;
+    let form = Form::parse(&headers, &body, &visit)?;
+    visit.caller.require(Scope::Write)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
+    // The form names the webhook as it was shown: sent again (a reload, the
+    // back button) after the rotation changed it, it rotates nothing, or
+    // the secret just copied would be wrong at once.
+    let current = actions::webhook(&state, &visit.caller, id).await?;
+    if form.get("version") != Some(pages::version_of(&current.webhook).as_str()) {
+        return Ok(see_other(&format!("/portal/webhooks/{id}?changed=1")));
+    }
     let view = actions::rotate_secret(&state, &visit.caller, id, None).await?;
     let markup = pages::secret_rotated(&visit, &view);
     Ok(respond(&state, &visit, StatusCode::OK, markup))
@@ -881,26 +937,27 @@ async fn stylesheet() -> Response {
     response
 }
 
-/// The session's accent colour as a style sheet (so no inline style is
-/// needed, and the policy can keep `style-src 'self'`).
-async fn theme_css(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let accent = match session_cookie(&headers) {
-        Some(cookie) => sessions::authenticate(&state.db, &cookie, Utc::now())
-            .await
-            .ok()
-            .flatten()
-            .and_then(|session| session.theme.accent_color),
-        None => None,
+/// `GET /portal/theme/<rrggbb>.css`: an accent colour as a style sheet (so
+/// no inline style is needed and the policy keeps `style-src 'self'`). Named
+/// by the colour itself: no session to look up, cached for good.
+async fn theme_css(Path(file): Path<String>) -> Response {
+    let colour = file
+        .strip_suffix(".css")
+        .filter(|hex| hex.len() == 6 && hex.chars().all(|c| c.is_ascii_hexdigit()));
+    let Some(colour) = colour else {
+        return message_page(StatusCode::NOT_FOUND, "Not found", "No such page here.");
     };
-    let css = accent.map_or_else(String::new, |accent| format!(":root {{ --accent: {accent}; }}\n"));
+    let css = format!(":root {{ --accent: #{}; }}\n", colour.to_ascii_lowercase());
     let mut response = css.into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/css; charset=utf-8"),
     );
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=31536000, immutable"),
+    );
     response
 }
 

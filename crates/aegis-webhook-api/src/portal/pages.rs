@@ -63,7 +63,9 @@ fn layout(visit: &Visit, section: Section, title: &str, content: Markup) -> Mark
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " — Aegis Webhooks" }
                 link rel="stylesheet" href=(*STYLESHEET);
-                link rel="stylesheet" href="/portal/theme.css";
+                @if let Some(accent) = &visit.session.theme.accent_color {
+                    link rel="stylesheet" href=(format!("/portal/theme/{}.css", accent.trim_start_matches('#')));
+                }
             }
             body {
                 a class="skip" href="#main" { "Skip to content" }
@@ -314,7 +316,14 @@ pub fn webhook_created(visit: &Visit, view: &WebhookView) -> Markup {
     let webhook = &view.webhook;
     let content = html! {
         h1 { "Webhook created" }
-        p { "Events for " code { (webhook.url.as_str()) } " are sent from now on. Keep the secret: your receiver needs it." }
+        p {
+            @if webhook.active {
+                "Events for " code { (webhook.url.as_str()) } " are sent from now on."
+            } @else {
+                code { (webhook.url.as_str()) } " is paused: resume it on its page to send events."
+            }
+            " Keep the secret: your receiver needs it."
+        }
         @if let Ok(secret) = view.secret() {
             (secret_block(secret))
         }
@@ -415,6 +424,11 @@ pub fn webhook_page(
     layout(visit, Section::Webhooks, "Webhook", content)
 }
 
+/// Which state of a webhook a form was made from: its last change.
+pub fn version_of(webhook: &Webhook) -> String {
+    webhook.updated_at.timestamp_micros().to_string()
+}
+
 pub fn rotate_confirm(visit: &Visit, view: &WebhookView, grace: &str) -> Markup {
     let webhook = &view.webhook;
     let content = html! {
@@ -426,6 +440,7 @@ pub fn rotate_confirm(visit: &Visit, view: &WebhookView, grace: &str) -> Markup 
         }
         form method="post" action=(format!("/portal/webhooks/{}/rotate", webhook.id)) class="actions" {
             (csrf(visit))
+            input type="hidden" name="version" value=(version_of(webhook));
             button type="submit" { "Rotate secret" }
             a href=(format!("/portal/webhooks/{}", webhook.id)) { "Cancel" }
         }
@@ -586,19 +601,23 @@ pub fn delivery_page(
     notice: Option<&str>,
 ) -> Markup {
     let body = delivered_body(delivery.event_type, &event.timestamp, &event.data);
-    // The headers of the last attempt (or the next one), signed with the
-    // webhook's current secret: what a receiver would check now.
-    let attempt = delivery.attempts.max(1);
-    let sent_at = attempts.last().map_or_else(Utc::now, |attempt| attempt.started_at);
-    let headers = signing::delivery_headers(
-        &delivery.id.to_string(),
-        delivery.event_type,
-        attempt,
-        sent_at.timestamp(),
-        body.as_bytes(),
-        &view.webhook.secret,
-        None,
-    );
+    // The headers of the last attempt, as the worker built them: its number,
+    // its start (to the second) and the webhook's current secret. A signature
+    // is shown only to a session that may read the secret: with it, anyone
+    // could send the endpoint a request it would take for ours.
+    let sent = attempts.last().map(|last| {
+        let headers = signing::delivery_headers(
+            &delivery.id.to_string(),
+            delivery.event_type,
+            last.attempt,
+            last.started_at.timestamp(),
+            body.as_bytes(),
+            &view.webhook.secret,
+            None,
+        );
+        (last.attempt, headers)
+    });
+    let show_signatures = view.secret().is_ok();
     let content = html! {
         @if let Some(notice) = notice {
             p class="notice" role="status" { (notice) }
@@ -617,28 +636,41 @@ pub fn delivery_page(
             dt { "Created" } dd { (time(delivery.created_at)) }
         }
         @if visit.can_write() {
-            form method="post" action=(format!("/portal/deliveries/{}/redeliver", delivery.id)) class="actions" {
-                (csrf(visit))
-                @if delivery.status == DeliveryStatus::Pending {
-                    button type="submit" disabled aria-describedby="pending-help" { "Redeliver" }
-                    span id="pending-help" class="help" { "Pending: its next attempt is already scheduled." }
-                } @else {
+            @if delivery.status == DeliveryStatus::Pending {
+                // No disabled button: a keyboard could not reach it, nor its reason.
+                p class="help" { "Pending: its next attempt is already scheduled, so there is nothing to redeliver yet." }
+            } @else {
+                form method="post" action=(format!("/portal/deliveries/{}/redeliver", delivery.id)) class="actions" {
+                    (csrf(visit))
                     button type="submit" { "Redeliver" }
                 }
             }
         }
         section aria-labelledby="request-heading" {
             h2 id="request-heading" { "Request" }
-            p class="help" { "Headers of attempt " (attempt) ", signed with the current secret." }
-            div class="table-wrap" role="region" aria-label="Headers" tabindex="0" {
-                table class="headers" {
-                    thead { tr { th scope="col" { "Header" } th scope="col" { "Value" } } }
-                    tbody {
-                        @for (name, value) in &headers {
-                            tr { td { code { (name) } } td { code class="wrap" { (value) } } }
+            @if let Some((attempt, headers)) = &sent {
+                p class="help" { "Headers of attempt " (attempt) ", signed with the webhook's current secret." }
+                div class="table-wrap" role="region" aria-label="Headers" tabindex="0" {
+                    table class="headers" {
+                        thead { tr { th scope="col" { "Header" } th scope="col" { "Value" } } }
+                        tbody {
+                            @for (name, value) in headers {
+                                tr {
+                                    td { code { (name) } }
+                                    td {
+                                        @if name.ends_with("signature") && !show_signatures {
+                                            span class="muted" { "shown to sessions that may read the secret" }
+                                        } @else {
+                                            code class="wrap" { (value) }
+                                        }
+                                    }
+                                }
+                            }
                         }
                     }
                 }
+            } @else {
+                p { "No attempt yet: its headers show here once it is made." }
             }
             h3 { "Body (exact bytes)" }
             pre class="code" id="body" tabindex="0" aria-label="Body" { code { (body) } }
