@@ -682,9 +682,15 @@ impl PortalClient {
         }
     }
 
-    /// Opens a link; keeps the cookie it sets, if any.
+    /// Opens a link as a browser does: its page, then the page's POST (no
+    /// `Origin`, as from a client that is not a browser); keeps the cookie
+    /// it sets, if any. A link whose page is refused is not posted.
     pub async fn open(&mut self, path: &str) -> PortalAnswer {
-        let answer = self.get(path).await;
+        let page = self.get(path).await;
+        if page.status != StatusCode::OK {
+            return page;
+        }
+        let answer = self.post_raw(path, &[]).await;
         if let Some(cookie) = answer
             .headers
             .get_all("set-cookie")

@@ -43,8 +43,9 @@ pub struct Fetched {
 }
 
 impl Session {
-    /// Makes a portal link with `api`'s key and opens it: the 303 it answers
-    /// carries the session cookie.
+    /// Makes a portal link with `api`'s key and opens it as a browser does
+    /// (its page, then the page's POST): the 303 the POST answers carries the
+    /// session cookie.
     pub async fn open(api: &Api) -> anyhow::Result<Session> {
         let link = api.create_portal_session(SESSION_TTL_SECONDS).await?;
         let client = reqwest::Client::builder()
@@ -52,8 +53,22 @@ impl Session {
             .timeout(REQUEST_TIMEOUT)
             .build()
             .context("failed to build the portal's HTTP client")?;
+        let url = format!("{}{}", api.base_url, link.path);
+        let page = client
+            .get(&url)
+            .send()
+            .await
+            .context("the portal link's page could not be read")?;
+        if page.status() != StatusCode::OK {
+            let status = page.status();
+            let body = page.text().await.unwrap_or_default();
+            anyhow::bail!(
+                "the portal link's page answered {status}, not 200 OK: {}",
+                excerpt(&body)
+            );
+        }
         let response = client
-            .get(format!("{}{}", api.base_url, link.path))
+            .post(&url)
             .send()
             .await
             .context("the portal link could not be opened")?;

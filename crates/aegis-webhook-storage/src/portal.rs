@@ -92,6 +92,30 @@ pub async fn create_link(
     Ok((id, token))
 }
 
+/// The name of the tenant a link `token` would open, if it can still be
+/// opened; changes nothing (a link checker's or prefetcher's GET must not
+/// use the link up).
+pub async fn peek_link(
+    db: &impl ConnectionTrait,
+    token: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<String>, StoreError> {
+    let Some(row) = portal_session::Entity::find()
+        .filter(portal_session::Column::LinkHash.eq(hash_key(token)))
+        .filter(portal_session::Column::OpenedAt.is_null())
+        .filter(portal_session::Column::LinkExpiresAt.gt(now))
+        .one(db)
+        .await?
+    else {
+        return Ok(None);
+    };
+    if !key_is_valid(db, row.api_key_id).await? {
+        return Ok(None);
+    }
+    let tenant = crate::tenants::tenant_by_id(db, TenantId::from_uuid(row.tenant_id)).await?;
+    Ok(tenant.map(|tenant| tenant.name))
+}
+
 /// Opens the link `token`: once, before it expires, while its key is valid.
 /// Returns the session and its cookie value; `None` for a link that is
 /// unknown, used, expired or whose key was revoked (the caller need not

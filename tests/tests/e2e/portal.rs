@@ -29,7 +29,28 @@ async fn a_link_opens_once_and_only_in_time(backend: Backend) {
     };
     let link = portal_link(&app, &app.setup.api_key, false).await;
 
+    // The link's page names the tenant and uses nothing up (a mail scanner's
+    // or a prefetch's GET), however often it is read.
     let mut browser = PortalClient::new(&app);
+    for _ in 0..2 {
+        let page = browser.get(&link).await;
+        assert_eq!(page.status, StatusCode::OK, "{page:?}");
+        assert!(page.body.contains("<strong>default</strong>"), "{}", page.body);
+        assert!(page.headers.get("set-cookie").is_none());
+    }
+    // A form of another site cannot open it (to sign the visitor in to
+    // somebody else's tenant), nor leave it used.
+    let http = reqwest::Client::new();
+    for (name, value) in [("origin", "https://attacker.example"), ("sec-fetch-site", "cross-site")] {
+        let refused = http
+            .post(app.url(&link))
+            .header(name, value)
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN, "{name}: {value}");
+        assert!(refused.headers().get("set-cookie").is_none());
+    }
     let opened = browser.open(&link).await;
     assert_eq!(opened.status, StatusCode::SEE_OTHER, "{opened:?}");
     assert_eq!(opened.location.as_deref(), Some("/portal/webhooks"));

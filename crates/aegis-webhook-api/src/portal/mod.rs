@@ -4,11 +4,13 @@
 //! keeps the pages usable with a keyboard and lets the Content-Security-Policy
 //! forbid every script.
 //!
-//! Entered through a single-use link (`createPortalSession`); the session is
-//! an HttpOnly cookie whose hash is stored (`storage::portal`). Every
+//! Entered through a single-use link (`createPortalSession`): its page names
+//! the tenant, and the page's POST (same origin only) opens the session, an
+//! HttpOnly cookie whose hash is stored (`storage::portal`). Every other
 //! state-changing request is a POST carrying a token derived from the
-//! session's cookie (CSRF); every request counts against the rate and
-//! concurrency limits of the API key that made the session.
+//! session's cookie (CSRF); every signed-in page counts against the rate and
+//! concurrency limits of the API key that made the session, and every request
+//! runs under the GraphQL deadline.
 
 mod chart;
 mod pages;
@@ -76,7 +78,7 @@ pub struct Settings {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/portal", get(|| async { Redirect::to("/portal/webhooks") }))
-        .route("/portal/open/{token}", get(open_link))
+        .route("/portal/open/{token}", get(link_page).post(open_link))
         .route("/portal/signout", post(sign_out))
         .route("/portal/webhooks", get(webhook_list).post(webhook_create))
         .route("/portal/webhooks/new", get(webhook_new))
@@ -394,9 +396,40 @@ fn error_page(error: &ApiError) -> Response {
 
 // Signing in and out.
 
-/// `GET /portal/open/{token}`: the single-use link. Sets the session cookie
-/// and goes to the webhooks.
-async fn open_link(State(state): State<AppState>, Path(token): Path<String>) -> PortalResult {
+const LINK_REFUSED: &str = "This portal link has been used already, has expired, or was never valid. A link works \
+     once, and only for a short time after it is made; ask the application that sent you for a new one.";
+
+/// `GET /portal/open/{token}`: the single-use link's page, naming the tenant
+/// it opens, with a button that opens it. A GET changes nothing, so a mail
+/// scanner or a browser's prefetch does not use the link up.
+async fn link_page(State(state): State<AppState>, Path(token): Path<String>) -> PortalResult {
+    let tenant = if token.len() > 128 {
+        None
+    } else {
+        sessions::peek_link(&state.db, &token, Utc::now())
+            .await
+            .map_err(ApiError::from)?
+    };
+    let Some(tenant) = tenant else {
+        return Ok(message_page(StatusCode::FORBIDDEN, "Link not valid", LINK_REFUSED));
+    };
+    Ok(html(
+        StatusCode::OK,
+        pages::open_link(&tenant, &format!("/portal/open/{token}")),
+    ))
+}
+
+/// `POST /portal/open/{token}`: uses the link up, sets the session cookie
+/// and goes to the webhooks. Only from the link's own page: a form of
+/// another site must not sign a visitor in to somebody else's tenant.
+async fn open_link(State(state): State<AppState>, headers: HeaderMap, Path(token): Path<String>) -> PortalResult {
+    if !same_origin(&headers) {
+        return Ok(message_page(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            "A portal link is opened from its own page. Open the link itself.",
+        ));
+    }
     let opened = if token.len() > 128 {
         None
     } else {
@@ -405,12 +438,7 @@ async fn open_link(State(state): State<AppState>, Path(token): Path<String>) -> 
             .map_err(ApiError::from)?
     };
     let Some((session, cookie)) = opened else {
-        return Ok(message_page(
-            StatusCode::FORBIDDEN,
-            "Link not valid",
-            "This portal link has been used already, has expired, or was never valid. A link works once, and only \
-             for a short time after it is made; ask the application that sent you for a new one.",
-        ));
+        return Ok(message_page(StatusCode::FORBIDDEN, "Link not valid", LINK_REFUSED));
     };
     let mut response = see_other("/portal/webhooks");
     let max_age = (session.expires_at - Utc::now()).num_seconds().max(0);
@@ -420,6 +448,21 @@ async fn open_link(State(state): State<AppState>, Path(token): Path<String>) -> 
     }
     tracing::info!(tenant_id = %session.tenant_id, session_id = %session.id, "portal session opened");
     Ok(response)
+}
+
+/// Whether a POST came from a page of this server, as far as the browser
+/// says: `Sec-Fetch-Site`, else `Origin` against `Host`. A client that sends
+/// neither (not a browser) is not a cross-site form.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let header = |name| headers.get(name).and_then(|value: &HeaderValue| value.to_str().ok());
+    if let Some(site) = header("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    match (header("origin"), header("host")) {
+        (Some(origin), Some(host)) => origin.split_once("://").is_some_and(|(_, authority)| authority == host),
+        (Some(_), None) => false,
+        (None, _) => true,
+    }
 }
 
 fn session_set_cookie(state: &AppState, value: String, max_age_secs: i64) -> cookie::Cookie<'static> {

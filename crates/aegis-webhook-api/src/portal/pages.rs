@@ -1,6 +1,7 @@
 //! The portal's pages as markup (maud: checked at compile time, every value
-//! escaped). Each function takes what its page shows and nothing else: the
-//! handlers in `portal` fetch it through the use cases.
+//! escaped). The handlers in `portal` fetch what a page shows through the
+//! use cases; a page function only arranges it (and signs the headers the
+//! delivery page shows, as the worker does).
 
 use std::collections::HashMap;
 
@@ -121,6 +122,30 @@ pub fn message(title: &str, message: &str) -> Markup {
                     h1 { (title) }
                     p { (message) }
                     p { a href="/portal/webhooks" { "Back to your webhooks" } }
+                }
+            }
+        }
+    }
+}
+
+/// A link's own page: whose webhooks it opens, and the button that opens them.
+pub fn open_link(tenant: &str, action: &str) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { "Open the portal — Aegis Webhooks" }
+                link rel="stylesheet" href=(*STYLESHEET);
+            }
+            body {
+                main id="main" class="message" {
+                    h1 { "Aegis Webhooks" }
+                    p { "This link opens the webhooks of " strong { (tenant) } " in this browser." }
+                    form method="post" action=(action) {
+                        button type="submit" { "Open the webhooks of " (tenant) }
+                    }
                 }
             }
         }
