@@ -445,15 +445,18 @@ pub async fn webhooks_page(
         .collect())
 }
 
-/// Delivery counts of the caller's webhooks (ids of other tenants' webhooks
-/// never reach here: the views come from the caller's own pages).
+/// Delivery counts of the caller's webhooks among `webhook_ids` (another
+/// tenant's are left out, as if they did not exist).
 pub async fn stats_of(
     state: &AppState,
     caller: &Caller,
     webhook_ids: &[WebhookId],
 ) -> ApiResult<std::collections::HashMap<WebhookId, deliveries::WebhookDeliveryStats>> {
     caller.require(Scope::Read)?;
-    deliveries::stats_of_webhooks(&state.db, webhook_ids)
+    let owned = webhooks::owned_by(&state.db, caller.tenant_id, webhook_ids)
+        .await
+        .map_err(ApiError::from)?;
+    deliveries::stats_of_webhooks(&state.db, &owned)
         .await
         .map_err(ApiError::from)
 }
@@ -479,14 +482,18 @@ pub async fn deliveries_page(
         .map_err(ApiError::from)
 }
 
-/// The attempts of the caller's deliveries, by delivery.
+/// The attempts of the caller's deliveries among `delivery_ids`, by
+/// delivery (another tenant's are left out).
 pub async fn attempts_of(
     state: &AppState,
     caller: &Caller,
     delivery_ids: &[DeliveryId],
 ) -> ApiResult<std::collections::HashMap<DeliveryId, Vec<deliveries::Attempt>>> {
     caller.require(Scope::Read)?;
-    deliveries::attempts_of_many(&state.db, delivery_ids)
+    let owned = deliveries::owned_by(&state.db, caller.tenant_id, delivery_ids)
+        .await
+        .map_err(ApiError::from)?;
+    deliveries::attempts_of_many(&state.db, &owned)
         .await
         .map_err(ApiError::from)
 }

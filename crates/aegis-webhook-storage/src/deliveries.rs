@@ -575,6 +575,26 @@ pub async fn list_deliveries(
         .collect()
 }
 
+/// Which of `ids` are the tenant's deliveries.
+pub async fn owned_by(
+    db: &impl ConnectionTrait,
+    tenant_id: TenantId,
+    ids: &[DeliveryId],
+) -> Result<Vec<DeliveryId>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let owned: Vec<Uuid> = delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::Id)
+        .filter(delivery::Column::TenantId.eq(tenant_id.as_uuid()))
+        .filter(delivery::Column::Id.is_in(crate::in_list(ids.iter().map(|id| id.as_uuid()))))
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(owned.into_iter().map(DeliveryId::from_uuid).collect())
+}
+
 /// The tenant's delivery `id`; another tenant's is `NotFound`.
 pub async fn delivery_of_tenant(
     db: &impl ConnectionTrait,

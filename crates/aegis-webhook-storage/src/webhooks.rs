@@ -222,6 +222,26 @@ pub async fn webhooks_by_ids(
         .collect())
 }
 
+/// Which of `ids` are the tenant's webhooks.
+pub async fn owned_by(
+    db: &impl ConnectionTrait,
+    tenant_id: TenantId,
+    ids: &[WebhookId],
+) -> Result<Vec<WebhookId>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let owned: Vec<Uuid> = webhook::Entity::find()
+        .select_only()
+        .column(webhook::Column::Id)
+        .filter(webhook::Column::TenantId.eq(tenant_id.as_uuid()))
+        .filter(webhook::Column::Id.is_in(crate::in_list(ids.iter().map(|id| id.as_uuid()))))
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(owned.into_iter().map(WebhookId::from_uuid).collect())
+}
+
 /// How many webhooks the tenant has (for its quota).
 pub async fn count_of_tenant(db: &impl ConnectionTrait, tenant_id: TenantId) -> Result<u64, StoreError> {
     use sea_orm::PaginatorTrait as _;

@@ -348,6 +348,16 @@ async fn another_tenants_ids_are_not_found(backend: Backend) {
         .expect("B's delivery")
         .to_owned();
 
+    // The use cases' guards underneath: B's ids are none of A's.
+    let their_webhook_id: aegis_webhook_core::ids::WebhookId = their_webhook.parse().expect("id");
+    let their_delivery_id: aegis_webhook_core::ids::DeliveryId = their_delivery.parse().expect("id");
+    let owned = aegis_webhook_storage::webhooks::owned_by(app.db(), app.setup.tenant_id, &[their_webhook_id]).await;
+    assert_eq!(owned.expect("query"), vec![]);
+    let owned = aegis_webhook_storage::deliveries::owned_by(app.db(), app.setup.tenant_id, &[their_delivery_id]).await;
+    assert_eq!(owned.expect("query"), vec![]);
+    let owned = aegis_webhook_storage::deliveries::owned_by(app.db(), other.id, &[their_delivery_id]).await;
+    assert_eq!(owned.expect("query"), vec![their_delivery_id]);
+
     // Tenant A's session: B's pages and actions are not found, B's data is untouched.
     let mut browser = PortalClient::new(&app);
     browser.open(&portal_link(&app, &app.setup.api_key, false).await).await;
