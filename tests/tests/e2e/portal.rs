@@ -314,6 +314,13 @@ async fn a_form_without_the_sessions_token_changes_nothing(backend: Backend) {
         .await;
     assert_eq!(refused.status, StatusCode::BAD_REQUEST);
     assert!(refused.body.contains("role=\"alert\""), "{}", refused.body);
+    assert!(
+        refused
+            .body
+            .contains(r#"aria-describedby="url-help form-error" aria-invalid="true""#),
+        "the refused field points at the reason: {}",
+        refused.body
+    );
     assert!(refused.body.contains("ftp://nowhere.example/x"), "{}", refused.body);
     assert_eq!(app.count("webhooks").await, 2);
 }

@@ -106,8 +106,18 @@ async fn a_customer_manages_a_webhook_and_debugs_its_deliveries_in_chromium() {
         browser.click("a[href='/portal/webhooks/new']");
         assert_eq!(browser.text("h1"), "New webhook");
         check_page(&mut browser, "webhook-new");
-        browser.fill("#url", &receiver.url());
+        // A refused input: the reason, tied to its field, the form kept.
+        browser.fill("#url", "ftp://nowhere.example/hook");
         browser.check("#event-POAM_OVERDUE");
+        browser.click("form.stack button[type='submit']");
+        assert!(
+            browser.text("#form-error").contains("url"),
+            "{}",
+            browser.text("#form-error")
+        );
+        assert_eq!(browser.attribute("#url", "aria-invalid").as_deref(), Some("true"));
+        check_page(&mut browser, "webhook-refused");
+        browser.fill("#url", &receiver.url());
         browser.fill("#description", "Compliance alerts");
         browser.click("form.stack button[type='submit']");
         assert_eq!(browser.text("h1"), "Webhook created");
@@ -243,8 +253,8 @@ async fn a_customer_manages_a_webhook_and_debugs_its_deliveries_in_chromium() {
         let errors: Vec<String> = browser
             .console_errors()
             .into_iter()
-            // The neighbour's page answers 404 on purpose.
-            .filter(|error| !error.contains("404"))
+            // The neighbour's page answers 404 and the refused form 400, on purpose.
+            .filter(|error| !error.contains("status of 404") && !error.contains("status of 400"))
             .collect();
         assert!(errors.is_empty(), "{errors:?}");
         browser.close();

@@ -601,8 +601,16 @@ async fn webhook_create(State(state): State<AppState>, headers: HeaderMap, body:
             let markup = pages::webhook_created(&visit, &view);
             Ok(respond(&state, &visit, StatusCode::CREATED, markup))
         }
-        Err(ApiError::BadUserInput { message, .. }) => {
-            let markup = pages::webhook_form(&visit, None, &fields, Some(&message));
+        Err(ApiError::BadUserInput { field, message }) => {
+            let markup = pages::webhook_form(
+                &visit,
+                None,
+                &fields,
+                Some(pages::FieldError {
+                    field,
+                    message: &message,
+                }),
+            );
             Ok(respond(&state, &visit, StatusCode::BAD_REQUEST, markup))
         }
         Err(error) => Err(error.into()),
@@ -688,8 +696,16 @@ async fn webhook_edit(
     .await;
     match edited {
         Ok(_) => Ok(see_other(&format!("/portal/webhooks/{id}"))),
-        Err(ApiError::BadUserInput { message, .. }) => {
-            let markup = pages::webhook_form(&visit, Some(id), &fields, Some(&message));
+        Err(ApiError::BadUserInput { field, message }) => {
+            let markup = pages::webhook_form(
+                &visit,
+                Some(id),
+                &fields,
+                Some(pages::FieldError {
+                    field,
+                    message: &message,
+                }),
+            );
             Ok(respond(&state, &visit, StatusCode::BAD_REQUEST, markup))
         }
         Err(error) => Err(error.into()),

@@ -266,10 +266,31 @@ impl WebhookFields {
 }
 
 /// New (`editing` none) or edit.
-pub fn webhook_form(visit: &Visit, editing: Option<WebhookId>, fields: &WebhookFields, error: Option<&str>) -> Markup {
+/// A refused input: the API's name of the field, and why.
+pub struct FieldError<'a> {
+    pub field: &'static str,
+    pub message: &'a str,
+}
+
+/// New (`editing` none) or edit; after a refusal, the reason is announced,
+/// tied to its field, and the page opens at it.
+pub fn webhook_form(
+    visit: &Visit,
+    editing: Option<WebhookId>,
+    fields: &WebhookFields,
+    error: Option<FieldError<'_>>,
+) -> Markup {
     let (title, action) = match editing {
-        Some(id) => ("Edit webhook", format!("/portal/webhooks/{id}/edit")),
-        None => ("New webhook", "/portal/webhooks".to_owned()),
+        // `#form-error`: after a refusal the page opens at the reason.
+        Some(id) => ("Edit webhook", format!("/portal/webhooks/{id}/edit#form-error")),
+        None => ("New webhook", "/portal/webhooks#form-error".to_owned()),
+    };
+    let refused = |field: &str| error.as_ref().is_some_and(|error| error.field == field);
+    let invalid = |field: &str| refused(field).then_some("true");
+    let described = |field: &str, help: Option<&str>| match (refused(field), help) {
+        (true, Some(help)) => Some(format!("{help} form-error")),
+        (true, None) => Some("form-error".to_owned()),
+        (false, help) => help.map(str::to_owned),
     };
     let fields = if editing.is_none() && error.is_none() && fields.url.is_empty() {
         // A new webhook starts active.
@@ -282,16 +303,16 @@ pub fn webhook_form(visit: &Visit, editing: Option<WebhookId>, fields: &WebhookF
     };
     let content = html! {
         h1 { (title) }
-        @if let Some(error) = error {
-            p class="error" role="alert" id="form-error" { (error) }
+        @if let Some(error) = &error {
+            p class="error" role="alert" id="form-error" tabindex="-1" { (error.message) }
         }
         form method="post" action=(action) class="stack" {
             (csrf(visit))
             label for="url" { "Endpoint URL" }
             input id="url" name="url" type="url" required value=(fields.url) placeholder="https://example.com/webhooks/aegis"
-                aria-describedby="url-help";
+                aria-describedby=[described("url", Some("url-help"))] aria-invalid=[invalid("url")];
             p id="url-help" class="help" { "Where the POSTs go: HTTPS, reachable from the internet." }
-            fieldset {
+            fieldset aria-describedby=[described("events", None)] {
                 legend { "Events" }
                 @for event in EventType::ALL.into_iter().filter(|event| event.is_subscribable()) {
                     @let id = format!("event-{}", event.as_str());
@@ -303,12 +324,15 @@ pub fn webhook_form(visit: &Visit, editing: Option<WebhookId>, fields: &WebhookF
                 }
             }
             label for="description" { "Description (optional)" }
-            textarea id="description" name="description" rows="2" { (fields.description) }
+            textarea id="description" name="description" rows="2"
+                aria-describedby=[described("description", None)] aria-invalid=[invalid("description")] { (fields.description) }
             label for="project_ids" { "Only these projects (optional: ids, one per line)" }
-            textarea id="project_ids" name="project_ids" rows="2" { (fields.project_ids) }
+            textarea id="project_ids" name="project_ids" rows="2"
+                aria-describedby=[described("projectIds", None)] aria-invalid=[invalid("projectIds")] { (fields.project_ids) }
             @if editing.is_none() {
                 label for="secret" { "Signing secret (optional: leave empty to generate one)" }
-                input id="secret" name="secret" type="password" autocomplete="new-password" value=(fields.secret);
+                input id="secret" name="secret" type="password" autocomplete="new-password" value=(fields.secret)
+                    aria-describedby=[described("secret", None)] aria-invalid=[invalid("secret")];
                 div class="check" {
                     input type="checkbox" id="active" name="active" value="true" checked[fields.active];
                     label for="active" { "Active: send events as soon as it is created" }
