@@ -128,6 +128,41 @@ impl Visit {
     }
 }
 
+/// A page of a signed-in visitor: the session, admitted under its key's limits.
+impl axum::extract::FromRequestParts<AppState> for Visit {
+    type Rejection = Refused;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, Refused> {
+        visit(state, &parts.headers).await
+    }
+}
+
+/// A state-changing request of a signed-in visitor: its session and its
+/// form, whose CSRF token has been checked. The only way a handler gets a
+/// form, so none can forget the token.
+pub(crate) struct Post {
+    visit: Visit,
+    form: Form,
+}
+
+impl axum::extract::FromRequest<AppState> for Post {
+    type Rejection = Refused;
+
+    async fn from_request(request: axum::extract::Request, state: &AppState) -> Result<Self, Refused> {
+        let (parts, body) = request.into_parts();
+        let visit = visit(state, &parts.headers).await?;
+        let body = axum::body::to_bytes(body, MAX_FORM_BYTES).await.map_err(|_| {
+            Refused::new(message_page(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Too large",
+                "This form is larger than the portal accepts (64 KiB).",
+            ))
+        })?;
+        let form = Form::parse(&parts.headers, &body, &visit)?;
+        Ok(Post { visit, form })
+    }
+}
+
 /// What a portal handler answers when it cannot go on: a page (boxed: it
 /// travels in every `Err`).
 pub(crate) struct Refused(Box<Response>);
@@ -516,12 +551,7 @@ struct ListQuery {
 /// Webhooks on one page of the list.
 const WEBHOOKS_PER_PAGE: u64 = 50;
 
-async fn webhook_list(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Query(query): Query<ListQuery>,
-) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
+async fn webhook_list(State(state): State<AppState>, visit: Visit, Query(query): Query<ListQuery>) -> PortalResult {
     let after = query
         .after
         .as_deref()
@@ -538,8 +568,7 @@ async fn webhook_list(
     Ok(respond(&state, &visit, StatusCode::OK, markup))
 }
 
-async fn webhook_new(State(state): State<AppState>, headers: HeaderMap) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
+async fn webhook_new(State(state): State<AppState>, visit: Visit) -> PortalResult {
     visit.caller.require(Scope::Write)?;
     let markup = pages::webhook_form(&visit, None, &pages::WebhookFields::default(), None);
     Ok(respond(&state, &visit, StatusCode::OK, markup))
@@ -578,9 +607,7 @@ fn parse_project_ids(text: &str) -> Vec<String> {
         .collect()
 }
 
-async fn webhook_create(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
-    let form = Form::parse(&headers, &body, &visit)?;
+async fn webhook_create(State(state): State<AppState>, Post { visit, form }: Post) -> PortalResult {
     let fields = webhook_fields(&form);
     let created = async {
         let draft = WebhookDraft {
@@ -626,11 +653,10 @@ struct WebhookQuery {
 
 async fn webhook_page(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    visit: Visit,
     Path(id): Path<String>,
     Query(query): Query<WebhookQuery>,
 ) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     let view = actions::webhook(&state, &visit.caller, id).await?;
     let stats = actions::stats_of(&state, &visit.caller, &[id]).await?;
@@ -662,8 +688,7 @@ async fn webhook_page(
     Ok(respond(&state, &visit, StatusCode::OK, markup))
 }
 
-async fn webhook_edit_form(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
+async fn webhook_edit_form(State(state): State<AppState>, visit: Visit, Path(id): Path<String>) -> PortalResult {
     visit.caller.require(Scope::Write)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     let view = actions::webhook(&state, &visit.caller, id).await?;
@@ -674,12 +699,9 @@ async fn webhook_edit_form(State(state): State<AppState>, headers: HeaderMap, Pa
 
 async fn webhook_edit(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    Post { visit, form }: Post,
 ) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
-    let form = Form::parse(&headers, &body, &visit)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     let fields = webhook_fields(&form);
     let edited = async {
@@ -714,12 +736,9 @@ async fn webhook_edit(
 
 async fn webhook_set_active(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    Post { visit, form }: Post,
 ) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
-    let form = Form::parse(&headers, &body, &visit)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     let active = match form.get("active") {
         Some("true") => true,
@@ -730,14 +749,7 @@ async fn webhook_set_active(
     Ok(see_other(&format!("/portal/webhooks/{id}")))
 }
 
-async fn webhook_test(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
-    Form::parse(&headers, &body, &visit)?;
+async fn webhook_test(State(state): State<AppState>, Path(id): Path<String>, Post { visit, .. }: Post) -> PortalResult {
     let id: WebhookId = parse_id(&id, "webhook")?;
     let delivery = actions::test_webhook(&state, &visit.caller, id).await?;
     Ok(see_other(&format!("/portal/deliveries/{}", delivery.id)))
@@ -745,12 +757,9 @@ async fn webhook_test(
 
 async fn webhook_replay(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    Post { visit, form }: Post,
 ) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
-    let form = Form::parse(&headers, &body, &visit)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     let since = parse_time(form.get("since").unwrap_or_default(), "since")?
         .ok_or_else(|| ApiError::bad_input("since", "since: choose the time from which to replay"))?;
@@ -758,12 +767,7 @@ async fn webhook_replay(
     Ok(see_other(&format!("/portal/webhooks/{id}?replayed={replayed}")))
 }
 
-async fn webhook_rotate_confirm(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
+async fn webhook_rotate_confirm(State(state): State<AppState>, visit: Visit, Path(id): Path<String>) -> PortalResult {
     visit.caller.require(Scope::Write)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     let view = actions::webhook(&state, &visit.caller, id).await?;
@@ -774,12 +778,9 @@ async fn webhook_rotate_confirm(
 
 async fn webhook_rotate(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    Post { visit, form }: Post,
 ) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
-    let form = Form::parse(&headers, &body, &visit)?;
     visit.caller.require(Scope::Write)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     // The form names the webhook as it was shown: sent again (a reload, the
@@ -794,12 +795,7 @@ async fn webhook_rotate(
     Ok(respond(&state, &visit, StatusCode::OK, markup))
 }
 
-async fn webhook_delete_confirm(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
+async fn webhook_delete_confirm(State(state): State<AppState>, visit: Visit, Path(id): Path<String>) -> PortalResult {
     visit.caller.require(Scope::Write)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     let view = actions::webhook(&state, &visit.caller, id).await?;
@@ -809,12 +805,9 @@ async fn webhook_delete_confirm(
 
 async fn webhook_delete(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    Post { visit, .. }: Post,
 ) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
-    Form::parse(&headers, &body, &visit)?;
     let id: WebhookId = parse_id(&id, "webhook")?;
     actions::delete_webhook(&state, &visit.caller, id).await?;
     Ok(see_other("/portal/webhooks"))
@@ -822,8 +815,7 @@ async fn webhook_delete(
 
 // The event catalog.
 
-async fn event_catalog(State(state): State<AppState>, headers: HeaderMap) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
+async fn event_catalog(State(state): State<AppState>, visit: Visit) -> PortalResult {
     let markup = pages::event_catalog(&visit);
     Ok(respond(&state, &visit, StatusCode::OK, markup))
 }
@@ -912,12 +904,7 @@ impl LogQuery {
     }
 }
 
-async fn delivery_log(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Query(query): Query<LogQuery>,
-) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
+async fn delivery_log(State(state): State<AppState>, visit: Visit, Query(query): Query<LogQuery>) -> PortalResult {
     let filter = query.filter()?;
     let before: Option<Uuid> = query.before.as_deref().map(|id| parse_id(id, "page")).transpose()?;
     let mut page = actions::deliveries_page(&state, &visit.caller, &filter, before, DELIVERIES_PER_PAGE).await?;
@@ -946,11 +933,10 @@ struct DeliveryQuery {
 
 async fn delivery_page(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    visit: Visit,
     Path(id): Path<String>,
     Query(query): Query<DeliveryQuery>,
 ) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
     let id: DeliveryId = parse_id(&id, "delivery")?;
     let delivery = actions::delivery(&state, &visit.caller, id).await?;
     let event = actions::event_of(&state, &visit.caller, &delivery).await?;
@@ -968,12 +954,9 @@ async fn delivery_page(
 
 async fn delivery_redeliver(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
-    body: Bytes,
+    Post { visit, .. }: Post,
 ) -> PortalResult {
-    let visit = visit(&state, &headers).await?;
-    Form::parse(&headers, &body, &visit)?;
     let id: DeliveryId = parse_id(&id, "delivery")?;
     actions::redeliver(&state, &visit.caller, id).await?;
     Ok(see_other(&format!("/portal/deliveries/{id}?redelivered=1")))
