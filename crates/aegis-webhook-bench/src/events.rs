@@ -21,6 +21,9 @@ pub const EVENT_NAME: &str = "VULNERABILITY_DETECTED";
 pub struct Events {
     /// The zero of every recorded time.
     epoch: Instant,
+    /// `epoch` as wall-clock time, in nanoseconds since the Unix epoch: how
+    /// recorded times compare with the system's trace spans.
+    epoch_unix_nanos: u64,
     ids: Vec<Uuid>,
     by_id: HashMap<Uuid, u32>,
     /// Nanoseconds since `epoch` plus one when published; zero before.
@@ -33,8 +36,13 @@ impl Events {
     pub fn generate(count: u32) -> Events {
         let ids: Vec<Uuid> = (0..count).map(|_| Uuid::new_v4()).collect();
         let by_id = ids.iter().enumerate().map(|(index, id)| (*id, index as u32)).collect();
+        let (epoch, wall) = (Instant::now(), std::time::SystemTime::now());
+        let epoch_unix_nanos = wall
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX));
         Events {
-            epoch: Instant::now(),
+            epoch,
+            epoch_unix_nanos,
             published_at: ids.iter().map(|_| AtomicU64::new(0)).collect(),
             published: AtomicU32::new(0),
             ids,
@@ -92,6 +100,26 @@ impl Events {
             0 => None,
             nanos => Some(nanos - 1),
         }
+    }
+
+    /// The id of event `index` (its envelope `id` and `data.vulnerabilityId`).
+    pub fn id(&self, index: u32) -> Uuid {
+        self.ids[index as usize]
+    }
+
+    /// Event `index`, by its id.
+    pub fn index_of(&self, id: Uuid) -> Option<u32> {
+        self.by_id.get(&id).copied()
+    }
+
+    /// `at` as wall-clock time, in nanoseconds since the Unix epoch.
+    pub fn unix_nanos(&self, at: Instant) -> u64 {
+        self.epoch_unix_nanos + self.nanos_since_epoch(at)
+    }
+
+    /// When event `index` was published, in nanoseconds since the Unix epoch.
+    pub fn published_unix_nanos(&self, index: u32) -> Option<u64> {
+        Some(self.epoch_unix_nanos + self.published_nanos(index)?)
     }
 
     /// From event `index`'s publication to `at`.

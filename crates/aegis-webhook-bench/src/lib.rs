@@ -24,6 +24,7 @@
 //! report gives each page's time from request to whole body.
 
 pub mod api;
+pub mod breakdown;
 pub mod broker;
 pub mod events;
 pub mod options;
@@ -100,8 +101,24 @@ impl Load {
 /// service is unreachable); a run that was made but lost deliveries returns a
 /// report whose `passed` is false.
 pub async fn run(args: Args) -> anyhow::Result<Report> {
-    let plan = Plan::resolve(args)?;
+    let mut plan = Plan::resolve(args)?;
     let interrupt = watch_signals()?;
+    // Before every other setting, so that a `--set` of the same name wins.
+    let collector = match plan.breakdown {
+        true => {
+            let collector = breakdown::Collector::start().await?;
+            let exporting = [("AEGIS_OTLP_ENDPOINT".to_owned(), collector.endpoint())]
+                .into_iter()
+                .chain(
+                    breakdown::EXPORT_SETTINGS
+                        .iter()
+                        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned())),
+                );
+            plan.settings.splice(0..0, exporting);
+            Some(collector)
+        }
+        false => None,
+    };
     let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
 
     let mut loads = vec![Load::generate(NOISY, plan.events, plan.webhooks, plan.pace)];
@@ -133,7 +150,13 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
         }
     };
 
-    let report = build_report(&plan, measured, &loads, shutdown_problems, started_at);
+    // After the shutdown: each process exports its last spans as it stops.
+    let breakdown = collector.map(|collector| {
+        let (spans, refused) = collector.take();
+        breakdown::analyse(spans, refused, &loads[NOISY].events, &receiver.receipts())
+    });
+    let mut report = build_report(&plan, measured, &loads, shutdown_problems, started_at);
+    report.breakdown = breakdown;
     if let Some(path) = &plan.json {
         write_json(path, &report)?;
     }
@@ -1088,6 +1111,7 @@ fn build_report(
         acceptance_ms,
         tenants,
         portal,
+        breakdown: None,
         processes: process_usage,
         services,
         load_generator,

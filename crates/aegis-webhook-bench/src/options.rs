@@ -20,6 +20,7 @@ use serde::Serialize;
         aegis-bench --mode embedded\n  \
         aegis-bench --mode production --via amqp --json burst.json\n  \
         aegis-bench --mode production --scenario steady --rate 100 --duration 30s\n  \
+        aegis-bench --mode production --scenario steady --rate 100 --duration 30s --breakdown\n  \
         aegis-bench --mode production --scenario slow --concurrency 256 --workers 2\n  \
         aegis-bench --mode production --scenario noisy\n  \
         aegis-bench --mode production --scenario noisy --set AEGIS_FAIRNESS=off\n  \
@@ -108,6 +109,13 @@ pub struct Args {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     pub amqp_url: String,
+    /// Also trace every event and report where its time goes, step by step:
+    /// starts an OTLP/HTTP collector in this program, points every process at
+    /// it (`AEGIS_OTLP_ENDPOINT`) and, after the run, reports each step's
+    /// p50/p90/p99 from publish to receipt. Tracing costs a little: compare
+    /// the latency with a run without it.
+    #[arg(long)]
+    pub breakdown: bool,
     /// An extra setting for every spawned process, after the benchmark's own
     /// (repeatable): `--set AEGIS_AMQP_PREFETCH=128`.
     #[arg(long = "set", value_name = "AEGIS_NAME=VALUE", value_parser = parse_setting)]
@@ -226,6 +234,8 @@ pub struct Plan {
     pub postgres_url: String,
     pub amqp_url: String,
     pub settings: Vec<(String, String)>,
+    /// `--breakdown`: the processes export traces to the benchmark.
+    pub breakdown: bool,
 }
 
 impl Plan {
@@ -357,6 +367,7 @@ impl Plan {
             postgres_url: args.postgres_url.trim_end_matches('/').to_owned(),
             amqp_url: args.amqp_url,
             settings,
+            breakdown: args.breakdown,
         })
     }
 

@@ -98,6 +98,9 @@ struct Ledger {
     elsewhere: Tally,
     /// Across tenants: the system's delivery ids are unique.
     delivery_ids: HashSet<Uuid>,
+    /// Each verified delivery's `X-Aegis-Delivery` and when it arrived, for
+    /// the step-by-step breakdown (`--breakdown`).
+    receipts: Vec<(Uuid, Instant)>,
 }
 
 #[derive(Debug)]
@@ -137,6 +140,7 @@ impl Shared {
                 tenants: ledgers,
                 elsewhere: Tally::default(),
                 delivery_ids: HashSet::with_capacity(pairs),
+                receipts: Vec::with_capacity(pairs),
             }),
         }
     }
@@ -215,6 +219,11 @@ impl Receiver {
             all.add(&tenant.tally);
         }
         all
+    }
+
+    /// Each verified delivery's id (`X-Aegis-Delivery`) and when it arrived.
+    pub fn receipts(&self) -> Vec<(Uuid, Instant)> {
+        self.shared.ledger().receipts.clone()
     }
 
     /// Everything seen so far at tenant `tenant`'s webhooks.
@@ -297,6 +306,7 @@ fn judge(shared: &Shared, webhook: &str, headers: &HeaderMap, body: &[u8], at: I
                 if std::mem::replace(&mut own.pairs[pair], true) {
                     Verdict::Unexpected
                 } else {
+                    ledger.receipts.push((delivery_id, at));
                     Verdict::Verified
                 }
             }

@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::breakdown::Breakdown;
 use crate::options::{Mode, Scenario, Via};
 use crate::procstat::Machine;
 use crate::publish::Published;
@@ -41,6 +42,8 @@ pub struct Report {
     /// Portal scenario: how long the customer portal's pages took, once the
     /// deliveries were in.
     pub portal: Option<Portal>,
+    /// `--breakdown`: one event's path, step by step, from its traces.
+    pub breakdown: Option<Breakdown>,
     /// The system's processes, each measured alone.
     pub processes: Vec<ProcessUsage>,
     /// PostgreSQL and RabbitMQ (production mode): every process of each.
@@ -370,6 +373,9 @@ impl fmt::Display for Report {
         }
         if let Some(portal) = &self.portal {
             portal_lines(f, portal)?;
+        }
+        if let Some(breakdown) = &self.breakdown {
+            write!(f, "{breakdown}")?;
         }
         writeln!(
             f,

@@ -16,7 +16,9 @@
 //!
 //! Each envelope is an `ingest` span, the child of the publisher's span when the
 //! message carries a trace context; the tasks published in it carry the trace
-//! on to the workers.
+//! on to the workers. Its steps on the event's path are child spans: `fan_out`
+//! (the wait for the shared transaction, and its run and commit),
+//! `publish_tasks` (the tasks' publish with its confirm) and `ack`.
 
 mod fanout;
 
@@ -298,7 +300,10 @@ impl Ingester {
             Lane::Express => &self.fan_outs,
             _ => &self.bulk_fan_outs,
         };
-        let tasks = match fan_outs.call(event).await? {
+        // Its steps are child spans, so a trace shows where the time goes:
+        // `fan_out` is the wait for and the run of the shared transaction.
+        let fanned_out = fan_outs.call(event).instrument(tracing::info_span!("fan_out")).await?;
+        let tasks = match fanned_out {
             FanOut::UnknownTenant { tenant_id } => {
                 let reason = format!("tenantId: no tenant with id {tenant_id}");
                 return self.refuse(body, "unknown_tenant", reason).await;
@@ -325,12 +330,18 @@ impl Ingester {
                 _ => Lane::Bulk,
             };
             metrics::lane_enqueued(Stream::Tasks, lane, deliveries);
+            // `publish_tasks` times the publish and its confirm, from its
+            // creation to its drop. Never entered: the `publish` span (whose
+            // context the tasks carry) stays the child of `ingest`, so the
+            // trace keeps its shape, publish → deliver.
+            let publish_tasks = tracing::info_span!("publish_tasks");
             queue::publish_after_commit(
                 Writer::Ingester,
                 "an event's first attempts",
                 self.queue.publish_first_attempts(FirstAttempts::new(&tasks), lane),
             )
             .await;
+            drop(publish_tasks);
         }
         metrics::event_ingested(event_type);
         tracing::info!(%event_id, event = %event_type, deliveries, "event fanned out");
@@ -489,7 +500,7 @@ impl Ingester {
         }
         match ingested {
             Ok(_) => {
-                if let Err(error) = message.ack().await {
+                if let Err(error) = message.ack().instrument(tracing::info_span!("ack")).await {
                     tracing::error!(error = %error, "failed to ack an event");
                 }
             }

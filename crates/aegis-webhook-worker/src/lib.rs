@@ -8,7 +8,9 @@
 //! Each task taken is a `deliver` span, the child of the span that published the
 //! task (the ingester's fan-out, or the attempt that scheduled this retry), with
 //! one `http.request` span per HTTP attempt inside; a retry published from it
-//! carries the trace on.
+//! carries the trace on. The attempt's other steps are child spans too:
+//! `claim` (the shared claim round trip), `prepare` (the signed request),
+//! `record` (the shared recording transaction) and `ack` (settling the task).
 
 pub mod admission;
 pub mod http;
@@ -238,11 +240,13 @@ impl Worker {
     /// the step: it follows the one after-commit policy
     /// ([`queue::publish_after_commit`]).
     pub async fn process_one(&self, task: DeliveryTask) -> anyhow::Result<Outcome> {
-        let claimed = match self.claim(task).await? {
+        // Each step is a child span of `deliver` (`send`'s is `http.request`),
+        // so a trace shows where an attempt's time goes.
+        let claimed = match self.claim(task).instrument(tracing::info_span!("claim")).await? {
             Claim::Granted(claimed) => claimed,
             Claim::Refused(outcome) => return Ok(outcome),
         };
-        let request = self.prepare(&claimed, task.attempt(), Utc::now());
+        let request = tracing::info_span!("prepare").in_scope(|| self.prepare(&claimed, task.attempt(), Utc::now()));
         let sent = self.send(&claimed.webhook, request).await;
         let decision = retry::decide(
             sent.result.observed(),
@@ -253,7 +257,9 @@ impl Worker {
         );
         let had_streak = claimed.webhook.consecutive_failures > 0 || claimed.webhook.failing_since.is_some();
         let consequences = Consequences::of(&decision, had_streak);
-        self.record(&task, &claimed, &sent, &consequences).await?;
+        self.record(&task, &claimed, &sent, &consequences)
+            .instrument(tracing::info_span!("record"))
+            .await?;
         self.schedule(task, &claimed, &decision).await;
         tracing::info!(
             delivery_id = %task.delivery_id(),
@@ -638,7 +644,7 @@ impl Worker {
         };
         match processed {
             Ok(_) => {
-                if let Err(error) = receipt.ack().await {
+                if let Err(error) = receipt.ack().instrument(tracing::info_span!("ack")).await {
                     tracing::error!(error = %error, "failed to ack a task");
                 }
             }
