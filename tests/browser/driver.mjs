@@ -16,7 +16,7 @@ import { mkdir, readFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./launch.mjs";
 
 // Every step's bound: a portal page on loopback loads in well under a second,
 // so a step that takes this long is stuck, and the test should say so.
@@ -24,18 +24,7 @@ const STEP_MS = 15000;
 
 const here = dirname(fileURLToPath(import.meta.url));
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-  ],
-});
+const browser = await launchChromium();
 let closing = false;
 browser.on("disconnected", () => {
   if (!closing) console.error("driver.mjs: the browser went away; every step will fail from here");

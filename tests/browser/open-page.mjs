@@ -4,7 +4,7 @@
 // tests in tests/tests/e2e, which judge the result.
 //
 //   node open-page.mjs URL SELECTOR SCREENSHOT.png
-import { chromium } from "playwright-core";
+import { launchChromium } from "./launch.mjs";
 
 const [url, selector, screenshot] = process.argv.slice(2);
 if (!url || !selector || !screenshot) {
@@ -12,18 +12,7 @@ if (!url || !selector || !screenshot) {
   process.exit(2);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium",
-  args: [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-  ],
-});
+const browser = await launchChromium();
 try {
   const page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   const requests = [];

@@ -573,7 +573,12 @@ async fn measure_portal(
         target_ms: 200.0,
         pages: timings,
         server_peak_rss_mib: server.and_then(|pid| procstat::peak_rss_bytes(pid).ok()).map(mib),
-        machine_load: machine_load(&phase_start, &phase_end, accounted_seconds(&phase_start, &phase_end)),
+        machine_load: machine_load(
+            &phase_start,
+            &phase_end,
+            Machine::read().cores,
+            accounted_seconds(&phase_start, &phase_end),
+        ),
     })
 }
 
@@ -595,11 +600,11 @@ fn accounted_seconds(start: &CpuReading, end: &CpuReading) -> f64 {
 
 /// How busy the machine was between two readings, and how much of it was
 /// not `accounted` CPU seconds (the run's).
-fn machine_load(start: &CpuReading, end: &CpuReading, accounted: f64) -> Option<MachineLoad> {
+fn machine_load(start: &CpuReading, end: &CpuReading, cores: usize, accounted: f64) -> Option<MachineLoad> {
     let (before, after) = (start.machine_busy?, end.machine_busy?);
     let window = end.at.duration_since(start.at).as_secs_f64();
     let busy = seconds(after.saturating_sub(before));
-    let cores = Machine::read().cores as f64;
+    let cores = cores as f64;
     Some(MachineLoad {
         window_seconds: window,
         busy_cpu_seconds: busy,
@@ -965,24 +970,7 @@ fn build_report(
         own_peak_rss,
     );
 
-    let window = end.at.duration_since(start.at).as_secs_f64();
-    let machine_load = match (start.machine_busy, end.machine_busy) {
-        (Some(before), Some(after)) => {
-            let busy = seconds(after.saturating_sub(before));
-            let cores = machine.cores as f64;
-            Some(MachineLoad {
-                window_seconds: window,
-                busy_cpu_seconds: busy,
-                busy_percent: if window > 0.0 {
-                    busy * 100.0 / (window * cores)
-                } else {
-                    0.0
-                },
-                other_cpu_seconds: (busy - system_cpu - load_generator.cpu_seconds).max(0.0),
-            })
-        }
-        _ => None,
-    };
+    let machine_load = machine_load(&start, &end, machine.cores, system_cpu + load_generator.cpu_seconds);
 
     let acceptance_ms = Latency::from_micros(std::mem::take(&mut published.acceptance_us));
     let missing = expected.saturating_sub(verified);

@@ -100,18 +100,9 @@ pub async fn peek_link(
     token: &str,
     now: DateTime<Utc>,
 ) -> Result<Option<String>, StoreError> {
-    let Some(row) = portal_session::Entity::find()
-        .filter(portal_session::Column::LinkHash.eq(hash_key(token)))
-        .filter(portal_session::Column::OpenedAt.is_null())
-        .filter(portal_session::Column::LinkExpiresAt.gt(now))
-        .one(db)
-        .await?
-    else {
+    let Some(row) = openable_link(db, token, now).await? else {
         return Ok(None);
     };
-    if !key_is_valid(db, row.api_key_id).await? {
-        return Ok(None);
-    }
     let tenant = crate::tenants::tenant_by_id(db, TenantId::from_uuid(row.tenant_id)).await?;
     Ok(tenant.map(|tenant| tenant.name))
 }
@@ -125,18 +116,9 @@ pub async fn open_link(
     token: &str,
     now: DateTime<Utc>,
 ) -> Result<Option<(Session, String)>, StoreError> {
-    let Some(row) = portal_session::Entity::find()
-        .filter(portal_session::Column::LinkHash.eq(hash_key(token)))
-        .filter(portal_session::Column::OpenedAt.is_null())
-        .filter(portal_session::Column::LinkExpiresAt.gt(now))
-        .one(db)
-        .await?
-    else {
+    let Some(row) = openable_link(db, token, now).await? else {
         return Ok(None);
     };
-    if !key_is_valid(db, row.api_key_id).await? {
-        return Ok(None);
-    }
     let cookie = random_token();
     let expires_at = now + chrono::Duration::seconds(row.ttl_seconds);
     // Only the first of two openings at once changes the row.
@@ -198,6 +180,25 @@ pub async fn end(db: &impl ConnectionTrait, cookie: &str, now: DateTime<Utc>) ->
         .exec(db)
         .await?;
     Ok(())
+}
+
+/// The row of a link that can still be opened: unused, unexpired, its key
+/// valid.
+async fn openable_link(
+    db: &impl ConnectionTrait,
+    token: &str,
+    now: DateTime<Utc>,
+) -> Result<Option<portal_session::Model>, StoreError> {
+    let Some(row) = portal_session::Entity::find()
+        .filter(portal_session::Column::LinkHash.eq(hash_key(token)))
+        .filter(portal_session::Column::OpenedAt.is_null())
+        .filter(portal_session::Column::LinkExpiresAt.gt(now))
+        .one(db)
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(key_is_valid(db, row.api_key_id).await?.then_some(row))
 }
 
 async fn key_is_valid(db: &impl ConnectionTrait, key_id: Uuid) -> Result<bool, StoreError> {

@@ -288,6 +288,14 @@ impl Form {
     }
 }
 
+/// A page fetched with one row more than `size` (`limit + 1`): cut to
+/// `size`, and its last row if another page follows (the next cursor).
+fn split_page<T>(rows: &mut Vec<T>, size: u64) -> Option<&T> {
+    let more = rows.len() as u64 > size;
+    rows.truncate(size as usize);
+    if more { rows.last() } else { None }
+}
+
 /// An id from the path; one that does not parse is as unknown as one that
 /// names nothing of this tenant's.
 fn parse_id<T: std::str::FromStr>(text: &str, what: &'static str) -> Result<T, Refused> {
@@ -558,13 +566,10 @@ async fn webhook_list(State(state): State<AppState>, visit: Visit, Query(query):
         .map(|id| parse_id::<WebhookId>(id, "page"))
         .transpose()?;
     let mut page = actions::webhooks_page(&state, &visit.caller, after, WEBHOOKS_PER_PAGE).await?;
-    let next = (page.len() as u64 > WEBHOOKS_PER_PAGE).then(|| {
-        page.truncate(WEBHOOKS_PER_PAGE as usize);
-        page.last().map(|view| view.webhook.id)
-    });
+    let next = split_page(&mut page, WEBHOOKS_PER_PAGE).map(|view| view.webhook.id);
     let ids: Vec<WebhookId> = page.iter().map(|view| view.webhook.id).collect();
     let stats = actions::stats_of(&state, &visit.caller, &ids).await?;
-    let markup = pages::webhook_list(&visit, &page, &stats, next.flatten());
+    let markup = pages::webhook_list(&visit, &page, &stats, next);
     Ok(respond(&state, &visit, StatusCode::OK, markup))
 }
 
@@ -908,10 +913,7 @@ async fn delivery_log(State(state): State<AppState>, visit: Visit, Query(query):
     let filter = query.filter()?;
     let before: Option<Uuid> = query.before.as_deref().map(|id| parse_id(id, "page")).transpose()?;
     let mut page = actions::deliveries_page(&state, &visit.caller, &filter, before, DELIVERIES_PER_PAGE).await?;
-    let older = (page.len() as u64 > DELIVERIES_PER_PAGE).then(|| {
-        page.truncate(DELIVERIES_PER_PAGE as usize);
-        page.last().map(|delivery| delivery.id)
-    });
+    let older = split_page(&mut page, DELIVERIES_PER_PAGE).map(|delivery| delivery.id);
     // The webhook filter's choices, and each row's URL.
     let webhooks =
         actions::webhooks_page(&state, &visit.caller, None, u64::from(state.quotas.webhooks_per_tenant)).await?;
@@ -919,9 +921,7 @@ async fn delivery_log(State(state): State<AppState>, visit: Visit, Query(query):
         .iter()
         .map(|view| (view.webhook.id, view.webhook.url.as_str().to_owned()))
         .collect();
-    let older_link = older
-        .flatten()
-        .map(|id| format!("/portal/deliveries?{}&before={id}", query.filters_query()));
+    let older_link = older.map(|id| format!("/portal/deliveries?{}&before={id}", query.filters_query()));
     let markup = pages::delivery_log(&visit, &query, &page, &urls, older_link.as_deref());
     Ok(respond(&state, &visit, StatusCode::OK, markup))
 }
@@ -965,13 +965,18 @@ async fn delivery_redeliver(
 // Style.
 
 async fn stylesheet() -> Response {
-    let mut response = STYLE.into_response();
+    css(STYLE.to_owned())
+}
+
+/// A style sheet named by its content (its path changes when it does):
+/// cached for good. (`nosniff` and the rest: `secure_headers`.)
+fn css(body: String) -> Response {
+    let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/css; charset=utf-8"),
     );
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("public, max-age=31536000, immutable"),
@@ -989,18 +994,7 @@ async fn theme_css(Path(file): Path<String>) -> Response {
     let Some(colour) = colour else {
         return message_page(StatusCode::NOT_FOUND, "Not found", "No such page here.");
     };
-    let css = format!(":root {{ --accent: #{}; }}\n", colour.to_ascii_lowercase());
-    let mut response = css.into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/css; charset=utf-8"),
-    );
-    headers.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=31536000, immutable"),
-    );
-    response
+    css(format!(":root {{ --accent: #{}; }}\n", colour.to_ascii_lowercase()))
 }
 
 #[cfg(test)]

@@ -59,15 +59,7 @@ fn layout(visit: &Visit, section: Section, title: &str, content: Markup) -> Mark
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " — Aegis Webhooks" }
-                link rel="stylesheet" href=(*STYLESHEET);
-                @if let Some(accent) = &visit.session.theme.accent_color {
-                    link rel="stylesheet" href=(format!("/portal/theme/{}.css", accent.trim_start_matches('#')));
-                }
-            }
+            (head(title, visit.session.theme.accent_color.as_deref()))
             body {
                 a class="skip" href="#main" { "Skip to content" }
                 header class="top" {
@@ -106,17 +98,28 @@ fn layout(visit: &Visit, section: Section, title: &str, content: Markup) -> Mark
     }
 }
 
+/// Every page's `<head>`: its title, the style sheet, and the session's
+/// accent colour if it has one.
+fn head(title: &str, accent: Option<&str>) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) " — Aegis Webhooks" }
+            link rel="stylesheet" href=(*STYLESHEET);
+            @if let Some(accent) = accent {
+                link rel="stylesheet" href=(format!("/portal/theme/{}.css", accent.trim_start_matches('#')));
+            }
+        }
+    }
+}
+
 /// A page with a title and a sentence: errors, signing out.
 pub fn message(title: &str, message: &str) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " — Aegis Webhooks" }
-                link rel="stylesheet" href=(*STYLESHEET);
-            }
+            (head(title, None))
             body {
                 main id="main" class="message" {
                     h1 { (title) }
@@ -133,12 +136,7 @@ pub fn open_link(tenant: &str, action: &str) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { "Open the portal — Aegis Webhooks" }
-                link rel="stylesheet" href=(*STYLESHEET);
-            }
+            (head("Open the portal", None))
             body {
                 main id="main" class="message" {
                     h1 { "Aegis Webhooks" }
