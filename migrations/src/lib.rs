@@ -9,6 +9,8 @@ mod m20261127_000003_auto_disable;
 mod m20261127_000004_deliveries_fillfactor;
 mod m20261203_000005_scopes_audit;
 mod m20261203_000006_portal_sessions;
+mod m20261203_000007_retention;
+mod m20261203_000008_partitions;
 
 pub struct Migrator;
 
@@ -22,6 +24,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000004_deliveries_fillfactor::Migration),
             Box::new(m20261203_000005_scopes_audit::Migration),
             Box::new(m20261203_000006_portal_sessions::Migration),
+            Box::new(m20261203_000007_retention::Migration),
+            Box::new(m20261203_000008_partitions::Migration),
         ]
     }
 }

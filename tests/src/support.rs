@@ -119,6 +119,12 @@ pub async fn fresh_database(backend: Backend, scratch: &std::path::Path) -> Opti
     }
 }
 
+/// Applies the migrations and makes the partitions of the default layout, as
+/// `aegis-webhook migrate` does with the default configuration.
+pub async fn migrate(db: &sea_orm::DatabaseConnection) -> anyhow::Result<()> {
+    aegis_webhook_storage::migrate(db, Config::default().partition_plan()).await
+}
+
 /// A fresh database with every migration applied, as after the `migrate`
 /// Job. On PostgreSQL a copy of a template migrated once per test process
 /// (`CREATE DATABASE … TEMPLATE`), which is several times quicker than
@@ -126,7 +132,7 @@ pub async fn fresh_database(backend: Backend, scratch: &std::path::Path) -> Opti
 pub async fn migrated_database(backend: Backend, scratch: &std::path::Path) -> Option<String> {
     let migrate = |url: String| async move {
         let db = aegis_webhook_storage::connect(&url).await.expect("connect");
-        aegis_webhook_storage::migrate(&db).await.expect("migrate");
+        migrate(&db).await.expect("migrate");
         db.close().await.expect("close");
         url
     };

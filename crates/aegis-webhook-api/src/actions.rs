@@ -10,10 +10,12 @@ use aegis_webhook_core::access::{Scope, Scopes};
 use aegis_webhook_core::event::{EventType, ValidatedEvent};
 use aegis_webhook_core::ids::{DeliveryId, TenantId, WebhookId};
 use aegis_webhook_core::queue::{self, DeliveryTask, Writer};
+use aegis_webhook_core::retention::{self, HumanDuration, Retention};
 use aegis_webhook_core::secret::SigningSecret;
 use aegis_webhook_core::target::WebhookUrl;
 use aegis_webhook_storage::audit::{self, Actor};
 use aegis_webhook_storage::deliveries::{self, Delivery};
+use aegis_webhook_storage::retention as storage_retention;
 use aegis_webhook_storage::webhooks::{self, Webhook};
 use aegis_webhook_storage::{StoreError, events};
 use chrono::{DateTime, Utc};
@@ -363,9 +365,26 @@ pub async fn test_webhook(state: &AppState, caller: &Caller, id: WebhookId) -> A
 pub async fn redeliver(state: &AppState, caller: &Caller, id: DeliveryId) -> ApiResult<Delivery> {
     caller.require(Scope::Write)?;
     let txn = begin(state).await?;
-    deliveries::delivery_of_tenant(&txn, caller.tenant_id, id)
+    let found = match deliveries::delivery_of_tenant(&txn, caller.tenant_id, id).await {
+        Err(StoreError::NotFound) => return Err(not_found_or_expunged(state, caller, id).await),
+        found => found.map_err(ApiError::from)?,
+    };
+    if let Some(event) = events::events_by_ids(&txn, &[found.event_id])
         .await
-        .or_not_found("delivery")?;
+        .map_err(ApiError::from)?
+        .into_iter()
+        .find(|event| event.data.is_none())
+    {
+        let own = retention_of(state, caller).await?.effective;
+        let when = event
+            .body_expunged_at
+            .map(|at| format!(" on {}", at.format("%Y-%m-%d")))
+            .unwrap_or_default();
+        return Err(ApiError::Expunged(format!(
+            "delivery {id} cannot be sent again: its payload was expunged{when}, past your organisation's body retention of {}",
+            HumanDuration(own.bodies())
+        )));
+    }
     let reopened = deliveries::reopen(&txn, id, Utc::now())
         .await
         .or_not_found("delivery")?;
@@ -402,6 +421,14 @@ pub async fn replay_dead_letters(
     let failed = deliveries::failed_since(&txn, webhook_id, since, MAX_REPLAY)
         .await
         .map_err(ApiError::from)?;
+    // A delivery whose payload has been expunged cannot be sent again.
+    let event_ids: Vec<_> = failed.iter().map(|(_, event)| *event).collect();
+    let expunged = events::expunged_among(&txn, &event_ids).await.map_err(ApiError::from)?;
+    let failed: Vec<DeliveryId> = failed
+        .into_iter()
+        .filter(|(_, event)| !expunged.contains(event))
+        .map(|(delivery, _)| delivery)
+        .collect();
     let reopened = deliveries::reopen_many(&txn, &failed, now)
         .await
         .map_err(ApiError::from)?;
@@ -463,9 +490,78 @@ pub async fn stats_of(
 
 pub async fn delivery(state: &AppState, caller: &Caller, id: DeliveryId) -> ApiResult<Delivery> {
     caller.require(Scope::Read)?;
-    deliveries::delivery_of_tenant(&state.db, caller.tenant_id, id)
+    match deliveries::delivery_of_tenant(&state.db, caller.tenant_id, id).await {
+        Err(StoreError::NotFound) => Err(not_found_or_expunged(state, caller, id).await),
+        found => found.map_err(ApiError::from),
+    }
+}
+
+/// What to answer for a delivery id the tenant does not have: ids are
+/// UUIDv7, so one made before the tenant's retention began names a record
+/// that expiry has removed (or that never existed: either way it cannot be
+/// had), and the answer says so; any other is not found.
+async fn not_found_or_expunged(state: &AppState, caller: &Caller, id: DeliveryId) -> ApiError {
+    let Some(created_at) = aegis_webhook_storage::v7_created_at(id.as_uuid()) else {
+        return ApiError::NotFound("delivery");
+    };
+    let own = match retention_of(state, caller).await {
+        Ok(view) => view.effective,
+        Err(error) => return error,
+    };
+    if created_at >= own.cutoffs(Utc::now()).records_before {
+        return ApiError::NotFound("delivery");
+    }
+    ApiError::Expunged(format!(
+        "delivery {id} dates from {}, longer ago than your organisation's data retention of {}: its record has been expunged",
+        created_at.format("%Y-%m-%d"),
+        HumanDuration(own.records())
+    ))
+}
+
+/// A tenant's data retention as the API shows it: what applies, what the
+/// tenant chose (`None`s keep the operator's default), and the range it may
+/// choose in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionView {
+    pub effective: Retention,
+    pub chosen: retention::Override,
+    pub bounds: retention::Bounds,
+}
+
+pub async fn retention_of(state: &AppState, caller: &Caller) -> ApiResult<RetentionView> {
+    caller.require(Scope::Read)?;
+    let chosen = storage_retention::override_of(&state.db, caller.tenant_id)
         .await
-        .or_not_found("delivery")
+        .or_not_found("tenant")?;
+    Ok(RetentionView {
+        effective: retention::effective(state.retention.default, chosen),
+        chosen,
+        bounds: state.retention.bounds,
+    })
+}
+
+/// Sets the tenant's own retention, within the operator's bounds; `None`s go
+/// back to the operator's default. Expiry applies it at its next pass.
+pub async fn set_retention(state: &AppState, caller: &Caller, chosen: retention::Override) -> ApiResult<RetentionView> {
+    caller.require(Scope::Write)?;
+    let effective = retention::check_override(state.retention.default, state.retention.bounds, chosen)
+        .map_err(|error| ApiError::bad_input("retention", error))?;
+    let txn = begin(state).await?;
+    storage_retention::set_override(&txn, caller.tenant_id, chosen)
+        .await
+        .or_not_found("tenant")?;
+    let seconds = |duration: Option<std::time::Duration>| duration.map(|d| d.as_secs());
+    let summary = json!({
+        "recordsSeconds": seconds(chosen.records),
+        "bodiesSeconds": seconds(chosen.bodies),
+    });
+    record(&txn, caller, "setRetention", "tenant", caller.tenant_id, summary).await?;
+    commit(txn).await?;
+    Ok(RetentionView {
+        effective,
+        chosen,
+        bounds: state.retention.bounds,
+    })
 }
 
 /// A page of the caller's delivery log, newest first (`limit + 1` rows).

@@ -20,6 +20,8 @@ pub enum ApiError {
     Forbidden(String),
     /// A per-tenant quota would be passed.
     QuotaExceeded(String),
+    /// What was asked for has passed the tenant's data retention and is gone.
+    Expunged(String),
     /// The database had no connection free in time: retry shortly (HTTP 503).
     Busy,
     Internal(anyhow::Error),
@@ -76,6 +78,9 @@ impl From<ApiError> for async_graphql::Error {
             }
             ApiError::QuotaExceeded(message) => {
                 async_graphql::Error::new(message.clone()).extend_with(|_, e| e.set("code", "QUOTA_EXCEEDED"))
+            }
+            ApiError::Expunged(message) => {
+                async_graphql::Error::new(message.clone()).extend_with(|_, e| e.set("code", "EXPUNGED"))
             }
             ApiError::Busy => async_graphql::Error::new("the service is busy; retry in a moment")
                 .extend_with(|_, e| e.set("code", BUSY_CODE)),

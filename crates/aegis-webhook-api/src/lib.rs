@@ -29,6 +29,14 @@ use crate::actions::Caller;
 use crate::graphql::AegisSchema;
 use crate::limits::{Limits, LogThrottle, Refusal};
 
+/// The operator's retention (`AEGIS_RETENTION`, `AEGIS_BODY_RETENTION`) and
+/// bounds (`AEGIS_RETENTION_MIN`, `AEGIS_RETENTION_MAX`).
+#[derive(Debug, Clone, Copy)]
+pub struct RetentionSettings {
+    pub default: aegis_webhook_core::retention::Retention,
+    pub bounds: aegis_webhook_core::retention::Bounds,
+}
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -49,6 +57,8 @@ pub struct AppState {
     pub graphql_timeout: std::time::Duration,
     /// Per-tenant quotas and input rules.
     pub quotas: Quotas,
+    /// The operator's retention and the range tenants may choose theirs in.
+    pub retention: RetentionSettings,
     /// Rates and concurrency per API key and ingest token.
     pub limits: Arc<Limits>,
     /// "The database is busy" is logged once per interval, not per request.

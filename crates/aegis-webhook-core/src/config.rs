@@ -12,6 +12,7 @@ use figment::providers::{Env, Format, Toml};
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
+use crate::retention::{self, Retention, RetentionError};
 use crate::retry::RetrySchedule;
 use crate::target::TargetPolicy;
 
@@ -188,6 +189,30 @@ pub struct Config {
     /// How overdue a pending delivery must be before the reconciler re-publishes it.
     #[serde(with = "humantime_serde_compat")]
     pub reconcile_grace: Duration,
+    /// How long final events, deliveries and attempts are kept, counted from
+    /// their creation; pending deliveries are kept until they are final.
+    #[serde(with = "humantime_serde_compat")]
+    pub retention: Duration,
+    /// How long event payloads and response bodies are kept; unset, as long as
+    /// the records. The delivery log stays readable without them.
+    #[serde(with = "humantime_serde_compat::option")]
+    pub body_retention: Option<Duration>,
+    /// The shortest retention a tenant may choose for itself.
+    #[serde(with = "humantime_serde_compat")]
+    pub retention_min: Duration,
+    /// The longest retention a tenant may choose for itself.
+    #[serde(with = "humantime_serde_compat")]
+    pub retention_max: Duration,
+    /// How often each worker process looks for data past its retention (on
+    /// PostgreSQL one process at a time does the work).
+    #[serde(with = "humantime_serde_compat")]
+    pub expiry_interval: Duration,
+    /// Rows one expiry statement deletes or empties at most.
+    pub expiry_batch: u32,
+    /// The span of creation time one partition of the deliveries and their
+    /// attempts covers (PostgreSQL); expiry drops a partition at a time.
+    #[serde(with = "humantime_serde_compat")]
+    pub partition_width: Duration,
     /// Where the default SQLite file and `dev`'s generated credentials live.
     pub data_dir: PathBuf,
     /// How long a stopping process waits for in-flight deliveries.
@@ -261,6 +286,13 @@ impl Default for Config {
             auto_disable_after: Duration::from_secs(24 * 3600),
             reconcile_interval: Duration::from_secs(30),
             reconcile_grace: Duration::from_secs(60),
+            retention: Duration::from_secs(30 * DAY_SECONDS),
+            body_retention: None,
+            retention_min: Duration::from_secs(DAY_SECONDS),
+            retention_max: Duration::from_secs(90 * DAY_SECONDS),
+            expiry_interval: Duration::from_secs(60),
+            expiry_batch: 1000,
+            partition_width: Duration::from_secs(DAY_SECONDS),
             data_dir: PathBuf::from("aegis-data"),
             shutdown_grace: Duration::from_secs(25),
             log_format: LogFormat::Text,
@@ -280,7 +312,25 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Seconds in a day, for the retention defaults.
+const DAY_SECONDS: u64 = 24 * 3600;
+
 impl Config {
+    /// The operator's retention, which tenants without a choice of their own get.
+    pub fn retention_policy(&self) -> Result<Retention, RetentionError> {
+        Retention::new(self.retention, self.body_retention.unwrap_or(self.retention))
+    }
+
+    /// The range tenants may choose their retention in.
+    pub fn retention_bounds(&self) -> Result<retention::Bounds, RetentionError> {
+        retention::Bounds::new(self.retention_min, self.retention_max)
+    }
+
+    /// How the deliveries' partitions are laid out (PostgreSQL).
+    pub fn partition_plan(&self) -> retention::PartitionPlan {
+        retention::PartitionPlan::new(self.partition_width, self.expiry_interval)
+    }
+
     /// Defaults, then `file` (or `aegis-webhook.toml` if it exists), then `AEGIS_*`.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let file = file.unwrap_or(Path::new(DEFAULT_CONFIG_FILE));
@@ -313,6 +363,18 @@ impl Config {
         }
         if self.max_event_bytes < 1024 {
             return Err(ConfigError::Invalid("max_event_bytes must be at least 1024".into()));
+        }
+        self.retention_policy()
+            .map_err(|error| ConfigError::Invalid(format!("retention: {error}")))?;
+        self.retention_bounds()
+            .map_err(|error| ConfigError::Invalid(format!("retention_min, retention_max: {error}")))?;
+        if self.expiry_interval.is_zero() || self.partition_width < Duration::from_secs(60) {
+            return Err(ConfigError::Invalid(
+                "expiry_interval must be positive and partition_width at least one minute".into(),
+            ));
+        }
+        if self.expiry_batch == 0 {
+            return Err(ConfigError::Invalid("expiry_batch must be at least 1".into()));
         }
         if self.graphql_timeout.is_zero() {
             return Err(ConfigError::Invalid("graphql_timeout must be positive".into()));

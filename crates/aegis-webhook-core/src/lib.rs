@@ -13,6 +13,7 @@ pub mod fairness;
 pub mod ids;
 pub mod metrics;
 pub mod queue;
+pub mod retention;
 pub mod retry;
 pub mod secret;
 pub mod signing;

@@ -28,9 +28,11 @@ pub const LANE_ENQUEUED: &str = "aegis_lane_enqueued_total";
 pub const LANE_TAKEN: &str = "aegis_lane_taken_total";
 pub const LANE_WAIT: &str = "aegis_lane_wait_seconds";
 pub const LANE_DEPTH: &str = "aegis_lane_depth";
+pub const EXPIRED: &str = "aegis_expired_total";
+pub const EXPIRY_PASS_DURATION: &str = "aegis_expiry_pass_seconds";
 
 /// Every metric with its help text, for the exporter and for the docs test.
-pub const CATALOGUE: [(&str, &str); 17] = [
+pub const CATALOGUE: [(&str, &str); 19] = [
     (EVENTS_INGESTED, "Valid events accepted by the ingester, by event_type."),
     (EVENTS_INVALID, "Events refused by the ingester, by reason."),
     (
@@ -83,6 +85,14 @@ pub const CATALOGUE: [(&str, &str); 17] = [
     (
         LANE_DEPTH,
         "Messages waiting in a lane that no consumer holds yet, by stream and lane; read from the broker every 10 s.",
+    ),
+    (
+        EXPIRED,
+        "What expiry removed past its retention, by kind: deliveries (rows deleted), events, bodies (events whose payload and responses were dropped), partitions (dropped whole).",
+    ),
+    (
+        EXPIRY_PASS_DURATION,
+        "How long this process's last expiry pass took, in seconds.",
     ),
 ];
 
@@ -227,4 +237,16 @@ pub fn lane_depth(stream: crate::queue::Stream, lane: crate::queue::Lane, depth:
 /// `queue`: `events` or `tasks`.
 pub fn consumer_up(queue: &'static str, up: bool) {
     gauge!(QUEUE_CONSUMER_UP, "queue" => queue).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Expiry removed `count` of `kind` (`deliveries`, `events`, `bodies`, `partitions`).
+pub fn expired(kind: &'static str, count: u64) {
+    if count > 0 {
+        counter!(EXPIRED, "kind" => kind).increment(count);
+    }
+}
+
+/// An expiry pass took `took`.
+pub fn expiry_pass(took: Duration) {
+    gauge!(EXPIRY_PASS_DURATION).set(took.as_secs_f64());
 }

@@ -556,10 +556,10 @@ pub async fn list_deliveries(
     // Ids are UUIDv7, made when the delivery is: a time window is a range of
     // the same index the page walks, not a filter on every row it passes.
     if let Some(after) = filter.created_after {
-        query = query.filter(delivery::Column::Id.gte(first_v7_id_at(after)));
+        query = query.filter(delivery::Column::Id.gte(crate::first_v7_id_at(after)));
     }
     if let Some(before) = filter.created_before {
-        query = query.filter(delivery::Column::Id.lt(first_v7_id_at(before)));
+        query = query.filter(delivery::Column::Id.lt(crate::first_v7_id_at(before)));
     }
     if let Some(cursor) = before {
         // Ids are UUIDv7: their order is creation order.
@@ -648,16 +648,18 @@ pub async fn reopen_many(
         .collect()
 }
 
-/// The ids of a webhook's failed deliveries created at or after `since`.
+/// The ids of a webhook's failed deliveries created at or after `since`, with
+/// their events'.
 pub async fn failed_since(
     db: &impl ConnectionTrait,
     webhook_id: WebhookId,
     since: DateTime<Utc>,
     limit: u64,
-) -> Result<Vec<DeliveryId>, StoreError> {
-    let ids: Vec<Uuid> = delivery::Entity::find()
+) -> Result<Vec<(DeliveryId, EventId)>, StoreError> {
+    let ids: Vec<(Uuid, Uuid)> = delivery::Entity::find()
         .select_only()
         .column(delivery::Column::Id)
+        .column(delivery::Column::EventId)
         .filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()))
         .filter(delivery::Column::Status.eq(DeliveryStatus::Failed.as_str()))
         .filter(delivery::Column::CreatedAt.gte(since))
@@ -666,7 +668,10 @@ pub async fn failed_since(
         .into_tuple()
         .all(db)
         .await?;
-    Ok(ids.into_iter().map(DeliveryId::from_uuid).collect())
+    Ok(ids
+        .into_iter()
+        .map(|(delivery, event)| (DeliveryId::from_uuid(delivery), EventId::from_uuid(event)))
+        .collect())
 }
 
 /// Counts of a webhook's deliveries by status, and its last success.
@@ -751,13 +756,6 @@ pub struct HourOfDeliveries {
     pub pending: u64,
 }
 
-/// The smallest UUIDv7 of the millisecond `at`: delivery ids are UUIDv7, so
-/// "created at or after `at`" is a range of the `(webhook_id, id)` index.
-fn first_v7_id_at(at: DateTime<Utc>) -> Uuid {
-    let millis = u64::try_from(at.timestamp_millis()).unwrap_or_default();
-    uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid()
-}
-
 /// The deliveries of `webhook_id` created in each of the `hours` whole hours
 /// up to the one holding `now`, oldest first. One grouped count per hour,
 /// each a range of the `(webhook_id, id)` index: the cost is the webhook's
@@ -787,8 +785,8 @@ pub async fn deliveries_by_hour(
             .column(delivery::Column::Status)
             .column_as(Expr::col(delivery::Column::Id).count(), "deliveries")
             .filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()))
-            .filter(delivery::Column::Id.gte(first_v7_id_at(start)))
-            .filter(delivery::Column::Id.lt(first_v7_id_at(end)))
+            .filter(delivery::Column::Id.gte(crate::first_v7_id_at(start)))
+            .filter(delivery::Column::Id.lt(crate::first_v7_id_at(end)))
             .group_by(delivery::Column::Status)
             .into_model::<Group>()
             .all(db)

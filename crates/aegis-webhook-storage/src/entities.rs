@@ -11,6 +11,10 @@ pub mod tenant {
         pub id: Uuid,
         pub name: String,
         pub created_at: DateTimeUtc,
+        /// The tenant's own record retention; `None` keeps the operator's.
+        pub retention_seconds: Option<i64>,
+        /// The tenant's own body retention; `None` keeps the operator's.
+        pub body_retention_seconds: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -85,8 +89,11 @@ pub mod event {
         pub external_id: Uuid,
         pub event_type: String,
         pub timestamp: String,
+        /// Empty once the body retention has passed (`body_expunged_at`).
         pub data: String,
         pub received_at: DateTimeUtc,
+        /// When expiry dropped the payload and the attempts' response bodies.
+        pub body_expunged_at: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

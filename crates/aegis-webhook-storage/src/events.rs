@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 
 use chrono::Utc;
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TryInsertResult};
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect, TryInsertResult};
 use uuid::Uuid;
 
 use aegis_webhook_core::ids::{EventId, TenantId};
@@ -20,8 +20,11 @@ pub struct StoredEvent {
     pub external_id: Uuid,
     /// The delivered `timestamp` string.
     pub timestamp: String,
-    /// The delivered `data` object, serialized once.
-    pub data: String,
+    /// The delivered `data` object, serialized once; `None` once the tenant's
+    /// body retention has passed and expiry dropped it.
+    pub data: Option<String>,
+    /// When expiry dropped the payload and its attempts' response bodies.
+    pub body_expunged_at: Option<chrono::DateTime<Utc>>,
 }
 
 impl From<event::Model> for StoredEvent {
@@ -31,7 +34,8 @@ impl From<event::Model> for StoredEvent {
             tenant_id: TenantId::from_uuid(row.tenant_id),
             external_id: row.external_id,
             timestamp: row.timestamp,
-            data: row.data,
+            data: row.body_expunged_at.is_none().then_some(row.data),
+            body_expunged_at: row.body_expunged_at,
         }
     }
 }
@@ -82,6 +86,7 @@ pub async fn insert_events(
         timestamp: Set(event.timestamp_text()),
         data: Set(event.data().to_json()),
         received_at: Set(received_at),
+        body_expunged_at: Set(None),
     });
     let outcome = event::Entity::insert_many(rows)
         .on_conflict_do_nothing_on([event::Column::TenantId, event::Column::ExternalId])
@@ -107,4 +112,20 @@ pub async fn events_by_ids(db: &impl ConnectionTrait, ids: &[EventId]) -> Result
         .all(db)
         .await?;
     Ok(rows.into_iter().map(StoredEvent::from).collect())
+}
+
+/// Those of `ids` whose bodies expiry has dropped.
+pub async fn expunged_among(db: &impl ConnectionTrait, ids: &[EventId]) -> Result<HashSet<EventId>, StoreError> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let expunged: Vec<Uuid> = event::Entity::find()
+        .select_only()
+        .column(event::Column::Id)
+        .filter(event::Column::Id.is_in(crate::in_list(ids.iter().map(|id| id.as_uuid()))))
+        .filter(event::Column::BodyExpungedAt.is_not_null())
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(expunged.into_iter().map(EventId::from_uuid).collect())
 }

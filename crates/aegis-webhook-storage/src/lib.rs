@@ -8,12 +8,15 @@ pub mod audit;
 pub mod deliveries;
 pub mod entities;
 pub mod events;
+pub mod partitions;
 pub mod portal;
+pub mod retention;
 pub mod tenants;
 pub mod webhooks;
 
 use std::path::Path;
 
+use aegis_webhook_core::retention::PartitionPlan;
 use aegis_webhook_migration::{Migrator, MigratorTrait};
 use anyhow::Context as _;
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, TransactionTrait};
@@ -120,7 +123,7 @@ pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<Dat
 }
 
 /// Key of the PostgreSQL advisory lock that `migrate` holds: "aegis_mi" in ASCII.
-const MIGRATION_LOCK: i64 = 0x6165_6769_735f_6d69;
+pub(crate) const MIGRATION_LOCK: i64 = 0x6165_6769_735f_6d69;
 
 /// Applies every pending migration. On PostgreSQL, runs that start together
 /// (two `migrate` Jobs, a Job beside an operator's manual run) take turns:
@@ -132,7 +135,18 @@ const MIGRATION_LOCK: i64 = 0x6165_6769_735f_6d69;
 /// migration that cannot run in a transaction (`CREATE INDEX CONCURRENTLY`)
 /// must not be added without changing this. A SQLite file belongs to one
 /// process, `dev`, which migrates it once at start.
-pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
+///
+/// Then, on PostgreSQL, the partitions `plan` wants now are made
+/// ([`partitions::ensure`]), so the database takes deliveries at once.
+pub async fn migrate(db: &DatabaseConnection, plan: PartitionPlan) -> anyhow::Result<()> {
+    apply_migrations(db).await?;
+    partitions::ensure(db, plan, chrono::Utc::now())
+        .await
+        .context("failed to make the deliveries' partitions")?;
+    Ok(())
+}
+
+async fn apply_migrations(db: &DatabaseConnection) -> anyhow::Result<()> {
     if db.get_database_backend() != DbBackend::Postgres {
         return Migrator::up(db, None)
             .await
@@ -150,6 +164,22 @@ pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
         .commit()
         .await
         .context("failed to commit the database migrations")
+}
+
+/// The smallest UUIDv7 of the millisecond `at`: every row id is a UUIDv7, so
+/// "created at or after `at`" is a range of an index on the id.
+pub(crate) fn first_v7_id_at(at: chrono::DateTime<chrono::Utc>) -> uuid::Uuid {
+    let millis = u64::try_from(at.timestamp_millis()).unwrap_or_default();
+    uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10]).into_uuid()
+}
+
+/// When a UUIDv7 was made; `None` for any other kind of UUID.
+pub fn v7_created_at(id: uuid::Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
+    if id.get_version_num() != 7 {
+        return None;
+    }
+    let (seconds, nanos) = id.get_timestamp()?.to_unix();
+    chrono::DateTime::from_timestamp(i64::try_from(seconds).ok()?, nanos)
 }
 
 /// `ids` for an `IN (…)` list, padded to the next power of two by repeating the

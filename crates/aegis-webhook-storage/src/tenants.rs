@@ -106,6 +106,8 @@ pub async fn ensure_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tena
         id: Set(Uuid::now_v7()),
         name: Set(name.to_owned()),
         created_at: Set(Utc::now()),
+        retention_seconds: Set(None),
+        body_retention_seconds: Set(None),
     };
     tenant::Entity::insert(row)
         .on_conflict_do_nothing_on([tenant::Column::Name])
@@ -216,6 +218,8 @@ pub async fn create_tenant(db: &impl ConnectionTrait, name: &str) -> Result<Tena
         id: Set(TenantId::generate().as_uuid()),
         name: Set(name.to_owned()),
         created_at: Set(Utc::now()),
+        retention_seconds: Set(None),
+        body_retention_seconds: Set(None),
     };
     // Insert if absent: of two runs at once, exactly one creates it.
     let inserted = tenant::Entity::insert(row)

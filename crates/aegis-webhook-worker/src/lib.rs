@@ -13,6 +13,7 @@
 //! `record` (the shared recording transaction) and `ack` (settling the task).
 
 pub mod admission;
+pub mod expiry;
 pub mod http;
 pub mod receipt;
 pub mod reconciler;
@@ -47,6 +48,9 @@ use tracing::field::{Empty, display};
 
 /// Pause after an infrastructure error before the task is handed back.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
+
+/// Why a delivery whose event lost its payload to the retention ends unsent.
+const PAYLOAD_EXPUNGED: &str = "the event's payload was expunged under the data retention policy";
 
 use admission::{Admission, Lanes, Taken};
 use receipt::Receipt;
@@ -285,6 +289,12 @@ impl Worker {
         else {
             return Ok(Claim::Refused(self.unclaimed(task).await?));
         };
+        // Expiry drops bodies only once every delivery of the event is final;
+        // one reopened at that moment (a redeliver racing the expiry pass)
+        // must end with the reason, not send an empty body.
+        if event.data.is_none() {
+            return Ok(Claim::Refused(self.cancel(task.delivery_id(), PAYLOAD_EXPUNGED).await?));
+        }
         let refused = match webhook {
             Target::Found(webhook) if webhook.active => {
                 return Ok(Claim::Granted(Attemptable {
@@ -311,7 +321,8 @@ impl Worker {
         let body = delivered_body(
             claimed.delivery.event_type,
             &claimed.event.timestamp,
-            &claimed.event.data,
+            // Present: `claim` refuses an event whose payload was expunged.
+            claimed.event.data.as_deref().unwrap_or_default(),
         );
         let previous_secret = claimed.webhook.previous_secret_at(now);
         let headers = self.headers(

@@ -18,6 +18,7 @@ use aegis_webhook_ingester::Ingester;
 use aegis_webhook_rabbitmq::{Prefetch, RabbitQueue, Topology};
 use aegis_webhook_storage::{self as db, tenants};
 use aegis_webhook_worker::Worker;
+use aegis_webhook_worker::expiry::Expiry;
 use aegis_webhook_worker::reconciler::Reconciler;
 use anyhow::Context as _;
 use sea_orm::DatabaseConnection;
@@ -87,6 +88,8 @@ pub struct RunningSystem {
     ingester: Option<Supervised>,
     worker: Option<Supervised>,
     reconciler: Option<Supervised>,
+    /// Removes what has passed its retention, beside the workers.
+    expiry: Option<Supervised>,
     /// Reads the lanes' depths into their gauges, beside the consuming roles.
     lane_depths: Option<Supervised>,
     /// Cancelled when a supervised task ends without being asked to: the
@@ -170,9 +173,16 @@ impl RunningSystem {
         // Every part is stopped, even after one of them failed; the first
         // failure is the answer.
         let mut first_failure = Ok(());
-        for part in [self.http, self.ingester, self.worker, self.reconciler, self.lane_depths]
-            .into_iter()
-            .flatten()
+        for part in [
+            self.http,
+            self.ingester,
+            self.worker,
+            self.reconciler,
+            self.expiry,
+            self.lane_depths,
+        ]
+        .into_iter()
+        .flatten()
         {
             let stopped = part.stop().await;
             if first_failure.is_ok() {
@@ -189,7 +199,15 @@ impl RunningSystem {
 pub async fn open_database(config: &Config, run_migrations: bool) -> anyhow::Result<DatabaseConnection> {
     let db = db::connect_with(&config.database_url(), config.database_max_connections).await?;
     if run_migrations {
-        db::migrate(&db).await?;
+        db::migrate(&db, config.partition_plan()).await?;
+    } else {
+        // Every process writes deliveries (the API's test events, too), so each
+        // makes sure their partitions reach ahead before it starts.
+        db::partitions::ensure(&db, config.partition_plan(), chrono::Utc::now())
+            .await
+            .context(
+                "failed to make the deliveries' partitions (are migrations applied? run `aegis-webhook migrate`)",
+            )?;
     }
     if let Some(key) = &config.bootstrap_api_key {
         let tenant = tenants::ensure_tenant(&db, DEFAULT_TENANT)
@@ -257,6 +275,10 @@ pub async fn start_on_queue(
                 graphql_max_body_bytes: config.graphql_max_body_bytes,
                 graphql_timeout: config.graphql_timeout,
                 quotas: config.quotas(),
+                retention: aegis_webhook_api::RetentionSettings {
+                    default: config.retention_policy()?,
+                    bounds: config.retention_bounds()?,
+                },
                 limits: Arc::new(aegis_webhook_api::limits::Limits::new(
                     aegis_webhook_api::limits::LimitSettings {
                         api_rate: config.api_rate_limit,
@@ -312,7 +334,7 @@ pub async fn start_on_queue(
         supervise("ingester", |stop| ingester.run(stop, concurrency), &role_failed)
     });
 
-    let (worker, reconciler) = if roles.worker {
+    let (worker, reconciler, expiry) = if roles.worker {
         let worker = Worker::new(config, db.clone(), queue.clone(), cipher)?;
         let grace = config.shutdown_grace;
         let working = supervise("worker", |stop| worker.run(stop, grace), &role_failed);
@@ -333,9 +355,19 @@ pub async fn start_on_queue(
             },
             &role_failed,
         );
-        (Some(working), Some(reconciling))
+        let expiry = Expiry::new(config, db.clone())?;
+        let interval = config.expiry_interval;
+        let expiring = supervise(
+            "expiry",
+            |stop| async move {
+                expiry.run(interval, stop).await;
+                Ok(())
+            },
+            &role_failed,
+        );
+        (Some(working), Some(reconciling), Some(expiring))
     } else {
-        (None, None)
+        (None, None, None)
     };
 
     let lane_depths = (roles.ingester || roles.worker).then(|| {
@@ -365,6 +397,7 @@ pub async fn start_on_queue(
         ingester,
         worker,
         reconciler,
+        expiry,
         role_failed,
     })
 }

@@ -116,7 +116,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Worker => serve(config, Roles::WORKER).await,
         Command::Migrate => {
             let db = db::connect(&config.database_url()).await?;
-            db::migrate(&db).await?;
+            db::migrate(&db, config.partition_plan()).await?;
             println!("migrations applied to {}", db::redact_url(&config.database_url()));
             Ok(())
         }

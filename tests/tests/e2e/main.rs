@@ -11,6 +11,7 @@ mod pipeline;
 mod portal;
 mod portal_browser;
 mod rabbitmq;
+mod retention;
 mod steps;
 mod storage;
 mod tenancy;

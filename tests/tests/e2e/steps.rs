@@ -40,7 +40,7 @@ async fn steps(receivers: &[&Receiver]) -> Steps {
         .allow_private_targets
         .extend(TargetPolicy::allowing_loopback_ranges());
     let db = db::connect(&url).await.expect("connect");
-    db::migrate(&db).await.expect("migrate");
+    crate::support::migrate(&db).await.expect("migrate");
     let cipher = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
     let tenant = tenants::ensure_tenant(&db, "acme").await.expect("tenant");
     for receiver in receivers {

@@ -29,7 +29,7 @@ on_both_backends!(
 async fn open(backend: Backend) -> Option<DatabaseConnection> {
     let url = fresh_database(backend, &scratch_dir()).await?;
     let db = db::connect(&url).await.expect("connect");
-    db::migrate(&db).await.expect("migrate");
+    crate::support::migrate(&db).await.expect("migrate");
     Some(db)
 }
 
@@ -80,7 +80,7 @@ fn poam_event_with_id(tenant_id: TenantId, id: Uuid) -> ValidatedEvent {
 
 async fn migrations_apply_and_reapply_cleanly(backend: Backend) {
     let Some(db) = open(backend).await else { return };
-    db::migrate(&db).await.expect("a second run is a no-op");
+    crate::support::migrate(&db).await.expect("a second run is a no-op");
     let tenant = tenants::ensure_tenant(&db, "acme").await.expect("tenant");
     assert_eq!(tenants::ensure_tenant(&db, "acme").await.expect("again"), tenant);
 }
@@ -99,13 +99,13 @@ async fn start_up_writes_are_safe_when_replicas_make_them_at_once(backend: Backe
     }
     if backend == Backend::Sqlite {
         // A SQLite file belongs to one process (`dev`), which migrates it once.
-        db::migrate(&pools[0]).await.expect("migrate");
+        crate::support::migrate(&pools[0]).await.expect("migrate");
     }
     let key = tenants::generate_api_key();
     for _ in 0..3 {
         let started = pools.iter().map(|db| async {
             if backend == Backend::Postgres {
-                db::migrate(db).await.expect("concurrent migrations");
+                crate::support::migrate(db).await.expect("concurrent migrations");
             }
             let tenant = tenants::ensure_tenant(db, "default").await.expect("concurrent tenant");
             tenants::add_api_key(db, tenant.id, &key).await.expect("concurrent key");

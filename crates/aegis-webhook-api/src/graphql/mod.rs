@@ -9,8 +9,8 @@ use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, EmptySubscription, ID, Object, Schema};
 
 pub use types::{
-    AuditEntry, AuditLogFilter, Delivery, DeliveryAttempt, DeliveryFilter, DeliveryStatus, EventTypeInfo,
-    PortalSession, PortalThemeInput, Tenant, Webhook, WebhookEvent, WebhookInput, WebhookUpdateInput,
+    AuditEntry, AuditLogFilter, DataRetention, Delivery, DeliveryAttempt, DeliveryFilter, DeliveryStatus,
+    EventTypeInfo, PortalSession, PortalThemeInput, Tenant, Webhook, WebhookEvent, WebhookInput, WebhookUpdateInput,
 };
 
 use crate::AppState;
@@ -146,9 +146,11 @@ impl QueryRoot {
             .await
             .or_not_found("tenant")?
             .ok_or(ApiError::NotFound("tenant"))?;
+        let retention = actions::retention_of(state(ctx), &caller).await?;
         Ok(Tenant {
             id: ID(tenant.id.to_string()),
             name: tenant.name,
+            retention: retention.into(),
         })
     }
 
@@ -303,6 +305,18 @@ fn selects(ctx: &Context<'_>, field: &str) -> bool {
 
 pub struct MutationRoot;
 
+/// A count of seconds a client gave, which must be positive.
+fn positive_seconds(field: &'static str, seconds: Option<i64>) -> Result<Option<std::time::Duration>, ApiError> {
+    match seconds {
+        None => Ok(None),
+        Some(seconds) => u64::try_from(seconds)
+            .ok()
+            .filter(|seconds| *seconds > 0)
+            .map(|seconds| Some(std::time::Duration::from_secs(seconds)))
+            .ok_or_else(|| ApiError::bad_input(field, format!("{field} must be a positive number of seconds"))),
+    }
+}
+
 #[Object]
 impl MutationRoot {
     /// Creates a webhook. The secret is generated (`whsec_…`) when omitted and is
@@ -390,6 +404,26 @@ impl MutationRoot {
         let webhook_id = parse_id("webhookId", &webhook_id)?;
         let replayed = actions::replay_dead_letters(state(ctx), &caller, webhook_id, since).await?;
         Ok(i32::try_from(replayed).unwrap_or(i32::MAX))
+    }
+
+    /// Sets how long this organisation's data is kept, each within
+    /// `tenant.retention.minSeconds` to `maxSeconds`; an omitted or null value
+    /// goes back to the operator's default. A body retention longer than the
+    /// record retention is refused. The next expiry pass (about a minute)
+    /// applies it: what a shorter retention has passed is expunged then.
+    #[graphql(complexity = "cost::ROOT")]
+    async fn set_retention(
+        &self,
+        ctx: &Context<'_>,
+        records_seconds: Option<i64>,
+        bodies_seconds: Option<i64>,
+    ) -> async_graphql::Result<DataRetention> {
+        let caller = caller(ctx)?;
+        let chosen = aegis_webhook_core::retention::Override {
+            records: positive_seconds("recordsSeconds", records_seconds)?,
+            bodies: positive_seconds("bodiesSeconds", bodies_seconds)?,
+        };
+        Ok(actions::set_retention(state(ctx), &caller, chosen).await?.into())
     }
 
     /// Makes a single-use link into the customer portal (`/portal`) for this

@@ -65,6 +65,46 @@ pub struct WebhookInput {
 pub struct Tenant {
     pub id: ID,
     pub name: String,
+    /// How long this organisation's data is kept.
+    pub retention: DataRetention,
+}
+
+/// How long an organisation's data is kept, counted from its creation. Expiry
+/// runs about every minute; on PostgreSQL records can stay up to a day past
+/// their retention, as they are dropped a day at a time. A pending delivery,
+/// and the event it will send, are kept until the delivery is final.
+#[derive(SimpleObject, Debug)]
+pub struct DataRetention {
+    /// Final events, deliveries and attempts are expunged this long after
+    /// they were created; `delivery` and `redeliver` then answer `EXPUNGED`.
+    pub records_seconds: i64,
+    /// Event payloads and receivers' response bodies are dropped this long
+    /// after creation; the delivery log stays readable, without them, and a
+    /// delivery without its payload cannot be redelivered.
+    pub bodies_seconds: i64,
+    /// Whether `recordsSeconds` is this organisation's own choice
+    /// (`setRetention`) rather than the operator's default.
+    pub records_chosen: bool,
+    /// Whether `bodiesSeconds` is this organisation's own choice.
+    pub bodies_chosen: bool,
+    /// The shortest retention `setRetention` accepts.
+    pub min_seconds: i64,
+    /// The longest retention `setRetention` accepts.
+    pub max_seconds: i64,
+}
+
+impl From<crate::actions::RetentionView> for DataRetention {
+    fn from(view: crate::actions::RetentionView) -> Self {
+        let seconds = |duration: std::time::Duration| i64::try_from(duration.as_secs()).unwrap_or(i64::MAX);
+        DataRetention {
+            records_seconds: seconds(view.effective.records()),
+            bodies_seconds: seconds(view.effective.bodies()),
+            records_chosen: view.chosen.records.is_some(),
+            bodies_chosen: view.chosen.bodies.is_some(),
+            min_seconds: seconds(view.bounds.min()),
+            max_seconds: seconds(view.bounds.max()),
+        }
+    }
 }
 
 #[derive(SimpleObject, Debug)]

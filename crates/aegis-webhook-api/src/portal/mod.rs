@@ -414,6 +414,7 @@ fn error_page(error: &ApiError) -> Response {
         ),
         ApiError::BadUserInput { message, .. } => message_page(StatusCode::BAD_REQUEST, "Check your input", message),
         ApiError::Forbidden(message) => message_page(StatusCode::FORBIDDEN, "Not allowed", message),
+        ApiError::Expunged(message) => message_page(StatusCode::GONE, "Expunged", message),
         ApiError::Conflict(message) | ApiError::QuotaExceeded(message) => {
             message_page(StatusCode::CONFLICT, "Not done", message)
         }

@@ -647,12 +647,16 @@ pub fn delivery_page(
     attempts: &[Attempt],
     notice: Option<&str>,
 ) -> Markup {
-    let body = delivered_body(delivery.event_type, &event.timestamp, &event.data);
+    // `None` once the body retention has passed: the record stays, its bytes do not.
+    let body = event
+        .data
+        .as_deref()
+        .map(|data| delivered_body(delivery.event_type, &event.timestamp, data));
     // The headers of the last attempt, as the worker built them: its number,
     // its start (to the second) and the webhook's current secret. A signature
     // is shown only to a session that may read the secret: with it, anyone
     // could send the endpoint a request it would take for ours.
-    let sent = attempts.last().map(|last| {
+    let sent = body.as_ref().zip(attempts.last()).map(|(body, last)| {
         let headers = signing::delivery_headers(
             &delivery.id.to_string(),
             delivery.event_type,
@@ -686,6 +690,8 @@ pub fn delivery_page(
             @if delivery.status == DeliveryStatus::Pending {
                 // No disabled button: a keyboard could not reach it, nor its reason.
                 p class="help" { "Pending: its next attempt is already scheduled, so there is nothing to redeliver yet." }
+            } @else if body.is_none() {
+                p class="help" { "Its payload was expunged, so it cannot be redelivered." }
             } @else {
                 form method="post" action=(format!("/portal/deliveries/{}/redeliver", delivery.id)) class="actions" {
                     (csrf(visit))
@@ -716,11 +722,19 @@ pub fn delivery_page(
                         }
                     }
                 }
-            } @else {
+            } @else if body.is_some() {
                 p { "No attempt yet: its headers show here once it is made." }
             }
-            h3 { "Body (exact bytes)" }
-            pre class="code" id="body" tabindex="0" aria-label="Body" { code { (body) } }
+            @if let Some(body) = &body {
+                h3 { "Body (exact bytes)" }
+                pre class="code" id="body" tabindex="0" aria-label="Body" { code { (body) } }
+            } @else {
+                p id="body" {
+                    "The payload and the responses were expunged under your organisation's data retention"
+                    @if let Some(at) = event.body_expunged_at { " on " (time(at)) }
+                    ". This record of the delivery and its attempts stays until the record retention passes."
+                }
+            }
         }
         section aria-labelledby="attempts-heading" {
             h2 id="attempts-heading" { "Attempts" }

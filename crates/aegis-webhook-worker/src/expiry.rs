@@ -1,0 +1,214 @@
+//! Expiry: removes what has passed its retention, every `AEGIS_EXPIRY_INTERVAL`,
+//! in each worker process. On PostgreSQL one process at a time does the work
+//! (a transaction-scoped advisory lock, tried, not waited for: the others skip
+//! the pass), so replicas never delete the same rows twice over.
+//!
+//! One pass, as named steps:
+//! 1. make the partitions ahead of time (PostgreSQL);
+//! 2. drop the partitions every tenant's retention has passed, unless a
+//!    pending delivery holds one: then delete its final rows instead;
+//! 3. for each tenant, delete its final deliveries past its retention that no
+//!    partition drop will take (all of them on SQLite), then its events that
+//!    no delivery refers to any more, then drop the bodies past its body
+//!    retention.
+//!
+//! What is decided (cutoffs, the horizon, which partitions to make or drop) is
+//! `core::retention`, pure; this module only runs it. Every step works in
+//! batches of `AEGIS_EXPIRY_BATCH` rows and stops after [`MAX_BATCHES`] of
+//! them, so one pass is bounded and the next goes on where it stopped.
+
+use std::time::{Duration, Instant};
+
+use aegis_webhook_core::config::Config;
+use aegis_webhook_core::metrics;
+use aegis_webhook_core::retention::{self, PartitionPlan, Retention};
+use aegis_webhook_storage::partitions::{self, Expired};
+use aegis_webhook_storage::retention as expire;
+use chrono::{DateTime, Utc};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use tokio_util::sync::CancellationToken;
+
+/// Batches one step of one pass runs at most, for one tenant or partition.
+pub const MAX_BATCHES: u32 = 50;
+
+/// The advisory lock only the process running an expiry pass holds ("expiry").
+const EXPIRY_LOCK: i64 = 0x6165_6769_735f_6578;
+
+/// What one pass removed and made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub partitions_created: usize,
+    pub partitions_dropped: usize,
+    pub deliveries: u64,
+    pub events: u64,
+    pub bodies: u64,
+}
+
+#[derive(Clone)]
+pub struct Expiry {
+    db: DatabaseConnection,
+    default: Retention,
+    plan: PartitionPlan,
+    batch: u64,
+}
+
+impl std::fmt::Debug for Expiry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Expiry")
+            .field("default", &self.default)
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Expiry {
+    pub fn new(config: &Config, db: DatabaseConnection) -> anyhow::Result<Expiry> {
+        Ok(Expiry {
+            db,
+            default: config.retention_policy()?,
+            plan: config.partition_plan(),
+            batch: u64::from(config.expiry_batch),
+        })
+    }
+
+    fn partitioned(&self) -> bool {
+        self.db.get_database_backend() == DbBackend::Postgres
+    }
+
+    /// One pass at `now`; `None` when another process is running one.
+    pub async fn pass(&self, now: DateTime<Utc>) -> anyhow::Result<Option<Removed>> {
+        // Held until this pass ends: the transaction does nothing else, so it
+        // keeps no snapshot and holds back no vacuum.
+        let lease = self.db.begin().await?;
+        if self.partitioned() {
+            let held = lease
+                .query_one_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("SELECT pg_try_advisory_xact_lock({EXPIRY_LOCK}) AS held"),
+                ))
+                .await?
+                .map(|row| row.try_get::<bool>("", "held"))
+                .transpose()?
+                .unwrap_or(false);
+            if !held {
+                return Ok(None);
+            }
+        } else {
+            // SQLite: one process owns the file; nothing to take.
+            drop(lease);
+            return Ok(Some(self.remove(now).await?));
+        }
+        let removed = self.remove(now).await;
+        lease.rollback().await?;
+        Ok(Some(removed?))
+    }
+
+    async fn remove(&self, now: DateTime<Utc>) -> anyhow::Result<Removed> {
+        let mut removed = Removed {
+            partitions_created: partitions::ensure(&self.db, self.plan, now).await?,
+            ..Removed::default()
+        };
+        let tenants = expire::tenants_and_overrides(&self.db).await?;
+        let longest = retention::longest(self.default, tenants.iter().map(|(_, chosen)| *chosen));
+        let horizon = retention::horizon(now, longest);
+        if self.partitioned() {
+            self.expire_partitions(horizon, &mut removed).await?;
+        }
+        let partitions = self.partitioned().then_some((horizon, self.plan.width()));
+        for (tenant_id, chosen) in tenants {
+            let own = retention::effective(self.default, chosen);
+            let cutoffs = own.cutoffs(now);
+            if let Some(before) = retention::row_cutoff(cutoffs.records_before, partitions) {
+                removed.deliveries += self
+                    .in_batches(|limit| expire::delete_final_deliveries(&self.db, tenant_id, before, limit))
+                    .await?;
+            }
+            removed.events += self
+                .in_batches(|limit| {
+                    expire::delete_unreferenced_events(&self.db, tenant_id, cutoffs.records_before, limit)
+                })
+                .await?;
+            if own.drops_bodies_early() {
+                removed.bodies += self
+                    .in_batches(|limit| expire::expunge_bodies(&self.db, tenant_id, cutoffs.bodies_before, now, limit))
+                    .await?;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Drops the partitions before `horizon`; from one a pending delivery
+    /// holds, deletes the final rows.
+    async fn expire_partitions(&self, horizon: DateTime<Utc>, removed: &mut Removed) -> anyhow::Result<()> {
+        let expired = partitions::list(&self.db)
+            .await?
+            .into_iter()
+            .filter(|partition| retention::partition_expired(partition.range, horizon));
+        for partition in expired {
+            match partitions::drop_expired(&self.db, partition).await? {
+                Expired::Dropped(partition) => {
+                    tracing::info!(partition = %partition.suffix, "dropped an expired partition of the deliveries");
+                    removed.partitions_dropped += 1;
+                }
+                Expired::HeldByPending(partition) => {
+                    let range = partition.range;
+                    removed.deliveries += self
+                        .in_batches(|limit| {
+                            expire::delete_final_deliveries_between(&self.db, range.from, range.to, limit)
+                        })
+                        .await?;
+                }
+                Expired::Busy(partition) => {
+                    tracing::debug!(partition = %partition.suffix, "an expired partition's locks were busy; the next pass drops it");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `step` batch after batch until one removes less than a batch, or
+    /// [`MAX_BATCHES`] ran; returns how many rows they removed.
+    async fn in_batches<F, Fut>(&self, mut step: F) -> anyhow::Result<u64>
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, aegis_webhook_storage::StoreError>>,
+    {
+        let mut total = 0;
+        for _ in 0..MAX_BATCHES {
+            let removed = step(self.batch).await?;
+            total += removed;
+            if removed < self.batch {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// A pass every `interval` until `stop`; the first one at start, so a
+    /// process that was down a long time catches up at once.
+    pub async fn run(self, interval: Duration, stop: CancellationToken) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let started = Instant::now();
+            match self.pass(Utc::now()).await {
+                Ok(Some(removed)) => {
+                    metrics::expiry_pass(started.elapsed());
+                    metrics::expired("deliveries", removed.deliveries);
+                    metrics::expired("events", removed.events);
+                    metrics::expired("bodies", removed.bodies);
+                    metrics::expired("partitions", removed.partitions_dropped as u64);
+                    if removed != Removed::default() {
+                        tracing::info!(?removed, took = ?started.elapsed(), "expiry pass");
+                    }
+                }
+                Ok(None) => tracing::debug!("another process runs this expiry pass"),
+                Err(error) => tracing::error!(error = format!("{error:#}"), "expiry pass failed; the next one retries"),
+            }
+        }
+    }
+}

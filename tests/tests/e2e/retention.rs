@@ -1,0 +1,404 @@
+//! Data retention on both databases: what expiry removes and what it keeps,
+//! bodies dropped before records, a tenant's own retention, and the answers
+//! for what has been expunged. Expiry passes run on an injected clock (a
+//! month ahead), or, where the API's answers depend on the real one, on a
+//! tenant retention of seconds.
+
+use std::time::Duration;
+
+use aegis_webhook_core::config::{Config, Sensitive};
+use aegis_webhook_core::event::{EventType, ValidatedEvent};
+use aegis_webhook_core::ids::{DeliveryId, EventId, TenantId, WebhookId};
+use aegis_webhook_core::secret::SecretCipher;
+use aegis_webhook_storage::deliveries::{self, Attempt, EventDelivery, NewDelivery, NextStep};
+use aegis_webhook_storage::{self as db, events, partitions};
+use aegis_webhook_worker::expiry::Expiry;
+use chrono::{DateTime, Utc};
+use sea_orm::DatabaseConnection;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::on_both_backends;
+use crate::support::{
+    Backend, Receiver, TestApp, envelope, eventually, migrated_database, scratch_dir, seed_poam_overdue_data,
+    tenant_with_webhooks,
+};
+
+on_both_backends!(
+    expiry_removes_final_rows_past_retention_and_keeps_pending_ones,
+    body_retention_empties_bodies_and_keeps_the_records,
+    a_tenants_own_retention_holds_and_expunged_deliveries_say_so,
+);
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+struct Data {
+    db: DatabaseConnection,
+    tenant_id: TenantId,
+    webhook_id: WebhookId,
+}
+
+async fn data(backend: Backend) -> Option<Data> {
+    let url = migrated_database(backend, &scratch_dir()).await?;
+    let db = db::connect(&url).await.expect("connect");
+    let cipher = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
+    let tenant_id = tenant_with_webhooks(&db, &cipher, "acme", "http://127.0.0.1:9/hook", 1).await;
+    let webhook_id = aegis_webhook_storage::webhooks::list_webhooks(&db, &cipher, tenant_id, None, 10)
+        .await
+        .expect("list")
+        .first()
+        .expect("one webhook")
+        .id;
+    Some(Data {
+        db,
+        tenant_id,
+        webhook_id,
+    })
+}
+
+/// Stores an event with one delivery to the webhook; returns both ids.
+async fn event_with_delivery(data: &Data) -> (EventId, DeliveryId) {
+    let event_id = store_event(data).await;
+    let delivery_id = deliveries::insert_pending_of_events(
+        &data.db,
+        &[EventDelivery {
+            tenant_id: data.tenant_id,
+            event_id,
+            delivery: NewDelivery {
+                webhook_id: data.webhook_id,
+                event_type: EventType::PoamOverdue,
+            },
+        }],
+        Utc::now(),
+    )
+    .await
+    .expect("delivery")[0];
+    (event_id, delivery_id)
+}
+
+async fn store_event(data: &Data) -> EventId {
+    let mut envelope = envelope(data.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data());
+    envelope["id"] = json!(Uuid::now_v7());
+    let event = ValidatedEvent::parse(envelope.to_string().as_bytes(), Utc::now()).expect("valid");
+    events::insert_event(&data.db, &event)
+        .await
+        .expect("insert")
+        .expect("new")
+}
+
+/// Records attempt 1 of `delivery_id` with a response body, ending it with `next`.
+async fn attempt(data: &Data, delivery_id: DeliveryId, status: u16, next: NextStep) {
+    let attempt = Attempt {
+        delivery_id,
+        attempt: 1,
+        started_at: Utc::now(),
+        duration: Duration::from_millis(3),
+        status_code: Some(status),
+        error: None,
+        response_body: Some("the receiver's answer".to_owned()),
+    };
+    deliveries::record_attempt(&data.db, &attempt, &next)
+        .await
+        .expect("record");
+}
+
+fn expiry(data: &Data, adjust: impl FnOnce(&mut Config)) -> Expiry {
+    let mut config = Config::default();
+    adjust(&mut config);
+    Expiry::new(&config, data.db.clone()).expect("a valid retention")
+}
+
+async fn event_exists(data: &Data, id: EventId) -> bool {
+    !events::events_by_ids(&data.db, &[id]).await.expect("events").is_empty()
+}
+
+async fn delivery_exists(data: &Data, id: DeliveryId) -> bool {
+    deliveries::delivery_by_id(&data.db, id)
+        .await
+        .expect("delivery")
+        .is_some()
+}
+
+/// Two events with a delivery each: one delivered (succeeded), one whose
+/// first attempt failed and that waits an hour for its next (pending).
+async fn one_done_one_waiting(data: &Data) -> (EventId, DeliveryId, EventId, DeliveryId) {
+    let (done_event, done) = event_with_delivery(data).await;
+    attempt(data, done, 200, NextStep::Succeeded).await;
+    let (waiting_event, waiting) = event_with_delivery(data).await;
+    let in_an_hour = Utc::now() + chrono::Duration::hours(1);
+    attempt(data, waiting, 503, NextStep::RetryAt(in_an_hour)).await;
+    (done_event, done, waiting_event, waiting)
+}
+
+fn a_month_on() -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::days(31)
+}
+
+async fn expiry_removes_final_rows_past_retention_and_keeps_pending_ones(backend: Backend) {
+    let Some(data) = data(backend).await else { return };
+    let (done_event, done, waiting_event, waiting) = one_done_one_waiting(&data).await;
+    let unsubscribed_event = store_event(&data).await;
+    let expiry = expiry(&data, |_| {});
+
+    // Nothing has passed its 30 days yet.
+    let removed = expiry.pass(Utc::now()).await.expect("pass").expect("no other process");
+    assert_eq!(
+        (removed.deliveries, removed.events, removed.partitions_dropped),
+        (0, 0, 0)
+    );
+    assert!(delivery_exists(&data, done).await && event_exists(&data, unsubscribed_event).await);
+
+    // A month on: the final delivery, its attempt and its event go, and so
+    // does the event nobody subscribed to; the pending delivery and its event
+    // stay. On PostgreSQL the pending delivery holds its partition back, so
+    // the final row beside it is deleted on its own.
+    let removed = expiry
+        .pass(a_month_on())
+        .await
+        .expect("pass")
+        .expect("no other process");
+    assert!(!delivery_exists(&data, done).await, "the final delivery is expunged");
+    assert!(
+        deliveries::attempts_of(&data.db, done)
+            .await
+            .expect("attempts")
+            .is_empty(),
+        "its attempts with it"
+    );
+    assert!(!event_exists(&data, done_event).await && !event_exists(&data, unsubscribed_event).await);
+    assert!(
+        delivery_exists(&data, waiting).await,
+        "a pending delivery is never expunged"
+    );
+    assert!(event_exists(&data, waiting_event).await, "nor the event it will send");
+    assert_eq!(
+        deliveries::attempts_of(&data.db, waiting)
+            .await
+            .expect("attempts")
+            .len(),
+        1
+    );
+    assert_eq!((removed.deliveries, removed.events), (1, 2), "{removed:?}");
+    let created = db::v7_created_at(waiting.as_uuid()).expect("a UUIDv7");
+    let holds = |partitions: &[partitions::Partition]| {
+        partitions
+            .iter()
+            .any(|partition| partition.range.from.is_none_or(|from| from <= created) && created < partition.range.to)
+    };
+    if backend == Backend::Postgres {
+        let left = partitions::list(&data.db).await.expect("partitions");
+        assert!(holds(&left), "the pending delivery holds its partition: {left:?}");
+    }
+
+    // Once that delivery is final too, a pass removes it: on PostgreSQL by
+    // dropping the whole partition.
+    let before: Vec<_> = partitions::list(&data.db).await.expect("partitions");
+    attempt(&data, waiting, 200, NextStep::Succeeded).await;
+    let removed = expiry
+        .pass(a_month_on())
+        .await
+        .expect("pass")
+        .expect("no other process");
+    assert!(!delivery_exists(&data, waiting).await && !event_exists(&data, waiting_event).await);
+    let after: Vec<_> = partitions::list(&data.db).await.expect("partitions");
+    match backend {
+        Backend::Postgres => {
+            assert!(removed.partitions_dropped >= 1, "{removed:?}");
+            assert_eq!(removed.deliveries, 0, "no row deleted one by one: {removed:?}");
+            assert!(holds(&before) && !holds(&after), "the partition it held is gone");
+            assert!(
+                after
+                    .iter()
+                    .all(|partition| partition.range.to > a_month_on() - chrono::Duration::days(30)),
+                "every partition left ends after the horizon: {after:?}"
+            );
+        }
+        Backend::Sqlite => {
+            assert_eq!((removed.deliveries, removed.partitions_dropped), (1, 0));
+            assert!(before.is_empty() && after.is_empty(), "SQLite has no partitions");
+        }
+    }
+}
+
+async fn body_retention_empties_bodies_and_keeps_the_records(backend: Backend) {
+    let Some(data) = data(backend).await else { return };
+    let (done_event, done, waiting_event, waiting) = one_done_one_waiting(&data).await;
+    let expiry = expiry(&data, |config| config.body_retention = Some(DAY * 7));
+
+    let eight_days_on = Utc::now() + chrono::Duration::days(8);
+    let removed = expiry
+        .pass(eight_days_on)
+        .await
+        .expect("pass")
+        .expect("no other process");
+    assert_eq!(
+        (removed.bodies, removed.deliveries, removed.events),
+        (1, 0, 0),
+        "{removed:?}"
+    );
+
+    let stored = events::events_by_ids(&data.db, &[done_event]).await.expect("events");
+    let event = stored.first().expect("the event's record stays");
+    assert_eq!(event.data, None, "its payload is gone");
+    assert!(event.body_expunged_at.is_some());
+    assert!(!event.timestamp.is_empty(), "its other fields stay");
+    let delivery = deliveries::delivery_by_id(&data.db, done)
+        .await
+        .expect("delivery")
+        .expect("the delivery's record stays");
+    assert_eq!(delivery.last_status_code, Some(200));
+    let attempts = deliveries::attempts_of(&data.db, done).await.expect("attempts");
+    assert_eq!(attempts.len(), 1, "the attempt's record stays");
+    assert_eq!(
+        (attempts[0].status_code, attempts[0].response_body.as_deref()),
+        (Some(200), None)
+    );
+
+    // The event a pending delivery will send keeps its payload.
+    let stored = events::events_by_ids(&data.db, &[waiting_event]).await.expect("events");
+    assert!(stored[0].data.is_some(), "a pending delivery's payload is kept");
+    assert_eq!(
+        deliveries::attempts_of(&data.db, waiting).await.expect("attempts")[0]
+            .response_body
+            .as_deref(),
+        Some("the receiver's answer")
+    );
+
+    // The next pass finds nothing more to empty.
+    let removed = expiry
+        .pass(eight_days_on)
+        .await
+        .expect("pass")
+        .expect("no other process");
+    assert_eq!(removed.bodies, 0);
+}
+
+const SET_RETENTION: &str = "mutation($records: Int, $bodies: Int) {
+  setRetention(recordsSeconds: $records, bodiesSeconds: $bodies) {
+    recordsSeconds bodiesSeconds recordsChosen bodiesChosen minSeconds maxSeconds
+  }
+}";
+
+const DELIVERY: &str = "query($id: ID!) { delivery(id: $id) { id status } }";
+const REDELIVER: &str = "mutation($id: ID!) { redeliver(deliveryId: $id) { id status } }";
+const DELIVERY_IDS: &str = "query($filter: DeliveryFilter) {
+  deliveries(filter: $filter, first: 10) { edges { node { id status } } }
+}";
+
+fn error_code(answer: &serde_json::Value) -> &str {
+    answer["errors"][0]["extensions"]["code"].as_str().unwrap_or_default()
+}
+
+async fn a_tenants_own_retention_holds_and_expunged_deliveries_say_so(backend: Backend) {
+    // Tenants may choose from one second up: the test waits on real time.
+    let key = SecretCipher::generate_key();
+    let Some(app) = TestApp::spawn_with(backend, |config| {
+        config.secret_key = Some(Sensitive::new(key.clone()));
+        config.retention_min = Duration::from_secs(1);
+        config.expiry_interval = Duration::from_secs(3600);
+    })
+    .await
+    else {
+        return;
+    };
+    let receiver = Receiver::start(&[], 200).await;
+
+    // Out of bounds, or bodies outliving records: refused, naming why.
+    let answer = app.graphql(SET_RETENTION, json!({ "records": 400 * 86_400 })).await;
+    assert_eq!(error_code(&answer), "BAD_USER_INPUT", "{answer}");
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("outside the allowed")
+    );
+    let answer = app.graphql(SET_RETENTION, json!({ "records": 2, "bodies": 5 })).await;
+    assert!(
+        answer["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot be longer"),
+        "{answer}"
+    );
+    let answer = app.graphql(SET_RETENTION, json!({ "records": -3 })).await;
+    assert_eq!(error_code(&answer), "BAD_USER_INPUT", "{answer}");
+    let default = app
+        .graphql("{ tenant { retention { recordsSeconds recordsChosen } } }", json!({}))
+        .await;
+    assert_eq!(
+        default["data"]["tenant"]["retention"],
+        json!({ "recordsSeconds": 30 * 86_400, "recordsChosen": false })
+    );
+
+    // Tenant `default` keeps records 4 s and bodies 1 s; tenant `other` keeps the operator's 30 days.
+    let answer = app.graphql(SET_RETENTION, json!({ "records": 4, "bodies": 1 })).await;
+    assert_eq!(
+        answer["data"]["setRetention"],
+        json!({ "recordsSeconds": 4, "bodiesSeconds": 1, "recordsChosen": true, "bodiesChosen": true,
+                "minSeconds": 1, "maxSeconds": 90 * 86_400 }),
+        "{answer}"
+    );
+    app.create_webhook(&receiver.url(), &["POAM_OVERDUE"], None).await;
+    let cipher = SecretCipher::from_base64(&key).expect("key");
+    let other = tenant_with_webhooks(app.db(), &cipher, "other", &receiver.url(), 1).await;
+    for tenant in [app.setup.tenant_id, other] {
+        let (status, answer) = app
+            .post_event(&envelope(tenant, "POAM_OVERDUE", seed_poam_overdue_data()))
+            .await;
+        assert!(status.is_success(), "{answer}");
+    }
+    receiver.wait_for(2, Duration::from_secs(10)).await;
+    let ours = eventually(Duration::from_secs(10), "our delivery succeeded", || async {
+        let nodes = app.delivery_nodes(DELIVERY_IDS, json!({ "status": "SUCCEEDED" })).await;
+        nodes
+            .first()
+            .map(|node| node["id"].as_str().unwrap_or_default().to_owned())
+    })
+    .await;
+
+    let config = app.config.clone();
+    let expiry = Expiry::new(&config, app.db().clone()).expect("expiry");
+    // After a second its payload goes: the record reads, a redeliver is refused.
+    eventually(Duration::from_secs(15), "our payload expunged", || async {
+        expiry.pass(Utc::now()).await.expect("pass");
+        let answer = app.graphql(REDELIVER, json!({ "id": ours })).await;
+        (error_code(&answer) == "EXPUNGED").then_some(answer)
+    })
+    .await;
+    let answer = app.graphql(REDELIVER, json!({ "id": ours })).await;
+    let message = answer["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("payload was expunged") && message.contains("1s"),
+        "{answer}"
+    );
+    let answer = app.graphql(DELIVERY, json!({ "id": ours })).await;
+    assert_eq!(
+        answer["data"]["delivery"]["status"], "SUCCEEDED",
+        "the record stays: {answer}"
+    );
+
+    // After four seconds the record goes too, and both calls say so.
+    eventually(Duration::from_secs(15), "our delivery expunged", || async {
+        expiry.pass(Utc::now()).await.expect("pass");
+        let answer = app.graphql(DELIVERY, json!({ "id": ours })).await;
+        (error_code(&answer) == "EXPUNGED").then_some(answer)
+    })
+    .await;
+    let answer = app.graphql(REDELIVER, json!({ "id": ours })).await;
+    assert_eq!(error_code(&answer), "EXPUNGED", "{answer}");
+    let message = answer["errors"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("record has been expunged") && message.contains("4s"),
+        "{answer}"
+    );
+    assert_eq!(app.count("deliveries").await, 1, "the other tenant's delivery stays");
+    assert_eq!(app.count("events").await, 1, "and its event");
+    assert_eq!(
+        app.count("delivery_attempts").await,
+        1,
+        "and its attempt, with its response body"
+    );
+    // An id that is not a UUIDv7 (or is new) is simply not found.
+    let answer = app.graphql(DELIVERY, json!({ "id": Uuid::new_v4() })).await;
+    assert_eq!(error_code(&answer), "NOT_FOUND", "{answer}");
+}
