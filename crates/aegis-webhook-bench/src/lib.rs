@@ -57,8 +57,8 @@ use procstat::Machine;
 use publish::Published;
 use receiver::{Receiver, Tally};
 use report::{
-    Deliveries, Latency, MachineLoad, PageTiming, Portal, ProcessUsage, Report, ServiceUsage, Settings, TenantFigures,
-    Tenants, Throughput, per_thousand,
+    Deliveries, Latency, MachineLoad, PageTiming, Portal, ProcessUsage, Report, ServiceUsage, Settings, TableSample,
+    TenantFigures, Tenants, Throughput, mib, per_thousand,
 };
 use system::System;
 
@@ -270,6 +270,8 @@ struct Measured {
     own_peak_rss: Option<u64>,
     /// Portal scenario: the pages' figures, or why they could not be measured.
     portal: Option<Result<Portal, String>>,
+    /// Production mode: the tables' sizes through the run.
+    table_sizes: Vec<TableSample>,
 }
 
 /// A tenant's publisher, built but not yet started, and what stops it early.
@@ -394,6 +396,10 @@ async fn measure(
             plan.fairness()
         ),
     }
+    let sampling = match system.database_url() {
+        Some(url) => Some(TableSampler::start(&url).await?),
+        None => None,
+    };
     let start = CpuReading::take(system, services);
     let (handles, stops) = publishers
         .into_iter()
@@ -402,6 +408,10 @@ async fn measure(
 
     let (ended, published) = wait_for_deliveries(plan, system, receiver, loads, handles, stops, interrupt).await;
     let end = CpuReading::take(system, services);
+    let table_sizes = match sampling {
+        Some(sampling) => sampling.finish().await,
+        None => Vec::new(),
+    };
     for separate in separate_connections {
         separate.close().await;
     }
@@ -443,7 +453,58 @@ async fn measure(
         processes,
         own_peak_rss,
         portal,
+        table_sizes,
     })
+}
+
+/// How often the growing tables' sizes are read during a production run.
+const TABLE_SAMPLE_EVERY: Duration = Duration::from_secs(30);
+
+/// Reads the database's table sizes every [`TABLE_SAMPLE_EVERY`] while the
+/// load runs, on a connection of its own, so a report shows whether they
+/// grow (retention) and by how much per delivery (capacity).
+struct TableSampler {
+    stop: CancellationToken,
+    sampling: tokio::task::JoinHandle<Vec<TableSample>>,
+}
+
+impl TableSampler {
+    async fn start(url: &str) -> anyhow::Result<TableSampler> {
+        let db = sea_orm::Database::connect(url)
+            .await
+            .context("failed to connect to the run's database to read its table sizes")?;
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let sampling = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut samples = Vec::new();
+            let mut ticks = tokio::time::interval(TABLE_SAMPLE_EVERY);
+            loop {
+                let last = tokio::select! {
+                    _ = ticks.tick() => false,
+                    () = stopped.cancelled() => true,
+                };
+                match postgres::table_sizes(&db).await {
+                    Ok(sizes) => samples.push(TableSample {
+                        at_seconds: started.elapsed().as_secs_f64(),
+                        sizes,
+                    }),
+                    Err(error) => eprintln!("aegis-bench: {error:#}"),
+                }
+                if last {
+                    let _ = db.close().await;
+                    return samples;
+                }
+            }
+        });
+        Ok(TableSampler { stop, sampling })
+    }
+
+    /// One last reading, then every reading taken.
+    async fn finish(self) -> Vec<TableSample> {
+        self.stop.cancel();
+        self.sampling.await.unwrap_or_default()
+    }
 }
 
 /// Untimed GETs of each portal page before its timed ones: the connection
@@ -782,10 +843,6 @@ fn seconds(ticks: u64) -> f64 {
     procstat::ticks_to_duration(ticks).as_secs_f64()
 }
 
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
-}
-
 /// The measured times of some deliveries: from the first publish to the last
 /// verified receipt, deliveries per second over it, and from the first
 /// publish to the last.
@@ -867,6 +924,7 @@ fn build_report(
         processes,
         own_peak_rss,
         portal,
+        table_sizes,
     } = measured;
     let spans: Vec<_> = loads.iter().map(|load| load.events.publish_span()).collect();
     let tenants = plan.quiet.map(|quiet| {
@@ -1099,6 +1157,7 @@ fn build_report(
         acceptance_ms,
         tenants,
         portal,
+        table_sizes,
         breakdown: None,
         processes: process_usage,
         services,

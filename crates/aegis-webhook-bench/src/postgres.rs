@@ -100,3 +100,48 @@ async fn drop_stale(admin: &DatabaseConnection) {
         }
     }
 }
+
+/// How much the growing tables hold at one moment: bytes on disk (with their
+/// indexes and TOAST, every partition summed) and rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TableSizes {
+    pub events_bytes: u64,
+    pub deliveries_bytes: u64,
+    pub attempts_bytes: u64,
+    pub events: u64,
+    pub deliveries: u64,
+    pub attempts: u64,
+}
+
+/// Reads [`TableSizes`] of the database at `url`.
+pub async fn table_sizes(db: &DatabaseConnection) -> anyhow::Result<TableSizes> {
+    let backend = db.get_database_backend();
+    // pg_partition_tree lists a plain table as its own tree, so the query
+    // holds before and after partitioning.
+    let query = "SELECT \
+        (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree('events'))::bigint AS events_bytes, \
+        (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree('deliveries'))::bigint AS deliveries_bytes, \
+        (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree('delivery_attempts'))::bigint AS attempts_bytes, \
+        (SELECT count(*) FROM events) AS events, \
+        (SELECT count(*) FROM deliveries) AS deliveries, \
+        (SELECT count(*) FROM delivery_attempts) AS attempts";
+    let row = db
+        .query_one_raw(Statement::from_string(backend, query))
+        .await
+        .context("failed to read the table sizes")?
+        .context("the table sizes query answered no row")?;
+    let get = |column: &str| -> anyhow::Result<u64> {
+        let value: i64 = row
+            .try_get("", column)
+            .with_context(|| format!("table sizes: {column}"))?;
+        Ok(u64::try_from(value).unwrap_or_default())
+    };
+    Ok(TableSizes {
+        events_bytes: get("events_bytes")?,
+        deliveries_bytes: get("deliveries_bytes")?,
+        attempts_bytes: get("attempts_bytes")?,
+        events: get("events")?,
+        deliveries: get("deliveries")?,
+        attempts: get("attempts")?,
+    })
+}

@@ -42,6 +42,8 @@ pub struct Report {
     /// Portal scenario: how long the customer portal's pages took, once the
     /// deliveries were in.
     pub portal: Option<Portal>,
+    /// Production mode: the growing tables' sizes every 30 s and at the end.
+    pub table_sizes: Vec<TableSample>,
     /// `--breakdown`: one event's path, step by step, from its traces.
     pub breakdown: Option<Breakdown>,
     /// The system's processes, each measured alone.
@@ -374,6 +376,26 @@ impl fmt::Display for Report {
         if let Some(portal) = &self.portal {
             portal_lines(f, portal)?;
         }
+        if !self.table_sizes.is_empty() {
+            writeln!(
+                f,
+                "  tables        at s   events (MiB)     deliveries (MiB)  attempts (MiB)"
+            )?;
+            for sample in &self.table_sizes {
+                let sizes = &sample.sizes;
+                writeln!(
+                    f,
+                    "                {:>5.0}  {:>8} ({:>6.1})  {:>8} ({:>6.1})  {:>8} ({:>6.1})",
+                    sample.at_seconds,
+                    sizes.events,
+                    mib(sizes.events_bytes),
+                    sizes.deliveries,
+                    mib(sizes.deliveries_bytes),
+                    sizes.attempts,
+                    mib(sizes.attempts_bytes)
+                )?;
+            }
+        }
         if let Some(breakdown) = &self.breakdown {
             write!(f, "{breakdown}")?;
         }
@@ -566,4 +588,16 @@ mod tests {
         assert_eq!(per_thousand(3.0, 20_000), Some(0.15));
         assert_eq!(per_thousand(3.0, 0), None);
     }
+}
+
+/// The growing tables' sizes `at_seconds` after the load started.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct TableSample {
+    pub at_seconds: f64,
+    pub sizes: crate::postgres::TableSizes,
+}
+
+/// Bytes in MiB, for reports.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }

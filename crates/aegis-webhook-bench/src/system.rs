@@ -90,6 +90,11 @@ impl System {
         }
     }
 
+    /// The run's PostgreSQL database (production mode).
+    pub fn database_url(&self) -> Option<String> {
+        self.database.as_ref().map(FreshDatabase::url)
+    }
+
     /// The broker connection (production mode).
     pub fn broker(&self) -> Option<&Broker> {
         self.broker.as_ref()

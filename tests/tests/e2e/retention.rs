@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use crate::on_both_backends;
 use crate::support::{
-    Backend, Receiver, TestApp, envelope, eventually, migrated_database, scratch_dir, seed_poam_overdue_data,
+    self, Backend, Receiver, TestApp, envelope, eventually, migrated_database, scratch_dir, seed_poam_overdue_data,
     tenant_with_webhooks,
 };
 
@@ -401,4 +401,124 @@ async fn a_tenants_own_retention_holds_and_expunged_deliveries_say_so(backend: B
     // An id that is not a UUIDv7 (or is new) is simply not found.
     let answer = app.graphql(DELIVERY, json!({ "id": Uuid::new_v4() })).await;
     assert_eq!(error_code(&answer), "NOT_FOUND", "{answer}");
+}
+
+/// Deliveries the populated-database test makes (and as many events and
+/// attempts); `AEGIS_TEST_POPULATED_DELIVERIES` sets another number, such as
+/// the million of docs/performance.md's timing.
+const POPULATED_DELIVERIES: u64 = 20_000;
+
+/// Migration 8 on a database that already holds deliveries: nothing is lost,
+/// the old rows become the first partition, new deliveries go to the new
+/// partitions, and the old partition expires like any other. PostgreSQL only:
+/// SQLite has no partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioning_takes_over_a_populated_database() {
+    use aegis_webhook_migration::{Migrator, MigratorTrait};
+    use sea_orm::ConnectionTrait;
+    let Some(url) = support::fresh_database(Backend::Postgres, &scratch_dir()).await else {
+        return;
+    };
+    let db = db::connect(&url).await.expect("connect");
+    // Every migration before partitioning.
+    Migrator::up(&db, Some(7)).await.expect("migrations 1 to 7");
+    let cipher = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
+    let tenant_id = tenant_with_webhooks(&db, &cipher, "acme", "http://127.0.0.1:9/hook", 1).await;
+    let deliveries: u64 = std::env::var("AEGIS_TEST_POPULATED_DELIVERIES")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(POPULATED_DELIVERIES);
+    let filled = std::time::Instant::now();
+    // Ids as UUIDv7 would be: creation times over the last day, one every few ms.
+    db.execute_unprepared(&format!(
+        "CREATE TEMP TABLE made AS
+           SELECT i,
+                  (lpad(to_hex((extract(epoch FROM now()) * 1000)::bigint - 86400000 + i * (86400000 / {deliveries})), 12, '0')
+                   || '7' || substr(md5(i::text), 1, 19))::uuid AS id
+             FROM generate_series(1, {deliveries}) AS i;
+         INSERT INTO events (id, tenant_id, external_id, event_type, timestamp, data, received_at)
+           SELECT id, '{tenant_id}', gen_random_uuid(), 'POAM_OVERDUE', '2026-12-01T00:00:00Z', '{{\"poamId\":\"p\"}}', now() FROM made;
+         INSERT INTO deliveries (id, tenant_id, webhook_id, event_id, event_type, status, attempts, created_at, updated_at)
+           SELECT id, '{tenant_id}', (SELECT id FROM webhooks LIMIT 1), id, 'POAM_OVERDUE',
+                  CASE WHEN i % 1000 = 0 THEN 'PENDING' ELSE 'SUCCEEDED' END, 1, now(), now() FROM made;
+         INSERT INTO delivery_attempts (id, delivery_id, attempt, started_at, duration_ms, status_code, response_body)
+           SELECT gen_random_uuid(), id, 1, now(), 3, 200, 'ok' FROM made;"
+    ))
+    .await
+    .expect("populate");
+    eprintln!(
+        "populated {deliveries} deliveries, events and attempts in {:?}",
+        filled.elapsed()
+    );
+
+    let migrating = std::time::Instant::now();
+    support::migrate(&db)
+        .await
+        .expect("migration 8 on a populated database");
+    eprintln!(
+        "migration 8 (partitioning) on {deliveries} deliveries took {:?}",
+        migrating.elapsed()
+    );
+
+    let count = |table: &'static str| {
+        let db = db.clone();
+        async move {
+            db.query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                format!("SELECT count(*) AS n FROM {table}"),
+            ))
+            .await
+            .expect("count")
+            .expect("a row")
+            .try_get::<i64>("", "n")
+            .expect("n")
+        }
+    };
+    let expected = i64::try_from(deliveries).expect("fits");
+    assert_eq!(
+        (
+            count("deliveries").await,
+            count("delivery_attempts").await,
+            count("events").await
+        ),
+        (expected, expected, expected),
+        "nothing lost"
+    );
+    assert_eq!(
+        count("ONLY deliveries_legacy").await,
+        expected,
+        "the old rows are the first partition"
+    );
+    let listed = partitions::list(&db).await.expect("partitions");
+    assert!(
+        listed
+            .first()
+            .is_some_and(|first| first.suffix == "legacy" && first.range.from.is_none())
+    );
+    assert!(listed.len() >= 4, "partitions made ahead: {listed:?}");
+
+    // New deliveries land in the new partitions, and old ones still read.
+    let data = Data {
+        webhook_id: aegis_webhook_storage::webhooks::list_webhooks(&db, &cipher, tenant_id, None, 1)
+            .await
+            .expect("list")[0]
+            .id,
+        db: db.clone(),
+        tenant_id,
+    };
+    let (_, fresh) = event_with_delivery(&data).await;
+    attempt(&data, fresh, 200, NextStep::Succeeded).await;
+    assert_eq!(count("ONLY deliveries_legacy").await, expected);
+    assert_eq!(count("deliveries").await, expected + 1);
+
+    // A month on, the old partition's final rows go; its pending ones hold it.
+    let expiry = expiry(&data, |_| {});
+    let removed = expiry
+        .pass(a_month_on())
+        .await
+        .expect("pass")
+        .expect("no other process");
+    let pending = expected / 1000;
+    assert_eq!(count("ONLY deliveries_legacy").await, pending, "{removed:?}");
+    assert_eq!(count("events").await, pending, "{removed:?}");
 }
