@@ -111,6 +111,9 @@ pub struct TableSizes {
     pub events: u64,
     pub deliveries: u64,
     pub attempts: u64,
+    /// WAL written by the whole server so far (`pg_stat_wal`): its growth
+    /// over a run, divided by the deliveries, is what one delivery writes.
+    pub wal_bytes: u64,
 }
 
 /// Reads [`TableSizes`] of the database at `url`.
@@ -124,7 +127,8 @@ pub async fn table_sizes(db: &DatabaseConnection) -> anyhow::Result<TableSizes> 
         (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree('delivery_attempts'))::bigint AS attempts_bytes, \
         (SELECT count(*) FROM events) AS events, \
         (SELECT count(*) FROM deliveries) AS deliveries, \
-        (SELECT count(*) FROM delivery_attempts) AS attempts";
+        (SELECT count(*) FROM delivery_attempts) AS attempts, \
+        (SELECT wal_bytes FROM pg_stat_wal)::bigint AS wal_bytes";
     let row = db
         .query_one_raw(Statement::from_string(backend, query))
         .await
@@ -143,5 +147,6 @@ pub async fn table_sizes(db: &DatabaseConnection) -> anyhow::Result<TableSizes> 
         events: get("events")?,
         deliveries: get("deliveries")?,
         attempts: get("attempts")?,
+        wal_bytes: get("wal_bytes")?,
     })
 }
