@@ -160,27 +160,42 @@ pub async fn drop_expired(db: &DatabaseConnection, partition: Partition) -> Resu
     if db.get_database_backend() != DbBackend::Postgres {
         return Ok(Expired::HeldByPending(partition));
     }
-    let (deliveries, attempts) = (partition.of("deliveries"), partition.of("delivery_attempts"));
     let transaction = db.begin().await?;
-    let locked = async {
-        transaction
-            .execute_unprepared(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-            .await?;
-        transaction
-            .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", crate::MIGRATION_LOCK))
-            .await?;
-        transaction
-            .execute_unprepared(&format!("LOCK TABLE {deliveries} IN SHARE MODE"))
-            .await
+    let outcome = match try_drop(&transaction, &partition).await {
+        Ok(true) => Ok(Expired::Dropped(partition)),
+        Ok(false) => Ok(Expired::HeldByPending(partition)),
+        Err(error) if is_lock_timeout(&error) => Ok(Expired::Busy(partition)),
+        Err(error) => Err(error),
+    };
+    // Ended here, not on drop: a dropped transaction's rollback waits for the
+    // connection's next use, and until then its lock would keep every write
+    // out of the partition.
+    match outcome {
+        Ok(Expired::Dropped(partition)) => {
+            transaction.commit().await?;
+            Ok(Expired::Dropped(partition))
+        }
+        other => {
+            transaction.rollback().await?;
+            Ok(other?)
+        }
     }
-    .await;
-    if let Err(error) = locked {
-        return if is_lock_timeout(&error) {
-            Ok(Expired::Busy(partition))
-        } else {
-            Err(error.into())
-        };
-    }
+}
+
+/// Drops the partition's pair if nothing in it is pending; `false` if
+/// something is. The partition is locked against writes (`SHARE`) before
+/// the check, so the check holds until the drop.
+async fn try_drop(transaction: &sea_orm::DatabaseTransaction, partition: &Partition) -> Result<bool, sea_orm::DbErr> {
+    let (deliveries, attempts) = (partition.of("deliveries"), partition.of("delivery_attempts"));
+    transaction
+        .execute_unprepared(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        .await?;
+    transaction
+        .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", crate::MIGRATION_LOCK))
+        .await?;
+    transaction
+        .execute_unprepared(&format!("LOCK TABLE {deliveries} IN SHARE MODE"))
+        .await?;
     let pending = transaction
         .query_one_raw(Statement::from_string(
             DbBackend::Postgres,
@@ -188,28 +203,18 @@ pub async fn drop_expired(db: &DatabaseConnection, partition: Partition) -> Resu
         ))
         .await?;
     if pending.is_some() {
-        return Ok(Expired::HeldByPending(partition));
+        return Ok(false);
     }
-    let dropped = async {
-        transaction
-            .execute_unprepared(&format!("DROP TABLE IF EXISTS {attempts}"))
-            .await?;
-        transaction
-            .execute_unprepared(&format!("ALTER TABLE deliveries DETACH PARTITION {deliveries}"))
-            .await?;
-        transaction
-            .execute_unprepared(&format!("DROP TABLE {deliveries}"))
-            .await
-    }
-    .await;
-    match dropped {
-        Ok(_) => {
-            transaction.commit().await?;
-            Ok(Expired::Dropped(partition))
-        }
-        Err(error) if is_lock_timeout(&error) => Ok(Expired::Busy(partition)),
-        Err(error) => Err(error.into()),
-    }
+    transaction
+        .execute_unprepared(&format!("DROP TABLE IF EXISTS {attempts}"))
+        .await?;
+    transaction
+        .execute_unprepared(&format!("ALTER TABLE deliveries DETACH PARTITION {deliveries}"))
+        .await?;
+    transaction
+        .execute_unprepared(&format!("DROP TABLE {deliveries}"))
+        .await?;
+    Ok(true)
 }
 
 /// Whether PostgreSQL gave up waiting for a lock (SQLSTATE 55P03).

@@ -198,6 +198,10 @@ pub async fn expunge_bodies(
         .map(|row| row.try_get_by_index::<Uuid>(0))
         .collect::<Result<_, _>>()?;
     if oldest.is_empty() {
+        // Ended now: a dropped transaction's rollback waits for the
+        // connection's next use, holding its locks (which a partition drop
+        // would then wait for) until then.
+        transaction.rollback().await?;
         return Ok(0);
     }
     let expunged = event::Entity::update_many()

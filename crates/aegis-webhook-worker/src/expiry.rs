@@ -91,11 +91,12 @@ impl Expiry {
                 .transpose()?
                 .unwrap_or(false);
             if !held {
+                lease.rollback().await?;
                 return Ok(None);
             }
         } else {
             // SQLite: one process owns the file; nothing to take.
-            drop(lease);
+            lease.rollback().await?;
             return Ok(Some(self.remove(now).await?));
         }
         let removed = self.remove(now).await;
