@@ -13,7 +13,9 @@
 //! tables are locked meanwhile). Its indexes and its foreign keys to
 //! `webhooks` and `events` are taken over as they are; the attempts' key
 //! gains `delivery_id` (a partitioned table's key must hold the partition key),
-//! which builds one index. Expiry drops that partition like any other once
+//! which builds one index. The attempts' foreign key to their delivery is
+//! each pair of partitions' own (the legacy pair keeps the one it had), so a
+//! pair is dropped without a check that would scan every attempt. Expiry drops that partition like any other once
 //! all of it has passed its retention and nothing in it is pending.
 //!
 //! `events` stays one table: its dedupe key (tenant, external id) could not
@@ -34,7 +36,6 @@ DO $migration$
 DECLARE
     newest_ms bigint;
     bound uuid;
-    attempts_fk name;
 BEGIN
     -- The first partition takes every id older than now (or than the newest
     -- row, should a writer's clock run ahead of the database's).
@@ -42,9 +43,6 @@ BEGIN
       INTO newest_ms FROM deliveries ORDER BY id DESC LIMIT 1;
     bound := (lpad(to_hex(greatest((extract(epoch FROM clock_timestamp()) * 1000)::bigint, coalesce(newest_ms, 0))), 12, '0')
               || '00000000000000000000')::uuid;
-
-    SELECT conname INTO attempts_fk FROM pg_constraint
-     WHERE conrelid = 'delivery_attempts'::regclass AND contype = 'f';
 
     ALTER TABLE deliveries RENAME TO deliveries_legacy;
     ALTER INDEX deliveries_pkey RENAME TO deliveries_legacy_pkey;
@@ -56,7 +54,6 @@ BEGIN
 
     ALTER TABLE delivery_attempts RENAME TO delivery_attempts_legacy;
     ALTER INDEX idx_delivery_attempts_delivery RENAME TO idx_delivery_attempts_legacy_delivery;
-    EXECUTE format('ALTER TABLE delivery_attempts_legacy DROP CONSTRAINT %I', attempts_fk);
     ALTER TABLE delivery_attempts_legacy DROP CONSTRAINT delivery_attempts_pkey;
 
     CREATE TABLE deliveries (LIKE deliveries_legacy INCLUDING DEFAULTS) PARTITION BY RANGE (id);
@@ -76,8 +73,10 @@ BEGIN
     ALTER TABLE delivery_attempts ADD PRIMARY KEY (delivery_id, id);
     CREATE INDEX idx_delivery_attempts_delivery ON delivery_attempts (delivery_id, attempt);
     EXECUTE format('ALTER TABLE delivery_attempts ATTACH PARTITION delivery_attempts_legacy FOR VALUES FROM (MINVALUE) TO (%L)', bound);
-    ALTER TABLE delivery_attempts ADD CONSTRAINT fk_delivery_attempts_delivery
-        FOREIGN KEY (delivery_id) REFERENCES deliveries (id) ON DELETE CASCADE;
+    -- The attempts' foreign key stays the pair's own: the legacy attempts
+    -- keep theirs, which points at what is now deliveries_legacy, and every
+    -- new pair gets one between its two tables (storage::partitions). A key
+    -- on the parents would make every partition drop scan all attempts.
 END
 $migration$;
 "#;

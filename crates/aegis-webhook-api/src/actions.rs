@@ -528,11 +528,14 @@ pub struct RetentionView {
     pub bounds: retention::Bounds,
 }
 
+/// Any key of the tenant may see it, as it may see `tenant` itself: it tells
+/// how long the tenant's data is kept, nothing of the data.
 pub async fn retention_of(state: &AppState, caller: &Caller) -> ApiResult<RetentionView> {
-    caller.require(Scope::Read)?;
     let chosen = storage_retention::override_of(&state.db, caller.tenant_id)
         .await
         .or_not_found("tenant")?;
+    // A choice made under wider bounds holds only within today's, as in expiry.
+    let chosen = state.retention.bounds.clamp(chosen);
     Ok(RetentionView {
         effective: retention::effective(state.retention.default, chosen),
         chosen,

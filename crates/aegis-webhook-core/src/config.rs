@@ -312,6 +312,9 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The most partitions the retention settings may keep (PostgreSQL).
+const MAX_PARTITIONS: u64 = 1000;
+
 /// Seconds in a day, for the retention defaults.
 const DAY_SECONDS: u64 = 24 * 3600;
 
@@ -372,6 +375,16 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "expiry_interval must be positive and partition_width at least one minute".into(),
             ));
+        }
+        // Every partition is a pair of tables kept until the longest
+        // retention has passed it: too many make planning and DDL slow.
+        let longest = self.retention.max(self.retention_max).as_secs();
+        let partitions = longest / self.partition_width.as_secs().max(1);
+        if partitions > MAX_PARTITIONS {
+            return Err(ConfigError::Invalid(format!(
+                "partition_width is too narrow for the retention: the longest retention ({}) would keep {partitions} partitions, and at most {MAX_PARTITIONS} are allowed; widen partition_width",
+                humantime::format_duration(self.retention.max(self.retention_max))
+            )));
         }
         if self.expiry_batch == 0 {
             return Err(ConfigError::Invalid("expiry_batch must be at least 1".into()));

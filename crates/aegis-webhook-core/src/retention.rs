@@ -15,7 +15,8 @@
 //! most expiry is dropping a whole partition once every tenant's retention has
 //! passed it and nothing in it is pending; rows are deleted one by one only
 //! for tenants whose retention is shorter than the longest by at least one
-//! partition, and from old partitions that a pending delivery holds back
+//! partition, from old partitions that a pending delivery holds back, and
+//! from the partition that took in the rows older than partitioning
 //! ([`row_cutoff`]). On SQLite every expiry deletes rows, in bounded batches.
 
 use std::time::Duration;
@@ -146,6 +147,16 @@ impl Bounds {
         self.max
     }
 
+    /// A choice made under earlier bounds, brought within these: bounds an
+    /// operator tightens hold for every tenant at once.
+    pub fn clamp(&self, chosen: Override) -> Override {
+        let within = |duration: Duration| duration.clamp(self.min, self.max);
+        Override {
+            records: chosen.records.map(within),
+            bodies: chosen.bodies.map(within),
+        }
+    }
+
     fn check(&self, what: &'static str, asked: Duration) -> Result<(), RetentionError> {
         if asked < self.min || asked > self.max {
             return Err(RetentionError::OutOfBounds {
@@ -206,10 +217,10 @@ pub fn check_override(default: Retention, bounds: Bounds, chosen: Override) -> R
 /// (PostgreSQL): the horizon is where the longest retention of any tenant
 /// ends, so partitions wholly before it go at once. A tenant whose cutoff is
 /// within one partition of the horizon waits for those drops (its records then
-/// stay at most one partition's width past their retention) instead of
-/// deleting rows a drop would take moments later; a tenant with a shorter
-/// retention has its rows deleted. Without partitions, every cutoff deletes
-/// rows.
+/// stay at most two partitions' width past their retention: one for the
+/// partition's span, one for the gap to the horizon) instead of deleting rows
+/// a drop would take soon after; a tenant with a shorter retention has its
+/// rows deleted. Without partitions, every cutoff deletes rows.
 pub fn row_cutoff(
     tenant_cutoff: DateTime<Utc>,
     partitions: Option<(DateTime<Utc>, Duration)>,
@@ -268,6 +279,16 @@ impl PartitionPlan {
             None => floor_to(now, width),
         };
         let mut ranges = Vec::new();
+        // After a long stop, one partition spans the gap up to now (it stays
+        // empty: nothing was written then) instead of one per width.
+        let today = floor_to(now, width);
+        if from < today - width {
+            ranges.push(PartitionRange {
+                from: Some(from),
+                to: today,
+            });
+            from = today;
+        }
         while from < until {
             // Up to the next multiple of the width: after a partition of odd
             // length (the first one after the migration) they line up again.
@@ -431,6 +452,18 @@ mod tests {
             Bounds::new(DAY * 2, DAY),
             Err(RetentionError::InvertedBounds { .. })
         ));
+        // A choice made under wider bounds is brought within today's.
+        let chosen = Override {
+            records: Some(DAY * 365),
+            bodies: Some(Duration::from_secs(1)),
+        };
+        assert_eq!(
+            bounds.clamp(chosen),
+            Override {
+                records: Some(DAY * 90),
+                bodies: Some(DAY)
+            }
+        );
     }
 
     #[test]
@@ -515,6 +548,17 @@ mod tests {
             plan.to_create(&next, now).is_empty(),
             "nothing more once far enough ahead"
         );
+        // After weeks down, one partition spans the gap.
+        let weeks_ago = [PartitionRange {
+            from: None,
+            to: at("2026-11-01T00:00:00Z"),
+        }];
+        let after_a_gap = plan.to_create(&weeks_ago, now);
+        assert_eq!(
+            after_a_gap.first().map(|range| (range.from, range.to)),
+            Some((Some(at("2026-11-01T00:00:00Z")), at("2026-12-03T00:00:00Z")))
+        );
+        assert_eq!(after_a_gap.len(), 5, "the gap, then today and three days ahead");
         // Short partitions, as a benchmark uses, stay ten passes ahead.
         let minute = PartitionPlan::new(Duration::from_secs(60), Duration::from_secs(10));
         assert_eq!(minute.ahead, Duration::from_secs(180));

@@ -662,7 +662,9 @@ pub async fn failed_since(
         .column(delivery::Column::EventId)
         .filter(delivery::Column::WebhookId.eq(webhook_id.as_uuid()))
         .filter(delivery::Column::Status.eq(DeliveryStatus::Failed.as_str()))
-        .filter(delivery::Column::CreatedAt.gte(since))
+        // By id (a UUIDv7: its creation time), so only the partitions since
+        // `since` are read.
+        .filter(delivery::Column::Id.gte(crate::first_v7_id_at(since)))
         .order_by_asc(delivery::Column::Id)
         .limit(limit)
         .into_tuple()

@@ -139,14 +139,6 @@ pub(crate) const MIGRATION_LOCK: i64 = 0x6165_6769_735f_6d69;
 /// Then, on PostgreSQL, the partitions `plan` wants now are made
 /// ([`partitions::ensure`]), so the database takes deliveries at once.
 pub async fn migrate(db: &DatabaseConnection, plan: PartitionPlan) -> anyhow::Result<()> {
-    apply_migrations(db).await?;
-    partitions::ensure(db, plan, chrono::Utc::now())
-        .await
-        .context("failed to make the deliveries' partitions")?;
-    Ok(())
-}
-
-async fn apply_migrations(db: &DatabaseConnection) -> anyhow::Result<()> {
     if db.get_database_backend() != DbBackend::Postgres {
         return Migrator::up(db, None)
             .await
@@ -160,6 +152,11 @@ async fn apply_migrations(db: &DatabaseConnection) -> anyhow::Result<()> {
     Migrator::up(&transaction, None)
         .await
         .context("failed to apply database migrations")?;
+    // In the same transaction: writes that waited for the migration's locks
+    // find their partition the moment it commits.
+    partitions::ensure_in(&transaction, plan, chrono::Utc::now())
+        .await
+        .context("failed to make the deliveries' partitions")?;
     transaction
         .commit()
         .await

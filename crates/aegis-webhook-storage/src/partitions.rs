@@ -12,7 +12,7 @@
 //!
 //! Partitions are made and dropped under the migration lock, so processes
 //! starting at once never race to create the same one. A drop waits at most
-//! [`LOCK_TIMEOUT`] for its locks (detaching takes the parent's), so it
+//! [`LOCK_TIMEOUT`] for its locks (dropping takes the parents'), so it
 //! never holds up the deliveries behind a long query: it gives up and the
 //! next pass tries again.
 
@@ -106,15 +106,62 @@ pub async fn list(db: &impl ConnectionTrait) -> Result<Vec<Partition>, StoreErro
 
 /// Creates the partitions `plan` wants by `now` that do not exist yet, under
 /// the migration lock; returns how many. Nothing on SQLite.
+///
+/// Making a partition locks both parents exclusively for a moment, so it
+/// waits at most [`LOCK_TIMEOUT`] behind a long reader (a backup, a slow
+/// query) rather than queueing all traffic behind it. If it gives up while
+/// the existing partitions still reach a width past `now`, that is fine: the
+/// next pass makes them. Otherwise it is an error (a process then fails to
+/// start, and is restarted).
 pub async fn ensure(db: &DatabaseConnection, plan: PartitionPlan, now: DateTime<Utc>) -> Result<usize, StoreError> {
     if db.get_database_backend() != DbBackend::Postgres {
         return Ok(0);
     }
     let transaction = db.begin().await?;
-    transaction
-        .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", crate::MIGRATION_LOCK))
-        .await?;
-    let existing: Vec<PartitionRange> = list(&transaction).await?.into_iter().map(|p| p.range).collect();
+    let made = async {
+        transaction
+            .execute_unprepared(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+            .await?;
+        transaction
+            .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", crate::MIGRATION_LOCK))
+            .await?;
+        ensure_in(&transaction, plan, now).await
+    }
+    .await;
+    match made {
+        Ok(made) => {
+            transaction.commit().await?;
+            Ok(made)
+        }
+        Err(StoreError::Unexpected(error)) if is_lock_timeout_text(&format!("{error:#}")) => {
+            transaction.rollback().await?;
+            let reach = list(db).await?.last().map(|last| last.range.to);
+            let width = chrono::Duration::from_std(plan.width()).unwrap_or(chrono::Duration::days(1));
+            if reach.is_some_and(|reach| reach > now + width) {
+                tracing::warn!("making the next partitions waited too long for a lock; the next pass makes them");
+                Ok(0)
+            } else {
+                Err(StoreError::Unexpected(anyhow::anyhow!(
+                    "could not make the deliveries' partitions: a lock stayed busy for {LOCK_TIMEOUT}, and none is made for the coming writes"
+                )))
+            }
+        }
+        Err(error) => {
+            transaction.rollback().await?;
+            Err(error)
+        }
+    }
+}
+
+/// [`ensure`] inside a transaction that already holds the migration lock
+/// (the migration's own, so that the database takes writes the moment it
+/// commits).
+pub async fn ensure_in(
+    transaction: &sea_orm::DatabaseTransaction,
+    plan: PartitionPlan,
+    now: DateTime<Utc>,
+) -> Result<usize, StoreError> {
+    let existing: Vec<PartitionRange> = list(transaction).await?.into_iter().map(|p| p.range).collect();
     let missing = plan.to_create(&existing, now);
     for range in &missing {
         let from = range.from.unwrap_or(DateTime::<Utc>::MIN_UTC);
@@ -122,21 +169,21 @@ pub async fn ensure(db: &DatabaseConnection, plan: PartitionPlan, now: DateTime<
             suffix: format!("p{}", from.format("%Y%m%dt%H%M%S")),
             range: *range,
         };
+        let (deliveries, attempts) = (partition.of("deliveries"), partition.of("delivery_attempts"));
         let (lower, upper) = (bound_at(from), bound_at(range.to));
+        // The attempts' foreign key is the pair's own, not the parents': so
+        // dropping the pair checks nothing and scans nothing (a key on the
+        // parents would make every drop scan all attempts, under the
+        // parents' exclusive locks).
         transaction
             .execute_unprepared(&format!(
-                "CREATE TABLE {} PARTITION OF deliveries FOR VALUES FROM ('{lower}') TO ('{upper}') {DELIVERIES_STORAGE}",
-                partition.of("deliveries")
-            ))
-            .await?;
-        transaction
-            .execute_unprepared(&format!(
-                "CREATE TABLE {} PARTITION OF delivery_attempts FOR VALUES FROM ('{lower}') TO ('{upper}')",
-                partition.of("delivery_attempts")
+                "CREATE TABLE {deliveries} PARTITION OF deliveries FOR VALUES FROM ('{lower}') TO ('{upper}') {DELIVERIES_STORAGE};
+                 CREATE TABLE {attempts} PARTITION OF delivery_attempts FOR VALUES FROM ('{lower}') TO ('{upper}');
+                 ALTER TABLE {attempts} ADD CONSTRAINT {attempts}_delivery
+                     FOREIGN KEY (delivery_id) REFERENCES {deliveries} (id) ON DELETE CASCADE;"
             ))
             .await?;
     }
-    transaction.commit().await?;
     Ok(missing.len())
 }
 
@@ -205,21 +252,20 @@ async fn try_drop(transaction: &sea_orm::DatabaseTransaction, partition: &Partit
     if pending.is_some() {
         return Ok(false);
     }
+    // The pair's only key is between the two, so this checks and scans nothing.
     transaction
-        .execute_unprepared(&format!("DROP TABLE IF EXISTS {attempts}"))
-        .await?;
-    transaction
-        .execute_unprepared(&format!("ALTER TABLE deliveries DETACH PARTITION {deliveries}"))
-        .await?;
-    transaction
-        .execute_unprepared(&format!("DROP TABLE {deliveries}"))
+        .execute_unprepared(&format!("DROP TABLE {attempts}, {deliveries}"))
         .await?;
     Ok(true)
 }
 
 /// Whether PostgreSQL gave up waiting for a lock (SQLSTATE 55P03).
 fn is_lock_timeout(error: &sea_orm::DbErr) -> bool {
-    error.to_string().contains("lock timeout") || error.to_string().contains("55P03")
+    is_lock_timeout_text(&error.to_string())
+}
+
+fn is_lock_timeout_text(text: &str) -> bool {
+    text.contains("lock timeout") || text.contains("55P03")
 }
 
 #[cfg(test)]

@@ -2,8 +2,11 @@
 //! bounded (`limit` rows) and walks an index from the oldest row it may
 //! remove, so a pass costs what it removes, not what is kept. A pending
 //! delivery is never removed, nor the event it will send, nor that event's
-//! bodies; the outer statements repeat the "not pending" test, so a delivery
-//! reopened while a statement runs is kept.
+//! bodies. The deletes repeat the "not pending" (or "not referred to") test
+//! on each row, so a delivery reopened while a statement runs is kept; the
+//! body update does not (its test is a join), and a delivery reopened at
+//! that moment is ended by the worker, which refuses to send an emptied
+//! payload.
 
 use std::time::Duration;
 
@@ -11,7 +14,7 @@ use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::retention::Override;
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Alias, Expr, ExprTrait, Order, Query};
-use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QuerySelect};
+use sea_orm::{ActiveValue::Set, ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use uuid::Uuid;
 
 use crate::StoreError;
@@ -133,32 +136,64 @@ async fn delete_final_deliveries_among(
 
 /// Deletes up to `limit` of the tenant's events created before `before` that
 /// no delivery refers to any more (their deliveries went first, or they had
-/// none). Returns how many.
+/// none), walking from `after` (exclusive); returns how many it deleted and
+/// the last id it looked at, where the next batch goes on.
+///
+/// Every delivery is made after its event, so an event older than the
+/// tenant's oldest final delivery can be referred to only by a pending one
+/// (few, and tested row by row): the walk stops there (`before` is lowered to
+/// it), so it never reads the events whose final deliveries still wait for
+/// their partition to go. It reads at most `limit` events of the
+/// `(tenant_id, id)` index, whatever it deletes.
 pub async fn delete_unreferenced_events(
     db: &impl ConnectionTrait,
     tenant_id: TenantId,
     before: DateTime<Utc>,
+    after: Option<Uuid>,
     limit: u64,
-) -> Result<u64, StoreError> {
+) -> Result<(u64, Option<Uuid>), StoreError> {
+    let oldest_delivery: Option<Uuid> = delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::Id)
+        .filter(delivery::Column::TenantId.eq(tenant_id.as_uuid()))
+        .filter(delivery::Column::Status.ne(DeliveryStatus::Pending.as_str()))
+        .order_by_asc(delivery::Column::Id)
+        .limit(1)
+        .into_tuple()
+        .one(db)
+        .await?;
+    let mut until = crate::first_v7_id_at(before);
+    if let Some(oldest_delivery) = oldest_delivery {
+        until = std::cmp::min(until, oldest_delivery);
+    }
+    let mut candidates = event::Entity::find()
+        .select_only()
+        .column(event::Column::Id)
+        .filter(event::Column::TenantId.eq(tenant_id.as_uuid()))
+        .filter(event::Column::Id.lt(until))
+        .order_by_asc(event::Column::Id)
+        .limit(limit);
+    if let Some(after) = after {
+        candidates = candidates.filter(event::Column::Id.gt(after));
+    }
+    let candidates: Vec<Uuid> = candidates.into_tuple().all(db).await?;
+    let Some(&last) = candidates.last() else {
+        return Ok((0, None));
+    };
+    // The test again, on each row: a delivery made across a clock step
+    // between processes still keeps its event.
     let referenced = Query::select()
         .expr(Expr::val(1))
-        .from_as(delivery::Entity, Alias::new("d"))
-        .and_where(Expr::col((Alias::new("d"), delivery::Column::EventId)).equals((Alias::new("e"), event::Column::Id)))
-        .to_owned();
-    let oldest = Query::select()
-        .column((Alias::new("e"), event::Column::Id))
-        .from_as(event::Entity, Alias::new("e"))
-        .and_where(Expr::col((Alias::new("e"), event::Column::TenantId)).eq(tenant_id.as_uuid()))
-        .and_where(Expr::col((Alias::new("e"), event::Column::Id)).lt(crate::first_v7_id_at(before)))
-        .and_where(Expr::exists(referenced).not())
-        .order_by((Alias::new("e"), event::Column::Id), Order::Asc)
-        .limit(limit)
+        .from(delivery::Entity)
+        .and_where(Expr::col((delivery::Entity, delivery::Column::EventId)).equals((event::Entity, event::Column::Id)))
         .to_owned();
     let deleted = event::Entity::delete_many()
-        .filter(event::Column::Id.in_subquery(oldest))
+        .filter(event::Column::Id.is_in(crate::in_list(candidates.iter().copied())))
+        .filter(Expr::exists(referenced).not())
         .exec(db)
         .await?;
-    Ok(deleted.rows_affected)
+    let more = candidates.len() as u64 == limit;
+    Ok((deleted.rows_affected, more.then_some(last)))
 }
 
 /// Drops the bodies of up to `limit` of the tenant's events created before
@@ -212,17 +247,21 @@ pub async fn expunge_bodies(
         .exec(&transaction)
         .await?
         .rows_affected;
-    let their_deliveries = Query::select()
+    // Their deliveries first, then their attempts by delivery id: each an
+    // index lookup (a subquery here was planned as a scan of every attempt).
+    let their_deliveries: Vec<Uuid> = delivery::Entity::find()
+        .select_only()
         .column(delivery::Column::Id)
-        .from(delivery::Entity)
-        .and_where(delivery::Column::EventId.is_in(crate::in_list(oldest.iter().copied())))
-        .to_owned();
+        .filter(delivery::Column::EventId.is_in(crate::in_list(oldest.iter().copied())))
+        .into_tuple()
+        .all(&transaction)
+        .await?;
     delivery_attempt::Entity::update_many()
         .col_expr(
             delivery_attempt::Column::ResponseBody,
             Expr::value(Option::<String>::None),
         )
-        .filter(delivery_attempt::Column::DeliveryId.in_subquery(their_deliveries))
+        .filter(delivery_attempt::Column::DeliveryId.is_in(crate::in_list(their_deliveries)))
         .filter(delivery_attempt::Column::ResponseBody.is_not_null())
         .exec(&transaction)
         .await?;

@@ -20,6 +20,7 @@
 use std::time::{Duration, Instant};
 
 use aegis_webhook_core::config::Config;
+use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::retention::{self, PartitionPlan, Retention};
 use aegis_webhook_storage::partitions::{self, Expired};
@@ -48,6 +49,7 @@ pub struct Removed {
 pub struct Expiry {
     db: DatabaseConnection,
     default: Retention,
+    bounds: retention::Bounds,
     plan: PartitionPlan,
     batch: u64,
 }
@@ -66,6 +68,7 @@ impl Expiry {
         Ok(Expiry {
             db,
             default: config.retention_policy()?,
+            bounds: config.retention_bounds()?,
             plan: config.partition_plan(),
             batch: u64::from(config.expiry_batch),
         })
@@ -109,7 +112,12 @@ impl Expiry {
             partitions_created: partitions::ensure(&self.db, self.plan, now).await?,
             ..Removed::default()
         };
-        let tenants = expire::tenants_and_overrides(&self.db).await?;
+        // Choices made under wider bounds hold only within today's.
+        let tenants: Vec<_> = expire::tenants_and_overrides(&self.db)
+            .await?
+            .into_iter()
+            .map(|(tenant_id, chosen)| (tenant_id, self.bounds.clamp(chosen)))
+            .collect();
         let longest = retention::longest(self.default, tenants.iter().map(|(_, chosen)| *chosen));
         let horizon = retention::horizon(now, longest);
         if self.partitioned() {
@@ -124,11 +132,7 @@ impl Expiry {
                     .in_batches(|limit| expire::delete_final_deliveries(&self.db, tenant_id, before, limit))
                     .await?;
             }
-            removed.events += self
-                .in_batches(|limit| {
-                    expire::delete_unreferenced_events(&self.db, tenant_id, cutoffs.records_before, limit)
-                })
-                .await?;
+            removed.events += self.delete_events(tenant_id, cutoffs.records_before).await?;
             if own.drops_bodies_early() {
                 removed.bodies += self
                     .in_batches(|limit| expire::expunge_bodies(&self.db, tenant_id, cutoffs.bodies_before, now, limit))
@@ -138,11 +142,37 @@ impl Expiry {
         Ok(removed)
     }
 
+    /// The tenant's events before `before` that no delivery refers to, batch
+    /// after batch, each going on from where the last one stopped.
+    async fn delete_events(&self, tenant_id: TenantId, before: DateTime<Utc>) -> anyhow::Result<u64> {
+        let (mut total, mut after) = (0, None);
+        for _ in 0..MAX_BATCHES {
+            let (deleted, last) =
+                expire::delete_unreferenced_events(&self.db, tenant_id, before, after, self.batch).await?;
+            total += deleted;
+            match last {
+                Some(last) => after = Some(last),
+                None => break,
+            }
+        }
+        Ok(total)
+    }
+
     /// Drops the partitions before `horizon`; from one a pending delivery
-    /// holds, deletes the final rows.
+    /// holds, deletes the final rows. The partition that took in the rows
+    /// older than partitioning spans all of them, so it would wait for its
+    /// newest row: its rows are deleted as they pass the horizon instead.
     async fn expire_partitions(&self, horizon: DateTime<Utc>, removed: &mut Removed) -> anyhow::Result<()> {
-        let expired = partitions::list(&self.db)
-            .await?
+        let listed = partitions::list(&self.db).await?;
+        if let Some(legacy) = listed.iter().find(|partition| partition.range.from.is_none())
+            && !retention::partition_expired(legacy.range, horizon)
+        {
+            let until = legacy.range.to.min(horizon);
+            removed.deliveries += self
+                .in_batches(|limit| expire::delete_final_deliveries_between(&self.db, None, until, limit))
+                .await?;
+        }
+        let expired = listed
             .into_iter()
             .filter(|partition| retention::partition_expired(partition.range, horizon));
         for partition in expired {

@@ -178,7 +178,12 @@ async fn expiry_removes_final_rows_past_retention_and_keeps_pending_ones(backend
             .len(),
         1
     );
-    assert_eq!((removed.deliveries, removed.events), (1, 2), "{removed:?}");
+    // (On PostgreSQL the final delivery goes by row, unless it was made just
+    // before midnight UTC and its partition was dropped whole.)
+    assert_eq!(removed.events, 2, "{removed:?}");
+    if backend == Backend::Sqlite {
+        assert_eq!(removed.deliveries, 1, "{removed:?}");
+    }
     let created = db::v7_created_at(waiting.as_uuid()).expect("a UUIDv7");
     let holds = |partitions: &[partitions::Partition]| {
         partitions
@@ -368,7 +373,7 @@ async fn a_tenants_own_retention_holds_and_expunged_deliveries_say_so(backend: B
     let answer = app.graphql(REDELIVER, json!({ "id": ours })).await;
     let message = answer["errors"][0]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("payload was expunged") && message.contains("1s"),
+        message.contains("payload was expunged") && message.ends_with("body retention of 1s"),
         "{answer}"
     );
     let answer = app.graphql(DELIVERY, json!({ "id": ours })).await;
@@ -388,7 +393,7 @@ async fn a_tenants_own_retention_holds_and_expunged_deliveries_say_so(backend: B
     assert_eq!(error_code(&answer), "EXPUNGED", "{answer}");
     let message = answer["errors"][0]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("record has been expunged") && message.contains("4s"),
+        message.contains("data retention of 4s: its record has been expunged"),
         "{answer}"
     );
     assert_eq!(app.count("deliveries").await, 1, "the other tenant's delivery stays");
@@ -511,14 +516,20 @@ async fn partitioning_takes_over_a_populated_database() {
     assert_eq!(count("ONLY deliveries_legacy").await, expected);
     assert_eq!(count("deliveries").await, expected + 1);
 
-    // A month on, the old partition's final rows go; its pending ones hold it.
+    // A month on, the old partition's final rows go (a pass removes at most
+    // 50 batches of each kind, so a large one takes a few); its pending ones
+    // hold it, with their events.
     let expiry = expiry(&data, |_| {});
-    let removed = expiry
-        .pass(a_month_on())
-        .await
-        .expect("pass")
-        .expect("no other process");
+    let passes = deliveries / 50_000 + 2;
+    for _ in 0..passes {
+        expiry
+            .pass(a_month_on())
+            .await
+            .expect("pass")
+            .expect("no other process");
+    }
     let pending = expected / 1000;
-    assert_eq!(count("ONLY deliveries_legacy").await, pending, "{removed:?}");
-    assert_eq!(count("events").await, pending, "{removed:?}");
+    assert_eq!(count("ONLY deliveries_legacy").await, pending);
+    assert_eq!(count("ONLY delivery_attempts_legacy").await, pending);
+    assert_eq!(count("events").await, pending);
 }

@@ -70,9 +70,10 @@ pub struct Tenant {
 }
 
 /// How long an organisation's data is kept, counted from its creation. Expiry
-/// runs about every minute; on PostgreSQL records can stay up to a day past
-/// their retention, as they are dropped a day at a time. A pending delivery,
-/// and the event it will send, are kept until the delivery is final.
+/// runs about every minute; on PostgreSQL, where records are dropped a
+/// partition at a time (a day, by default), they can stay up to two
+/// partitions past their retention. A pending delivery, and the event it will
+/// send, are kept until the delivery is final.
 #[derive(SimpleObject, Debug)]
 pub struct DataRetention {
     /// Final events, deliveries and attempts are expunged this long after
