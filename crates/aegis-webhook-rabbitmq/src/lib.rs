@@ -1,6 +1,7 @@
 //! The RabbitMQ adapter of the queue port (lapin): durable quorum queues,
 //! persistent messages, publisher confirms, manual acks, a prefetch limit, delays
-//! through TTL tier queues (no broker plugin), and reconnection with backoff.
+//! through TTL tier queues (no broker plugin), and reconnection with backoff to
+//! one broker address or, for a cluster, several in turn (`endpoints`).
 //!
 //! The whole topology is declared here, idempotently, by every process at start:
 //!
@@ -47,13 +48,16 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
+use aegis_webhook_core::config::AmqpUrls;
 use aegis_webhook_core::queue::{
     Acknowledger, Consumer, DeferredEvents, DeliveryTask, FirstAttempts, Lane, LanePicker, LaneWeights, Queue,
     QueueError, QueueMessage, Stream, poll_lanes, publish_span,
 };
 use aegis_webhook_core::telemetry::TraceHeaders;
 
-/// Routing key of the work queue on the deliveries exchange.
+mod endpoints;
+use endpoints::Endpoints;
+
 /// The longest one publish may take, connecting and the broker's confirm
 /// included. Past it the publish fails like any other, under the caller's
 /// policy (the intake answers 503, the other writers leave it to the
@@ -61,6 +65,14 @@ use aegis_webhook_core::telemetry::TraceHeaders;
 /// timeout.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest one attempt to connect to one address may take, the
+/// topology's declaration included. Past it the next address is tried: a
+/// node that is unreachable without refusing (a partition, a machine gone
+/// without a reset) must not hold a failover for the minutes a TCP connect
+/// can wait.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Routing key of the work queue on the deliveries exchange.
 const WORK_ROUTING_KEY: &str = "work";
 /// Routing key of the bulk lane of first attempts.
 const BULK_ROUTING_KEY: &str = "bulk";
@@ -319,10 +331,13 @@ struct Live {
     /// Which connection this is (counted from 1), so that a publish that
     /// failed on it drops this one and not a fresh one opened meanwhile.
     generation: u64,
+    /// The address it is connected to (an index into `Inner::endpoints`).
+    endpoint: usize,
 }
 
 struct Inner {
-    url: String,
+    /// The broker's addresses and which one the next connect tries first.
+    endpoints: std::sync::Mutex<Endpoints>,
     topology: Topology,
     /// Unacknowledged messages one consumer may hold, per stream.
     prefetch: Prefetch,
@@ -384,16 +399,17 @@ fn unexpected(error: impl Into<anyhow::Error>, what: &str) -> QueueError {
 
 impl RabbitQueue {
     /// Connects (retrying for a while, so a process may start before the broker)
-    /// and declares the topology.
+    /// and declares the topology. Given several URLs (a cluster's nodes), every
+    /// connect and reconnect tries them in turn (see [`Endpoints`]).
     pub async fn connect(
-        url: &str,
+        urls: &AmqpUrls,
         topology: Topology,
         prefetch: Prefetch,
         weights: LaneWeights,
     ) -> Result<Self, QueueError> {
         let queue = RabbitQueue {
             inner: Arc::new(Inner {
-                url: url.to_owned(),
+                endpoints: std::sync::Mutex::new(Endpoints::new(urls)),
                 topology,
                 prefetch: Prefetch {
                     events: prefetch.events.max(1),
@@ -415,11 +431,44 @@ impl RabbitQueue {
         &self.inner.topology
     }
 
+    fn endpoints(&self) -> std::sync::MutexGuard<'_, Endpoints> {
+        // Held only for a few assignments, never across an await.
+        self.inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A fresh connection: each address in turn (see [`Endpoints`]) until one
+    /// connects and takes the topology; the last error when none does.
     async fn open(&self) -> Result<Live, QueueError> {
+        let order = self.endpoints().attempt_order();
+        let mut last_error = None;
+        for index in order {
+            let url = self.endpoints().url(index).clone();
+            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, self.open_at(&url, index)).await;
+            let error = match attempt {
+                Ok(Ok(live)) => return Ok(live),
+                Ok(Err(error)) => error,
+                Err(_) => QueueError::Unexpected(anyhow::anyhow!(
+                    "no connection to RabbitMQ at {} within {CONNECT_TIMEOUT:?}",
+                    url.address()
+                )),
+            };
+            tracing::warn!(address = url.address(), error = %error, "RabbitMQ address failed; trying the next");
+            self.endpoints().failed(index);
+            last_error = Some(error);
+        }
+        Err(last_error.expect("there is always at least one address"))
+    }
+
+    /// Connects to address `index` (`url`) and declares the topology there.
+    async fn open_at(&self, url: &aegis_webhook_core::config::AmqpUrl, index: usize) -> Result<Live, QueueError> {
         let properties = ConnectionProperties::default().with_connection_name("aegis-webhook".into());
-        let connection = Connection::connect(&self.inner.url, properties)
+        // The error never carries the URL, which holds the password.
+        let connection = Connection::connect(url.expose(), properties)
             .await
-            .map_err(|error| unexpected(error, "failed to connect to RabbitMQ"))?;
+            .map_err(|error| unexpected(error, &format!("failed to connect to RabbitMQ at {}", url.address())))?;
         let publisher = connection
             .create_channel()
             .await
@@ -441,13 +490,14 @@ impl RabbitQueue {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
-        tracing::info!("connected to RabbitMQ");
+        tracing::info!(address = url.address(), "connected to RabbitMQ");
         let generation = self.inner.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         Ok(Live {
             connection,
             publisher,
             express,
             generation,
+            endpoint: index,
         })
     }
 
@@ -462,8 +512,9 @@ impl RabbitQueue {
         };
         if let Some(mut live) = live
             && live.as_ref().is_some_and(|current| current.generation == generation)
+            && let Some(broken) = live.take()
         {
-            live.take();
+            self.endpoints().failed(broken.endpoint);
         }
     }
 
@@ -480,12 +531,16 @@ impl RabbitQueue {
             Lane::Bulk | Lane::Due => live.publisher.clone(),
         };
         let mut live = self.inner.live.lock().await;
-        if let Some(current) = live.as_ref()
-            && current.connection.status().connected()
-            && current.publisher.status().connected()
-            && current.express.status().connected()
-        {
-            return Ok((chosen(current), current.generation));
+        if let Some(current) = live.as_ref() {
+            if current.connection.status().connected()
+                && current.publisher.status().connected()
+                && current.express.status().connected()
+            {
+                return Ok((chosen(current), current.generation));
+            }
+            // Lost: the next connect begins with the next address.
+            self.endpoints().failed(current.endpoint);
+            live.take();
         }
         let fresh = self.open().await?;
         let opened = (chosen(&fresh), fresh.generation);
