@@ -1,7 +1,9 @@
-//! The RabbitMQ adapter of the queue port (lapin): durable quorum queues,
-//! persistent messages, publisher confirms, manual acks, a prefetch limit, delays
-//! through TTL tier queues (no broker plugin), and reconnection with backoff to
-//! one broker address or, for a cluster, several in turn (`endpoints`).
+//! The RabbitMQ adapter of the queue port (lapin): durable quorum queues (every
+//! queue, the delay tiers included, so a three-node cluster keeps all of them
+//! while one node is down), persistent messages, publisher confirms, manual
+//! acks, a prefetch limit, delays through TTL tier queues (no broker plugin),
+//! and reconnection with backoff to one broker address or, for a cluster,
+//! several in turn (`endpoints`).
 //!
 //! The whole topology is declared here, idempotently, by every process at start:
 //!
@@ -12,7 +14,7 @@
 //! exchange {p}aegis.deliveries (direct) ──"work"──► queue {p}aegis.deliveries.work ──► workers (first attempts, express)
 //!                                        ──"bulk"──► queue {p}aegis.deliveries.bulk ──► workers (first attempts, bulk)
 //!                                        ──"due"───► queue {p}aegis.deliveries.due  ──► workers (retries)
-//! queue {p}aegis.deliveries.retry.<ms>     ── TTL expires ──► {p}aegis.deliveries ("due")
+//! queue {p}aegis.deliveries.delay.<ms>     ── TTL expires ──► {p}aegis.deliveries ("due")
 //! queue {p}aegis.deliveries.dead           ◄── deliveries that failed for good
 //! ```
 //!
@@ -167,8 +169,12 @@ impl Topology {
     pub fn dead_queue(&self) -> String {
         format!("{}aegis.deliveries.dead", self.prefix)
     }
+    /// The tier of delay `tier`. Named `delay`, not `retry` as the classic
+    /// tiers of earlier versions were: a queue's type cannot change, so the
+    /// quorum tiers are new queues, and the old ones drain into the due queue
+    /// by themselves.
     pub fn tier_queue(&self, tier: Duration) -> String {
-        format!("{}aegis.deliveries.retry.{}", self.prefix, tier.as_millis())
+        format!("{}aegis.deliveries.delay.{}", self.prefix, tier.as_millis())
     }
     pub fn tier_queues(&self) -> Vec<String> {
         self.tiers.iter().map(|tier| self.tier_queue(*tier)).collect()
@@ -196,12 +202,17 @@ impl Topology {
         Route::Tier(tier)
     }
 
-    fn queue_arguments(&self, quorum: bool) -> FieldTable {
+    /// The arguments every queue is declared with.
+    fn queue_arguments(&self) -> FieldTable {
         let mut arguments = FieldTable::default();
-        if quorum {
-            // Replicated and fsynced: what an at-least-once promise needs.
-            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        }
+        // Replicated (Raft) and fsynced: what an at-least-once promise needs,
+        // and what keeps every queue available while one node of a cluster
+        // is down. No `x-quorum-initial-group-size`: the broker's default
+        // (`quorum_cluster_size`, 3) already puts a replica on each node of a
+        // three-node cluster, an operator can change it for larger ones, and
+        // an argument added now would make every existing queue's
+        // redeclaration fail as inequivalent.
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
         if let Some(expires) = self.expires {
             arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires.as_millis() as i64));
         }
@@ -241,7 +252,7 @@ impl Topology {
             self.dead_queue(),
         ] {
             channel
-                .queue_declare(queue.into(), durable_queue, self.queue_arguments(true))
+                .queue_declare(queue.into(), durable_queue, self.queue_arguments())
                 .await?;
         }
         // Every routing key, not only today's event names: an unknown name must
@@ -283,10 +294,25 @@ impl Topology {
             )
             .await?;
         for tier in &self.tiers {
-            // Classic queues: every message in a tier has the same TTL, so they
-            // expire in order from the head, then move to the due queue.
-            let mut arguments = self.queue_arguments(false);
+            // Quorum queues too (message TTL needs RabbitMQ 3.10), so a retry
+            // waiting in a tier survives the loss of a node like every other
+            // task, and a process that fails over can redeclare its topology
+            // (a classic queue whose node is down cannot be declared). Every
+            // message in a tier has the same TTL, so they expire in order
+            // from the head, then move to the due queue.
+            let mut arguments = self.queue_arguments();
             arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
+            // At-least-once dead-lettering: an expired task stays in its tier
+            // until the due queue has confirmed it (the default, at-most-once,
+            // drops it when the due queue cannot take it at that moment, as
+            // while its leader is being re-elected). RabbitMQ requires
+            // `reject-publish` for it; with no length limit set, nothing is
+            // ever rejected.
+            arguments.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
             arguments.insert(
                 "x-dead-letter-exchange".into(),
                 AMQPValue::LongString(self.deliveries_exchange().into()),
@@ -1002,7 +1028,7 @@ mod tests {
         );
         assert_eq!(
             topology.tier_queue(Duration::from_secs(5)),
-            "t.aegis.deliveries.retry.5000"
+            "t.aegis.deliveries.delay.5000"
         );
         assert_eq!(topology.work_queue(), "t.aegis.deliveries.work");
         assert_eq!(topology.due_queue(), "t.aegis.deliveries.due");
