@@ -423,6 +423,19 @@ fn unexpected(error: impl Into<anyhow::Error>, what: &str) -> QueueError {
     QueueError::Unexpected(error.into().context(what.to_owned()))
 }
 
+/// A new channel on `connection` with publisher confirms on.
+async fn confirmed_channel(connection: &Connection) -> Result<Channel, QueueError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|error| unexpected(error, "failed to open a RabbitMQ channel"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
+    Ok(channel)
+}
+
 impl RabbitQueue {
     /// Connects (retrying for a while, so a process may start before the broker)
     /// and declares the topology. Given several URLs (a cluster's nodes), every
@@ -495,27 +508,18 @@ impl RabbitQueue {
         let connection = Connection::connect(url.expose(), properties)
             .await
             .map_err(|error| unexpected(error, &format!("failed to connect to RabbitMQ at {}", url.address())))?;
-        let publisher = connection
+        let declaring = connection
             .create_channel()
             .await
             .map_err(|error| unexpected(error, "failed to open a RabbitMQ channel"))?;
         self.inner
             .topology
-            .declare(&publisher)
+            .declare(&declaring)
             .await
             .map_err(|error| unexpected(error, "failed to declare the RabbitMQ topology"))?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
-        let express = connection
-            .create_channel()
-            .await
-            .map_err(|error| unexpected(error, "failed to open a RabbitMQ channel"))?;
-        express
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
+        let _ = declaring.close(200, "topology declared".into()).await;
+        let publisher = confirmed_channel(&connection).await?;
+        let express = confirmed_channel(&connection).await?;
         tracing::info!(address = url.address(), "connected to RabbitMQ");
         let generation = self.inner.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         Ok(Live {
@@ -525,6 +529,43 @@ impl RabbitQueue {
             generation,
             endpoint: index,
         })
+    }
+
+    /// Replaces the publishing channel `nacked` (of `lane`) with a fresh one on
+    /// the same connection, unless that happened already. A nack can mean the
+    /// channel holds a stale view of a queue: on RabbitMQ 3.10 a channel whose
+    /// first publish to a quorum queue finds the queue's recorded leader on a
+    /// node that is down refuses every later publish to that queue, for as
+    /// long as the channel lives (it keeps asking that node); that is the
+    /// window right after a leader's node is lost, which is when a client
+    /// that failed over publishes. A fresh channel reads the current leader.
+    async fn renew_channel(&self, lane: Lane, nacked: &Channel) {
+        let mut live = self.inner.live.lock().await;
+        let Some(current) = live.as_mut() else {
+            return;
+        };
+        let slot = match lane {
+            Lane::Express => &mut current.express,
+            Lane::Bulk | Lane::Due => &mut current.publisher,
+        };
+        if slot.id() != nacked.id() || !current.connection.status().connected() {
+            return;
+        }
+        match confirmed_channel(&current.connection).await {
+            Ok(fresh) => {
+                let stale = std::mem::replace(slot, fresh);
+                drop(live);
+                tracing::warn!("RabbitMQ refused a publish; publishing on a fresh channel");
+                let _ = stale.close(200, "renewed after a nack".into()).await;
+            }
+            Err(error) => {
+                // The connection is what failed: the next publish reconnects.
+                tracing::warn!(error = %error, "RabbitMQ refused a publish and a fresh channel failed");
+                if let Some(broken) = live.take() {
+                    self.endpoints().failed(broken.endpoint);
+                }
+            }
+        }
     }
 
     /// Drops connection `generation` if it is still the live one, so the next
@@ -669,9 +710,12 @@ impl RabbitQueue {
             Ok(Confirmation::Ack(Some(_returned))) => Err(QueueError::Unexpected(anyhow::anyhow!(
                 "RabbitMQ could not route a message to `{exchange}` with key `{routing_key}`"
             ))),
-            Ok(Confirmation::Nack(_)) => Err(QueueError::Unexpected(anyhow::anyhow!(
-                "RabbitMQ refused a message for `{exchange}` (nack)"
-            ))),
+            Ok(Confirmation::Nack(_)) => {
+                self.renew_channel(lane, &channel).await;
+                Err(QueueError::Unexpected(anyhow::anyhow!(
+                    "RabbitMQ refused a message for `{exchange}` (nack)"
+                )))
+            }
             Ok(Confirmation::NotRequested) => Err(QueueError::Unexpected(anyhow::anyhow!(
                 "publisher confirms are off on the publishing channel"
             ))),
