@@ -175,13 +175,19 @@ impl ProcessCluster {
     /// outside CI; in CI that fails. `prefix` names the queues' prefix.
     pub async fn prepare(prefix: &str) -> Option<ProcessCluster> {
         scanner_channel().await?;
+        Self::prepare_on(prefix, &amqp_url()).await
+    }
+
+    /// [`ProcessCluster::prepare`] on the broker (or brokers, comma-separated)
+    /// of `amqp_url` instead of the machine's RabbitMQ.
+    pub async fn prepare_on(prefix: &str, amqp_url: &str) -> Option<ProcessCluster> {
         let database_url = migrated_database(Backend::Postgres, &scratch_dir()).await?;
         let secret_key = SecretCipher::generate_key();
         let ingest_token = format!("ingest-{}", Uuid::new_v4().simple());
         let settings = [
             ("AEGIS_DATABASE_URL", database_url.clone()),
             ("AEGIS_DATABASE_MAX_CONNECTIONS", "4".to_owned()),
-            ("AEGIS_AMQP_URL", amqp_url()),
+            ("AEGIS_AMQP_URL", amqp_url.to_owned()),
             ("AEGIS_AMQP_PREFIX", format!("{prefix}-{}.", Uuid::new_v4().simple())),
             ("AEGIS_AMQP_QUEUE_EXPIRY", "10m".to_owned()),
             ("AEGIS_SECRET_KEY", secret_key.clone()),

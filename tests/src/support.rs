@@ -25,7 +25,9 @@ pub fn init_logging() {
     }
 }
 
-fn in_ci() -> bool {
+/// Whether the tests run in CI, where a missing service fails a test
+/// instead of skipping it.
+pub fn in_ci() -> bool {
     std::env::var_os("CI").is_some()
 }
 

@@ -40,6 +40,89 @@ impl fmt::Debug for Sensitive {
     }
 }
 
+/// One broker URL of `amqp_url`: a secret (it carries the password), so
+/// only its `host:port` is ever shown.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AmqpUrl {
+    url: Sensitive,
+    address: String,
+}
+
+impl AmqpUrl {
+    pub fn expose(&self) -> &str {
+        self.url.expose()
+    }
+
+    /// `host:port`, without credentials: what logs and errors may show.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+}
+
+impl fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AmqpUrl({} [credentials redacted])", self.address)
+    }
+}
+
+/// `amqp_url`: the broker's URL, or several: the nodes of a cluster reached
+/// without a load balancer, which connections try in turn (as other AMQP
+/// clients' address lists). Comma-separated in the environment, a TOML array
+/// or comma-separated in the file; a comma inside a password is written `%2C`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpUrls(Vec<AmqpUrl>);
+
+impl AmqpUrls {
+    /// Parses a comma-separated list. Errors never quote an entry: it may
+    /// hold a password.
+    pub fn parse(list: &str) -> Result<AmqpUrls, String> {
+        Self::from_entries(list.split(','))
+    }
+
+    fn from_entries<'a>(entries: impl IntoIterator<Item = &'a str>) -> Result<AmqpUrls, String> {
+        let entries: Vec<&str> = entries
+            .into_iter()
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .collect();
+        if entries.is_empty() {
+            return Err("amqp_url is empty: give amqp://user:password@host:5672/%2f".to_owned());
+        }
+        let count = entries.len();
+        entries
+            .into_iter()
+            .enumerate()
+            .map(|(index, entry)| {
+                let refused = |why: &str| format!("amqp_url: entry {} of {count} {why}", index + 1);
+                let url = url::Url::parse(entry).map_err(|_| refused("is not a URL"))?;
+                if !matches!(url.scheme(), "amqp" | "amqps") {
+                    return Err(refused("is not an amqp:// or amqps:// URL"));
+                }
+                let host = url.host_str().filter(|host| !host.is_empty());
+                let host = host.ok_or_else(|| refused("has no host"))?;
+                let port = url.port().unwrap_or(if url.scheme() == "amqps" { 5671 } else { 5672 });
+                Ok(AmqpUrl {
+                    url: Sensitive::new(entry),
+                    address: format!("{host}:{port}"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(AmqpUrls)
+    }
+
+    /// The URLs in the order given; never empty.
+    pub fn urls(&self) -> &[AmqpUrl] {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for AmqpUrls {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let entries = list_entries(deserializer)?;
+        AmqpUrls::from_entries(entries.iter().map(String::as_str)).map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -69,8 +152,9 @@ pub struct Config {
     /// Connections in the database pool of one process (PostgreSQL; SQLite uses
     /// a few, as it has one writer).
     pub database_max_connections: u32,
-    /// RabbitMQ; absent means the in-process queue.
-    pub amqp_url: Option<Sensitive>,
+    /// RabbitMQ: one URL, or a cluster's nodes in turn; absent means the
+    /// in-process queue.
+    pub amqp_url: Option<AmqpUrls>,
     /// Prefix of every exchange and queue name, so systems can share a broker.
     pub amqp_prefix: String,
     /// Messages one consumer holds unacknowledged (the ingester's; workers use
@@ -551,21 +635,29 @@ impl Default for Quotas {
     }
 }
 
-/// Lists come from TOML as arrays and from the environment as `a,b,c`.
-fn list_or_comma_separated<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+/// A list setting's entries, trimmed, empty ones dropped: lists come from
+/// TOML as arrays and from the environment as `a,b,c`.
+fn list_entries<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Spec {
         Text(String),
         List(Vec<String>),
     }
-    let parts = match Spec::deserialize(deserializer)? {
-        Spec::Text(text) => text.split(',').map(|part| part.trim().to_owned()).collect(),
+    let entries = match Spec::deserialize(deserializer)? {
+        Spec::Text(text) => text.split(',').map(str::to_owned).collect(),
         Spec::List(list) => list,
     };
-    parts
+    Ok(entries
         .into_iter()
-        .filter(|part| !part.is_empty())
+        .map(|entry| entry.trim().to_owned())
+        .filter(|entry| !entry.is_empty())
+        .collect())
+}
+
+fn list_or_comma_separated<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<IpNet>, D::Error> {
+    list_entries(deserializer)?
+        .into_iter()
         .map(|part| {
             part.parse::<IpNet>()
                 .or_else(|_| part.parse::<std::net::IpAddr>().map(IpNet::from))
@@ -643,6 +735,77 @@ mod tests {
             assert_eq!(config.retry_schedule.max_attempts(), 3);
             assert_eq!(config.allow_private_targets.len(), 2);
             assert_eq!(format!("{:?}", config.secret_key), "Some([redacted])");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_broker_url_may_list_a_clusters_nodes_and_never_shows_a_password() {
+        let one = AmqpUrls::parse("amqp://aegis:s3cret@rabbitmq:5672/%2f").expect("one URL");
+        assert_eq!(one.urls().len(), 1);
+        assert_eq!(one.urls()[0].expose(), "amqp://aegis:s3cret@rabbitmq:5672/%2f");
+        assert_eq!(one.urls()[0].address(), "rabbitmq:5672");
+
+        let three = AmqpUrls::parse(
+            " amqp://aegis:s3cret@10.0.0.1:5701/%2f, amqps://aegis:s3cret@rabbit-1.example ,amqp://aegis:s%2Cc@[::1]/v,",
+        )
+        .expect("three URLs");
+        let addresses: Vec<&str> = three.urls().iter().map(AmqpUrl::address).collect();
+        assert_eq!(addresses, ["10.0.0.1:5701", "rabbit-1.example:5671", "[::1]:5672"]);
+        assert_eq!(three.urls()[2].expose(), "amqp://aegis:s%2Cc@[::1]/v");
+        let shown = format!("{three:?}");
+        assert!(!shown.contains("s3cret") && shown.contains("10.0.0.1:5701"), "{shown}");
+
+        for (bad, why) in [
+            ("", "amqp_url is empty"),
+            (" , ", "amqp_url is empty"),
+            (
+                "amqp://aegis:s3cret@rabbitmq:5672/%2f,http://aegis:s3cret@x",
+                "entry 2 of 2 is not an amqp://",
+            ),
+            ("aegis:s3cret@rabbitmq:5672", "entry 1 of 1 is not an amqp://"),
+            ("rabbitmq s3cret", "entry 1 of 1 is not a URL"),
+            ("amqp://aegis:s3cret@/%2f", "entry 1 of 1 is not a URL"),
+            ("amqp:///%2f", "entry 1 of 1 has no host"),
+        ] {
+            let error = AmqpUrls::parse(bad).expect_err(bad);
+            assert!(error.contains(why), "{bad}: {error}");
+            assert!(!error.contains("s3cret"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_broker_urls_come_from_the_environment_or_a_toml_array() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "aegis-webhook.toml",
+                r#"amqp_url = ["amqp://a:p@node-1:5672/%2f", "amqp://a:p@node-2:5672/%2f"]"#,
+            )?;
+            let config = Config::load(None).expect("loads");
+            let addresses: Vec<&str> = config
+                .amqp_url
+                .as_ref()
+                .expect("set")
+                .urls()
+                .iter()
+                .map(AmqpUrl::address)
+                .collect();
+            assert_eq!(addresses, ["node-1:5672", "node-2:5672"]);
+
+            jail.set_env(
+                "AEGIS_AMQP_URL",
+                "amqp://a:p@c1:5701/%2f,amqp://a:p@c2:5702/%2f,amqp://a:p@c3:5703/%2f",
+            );
+            let config = Config::load(None).expect("loads");
+            assert_eq!(config.amqp_url.as_ref().expect("set").urls().len(), 3);
+
+            jail.set_env(
+                "AEGIS_AMQP_URL",
+                "amqp://a:t0ps3cret@c1:5701/%2f,redis://a:t0ps3cret@c2",
+            );
+            let error = Config::load(None).expect_err("not AMQP").to_string();
+            assert!(error.contains("entry 2 of 2"), "{error}");
+            assert!(!error.contains("t0ps3cret"), "{error}");
             Ok(())
         });
     }

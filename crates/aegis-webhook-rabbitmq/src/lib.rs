@@ -1,6 +1,9 @@
-//! The RabbitMQ adapter of the queue port (lapin): durable quorum queues,
-//! persistent messages, publisher confirms, manual acks, a prefetch limit, delays
-//! through TTL tier queues (no broker plugin), and reconnection with backoff.
+//! The RabbitMQ adapter of the queue port (lapin): durable quorum queues (every
+//! queue, the delay tiers included, so a three-node cluster keeps all of them
+//! while one node is down), persistent messages, publisher confirms, manual
+//! acks, a prefetch limit, delays through TTL tier queues (no broker plugin),
+//! and reconnection with backoff to one broker address or, for a cluster,
+//! several in turn (`endpoints`).
 //!
 //! The whole topology is declared here, idempotently, by every process at start:
 //!
@@ -11,7 +14,7 @@
 //! exchange {p}aegis.deliveries (direct) ──"work"──► queue {p}aegis.deliveries.work ──► workers (first attempts, express)
 //!                                        ──"bulk"──► queue {p}aegis.deliveries.bulk ──► workers (first attempts, bulk)
 //!                                        ──"due"───► queue {p}aegis.deliveries.due  ──► workers (retries)
-//! queue {p}aegis.deliveries.retry.<ms>     ── TTL expires ──► {p}aegis.deliveries ("due")
+//! queue {p}aegis.deliveries.delay.<ms>     ── TTL expires ──► {p}aegis.deliveries ("due")
 //! queue {p}aegis.deliveries.dead           ◄── deliveries that failed for good
 //! ```
 //!
@@ -47,13 +50,16 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
+use aegis_webhook_core::config::AmqpUrls;
 use aegis_webhook_core::queue::{
     Acknowledger, Consumer, DeferredEvents, DeliveryTask, FirstAttempts, Lane, LanePicker, LaneWeights, Queue,
     QueueError, QueueMessage, Stream, poll_lanes, publish_span,
 };
 use aegis_webhook_core::telemetry::TraceHeaders;
 
-/// Routing key of the work queue on the deliveries exchange.
+mod endpoints;
+use endpoints::Endpoints;
+
 /// The longest one publish may take, connecting and the broker's confirm
 /// included. Past it the publish fails like any other, under the caller's
 /// policy (the intake answers 503, the other writers leave it to the
@@ -61,6 +67,14 @@ use aegis_webhook_core::telemetry::TraceHeaders;
 /// timeout.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest one attempt to connect to one address may take, the
+/// topology's declaration included. Past it the next address is tried: a
+/// node that is unreachable without refusing (a partition, a machine gone
+/// without a reset) must not hold a failover for the minutes a TCP connect
+/// can wait.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Routing key of the work queue on the deliveries exchange.
 const WORK_ROUTING_KEY: &str = "work";
 /// Routing key of the bulk lane of first attempts.
 const BULK_ROUTING_KEY: &str = "bulk";
@@ -155,8 +169,12 @@ impl Topology {
     pub fn dead_queue(&self) -> String {
         format!("{}aegis.deliveries.dead", self.prefix)
     }
+    /// The tier of delay `tier`. Named `delay`, not `retry` as the classic
+    /// tiers of earlier versions were: a queue's type cannot change, so the
+    /// quorum tiers are new queues, and the old ones drain into the due queue
+    /// by themselves.
     pub fn tier_queue(&self, tier: Duration) -> String {
-        format!("{}aegis.deliveries.retry.{}", self.prefix, tier.as_millis())
+        format!("{}aegis.deliveries.delay.{}", self.prefix, tier.as_millis())
     }
     pub fn tier_queues(&self) -> Vec<String> {
         self.tiers.iter().map(|tier| self.tier_queue(*tier)).collect()
@@ -184,12 +202,17 @@ impl Topology {
         Route::Tier(tier)
     }
 
-    fn queue_arguments(&self, quorum: bool) -> FieldTable {
+    /// The arguments every queue is declared with.
+    fn queue_arguments(&self) -> FieldTable {
         let mut arguments = FieldTable::default();
-        if quorum {
-            // Replicated and fsynced: what an at-least-once promise needs.
-            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        }
+        // Replicated (Raft) and fsynced: what an at-least-once promise needs,
+        // and what keeps every queue available while one node of a cluster
+        // is down. No `x-quorum-initial-group-size`: the broker's default
+        // (`quorum_cluster_size`, 3) already puts a replica on each node of a
+        // three-node cluster, an operator can change it for larger ones, and
+        // an argument added now would make every existing queue's
+        // redeclaration fail as inequivalent.
+        arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
         if let Some(expires) = self.expires {
             arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires.as_millis() as i64));
         }
@@ -229,7 +252,7 @@ impl Topology {
             self.dead_queue(),
         ] {
             channel
-                .queue_declare(queue.into(), durable_queue, self.queue_arguments(true))
+                .queue_declare(queue.into(), durable_queue, self.queue_arguments())
                 .await?;
         }
         // Every routing key, not only today's event names: an unknown name must
@@ -271,10 +294,25 @@ impl Topology {
             )
             .await?;
         for tier in &self.tiers {
-            // Classic queues: every message in a tier has the same TTL, so they
-            // expire in order from the head, then move to the due queue.
-            let mut arguments = self.queue_arguments(false);
+            // Quorum queues too (message TTL needs RabbitMQ 3.10), so a retry
+            // waiting in a tier survives the loss of a node like every other
+            // task, and a process that fails over can redeclare its topology
+            // (a classic queue whose node is down cannot be declared). Every
+            // message in a tier has the same TTL, so they expire in order
+            // from the head, then move to the due queue.
+            let mut arguments = self.queue_arguments();
             arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(tier.as_millis() as i64));
+            // At-least-once dead-lettering: an expired task stays in its tier
+            // until the due queue has confirmed it (the default, at-most-once,
+            // drops it when the due queue cannot take it at that moment, as
+            // while its leader is being re-elected). RabbitMQ requires
+            // `reject-publish` for it; with no length limit set, nothing is
+            // ever rejected.
+            arguments.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
             arguments.insert(
                 "x-dead-letter-exchange".into(),
                 AMQPValue::LongString(self.deliveries_exchange().into()),
@@ -319,10 +357,13 @@ struct Live {
     /// Which connection this is (counted from 1), so that a publish that
     /// failed on it drops this one and not a fresh one opened meanwhile.
     generation: u64,
+    /// The address it is connected to (an index into `Inner::endpoints`).
+    endpoint: usize,
 }
 
 struct Inner {
-    url: String,
+    /// The broker's addresses and which one the next connect tries first.
+    endpoints: std::sync::Mutex<Endpoints>,
     topology: Topology,
     /// Unacknowledged messages one consumer may hold, per stream.
     prefetch: Prefetch,
@@ -382,18 +423,32 @@ fn unexpected(error: impl Into<anyhow::Error>, what: &str) -> QueueError {
     QueueError::Unexpected(error.into().context(what.to_owned()))
 }
 
+/// A new channel on `connection` with publisher confirms on.
+async fn confirmed_channel(connection: &Connection) -> Result<Channel, QueueError> {
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|error| unexpected(error, "failed to open a RabbitMQ channel"))?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
+    Ok(channel)
+}
+
 impl RabbitQueue {
     /// Connects (retrying for a while, so a process may start before the broker)
-    /// and declares the topology.
+    /// and declares the topology. Given several URLs (a cluster's nodes), every
+    /// connect and reconnect tries them in turn (see [`Endpoints`]).
     pub async fn connect(
-        url: &str,
+        urls: &AmqpUrls,
         topology: Topology,
         prefetch: Prefetch,
         weights: LaneWeights,
     ) -> Result<Self, QueueError> {
         let queue = RabbitQueue {
             inner: Arc::new(Inner {
-                url: url.to_owned(),
+                endpoints: std::sync::Mutex::new(Endpoints::new(urls)),
                 topology,
                 prefetch: Prefetch {
                     events: prefetch.events.max(1),
@@ -415,40 +470,102 @@ impl RabbitQueue {
         &self.inner.topology
     }
 
+    fn endpoints(&self) -> std::sync::MutexGuard<'_, Endpoints> {
+        // Held only for a few assignments, never across an await.
+        self.inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A fresh connection: each address in turn (see [`Endpoints`]) until one
+    /// connects and takes the topology; the last error when none does.
     async fn open(&self) -> Result<Live, QueueError> {
+        let order = self.endpoints().attempt_order();
+        let mut last_error = None;
+        for index in order {
+            let url = self.endpoints().url(index).clone();
+            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, self.open_at(&url, index)).await;
+            let error = match attempt {
+                Ok(Ok(live)) => return Ok(live),
+                Ok(Err(error)) => error,
+                Err(_) => QueueError::Unexpected(anyhow::anyhow!(
+                    "no connection to RabbitMQ at {} within {CONNECT_TIMEOUT:?}",
+                    url.address()
+                )),
+            };
+            tracing::warn!(address = url.address(), error = %error, "RabbitMQ address failed; trying the next");
+            self.endpoints().failed(index);
+            last_error = Some(error);
+        }
+        Err(last_error.expect("there is always at least one address"))
+    }
+
+    /// Connects to address `index` (`url`) and declares the topology there.
+    async fn open_at(&self, url: &aegis_webhook_core::config::AmqpUrl, index: usize) -> Result<Live, QueueError> {
         let properties = ConnectionProperties::default().with_connection_name("aegis-webhook".into());
-        let connection = Connection::connect(&self.inner.url, properties)
+        // The error never carries the URL, which holds the password.
+        let connection = Connection::connect(url.expose(), properties)
             .await
-            .map_err(|error| unexpected(error, "failed to connect to RabbitMQ"))?;
-        let publisher = connection
+            .map_err(|error| unexpected(error, &format!("failed to connect to RabbitMQ at {}", url.address())))?;
+        let declaring = connection
             .create_channel()
             .await
             .map_err(|error| unexpected(error, "failed to open a RabbitMQ channel"))?;
         self.inner
             .topology
-            .declare(&publisher)
+            .declare(&declaring)
             .await
             .map_err(|error| unexpected(error, "failed to declare the RabbitMQ topology"))?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
-        let express = connection
-            .create_channel()
-            .await
-            .map_err(|error| unexpected(error, "failed to open a RabbitMQ channel"))?;
-        express
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|error| unexpected(error, "failed to enable publisher confirms"))?;
-        tracing::info!("connected to RabbitMQ");
+        let _ = declaring.close(200, "topology declared".into()).await;
+        let publisher = confirmed_channel(&connection).await?;
+        let express = confirmed_channel(&connection).await?;
+        tracing::info!(address = url.address(), "connected to RabbitMQ");
         let generation = self.inner.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         Ok(Live {
             connection,
             publisher,
             express,
             generation,
+            endpoint: index,
         })
+    }
+
+    /// Replaces the publishing channel `nacked` (of `lane`) with a fresh one on
+    /// the same connection, unless that happened already. A nack can mean the
+    /// channel holds a stale view of a queue: on RabbitMQ 3.10 a channel whose
+    /// first publish to a quorum queue finds the queue's recorded leader on a
+    /// node that is down refuses every later publish to that queue, for as
+    /// long as the channel lives (it keeps asking that node); that is the
+    /// window right after a leader's node is lost, which is when a client
+    /// that failed over publishes. A fresh channel reads the current leader.
+    async fn renew_channel(&self, lane: Lane, nacked: &Channel) {
+        let mut live = self.inner.live.lock().await;
+        let Some(current) = live.as_mut() else {
+            return;
+        };
+        let slot = match lane {
+            Lane::Express => &mut current.express,
+            Lane::Bulk | Lane::Due => &mut current.publisher,
+        };
+        if slot.id() != nacked.id() || !current.connection.status().connected() {
+            return;
+        }
+        match confirmed_channel(&current.connection).await {
+            Ok(fresh) => {
+                let stale = std::mem::replace(slot, fresh);
+                drop(live);
+                tracing::warn!("RabbitMQ refused a publish; publishing on a fresh channel");
+                let _ = stale.close(200, "renewed after a nack".into()).await;
+            }
+            Err(error) => {
+                // The connection is what failed: the next publish reconnects.
+                tracing::warn!(error = %error, "RabbitMQ refused a publish and a fresh channel failed");
+                if let Some(broken) = live.take() {
+                    self.endpoints().failed(broken.endpoint);
+                }
+            }
+        }
     }
 
     /// Drops connection `generation` if it is still the live one, so the next
@@ -462,8 +579,9 @@ impl RabbitQueue {
         };
         if let Some(mut live) = live
             && live.as_ref().is_some_and(|current| current.generation == generation)
+            && let Some(broken) = live.take()
         {
-            live.take();
+            self.endpoints().failed(broken.endpoint);
         }
     }
 
@@ -480,12 +598,16 @@ impl RabbitQueue {
             Lane::Bulk | Lane::Due => live.publisher.clone(),
         };
         let mut live = self.inner.live.lock().await;
-        if let Some(current) = live.as_ref()
-            && current.connection.status().connected()
-            && current.publisher.status().connected()
-            && current.express.status().connected()
-        {
-            return Ok((chosen(current), current.generation));
+        if let Some(current) = live.as_ref() {
+            if current.connection.status().connected()
+                && current.publisher.status().connected()
+                && current.express.status().connected()
+            {
+                return Ok((chosen(current), current.generation));
+            }
+            // Lost: the next connect begins with the next address.
+            self.endpoints().failed(current.endpoint);
+            live.take();
         }
         let fresh = self.open().await?;
         let opened = (chosen(&fresh), fresh.generation);
@@ -588,9 +710,12 @@ impl RabbitQueue {
             Ok(Confirmation::Ack(Some(_returned))) => Err(QueueError::Unexpected(anyhow::anyhow!(
                 "RabbitMQ could not route a message to `{exchange}` with key `{routing_key}`"
             ))),
-            Ok(Confirmation::Nack(_)) => Err(QueueError::Unexpected(anyhow::anyhow!(
-                "RabbitMQ refused a message for `{exchange}` (nack)"
-            ))),
+            Ok(Confirmation::Nack(_)) => {
+                self.renew_channel(lane, &channel).await;
+                Err(QueueError::Unexpected(anyhow::anyhow!(
+                    "RabbitMQ refused a message for `{exchange}` (nack)"
+                )))
+            }
             Ok(Confirmation::NotRequested) => Err(QueueError::Unexpected(anyhow::anyhow!(
                 "publisher confirms are off on the publishing channel"
             ))),
@@ -947,7 +1072,7 @@ mod tests {
         );
         assert_eq!(
             topology.tier_queue(Duration::from_secs(5)),
-            "t.aegis.deliveries.retry.5000"
+            "t.aegis.deliveries.delay.5000"
         );
         assert_eq!(topology.work_queue(), "t.aegis.deliveries.work");
         assert_eq!(topology.due_queue(), "t.aegis.deliveries.due");

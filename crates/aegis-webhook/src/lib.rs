@@ -429,7 +429,7 @@ pub async fn open_queue(config: &Config, roles: Roles) -> anyhow::Result<(Arc<dy
                 // (see the worker's admission).
                 tasks: u16::try_from(config.worker_concurrency.saturating_mul(2)).unwrap_or(u16::MAX),
             };
-            let queue = RabbitQueue::connect(url.expose(), topology, prefetch, config.lane_weights())
+            let queue = RabbitQueue::connect(url, topology, prefetch, config.lane_weights())
                 .await
                 .context("failed to set up RabbitMQ")?;
             Ok((Arc::new(queue), None))

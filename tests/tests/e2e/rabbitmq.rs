@@ -22,7 +22,7 @@ async fn spawn(schedule: &str) -> Option<(TestApp, Channel, String)> {
     let channel = scanner_channel().await?;
     let prefix = format!("test-{}.", Uuid::new_v4().simple());
     let app = TestApp::spawn_with(Backend::Postgres, |config| {
-        config.amqp_url = Some(aegis_webhook_core::config::Sensitive::new(amqp_url()));
+        config.amqp_url = Some(aegis_webhook_core::config::AmqpUrls::parse(&amqp_url()).expect("AEGIS_TEST_AMQP_URL"));
         config.amqp_prefix = prefix.clone();
         // Throwaway topology: the broker deletes it once the test is gone.
         config.amqp_queue_expiry = Some(Duration::from_secs(120));

@@ -9,6 +9,7 @@
 //! (`publish_failures`).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aegis_webhook_tests::processes::{ProcessCluster, RoleProcess, role_process_main};
@@ -17,6 +18,7 @@ use futures::StreamExt as _;
 use uuid::Uuid;
 
 mod attacks;
+mod cluster;
 mod fairness;
 mod publish_failures;
 mod startup;
@@ -43,7 +45,12 @@ struct Cluster {
 
 impl Cluster {
     async fn prepare(receiver_delay: Duration) -> Option<Cluster> {
-        let mut processes = ProcessCluster::prepare("faults").await?;
+        Some(Self::prepare_on(ProcessCluster::prepare("faults").await?, receiver_delay).await)
+    }
+
+    /// The tenant, receiver and settings of every fault test, on `processes`
+    /// (the machine's broker, or another).
+    async fn prepare_on(mut processes: ProcessCluster, receiver_delay: Duration) -> Cluster {
         let receiver = Receiver::start_slow(&[], 200, receiver_delay).await;
         let tenant_id = processes.tenant_with_webhooks("acme", &receiver.url(), WEBHOOKS).await;
         for (key, value) in [
@@ -60,12 +67,12 @@ impl Cluster {
         ] {
             processes.set(key, value);
         }
-        Some(Cluster {
+        Cluster {
             ingest_token: processes.ingest_token.clone(),
             processes,
             tenant_id,
             receiver,
-        })
+        }
     }
 
     fn with(&self, key: &str, value: &str) -> Vec<(String, String)> {
@@ -79,6 +86,12 @@ impl Cluster {
     /// Posts `count` distinct events to the intake, 8 at a time, retrying each
     /// until it is accepted (as a scanner does while the broker is down).
     async fn publish(&self, api: &RoleProcess, count: usize) {
+        self.publish_counting(api, count, &Published::default()).await;
+    }
+
+    /// [`Cluster::publish`], counting in `published` the events accepted and
+    /// the answers 503 (broker unavailable) on the way.
+    async fn publish_counting(&self, api: &RoleProcess, count: usize, published: &Published) {
         let url = format!("http://{}/v1/events", api.addr.expect("the API listens"));
         let client = reqwest::Client::new();
         futures::stream::iter(0..count)
@@ -97,8 +110,13 @@ impl Cluster {
                             .send()
                             .await;
                         match response {
-                            Ok(response) if response.status() == 202 => return,
-                            Ok(response) if response.status() == 503 => {}
+                            Ok(response) if response.status() == 202 => {
+                                published.accepted.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                            Ok(response) if response.status() == 503 => {
+                                published.unavailable.fetch_add(1, Ordering::Relaxed);
+                            }
                             Ok(response) => panic!("intake answered {}", response.status()),
                             Err(error) => panic!("intake unreachable: {error}"),
                         }
@@ -162,6 +180,13 @@ impl Cluster {
     }
 }
 
+/// What [`Cluster::publish_counting`] has seen so far.
+#[derive(Default)]
+struct Published {
+    accepted: AtomicUsize,
+    unavailable: AtomicUsize,
+}
+
 /// A prepared cluster with its API, ingester and two workers running.
 struct Running {
     cluster: Cluster,
@@ -174,16 +199,19 @@ struct Running {
 
 impl Running {
     async fn start(receiver_delay: Duration) -> Option<Running> {
-        let cluster = Cluster::prepare(receiver_delay).await?;
+        Some(Self::start_on(Cluster::prepare(receiver_delay).await?).await)
+    }
+
+    async fn start_on(cluster: Cluster) -> Running {
         let api = cluster.spawn("api").await;
         let _ingester = cluster.spawn("ingester").await;
         let workers = vec![cluster.spawn("worker").await, cluster.spawn("worker").await];
-        Some(Running {
+        Running {
             cluster,
             api,
             _ingester,
             workers,
-        })
+        }
     }
 }
 
