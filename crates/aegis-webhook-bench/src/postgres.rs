@@ -119,12 +119,12 @@ pub struct TableSizes {
 /// Reads [`TableSizes`] of the database at `url`.
 pub async fn table_sizes(db: &DatabaseConnection) -> anyhow::Result<TableSizes> {
     let backend = db.get_database_backend();
-    // pg_partition_tree lists a plain table as its own tree, so the query
-    // holds before and after partitioning.
+    // pg_partition_tree lists nothing for a plain table (`events`), so its
+    // own size stands in for the sum.
     let query = "SELECT \
-        (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree('events'))::bigint AS events_bytes, \
-        (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree('deliveries'))::bigint AS deliveries_bytes, \
-        (SELECT coalesce(sum(pg_total_relation_size(relid)), 0) FROM pg_partition_tree('delivery_attempts'))::bigint AS attempts_bytes, \
+        (SELECT coalesce(sum(pg_total_relation_size(relid)), pg_total_relation_size('events')) FROM pg_partition_tree('events'))::bigint AS events_bytes, \
+        (SELECT coalesce(sum(pg_total_relation_size(relid)), pg_total_relation_size('deliveries')) FROM pg_partition_tree('deliveries'))::bigint AS deliveries_bytes, \
+        (SELECT coalesce(sum(pg_total_relation_size(relid)), pg_total_relation_size('delivery_attempts')) FROM pg_partition_tree('delivery_attempts'))::bigint AS attempts_bytes, \
         (SELECT count(*) FROM events) AS events, \
         (SELECT count(*) FROM deliveries) AS deliveries, \
         (SELECT count(*) FROM delivery_attempts) AS attempts, \
