@@ -287,8 +287,8 @@ pub struct Config {
     /// The longest retention a tenant may choose for itself.
     #[serde(with = "humantime_serde_compat")]
     pub retention_max: Duration,
-    /// How often each worker process looks for data past its retention (on
-    /// PostgreSQL one process at a time does the work).
+    /// How often each worker process looks for data past its retention
+    /// (replicas' passes may overlap: the work is idempotent).
     #[serde(with = "humantime_serde_compat")]
     pub expiry_interval: Duration,
     /// Rows one expiry statement deletes or empties at most.

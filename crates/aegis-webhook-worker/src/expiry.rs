@@ -1,7 +1,6 @@
 //! Expiry: removes what has passed its retention, every `AEGIS_EXPIRY_INTERVAL`,
-//! in each worker process. On PostgreSQL one process at a time does the work
-//! (a transaction-scoped advisory lock, tried, not waited for: the others skip
-//! the pass), so replicas never delete the same rows twice over.
+//! in each worker process (see [`Expiry::pass`] for replicas running theirs
+//! at once).
 //!
 //! One pass, as named steps:
 //! 1. make the partitions ahead of time (PostgreSQL);
@@ -26,14 +25,11 @@ use aegis_webhook_core::retention::{self, PartitionPlan, Retention};
 use aegis_webhook_storage::partitions::{self, Expired};
 use aegis_webhook_storage::retention as expire;
 use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
+use sea_orm::{DatabaseConnection, DbBackend};
 use tokio_util::sync::CancellationToken;
 
 /// Batches one step of one pass runs at most, for one tenant or partition.
 pub const MAX_BATCHES: u32 = 50;
-
-/// The advisory lock only the process running an expiry pass holds ("expiry").
-const EXPIRY_LOCK: i64 = 0x6165_6769_735f_6578;
 
 /// What one pass removed and made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -78,33 +74,13 @@ impl Expiry {
         self.db.get_database_backend() == DbBackend::Postgres
     }
 
-    /// One pass at `now`; `None` when another process is running one.
-    pub async fn pass(&self, now: DateTime<Utc>) -> anyhow::Result<Option<Removed>> {
-        // Held until this pass ends: the transaction does nothing else, so it
-        // keeps no snapshot and holds back no vacuum.
-        let lease = self.db.begin().await?;
-        if self.partitioned() {
-            let held = lease
-                .query_one_raw(Statement::from_string(
-                    DbBackend::Postgres,
-                    format!("SELECT pg_try_advisory_xact_lock({EXPIRY_LOCK}) AS held"),
-                ))
-                .await?
-                .map(|row| row.try_get::<bool>("", "held"))
-                .transpose()?
-                .unwrap_or(false);
-            if !held {
-                lease.rollback().await?;
-                return Ok(None);
-            }
-        } else {
-            // SQLite: one process owns the file; nothing to take.
-            lease.rollback().await?;
-            return Ok(Some(self.remove(now).await?));
-        }
-        let removed = self.remove(now).await;
-        lease.rollback().await?;
-        Ok(Some(removed?))
+    /// One pass at `now`. Replicas may run theirs at the same time: partition
+    /// changes take the migration lock, and a row delete that meets rows
+    /// another replica is deleting waits, then finds them gone. No connection
+    /// is held for the pass as a lease: with a small pool it would starve the
+    /// worker's own statements (and the pass itself).
+    pub async fn pass(&self, now: DateTime<Utc>) -> anyhow::Result<Removed> {
+        self.remove(now).await
     }
 
     async fn remove(&self, now: DateTime<Utc>) -> anyhow::Result<Removed> {
@@ -226,8 +202,14 @@ impl Expiry {
                 () = stop.cancelled() => return,
             }
             let started = Instant::now();
-            match self.pass(Utc::now()).await {
-                Ok(Some(removed)) => {
+            // A stop does not wait for a pass (which may wait on a busy
+            // database): what it had not done, the next start does.
+            let passed = tokio::select! {
+                passed = self.pass(Utc::now()) => passed,
+                () = stop.cancelled() => return,
+            };
+            match passed {
+                Ok(removed) => {
                     metrics::expiry_pass(started.elapsed());
                     metrics::expired("deliveries", removed.deliveries);
                     metrics::expired("events", removed.events);
@@ -237,7 +219,6 @@ impl Expiry {
                         tracing::info!(?removed, took = ?started.elapsed(), "expiry pass");
                     }
                 }
-                Ok(None) => tracing::debug!("another process runs this expiry pass"),
                 Err(error) => tracing::error!(error = format!("{error:#}"), "expiry pass failed; the next one retries"),
             }
         }
