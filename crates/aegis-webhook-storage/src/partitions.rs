@@ -119,12 +119,7 @@ pub async fn ensure(db: &DatabaseConnection, plan: PartitionPlan, now: DateTime<
     }
     let transaction = db.begin().await?;
     let made = async {
-        transaction
-            .execute_unprepared(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-            .await?;
-        transaction
-            .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", crate::MIGRATION_LOCK))
-            .await?;
+        take_ddl_locks(&transaction).await?;
         ensure_in(&transaction, plan, now).await
     }
     .await;
@@ -234,12 +229,7 @@ pub async fn drop_expired(db: &DatabaseConnection, partition: Partition) -> Resu
 /// the check, so the check holds until the drop.
 async fn try_drop(transaction: &sea_orm::DatabaseTransaction, partition: &Partition) -> Result<bool, sea_orm::DbErr> {
     let (deliveries, attempts) = (partition.of("deliveries"), partition.of("delivery_attempts"));
-    transaction
-        .execute_unprepared(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-        .await?;
-    transaction
-        .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", crate::MIGRATION_LOCK))
-        .await?;
+    take_ddl_locks(transaction).await?;
     transaction
         .execute_unprepared(&format!("LOCK TABLE {deliveries} IN SHARE MODE"))
         .await?;
@@ -257,6 +247,19 @@ async fn try_drop(transaction: &sea_orm::DatabaseTransaction, partition: &Partit
         .execute_unprepared(&format!("DROP TABLE {attempts}, {deliveries}"))
         .await?;
     Ok(true)
+}
+
+/// What every change to the partitions starts with: table locks waited for
+/// at most [`LOCK_TIMEOUT`] from here on, then the migration lock, so
+/// partitions are never made or dropped by two processes at once.
+async fn take_ddl_locks(transaction: &sea_orm::DatabaseTransaction) -> Result<(), sea_orm::DbErr> {
+    transaction
+        .execute_unprepared(&format!(
+            "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; SELECT pg_advisory_xact_lock({})",
+            crate::MIGRATION_LOCK
+        ))
+        .await?;
+    Ok(())
 }
 
 /// Whether PostgreSQL gave up waiting for a lock (SQLSTATE 55P03).
