@@ -63,6 +63,28 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<sea_orm::DatabaseTra
     Ok(db.begin_with_options(options).await?)
 }
 
+/// Ends `transaction` as `outcome` says, now rather than when it is dropped
+/// (a dropped transaction's rollback waits for the connection's next use,
+/// and its locks with it): commits what succeeded, rolls back what failed.
+/// A rollback that fails is logged; the outcome's error is the one returned.
+pub(crate) async fn end<T, E: From<DbErr>>(
+    transaction: sea_orm::DatabaseTransaction,
+    outcome: Result<T, E>,
+) -> Result<T, E> {
+    match outcome {
+        Ok(value) => {
+            transaction.commit().await?;
+            Ok(value)
+        }
+        Err(error) => {
+            if let Err(rollback) = transaction.rollback().await {
+                tracing::warn!(error = %rollback, "a transaction that failed could not be rolled back");
+            }
+            Err(error)
+        }
+    }
+}
+
 /// Opens the database at `url`, creating the SQLite file (and its folder) when
 /// needed.
 pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {

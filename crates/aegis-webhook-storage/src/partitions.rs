@@ -11,20 +11,59 @@
 //! missing and drops what has expired.
 //!
 //! Partitions are made and dropped under the migration lock, so processes
-//! starting at once never race to create the same one. A drop waits at most
-//! [`LOCK_TIMEOUT`] for its locks (dropping takes the parents'), so it
-//! never holds up the deliveries behind a long query: it gives up and the
-//! next pass tries again.
+//! starting at once never race to create the same one. While a change waits
+//! for a table's lock, every statement on that table queues behind it; so a
+//! change waits at most [`LOCK_TIMEOUT`] for each lock, then gives up and
+//! tries again a little later ([`lock_retries`]), and the deliveries behind
+//! it wait tens of milliseconds (a change takes its locks one after the
+//! other, two or three), not the length of whatever long query holds the
+//! table. What each change locks (PostgreSQL 15 and 16, read off
+//! `pg_locks`):
+//!
+//! - making a partition: it is created alone, then attached
+//!   (`SHARE UPDATE EXCLUSIVE` on the parent, which reads and writes pass;
+//!   `CREATE TABLE … PARTITION OF` would take `ACCESS EXCLUSIVE`), and the
+//!   key to `events` and `webhooks` it inherits takes `SHARE ROW EXCLUSIVE`
+//!   on those for a moment (inserts wait, reads pass);
+//! - dropping a pair: `ACCESS EXCLUSIVE` on both parents, for the moment of
+//!   the drop (detaching first would take the same on `events` and
+//!   `webhooks`, whose keys the detached table would then own).
+
+use std::time::Duration;
 
 use aegis_webhook_core::retention::{PartitionPlan, PartitionRange};
+use backon::{ConstantBuilder, Retryable as _};
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait};
 use uuid::Uuid;
 
 use crate::StoreError;
 
-/// The longest a partition drop waits for a lock before it gives up for this pass.
-pub const LOCK_TIMEOUT: &str = "200ms";
+/// The longest a partition change waits for any one table lock before it
+/// gives up this try: what a statement queued behind that lock waits at most.
+pub const LOCK_TIMEOUT: &str = "20ms";
+
+/// The longest a partition change waits for another process's migration or
+/// partition change to end.
+const MIGRATION_LOCK_TIMEOUT: &str = "10s";
+
+/// The tries of making partitions whose locks were busy: up to 25, 100–200 ms
+/// apart, so the change finds a gap between transactions within a few
+/// seconds unless a long one holds the table, and then leaves it to the next
+/// pass (or, at a start with no partition for the coming writes, fails).
+fn lock_retries() -> ConstantBuilder {
+    ConstantBuilder::default()
+        .with_delay(Duration::from_millis(100))
+        .with_max_times(24)
+        .with_jitter()
+}
+
+/// The tries of a drop whose locks were busy: a few only, as a drop is never
+/// urgent (the next pass tries again) and each try may hold the table's
+/// statements for a moment.
+fn drop_retries() -> ConstantBuilder {
+    lock_retries().with_max_times(4)
+}
 
 /// Storage parameters of every deliveries partition: room on each page for the
 /// claim's update to stay heap-only (see migration 4).
@@ -107,29 +146,21 @@ pub async fn list(db: &impl ConnectionTrait) -> Result<Vec<Partition>, StoreErro
 /// Creates the partitions `plan` wants by `now` that do not exist yet, under
 /// the migration lock; returns how many. Nothing on SQLite.
 ///
-/// Making a partition locks both parents exclusively for a moment, so it
-/// waits at most [`LOCK_TIMEOUT`] behind a long reader (a backup, a slow
-/// query) rather than queueing all traffic behind it. If it gives up while
-/// the existing partitions still reach a width past `now`, that is fine: the
-/// next pass makes them. Otherwise it is an error (a process then fails to
-/// start, and is restarted).
+/// Its locks are tried for at most [`LOCK_TIMEOUT`] each, again and again
+/// ([`lock_retries`]). If they stay busy while the existing partitions still
+/// reach a width past `now`, that is fine: the next pass makes them.
+/// Otherwise it is an error (a process then fails to start, and is
+/// restarted).
 pub async fn ensure(db: &DatabaseConnection, plan: PartitionPlan, now: DateTime<Utc>) -> Result<usize, StoreError> {
     if db.get_database_backend() != DbBackend::Postgres {
         return Ok(0);
     }
-    let transaction = db.begin().await?;
-    let made = async {
-        take_ddl_locks(&transaction).await?;
-        ensure_in(&transaction, plan, now).await
-    }
-    .await;
+    let made = (|| try_ensure(db, plan, now))
+        .retry(lock_retries())
+        .when(is_lock_timeout_store)
+        .await;
     match made {
-        Ok(made) => {
-            transaction.commit().await?;
-            Ok(made)
-        }
-        Err(StoreError::Unexpected(error)) if is_lock_timeout_text(&format!("{error:#}")) => {
-            transaction.rollback().await?;
+        Err(error) if is_lock_timeout_store(&error) => {
             let reach = list(db).await?.last().map(|last| last.range.to);
             let width = chrono::Duration::from_std(plan.width()).unwrap_or(chrono::Duration::days(1));
             if reach.is_some_and(|reach| reach > now + width) {
@@ -137,15 +168,23 @@ pub async fn ensure(db: &DatabaseConnection, plan: PartitionPlan, now: DateTime<
                 Ok(0)
             } else {
                 Err(StoreError::Unexpected(anyhow::anyhow!(
-                    "could not make the deliveries' partitions: a lock stayed busy for {LOCK_TIMEOUT}, and none is made for the coming writes"
+                    "could not make the deliveries' partitions: their locks stayed busy through every try, and none is made for the coming writes"
                 )))
             }
         }
-        Err(error) => {
-            transaction.rollback().await?;
-            Err(error)
-        }
+        other => other,
     }
+}
+
+/// One try of [`ensure`], in its own transaction.
+async fn try_ensure(db: &DatabaseConnection, plan: PartitionPlan, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    let transaction = db.begin().await?;
+    let made = async {
+        take_ddl_locks(&transaction).await?;
+        ensure_in(&transaction, plan, now).await
+    }
+    .await;
+    crate::end(transaction, made).await
 }
 
 /// [`ensure`] inside a transaction that already holds the migration lock
@@ -158,6 +197,17 @@ pub async fn ensure_in(
 ) -> Result<usize, StoreError> {
     let existing: Vec<PartitionRange> = list(transaction).await?.into_iter().map(|p| p.range).collect();
     let missing = plan.to_create(&existing, now);
+    // Each table is made alone and then attached, which leaves the parents
+    // open to reads and writes (see the module's head). The deliveries'
+    // attaches come last, all of them, as the first one locks `events` and
+    // `webhooks` against inserts until the commit. `LIKE … INCLUDING ALL`
+    // carries whatever a parent may gain (checks, generated columns,
+    // storage settings), which an attach would otherwise refuse or lose;
+    // the indexes come with the attach. The attempts' foreign key is the
+    // pair's own, not the parents': so dropping the pair checks nothing and
+    // scans nothing (a key on the parents would make every drop scan all
+    // attempts, under the parents' exclusive locks).
+    let (mut made, mut attached) = (String::new(), String::new());
     for range in &missing {
         let from = range.from.unwrap_or(DateTime::<Utc>::MIN_UTC);
         let partition = Partition {
@@ -165,19 +215,22 @@ pub async fn ensure_in(
             range: *range,
         };
         let (deliveries, attempts) = (partition.of("deliveries"), partition.of("delivery_attempts"));
-        let (lower, upper) = (bound_at(from), bound_at(range.to));
-        // The attempts' foreign key is the pair's own, not the parents': so
-        // dropping the pair checks nothing and scans nothing (a key on the
-        // parents would make every drop scan all attempts, under the
-        // parents' exclusive locks).
-        transaction
-            .execute_unprepared(&format!(
-                "CREATE TABLE {deliveries} PARTITION OF deliveries FOR VALUES FROM ('{lower}') TO ('{upper}') {DELIVERIES_STORAGE};
-                 CREATE TABLE {attempts} PARTITION OF delivery_attempts FOR VALUES FROM ('{lower}') TO ('{upper}');
-                 ALTER TABLE {attempts} ADD CONSTRAINT {attempts}_delivery
-                     FOREIGN KEY (delivery_id) REFERENCES {deliveries} (id) ON DELETE CASCADE;"
-            ))
-            .await?;
+        let bounds = format!("FOR VALUES FROM ('{}') TO ('{}')", bound_at(from), bound_at(range.to));
+        made.push_str(&format!(
+            "CREATE TABLE {deliveries} (LIKE deliveries INCLUDING ALL EXCLUDING INDEXES) {DELIVERIES_STORAGE};
+             ALTER TABLE {deliveries} ADD PRIMARY KEY (id);
+             CREATE TABLE {attempts} (LIKE delivery_attempts INCLUDING ALL EXCLUDING INDEXES);
+             ALTER TABLE {attempts} ADD CONSTRAINT {attempts}_delivery
+                 FOREIGN KEY (delivery_id) REFERENCES {deliveries} (id) ON DELETE CASCADE;
+             ALTER TABLE delivery_attempts ATTACH PARTITION {attempts} {bounds};\n"
+        ));
+        attached.push_str(&format!(
+            "ALTER TABLE deliveries ATTACH PARTITION {deliveries} {bounds};\n"
+        ));
+    }
+    if !missing.is_empty() {
+        transaction.execute_unprepared(&made).await?;
+        transaction.execute_unprepared(&attached).await?;
     }
     Ok(missing.len())
 }
@@ -202,26 +255,25 @@ pub async fn drop_expired(db: &DatabaseConnection, partition: Partition) -> Resu
     if db.get_database_backend() != DbBackend::Postgres {
         return Ok(Expired::HeldByPending(partition));
     }
-    let transaction = db.begin().await?;
-    let outcome = match try_drop(&transaction, &partition).await {
+    let dropped = (|| drop_once(db, &partition))
+        .retry(drop_retries())
+        .when(is_lock_timeout)
+        .await;
+    match dropped {
         Ok(true) => Ok(Expired::Dropped(partition)),
         Ok(false) => Ok(Expired::HeldByPending(partition)),
         Err(error) if is_lock_timeout(&error) => Ok(Expired::Busy(partition)),
-        Err(error) => Err(error),
-    };
-    // Ended here, not on drop: a dropped transaction's rollback waits for the
-    // connection's next use, and until then its lock would keep every write
-    // out of the partition.
-    match outcome {
-        Ok(Expired::Dropped(partition)) => {
-            transaction.commit().await?;
-            Ok(Expired::Dropped(partition))
-        }
-        other => {
-            transaction.rollback().await?;
-            Ok(other?)
-        }
+        Err(error) => Err(error.into()),
     }
+}
+
+/// One try of [`drop_expired`], in its own transaction (ended at once
+/// either way: its lock on the partition keeps every write out of it). A
+/// drop held back by a pending delivery commits nothing but that lock's end.
+async fn drop_once(db: &DatabaseConnection, partition: &Partition) -> Result<bool, sea_orm::DbErr> {
+    let transaction = db.begin().await?;
+    let dropped = try_drop(&transaction, partition).await;
+    crate::end(transaction, dropped).await
 }
 
 /// Drops the partition's pair if nothing in it is pending; `false` if
@@ -249,13 +301,16 @@ async fn try_drop(transaction: &sea_orm::DatabaseTransaction, partition: &Partit
     Ok(true)
 }
 
-/// What every change to the partitions starts with: table locks waited for
-/// at most [`LOCK_TIMEOUT`] from here on, then the migration lock, so
-/// partitions are never made or dropped by two processes at once.
+/// What every change to the partitions starts with: the migration lock, so
+/// partitions are never made or dropped by two processes at once (waited for
+/// up to [`MIGRATION_LOCK_TIMEOUT`]: waiting for it holds up no traffic),
+/// then table locks waited for at most [`LOCK_TIMEOUT`] from here on.
 async fn take_ddl_locks(transaction: &sea_orm::DatabaseTransaction) -> Result<(), sea_orm::DbErr> {
     transaction
         .execute_unprepared(&format!(
-            "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; SELECT pg_advisory_xact_lock({})",
+            "SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}';
+             SELECT pg_advisory_xact_lock({});
+             SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'",
             crate::MIGRATION_LOCK
         ))
         .await?;
@@ -265,6 +320,10 @@ async fn take_ddl_locks(transaction: &sea_orm::DatabaseTransaction) -> Result<()
 /// Whether PostgreSQL gave up waiting for a lock (SQLSTATE 55P03).
 fn is_lock_timeout(error: &sea_orm::DbErr) -> bool {
     is_lock_timeout_text(&error.to_string())
+}
+
+fn is_lock_timeout_store(error: &StoreError) -> bool {
+    matches!(error, StoreError::Unexpected(error) if is_lock_timeout_text(&format!("{error:#}")))
 }
 
 fn is_lock_timeout_text(text: &str) -> bool {

@@ -397,6 +397,93 @@ async fn a_tenants_own_retention_holds_and_expunged_deliveries_say_so(backend: B
 /// the million of docs/performance.md's timing.
 const POPULATED_DELIVERIES: u64 = 20_000;
 
+/// Partition changes never queue the deliveries behind a long wait: making
+/// partitions goes on beside open writers (it takes no lock they hold), and
+/// a drop that a long reader holds back gives up this pass, then goes
+/// through once the reader is done. PostgreSQL only: SQLite has no
+/// partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_changes_wait_for_no_writer_and_give_way_to_readers() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let Some(data) = data(Backend::Postgres).await else {
+        return;
+    };
+    let plan = Config::default().partition_plan();
+    let ten_days_on = Utc::now() + chrono::Duration::days(10);
+
+    // A writer's transaction stays open on both tables (the locks an insert
+    // takes); partitions ten days ahead are made meanwhile, and the writer
+    // then writes and commits.
+    let writer = data.db.begin().await.expect("begin");
+    writer
+        .execute_unprepared(
+            "LOCK TABLE deliveries IN ROW EXCLUSIVE MODE; LOCK TABLE delivery_attempts IN ROW EXCLUSIVE MODE",
+        )
+        .await
+        .expect("the writer's locks");
+    let before: Vec<_> = partitions::list(&data.db)
+        .await
+        .expect("partitions")
+        .into_iter()
+        .map(|partition| partition.range)
+        .collect();
+    let wanted = plan.to_create(&before, ten_days_on);
+    assert!(!wanted.is_empty(), "ten days on, partitions are missing: {before:?}");
+    let made = partitions::ensure(&data.db, plan, ten_days_on)
+        .await
+        .expect("partitions made while a writer is open");
+    assert_eq!(made, wanted.len());
+    let reach = partitions::list(&data.db)
+        .await
+        .expect("partitions")
+        .last()
+        .map(|last| last.range.to);
+    assert_eq!(
+        reach,
+        wanted.last().map(|last| last.to),
+        "the partitions reach as far as planned"
+    );
+    writer.commit().await.expect("the writer commits");
+    let (_, delivery_id) = event_with_delivery(&data).await;
+    assert!(delivery_exists(&data, delivery_id).await);
+
+    // The farthest of them (empty, so nothing holds it) stands for an
+    // expired partition. A reader that stays the whole time holds its drop
+    // back: the drop gives up, and the partition stays.
+    let farthest = partitions::list(&data.db)
+        .await
+        .expect("partitions")
+        .pop()
+        .expect("a partition");
+    let reader = data.db.begin().await.expect("begin");
+    reader
+        .execute_unprepared("LOCK TABLE deliveries IN ACCESS SHARE MODE")
+        .await
+        .expect("the reader's lock");
+    let held = partitions::drop_expired(&data.db, farthest.clone())
+        .await
+        .expect("a busy drop is no error");
+    assert_eq!(held, partitions::Expired::Busy(farthest.clone()));
+    assert!(
+        partitions::list(&data.db)
+            .await
+            .expect("partitions")
+            .contains(&farthest)
+    );
+    reader.commit().await.expect("the reader commits");
+
+    let dropped = partitions::drop_expired(&data.db, farthest.clone())
+        .await
+        .expect("drop");
+    assert_eq!(dropped, partitions::Expired::Dropped(farthest.clone()));
+    assert!(
+        !partitions::list(&data.db)
+            .await
+            .expect("partitions")
+            .contains(&farthest)
+    );
+}
+
 /// Migration 8 on a database that already holds deliveries: nothing is lost,
 /// the old rows become the first partition, new deliveries go to the new
 /// partitions, and the old partition expires like any other. PostgreSQL only:
