@@ -4,7 +4,11 @@
 # both modes. Each run writes its JSON report and its text summary to the
 # output folder (default bench-results/<UTC time>/, git-ignored).
 #
-#   scripts/bench.sh [OUTPUT_DIR]
+#   scripts/bench.sh [OUTPUT_DIR [SECTION...]]
+#
+# SECTIONs, all of them by default: burst, steady, slow, noisy, portal,
+# memory (the 10-minute steady run). `scripts/bench.sh out burst steady` runs
+# the Svix comparison's two load shapes, both modes, in about 6 minutes.
 #
 # Exits 1 when any run lost or mis-signed a delivery; the other runs still go.
 # Each run may take up to 10 minutes (--timeout 600s); the last one, the
@@ -13,7 +17,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/aegis-target}"
+case ${1:-} in
+  burst | steady | slow | noisy | portal | memory)
+    echo "'$1' is a section: name the output folder first (scripts/bench.sh OUTPUT_DIR $*)" >&2
+    exit 2
+    ;;
+esac
 out="${1:-bench-results/$(date -u +%Y%m%dT%H%M%SZ)}"
+shift || true
+sections=("$@")
+if [ ${#sections[@]} -eq 0 ]; then sections=(burst steady slow noisy portal memory); fi
+for section in "${sections[@]}"; do
+  case $section in
+    burst | steady | slow | noisy | portal | memory) ;;
+    *) echo "unknown section '$section' (burst, steady, slow, noisy, portal, memory)" >&2; exit 2 ;;
+  esac
+done
+wanted() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 mkdir -p "$out"
 
 scripts/services.sh
@@ -32,14 +52,18 @@ run() {
 }
 
 # (a) burst: 2,000 events × 10 webhooks, as fast as possible.
-run embedded-burst --mode embedded --scenario burst
-run production-burst-amqp --mode production --scenario burst --via amqp
-run production-burst-http --mode production --scenario burst --via http
+if wanted burst; then
+  run embedded-burst --mode embedded --scenario burst
+  run production-burst-amqp --mode production --scenario burst --via amqp
+  run production-burst-http --mode production --scenario burst --via http
+fi
 
 # (b) steady: 100 events/s for 30 s to one webhook.
-run embedded-steady --mode embedded --scenario steady
-run production-steady-amqp --mode production --scenario steady --via amqp
-run production-steady-http --mode production --scenario steady --via http
+if wanted steady; then
+  run embedded-steady --mode embedded --scenario steady
+  run production-steady-amqp --mode production --scenario steady --via amqp
+  run production-steady-http --mode production --scenario steady --via http
+fi
 
 # (c) slow receivers: every response 200 ms late; throughput against
 # workers × concurrency ÷ 200 ms as concurrency and worker processes grow. The
@@ -50,17 +74,20 @@ slow() {
   shift 2
   run "$name" --scenario slow --concurrency "$concurrency" --set "AEGIS_WEBHOOK_CONCURRENCY=$concurrency" "$@"
 }
-slow embedded-slow-c256 256 --mode embedded --events 2000
-slow production-slow-c256-w1 256 --mode production --workers 1 --events 2000
-slow production-slow-c256-w2 256 --mode production --workers 2 --events 4000
-slow production-slow-c1000-w1 1000 --mode production --workers 1 --events 5000
-slow production-slow-c2000-w1 2000 --mode production --workers 1 --events 10000
+if wanted slow; then
+  slow embedded-slow-c256 256 --mode embedded --events 2000
+  slow production-slow-c256-w1 256 --mode production --workers 1 --events 2000
+  slow production-slow-c256-w2 256 --mode production --workers 2 --events 4000
+  slow production-slow-c1000-w1 1000 --mode production --workers 1 --events 5000
+  slow production-slow-c2000-w1 2000 --mode production --workers 1 --events 10000
+fi
 
 # (d) noisy: tenant A floods 20,000 events × 10 webhooks while tenant B sends
 # 10 events/s to one; fairness on, then off (first in, first out), and A's
 # flood alone for its throughput's comparison (docs/performance.md, "Fair
 # sharing between tenants").
 for mode in embedded production; do
+  if ! wanted noisy; then break; fi
   run "$mode-noisy-fair" --mode "$mode" --scenario noisy
   run "$mode-noisy-fifo" --mode "$mode" --scenario noisy --set AEGIS_FAIRNESS=off
   run "$mode-burst-20000x10" --mode "$mode" --scenario burst --events 20000
@@ -68,11 +95,15 @@ done
 
 # (e) the customer portal: 10,000 deliveries to one webhook, then its pages
 # timed (docs/performance.md, "The portal's pages").
-for mode in embedded production; do run "$mode-portal" --mode "$mode" --scenario portal; done
+if wanted portal; then
+  for mode in embedded production; do run "$mode-portal" --mode "$mode" --scenario portal; done
+fi
 
 # Memory over time: 10 minutes of the steady scenario; compare its peak RSS
 # with the 30 s run's (flat memory: about the same).
-timeout=900s run production-steady-10min --mode production --scenario steady --via amqp --duration 600s
+if wanted memory; then
+  timeout=900s run production-steady-10min --mode production --scenario steady --via amqp --duration 600s
+fi
 
 echo "reports in $out"
 exit "$status"

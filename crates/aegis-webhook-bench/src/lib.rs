@@ -57,8 +57,8 @@ use procstat::Machine;
 use publish::Published;
 use receiver::{Receiver, Tally};
 use report::{
-    Deliveries, Latency, MachineLoad, PageTiming, Portal, ProcessUsage, Report, ServiceUsage, Settings, TableSample,
-    TenantFigures, Tenants, Throughput, mib, per_thousand,
+    Deliveries, Latency, MachineLoad, PageTiming, Portal, ProcessUsage, Report, ServiceUsage, Settings, SlowDelivery,
+    TableSample, TenantFigures, Tenants, Throughput, mib, per_thousand,
 };
 use system::System;
 
@@ -160,7 +160,7 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     if let Some(path) = &plan.json {
         write_json(path, &report)?;
     }
-    if report.passed {
+    if report.passed && !plan.keep_logs {
         let _ = std::fs::remove_dir_all(&work_dir);
     } else {
         eprintln!("aegis-bench: the processes' logs are kept in {}", work_dir.display());
@@ -1107,6 +1107,13 @@ fn build_report(
             load.other_cpu_seconds, load.window_seconds
         ));
     }
+    if table_sizes.iter().any(|sample| !sample.sizes.autovacuum) {
+        warnings.push(
+            "PostgreSQL's autovacuum is off on this server: the space of deleted rows is never reused, so a \
+             table expiry deletes from (events) grows as if nothing were deleted; production servers run it"
+                .to_owned(),
+        );
+    }
     warnings.extend(shutdown_problems);
 
     Report {
@@ -1153,6 +1160,7 @@ fn build_report(
             ceiling_deliveries_per_second: ceiling,
             percent_of_ceiling: ceiling.map(|ceiling| deliveries_per_second * 100.0 / ceiling),
         },
+        slowest: SlowDelivery::listed(tally.slowest),
         latency_ms: Latency::from_micros(tally.latencies_us),
         acceptance_ms,
         tenants,

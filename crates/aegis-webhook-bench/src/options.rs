@@ -116,6 +116,11 @@ pub struct Args {
     /// the latency with a run without it.
     #[arg(long)]
     pub breakdown: bool,
+    /// Keep the processes' logs (and the embedded data folder) after a run
+    /// that passed too, and say where: to match the slowest deliveries with
+    /// what the processes were doing. A failed run always keeps them.
+    #[arg(long)]
+    pub keep_logs: bool,
     /// An extra setting for every spawned process, after the benchmark's own
     /// (repeatable): `--set AEGIS_AMQP_PREFETCH=128`.
     #[arg(long = "set", value_name = "AEGIS_NAME=VALUE", value_parser = parse_setting)]
@@ -236,6 +241,7 @@ pub struct Plan {
     pub settings: Vec<(String, String)>,
     /// `--breakdown`: the processes export traces to the benchmark.
     pub breakdown: bool,
+    pub keep_logs: bool,
 }
 
 impl Plan {
@@ -368,6 +374,7 @@ impl Plan {
             amqp_url: args.amqp_url,
             settings,
             breakdown: args.breakdown,
+            keep_logs: args.keep_logs,
         })
     }
 

@@ -114,6 +114,9 @@ pub struct TableSizes {
     /// WAL written by the whole server so far (`pg_stat_wal`): its growth
     /// over a run, divided by the deliveries, is what one delivery writes.
     pub wal_bytes: u64,
+    /// Whether the server's autovacuum is on: the space of deleted rows
+    /// (expiry deletes `events` rows) is reused only once they are vacuumed.
+    pub autovacuum: bool,
 }
 
 /// Reads [`TableSizes`] of the database at `url`.
@@ -128,7 +131,8 @@ pub async fn table_sizes(db: &DatabaseConnection) -> anyhow::Result<TableSizes> 
         (SELECT count(*) FROM events) AS events, \
         (SELECT count(*) FROM deliveries) AS deliveries, \
         (SELECT count(*) FROM delivery_attempts) AS attempts, \
-        (SELECT wal_bytes FROM pg_stat_wal)::bigint AS wal_bytes";
+        (SELECT wal_bytes FROM pg_stat_wal)::bigint AS wal_bytes, \
+        current_setting('autovacuum')::bool AS autovacuum";
     let row = db
         .query_one_raw(Statement::from_string(backend, query))
         .await
@@ -148,5 +152,6 @@ pub async fn table_sizes(db: &DatabaseConnection) -> anyhow::Result<TableSizes> 
         deliveries: get("deliveries")?,
         attempts: get("attempts")?,
         wal_bytes: get("wal_bytes")?,
+        autovacuum: row.try_get("", "autovacuum").context("table sizes: autovacuum")?,
     })
 }

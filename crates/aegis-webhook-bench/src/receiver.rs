@@ -17,7 +17,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use axum::body::Bytes;
@@ -50,6 +50,31 @@ pub struct Tally {
     pub latencies_us: Vec<u64>,
     /// When the latest verified delivery arrived.
     pub last_verified_at: Option<Instant>,
+    /// The slowest verified deliveries, at most [`SLOWEST_KEPT`], each with
+    /// the wall-clock time it arrived, to be matched with the processes' and
+    /// the database's logs.
+    pub slowest: Vec<Slow>,
+}
+
+/// How many of the slowest deliveries a [`Tally`] keeps.
+pub const SLOWEST_KEPT: usize = 20;
+
+/// A slow delivery: its event→receipt latency and when it arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slow {
+    pub latency_us: u64,
+    pub arrived: SystemTime,
+}
+
+/// Keeps `slow` in `slowest` if it is among the [`SLOWEST_KEPT`] slowest.
+fn keep_if_slowest(slowest: &mut Vec<Slow>, slow: Slow) {
+    if slowest.len() < SLOWEST_KEPT {
+        slowest.push(slow);
+    } else if let Some(fastest) = slowest.iter_mut().min_by_key(|kept| kept.latency_us)
+        && fastest.latency_us < slow.latency_us
+    {
+        *fastest = slow;
+    }
 }
 
 impl Tally {
@@ -57,6 +82,7 @@ impl Tally {
     fn counts(&self) -> Tally {
         Tally {
             latencies_us: Vec::new(),
+            slowest: Vec::new(),
             ..*self
         }
     }
@@ -70,6 +96,9 @@ impl Tally {
         self.unexpected += other.unexpected;
         self.latencies_us.extend_from_slice(&other.latencies_us);
         self.last_verified_at = self.last_verified_at.max(other.last_verified_at);
+        for slow in &other.slowest {
+            keep_if_slowest(&mut self.slowest, *slow);
+        }
     }
 }
 
@@ -319,9 +348,10 @@ fn judge(shared: &Shared, webhook: &str, headers: &HeaderMap, body: &[u8], at: I
             tally.verified += 1;
             tally.last_verified_at = Some(at);
             if let Some(latency) = event.and_then(|event| tenant.events.latency(event, at)) {
-                tally
-                    .latencies_us
-                    .push(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+                let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+                tally.latencies_us.push(latency_us);
+                let arrived = SystemTime::now() - at.elapsed();
+                keep_if_slowest(&mut tally.slowest, Slow { latency_us, arrived });
             }
         }
         Verdict::Duplicate => tally.duplicates += 1,
@@ -346,6 +376,20 @@ mod tests {
     use super::*;
 
     const SECRET: &str = "bench-secret-for-tests";
+
+    #[test]
+    fn a_tally_keeps_the_slowest_deliveries_only() {
+        let arrived = SystemTime::UNIX_EPOCH;
+        let mut slowest = Vec::new();
+        for latency_us in (1..=100).rev().chain(1..=100) {
+            keep_if_slowest(&mut slowest, Slow { latency_us, arrived });
+        }
+        let mut kept: Vec<u64> = slowest.iter().map(|slow| slow.latency_us).collect();
+        kept.sort_unstable();
+        let expected: Vec<u64> = (81..=100).flat_map(|latency| [latency, latency]).skip(20).collect();
+        assert_eq!(kept.len(), SLOWEST_KEPT);
+        assert_eq!(kept, expected);
+    }
 
     fn sign(body: &[u8]) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("any key");

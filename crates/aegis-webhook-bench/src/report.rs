@@ -34,6 +34,9 @@ pub struct Report {
     pub throughput: Throughput,
     /// Event→receipt of each verified delivery (first receipt of each).
     pub latency_ms: Option<Latency>,
+    /// The slowest deliveries, slowest first, with when they arrived, to be
+    /// matched with the processes' and the database's logs.
+    pub slowest: Vec<SlowDelivery>,
     /// Event handed over → the broker's confirm (AMQP) or the intake's 202
     /// (HTTP): the publishing part of the latency.
     pub acceptance_ms: Option<Latency>,
@@ -141,6 +144,29 @@ pub struct Throughput {
     /// system's concurrency allows.
     pub ceiling_deliveries_per_second: Option<f64>,
     pub percent_of_ceiling: Option<f64>,
+}
+
+/// One of the slowest deliveries of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowDelivery {
+    /// When it arrived at the receiver (UTC, RFC 3339, milliseconds).
+    pub arrived: String,
+    pub latency_ms: f64,
+}
+
+impl SlowDelivery {
+    /// The kept slow deliveries, slowest first.
+    pub fn listed(mut slowest: Vec<crate::receiver::Slow>) -> Vec<SlowDelivery> {
+        slowest.sort_unstable_by_key(|slow| std::cmp::Reverse(slow.latency_us));
+        slowest
+            .into_iter()
+            .map(|slow| SlowDelivery {
+                arrived: chrono::DateTime::<chrono::Utc>::from(slow.arrived)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                latency_ms: slow.latency_us as f64 / 1000.0,
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -356,6 +382,15 @@ impl fmt::Display for Report {
                 l.p50, l.p90, l.p99, l.max, l.samples
             )?,
             None => writeln!(f, "  latency       -")?,
+        }
+        if !self.slowest.is_empty() {
+            let listed: Vec<String> = self
+                .slowest
+                .iter()
+                .take(5)
+                .map(|slow| format!("{:.1} ms at {}", slow.latency_ms, slow.arrived))
+                .collect();
+            writeln!(f, "  slowest       {}", listed.join(", "))?;
         }
         if let Some(l) = &self.acceptance_ms {
             let by = match self.via {
