@@ -292,6 +292,36 @@ pub async fn claim_many(
         .collect()
 }
 
+/// [`claim_many`] as the worker runs it: in a transaction of its own that
+/// does not wait for its WAL to reach the disk (PostgreSQL's
+/// `synchronous_commit = off`, for this transaction only), which takes a
+/// flush off every delivery's path. A claim is a lease, not a fact: should
+/// the database crash in the moment before the flush (at most three of the
+/// WAL writer's rounds, 3 × 200 ms by default), the lease is lost and the attempt may be
+/// made twice, which at-least-once allows. What is a fact, the attempt's
+/// record, commits synchronously, and that flush carries every earlier
+/// commit's WAL with it. SQLite: [`claim_many`] as it is.
+pub async fn claim_leases(
+    db: &sea_orm::DatabaseConnection,
+    wanted: &[ClaimRequest],
+    lease: Duration,
+    now: DateTime<Utc>,
+) -> Result<Vec<Delivery>, StoreError> {
+    use sea_orm::TransactionTrait as _;
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres || wanted.is_empty() {
+        return claim_many(db, wanted, lease, now).await;
+    }
+    let transaction = db.begin().await?;
+    let claimed = async {
+        transaction
+            .execute_unprepared("SET LOCAL synchronous_commit = off")
+            .await?;
+        claim_many(&transaction, wanted, lease, now).await
+    }
+    .await;
+    crate::end(transaction, claimed).await
+}
+
 /// Moves a pending, unclaimed delivery's next attempt to `until`, for a worker
 /// that holds its task back (its webhook had every slot busy): the reconciler
 /// then does not take the held-back task for a lost one.

@@ -1,5 +1,5 @@
 //! The worker's database round trips, shared by its in-flight attempts: one
-//! statement claims (and reads back) the deliveries of many tasks, and one
+//! transaction claims (and reads back) the deliveries of many tasks, and one
 //! transaction records many attempts (see [`aegis_webhook_core::batch`]).
 //! Per attempt that is two round trips shared with its neighbours instead of
 //! seven of its own.
@@ -92,7 +92,7 @@ impl Store {
         Store { claims, records }
     }
 
-    /// Claims attempt `attempt` of the delivery (see [`deliveries::claim`]) and
+    /// Claims attempt `attempt` of the delivery (see [`deliveries::claim_leases`]) and
     /// loads what the attempt needs; `None` when it cannot be claimed.
     pub async fn claim(&self, delivery_id: DeliveryId, attempt: u32) -> anyhow::Result<Option<Claimed>> {
         self.claims.call(ClaimRequest { delivery_id, attempt }).await
@@ -111,7 +111,7 @@ async fn claim_batch(
     lease: Duration,
     wanted: Vec<ClaimRequest>,
 ) -> anyhow::Result<Vec<Option<Claimed>>> {
-    let claimed = deliveries::claim_many(db, &wanted, lease, Utc::now()).await?;
+    let claimed = deliveries::claim_leases(db, &wanted, lease, Utc::now()).await?;
     let mut webhook_ids: Vec<WebhookId> = claimed.iter().map(|delivery| delivery.webhook_id).collect();
     webhook_ids.sort_unstable();
     webhook_ids.dedup();

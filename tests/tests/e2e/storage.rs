@@ -310,7 +310,7 @@ async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
     );
     let wanted = |delivery_id, attempt| deliveries::ClaimRequest { delivery_id, attempt };
     let lease = Duration::from_secs(60);
-    let mut claimed: Vec<DeliveryId> = deliveries::claim_many(
+    let mut claimed: Vec<DeliveryId> = deliveries::claim_leases(
         &fixture.db,
         &[wanted(a, 1), wanted(b, 2), wanted(c, 1), wanted(a, 1)],
         lease,
@@ -332,6 +332,26 @@ async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
             .is_empty(),
         "claimed deliveries cannot be claimed again while the lease lasts"
     );
+    if backend == Backend::Postgres {
+        // The leases' commit skipped its flush; nothing else does: the
+        // setting ended with their transaction, on every pooled connection
+        // (each reads its own against the server's).
+        use sea_orm::ConnectionTrait as _;
+        let settings = futures::future::join_all((0..8).map(|_| {
+            fixture.db.query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT current_setting('synchronous_commit') AS now, reset_val AS server \
+                 FROM pg_settings WHERE name = 'synchronous_commit'",
+            ))
+        }))
+        .await;
+        for setting in settings {
+            let row = setting.expect("query").expect("a row");
+            let now: String = row.try_get("", "now").expect("now");
+            let server: String = row.try_get("", "server").expect("server");
+            assert_eq!(now, server, "a connection kept the leases' setting");
+        }
+    }
 
     // Records: each delivery moves on as its own attempt says.
     let now = Utc::now().trunc_subsecs(6);
