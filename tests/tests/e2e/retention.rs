@@ -327,6 +327,19 @@ async fn a_tenants_own_retention_holds_and_expunged_deliveries_say_so(backend: B
                 "minSeconds": 1, "maxSeconds": 90 * 86_400 }),
         "{answer}"
     );
+    // The change is in the tenant's audit log, once: the refused ones are not.
+    let log = app
+        .graphql(
+            "{ auditLog(filter: { operation: \"setRetention\" }, first: 10) { nodes { operation targetKind } } }",
+            json!({}),
+        )
+        .await;
+    assert!(log["errors"].is_null(), "{log}");
+    assert_eq!(
+        log["data"]["auditLog"]["nodes"].as_array().map(Vec::len),
+        Some(1),
+        "{log}"
+    );
     app.create_webhook(&receiver.url(), &["POAM_OVERDUE"], None).await;
     let cipher = SecretCipher::from_base64(&key).expect("key");
     let other = tenant_with_webhooks(app.db(), &cipher, "other", &receiver.url(), 1).await;

@@ -336,6 +336,42 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
     assert_eq!(receiver.received().len(), 2);
 }
 
+/// A delivery whose event lost its payload to the body retention (a
+/// redeliver racing the expiry pass) ends with the reason: nothing is sent,
+/// least of all an empty body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_payload_was_expunged_ends_without_a_request() {
+    use sea_orm::ConnectionTrait as _;
+    let receiver = Receiver::start(&[], 200).await;
+    let steps = steps(&[&receiver]).await;
+    steps.ingest_one_event().await;
+    let [task] = steps.first_attempts().await[..] else {
+        panic!("one delivery")
+    };
+    // What the expiry pass does to a final delivery's event, done here to a
+    // pending one's: the race it guards against.
+    steps
+        .db
+        .execute_unprepared("UPDATE events SET data = '', body_expunged_at = CURRENT_TIMESTAMP")
+        .await
+        .expect("empty the payload");
+    let outcome = steps.worker.process_one(task).await.expect("processed");
+    let Outcome::Skipped { reason } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(reason.contains("expunged"), "{reason}");
+    assert!(receiver.received().is_empty(), "nothing is sent");
+    let delivery = deliveries::delivery_by_id(&steps.db, task.delivery_id())
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_ne!(
+        delivery.status,
+        DeliveryStatus::Pending,
+        "the delivery is ended: {delivery:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_row_that_cannot_be_read_fails_only_its_own_delivery() {
     let (healthy, broken) = (Receiver::start(&[], 200).await, Receiver::start(&[], 200).await);
