@@ -67,10 +67,26 @@ pub struct System {
     broker: Option<Broker>,
 }
 
-/// An unused port on loopback for a process's `AEGIS_LISTEN`.
+/// Where [`free_port`] looks: below Linux's default ephemeral range
+/// (32768–60999), which the kernel hands out for every outgoing connection
+/// and every bind to port 0.
+const LISTEN_PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// An unused port on loopback for a process's `AEGIS_LISTEN`, which the
+/// process binds seconds later. Not one found by binding to port 0: that is
+/// an ephemeral port, and in those seconds an outgoing connection (to
+/// PostgreSQL, to RabbitMQ) or another program's listener may take it (seen
+/// in CI, with the tests running side by side: the API failed to bind, and
+/// another test's server answered in its place). A random port below the
+/// ephemeral range is taken only by another listener choosing the same way.
 fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("failed to find a free port on 127.0.0.1")?;
-    Ok(listener.local_addr().context("failed to read a bound address")?.port())
+    for _ in 0..100 {
+        let port = rand::random_range(LISTEN_PORTS);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("found no free port on 127.0.0.1 in {LISTEN_PORTS:?} after 100 tries")
 }
 
 fn setting(name: &str, value: impl Into<String>) -> (String, String) {
