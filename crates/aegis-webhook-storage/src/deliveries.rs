@@ -324,7 +324,9 @@ async fn claim_with(
 /// WAL writer's rounds, 3 × 200 ms by default), the lease is lost and the attempt may be
 /// made twice, which at-least-once allows. What is a fact, the attempt's
 /// record, commits synchronously, and that flush carries every earlier
-/// commit's WAL with it. SQLite: [`claim_many`] as it is.
+/// commit's WAL with it. It takes a connection, not any `ConnectionTrait`:
+/// inside a caller's transaction the setting would relax that whole
+/// transaction's commit. SQLite: [`claim_many`] as it is.
 pub async fn claim_leases(
     db: &sea_orm::DatabaseConnection,
     wanted: &[ClaimRequest],

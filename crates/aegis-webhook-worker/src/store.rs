@@ -1,5 +1,5 @@
 //! The worker's database round trips, shared by its in-flight attempts: one
-//! transaction claims (and reads back) the deliveries of many tasks, and one
+//! statement claims (and reads back) the deliveries of many tasks, and one
 //! transaction records many attempts (see [`aegis_webhook_core::batch`]).
 //! Per attempt that is two round trips shared with its neighbours instead of
 //! seven of its own.
