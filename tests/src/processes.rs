@@ -14,7 +14,9 @@ use std::time::Duration;
 use aegis_webhook::{Roles, open_database, run_until_signal, start, telemetry_settings};
 use aegis_webhook_core::config::Config;
 use aegis_webhook_core::ids::TenantId;
+use aegis_webhook_core::retry::RetrySchedule;
 use aegis_webhook_core::secret::SecretCipher;
+use aegis_webhook_rabbitmq::Topology;
 use aegis_webhook_storage as db;
 use uuid::Uuid;
 
@@ -24,6 +26,10 @@ use tokio::process::{Child, Command};
 
 const ROLE_ENV: &str = "AEGIS_TEST_ROLE";
 const READY: &str = "AEGIS_ROLE_READY";
+/// How long a role process may take to serve: a process retries the broker
+/// for about a minute and a half before it gives up, and a broker busy
+/// deleting queues may keep it waiting that long.
+const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The body of the ignored `role_process` test of each binary that spawns role
 /// processes: what a child process runs.
@@ -99,7 +105,7 @@ impl RoleProcess {
         let mut child = command.spawn().expect("spawn a role process");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(60), async {
+        let addr = tokio::time::timeout(START_TIMEOUT, async {
             while let Some(line) = lines.next_line().await.expect("read the child's output") {
                 // libtest prints `test role_process ... ` first, on the same line.
                 if let Some((_, addr)) = line.split_once(READY) {
@@ -109,7 +115,7 @@ impl RoleProcess {
             panic!("the {role} process exited before it was ready");
         })
         .await
-        .unwrap_or_else(|_| panic!("the {role} process did not start within 60 s"));
+        .unwrap_or_else(|_| panic!("the {role} process did not start within {START_TIMEOUT:?}"));
         // Keep draining its output so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         RoleProcess { role, addr, child }
@@ -236,5 +242,69 @@ impl ProcessCluster {
     /// Starts `role` with the cluster's settings.
     pub async fn spawn(&self, role: &'static str) -> RoleProcess {
         RoleProcess::spawn(role, &self.settings).await
+    }
+
+    fn setting(&self, key: &str) -> Option<&str> {
+        self.settings
+            .iter()
+            .find(|(existing, _)| existing == key)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The queues and exchanges the cluster's processes declare.
+    fn topology(&self) -> Topology {
+        let schedule = self
+            .setting("AEGIS_RETRY_SCHEDULE")
+            .map(|text| text.parse::<RetrySchedule>().expect("the test's retry schedule parses"))
+            .unwrap_or_default();
+        let prefix = self.setting("AEGIS_AMQP_PREFIX").expect("every cluster has a prefix");
+        Topology::new(prefix, schedule.delays(), None)
+    }
+}
+
+/// How long a cluster's teardown may take, per broker address tried.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Drop for ProcessCluster {
+    /// Deletes the cluster's queues and exchanges, so each test leaves the
+    /// broker as it found it. Left to expire instead, a run's hundreds of
+    /// quorum queues (the start-up test alone makes 280) were created and
+    /// deleted in the broker's background while later tests ran, and held
+    /// its connections up for minutes (a CI run failed on it: a process
+    /// could not connect within 60 s). Deleting here, synchronously, makes
+    /// every test pay for its own queues before the next one starts. Best
+    /// effort: a broker that is gone (the cluster test's) is skipped.
+    fn drop(&mut self) {
+        let Some(urls) = self.setting("AEGIS_AMQP_URL").map(str::to_owned) else {
+            return;
+        };
+        let topology = self.topology();
+        // Its own thread and runtime: a drop may run on a runtime's thread,
+        // where blocking on another future is not allowed.
+        let teardown = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the teardown");
+            runtime.block_on(async {
+                for url in urls.split(',') {
+                    let deleted = tokio::time::timeout(TEARDOWN_TIMEOUT, async {
+                        let connection = lapin::Connection::connect(url.trim(), Default::default()).await?;
+                        let channel = connection.create_channel().await?;
+                        topology.delete(&channel).await?;
+                        connection.close(200, "test done".into()).await
+                    })
+                    .await;
+                    match deleted {
+                        Ok(Ok(())) => return,
+                        Ok(Err(error)) => {
+                            eprintln!("could not delete a test's queues ({error}); trying the next address")
+                        }
+                        Err(_) => eprintln!("deleting a test's queues took over {TEARDOWN_TIMEOUT:?}"),
+                    }
+                }
+            });
+        });
+        let _ = teardown.join();
     }
 }

@@ -9,7 +9,7 @@
 use aegis_webhook_core::retry::RetrySchedule;
 use aegis_webhook_rabbitmq::Topology;
 use anyhow::Context as _;
-use lapin::options::{ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 
@@ -129,25 +129,10 @@ impl Broker {
             .create_channel()
             .await
             .context("failed to open a RabbitMQ channel")?;
-        let queues = self
-            .topology
-            .lane_queues()
-            .into_iter()
-            .map(|(_, _, queue)| queue)
-            .chain([self.topology.invalid_queue(), self.topology.dead_queue()])
-            .chain(self.topology.tier_queues());
-        for queue in queues {
-            channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .with_context(|| format!("failed to delete queue {queue}"))?;
-        }
-        for exchange in [self.topology.events_exchange(), self.topology.deliveries_exchange()] {
-            channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await
-                .with_context(|| format!("failed to delete exchange {exchange}"))?;
-        }
+        self.topology
+            .delete(&channel)
+            .await
+            .with_context(|| format!("failed to delete the topology of prefix {}", self.prefix))?;
         let _ = channel.close(200, "done".into()).await;
         Ok(())
     }

@@ -43,7 +43,7 @@ use bytes::Bytes;
 use futures::StreamExt as _;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -217,6 +217,35 @@ impl Topology {
             arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires.as_millis() as i64));
         }
         arguments
+    }
+
+    /// Every queue the topology declares.
+    pub fn queues(&self) -> Vec<String> {
+        self.lane_queues()
+            .into_iter()
+            .map(|(_, _, queue)| queue)
+            .chain([self.invalid_queue(), self.dead_queue()])
+            .chain(self.tier_queues())
+            .collect()
+    }
+
+    /// Deletes every queue and exchange of the topology, messages and all: for
+    /// a deployment's (or a test's, or a benchmark's) teardown, once its
+    /// processes have stopped. Each deletion is answered only once the broker
+    /// has done it, so a caller deleting topology after topology goes at the
+    /// broker's pace instead of leaving it a backlog of expiries.
+    pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
+        for queue in self.queues() {
+            channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for exchange in [self.events_exchange(), self.deliveries_exchange()] {
+            channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
     }
 
     /// Declares everything; safe to repeat, and every process does at start.
