@@ -101,11 +101,18 @@ cli() {
   (node_env "$n" && "$BIN/$tool" -n "$(node_name "$n")" "$@")
 }
 
+# Node N's pid, from its pid file, if that process is node N's: a pid file
+# left by a run that was killed (or on a machine booted again) may name a
+# pid reused since by another process, which `stop` must not signal. The
+# launcher and the VM both carry the node's environment.
 pid_of() {
-  local pid_file
+  local pid_file pid
   for pid_file in "$DIR/c$1/rabbitmq.pid" "$DIR/c$1/launcher.pid"; do
-    if [ -s "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
-      cat "$pid_file"
+    [ -s "$pid_file" ] || continue
+    pid=$(cat "$pid_file")
+    if kill -0 "$pid" 2>/dev/null &&
+      tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "RABBITMQ_MNESIA_BASE=$DIR/c$1/mnesia"; then
+      echo "$pid"
       return 0
     fi
   done
