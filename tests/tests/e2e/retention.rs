@@ -28,6 +28,7 @@ on_both_backends!(
     expiry_removes_final_rows_past_retention_and_keeps_pending_ones,
     body_retention_empties_bodies_and_keeps_the_records,
     a_tenants_own_retention_holds_and_expunged_deliveries_say_so,
+    replaying_dead_letters_skips_those_whose_payload_was_expunged,
 );
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -403,6 +404,74 @@ async fn a_tenants_own_retention_holds_and_expunged_deliveries_say_so(backend: B
     // An id that is not a UUIDv7 (or is new) is simply not found.
     let answer = app.graphql(DELIVERY, json!({ "id": Uuid::new_v4() })).await;
     assert_eq!(error_code(&answer), "NOT_FOUND", "{answer}");
+}
+
+async fn replaying_dead_letters_skips_those_whose_payload_was_expunged(backend: Backend) {
+    let Some(app) = TestApp::spawn_with(backend, |config| {
+        config.retention_min = Duration::from_secs(1);
+        config.expiry_interval = Duration::from_secs(3600);
+    })
+    .await
+    else {
+        return;
+    };
+    let receiver = Receiver::start(&[], 200).await;
+    let answer = app
+        .graphql(SET_RETENTION, json!({ "records": 3600, "bodies": 1 }))
+        .await;
+    assert!(answer["errors"].is_null(), "{answer}");
+    let webhook = app.create_webhook(&receiver.url(), &["POAM_OVERDUE"], None).await;
+    let webhook_id: WebhookId = webhook["id"].as_str().expect("an id").parse().expect("a webhook id");
+    let data = Data {
+        db: app.db().clone(),
+        tenant_id: app.setup.tenant_id,
+        webhook_id,
+    };
+
+    // A dead letter whose payload a pass (on a clock five seconds on) expunges…
+    let (old_event, expunged) = event_with_delivery(&data).await;
+    attempt(&data, expunged, 500, NextStep::Failed("gave up".to_owned())).await;
+    let expiry = Expiry::new(&app.config, app.db().clone()).expect("expiry");
+    let removed = expiry
+        .pass(Utc::now() + chrono::Duration::seconds(5))
+        .await
+        .expect("pass");
+    assert_eq!((removed.bodies, removed.deliveries), (1, 0), "{removed:?}");
+    let stored = events::events_by_ids(app.db(), &[old_event]).await.expect("events");
+    assert_eq!(stored[0].data, None, "its payload is gone");
+    // … and one made since, whose payload stays.
+    let (_, kept) = event_with_delivery(&data).await;
+    attempt(&data, kept, 500, NextStep::Failed("gave up".to_owned())).await;
+
+    let answer = app
+        .graphql(
+            "mutation($id: ID!) { replayDeadLetters(webhookId: $id, since: \"2020-01-01T00:00:00Z\") }",
+            json!({ "id": webhook_id.to_string() }),
+        )
+        .await;
+    assert_eq!(
+        answer["data"]["replayDeadLetters"], 1,
+        "only the one with a payload: {answer}"
+    );
+    let requests = receiver.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(
+        requests[0].header("x-aegis-delivery"),
+        kept.to_string(),
+        "the replayed delivery is the one with a payload"
+    );
+    let left = deliveries::delivery_by_id(app.db(), expunged)
+        .await
+        .expect("delivery")
+        .expect("its record stays");
+    assert_eq!(left.status, deliveries::DeliveryStatus::Failed, "not reopened");
+    assert_eq!(
+        deliveries::attempts_of(app.db(), expunged)
+            .await
+            .expect("attempts")
+            .len(),
+        1,
+        "and not attempted again"
+    );
 }
 
 /// Deliveries the populated-database test makes (and as many events and
