@@ -279,19 +279,32 @@ fn error_code(answer: &serde_json::Value) -> &str {
     answer["errors"][0]["extensions"]["code"].as_str().unwrap_or_default()
 }
 
+/// A system whose tenants may choose retentions from one second up, with no
+/// expiry pass of its own (each test runs its passes), and a receiver that
+/// answers 200.
+async fn app_with_retentions_in_seconds(
+    backend: Backend,
+    adjust: impl FnOnce(&mut Config),
+) -> Option<(TestApp, Receiver)> {
+    let app = TestApp::spawn_with(backend, |config| {
+        config.retention_min = Duration::from_secs(1);
+        config.expiry_interval = Duration::from_secs(3600);
+        adjust(config);
+    })
+    .await?;
+    Some((app, Receiver::start(&[], 200).await))
+}
+
 async fn a_tenants_own_retention_holds_and_expunged_deliveries_say_so(backend: Backend) {
     // Tenants may choose from one second up: the test waits on real time.
     let key = SecretCipher::generate_key();
-    let Some(app) = TestApp::spawn_with(backend, |config| {
+    let Some((app, receiver)) = app_with_retentions_in_seconds(backend, |config| {
         config.secret_key = Some(Sensitive::new(key.clone()));
-        config.retention_min = Duration::from_secs(1);
-        config.expiry_interval = Duration::from_secs(3600);
     })
     .await
     else {
         return;
     };
-    let receiver = Receiver::start(&[], 200).await;
 
     // Out of bounds, or bodies outliving records: refused, naming why.
     let answer = app.graphql(SET_RETENTION, json!({ "records": 400 * 86_400 })).await;
@@ -407,15 +420,9 @@ async fn a_tenants_own_retention_holds_and_expunged_deliveries_say_so(backend: B
 }
 
 async fn replaying_dead_letters_skips_those_whose_payload_was_expunged(backend: Backend) {
-    let Some(app) = TestApp::spawn_with(backend, |config| {
-        config.retention_min = Duration::from_secs(1);
-        config.expiry_interval = Duration::from_secs(3600);
-    })
-    .await
-    else {
+    let Some((app, receiver)) = app_with_retentions_in_seconds(backend, |_| {}).await else {
         return;
     };
-    let receiver = Receiver::start(&[], 200).await;
     let answer = app
         .graphql(SET_RETENTION, json!({ "records": 3600, "bodies": 1 }))
         .await;
