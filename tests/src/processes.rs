@@ -251,14 +251,16 @@ impl ProcessCluster {
             .map(|(_, value)| value.as_str())
     }
 
-    /// The queues and exchanges the cluster's processes declare.
-    fn topology(&self) -> Topology {
-        let schedule = self
-            .setting("AEGIS_RETRY_SCHEDULE")
-            .map(|text| text.parse::<RetrySchedule>().expect("the test's retry schedule parses"))
-            .unwrap_or_default();
-        let prefix = self.setting("AEGIS_AMQP_PREFIX").expect("every cluster has a prefix");
-        Topology::new(prefix, schedule.delays(), None)
+    /// The queues and exchanges the cluster's processes declare; `None` when
+    /// its settings name none (never a panic: this runs in a drop, which may
+    /// be a failed test's unwinding).
+    fn topology(&self) -> Option<Topology> {
+        let schedule = match self.setting("AEGIS_RETRY_SCHEDULE") {
+            Some(text) => text.parse::<RetrySchedule>().ok()?,
+            None => RetrySchedule::default(),
+        };
+        let prefix = self.setting("AEGIS_AMQP_PREFIX")?;
+        Some(Topology::new(prefix, schedule.delays(), None))
     }
 }
 
@@ -275,10 +277,9 @@ impl Drop for ProcessCluster {
     /// every test pay for its own queues before the next one starts. Best
     /// effort: a broker that is gone (the cluster test's) is skipped.
     fn drop(&mut self) {
-        let Some(urls) = self.setting("AEGIS_AMQP_URL").map(str::to_owned) else {
+        let (Some(urls), Some(topology)) = (self.setting("AEGIS_AMQP_URL").map(str::to_owned), self.topology()) else {
             return;
         };
-        let topology = self.topology();
         // Its own thread and runtime: a drop may run on a runtime's thread,
         // where blocking on another future is not allowed.
         let teardown = std::thread::spawn(move || {
