@@ -221,11 +221,16 @@ impl Topology {
 
     /// Every queue the topology declares.
     pub fn queues(&self) -> Vec<String> {
+        self.untiered_queues().into_iter().chain(self.tier_queues()).collect()
+    }
+
+    /// The queues declared with the common arguments only: every one but the
+    /// retry tiers (which add their TTL and dead-lettering).
+    fn untiered_queues(&self) -> Vec<String> {
         self.lane_queues()
             .into_iter()
             .map(|(_, _, queue)| queue)
             .chain([self.invalid_queue(), self.dead_queue()])
-            .chain(self.tier_queues())
             .collect()
     }
 
@@ -271,17 +276,9 @@ impl Topology {
             )
             .await?;
         let durable_queue = QueueDeclareOptions::durable();
-        for queue in [
-            self.ingest_queue(),
-            self.ingest_bulk_queue(),
-            self.invalid_queue(),
-            self.work_queue(),
-            self.bulk_queue(),
-            self.due_queue(),
-            self.dead_queue(),
-        ] {
+        for queue in self.untiered_queues() {
             channel
-                .queue_declare(queue.into(), durable_queue, self.queue_arguments())
+                .queue_declare(queue.as_str().into(), durable_queue, self.queue_arguments())
                 .await?;
         }
         // Every routing key, not only today's event names: an unknown name must
