@@ -329,6 +329,20 @@ pub fn horizon(now: DateTime<Utc>, longest: Duration) -> DateTime<Utc> {
     before(now, longest)
 }
 
+/// The share of the time expiry spends in its statements while it has a
+/// backlog. After each full batch it rests as long again, so a pass's
+/// deletes reach the disk spread out, beside the deliveries' own commits,
+/// rather than back to back (their WAL flushes are what a delivery's commit
+/// would queue behind).
+pub const EXPIRY_SHARE: f64 = 0.5;
+
+/// How long expiry rests after a batch that took `took` and left more to do,
+/// so that its batches take at most `share` of the time.
+pub fn rest_after_batch(took: Duration, share: f64) -> Duration {
+    let share = share.clamp(0.01, 1.0);
+    took.mul_f64((1.0 - share) / share)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,6 +577,18 @@ mod tests {
         let minute = PartitionPlan::new(Duration::from_secs(60), Duration::from_secs(10));
         assert_eq!(minute.ahead, Duration::from_secs(180));
         assert_eq!(minute.to_create(&[], now).len(), 3);
+    }
+
+    #[test]
+    fn expiry_rests_so_its_batches_take_at_most_their_share() {
+        let took = Duration::from_millis(40);
+        assert_eq!(rest_after_batch(took, 0.5), took);
+        assert_eq!(rest_after_batch(took, 0.25), Duration::from_millis(120));
+        assert_eq!(rest_after_batch(took, 1.0), Duration::ZERO);
+        // A share out of range is held to (0, 1]: never a negative rest, never
+        // an endless one.
+        assert_eq!(rest_after_batch(took, 2.0), Duration::ZERO);
+        assert_eq!(rest_after_batch(took, 0.0), took * 99);
     }
 
     #[test]

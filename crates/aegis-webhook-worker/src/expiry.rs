@@ -14,7 +14,9 @@
 //! What is decided (cutoffs, the horizon, which partitions to make or drop) is
 //! `core::retention`, pure; this module only runs it. Every step works in
 //! batches of `AEGIS_EXPIRY_BATCH` rows and stops after [`MAX_BATCHES`] of
-//! them, so one pass is bounded and the next goes on where it stopped.
+//! them, so one pass is bounded and the next goes on where it stopped;
+//! between two batches it rests as long as the last one took, so its writes
+//! are spread out among the deliveries' own.
 
 use std::time::{Duration, Instant};
 
@@ -30,6 +32,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Batches one step of one pass runs at most, for one tenant or partition.
 pub const MAX_BATCHES: u32 = 50;
+
+/// Between two batches of a step with more to do: expiry keeps to its share
+/// of the time ([`retention::EXPIRY_SHARE`]), so a backlog is worked off
+/// spread out instead of in one long run of commits.
+async fn rest_after(batch_took: Duration) {
+    tokio::time::sleep(retention::rest_after_batch(batch_took, retention::EXPIRY_SHARE)).await;
+}
 
 /// What one pass removed and made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -123,6 +132,7 @@ impl Expiry {
     async fn delete_events(&self, tenant_id: TenantId, before: DateTime<Utc>) -> anyhow::Result<u64> {
         let (mut total, mut after) = (0, None);
         for _ in 0..MAX_BATCHES {
+            let started = Instant::now();
             let (deleted, last) =
                 expire::delete_unreferenced_events(&self.db, tenant_id, before, after, self.batch).await?;
             total += deleted;
@@ -130,6 +140,7 @@ impl Expiry {
                 Some(last) => after = Some(last),
                 None => break,
             }
+            rest_after(started.elapsed()).await;
         }
         Ok(total)
     }
@@ -182,11 +193,13 @@ impl Expiry {
     {
         let mut total = 0;
         for _ in 0..MAX_BATCHES {
+            let started = Instant::now();
             let removed = step(self.batch).await?;
             total += removed;
             if removed < self.batch {
                 break;
             }
+            rest_after(started.elapsed()).await;
         }
         Ok(total)
     }
