@@ -176,10 +176,19 @@ pub async fn ensure(db: &DatabaseConnection, plan: PartitionPlan, now: DateTime<
     }
 }
 
-/// One try of [`ensure`], in its own transaction.
+/// One try of [`ensure`], in its own transaction. Its commit does not wait
+/// for the WAL flush: the attaches hold `events` and `webhooks` against
+/// inserts until the commit ends, and a stalled flush would hold the
+/// ingester that long. Nothing is risked: WAL is flushed in order, so any
+/// write into a new partition that committed durably made its creation
+/// durable too; a creation lost in a crash before any such write is made
+/// again by the next pass.
 async fn try_ensure(db: &DatabaseConnection, plan: PartitionPlan, now: DateTime<Utc>) -> Result<usize, StoreError> {
     let transaction = db.begin().await?;
     let made = async {
+        transaction
+            .execute_unprepared("SET LOCAL synchronous_commit = off")
+            .await?;
         take_ddl_locks(&transaction).await?;
         ensure_in(&transaction, plan, now).await
     }
