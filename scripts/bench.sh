@@ -6,9 +6,12 @@
 #
 #   scripts/bench.sh [OUTPUT_DIR [SECTION...]]
 #
-# SECTIONs, all of them by default: burst, steady, slow, noisy, portal,
-# memory (the 10-minute steady run). `scripts/bench.sh out burst steady` runs
-# the Svix comparison's two load shapes, both modes, in about 6 minutes.
+# SECTIONs, all of them by default but the last: burst, steady, slow, noisy,
+# portal, memory (the 10-minute steady run); and retention, which runs
+# ${PAIRS:-3} pairs of 10-minute steady runs, with a two-minute retention and
+# without, alternating which goes first (about 22 minutes a pair).
+# `scripts/bench.sh out burst steady` runs the Svix comparison's two load
+# shapes, both modes, in about 6 minutes.
 #
 # Exits 1 when any run lost or mis-signed a delivery; the other runs still go.
 # Each run may take up to 10 minutes (--timeout 600s); the last one, the
@@ -18,7 +21,7 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/aegis-target}"
 case ${1:-} in
-  burst | steady | slow | noisy | portal | memory)
+  burst | steady | slow | noisy | portal | memory | retention)
     echo "'$1' is a section: name the output folder first (scripts/bench.sh OUTPUT_DIR $*)" >&2
     exit 2
     ;;
@@ -29,8 +32,8 @@ sections=("$@")
 if [ ${#sections[@]} -eq 0 ]; then sections=(burst steady slow noisy portal memory); fi
 for section in "${sections[@]}"; do
   case $section in
-    burst | steady | slow | noisy | portal | memory) ;;
-    *) echo "unknown section '$section' (burst, steady, slow, noisy, portal, memory)" >&2; exit 2 ;;
+    burst | steady | slow | noisy | portal | memory | retention) ;;
+    *) echo "unknown section '$section' (burst, steady, slow, noisy, portal, memory, retention)" >&2; exit 2 ;;
   esac
 done
 wanted() { [[ " ${sections[*]} " == *" $1 "* ]]; }
@@ -103,6 +106,26 @@ fi
 # with the 30 s run's (flat memory: about the same).
 if wanted memory; then
   timeout=900s run production-steady-10min --mode production --scenario steady --via amqp --duration 600s
+fi
+
+# Retention's cost to latency (docs/performance.md, "Data retention"): the
+# same 10-minute steady run with a two-minute retention (a partition dropped
+# and its events deleted every minute) and without (passes that find
+# nothing), in pairs whose order alternates, so that a drift of the machine
+# over the hour weighs on both sides. Run it with the server's autovacuum on,
+# as in production (aegis-bench warns when it is off).
+if wanted retention; then
+  with=(--set AEGIS_RETENTION=2m --set AEGIS_RETENTION_MIN=1m --set AEGIS_RETENTION_MAX=2m --set AEGIS_PARTITION_WIDTH=1m)
+  for pair in $(seq 1 "${PAIRS:-3}"); do
+    order=(with without)
+    if [ $((pair % 2)) -eq 0 ]; then order=(without with); fi
+    for side in "${order[@]}"; do
+      settings=(--set AEGIS_EXPIRY_INTERVAL=10s)
+      if [ "$side" = with ]; then settings+=("${with[@]}"); fi
+      timeout=900s run "retention-pair$pair-$side" --mode production --scenario steady --via amqp \
+        --rate 100 --duration 10m "${settings[@]}"
+    done
+  done
 fi
 
 echo "reports in $out"
