@@ -37,6 +37,7 @@ pub mod receiver;
 pub mod report;
 pub mod system;
 
+use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -1160,7 +1161,7 @@ fn build_report(
             ceiling_deliveries_per_second: ceiling,
             percent_of_ceiling: ceiling.map(|ceiling| deliveries_per_second * 100.0 / ceiling),
         },
-        slowest: SlowDelivery::listed(tally.slowest),
+        slowest: SlowDelivery::listed(tally.slowest.into_iter().map(|Reverse(slow)| slow).collect()),
         latency_ms: Latency::from_micros(tally.latencies_us),
         acceptance_ms,
         tenants,

@@ -14,7 +14,8 @@
 //! [`Tally`], so a delivery is told apart by the webhook it arrived at, and an
 //! event of one tenant arriving at another tenant's webhook is unexpected.
 
-use std::collections::HashSet;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -52,28 +53,31 @@ pub struct Tally {
     pub last_verified_at: Option<Instant>,
     /// The slowest verified deliveries, at most [`SLOWEST_KEPT`], each with
     /// the wall-clock time it arrived, to be matched with the processes' and
-    /// the database's logs.
-    pub slowest: Vec<Slow>,
+    /// the database's logs (the fastest of them on top).
+    pub slowest: BinaryHeap<Reverse<Slow>>,
 }
 
-/// How many of the slowest deliveries a [`Tally`] keeps.
-pub const SLOWEST_KEPT: usize = 20;
+/// How many of the slowest deliveries a [`Tally`] keeps: enough to hold the
+/// whole tail beyond the p99 of a 10-minute steady run (60,000 deliveries),
+/// so that when that tail arrived can be read off the report.
+pub const SLOWEST_KEPT: usize = 1000;
 
-/// A slow delivery: its event→receipt latency and when it arrived.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A slow delivery: its event→receipt latency and when it arrived (ordered
+/// by latency first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Slow {
     pub latency_us: u64,
     pub arrived: SystemTime,
 }
 
 /// Keeps `slow` in `slowest` if it is among the [`SLOWEST_KEPT`] slowest.
-fn keep_if_slowest(slowest: &mut Vec<Slow>, slow: Slow) {
+fn keep_if_slowest(slowest: &mut BinaryHeap<Reverse<Slow>>, slow: Slow) {
     if slowest.len() < SLOWEST_KEPT {
-        slowest.push(slow);
-    } else if let Some(fastest) = slowest.iter_mut().min_by_key(|kept| kept.latency_us)
-        && fastest.latency_us < slow.latency_us
+        slowest.push(Reverse(slow));
+    } else if let Some(mut fastest) = slowest.peek_mut()
+        && fastest.0.latency_us < slow.latency_us
     {
-        *fastest = slow;
+        *fastest = Reverse(slow);
     }
 }
 
@@ -82,7 +86,7 @@ impl Tally {
     fn counts(&self) -> Tally {
         Tally {
             latencies_us: Vec::new(),
-            slowest: Vec::new(),
+            slowest: BinaryHeap::new(),
             ..*self
         }
     }
@@ -96,7 +100,7 @@ impl Tally {
         self.unexpected += other.unexpected;
         self.latencies_us.extend_from_slice(&other.latencies_us);
         self.last_verified_at = self.last_verified_at.max(other.last_verified_at);
-        for slow in &other.slowest {
+        for Reverse(slow) in &other.slowest {
             keep_if_slowest(&mut self.slowest, *slow);
         }
     }
@@ -380,13 +384,18 @@ mod tests {
     #[test]
     fn a_tally_keeps_the_slowest_deliveries_only() {
         let arrived = SystemTime::UNIX_EPOCH;
-        let mut slowest = Vec::new();
-        for latency_us in (1..=100).rev().chain(1..=100) {
+        let mut slowest = BinaryHeap::new();
+        // Every latency twice, slowest first and then fastest first: the kept
+        // ones are the top half of the distinct latencies, each twice.
+        let distinct = SLOWEST_KEPT as u64;
+        for latency_us in (1..=distinct).rev().chain(1..=distinct) {
             keep_if_slowest(&mut slowest, Slow { latency_us, arrived });
         }
-        let mut kept: Vec<u64> = slowest.iter().map(|slow| slow.latency_us).collect();
+        let mut kept: Vec<u64> = slowest.iter().map(|Reverse(slow)| slow.latency_us).collect();
         kept.sort_unstable();
-        let expected: Vec<u64> = (81..=100).flat_map(|latency| [latency, latency]).skip(20).collect();
+        let expected: Vec<u64> = (distinct / 2 + 1..=distinct)
+            .flat_map(|latency| [latency, latency])
+            .collect();
         assert_eq!(kept.len(), SLOWEST_KEPT);
         assert_eq!(kept, expected);
     }

@@ -34,8 +34,9 @@ pub struct Report {
     pub throughput: Throughput,
     /// Event→receipt of each verified delivery (first receipt of each).
     pub latency_ms: Option<Latency>,
-    /// The slowest deliveries, slowest first, with when they arrived, to be
-    /// matched with the processes' and the database's logs.
+    /// The slowest deliveries (up to 1,000: the tail past a 60,000-delivery
+    /// run's p99), slowest first, with when they arrived, to be matched with
+    /// the processes' and the database's logs.
     pub slowest: Vec<SlowDelivery>,
     /// Event handed over → the broker's confirm (AMQP) or the intake's 202
     /// (HTTP): the publishing part of the latency.
