@@ -20,22 +20,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/aegis-target}"
-case ${1:-} in
-  burst | steady | slow | noisy | portal | memory | retention)
-    echo "'$1' is a section: name the output folder first (scripts/bench.sh OUTPUT_DIR $*)" >&2
-    exit 2
-    ;;
-esac
+known=(burst steady slow noisy portal memory retention)
+is_section() { [[ " ${known[*]} " == *" $1 "* ]]; }
+if [ $# -gt 0 ] && is_section "$1"; then
+  echo "'$1' is a section: name the output folder first (scripts/bench.sh OUTPUT_DIR $*)" >&2
+  exit 2
+fi
 out="${1:-bench-results/$(date -u +%Y%m%dT%H%M%SZ)}"
 shift || true
 sections=("$@")
 if [ ${#sections[@]} -eq 0 ]; then sections=(burst steady slow noisy portal memory); fi
 for section in "${sections[@]}"; do
-  case $section in
-    burst | steady | slow | noisy | portal | memory | retention) ;;
-    *) echo "unknown section '$section' (burst, steady, slow, noisy, portal, memory, retention)" >&2; exit 2 ;;
-  esac
+  if ! is_section "$section"; then
+    echo "unknown section '$section' (${known[*]})" >&2
+    exit 2
+  fi
 done
+pairs=${PAIRS:-3}
+if ! [[ $pairs =~ ^[1-9][0-9]*$ ]]; then
+  echo "PAIRS must be a whole number of at least 1, not '$pairs'" >&2
+  exit 2
+fi
 wanted() { [[ " ${sections[*]} " == *" $1 "* ]]; }
 mkdir -p "$out"
 
@@ -116,7 +121,7 @@ fi
 # as in production (aegis-bench warns when it is off).
 if wanted retention; then
   with=(--set AEGIS_RETENTION=2m --set AEGIS_RETENTION_MIN=1m --set AEGIS_RETENTION_MAX=2m --set AEGIS_PARTITION_WIDTH=1m)
-  for pair in $(seq 1 "${PAIRS:-3}"); do
+  for pair in $(seq 1 "$pairs"); do
     order=(with without)
     if [ $((pair % 2)) -eq 0 ]; then order=(without with); fi
     for side in "${order[@]}"; do
