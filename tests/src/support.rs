@@ -442,18 +442,21 @@ impl TestApp {
     }
 
     pub async fn count(&self, table: &str) -> i64 {
-        let backend = self.db().get_database_backend();
-        let row = self
-            .db()
-            .query_one_raw(sea_orm::Statement::from_string(
-                backend,
-                format!("SELECT COUNT(*) AS n FROM {table}"),
-            ))
-            .await
-            .expect("count query")
-            .expect("a row");
-        row.try_get::<i64>("", "n").expect("count")
+        count_rows(self.db(), table).await
     }
+}
+
+/// How many rows `table` holds.
+pub async fn count_rows(db: &sea_orm::DatabaseConnection, table: &str) -> i64 {
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT COUNT(*) AS n FROM {table}"),
+        ))
+        .await
+        .expect("count query")
+        .expect("a row");
+    row.try_get::<i64>("", "n").expect("count")
 }
 
 /// The seed document's mutation, verbatim.

@@ -1,5 +1,5 @@
 //! The ingester: takes upstream envelopes off the events stream, validates them,
-//! fans each out to the subscribed webhooks in a database transaction (shared by
+//! fans each out to the subscribed webhooks in one atomic write (shared by
 //! the envelopes ingested at the same moment), then publishes the delivery tasks
 //! and only then acknowledges the envelope.
 //!
@@ -17,7 +17,7 @@
 //! Each envelope is an `ingest` span, the child of the publisher's span when the
 //! message carries a trace context; the tasks published in it carry the trace
 //! on to the workers. Its steps on the event's path are child spans: `fan_out`
-//! (the wait for the shared transaction, and its run and commit),
+//! (the wait for the shared write, and its reads, run and commit),
 //! `publish_tasks` (the tasks' publish with its confirm) and `ack`.
 
 mod fanout;
@@ -28,18 +28,18 @@ use std::time::Duration;
 use aegis_webhook_core::batch::Batcher;
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
 use aegis_webhook_core::fairness::FairShare;
-use aegis_webhook_core::ids::{EventId, TenantId};
+use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
 use aegis_webhook_core::queue::{
     self, DeferredEvents, DeliveryTask, FirstAttempts, Lane, Queue, QueueMessage, Stream, Writer,
 };
 use aegis_webhook_core::telemetry;
-use aegis_webhook_storage::deliveries::{self, EventDelivery};
-use aegis_webhook_storage::{events, tenants, webhooks};
+use aegis_webhook_storage::events::{self, EventWithDeliveries};
+use aegis_webhook_storage::{tenants, webhooks};
 use anyhow::Context as _;
 use chrono::Utc;
-use sea_orm::{DatabaseConnection, TransactionTrait as _};
+use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 use tracing::field::{Empty, display};
@@ -61,9 +61,9 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// the fault tests force open with it.
 pub const CRASH_AFTER_COMMIT_ENV: &str = "AEGIS_TEST_CRASH_AFTER_FANOUT_COMMIT";
 
-/// The most envelopes one fan-out transaction stores.
+/// The most envelopes one fan-out write stores.
 const MAX_FAN_OUT_BATCH: usize = 64;
-/// Fan-out transactions in flight at once: one commits while the next fills.
+/// Fan-out writes in flight at once: one commits while the next fills.
 const PARALLEL_FAN_OUTS: usize = 2;
 /// The most envelopes one message of the bulk lane carries.
 const MAX_DEFERRAL_BATCH: usize = 256;
@@ -127,14 +127,22 @@ enum FanOut {
     },
 }
 
-/// Stores a batch of events and their deliveries in one transaction: a few
-/// statements for the whole batch, whatever its size. The envelopes being
-/// ingested at once share it (see [`Batcher`]).
+/// Stores a batch of events and their deliveries, all or nothing: two reads
+/// side by side (which tenants exist, and their active webhooks), then one
+/// write (see [`events::insert_events_with_deliveries`]), whatever the
+/// batch's size. The envelopes being ingested at once share it (see
+/// [`Batcher`]). The reads need not share the write's transaction: under
+/// PostgreSQL's read committed, statements of one transaction see what others
+/// committed between them anyway, and a webhook deleted in between makes the
+/// write fail on its foreign key, to be ingested again.
 async fn fan_out(db: &DatabaseConnection, events: Vec<ValidatedEvent>) -> anyhow::Result<Vec<FanOut>> {
     let mut tenant_ids: Vec<TenantId> = events.iter().map(|event| event.tenant_id()).collect();
     tenant_ids.sort_unstable();
     tenant_ids.dedup();
-    let known = tenants::existing_tenants(db, &tenant_ids).await?;
+    let (known, subscriptions) = tokio::try_join!(
+        tenants::existing_tenants(db, &tenant_ids),
+        webhooks::active_subscriptions_of(db, &tenant_ids),
+    )?;
     let mut outcomes: Vec<FanOut> = events
         .iter()
         .map(|event| match known.contains(&event.tenant_id()) {
@@ -147,51 +155,31 @@ async fn fan_out(db: &DatabaseConnection, events: Vec<ValidatedEvent>) -> anyhow
     let storable: Vec<usize> = (0..events.len())
         .filter(|index| known.contains(&events[*index].tenant_id()))
         .collect();
-    let storable_events: Vec<&ValidatedEvent> = storable.iter().map(|index| &events[*index]).collect();
-
-    let transaction = db.begin().await.context("failed to begin the fan-out")?;
-    // `None` for a repeat, also of an earlier envelope in this batch.
-    let rows = events::insert_events(&transaction, &storable_events).await?;
-    let new_events: Vec<(usize, EventId)> = storable
+    let planned: Vec<EventWithDeliveries<'_>> = storable
         .iter()
-        .zip(&rows)
-        .filter_map(|(index, row)| row.map(|row| (*index, row)))
+        .map(|index| {
+            let event = &events[*index];
+            let subscribed = subscriptions
+                .get(&event.tenant_id())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            EventWithDeliveries {
+                event,
+                deliveries: plan_deliveries(event, subscribed),
+            }
+        })
         .collect();
-    let mut tenants_of_new: Vec<TenantId> = new_events.iter().map(|(index, _)| events[*index].tenant_id()).collect();
-    tenants_of_new.sort_unstable();
-    tenants_of_new.dedup();
-    let subscriptions = webhooks::active_subscriptions_of(&transaction, &tenants_of_new).await?;
-    // Every new event's deliveries in one insert; each event's are a range of it.
-    let mut planned = Vec::new();
-    let mut ranges = Vec::with_capacity(new_events.len());
-    for (index, row) in &new_events {
-        let event = &events[*index];
-        let subscribed = subscriptions
-            .get(&event.tenant_id())
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let start = planned.len();
-        planned.extend(
-            plan_deliveries(event, subscribed)
-                .into_iter()
-                .map(|delivery| EventDelivery {
-                    tenant_id: event.tenant_id(),
-                    event_id: *row,
-                    delivery,
-                }),
-        );
-        ranges.push((*index, start..planned.len()));
-    }
-    let ids = deliveries::insert_pending_of_events(&transaction, &planned, Utc::now()).await?;
-    transaction.commit().await.context("failed to commit the fan-out")?;
-
-    for (index, range) in ranges {
-        let tasks = planned[range.clone()]
+    // `None` for a repeat, also of an earlier envelope in this batch.
+    let stored = events::insert_events_with_deliveries(db, &planned, Utc::now()).await?;
+    for ((index, planned), ids) in storable.iter().zip(&planned).zip(stored) {
+        let Some(ids) = ids else { continue };
+        let tasks = planned
+            .deliveries
             .iter()
-            .zip(&ids[range])
-            .map(|(new, id)| DeliveryTask::new(*id, new.delivery.webhook_id, 1))
+            .zip(ids)
+            .map(|(new, id)| DeliveryTask::new(id, new.webhook_id, 1))
             .collect();
-        outcomes[index] = FanOut::Stored { tasks };
+        outcomes[*index] = FanOut::Stored { tasks };
     }
     Ok(outcomes)
 }
@@ -301,7 +289,7 @@ impl Ingester {
             _ => &self.bulk_fan_outs,
         };
         // Its steps are child spans, so a trace shows where the time goes:
-        // `fan_out` is the wait for and the run of the shared transaction.
+        // `fan_out` is the wait for and the run of the shared write.
         let fanned_out = fan_outs.call(event).instrument(tracing::info_span!("fan_out")).await?;
         let tasks = match fanned_out {
             FanOut::UnknownTenant { tenant_id } => {

@@ -13,8 +13,11 @@ use uuid::Uuid;
 use aegis_webhook_core::ids::{DeliveryId, EventId, TenantId, WebhookId};
 
 use crate::StoreError;
-use crate::entities::{delivery, delivery_attempt};
+use crate::entities::{delivery, delivery_attempt, event, webhook};
+use crate::events::StoredEvent;
+use crate::webhooks::{Unreadable, Webhook};
 use aegis_webhook_core::event::EventType;
+use aegis_webhook_core::secret::SecretCipher;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DeliveryStatus {
@@ -173,6 +176,17 @@ pub async fn insert_pending_of_events(
     now: DateTime<Utc>,
 ) -> Result<Vec<DeliveryId>, StoreError> {
     let ids: Vec<DeliveryId> = deliveries.iter().map(|_| DeliveryId::generate()).collect();
+    insert_pending_with_ids(db, deliveries, &ids, now).await?;
+    Ok(ids)
+}
+
+/// [`insert_pending_of_events`] with the ids the new rows take.
+pub(crate) async fn insert_pending_with_ids(
+    db: &impl ConnectionTrait,
+    deliveries: &[EventDelivery],
+    ids: &[DeliveryId],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
     for (chunk, chunk_ids) in deliveries.chunks(INSERT_CHUNK).zip(ids.chunks(INSERT_CHUNK)) {
         let rows = chunk.iter().zip(chunk_ids).map(|(new, id)| delivery::ActiveModel {
             id: Set(id.as_uuid()),
@@ -191,7 +205,7 @@ pub async fn insert_pending_of_events(
         });
         delivery::Entity::insert_many(rows).exec_without_returning(db).await?;
     }
-    Ok(ids)
+    Ok(())
 }
 
 pub async fn delivery_by_id(db: &impl ConnectionTrait, id: DeliveryId) -> Result<Option<Delivery>, StoreError> {
@@ -266,6 +280,22 @@ async fn claim_with(
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
+    claim_update(wanted, lease, now, flush, db.get_database_backend())
+        .exec_with_returning(db)
+        .await?
+        .into_iter()
+        .map(Delivery::try_from)
+        .collect()
+}
+
+/// The claiming `UPDATE` of [`claim_many`], not yet run; `wanted` is not empty.
+fn claim_update(
+    wanted: &[ClaimRequest],
+    lease: Duration,
+    now: DateTime<Utc>,
+    flush: Flush,
+    backend: sea_orm::DbBackend,
+) -> sea_orm::UpdateMany<delivery::Entity> {
     let until = now + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::MAX);
     let due_by = now + chrono::Duration::from_std(DUE_TOLERANCE).unwrap_or_default();
     // Attempt N is claimable only while N - 1 attempts are recorded.
@@ -288,7 +318,7 @@ async fn claim_with(
     let mut claim = delivery::Entity::update_many()
         .col_expr(delivery::Column::LockedUntil, Expr::value(until))
         .filter(any_wanted);
-    if flush == Flush::Skip && db.get_database_backend() == sea_orm::DbBackend::Postgres {
+    if flush == Flush::Skip && backend == sea_orm::DbBackend::Postgres {
         // `SET LOCAL` in the statement itself: the setting holds for the
         // statement's own (implicit) transaction, its commit included, and
         // costs no round trip of its own. A condition that is always true.
@@ -309,31 +339,102 @@ async fn claim_with(
         )))
         .filter(delivery::Column::NextAttemptAt.lte(due_by))
         .filter(unclaimed_at(now))
-        .exec_with_returning(db)
-        .await?
-        .into_iter()
-        .map(Delivery::try_from)
-        .collect()
 }
 
-/// [`claim_many`] as the worker runs it: one statement whose commit does not
-/// wait for its WAL to reach the disk (PostgreSQL's `synchronous_commit =
-/// off`, for that statement's transaction only), which takes a flush off
-/// every delivery's path. A claim is a lease, not a fact: should
-/// the database crash in the moment before the flush (at most three of the
-/// WAL writer's rounds, 3 × 200 ms by default), the lease is lost and the attempt may be
-/// made twice, which at-least-once allows. What is a fact, the attempt's
-/// record, commits synchronously, and that flush carries every earlier
-/// commit's WAL with it. It takes a connection, not any `ConnectionTrait`:
-/// inside a caller's transaction the setting would relax that whole
-/// transaction's commit. SQLite: [`claim_many`] as it is.
+/// What a worker's claim returns: the deliveries it claimed and what their
+/// attempts are built from.
+#[derive(Debug, Default)]
+pub struct Leases {
+    /// The deliveries claimed, in no particular order.
+    pub deliveries: Vec<Delivery>,
+    /// Their events, each once.
+    pub events: Vec<StoredEvent>,
+    /// Those of their webhooks that still exist, each once; a row that
+    /// cannot be read back, as its reason.
+    pub webhooks: Vec<Result<Webhook, Unreadable>>,
+}
+
+/// [`claim_many`] as the worker runs it, with the claimed deliveries' events
+/// and webhooks read in the same round trip.
+///
+/// On PostgreSQL it is one statement whose commit does not wait for its WAL
+/// to reach the disk (`synchronous_commit = off`, for that statement's
+/// transaction only), which takes a flush off every delivery's path. A claim
+/// is a lease, not a fact: should the database crash in the moment before the
+/// flush (at most three of the WAL writer's rounds, 3 × 200 ms by default),
+/// the lease is lost and the attempt may be made twice, which at-least-once
+/// allows. What is a fact, the attempt's record, commits synchronously, and
+/// that flush carries every earlier commit's WAL with it. It takes a
+/// connection, not any `ConnectionTrait`: inside a caller's transaction the
+/// setting would relax that whole transaction's commit. The reads join each
+/// claimed row to its event and webhook, on the first row that names them
+/// only, so an event shared by many deliveries crosses the wire once.
+///
+/// SQLite: [`claim_many`], then the two reads (calls inside the process: no
+/// round trips to save).
 pub async fn claim_leases(
     db: &sea_orm::DatabaseConnection,
+    cipher: &SecretCipher,
     wanted: &[ClaimRequest],
     lease: Duration,
     now: DateTime<Utc>,
-) -> Result<Vec<Delivery>, StoreError> {
-    claim_with(db, wanted, lease, now, Flush::Skip).await
+) -> Result<Leases, StoreError> {
+    use sea_orm::{FromQueryResult as _, Iterable as _, QueryTrait as _};
+    if wanted.is_empty() {
+        return Ok(Leases::default());
+    }
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        let deliveries = claim_with(db, wanted, lease, now, Flush::Wait).await?;
+        let mut webhook_ids: Vec<WebhookId> = deliveries.iter().map(|delivery| delivery.webhook_id).collect();
+        webhook_ids.sort_unstable();
+        webhook_ids.dedup();
+        let mut event_ids: Vec<EventId> = deliveries.iter().map(|delivery| delivery.event_id).collect();
+        event_ids.sort_unstable();
+        event_ids.dedup();
+        return Ok(Leases {
+            webhooks: crate::webhooks::webhooks_by_ids(db, cipher, &webhook_ids).await?,
+            events: crate::events::events_by_ids(db, &event_ids).await?,
+            deliveries,
+        });
+    }
+    fn aliased<C: sea_orm::IdenStatic>(columns: impl Iterator<Item = C>, table: &str, prefix: &str) -> String {
+        columns
+            .map(|column| format!(r#"{table}."{0}" AS "{prefix}{0}""#, column.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+    let claim =
+        claim_update(wanted, lease, now, Flush::Skip, sea_orm::DbBackend::Postgres).build(sea_orm::DbBackend::Postgres);
+    let sql = format!(
+        r#"WITH claimed AS ({claim} RETURNING *),
+        ranked AS (
+            SELECT claimed.*,
+                row_number() OVER (PARTITION BY event_id) AS event_rank,
+                row_number() OVER (PARTITION BY webhook_id) AS webhook_rank
+            FROM claimed
+        )
+        SELECT {deliveries}, {events}, {webhooks}
+        FROM ranked d
+        LEFT JOIN events e ON d.event_rank = 1 AND e.id = d.event_id
+        LEFT JOIN webhooks w ON d.webhook_rank = 1 AND w.id = d.webhook_id"#,
+        claim = claim.sql,
+        deliveries = aliased(delivery::Column::iter(), "d", "d_"),
+        events = aliased(event::Column::iter(), "e", "e_"),
+        webhooks = aliased(webhook::Column::iter(), "w", "w_"),
+    );
+    let rows = db.query_all_raw(sea_orm::Statement { sql, ..claim }).await?;
+    let mut leases = Leases::default();
+    for row in &rows {
+        let delivery = delivery::Model::from_query_result(row, "d_")?;
+        leases.deliveries.push(Delivery::try_from(delivery)?);
+        if let Some(event) = event::Model::from_query_result_optional(row, "e_")? {
+            leases.events.push(StoredEvent::from(event));
+        }
+        if let Some(webhook) = webhook::Model::from_query_result_optional(row, "w_")? {
+            leases.webhooks.push(crate::webhooks::read_back(webhook, cipher));
+        }
+    }
+    Ok(leases)
 }
 
 /// Moves a pending, unclaimed delivery's next attempt to `until`, for a worker

@@ -212,14 +212,17 @@ pub async fn webhooks_by_ids(
         .all(db)
         .await?
         .into_iter()
-        .map(|row| {
-            let id = WebhookId::from_uuid(row.id);
-            to_domain(row, cipher).map_err(|error| Unreadable {
-                id,
-                reason: format!("{error:#}"),
-            })
-        })
+        .map(|row| read_back(row, cipher))
         .collect())
+}
+
+/// A stored row as a webhook, or why it cannot be read back.
+pub(crate) fn read_back(row: webhook::Model, cipher: &SecretCipher) -> Result<Webhook, Unreadable> {
+    let id = WebhookId::from_uuid(row.id);
+    to_domain(row, cipher).map_err(|error| Unreadable {
+        id,
+        reason: format!("{error:#}"),
+    })
 }
 
 /// Which of `ids` are the tenant's webhooks.

@@ -1,8 +1,8 @@
 //! The worker's database round trips, shared by its in-flight attempts: one
-//! statement claims (and reads back) the deliveries of many tasks, and one
-//! transaction records many attempts (see [`aegis_webhook_core::batch`]).
-//! Per attempt that is two round trips shared with its neighbours instead of
-//! seven of its own.
+//! statement claims the deliveries of many tasks and reads them back with
+//! their events and webhooks, and one transaction records many attempts (see
+//! [`aegis_webhook_core::batch`]). Per attempt that is two round trips shared
+//! with its neighbours instead of seven of its own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use aegis_webhook_core::ids::{DeliveryId, EventId, WebhookId};
 use aegis_webhook_core::retry::AutoDisable;
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_storage::deliveries::{self, Attempt, ClaimRequest, Delivery, NextStep};
-use aegis_webhook_storage::events::{self, StoredEvent};
+use aegis_webhook_storage::events::StoredEvent;
 use aegis_webhook_storage::webhooks::{self, HealthChange, Webhook};
 use anyhow::Context as _;
 use chrono::Utc;
@@ -111,17 +111,11 @@ async fn claim_batch(
     lease: Duration,
     wanted: Vec<ClaimRequest>,
 ) -> anyhow::Result<Vec<Option<Claimed>>> {
-    let claimed = deliveries::claim_leases(db, &wanted, lease, Utc::now()).await?;
-    let mut webhook_ids: Vec<WebhookId> = claimed.iter().map(|delivery| delivery.webhook_id).collect();
-    webhook_ids.sort_unstable();
-    webhook_ids.dedup();
-    let mut event_ids: Vec<EventId> = claimed.iter().map(|delivery| delivery.event_id).collect();
-    event_ids.sort_unstable();
-    event_ids.dedup();
-    let (webhooks, events) = tokio::try_join!(
-        webhooks::webhooks_by_ids(db, cipher, &webhook_ids),
-        events::events_by_ids(db, &event_ids),
-    )?;
+    let deliveries::Leases {
+        deliveries: claimed,
+        events,
+        webhooks,
+    } = deliveries::claim_leases(db, cipher, &wanted, lease, Utc::now()).await?;
     let webhooks: HashMap<WebhookId, Target> = webhooks
         .into_iter()
         .map(|read| match read {

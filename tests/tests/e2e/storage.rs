@@ -14,7 +14,7 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use uuid::Uuid;
 
 use crate::on_both_backends;
-use crate::support::{Backend, envelope, fresh_database, scratch_dir, seed_poam_overdue_data};
+use crate::support::{Backend, count_rows, envelope, fresh_database, scratch_dir, seed_poam_overdue_data};
 
 on_both_backends!(
     migrations_apply_and_reapply_cleanly,
@@ -23,6 +23,7 @@ on_both_backends!(
     an_event_id_is_stored_once_per_tenant,
     a_delivery_attempt_is_claimed_by_one_worker_only,
     batched_writes_mean_what_one_at_a_time_writes_mean,
+    a_fan_out_stores_each_new_event_with_its_deliveries_all_or_nothing,
     the_reconciler_scan_pages_through_unclaimed_pending_deliveries,
 );
 
@@ -121,17 +122,7 @@ async fn start_up_writes_are_safe_when_replicas_make_them_at_once(backend: Backe
         assert_eq!(holder.scopes, aegis_webhook_core::access::Scopes::FULL);
     }
     let db = &pools[0];
-    let count = |table: &'static str| async move {
-        let row = db
-            .query_one_raw(Statement::from_string(
-                db.get_database_backend(),
-                format!("SELECT COUNT(*) AS n FROM {table}"),
-            ))
-            .await
-            .expect("count")
-            .expect("row");
-        row.try_get::<i64>("", "n").expect("n")
-    };
+    let count = |table: &'static str| count_rows(db, table);
     assert_eq!(count("tenants").await, 1);
     assert_eq!(count("api_keys").await, 1);
 
@@ -278,15 +269,38 @@ async fn a_delivery_attempt_is_claimed_by_one_worker_only(backend: Backend) {
     assert_eq!(stored, vec![attempt]);
 }
 
+/// Events for a batch: two new ones, one stored before it, and another
+/// tenant's event with the first one's id.
+struct BatchEvents {
+    stored_before: ValidatedEvent,
+    first: ValidatedEvent,
+    second: ValidatedEvent,
+    same_id_other_tenant: ValidatedEvent,
+}
+
+async fn batch_events(fixture: &Fixture) -> BatchEvents {
+    let stored_before = poam_event(fixture.tenant_id);
+    events::insert_event(&fixture.db, &stored_before).await.expect("insert");
+    let other = tenants::ensure_tenant(&fixture.db, "other").await.expect("tenant");
+    let first = poam_event(fixture.tenant_id);
+    BatchEvents {
+        stored_before,
+        same_id_other_tenant: poam_event_with_id(other.id, first.id()),
+        first,
+        second: poam_event(fixture.tenant_id),
+    }
+}
+
 /// The batched forms the ingester and the worker use: each row in a batch ends as
 /// it would alone, repeats and wrong attempts included.
 async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
     let Some(fixture) = fixture(backend).await else { return };
-    let stored_before = poam_event(fixture.tenant_id);
-    events::insert_event(&fixture.db, &stored_before).await.expect("insert");
-    let other = tenants::ensure_tenant(&fixture.db, "other").await.expect("tenant");
-    let (first, second) = (poam_event(fixture.tenant_id), poam_event(fixture.tenant_id));
-    let same_id_other_tenant = poam_event_with_id(other.id, first.id());
+    let BatchEvents {
+        stored_before,
+        first,
+        second,
+        same_id_other_tenant,
+    } = batch_events(&fixture).await;
     let rows = events::insert_events(
         &fixture.db,
         &[&first, &second, &first, &stored_before, &same_id_other_tenant],
@@ -296,10 +310,19 @@ async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
     let stored: Vec<bool> = rows.iter().map(Option::is_some).collect();
     assert_eq!(stored, [true, true, false, false, true], "{rows:?}");
     assert_eq!(
-        tenants::existing_tenants(&fixture.db, &[other.id, TenantId::generate(), fixture.tenant_id])
-            .await
-            .expect("tenants"),
-        [other.id, fixture.tenant_id].into_iter().collect()
+        tenants::existing_tenants(
+            &fixture.db,
+            &[
+                same_id_other_tenant.tenant_id(),
+                TenantId::generate(),
+                fixture.tenant_id
+            ]
+        )
+        .await
+        .expect("tenants"),
+        [same_id_other_tenant.tenant_id(), fixture.tenant_id]
+            .into_iter()
+            .collect()
     );
 
     // Claims: right attempts are taken once, a wrong attempt is not.
@@ -310,21 +333,49 @@ async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
     );
     let wanted = |delivery_id, attempt| deliveries::ClaimRequest { delivery_id, attempt };
     let lease = Duration::from_secs(60);
-    let mut claimed: Vec<DeliveryId> = deliveries::claim_leases(
+    let leases = deliveries::claim_leases(
         &fixture.db,
+        &fixture.cipher,
         &[wanted(a, 1), wanted(b, 2), wanted(c, 1), wanted(a, 1)],
         lease,
         Utc::now(),
     )
     .await
-    .expect("claim batch")
-    .into_iter()
-    .map(|delivery| delivery.id)
-    .collect();
+    .expect("claim batch");
+    let mut claimed: Vec<DeliveryId> = leases.deliveries.iter().map(|delivery| delivery.id).collect();
     claimed.sort();
     let mut expected = vec![a, c];
     expected.sort();
     assert_eq!(claimed, expected);
+    // What the attempts are built from comes with them, each row once: the
+    // two events, and the webhook both deliveries share.
+    let mut events_read: Vec<_> = leases.events.iter().map(|event| event.id).collect();
+    events_read.sort();
+    let mut events_claimed: Vec<_> = leases.deliveries.iter().map(|delivery| delivery.event_id).collect();
+    events_claimed.sort();
+    assert_eq!(events_read, events_claimed);
+    let payload = poam_event(fixture.tenant_id).data().to_json();
+    assert!(
+        leases
+            .events
+            .iter()
+            .all(|event| event.data.as_deref() == Some(payload.as_str())),
+        "{:?}",
+        leases.events
+    );
+    let webhooks_read: Vec<_> = leases
+        .webhooks
+        .iter()
+        .map(|webhook| {
+            webhook
+                .as_ref()
+                .map(|webhook| (webhook.id, webhook.url.as_str().to_owned()))
+        })
+        .collect();
+    assert_eq!(
+        webhooks_read,
+        [Ok((fixture.webhook_id, "https://example.com/hook".to_owned()))]
+    );
     assert!(
         deliveries::claim_many(&fixture.db, &[wanted(a, 1), wanted(c, 1)], lease, Utc::now())
             .await
@@ -430,6 +481,75 @@ async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
     .await
     .expect("reset, then failures");
     assert_eq!(streak().await, 2);
+}
+
+/// The fan-out's write: each new event with its deliveries, a repeat with
+/// none, and a batch that cannot be stored entirely leaves nothing behind.
+async fn a_fan_out_stores_each_new_event_with_its_deliveries_all_or_nothing(backend: Backend) {
+    let Some(fixture) = fixture(backend).await else { return };
+    let BatchEvents {
+        stored_before,
+        first,
+        second,
+        same_id_other_tenant,
+    } = batch_events(&fixture).await;
+    let to_hook = |count: usize| {
+        vec![
+            NewDelivery {
+                webhook_id: fixture.webhook_id,
+                event_type: EventType::PoamOverdue,
+            };
+            count
+        ]
+    };
+    let planned = |event, count| events::EventWithDeliveries {
+        event,
+        deliveries: to_hook(count),
+    };
+    let stored = events::insert_events_with_deliveries(
+        &fixture.db,
+        &[
+            planned(&first, 2),
+            planned(&second, 0),
+            planned(&first, 1),
+            planned(&stored_before, 1),
+            planned(&same_id_other_tenant, 1),
+        ],
+        Utc::now(),
+    )
+    .await
+    .expect("fan-out");
+    let counts: Vec<Option<usize>> = stored.iter().map(|ids| ids.as_ref().map(Vec::len)).collect();
+    assert_eq!(counts, [Some(2), Some(0), None, None, Some(1)]);
+    for ids in stored.iter().flatten() {
+        for id in ids {
+            let delivery = deliveries::delivery_by_id(&fixture.db, *id)
+                .await
+                .expect("read")
+                .expect("the returned id is stored");
+            assert_eq!(
+                (delivery.status, delivery.attempts, delivery.webhook_id),
+                (deliveries::DeliveryStatus::Pending, 0, fixture.webhook_id)
+            );
+        }
+    }
+    let count = |table: &'static str| count_rows(&fixture.db, table);
+    assert_eq!((count("events").await, count("deliveries").await), (4, 3));
+
+    // A delivery to a webhook that does not exist fails the batch: neither
+    // its event nor the other, valid, one is kept.
+    let (third, fourth) = (poam_event(fixture.tenant_id), poam_event(fixture.tenant_id));
+    let nowhere = events::EventWithDeliveries {
+        event: &fourth,
+        deliveries: vec![NewDelivery {
+            webhook_id: WebhookId::generate(),
+            event_type: EventType::PoamOverdue,
+        }],
+    };
+    events::insert_events_with_deliveries(&fixture.db, &[planned(&third, 1), nowhere], Utc::now())
+        .await
+        .expect_err("a delivery to a missing webhook");
+    assert_eq!((count("events").await, count("deliveries").await), (4, 3));
 }
 
 async fn the_reconciler_scan_pages_through_unclaimed_pending_deliveries(backend: Backend) {
