@@ -370,8 +370,8 @@ pub struct Leases {
 /// claimed row to its event and webhook, on the first row that names them
 /// only, so an event shared by many deliveries crosses the wire once.
 ///
-/// SQLite: [`claim_many`], then the two reads (calls inside the process: no
-/// round trips to save).
+/// SQLite: [`claim_many`], then the two reads side by side (calls inside the
+/// process: no round trips to save).
 pub async fn claim_leases(
     db: &sea_orm::DatabaseConnection,
     cipher: &SecretCipher,
@@ -391,10 +391,14 @@ pub async fn claim_leases(
         let mut event_ids: Vec<EventId> = deliveries.iter().map(|delivery| delivery.event_id).collect();
         event_ids.sort_unstable();
         event_ids.dedup();
+        let (webhooks, events) = futures::try_join!(
+            crate::webhooks::webhooks_by_ids(db, cipher, &webhook_ids),
+            crate::events::events_by_ids(db, &event_ids),
+        )?;
         return Ok(Leases {
-            webhooks: crate::webhooks::webhooks_by_ids(db, cipher, &webhook_ids).await?,
-            events: crate::events::events_by_ids(db, &event_ids).await?,
             deliveries,
+            events,
+            webhooks,
         });
     }
     fn aliased<C: sea_orm::IdenStatic>(columns: impl Iterator<Item = C>, table: &str, prefix: &str) -> String {

@@ -19,6 +19,7 @@ use std::path::Path;
 use aegis_webhook_core::retention::PartitionPlan;
 use aegis_webhook_migration::{Migrator, MigratorTrait};
 use anyhow::Context as _;
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, TransactionTrait};
 
 /// Failures callers branch on, and everything else.
@@ -85,6 +86,9 @@ pub(crate) async fn end<T, E: From<DbErr>>(
     }
 }
 
+/// How long a SQLite statement waits for another connection's write lock.
+pub const SQLITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Opens the database at `url`, creating the SQLite file (and its folder) when
 /// needed.
 pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
@@ -111,6 +115,18 @@ pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<Dat
         // One writer at a time is SQLite's rule; a small pool avoids lock
         // convoys while WAL lets readers proceed beside the writer.
         options.max_connections(4);
+        // Settings of each connection, not of the file: a `PRAGMA` run
+        // through the pool reaches only the connection that happened to run
+        // it. In WAL mode `NORMAL` syncs at checkpoints, not at every commit:
+        // a commit can be lost to a power cut or an OS crash (not to the
+        // process crashing), which the embedded mode accepts for its speed.
+        options.map_sqlx_sqlite_opts(|sqlite| {
+            sqlite
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .foreign_keys(true)
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
+        });
     } else {
         options.max_connections(max_connections.max(1));
         // Opening a PostgreSQL connection takes up to ~100 ms on a busy
@@ -128,18 +144,6 @@ pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<Dat
         futures::future::try_join_all(warm)
             .await
             .context("failed to open the database connections")?;
-    }
-    if db.get_database_backend() == DbBackend::Sqlite {
-        for pragma in [
-            "PRAGMA journal_mode = WAL",
-            "PRAGMA synchronous = NORMAL",
-            "PRAGMA foreign_keys = ON",
-            "PRAGMA busy_timeout = 10000",
-        ] {
-            db.execute_unprepared(pragma)
-                .await
-                .with_context(|| format!("failed to apply `{pragma}`"))?;
-        }
     }
     Ok(db)
 }

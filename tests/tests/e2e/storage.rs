@@ -86,6 +86,39 @@ async fn migrations_apply_and_reapply_cleanly(backend: Backend) {
     assert_eq!(tenants::ensure_tenant(&db, "acme").await.expect("again"), tenant);
 }
 
+/// SQLite's settings are per connection: each of the pool's connections,
+/// held at once, has them, not only the first.
+#[tokio::test]
+async fn every_pooled_sqlite_connection_has_the_embedded_settings() {
+    use sea_orm::TransactionTrait as _;
+    let Some(db) = open(Backend::Sqlite).await else { return };
+    let held = futures::future::try_join_all((0..4).map(|_| db.begin()))
+        .await
+        .expect("the pool's four connections");
+    for transaction in &held {
+        let setting = |pragma: &'static str| async move {
+            let row = transaction
+                .query_one_raw(Statement::from_string(
+                    sea_orm::DbBackend::Sqlite,
+                    format!("PRAGMA {pragma}"),
+                ))
+                .await
+                .expect("pragma")
+                .expect("a row");
+            row.try_get_by_index::<i64>(0).expect("a number")
+        };
+        // NORMAL is 1; busy_timeout is in milliseconds.
+        assert_eq!(
+            (
+                setting("synchronous").await,
+                setting("foreign_keys").await,
+                setting("busy_timeout").await
+            ),
+            (1, 1, db::SQLITE_BUSY_TIMEOUT.as_millis() as i64)
+        );
+    }
+}
+
 /// What every replica writes when it starts (migrations, the bootstrap tenant
 /// and its key), done by several at the same instant, each on its own pool as
 /// separate processes would: all succeed, and one tenant and one key result.
