@@ -14,7 +14,9 @@ use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 use uuid::Uuid;
 
 use crate::on_both_backends;
-use crate::support::{Backend, count_rows, envelope, fresh_database, scratch_dir, seed_poam_overdue_data};
+use crate::support::{
+    Backend, count_rows, envelope, fresh_database, scratch_dir, seed_poam_overdue_data, seed_vulnerability_data,
+};
 
 on_both_backends!(
     migrations_apply_and_reapply_cleanly,
@@ -554,6 +556,31 @@ async fn a_fan_out_stores_each_new_event_with_its_deliveries_all_or_nothing(back
     .expect("fan-out");
     let counts: Vec<Option<usize>> = stored.iter().map(|ids| ids.as_ref().map(Vec::len)).collect();
     assert_eq!(counts, [Some(2), Some(0), None, None, Some(1)]);
+
+    // A payload comes back as sent, quotes, backslashes and all (the rows
+    // travel inside JSON on PostgreSQL; control characters are refused
+    // before, by validation).
+    let mut data = seed_vulnerability_data();
+    data["component"]["name"] = serde_json::json!("quote \" backslash \\ emoji 🛡️ \u{2028} {\"not\": \"json\"}");
+    let mut odd = envelope(fixture.tenant_id, "VULNERABILITY_DETECTED", data);
+    odd["id"] = serde_json::json!(Uuid::now_v7());
+    let odd = ValidatedEvent::parse(odd.to_string().as_bytes(), Utc::now()).expect("valid");
+    let odd_stored = events::insert_events_with_deliveries(&fixture.db, &[planned(&odd, 1)], Utc::now())
+        .await
+        .expect("fan-out")
+        .pop()
+        .flatten()
+        .expect("new");
+    let odd_delivery = deliveries::delivery_by_id(&fixture.db, odd_stored[0])
+        .await
+        .expect("read")
+        .expect("stored");
+    let odd_event = events::events_by_ids(&fixture.db, &[odd_delivery.event_id])
+        .await
+        .expect("read")
+        .pop()
+        .expect("stored");
+    assert_eq!(odd_event.data, Some(odd.data().to_json()));
     for ids in stored.iter().flatten() {
         for id in ids {
             let delivery = deliveries::delivery_by_id(&fixture.db, *id)
@@ -567,7 +594,7 @@ async fn a_fan_out_stores_each_new_event_with_its_deliveries_all_or_nothing(back
         }
     }
     let count = |table: &'static str| count_rows(&fixture.db, table);
-    assert_eq!((count("events").await, count("deliveries").await), (4, 3));
+    assert_eq!((count("events").await, count("deliveries").await), (5, 4));
 
     // A delivery to a webhook that does not exist fails the batch: neither
     // its event nor the other, valid, one is kept.
@@ -582,7 +609,7 @@ async fn a_fan_out_stores_each_new_event_with_its_deliveries_all_or_nothing(back
     events::insert_events_with_deliveries(&fixture.db, &[planned(&third, 1), nowhere], Utc::now())
         .await
         .expect_err("a delivery to a missing webhook");
-    assert_eq!((count("events").await, count("deliveries").await), (4, 3));
+    assert_eq!((count("events").await, count("deliveries").await), (5, 4));
 }
 
 async fn the_reconciler_scan_pages_through_unclaimed_pending_deliveries(backend: Backend) {
