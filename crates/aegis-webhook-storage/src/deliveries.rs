@@ -431,10 +431,19 @@ pub async fn claim_leases(
     for row in &rows {
         let delivery = delivery::Model::from_query_result(row, "d_")?;
         leases.deliveries.push(Delivery::try_from(delivery)?);
-        if let Some(event) = event::Model::from_query_result_optional(row, "e_")? {
-            leases.events.push(StoredEvent::from(event));
+        // A row that names an event or webhook first carries it; the others,
+        // and a webhook since deleted, carry NULLs. Only the key tells the
+        // two apart: a row that is there but does not decode is an error,
+        // not an absence (`from_query_result_optional` would take it for one).
+        let carries =
+            |prefix: &str| -> Result<bool, StoreError> { Ok(row.try_get::<Option<Uuid>>(prefix, "id")?.is_some()) };
+        if carries("e_")? {
+            leases
+                .events
+                .push(StoredEvent::from(event::Model::from_query_result(row, "e_")?));
         }
-        if let Some(webhook) = webhook::Model::from_query_result_optional(row, "w_")? {
+        if carries("w_")? {
+            let webhook = webhook::Model::from_query_result(row, "w_")?;
             leases.webhooks.push(crate::webhooks::read_back(webhook, cipher));
         }
     }

@@ -84,9 +84,9 @@ pub struct EventWithDeliveries<'a> {
 /// stored. This is the fan-out's write, on every event's path.
 ///
 /// On PostgreSQL it is one statement, of one text whatever the batch's size
-/// (the rows travel as two JSON arrays), so it is planned once per
-/// connection, and committed by itself: one round trip and one WAL flush,
-/// where a transaction of two inserts took four. SQLite cannot insert from
+/// (the rows travel as two JSON arrays), so each connection prepares it
+/// once, committed by itself: one round trip, where a transaction of two
+/// inserts took four (BEGIN, the inserts, COMMIT). SQLite cannot insert from
 /// within a `WITH`: there the two inserts share a transaction (a savepoint
 /// inside a caller's).
 pub async fn insert_events_with_deliveries<
