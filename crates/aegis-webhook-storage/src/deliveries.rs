@@ -354,6 +354,35 @@ pub struct Leases {
     pub webhooks: Vec<Result<Webhook, Unreadable>>,
 }
 
+/// What [`claim_leases`] selects after its claiming `UPDATE` (the `WITH`'s
+/// `claimed`): each claimed delivery, and its event and webhook on the first
+/// row that names them, every column under a prefix (`d_`, `e_`, `w_`).
+/// The same text for every claim, so it is written once.
+static CLAIMED_WITH_READS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use sea_orm::Iterable as _;
+    fn aliased<C: sea_orm::IdenStatic>(columns: impl Iterator<Item = C>, table: &str, prefix: &str) -> String {
+        columns
+            .map(|column| format!(r#"{table}."{0}" AS "{prefix}{0}""#, column.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+    format!(
+        r#"ranked AS (
+            SELECT claimed.*,
+                row_number() OVER (PARTITION BY event_id) AS event_rank,
+                row_number() OVER (PARTITION BY webhook_id) AS webhook_rank
+            FROM claimed
+        )
+        SELECT {deliveries}, {events}, {webhooks}
+        FROM ranked d
+        LEFT JOIN events e ON d.event_rank = 1 AND e.id = d.event_id
+        LEFT JOIN webhooks w ON d.webhook_rank = 1 AND w.id = d.webhook_id"#,
+        deliveries = aliased(delivery::Column::iter(), "d", "d_"),
+        events = aliased(event::Column::iter(), "e", "e_"),
+        webhooks = aliased(webhook::Column::iter(), "w", "w_"),
+    )
+});
+
 /// [`claim_many`] as the worker runs it, with the claimed deliveries' events
 /// and webhooks read in the same round trip.
 ///
@@ -379,7 +408,7 @@ pub async fn claim_leases(
     lease: Duration,
     now: DateTime<Utc>,
 ) -> Result<Leases, StoreError> {
-    use sea_orm::{FromQueryResult as _, Iterable as _, QueryTrait as _};
+    use sea_orm::{FromQueryResult as _, QueryTrait as _};
     if wanted.is_empty() {
         return Ok(Leases::default());
     }
@@ -401,31 +430,9 @@ pub async fn claim_leases(
             webhooks,
         });
     }
-    fn aliased<C: sea_orm::IdenStatic>(columns: impl Iterator<Item = C>, table: &str, prefix: &str) -> String {
-        columns
-            .map(|column| format!(r#"{table}."{0}" AS "{prefix}{0}""#, column.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
     let claim =
         claim_update(wanted, lease, now, Flush::Skip, sea_orm::DbBackend::Postgres).build(sea_orm::DbBackend::Postgres);
-    let sql = format!(
-        r#"WITH claimed AS ({claim} RETURNING *),
-        ranked AS (
-            SELECT claimed.*,
-                row_number() OVER (PARTITION BY event_id) AS event_rank,
-                row_number() OVER (PARTITION BY webhook_id) AS webhook_rank
-            FROM claimed
-        )
-        SELECT {deliveries}, {events}, {webhooks}
-        FROM ranked d
-        LEFT JOIN events e ON d.event_rank = 1 AND e.id = d.event_id
-        LEFT JOIN webhooks w ON d.webhook_rank = 1 AND w.id = d.webhook_id"#,
-        claim = claim.sql,
-        deliveries = aliased(delivery::Column::iter(), "d", "d_"),
-        events = aliased(event::Column::iter(), "e", "e_"),
-        webhooks = aliased(webhook::Column::iter(), "w", "w_"),
-    );
+    let sql = format!("WITH claimed AS ({} RETURNING *), {}", claim.sql, *CLAIMED_WITH_READS);
     let rows = db.query_all_raw(sea_orm::Statement { sql, ..claim }).await?;
     let mut leases = Leases::default();
     for row in &rows {

@@ -313,6 +313,23 @@ struct BatchEvents {
     same_id_other_tenant: ValidatedEvent,
 }
 
+impl BatchEvents {
+    /// Which events of [`BatchEvents::batch`] are new.
+    const NEW: [bool; 5] = [true, true, false, false, true];
+
+    /// The batch: the two new events, a repeat of the first, the one stored
+    /// before, and the other tenant's.
+    fn batch(&self) -> [&ValidatedEvent; 5] {
+        [
+            &self.first,
+            &self.second,
+            &self.first,
+            &self.stored_before,
+            &self.same_id_other_tenant,
+        ]
+    }
+}
+
 async fn batch_events(fixture: &Fixture) -> BatchEvents {
     let stored_before = poam_event(fixture.tenant_id);
     events::insert_event(&fixture.db, &stored_before).await.expect("insert");
@@ -330,32 +347,24 @@ async fn batch_events(fixture: &Fixture) -> BatchEvents {
 /// it would alone, repeats and wrong attempts included.
 async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
     let Some(fixture) = fixture(backend).await else { return };
-    let BatchEvents {
-        stored_before,
-        first,
-        second,
-        same_id_other_tenant,
-    } = batch_events(&fixture).await;
-    let rows = events::insert_events(
-        &fixture.db,
-        &[&first, &second, &first, &stored_before, &same_id_other_tenant],
-    )
-    .await
-    .expect("insert batch");
+    let events_of = batch_events(&fixture).await;
+    let rows = events::insert_events(&fixture.db, &events_of.batch())
+        .await
+        .expect("insert batch");
     let stored: Vec<bool> = rows.iter().map(Option::is_some).collect();
-    assert_eq!(stored, [true, true, false, false, true], "{rows:?}");
+    assert_eq!(stored, BatchEvents::NEW, "{rows:?}");
     assert_eq!(
         tenants::existing_tenants(
             &fixture.db,
             &[
-                same_id_other_tenant.tenant_id(),
+                events_of.same_id_other_tenant.tenant_id(),
                 TenantId::generate(),
                 fixture.tenant_id
             ]
         )
         .await
         .expect("tenants"),
-        [same_id_other_tenant.tenant_id(), fixture.tenant_id]
+        [events_of.same_id_other_tenant.tenant_id(), fixture.tenant_id]
             .into_iter()
             .collect()
     );
@@ -543,12 +552,7 @@ async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
 /// none, and a batch that cannot be stored entirely leaves nothing behind.
 async fn a_fan_out_stores_each_new_event_with_its_deliveries_all_or_nothing(backend: Backend) {
     let Some(fixture) = fixture(backend).await else { return };
-    let BatchEvents {
-        stored_before,
-        first,
-        second,
-        same_id_other_tenant,
-    } = batch_events(&fixture).await;
+    let events_of = batch_events(&fixture).await;
     let to_hook = |count: usize| {
         vec![
             NewDelivery {
@@ -562,21 +566,24 @@ async fn a_fan_out_stores_each_new_event_with_its_deliveries_all_or_nothing(back
         event,
         deliveries: to_hook(count),
     };
-    let stored = events::insert_events_with_deliveries(
-        &fixture.db,
-        &[
-            planned(&first, 2),
-            planned(&second, 0),
-            planned(&first, 1),
-            planned(&stored_before, 1),
-            planned(&same_id_other_tenant, 1),
-        ],
-        Utc::now(),
-    )
-    .await
-    .expect("fan-out");
+    // Deliveries asked for each event of the batch, in its order.
+    let asked = [2, 0, 1, 1, 1];
+    let batch: Vec<_> = events_of
+        .batch()
+        .into_iter()
+        .zip(asked)
+        .map(|(event, count)| planned(event, count))
+        .collect();
+    let stored = events::insert_events_with_deliveries(&fixture.db, &batch, Utc::now())
+        .await
+        .expect("fan-out");
     let counts: Vec<Option<usize>> = stored.iter().map(|ids| ids.as_ref().map(Vec::len)).collect();
-    assert_eq!(counts, [Some(2), Some(0), None, None, Some(1)]);
+    let expected: Vec<Option<usize>> = BatchEvents::NEW
+        .iter()
+        .zip(asked)
+        .map(|(new, count)| new.then_some(count))
+        .collect();
+    assert_eq!(counts, expected);
 
     // A payload comes back as sent, quotes, backslashes and all (the rows
     // travel inside JSON on PostgreSQL; control characters are refused
