@@ -154,7 +154,9 @@ pub async fn run(args: Args) -> anyhow::Result<Report> {
     // After the shutdown: each process exports its last spans as it stops.
     let breakdown = collector.map(|collector| {
         let (spans, refused) = collector.take();
-        breakdown::analyse(spans, refused, &loads[NOISY].events, &receiver.receipts())
+        // The noisy scenario's question is tenant B's path through A's flood.
+        let traced = loads.get(QUIET).unwrap_or(&loads[NOISY]);
+        breakdown::analyse(spans, refused, &traced.events, &receiver.receipts())
     });
     let mut report = build_report(&plan, measured, &loads, shutdown_problems, started_at);
     report.breakdown = breakdown;
@@ -887,6 +889,7 @@ fn tenant_figures(
     rate_per_second: Option<u32>,
 ) -> TenantFigures {
     let timing = Timing::of(tally.verified, span, tally.last_verified_at);
+    let slowest = SlowDelivery::listed(tally.slowest.iter().map(|Reverse(slow)| *slow).collect());
     TenantFigures {
         events: published.handed_over,
         webhooks,
@@ -905,6 +908,7 @@ fn tenant_figures(
         publish_seconds: timing.publish_seconds,
         latency_ms: Latency::from_micros(tally.latencies_us),
         acceptance_ms: Latency::from_micros(published.acceptance_us.clone()),
+        slowest,
     }
 }
 

@@ -132,6 +132,10 @@ pub struct TenantFigures {
     pub latency_ms: Option<Latency>,
     /// Event handed over → accepted, for the tenant's events.
     pub acceptance_ms: Option<Latency>,
+    /// The tenant's slowest deliveries (up to 1,000: all of B's in a default
+    /// run), slowest first, with when they arrived: where in the run B's
+    /// tail happened.
+    pub slowest: Vec<SlowDelivery>,
 }
 
 #[derive(Debug, Clone, Serialize)]
