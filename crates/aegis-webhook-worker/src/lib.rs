@@ -27,7 +27,7 @@ use aegis_webhook_core::event::delivered_body;
 use aegis_webhook_core::ids::DeliveryId;
 use aegis_webhook_core::metrics::{self, AttemptOutcome};
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
-use aegis_webhook_core::queue::{self, DeliveryTask, Queue, Stream, Writer};
+use aegis_webhook_core::queue::{self, DeliveryTask, Lane, Queue, Stream, Writer};
 use aegis_webhook_core::retry::{self, Decision, RetryPolicy};
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::signing;
@@ -244,9 +244,15 @@ impl Worker {
     /// the step: it follows the one after-commit policy
     /// ([`queue::publish_after_commit`]).
     pub async fn process_one(&self, task: DeliveryTask) -> anyhow::Result<Outcome> {
+        self.process_from(task, Lane::Express).await
+    }
+
+    /// [`Worker::process_one`] for a task taken from `lane`, whose attempts
+    /// have their own database batches (see [`store`]).
+    async fn process_from(&self, task: DeliveryTask, lane: Lane) -> anyhow::Result<Outcome> {
         // Each step is a child span of `deliver` (`send`'s is `http.request`),
         // so a trace shows where an attempt's time goes.
-        let claimed = match self.claim(task).instrument(tracing::info_span!("claim")).await? {
+        let claimed = match self.claim(task, lane).instrument(tracing::info_span!("claim")).await? {
             Claim::Granted(claimed) => claimed,
             Claim::Refused(outcome) => return Ok(outcome),
         };
@@ -261,7 +267,7 @@ impl Worker {
         );
         let had_streak = claimed.webhook.consecutive_failures > 0 || claimed.webhook.failing_since.is_some();
         let consequences = Consequences::of(&decision, had_streak);
-        self.record(&task, &claimed, &sent, &consequences)
+        self.record(&task, lane, &claimed, &sent, &consequences)
             .instrument(tracing::info_span!("record"))
             .await?;
         self.schedule(task, &claimed, &decision).await;
@@ -280,12 +286,12 @@ impl Worker {
     /// Claim: takes the attempt for a lease, with what it is built from. A task
     /// that is early, stale, or for a webhook that is disabled or gone is
     /// refused, with what became of it.
-    async fn claim(&self, task: DeliveryTask) -> anyhow::Result<Claim> {
+    async fn claim(&self, task: DeliveryTask, lane: Lane) -> anyhow::Result<Claim> {
         let Some(Claimed {
             delivery,
             webhook,
             event,
-        }) = self.store.claim(task.delivery_id(), task.attempt()).await?
+        }) = self.store.claim(task.delivery_id(), task.attempt(), lane).await?
         else {
             return Ok(Claim::Refused(self.unclaimed(task).await?));
         };
@@ -358,6 +364,7 @@ impl Worker {
     async fn record(
         &self,
         task: &DeliveryTask,
+        lane: Lane,
         claimed: &Attemptable,
         sent: &Sent,
         consequences: &Consequences,
@@ -377,7 +384,7 @@ impl Worker {
             webhook_id: claimed.webhook.id,
             health: consequences.health.clone(),
         };
-        let disabled = self.store.record(recording).await?;
+        let disabled = self.store.record(recording, lane).await?;
         if let Some(reason) = disabled {
             tracing::warn!(webhook_id = %claimed.webhook.id, reason, "webhook disabled automatically");
             metrics::webhook_auto_disabled(reason);
@@ -642,7 +649,7 @@ impl Worker {
     /// infrastructure failure.
     async fn process_and_settle(&self, taken: Taken) {
         let Taken { task, receipt } = taken;
-        let processed = self.process_one(task).await;
+        let processed = self.process_from(task, receipt.lane()).await;
         let span = tracing::Span::current();
         match &processed {
             Ok(outcome @ Outcome::Failed { .. }) => span

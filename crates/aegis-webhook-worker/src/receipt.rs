@@ -8,13 +8,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use aegis_webhook_core::queue::{QueueError, QueueMessage};
+use aegis_webhook_core::queue::{Lane, QueueError, QueueMessage};
 use aegis_webhook_core::telemetry::TraceHeaders;
 
 struct Shared {
     /// Only the last receipt takes it out; the lock makes the share `Sync`.
     message: Mutex<QueueMessage>,
     trace_headers: TraceHeaders,
+    /// The lane the message was taken from.
+    lane: Lane,
     handed_back: AtomicBool,
 }
 
@@ -28,6 +30,7 @@ impl Receipt {
     pub fn split(message: QueueMessage, tasks: usize) -> Vec<Receipt> {
         let shared = Arc::new(Shared {
             trace_headers: message.trace_headers().clone(),
+            lane: message.lane(),
             message: Mutex::new(message),
             handed_back: AtomicBool::new(false),
         });
@@ -37,6 +40,11 @@ impl Receipt {
     /// The trace context the message arrived with.
     pub fn trace_headers(&self) -> &TraceHeaders {
         &self.shared.trace_headers
+    }
+
+    /// The lane its message was taken from.
+    pub fn lane(&self) -> Lane {
+        self.shared.lane
     }
 
     /// This task was handled.

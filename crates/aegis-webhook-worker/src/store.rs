@@ -3,6 +3,11 @@
 //! their events and webhooks, and one transaction records many attempts (see
 //! [`aegis_webhook_core::batch`]). Per attempt that is two round trips shared
 //! with its neighbours instead of seven of its own.
+//!
+//! Attempts of the express lane have batchers of their own, as the
+//! ingester's express fan-outs do: an express attempt never waits in line
+//! behind, nor shares a statement with, the hundreds of bulk attempts a
+//! flood keeps in flight.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -10,6 +15,7 @@ use std::time::Duration;
 
 use aegis_webhook_core::batch::Batcher;
 use aegis_webhook_core::ids::{DeliveryId, EventId, WebhookId};
+use aegis_webhook_core::queue::Lane;
 use aegis_webhook_core::retry::AutoDisable;
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_storage::deliveries::{self, Attempt, ClaimRequest, Delivery, NextStep};
@@ -69,39 +75,80 @@ pub struct Recording {
 /// Why recording an attempt disabled its webhook: the metric's label.
 pub type DisabledBecause = Option<&'static str>;
 
+/// The claim and record batchers of one class of attempts.
 #[derive(Clone, Debug)]
-pub struct Store {
+struct Batchers {
     claims: Batcher<ClaimRequest, Option<Claimed>>,
     records: Batcher<Recording, DisabledBecause>,
+}
+
+impl Batchers {
+    fn spawn(
+        names: (&'static str, &'static str),
+        db: DatabaseConnection,
+        cipher: SecretCipher,
+        lease: Duration,
+        auto_disable: AutoDisable,
+    ) -> Self {
+        let claims = {
+            let db = db.clone();
+            Batcher::spawn(names.0, MAX_BATCH, PARALLEL_BATCHES, move |wanted| {
+                let (db, cipher) = (db.clone(), cipher.clone());
+                async move { claim_batch(&db, &cipher, lease, wanted).await }
+            })
+        };
+        let records = Batcher::spawn(names.1, MAX_BATCH, PARALLEL_BATCHES, move |recordings| {
+            let db = db.clone();
+            async move { record_batch(&db, &auto_disable, recordings).await }
+        });
+        Batchers { claims, records }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    /// For attempts taken from the express lane.
+    express: Batchers,
+    /// For the bulk lane's and the due retries'.
+    others: Batchers,
 }
 
 impl Store {
     /// Starts the batchers on the current runtime. `lease` is how long a claim lasts.
     pub fn spawn(db: DatabaseConnection, cipher: SecretCipher, lease: Duration, auto_disable: AutoDisable) -> Self {
-        let claims = {
-            let db = db.clone();
-            Batcher::spawn("claim", MAX_BATCH, PARALLEL_BATCHES, move |wanted| {
-                let (db, cipher) = (db.clone(), cipher.clone());
-                async move { claim_batch(&db, &cipher, lease, wanted).await }
-            })
-        };
-        let records = Batcher::spawn("record", MAX_BATCH, PARALLEL_BATCHES, move |recordings| {
-            let db = db.clone();
-            async move { record_batch(&db, &auto_disable, recordings).await }
-        });
-        Store { claims, records }
+        Store {
+            express: Batchers::spawn(
+                ("express claim", "express record"),
+                db.clone(),
+                cipher.clone(),
+                lease,
+                auto_disable,
+            ),
+            others: Batchers::spawn(("claim", "record"), db, cipher, lease, auto_disable),
+        }
+    }
+
+    fn batchers(&self, lane: Lane) -> &Batchers {
+        match lane {
+            Lane::Express => &self.express,
+            Lane::Bulk | Lane::Due => &self.others,
+        }
     }
 
     /// Claims attempt `attempt` of the delivery (see [`deliveries::claim_leases`]) and
-    /// loads what the attempt needs; `None` when it cannot be claimed.
-    pub async fn claim(&self, delivery_id: DeliveryId, attempt: u32) -> anyhow::Result<Option<Claimed>> {
-        self.claims.call(ClaimRequest { delivery_id, attempt }).await
+    /// loads what the attempt needs; `None` when it cannot be claimed. `lane`
+    /// is the lane its task was taken from.
+    pub async fn claim(&self, delivery_id: DeliveryId, attempt: u32, lane: Lane) -> anyhow::Result<Option<Claimed>> {
+        self.batchers(lane)
+            .claims
+            .call(ClaimRequest { delivery_id, attempt })
+            .await
     }
 
     /// Records the attempt, moves the delivery on, releases the claim and
     /// applies the webhook's health; all committed before it returns.
-    pub async fn record(&self, recording: Recording) -> anyhow::Result<DisabledBecause> {
-        self.records.call(recording).await
+    pub async fn record(&self, recording: Recording, lane: Lane) -> anyhow::Result<DisabledBecause> {
+        self.batchers(lane).records.call(recording).await
     }
 }
 
