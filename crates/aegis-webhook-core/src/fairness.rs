@@ -136,6 +136,50 @@ impl<C: Clock + Clone> FairShare<C> {
     }
 }
 
+/// When the ingester may start on a message of the bulk lane of events.
+///
+/// While the ingester is moving a flood out of the express lane (deferring
+/// the events of a tenant beyond its share), every other tenant's events
+/// wait behind the flood's in that lane until the move reaches them; fanning
+/// out the bulk lane meanwhile only takes CPU, database and broker time from
+/// the move. So a bulk message waits until no event has been deferred for
+/// `quiet`, but never longer than `at_most` in all, so that a flood that
+/// never pauses still has its bulk lane ingested, a few messages a second.
+/// Measured (noisy scenario, production, 2 cores): tenant B's p99 534 →
+/// 177 ms, max 722 → 355 ms. Pausing only while the move was behind (a move
+/// of a full message in the last `quiet`), with 5 s at most, did worse in
+/// two runs (p99 533 and 1,333 ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BulkPause {
+    pub quiet: std::time::Duration,
+    pub at_most: std::time::Duration,
+}
+
+impl Default for BulkPause {
+    fn default() -> Self {
+        BulkPause {
+            quiet: std::time::Duration::from_millis(200),
+            at_most: std::time::Duration::from_secs(1),
+        }
+    }
+}
+
+impl BulkPause {
+    /// How much longer a bulk message that has `waited` so far waits, when
+    /// the last deferral was `since_deferral` ago (`None`: never); zero means
+    /// it may start now.
+    pub fn remaining(
+        &self,
+        since_deferral: Option<std::time::Duration>,
+        waited: std::time::Duration,
+    ) -> std::time::Duration {
+        match since_deferral {
+            Some(since) if since < self.quiet => (self.quiet - since).min(self.at_most.saturating_sub(waited)),
+            _ => std::time::Duration::ZERO,
+        }
+    }
+}
+
 /// Express if the tenant's share has room for `count` more now (and takes
 /// it), bulk otherwise (taking nothing). More than a whole burst at once is
 /// bulk: no share could ever hold it.
@@ -226,6 +270,26 @@ mod tests {
         assert!(events.iter().all(|lane| *lane == Lane::Express), "{events:?}");
         let deliveries: Vec<Lane> = (0..50).map(|_| fair.lane_of_deliveries(tenant, 10)).collect();
         assert!(deliveries.iter().all(|lane| *lane == Lane::Express), "{deliveries:?}");
+    }
+
+    #[test]
+    fn bulk_waits_while_a_flood_is_being_moved_but_never_longer_than_at_most() {
+        let pause = BulkPause {
+            quiet: Duration::from_millis(200),
+            at_most: Duration::from_secs(1),
+        };
+        let ms = Duration::from_millis;
+        // Nothing deferred, or not for a while: start now.
+        assert_eq!(pause.remaining(None, ms(0)), Duration::ZERO);
+        assert_eq!(pause.remaining(Some(ms(200)), ms(0)), Duration::ZERO);
+        assert_eq!(pause.remaining(Some(ms(5_000)), ms(0)), Duration::ZERO);
+        // A deferral 50 ms ago: wait until the lane has been quiet for 200 ms.
+        assert_eq!(pause.remaining(Some(ms(50)), ms(0)), ms(150));
+        // Deferrals that never stop: a message that has waited 900 ms waits
+        // 100 more at most, and one that has waited a second starts.
+        assert_eq!(pause.remaining(Some(ms(0)), ms(900)), ms(100));
+        assert_eq!(pause.remaining(Some(ms(0)), ms(1_000)), Duration::ZERO);
+        assert_eq!(pause.remaining(Some(ms(0)), ms(7_000)), Duration::ZERO);
     }
 
     #[test]

@@ -22,12 +22,12 @@
 
 mod fanout;
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use aegis_webhook_core::batch::Batcher;
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
-use aegis_webhook_core::fairness::FairShare;
+use aegis_webhook_core::fairness::{BulkPause, FairShare};
 use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
@@ -67,8 +67,10 @@ const MAX_FAN_OUT_BATCH: usize = 64;
 const PARALLEL_FAN_OUTS: usize = 2;
 /// The most envelopes one message of the bulk lane carries.
 const MAX_DEFERRAL_BATCH: usize = 256;
-/// Deferral publishes in flight at once.
-const PARALLEL_DEFERRALS: usize = 2;
+/// Deferral publishes in flight at once: with the express lane's prefetch
+/// (1,024 at the default `AEGIS_AMQP_PREFETCH`), enough that moving a flood
+/// never waits for one confirm at a time.
+const PARALLEL_DEFERRALS: usize = 4;
 /// Messages of the bulk lane ingested at once (each up to
 /// [`MAX_DEFERRAL_BATCH`] envelopes: enough to fill the bulk fan-out batches).
 /// They hold none of the consume loop's slots: measured, 32 bulk messages
@@ -87,6 +89,10 @@ pub struct Ingester {
     deferrals: Batcher<String, ()>,
     /// Turns of the bulk lane's messages (see [`BULK_MESSAGES_AT_ONCE`]).
     bulk_turns: Arc<tokio::sync::Semaphore>,
+    /// When an event was last deferred, and how bulk messages wait for the
+    /// moves to end (see [`BulkPause`]).
+    last_deferral: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    bulk_pause: BulkPause,
     fair: Arc<FairShare>,
     crash_after_commit: bool,
 }
@@ -212,6 +218,8 @@ impl Ingester {
             bulk_fan_outs,
             deferrals,
             bulk_turns: Arc::new(tokio::sync::Semaphore::new(BULK_MESSAGES_AT_ONCE)),
+            last_deferral: Arc::default(),
+            bulk_pause: BulkPause::default(),
             fair,
             queue,
             crash_after_commit: std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some(),
@@ -269,6 +277,7 @@ impl Ingester {
         let mut lane = lane;
         if lane == Lane::Express && self.fair.lane_of_event(tenant_id) == Lane::Bulk {
             slot.take();
+            *self.last_deferral.lock().unwrap_or_else(PoisonError::into_inner) = Some(tokio::time::Instant::now());
             match self.deferrals.call(with_id(body, event_id)?).await {
                 Ok(()) => {
                     metrics::lane_enqueued(Stream::Events, Lane::Bulk, 1);
@@ -431,6 +440,28 @@ impl Ingester {
         self.ingest_and_settle(message, slot, shutdown).instrument(span).await;
     }
 
+    /// A turn for a message of the bulk lane, once the ingester is not
+    /// moving a flood out of the express lane (see [`BulkPause`]).
+    async fn bulk_turn(&self) -> tokio::sync::OwnedSemaphorePermit {
+        let waiting_since = tokio::time::Instant::now();
+        let turn = self
+            .bulk_turns
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the bulk turns are never closed");
+        loop {
+            let last_deferral = *self.last_deferral.lock().unwrap_or_else(PoisonError::into_inner);
+            let pause = self
+                .bulk_pause
+                .remaining(last_deferral.map(|at| at.elapsed()), waiting_since.elapsed());
+            if pause.is_zero() {
+                return turn;
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+
     /// Ingests a message, then acks it, or hands it back after a failure.
     async fn ingest_and_settle(
         &self,
@@ -448,9 +479,7 @@ impl Ingester {
             Lane::Bulk => {
                 slot.take();
                 tokio::select! {
-                    turn = self.bulk_turns.clone().acquire_owned() => {
-                        Some(turn.expect("the bulk turns are never closed"))
-                    }
+                    turn = self.bulk_turn() => Some(turn),
                     () = shutdown.cancelled() => {
                         if let Err(error) = message.requeue().await {
                             tracing::error!(error = %error, "failed to hand back a bulk message");
