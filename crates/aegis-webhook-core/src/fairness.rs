@@ -144,11 +144,18 @@ impl<C: Clock + Clone> FairShare<C> {
 /// out the bulk lane meanwhile only takes CPU, database and broker time from
 /// the move. So a bulk message waits until no event has been deferred for
 /// `quiet`, but never longer than `at_most` in all, so that a flood that
-/// never pauses still has its bulk lane ingested, a few messages a second.
-/// Measured (noisy scenario, production, 2 cores): tenant B's p99 534 →
-/// 177 ms, max 722 → 355 ms. Pausing only while the move was behind (a move
-/// of a full message in the last `quiet`), with 5 s at most, did worse in
-/// two runs (p99 533 and 1,333 ms).
+/// never pauses still has its bulk lane ingested: the ingester holds many
+/// bulk messages (its prefetch of the bulk lane, 32 at the defaults, of up
+/// to 256 events each), all waiting at once, so even then bulk ingestion
+/// goes on at up to about 32 × 256 events per `at_most` (1,600 a second),
+/// more than one ingester fans out; the cost is the wait itself.
+///
+/// Measured (noisy scenario, production, 2 cores; docs/performance.md):
+/// with a pause of at most 1 s, tenant B's p99 was 329–784 ms against
+/// 1,468–1,538 ms without the pause, and 1,329–1,799 ms in a slower sitting
+/// in which A's publishing lasted longer than the second; with 5 s, 281 and
+/// 340 ms in that sitting. Pausing only while the move was behind (a move of
+/// a full message in the last `quiet`) did worse (p99 533 and 1,333 ms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BulkPause {
     pub quiet: std::time::Duration,
@@ -159,7 +166,7 @@ impl Default for BulkPause {
     fn default() -> Self {
         BulkPause {
             quiet: std::time::Duration::from_millis(200),
-            at_most: std::time::Duration::from_secs(1),
+            at_most: std::time::Duration::from_secs(5),
         }
     }
 }
