@@ -20,6 +20,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
@@ -142,13 +143,13 @@ impl<C: Clock + Clone> FairShare<C> {
 /// the events of a tenant beyond its share), every other tenant's events
 /// wait behind the flood's in that lane until the move reaches them; fanning
 /// out the bulk lane meanwhile only takes CPU, database and broker time from
-/// the move. So a bulk message waits until no event has been deferred for
-/// `quiet`, but never longer than `at_most` in all, so that a flood that
-/// never pauses still has its bulk lane ingested: the ingester holds many
-/// bulk messages (its prefetch of the bulk lane, 32 at the defaults, of up
-/// to 256 events each), all waiting at once, so even then bulk ingestion
-/// goes on at up to about 32 × 256 events per `at_most` (1,600 a second),
-/// more than one ingester fans out; the cost is the wait itself.
+/// the move. So bulk messages wait while events are being deferred (one in
+/// the last `quiet`), but for at most `at_most` from the flood's first
+/// deferral: past that, the flood is long, not a burst, and the bulk lane is
+/// ingested alongside the move until the deferrals stop for `quiet` (a new
+/// flood then gets a new pause). So a tenant that stays over its share, by a
+/// little or a lot, holds the bulk lane back once, for `at_most`, never for
+/// as long as it goes on. Each ingester replica watches its own deferrals.
 ///
 /// Measured (noisy scenario, production, 2 cores; docs/performance.md):
 /// with a pause of at most 1 s, tenant B's p99 was 329–784 ms against
@@ -158,32 +159,49 @@ impl<C: Clock + Clone> FairShare<C> {
 /// a full message in the last `quiet`) did worse (p99 533 and 1,333 ms).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BulkPause {
-    pub quiet: std::time::Duration,
-    pub at_most: std::time::Duration,
+    pub quiet: Duration,
+    pub at_most: Duration,
 }
 
 impl Default for BulkPause {
     fn default() -> Self {
         BulkPause {
-            quiet: std::time::Duration::from_millis(200),
-            at_most: std::time::Duration::from_secs(5),
+            quiet: Duration::from_millis(200),
+            at_most: Duration::from_secs(5),
         }
     }
 }
 
+/// The deferrals a [`BulkPause`] watches: when the current flood's first
+/// and last were made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deferrals {
+    flood_began: Option<Instant>,
+    last: Option<Instant>,
+}
+
 impl BulkPause {
-    /// How much longer a bulk message that has `waited` so far waits, when
-    /// the last deferral was `since_deferral` ago (`None`: never); zero means
-    /// it may start now.
-    pub fn remaining(
-        &self,
-        since_deferral: Option<std::time::Duration>,
-        waited: std::time::Duration,
-    ) -> std::time::Duration {
-        match since_deferral {
-            Some(since) if since < self.quiet => (self.quiet - since).min(self.at_most.saturating_sub(waited)),
-            _ => std::time::Duration::ZERO,
+    /// An event was deferred at `now`: it begins a flood if none was deferred
+    /// for `quiet` before it.
+    pub fn deferred(&self, deferrals: &mut Deferrals, now: Instant) {
+        let continues = deferrals
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.quiet);
+        if !continues {
+            deferrals.flood_began = Some(now);
         }
+        deferrals.last = Some(now);
+    }
+
+    /// How much longer a bulk message waits at `now`; zero means it may
+    /// start. Its answer changes only with the clock and new deferrals.
+    pub fn remaining(&self, deferrals: &Deferrals, now: Instant) -> Duration {
+        let (Some(began), Some(last)) = (deferrals.flood_began, deferrals.last) else {
+            return Duration::ZERO;
+        };
+        let quiet_at = last + self.quiet;
+        let bound_at = began + self.at_most;
+        quiet_at.min(bound_at).saturating_duration_since(now)
     }
 }
 
@@ -280,23 +298,36 @@ mod tests {
     }
 
     #[test]
-    fn bulk_waits_while_a_flood_is_being_moved_but_never_longer_than_at_most() {
+    fn bulk_waits_while_a_flood_is_being_moved_for_at_most_once_per_flood() {
         let pause = BulkPause {
             quiet: Duration::from_millis(200),
-            at_most: Duration::from_secs(1),
+            at_most: Duration::from_secs(5),
         };
         let ms = Duration::from_millis;
-        // Nothing deferred, or not for a while: start now.
-        assert_eq!(pause.remaining(None, ms(0)), Duration::ZERO);
-        assert_eq!(pause.remaining(Some(ms(200)), ms(0)), Duration::ZERO);
-        assert_eq!(pause.remaining(Some(ms(5_000)), ms(0)), Duration::ZERO);
-        // A deferral 50 ms ago: wait until the lane has been quiet for 200 ms.
-        assert_eq!(pause.remaining(Some(ms(50)), ms(0)), ms(150));
-        // Deferrals that never stop: a message that has waited 900 ms waits
-        // 100 more at most, and one that has waited a second starts.
-        assert_eq!(pause.remaining(Some(ms(0)), ms(900)), ms(100));
-        assert_eq!(pause.remaining(Some(ms(0)), ms(1_000)), Duration::ZERO);
-        assert_eq!(pause.remaining(Some(ms(0)), ms(7_000)), Duration::ZERO);
+        let t0 = Instant::now();
+        let mut deferrals = Deferrals::default();
+        // Nothing deferred: start now.
+        assert_eq!(pause.remaining(&deferrals, t0), Duration::ZERO);
+        // A deferral: wait until none has been made for 200 ms.
+        pause.deferred(&mut deferrals, t0);
+        assert_eq!(pause.remaining(&deferrals, t0 + ms(50)), ms(150));
+        assert_eq!(pause.remaining(&deferrals, t0 + ms(200)), Duration::ZERO);
+        // A tenant a little over its share, deferring one event every 20 ms
+        // without end: the bulk lane waits 5 s from the flood's first
+        // deferral, then not at all while the flood goes on.
+        for step in 1..=1_000u32 {
+            pause.deferred(&mut deferrals, t0 + ms(20) * step);
+        }
+        let (first, last) = (t0, t0 + ms(20_000));
+        assert_eq!(pause.remaining(&deferrals, first + ms(4_900)), ms(100));
+        assert_eq!(pause.remaining(&deferrals, last), Duration::ZERO);
+        assert_eq!(pause.remaining(&deferrals, last + ms(1)), Duration::ZERO);
+        // It stops; after 200 ms of quiet a new flood gets a new pause.
+        let later = last + ms(300);
+        pause.deferred(&mut deferrals, later);
+        assert_eq!(pause.remaining(&deferrals, later + ms(10)), ms(190));
+        pause.deferred(&mut deferrals, later + ms(150));
+        assert_eq!(pause.remaining(&deferrals, later + ms(160)), ms(190));
     }
 
     #[test]

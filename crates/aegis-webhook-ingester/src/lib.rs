@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use aegis_webhook_core::batch::Batcher;
 use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
-use aegis_webhook_core::fairness::{BulkPause, FairShare};
+use aegis_webhook_core::fairness::{BulkPause, Deferrals, FairShare};
 use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
@@ -89,9 +89,9 @@ pub struct Ingester {
     deferrals: Batcher<String, ()>,
     /// Turns of the bulk lane's messages (see [`BULK_MESSAGES_AT_ONCE`]).
     bulk_turns: Arc<tokio::sync::Semaphore>,
-    /// When an event was last deferred, and how bulk messages wait for the
-    /// moves to end (see [`BulkPause`]).
-    last_deferral: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// The deferrals of the flood being moved, if any, and how bulk
+    /// messages wait for the move (see [`BulkPause`]).
+    deferrals_seen: Arc<std::sync::Mutex<Deferrals>>,
     bulk_pause: BulkPause,
     fair: Arc<FairShare>,
     crash_after_commit: bool,
@@ -218,7 +218,7 @@ impl Ingester {
             bulk_fan_outs,
             deferrals,
             bulk_turns: Arc::new(tokio::sync::Semaphore::new(BULK_MESSAGES_AT_ONCE)),
-            last_deferral: Arc::default(),
+            deferrals_seen: Arc::default(),
             bulk_pause: BulkPause::default(),
             fair,
             queue,
@@ -277,7 +277,10 @@ impl Ingester {
         let mut lane = lane;
         if lane == Lane::Express && self.fair.lane_of_event(tenant_id) == Lane::Bulk {
             slot.take();
-            *self.last_deferral.lock().unwrap_or_else(PoisonError::into_inner) = Some(tokio::time::Instant::now());
+            self.bulk_pause.deferred(
+                &mut self.deferrals_seen.lock().unwrap_or_else(PoisonError::into_inner),
+                now(),
+            );
             match self.deferrals.call(with_id(body, event_id)?).await {
                 Ok(()) => {
                     metrics::lane_enqueued(Stream::Events, Lane::Bulk, 1);
@@ -441,25 +444,26 @@ impl Ingester {
     }
 
     /// A turn for a message of the bulk lane, once the ingester is not
-    /// moving a flood out of the express lane (see [`BulkPause`]).
-    async fn bulk_turn(&self) -> tokio::sync::OwnedSemaphorePermit {
-        let waiting_since = tokio::time::Instant::now();
-        let turn = self
-            .bulk_turns
+    /// moving a flood out of the express lane (see [`BulkPause`]), or at
+    /// once when the process is stopping: during the drain a bulk message
+    /// is ingested if a turn is free, as before the pause.
+    async fn bulk_turn(&self, shutdown: &CancellationToken) -> tokio::sync::OwnedSemaphorePermit {
+        loop {
+            let deferrals = *self.deferrals_seen.lock().unwrap_or_else(PoisonError::into_inner);
+            let pause = self.bulk_pause.remaining(&deferrals, now());
+            if pause.is_zero() || shutdown.is_cancelled() {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+        self.bulk_turns
             .clone()
             .acquire_owned()
             .await
-            .expect("the bulk turns are never closed");
-        loop {
-            let last_deferral = *self.last_deferral.lock().unwrap_or_else(PoisonError::into_inner);
-            let pause = self
-                .bulk_pause
-                .remaining(last_deferral.map(|at| at.elapsed()), waiting_since.elapsed());
-            if pause.is_zero() {
-                return turn;
-            }
-            tokio::time::sleep(pause).await;
-        }
+            .expect("the bulk turns are never closed")
     }
 
     /// Ingests a message, then acks it, or hands it back after a failure.
@@ -474,12 +478,16 @@ impl Ingester {
         let mut slot = Some(slot);
         // A bulk message gives its slot back and waits for a turn of its own,
         // so the bulk lane never holds the slots express events need.
-        // One still waiting when the process stops goes back to the broker.
+        // One still waiting for a turn when the process stops goes back to
+        // the broker.
         let _bulk_turn = match message.lane() {
             Lane::Bulk => {
                 slot.take();
                 tokio::select! {
-                    turn = self.bulk_turn() => Some(turn),
+                    // A free turn wins over shutdown: draining, the message
+                    // is ingested rather than handed straight back.
+                    biased;
+                    turn = self.bulk_turn(&shutdown) => Some(turn),
                     () = shutdown.cancelled() => {
                         if let Err(error) = message.requeue().await {
                             tracing::error!(error = %error, "failed to hand back a bulk message");
@@ -530,6 +538,11 @@ impl Ingester {
             }
         }
     }
+}
+
+/// The clock of the bulk pause: tokio's, so tests on a paused clock control it.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// The envelope as upstream sent it, with the `id` the ingester gave it if it

@@ -5,9 +5,10 @@
 //! with its neighbours instead of seven of its own.
 //!
 //! Attempts of the express lane have batchers of their own, as the
-//! ingester's express fan-outs do: an express attempt never waits in line
-//! behind, nor shares a statement with, the hundreds of bulk attempts a
-//! flood keeps in flight.
+//! ingester's express fan-outs do: an express attempt does not queue for,
+//! nor share a statement with, the batches of the bulk attempts a flood
+//! keeps in flight. Both still share the connection pool (and, on SQLite,
+//! its one writer).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
