@@ -112,8 +112,9 @@ pub struct Args {
     /// Also trace every event and report where its time goes, step by step:
     /// starts an OTLP/HTTP collector in this program, points every process at
     /// it (`AEGIS_OTLP_ENDPOINT`) and, after the run, reports each step's
-    /// p50/p90/p99 from publish to receipt. Tracing costs a little: compare
-    /// the latency with a run without it.
+    /// p50/p90/p99 from publish to receipt (in the noisy scenario, of tenant
+    /// B's events: their path through A's flood). Tracing costs a little:
+    /// compare the latency with a run without it.
     #[arg(long)]
     pub breakdown: bool,
     /// Keep the processes' logs (and the embedded data folder) after a run

@@ -10,6 +10,8 @@
 //! are fanned out with their deliveries in the bulk lane of the tasks. An
 //! event ingested in the express lane puts its deliveries in the express
 //! lane of the tasks if its tenant's delivery share has room for them.
+//! While a flood is being moved, messages of the bulk lane wait before they
+//! start, for the first seconds of the flood at most (`BulkPause`).
 //!
 //! An envelope that fails validation is parked on the invalid-events queue with
 //! its reason and acknowledged; the consumer carries on.
