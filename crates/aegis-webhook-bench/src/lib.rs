@@ -37,7 +37,6 @@ pub mod receiver;
 pub mod report;
 pub mod system;
 
-use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -889,7 +888,7 @@ fn tenant_figures(
     rate_per_second: Option<u32>,
 ) -> TenantFigures {
     let timing = Timing::of(tally.verified, span, tally.last_verified_at);
-    let slowest = SlowDelivery::listed(tally.slowest.iter().map(|Reverse(slow)| *slow).collect());
+    let slowest = SlowDelivery::listed(&tally.slowest);
     TenantFigures {
         events: published.handed_over,
         webhooks,
@@ -1165,7 +1164,7 @@ fn build_report(
             ceiling_deliveries_per_second: ceiling,
             percent_of_ceiling: ceiling.map(|ceiling| deliveries_per_second * 100.0 / ceiling),
         },
-        slowest: SlowDelivery::listed(tally.slowest.into_iter().map(|Reverse(slow)| slow).collect()),
+        slowest: SlowDelivery::listed(&tally.slowest),
         latency_ms: Latency::from_micros(tally.latencies_us),
         acceptance_ms,
         tenants,

@@ -1,6 +1,8 @@
 //! The summary of a run: one [`Report`], printed as text on stdout and
 //! optionally written as JSON with the same fields.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::fmt;
 
 use serde::Serialize;
@@ -9,6 +11,7 @@ use crate::breakdown::Breakdown;
 use crate::options::{Mode, Scenario, Via};
 use crate::procstat::Machine;
 use crate::publish::Published;
+use crate::receiver::Slow;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -161,8 +164,9 @@ pub struct SlowDelivery {
 
 impl SlowDelivery {
     /// The kept slow deliveries, slowest first.
-    pub fn listed(mut slowest: Vec<crate::receiver::Slow>) -> Vec<SlowDelivery> {
-        slowest.sort_unstable_by_key(|slow| std::cmp::Reverse(slow.latency_us));
+    pub fn listed(kept: &BinaryHeap<Reverse<Slow>>) -> Vec<SlowDelivery> {
+        let mut slowest: Vec<Slow> = kept.iter().map(|Reverse(slow)| *slow).collect();
+        slowest.sort_unstable_by_key(|slow| Reverse(slow.latency_us));
         slowest
             .into_iter()
             .map(|slow| SlowDelivery {

@@ -99,37 +99,57 @@ pub async fn insert_events_with_deliveries<
     if batch.is_empty() {
         return Ok(Vec::new());
     }
-    let event_ids: Vec<EventId> = batch.iter().map(|_| EventId::generate()).collect();
-    let delivery_ids: Vec<Vec<DeliveryId>> = batch
-        .iter()
-        .map(|planned| planned.deliveries.iter().map(|_| DeliveryId::generate()).collect())
-        .collect();
+    let rows = NewRows {
+        batch,
+        event_ids: batch.iter().map(|_| EventId::generate()).collect(),
+        delivery_ids: batch
+            .iter()
+            .map(|planned| planned.deliveries.iter().map(|_| DeliveryId::generate()).collect())
+            .collect(),
+        now,
+    };
     let inserted = match db.get_database_backend() {
-        DbBackend::Postgres => in_one_statement(db, batch, &event_ids, &delivery_ids, now).await?,
+        DbBackend::Postgres => in_one_statement(db, &rows).await?,
         _ => {
             let transaction = db.begin().await?;
-            let outcome = in_two_inserts(&transaction, batch, &event_ids, &delivery_ids, now).await;
+            let outcome = in_two_inserts(&transaction, &rows).await;
             crate::end(transaction, outcome).await?
         }
     };
-    Ok(event_ids
+    Ok(rows
+        .event_ids
         .iter()
-        .zip(delivery_ids)
+        .zip(rows.delivery_ids)
         .map(|(event_id, ids)| inserted.contains(event_id).then_some(ids))
         .collect())
+}
+
+/// A batch of [`insert_events_with_deliveries`] with the ids its rows take,
+/// all due at `now`: what both of its forms write.
+struct NewRows<'a, 'b> {
+    batch: &'a [EventWithDeliveries<'b>],
+    event_ids: Vec<EventId>,
+    /// By event, in the order of its deliveries.
+    delivery_ids: Vec<Vec<DeliveryId>>,
+    now: chrono::DateTime<Utc>,
+}
+
+impl NewRows<'_, '_> {
+    /// Each event with its id and its deliveries' ids.
+    fn each(&self) -> impl Iterator<Item = (&EventWithDeliveries<'_>, &EventId, &Vec<DeliveryId>)> {
+        self.batch
+            .iter()
+            .zip(&self.event_ids)
+            .zip(&self.delivery_ids)
+            .map(|((planned, event_id), ids)| (planned, event_id, ids))
+    }
 }
 
 /// The PostgreSQL form of [`insert_events_with_deliveries`]; the events it
 /// inserted. A delivery goes in only with its event: the second insert reads
 /// what the first returned. The foreign key from a delivery to its event is
 /// checked at the statement's end, when both are in.
-async fn in_one_statement(
-    db: &impl ConnectionTrait,
-    batch: &[EventWithDeliveries<'_>],
-    event_ids: &[EventId],
-    delivery_ids: &[Vec<DeliveryId>],
-    now: chrono::DateTime<Utc>,
-) -> Result<HashSet<EventId>, StoreError> {
+async fn in_one_statement(db: &impl ConnectionTrait, rows: &NewRows<'_, '_>) -> Result<HashSet<EventId>, StoreError> {
     const SQL: &str = r#"
         WITH new_events AS (
             INSERT INTO events (id, tenant_id, external_id, event_type, "timestamp", data, received_at)
@@ -147,10 +167,9 @@ async fn in_one_statement(
             WHERE d.event_id IN (SELECT id FROM new_events)
         )
         SELECT id FROM new_events"#;
-    let events: Vec<serde_json::Value> = batch
-        .iter()
-        .zip(event_ids)
-        .map(|(planned, id)| {
+    let events: Vec<serde_json::Value> = rows
+        .each()
+        .map(|(planned, id, _)| {
             let event = planned.event;
             serde_json::json!({
                 "id": id.as_uuid(),
@@ -162,10 +181,9 @@ async fn in_one_statement(
             })
         })
         .collect();
-    let deliveries: Vec<serde_json::Value> = batch
-        .iter()
-        .zip(event_ids.iter().zip(delivery_ids))
-        .flat_map(|(planned, (event_id, ids))| {
+    let deliveries: Vec<serde_json::Value> = rows
+        .each()
+        .flat_map(|(planned, event_id, ids)| {
             planned.deliveries.iter().zip(ids).map(|(delivery, id)| {
                 serde_json::json!({
                     "id": id.as_uuid(),
@@ -180,7 +198,7 @@ async fn in_one_statement(
     let values: [sea_orm::Value; 4] = [
         serde_json::Value::Array(events).into(),
         serde_json::Value::Array(deliveries).into(),
-        now.into(),
+        rows.now.into(),
         DeliveryStatus::Pending.as_str().into(),
     ];
     let rows = db
@@ -193,22 +211,16 @@ async fn in_one_statement(
 
 /// The SQLite form of [`insert_events_with_deliveries`], inside the caller's
 /// transaction; the events it inserted.
-async fn in_two_inserts(
-    db: &impl ConnectionTrait,
-    batch: &[EventWithDeliveries<'_>],
-    event_ids: &[EventId],
-    delivery_ids: &[Vec<DeliveryId>],
-    now: chrono::DateTime<Utc>,
-) -> Result<HashSet<EventId>, StoreError> {
-    let events: Vec<&ValidatedEvent> = batch.iter().map(|planned| planned.event).collect();
-    let inserted: HashSet<EventId> = insert_events_with_ids(db, &events, event_ids, now)
+async fn in_two_inserts(db: &impl ConnectionTrait, rows: &NewRows<'_, '_>) -> Result<HashSet<EventId>, StoreError> {
+    let events: Vec<&ValidatedEvent> = rows.batch.iter().map(|planned| planned.event).collect();
+    let inserted: HashSet<EventId> = insert_events_with_ids(db, &events, &rows.event_ids, rows.now)
         .await?
         .into_iter()
         .flatten()
         .collect();
     let mut deliveries = Vec::new();
     let mut ids = Vec::new();
-    for ((planned, event_id), of_event) in batch.iter().zip(event_ids).zip(delivery_ids) {
+    for (planned, event_id, of_event) in rows.each() {
         if !inserted.contains(event_id) {
             continue;
         }
@@ -219,7 +231,7 @@ async fn in_two_inserts(
         }));
         ids.extend_from_slice(of_event);
     }
-    crate::deliveries::insert_pending_with_ids(db, &deliveries, &ids, now).await?;
+    crate::deliveries::insert_pending_with_ids(db, &deliveries, &ids, rows.now).await?;
     Ok(inserted)
 }
 
