@@ -18,8 +18,9 @@
 //! queue {p}aegis.deliveries.dead           ◄── deliveries that failed for good
 //! ```
 //!
-//! Each lane is a queue of its own, consumed side by side on one channel and
-//! taken from in the order [`LanePicker`] gives (see `aegis_webhook_core::fairness`):
+//! Each lane is a queue of its own, consumed side by side and taken from in
+//! the order [`LanePicker`] gives; the express lanes are published and
+//! consumed on a connection of their own (see `aegis_webhook_core::fairness`):
 //! a fixed handful of queues, whatever the number of tenants.
 //!
 //! Every message the system publishes says when it became due (header
@@ -371,14 +372,19 @@ pub enum Route {
     Tier(Duration),
 }
 
-/// The connection and the publishing channel (publisher confirms on).
+/// The connections and the publishing channels (publisher confirms on).
 struct Live {
     connection: Connection,
+    /// The express lanes' own connection, for their publishes and their
+    /// consumers: on a shared connection an express message waits behind
+    /// the bulk lanes' frames in the one socket, in the client's one I/O
+    /// thread and in the broker's connection processes, and is held back
+    /// with them when the broker's flow control throttles the connection.
+    express_connection: Connection,
     publisher: Channel,
-    /// A second confirmed channel for the express lane's publishes: a
-    /// confirm comes back in order, after every publish before it on its
-    /// channel, so on one channel an express task would wait for the bulk
-    /// lane's hundreds.
+    /// The express lane's confirmed publishing channel: a confirm comes back
+    /// in order, after every publish before it on its channel, so on one
+    /// channel an express task would wait for the bulk lane's hundreds.
     express: Channel,
     /// Which connection this is (counted from 1), so that a publish that
     /// failed on it drops this one and not a fresh one opened meanwhile.
@@ -529,11 +535,14 @@ impl RabbitQueue {
 
     /// Connects to address `index` (`url`) and declares the topology there.
     async fn open_at(&self, url: &aegis_webhook_core::config::AmqpUrl, index: usize) -> Result<Live, QueueError> {
-        let properties = ConnectionProperties::default().with_connection_name("aegis-webhook".into());
         // The error never carries the URL, which holds the password.
-        let connection = Connection::connect(url.expose(), properties)
-            .await
-            .map_err(|error| unexpected(error, &format!("failed to connect to RabbitMQ at {}", url.address())))?;
+        let connect = |name: &'static str| async move {
+            let properties = ConnectionProperties::default().with_connection_name(name.into());
+            Connection::connect(url.expose(), properties)
+                .await
+                .map_err(|error| unexpected(error, &format!("failed to connect to RabbitMQ at {}", url.address())))
+        };
+        let connection = connect("aegis-webhook").await?;
         let declaring = connection
             .create_channel()
             .await
@@ -544,12 +553,14 @@ impl RabbitQueue {
             .await
             .map_err(|error| unexpected(error, "failed to declare the RabbitMQ topology"))?;
         let _ = declaring.close(200, "topology declared".into()).await;
+        let express_connection = connect("aegis-webhook-express").await?;
         let publisher = confirmed_channel(&connection).await?;
-        let express = confirmed_channel(&connection).await?;
+        let express = confirmed_channel(&express_connection).await?;
         tracing::info!(address = url.address(), "connected to RabbitMQ");
         let generation = self.inner.opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         Ok(Live {
             connection,
+            express_connection,
             publisher,
             express,
             generation,
@@ -570,14 +581,14 @@ impl RabbitQueue {
         let Some(current) = live.as_mut() else {
             return;
         };
-        let slot = match lane {
-            Lane::Express => &mut current.express,
-            Lane::Bulk | Lane::Due => &mut current.publisher,
+        let (slot, connection) = match lane {
+            Lane::Express => (&mut current.express, &current.express_connection),
+            Lane::Bulk | Lane::Due => (&mut current.publisher, &current.connection),
         };
-        if slot.id() != nacked.id() || !current.connection.status().connected() {
+        if slot.id() != nacked.id() || !connection.status().connected() {
             return;
         }
-        match confirmed_channel(&current.connection).await {
+        match confirmed_channel(connection).await {
             Ok(fresh) => {
                 let stale = std::mem::replace(slot, fresh);
                 drop(live);
@@ -626,6 +637,7 @@ impl RabbitQueue {
         let mut live = self.inner.live.lock().await;
         if let Some(current) = live.as_ref() {
             if current.connection.status().connected()
+                && current.express_connection.status().connected()
                 && current.publisher.status().connected()
                 && current.express.status().connected()
             {
@@ -641,11 +653,16 @@ impl RabbitQueue {
         Ok(opened)
     }
 
-    /// A new channel on the live connection, for a consumer.
-    async fn consumer_channel(&self) -> Result<Channel, QueueError> {
+    /// A new channel for a consumer of `lane`, on the live connection of
+    /// its lane.
+    async fn consumer_channel(&self, lane: Lane) -> Result<Channel, QueueError> {
         self.publisher().await?;
         let live = self.inner.live.lock().await;
-        let connection = &live.as_ref().expect("just connected").connection;
+        let live = live.as_ref().expect("just connected");
+        let connection = match lane {
+            Lane::Express => &live.express_connection,
+            Lane::Bulk | Lane::Due => &live.connection,
+        };
         connection
             .create_channel()
             .await
@@ -832,7 +849,7 @@ impl Queue for RabbitQueue {
     async fn lane_depths(&self) -> Result<Vec<(Stream, Lane, u64)>, QueueError> {
         // A channel of its own: a passive declare of a missing queue closes
         // the channel it is made on.
-        let channel = self.consumer_channel().await?;
+        let channel = self.consumer_channel(Lane::Bulk).await?;
         let mut depths = Vec::with_capacity(5);
         for (stream, lane, queue) in self.inner.topology.lane_queues() {
             let declared = channel
@@ -861,7 +878,7 @@ struct RabbitConsumer {
 }
 
 /// The broker consumers behind one [`Consumer`]: one per lane of its stream,
-/// on one channel.
+/// the express lane's on the express connection.
 struct Subscription {
     express: lapin::Consumer,
     bulk: lapin::Consumer,
@@ -875,12 +892,17 @@ impl RabbitConsumer {
             Stream::Events => self.queue.inner.prefetch.events,
             Stream::Tasks => self.queue.inner.prefetch.tasks,
         };
-        let channel = self.queue.consumer_channel().await?;
+        // The express lane on a channel of the express connection, the
+        // others on one of the shared connection.
+        let (express_channel, channel) = (
+            self.queue.consumer_channel(Lane::Express).await?,
+            self.queue.consumer_channel(Lane::Bulk).await?,
+        );
         // Per consumer (not per channel, so set before each consumer
         // starts): each lane may hold its own prefetch, so a full bulk lane
         // (or a full lane of retries) never keeps the express lane's next
         // message at the broker.
-        let start = |queue_name: String, prefetch: u16| {
+        let start = |channel: &Channel, queue_name: String, prefetch: u16| {
             let channel = channel.clone();
             async move {
                 channel
@@ -918,13 +940,19 @@ impl RabbitConsumer {
                 .map(|(_, _, queue)| queue)
         };
         let express = start(
+            &express_channel,
             lane_queue(Lane::Express).expect("every stream has an express lane"),
             express_prefetch,
         )
         .await?;
-        let bulk = start(lane_queue(Lane::Bulk).expect("every stream has a bulk lane"), prefetch).await?;
+        let bulk = start(
+            &channel,
+            lane_queue(Lane::Bulk).expect("every stream has a bulk lane"),
+            prefetch,
+        )
+        .await?;
         let due = match lane_queue(Lane::Due) {
-            Some(queue) => Some(start(queue, prefetch).await?),
+            Some(queue) => Some(start(&channel, queue, prefetch).await?),
             None => None,
         };
         self.inner = Some(Subscription { express, bulk, due });
