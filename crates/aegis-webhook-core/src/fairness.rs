@@ -143,24 +143,34 @@ impl<C: Clock + Clone> FairShare<C> {
 /// the events of a tenant beyond its share), every other tenant's events
 /// wait behind the flood's in that lane until the move reaches them; fanning
 /// out the bulk lane meanwhile only takes CPU, database and broker time from
-/// the move. So bulk messages wait while events are being deferred (one in
-/// the last `quiet`), but for at most `at_most` from the flood's first
-/// deferral: past that, the flood is long, not a burst, and the bulk lane is
+/// the move. So once the move has fallen behind (the ingester held at least
+/// `backlog` messages of the express lane when it deferred one), bulk
+/// messages wait while events are being deferred (one in the last `quiet`),
+/// but for at most `at_most` from the first deferral that found the move
+/// behind: past that, the flood is long, not a burst, and the bulk lane is
 /// ingested alongside the move until the deferrals stop for `quiet` (a new
-/// flood then gets a new pause). So a tenant that stays over its share, by a
-/// little or a lot, holds the bulk lane back once, for `at_most`, never for
-/// as long as it goes on. Each ingester replica watches its own deferrals.
+/// flood then gets a new pause). So a tenant that stays over its share, by a little or a lot,
+/// holds the bulk lane back once, for `at_most`, never for as long as it
+/// goes on; and a tenant over its share whose events the ingester keeps up
+/// with (nobody waits behind them) never holds it back at all: its events
+/// pass through the bulk lane at once. Each ingester replica watches its own
+/// deferrals.
 ///
 /// Measured (noisy scenario, production, 2 cores; docs/performance.md):
 /// with a pause of at most 1 s, tenant B's p99 was 329–784 ms against
 /// 1,468–1,538 ms without the pause, and 1,329–1,799 ms in a slower sitting
 /// in which A's publishing lasted longer than the second; with 5 s, 281 and
-/// 340 ms in that sitting. Pausing only while the move was behind (a move of
-/// a full message in the last `quiet`) did worse (p99 533 and 1,333 ms).
+/// 340 ms in that sitting. Pausing only while the move was behind at that
+/// moment (a move of a full message in the last `quiet`) did worse (p99 533
+/// and 1,333 ms): a flood once behind is paused for until it ends, since the
+/// bulk messages begun in a moment the move caught up take seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BulkPause {
     pub quiet: Duration,
     pub at_most: Duration,
+    /// Express messages held by the ingester (taken, not yet settled) from
+    /// which the move counts as behind.
+    pub backlog: usize,
 }
 
 impl Default for BulkPause {
@@ -168,35 +178,41 @@ impl Default for BulkPause {
         BulkPause {
             quiet: Duration::from_millis(200),
             at_most: Duration::from_secs(5),
+            backlog: 256,
         }
     }
 }
 
-/// The deferrals a [`BulkPause`] watches: when the current flood's first
-/// and last were made.
+/// The deferrals a [`BulkPause`] watches: when the current flood's last was
+/// made, and since when its move has been behind, if it has fallen behind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Deferrals {
-    flood_began: Option<Instant>,
     last: Option<Instant>,
+    behind_since: Option<Instant>,
 }
 
 impl BulkPause {
-    /// An event was deferred at `now`: it begins a flood if none was deferred
-    /// for `quiet` before it.
-    pub fn deferred(&self, deferrals: &mut Deferrals, now: Instant) {
+    /// An event was deferred at `now`, with `held` messages of the express
+    /// lane in the ingester's hands: it begins a flood if none was deferred
+    /// for `quiet` before it, and finds the flood's move behind if `held`
+    /// reaches `backlog`.
+    pub fn deferred(&self, deferrals: &mut Deferrals, now: Instant, held: usize) {
         let continues = deferrals
             .last
             .is_some_and(|last| now.saturating_duration_since(last) < self.quiet);
         if !continues {
-            deferrals.flood_began = Some(now);
+            deferrals.behind_since = None;
         }
         deferrals.last = Some(now);
+        if held >= self.backlog && deferrals.behind_since.is_none() {
+            deferrals.behind_since = Some(now);
+        }
     }
 
     /// How much longer a bulk message waits at `now`; zero means it may
     /// start. Its answer changes only with the clock and new deferrals.
     pub fn remaining(&self, deferrals: &Deferrals, now: Instant) -> Duration {
-        let (Some(began), Some(last)) = (deferrals.flood_began, deferrals.last) else {
+        let (Some(began), Some(last)) = (deferrals.behind_since, deferrals.last) else {
             return Duration::ZERO;
         };
         let quiet_at = last + self.quiet;
@@ -302,32 +318,69 @@ mod tests {
         let pause = BulkPause {
             quiet: Duration::from_millis(200),
             at_most: Duration::from_secs(5),
+            backlog: 256,
         };
         let ms = Duration::from_millis;
+        let behind = 1_024;
         let t0 = Instant::now();
         let mut deferrals = Deferrals::default();
         // Nothing deferred: start now.
         assert_eq!(pause.remaining(&deferrals, t0), Duration::ZERO);
-        // A deferral: wait until none has been made for 200 ms.
-        pause.deferred(&mut deferrals, t0);
+        // A deferral with the move behind: wait until none has been made for
+        // 200 ms.
+        pause.deferred(&mut deferrals, t0, behind);
         assert_eq!(pause.remaining(&deferrals, t0 + ms(50)), ms(150));
         assert_eq!(pause.remaining(&deferrals, t0 + ms(200)), Duration::ZERO);
-        // A tenant a little over its share, deferring one event every 20 ms
-        // without end: the bulk lane waits 5 s from the flood's first
-        // deferral, then not at all while the flood goes on.
+        // A tenant over its share, deferring one event every 20 ms without
+        // end, behind at first, then kept up with: the bulk lane waits 5 s
+        // from the flood's first deferral, then not at all while the flood
+        // goes on.
         for step in 1..=1_000u32 {
-            pause.deferred(&mut deferrals, t0 + ms(20) * step);
+            let held = if step < 10 { behind } else { 3 };
+            pause.deferred(&mut deferrals, t0 + ms(20) * step, held);
         }
         let (first, last) = (t0, t0 + ms(20_000));
         assert_eq!(pause.remaining(&deferrals, first + ms(4_900)), ms(100));
         assert_eq!(pause.remaining(&deferrals, last), Duration::ZERO);
         assert_eq!(pause.remaining(&deferrals, last + ms(1)), Duration::ZERO);
-        // It stops; after 200 ms of quiet a new flood gets a new pause.
+        // It stops; after 200 ms of quiet a new flood that falls behind gets
+        // a new pause, from the deferral that found it behind on.
         let later = last + ms(300);
-        pause.deferred(&mut deferrals, later);
-        assert_eq!(pause.remaining(&deferrals, later + ms(10)), ms(190));
-        pause.deferred(&mut deferrals, later + ms(150));
+        pause.deferred(&mut deferrals, later, 0);
+        assert_eq!(pause.remaining(&deferrals, later + ms(10)), Duration::ZERO);
+        pause.deferred(&mut deferrals, later + ms(150), behind);
         assert_eq!(pause.remaining(&deferrals, later + ms(160)), ms(190));
+        pause.deferred(&mut deferrals, later + ms(170), 0);
+        assert_eq!(pause.remaining(&deferrals, later + ms(180)), ms(190));
+    }
+
+    #[test]
+    fn a_tenant_over_its_share_that_the_ingester_keeps_up_with_never_pauses_the_bulk_lane() {
+        let pause = BulkPause::default();
+        let t0 = Instant::now();
+        let mut deferrals = Deferrals::default();
+        // 80 events a second beyond its share, for a minute, each deferred
+        // with a few express messages in hand.
+        for step in 0..4_800u32 {
+            let now = t0 + Duration::from_micros(12_500) * step;
+            pause.deferred(&mut deferrals, now, usize::try_from(step % 5).expect("small"));
+            assert_eq!(pause.remaining(&deferrals, now), Duration::ZERO, "at step {step}");
+        }
+        // One more with the lane one short of a backlog: still none.
+        let now = t0 + Duration::from_secs(60);
+        pause.deferred(&mut deferrals, now, pause.backlog - 1);
+        assert_eq!(pause.remaining(&deferrals, now), Duration::ZERO);
+        // Then it bursts and the move falls behind: the pause begins there,
+        // a minute into the flood, and lasts at most `at_most` from there.
+        pause.deferred(&mut deferrals, now, pause.backlog);
+        assert_eq!(pause.remaining(&deferrals, now), pause.quiet);
+        let step = Duration::from_millis(20);
+        for n in 1..=300u32 {
+            pause.deferred(&mut deferrals, now + step * n, pause.backlog);
+        }
+        let ms = Duration::from_millis;
+        assert_eq!(pause.remaining(&deferrals, now + ms(4_900)), ms(100));
+        assert_eq!(pause.remaining(&deferrals, now + ms(5_000)), Duration::ZERO);
     }
 
     #[test]

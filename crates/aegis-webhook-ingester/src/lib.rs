@@ -10,8 +10,9 @@
 //! are fanned out with their deliveries in the bulk lane of the tasks. An
 //! event ingested in the express lane puts its deliveries in the express
 //! lane of the tasks if its tenant's delivery share has room for them.
-//! While a flood is being moved, messages of the bulk lane wait before they
-//! start, for the first seconds of the flood at most (`BulkPause`).
+//! While a flood is being moved and the move has fallen behind, messages of
+//! the bulk lane wait before they start, for the first seconds of the flood
+//! at most (`BulkPause`).
 //!
 //! An envelope that fails validation is parked on the invalid-events queue with
 //! its reason and acknowledged; the consumer carries on.
@@ -24,6 +25,7 @@
 
 mod fanout;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -95,6 +97,9 @@ pub struct Ingester {
     /// messages wait for the move (see [`BulkPause`]).
     deferrals_seen: Arc<std::sync::Mutex<Deferrals>>,
     bulk_pause: BulkPause,
+    /// Messages of the express lane taken and not yet settled: how far
+    /// behind the ingester is (see [`BulkPause::backlog`]).
+    express_held: Arc<AtomicUsize>,
     fair: Arc<FairShare>,
     crash_after_commit: bool,
 }
@@ -222,6 +227,7 @@ impl Ingester {
             bulk_turns: Arc::new(tokio::sync::Semaphore::new(BULK_MESSAGES_AT_ONCE)),
             deferrals_seen: Arc::default(),
             bulk_pause: BulkPause::default(),
+            express_held: Arc::default(),
             fair,
             queue,
             crash_after_commit: std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some(),
@@ -282,6 +288,7 @@ impl Ingester {
             self.bulk_pause.deferred(
                 &mut self.deferrals_seen.lock().unwrap_or_else(PoisonError::into_inner),
                 now(),
+                self.express_held.load(Ordering::Relaxed),
             );
             match self.deferrals.call(with_id(body, event_id)?).await {
                 Ok(()) => {
@@ -478,6 +485,7 @@ impl Ingester {
         // Held until the message is settled (through the pause after a
         // failure too), unless a deferral gives it back first.
         let mut slot = Some(slot);
+        let _held = (message.lane() == Lane::Express).then(|| Held::count(&self.express_held));
         // A bulk message gives its slot back and waits for a turn of its own,
         // so the bulk lane never holds the slots express events need.
         // One still waiting for a turn when the process stops goes back to
@@ -539,6 +547,22 @@ impl Ingester {
                 }
             }
         }
+    }
+}
+
+/// One message counted in a tally of held messages until it is dropped.
+struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    fn count(tally: &Arc<AtomicUsize>) -> Self {
+        tally.fetch_add(1, Ordering::Relaxed);
+        Held(tally.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
