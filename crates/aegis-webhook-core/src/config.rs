@@ -150,7 +150,8 @@ pub struct Config {
     /// `postgres://…` or `sqlite://…`; defaults to `aegis.db` in `data_dir`.
     pub database_url: Option<String>,
     /// Connections in the database pool of one process (PostgreSQL; SQLite uses
-    /// a few, as it has one writer).
+    /// a few, as it has one writer). An ingester or a worker opens a quarter
+    /// as many again, the pool of its bulk lanes (see `bulk_runtime`).
     pub database_max_connections: u32,
     /// RabbitMQ: one URL, or a cluster's nodes in turn; absent means the
     /// in-process queue.

@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod batch;
+pub mod bulk_runtime;
 pub mod config;
 pub mod event;
 pub mod fairness;

@@ -12,7 +12,9 @@
 //! lane of the tasks if its tenant's delivery share has room for them.
 //! While a flood is being moved and the move has fallen behind, messages of
 //! the bulk lane wait before they start, for the first seconds of the flood
-//! at most (`BulkPause`).
+//! at most (`BulkPause`). Given a [`BulkStage`], the bulk lane's messages
+//! are ingested on the bulk runtime, whose threads run after everyone
+//! else's (see `aegis_webhook_core::bulk_runtime`).
 //!
 //! An envelope that fails validation is parked on the invalid-events queue with
 //! its reason and acknowledged; the consumer carries on.
@@ -40,7 +42,7 @@ use aegis_webhook_core::queue::{
 };
 use aegis_webhook_core::telemetry;
 use aegis_webhook_storage::events::{self, EventWithDeliveries};
-use aegis_webhook_storage::{tenants, webhooks};
+use aegis_webhook_storage::{BulkStage, tenants, webhooks};
 use anyhow::Context as _;
 use chrono::Utc;
 use sea_orm::DatabaseConnection;
@@ -89,6 +91,9 @@ pub struct Ingester {
     /// so an express event never waits behind a bulk message's hundreds.
     fan_outs: Batcher<ValidatedEvent, FanOut>,
     bulk_fan_outs: Batcher<ValidatedEvent, FanOut>,
+    /// Where messages of the bulk lane are ingested: the bulk runtime, or
+    /// the current one.
+    bulk_runtime: Option<tokio::runtime::Handle>,
     /// Envelopes moved to the bulk lane, many to a message.
     deferrals: Batcher<String, ()>,
     /// Turns of the bulk lane's messages (see [`BULK_MESSAGES_AT_ONCE`]).
@@ -198,17 +203,38 @@ async fn fan_out(db: &DatabaseConnection, events: Vec<ValidatedEvent>) -> anyhow
 }
 
 impl Ingester {
-    /// Starts the fan-out batcher on the current runtime; `fair` decides the
-    /// lanes.
+    /// Starts the fan-out batchers on the current runtime, which ingests
+    /// both lanes; `fair` decides the lanes.
     pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>, fair: Arc<FairShare>) -> Self {
-        let fan_outs_on = |name| {
-            let db = db.clone();
+        Self::build(db, queue, fair, None)
+    }
+
+    /// [`Ingester::new`], with the bulk lane's messages ingested on `bulk`
+    /// (their fan-outs with its database pool).
+    pub fn with_bulk_stage(
+        db: DatabaseConnection,
+        queue: Arc<dyn Queue>,
+        fair: Arc<FairShare>,
+        bulk: BulkStage,
+    ) -> Self {
+        Self::build(db, queue, fair, Some(bulk))
+    }
+
+    fn build(db: DatabaseConnection, queue: Arc<dyn Queue>, fair: Arc<FairShare>, bulk: Option<BulkStage>) -> Self {
+        let fan_outs_on = |name, db: DatabaseConnection| {
             Batcher::spawn(name, MAX_FAN_OUT_BATCH, PARALLEL_FAN_OUTS, move |events| {
                 let db = db.clone();
                 async move { fan_out(&db, events).await }
             })
         };
-        let (fan_outs, bulk_fan_outs) = (fan_outs_on("fan-out"), fan_outs_on("bulk fan-out"));
+        let bulk_fan_outs = match &bulk {
+            Some(bulk) => {
+                let _on_bulk_runtime = bulk.runtime.enter();
+                fan_outs_on("bulk fan-out", bulk.db.clone())
+            }
+            None => fan_outs_on("bulk fan-out", db.clone()),
+        };
+        let fan_outs = fan_outs_on("fan-out", db);
         let deferrals = {
             let queue = queue.clone();
             Batcher::spawn("deferral", MAX_DEFERRAL_BATCH, PARALLEL_DEFERRALS, move |envelopes| {
@@ -223,6 +249,7 @@ impl Ingester {
         Ingester {
             fan_outs,
             bulk_fan_outs,
+            bulk_runtime: bulk.map(|bulk| bulk.runtime),
             deferrals,
             bulk_turns: Arc::new(tokio::sync::Semaphore::new(BULK_MESSAGES_AT_ONCE)),
             deferrals_seen: Arc::default(),
@@ -418,9 +445,16 @@ impl Ingester {
                 at_most: DRAIN_AT_MOST,
             },
             |message, permit| {
-                let ingester = self.clone();
-                let shutdown = shutdown.clone();
-                in_progress.spawn(async move { ingester.handle(message, permit, shutdown).await });
+                let (ingester, shutdown) = (self.clone(), shutdown.clone());
+                let runtime = match message.lane() {
+                    Lane::Bulk => self.bulk_runtime.clone(),
+                    _ => None,
+                };
+                let ingesting = async move { ingester.handle(message, permit, shutdown).await };
+                match runtime {
+                    Some(runtime) => in_progress.spawn_on(ingesting, &runtime),
+                    None => in_progress.spawn(ingesting),
+                };
                 async { Flow::Continue }
             },
         )

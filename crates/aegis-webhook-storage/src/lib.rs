@@ -148,6 +148,34 @@ pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<Dat
     Ok(db)
 }
 
+/// Where a role runs its bulk lanes' work: the bulk runtime (see
+/// `aegis_webhook_core::bulk_runtime`) and a PostgreSQL pool opened on it.
+#[derive(Clone, Debug)]
+pub struct BulkStage {
+    pub runtime: tokio::runtime::Handle,
+    pub db: DatabaseConnection,
+}
+
+impl BulkStage {
+    /// Opens the bulk lanes' pool, of at most `max_connections`, on
+    /// `runtime`, so its sockets are driven there.
+    pub async fn open(runtime: tokio::runtime::Handle, url: &str, max_connections: u32) -> anyhow::Result<Self> {
+        let url = url.to_owned();
+        let db = runtime
+            .spawn(async move { connect_with(&url, max_connections).await })
+            .await
+            .context("the bulk lanes' database pool was not opened")??;
+        Ok(BulkStage { runtime, db })
+    }
+
+    pub async fn close(self) -> anyhow::Result<()> {
+        self.db
+            .close()
+            .await
+            .context("failed to close the bulk lanes' database pool")
+    }
+}
+
 /// Key of the PostgreSQL advisory lock that `migrate` holds: "aegis_mi" in ASCII.
 pub(crate) const MIGRATION_LOCK: i64 = 0x6165_6769_735f_6d69;
 

@@ -33,6 +33,7 @@ use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_core::signing;
 use aegis_webhook_core::target::TargetPolicy;
 use aegis_webhook_core::telemetry;
+use aegis_webhook_storage::BulkStage;
 use aegis_webhook_storage::deliveries::{self, Attempt, NextStep};
 use aegis_webhook_storage::events::StoredEvent;
 use aegis_webhook_storage::webhooks::Webhook;
@@ -63,6 +64,12 @@ pub struct Worker {
     store: Store,
     queue: Arc<dyn Queue>,
     client: reqwest::Client,
+    /// The bulk lane's own client: its connections are opened, and driven,
+    /// on the bulk runtime.
+    bulk_client: reqwest::Client,
+    /// Where the bulk lane's attempts run: the bulk runtime, or the current
+    /// one.
+    bulk_runtime: Option<tokio::runtime::Handle>,
     policy: Arc<TargetPolicy>,
     retry: RetryPolicy,
     request_timeout: Duration,
@@ -204,17 +211,42 @@ fn task_span(task: &DeliveryTask, receipt: &Receipt) -> tracing::Span {
 }
 
 impl Worker {
+    /// A worker that makes every lane's attempts on the current runtime.
     pub fn new(
         config: &Config,
         db: DatabaseConnection,
         queue: Arc<dyn Queue>,
         cipher: SecretCipher,
     ) -> anyhow::Result<Self> {
+        Self::build(config, db, queue, cipher, None)
+    }
+
+    /// [`Worker::new`], with the bulk lane's attempts made on `bulk` (their
+    /// claims and records with its database pool).
+    pub fn with_bulk_stage(
+        config: &Config,
+        db: DatabaseConnection,
+        queue: Arc<dyn Queue>,
+        cipher: SecretCipher,
+        bulk: BulkStage,
+    ) -> anyhow::Result<Self> {
+        Self::build(config, db, queue, cipher, Some(bulk))
+    }
+
+    fn build(
+        config: &Config,
+        db: DatabaseConnection,
+        queue: Arc<dyn Queue>,
+        cipher: SecretCipher,
+        bulk: Option<BulkStage>,
+    ) -> anyhow::Result<Self> {
         let policy = Arc::new(config.target_policy());
         let lease = config.request_timeout + config.claim_margin;
         Ok(Worker {
             client: http::build_client(policy.clone(), config.request_timeout)?,
-            store: Store::spawn(db.clone(), cipher, lease, config.auto_disable()),
+            bulk_client: http::build_client(policy.clone(), config.request_timeout)?,
+            store: Store::spawn(db.clone(), bulk.as_ref(), cipher, lease, config.auto_disable()),
+            bulk_runtime: bulk.map(|bulk| bulk.runtime),
             db,
             queue,
             policy,
@@ -257,7 +289,7 @@ impl Worker {
             Claim::Refused(outcome) => return Ok(outcome),
         };
         let request = tracing::info_span!("prepare").in_scope(|| self.prepare(&claimed, task.attempt(), Utc::now()));
-        let sent = self.send(&claimed.webhook, request).await;
+        let sent = self.send(&claimed.webhook, request, lane).await;
         let decision = retry::decide(
             sent.result.observed(),
             task.attempt(),
@@ -342,12 +374,17 @@ impl Worker {
         Request { headers, body }
     }
 
-    /// Send: the POST, under the request timeout and the response-size cap.
-    async fn send(&self, webhook: &Webhook, request: Request) -> Sent {
+    /// Send: the POST, under the request timeout and the response-size cap,
+    /// with the client of the lane the task was taken from.
+    async fn send(&self, webhook: &Webhook, request: Request, lane: Lane) -> Sent {
+        let client = match lane {
+            Lane::Bulk => &self.bulk_client,
+            Lane::Express | Lane::Due => &self.client,
+        };
         let started_at = Utc::now();
         let _in_flight = metrics::InFlight::start();
         let result = http::post(
-            &self.client,
+            client,
             &self.policy,
             &webhook.url,
             request.headers,
@@ -587,7 +624,11 @@ impl Worker {
         match lanes.admit(taken, std::time::Instant::now()) {
             Admission::Run(taken) => {
                 let (worker, lanes) = (self.clone(), lanes.clone());
-                in_flight.spawn(async move {
+                let runtime = match taken.receipt.lane() {
+                    Lane::Bulk => self.bulk_runtime.clone(),
+                    Lane::Express | Lane::Due => None,
+                };
+                let running = async move {
                     let mut next = Some(taken);
                     // A finished attempt hands its slot to the next task
                     // waiting for the same webhook.
@@ -598,7 +639,11 @@ impl Worker {
                         next = lanes.finish(webhook, started.elapsed());
                     }
                     drop(permit);
-                });
+                };
+                match runtime {
+                    Some(runtime) => in_flight.spawn_on(running, &runtime),
+                    None => in_flight.spawn(running),
+                };
             }
             Admission::Waiting => drop(permit),
             Admission::Full(taken, attempt) => {

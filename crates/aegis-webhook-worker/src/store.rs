@@ -7,8 +7,10 @@
 //! Attempts of the express lane have batchers of their own, as the
 //! ingester's express fan-outs do: an express attempt does not queue for,
 //! nor share a statement with, the batches of the bulk attempts a flood
-//! keeps in flight. Both still share the connection pool (and, on SQLite,
-//! its one writer).
+//! keeps in flight. Given a bulk stage, the bulk lane's attempts have
+//! batchers of their own on its runtime with its pool (see
+//! `aegis_webhook_core::bulk_runtime`); without one they share the due
+//! retries' batchers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,6 +21,7 @@ use aegis_webhook_core::ids::{DeliveryId, EventId, WebhookId};
 use aegis_webhook_core::queue::Lane;
 use aegis_webhook_core::retry::AutoDisable;
 use aegis_webhook_core::secret::SecretCipher;
+use aegis_webhook_storage::BulkStage;
 use aegis_webhook_storage::deliveries::{self, Attempt, ClaimRequest, Delivery, NextStep};
 use aegis_webhook_storage::events::StoredEvent;
 use aegis_webhook_storage::webhooks::{self, HealthChange, Webhook};
@@ -110,29 +113,43 @@ impl Batchers {
 pub struct Store {
     /// For attempts taken from the express lane.
     express: Batchers,
-    /// For the bulk lane's and the due retries'.
-    others: Batchers,
+    /// For the due retries'.
+    due: Batchers,
+    /// For the bulk lane's: on the bulk stage, or the due retries'.
+    bulk: Batchers,
 }
 
 impl Store {
-    /// Starts the batchers on the current runtime. `lease` is how long a claim lasts.
-    pub fn spawn(db: DatabaseConnection, cipher: SecretCipher, lease: Duration, auto_disable: AutoDisable) -> Self {
+    /// Starts the batchers on the current runtime with `db`, and the bulk
+    /// lane's on `bulk`'s runtime with its pool if given. `lease` is how
+    /// long a claim lasts.
+    pub fn spawn(
+        db: DatabaseConnection,
+        bulk: Option<&BulkStage>,
+        cipher: SecretCipher,
+        lease: Duration,
+        auto_disable: AutoDisable,
+    ) -> Self {
+        let batchers = |names, db| Batchers::spawn(names, db, cipher.clone(), lease, auto_disable);
+        let due = batchers(("claim", "record"), db.clone());
         Store {
-            express: Batchers::spawn(
-                ("express claim", "express record"),
-                db.clone(),
-                cipher.clone(),
-                lease,
-                auto_disable,
-            ),
-            others: Batchers::spawn(("claim", "record"), db, cipher, lease, auto_disable),
+            express: batchers(("express claim", "express record"), db),
+            bulk: match bulk {
+                Some(bulk) => {
+                    let _on_bulk_runtime = bulk.runtime.enter();
+                    batchers(("bulk claim", "bulk record"), bulk.db.clone())
+                }
+                None => due.clone(),
+            },
+            due,
         }
     }
 
     fn batchers(&self, lane: Lane) -> &Batchers {
         match lane {
             Lane::Express => &self.express,
-            Lane::Bulk | Lane::Due => &self.others,
+            Lane::Due => &self.due,
+            Lane::Bulk => &self.bulk,
         }
     }
 
