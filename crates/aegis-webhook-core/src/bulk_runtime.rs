@@ -1,5 +1,5 @@
-//! The bulk lanes' own runtime: threads the operating system runs after
-//! everyone else's, so a flood takes only the CPU nobody else wants.
+//! The bulk lanes' own runtime: threads of a lower priority, so a flood
+//! takes mostly the CPU nobody else in the process wants.
 //!
 //! On a busy machine, every step of an express event (its fan-out, the
 //! worker taking its task, the claim, the POST) waits for its turn: behind
@@ -7,9 +7,11 @@
 //! alone do not change that, since the bulk lanes' work is what fills the
 //! run queues. So each process runs its bulk lanes' work on a tokio runtime
 //! of its own whose threads have a lower priority (nice [`BULK_NICE`] on
-//! Linux): the OS gives them every cycle no other thread wants, so a tenant
-//! alone still gets the whole machine (nice only matters when threads
-//! compete), and an express step that wakes up is run before them.
+//! Linux, relative to the process): where they compete for a core they get
+//! about a tenth of its time, so an express step that wakes up mostly runs
+//! first, and a tenant alone still gets the whole machine (nice only
+//! matters when threads compete). It weighs threads against others of the
+//! same CPU group (in Kubernetes, the pod's), not other containers.
 //!
 //! What the bulk work does I/O with is opened on this runtime too (its
 //! PostgreSQL pool, its HTTP client's connections): tokio drives a socket's
@@ -22,8 +24,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::Context as _;
 use tokio::runtime::{Handle, Runtime};
 
-/// How much lower the bulk runtime's threads run: at 10 a thread weighs about
-/// a tenth of a normal one where both want the same core (Linux's CFS).
+/// How much lower than the process the bulk runtime's threads run: 10 nice
+/// levels weigh about a tenth where both want the same core (Linux's
+/// scheduler; capped at the lowest priority, 19).
 pub const BULK_NICE: i32 = 10;
 
 /// The runtime; shut down (without waiting for its tasks) when dropped, after
@@ -40,14 +43,17 @@ impl std::fmt::Debug for BulkRuntime {
 
 impl BulkRuntime {
     /// Starts `threads` worker threads (at least one), each lowering its own
-    /// priority as it starts. Where the OS refuses (or is not Linux) the
-    /// threads run at the normal priority, and a warning says so once.
+    /// priority as it starts to [`BULK_NICE`] below the calling thread's
+    /// (so a process run under `nice` keeps its bulk threads below itself).
+    /// Where the OS refuses (or is not Linux) the threads run at the
+    /// priority they started with, and a warning says so once.
     pub fn start(threads: usize) -> anyhow::Result<Self> {
         static NUMBER: AtomicUsize = AtomicUsize::new(0);
+        let nice = bulk_nice();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name_fn(|| format!("aegis-bulk-{}", NUMBER.fetch_add(1, Ordering::Relaxed)))
-            .on_thread_start(lower_this_threads_priority)
+            .on_thread_start(move || set_this_threads_nice(nice))
             .enable_all()
             .build()
             .context("failed to start the bulk lanes' runtime")?;
@@ -69,12 +75,20 @@ impl Drop for BulkRuntime {
     }
 }
 
+/// The nice value of the bulk runtime's threads: [`BULK_NICE`] below the
+/// calling thread's, at most the lowest priority (19).
 #[cfg(target_os = "linux")]
-fn lower_this_threads_priority() {
+fn bulk_nice() -> i32 {
+    this_threads_nice().map_or(BULK_NICE, |nice| (nice + BULK_NICE).min(19))
+}
+
+/// Sets the calling thread's nice value (on Linux a nice value is a
+/// thread's own). Every thread of the runtime sets the same value, whatever
+/// it inherited from the thread that spawned it.
+#[cfg(target_os = "linux")]
+fn set_this_threads_nice(nice: i32) {
     static WARNED: std::sync::Once = std::sync::Once::new();
-    // On Linux a nice value is a thread's own: this sets the calling thread's.
-    let thread = rustix::thread::gettid();
-    if let Err(error) = rustix::process::setpriority_process(Some(thread), BULK_NICE) {
+    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), nice) {
         WARNED.call_once(|| {
             tracing::warn!(%error, "cannot lower the bulk runtime's priority; bulk work competes with express work");
         });
@@ -82,7 +96,12 @@ fn lower_this_threads_priority() {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_this_threads_priority() {}
+fn bulk_nice() -> i32 {
+    BULK_NICE
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_this_threads_nice(_nice: i32) {}
 
 /// This thread's nice value (Linux), for tests.
 #[cfg(target_os = "linux")]

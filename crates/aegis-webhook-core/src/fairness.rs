@@ -333,8 +333,8 @@ mod tests {
         assert_eq!(pause.remaining(&deferrals, t0 + ms(200)), Duration::ZERO);
         // A tenant over its share, deferring one event every 20 ms without
         // end, behind at first, then kept up with: the bulk lane waits 5 s
-        // from the flood's first deferral, then not at all while the flood
-        // goes on.
+        // from the first deferral that found the move behind (the flood's
+        // first, here), then not at all while the flood goes on.
         for step in 1..=1_000u32 {
             let held = if step < 10 { behind } else { 3 };
             pause.deferred(&mut deferrals, t0 + ms(20) * step, held);

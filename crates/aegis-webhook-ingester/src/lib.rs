@@ -13,8 +13,8 @@
 //! While a flood is being moved and the move has fallen behind, messages of
 //! the bulk lane wait before they start, for the first seconds of the flood
 //! at most (`BulkPause`). Given a [`BulkStage`], the bulk lane's messages
-//! are ingested on the bulk runtime, whose threads run after everyone
-//! else's (see `aegis_webhook_core::bulk_runtime`).
+//! are ingested on the bulk runtime, whose threads have a lower priority
+//! (see `aegis_webhook_core::bulk_runtime`).
 //!
 //! An envelope that fails validation is parked on the invalid-events queue with
 //! its reason and acknowledged; the consumer carries on.
@@ -430,7 +430,11 @@ impl Ingester {
     /// `concurrency` envelopes at once (each waits on its database commit and
     /// broker confirms, so one at a time would leave both idle); then drains
     /// what is already arriving, waits for what is in progress, and returns.
-    pub async fn run(self, shutdown: CancellationToken, concurrency: usize) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken, concurrency: usize) -> anyhow::Result<()> {
+        // A backlog must be reachable within what the express lane lets the
+        // ingester hold: with RabbitMQ 32 × `concurrency` (the prefetch), so
+        // at most a quarter of that; 256 at the default prefetch of 32.
+        self.bulk_pause.backlog = self.bulk_pause.backlog.min(concurrency.max(1).saturating_mul(8));
         let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
         let in_progress = tokio_util::task::TaskTracker::new();
         let queue = self.queue.clone();

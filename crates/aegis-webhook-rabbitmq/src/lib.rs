@@ -19,8 +19,8 @@
 //! ```
 //!
 //! Each lane is a queue of its own, consumed side by side and taken from in
-//! the order [`LanePicker`] gives; the express lanes are published and
-//! consumed on a connection of their own (see `aegis_webhook_core::fairness`):
+//! the order [`LanePicker`] gives; the express lanes are consumed, and the
+//! express first attempts published, on a connection of their own (see `aegis_webhook_core::fairness`):
 //! a fixed handful of queues, whatever the number of tenants.
 //!
 //! Every message the system publishes says when it became due (header
@@ -402,6 +402,9 @@ struct Inner {
     /// How consumers share their takes between lanes.
     weights: LaneWeights,
     live: Mutex<Option<Live>>,
+    /// The runtime the queue was made on, where every connection is opened
+    /// (see [`RabbitQueue::open_at_home`]).
+    home: tokio::runtime::Handle,
     /// Connections opened so far.
     opened: std::sync::atomic::AtomicU64,
 }
@@ -488,6 +491,7 @@ impl RabbitQueue {
                 },
                 weights,
                 live: Mutex::new(None),
+                home: tokio::runtime::Handle::current(),
                 opened: std::sync::atomic::AtomicU64::new(0),
             }),
         };
@@ -531,6 +535,21 @@ impl RabbitQueue {
             last_error = Some(error);
         }
         Err(last_error.expect("there is always at least one address"))
+    }
+
+    /// [`RabbitQueue::open`] on the runtime the queue was made on. lapin
+    /// drives a connection from the runtime current when it connects, and
+    /// its I/O thread starts with the connecting thread's priority: a
+    /// reconnect first needed by the bulk lanes' work (on the bulk runtime,
+    /// see `aegis_webhook_core::bulk_runtime`) must not leave every
+    /// connection, the express one included, on low-priority threads.
+    async fn open_at_home(&self) -> Result<Live, QueueError> {
+        let queue = self.clone();
+        self.inner
+            .home
+            .spawn(async move { queue.open().await })
+            .await
+            .map_err(|error| unexpected(error, "the task opening a RabbitMQ connection failed"))?
     }
 
     /// Connects to address `index` (`url`) and declares the topology there.
@@ -647,7 +666,7 @@ impl RabbitQueue {
             self.endpoints().failed(current.endpoint);
             live.take();
         }
-        let fresh = self.open().await?;
+        let fresh = self.open_at_home().await?;
         let opened = (chosen(&fresh), fresh.generation);
         *live = Some(fresh);
         Ok(opened)

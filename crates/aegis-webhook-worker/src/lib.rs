@@ -70,6 +70,8 @@ pub struct Worker {
     /// Where the bulk lane's attempts run: the bulk runtime, or the current
     /// one.
     bulk_runtime: Option<tokio::runtime::Handle>,
+    /// The pool of the bulk lane's attempts: the bulk stage's, or `db`.
+    bulk_db: DatabaseConnection,
     policy: Arc<TargetPolicy>,
     retry: RetryPolicy,
     request_timeout: Duration,
@@ -246,6 +248,7 @@ impl Worker {
             client: http::build_client(policy.clone(), config.request_timeout)?,
             bulk_client: http::build_client(policy.clone(), config.request_timeout)?,
             store: Store::spawn(db.clone(), bulk.as_ref(), cipher, lease, config.auto_disable()),
+            bulk_db: bulk.as_ref().map_or_else(|| db.clone(), |bulk| bulk.db.clone()),
             bulk_runtime: bulk.map(|bulk| bulk.runtime),
             db,
             queue,
@@ -325,13 +328,15 @@ impl Worker {
             event,
         }) = self.store.claim(task.delivery_id(), task.attempt(), lane).await?
         else {
-            return Ok(Claim::Refused(self.unclaimed(task).await?));
+            return Ok(Claim::Refused(self.unclaimed(task, lane).await?));
         };
         // Expiry drops bodies only once every delivery of the event is final;
         // one reopened at that moment (a redeliver racing the expiry pass)
         // must end with the reason, not send an empty body.
         if event.data.is_none() {
-            return Ok(Claim::Refused(self.cancel(task.delivery_id(), PAYLOAD_EXPUNGED).await?));
+            return Ok(Claim::Refused(
+                self.cancel(task.delivery_id(), PAYLOAD_EXPUNGED, lane).await?,
+            ));
         }
         let refused = match webhook {
             Target::Found(webhook) if webhook.active => {
@@ -350,7 +355,7 @@ impl Worker {
                 format!("the webhook's stored configuration cannot be read: {why}")
             }
         };
-        Ok(Claim::Refused(self.cancel(task.delivery_id(), &refused).await?))
+        Ok(Claim::Refused(self.cancel(task.delivery_id(), &refused, lane).await?))
     }
 
     /// Prepare: the exact bytes to send (the same on every attempt) and the
@@ -463,9 +468,9 @@ impl Worker {
     /// due): it goes back for the rest of its delay, if any, rather than be
     /// dropped and wait for the reconciler. Anything else (a finished
     /// delivery, another attempt, a claim held by another worker) is stale.
-    async fn unclaimed(&self, task: DeliveryTask) -> anyhow::Result<Outcome> {
+    async fn unclaimed(&self, task: DeliveryTask, lane: Lane) -> anyhow::Result<Outcome> {
         let now = Utc::now();
-        let early = deliveries::delivery_by_id(&self.db, task.delivery_id())
+        let early = deliveries::delivery_by_id(self.db_of(lane), task.delivery_id())
             .await?
             .filter(|delivery| {
                 delivery.status == deliveries::DeliveryStatus::Pending
@@ -485,11 +490,21 @@ impl Worker {
         }
     }
 
-    async fn cancel(&self, delivery_id: DeliveryId, reason: &str) -> anyhow::Result<Outcome> {
-        deliveries::cancel(&self.db, delivery_id, reason).await?;
+    async fn cancel(&self, delivery_id: DeliveryId, reason: &str, lane: Lane) -> anyhow::Result<Outcome> {
+        deliveries::cancel(self.db_of(lane), delivery_id, reason).await?;
         Ok(Outcome::Skipped {
             reason: reason.to_owned(),
         })
+    }
+
+    /// The pool for the steps of a task of `lane`: the bulk stage's for the
+    /// bulk lane (its connections are driven by the runtime the task runs
+    /// on), the worker's own for the others.
+    fn db_of(&self, lane: Lane) -> &DatabaseConnection {
+        match lane {
+            Lane::Bulk => &self.bulk_db,
+            Lane::Express | Lane::Due => &self.db,
+        }
     }
 
     fn headers(
@@ -622,29 +637,7 @@ impl Worker {
         in_flight: &TaskTracker,
     ) {
         match lanes.admit(taken, std::time::Instant::now()) {
-            Admission::Run(taken) => {
-                let (worker, lanes) = (self.clone(), lanes.clone());
-                let runtime = match taken.receipt.lane() {
-                    Lane::Bulk => self.bulk_runtime.clone(),
-                    Lane::Express | Lane::Due => None,
-                };
-                let running = async move {
-                    let mut next = Some(taken);
-                    // A finished attempt hands its slot to the next task
-                    // waiting for the same webhook.
-                    while let Some(taken) = next {
-                        let webhook = taken.task.webhook_id();
-                        let started = std::time::Instant::now();
-                        worker.handle(taken).await;
-                        next = lanes.finish(webhook, started.elapsed());
-                    }
-                    drop(permit);
-                };
-                match runtime {
-                    Some(runtime) => in_flight.spawn_on(running, &runtime),
-                    None => in_flight.spawn(running),
-                };
-            }
+            Admission::Run(taken) => self.run_in_line(taken, permit, lanes, in_flight),
             Admission::Waiting => drop(permit),
             Admission::Full(taken, attempt) => {
                 drop(permit);
@@ -653,6 +646,48 @@ impl Worker {
                 in_flight.spawn(async move { worker.hold_back(taken, delay).await });
             }
         }
+    }
+
+    /// Runs an admitted task, on the runtime of its lane, then the tasks
+    /// waiting for the same webhook that its slot passes to: while they are
+    /// of a lane of the same runtime, in the same task; the first that is
+    /// not starts over on its own runtime (with the slot), so an express
+    /// attempt never runs on the bulk runtime's threads nor a bulk one on
+    /// the others'.
+    fn run_in_line(
+        &self,
+        taken: Taken,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        lanes: &Arc<Lanes>,
+        in_flight: &TaskTracker,
+    ) {
+        let on_bulk = self.runs_on_bulk_runtime(taken.receipt.lane());
+        let (worker, lanes, tracker) = (self.clone(), lanes.clone(), in_flight.clone());
+        let running = async move {
+            let mut next = Some(taken);
+            while let Some(taken) = next.take() {
+                let webhook = taken.task.webhook_id();
+                let started = std::time::Instant::now();
+                worker.handle(taken).await;
+                match lanes.finish(webhook, started.elapsed()) {
+                    Some(following) if worker.runs_on_bulk_runtime(following.receipt.lane()) != on_bulk => {
+                        return worker.run_in_line(following, permit, &lanes, &tracker);
+                    }
+                    following => next = following,
+                }
+            }
+            drop(permit);
+        };
+        match (&self.bulk_runtime, on_bulk) {
+            (Some(bulk), true) => in_flight.spawn_on(running, bulk),
+            _ => in_flight.spawn(running),
+        };
+    }
+
+    /// Whether a task of `lane` runs on the bulk runtime: a bulk task, if
+    /// the worker has one.
+    fn runs_on_bulk_runtime(&self, lane: Lane) -> bool {
+        lane == Lane::Bulk && self.bulk_runtime.is_some()
     }
 
     /// A task whose webhook has every slot busy while the lines are full: it

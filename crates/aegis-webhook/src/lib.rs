@@ -194,7 +194,10 @@ impl RunningSystem {
             }
         }
         if let Some((stage, runtime)) = self.bulk {
-            stage.close().await?;
+            let closed = stage.close().await;
+            if first_failure.is_ok() {
+                first_failure = closed;
+            }
             drop(runtime);
         }
         self.db.close().await.context("failed to close the database")?;
