@@ -67,9 +67,10 @@ pub struct Worker {
     /// The bulk lane's own client: its connections are opened, and driven,
     /// on the bulk runtime.
     bulk_client: reqwest::Client,
-    /// Where the bulk lane's attempts run: the bulk runtime, or the current
-    /// one.
+    /// Where the bulk lane's attempts run: the bulk runtime, or `runtime`.
     bulk_runtime: Option<tokio::runtime::Handle>,
+    /// The runtime the worker was made on, where the other lanes' run.
+    runtime: tokio::runtime::Handle,
     /// The pool of the bulk lane's attempts: the bulk stage's, or `db`.
     bulk_db: DatabaseConnection,
     policy: Arc<TargetPolicy>,
@@ -250,6 +251,7 @@ impl Worker {
             store: Store::spawn(db.clone(), bulk.as_ref(), cipher, lease, config.auto_disable()),
             bulk_db: bulk.as_ref().map_or_else(|| db.clone(), |bulk| bulk.db.clone()),
             bulk_runtime: bulk.map(|bulk| bulk.runtime),
+            runtime: tokio::runtime::Handle::current(),
             db,
             queue,
             policy,
@@ -678,10 +680,13 @@ impl Worker {
             }
             drop(permit);
         };
-        match (&self.bulk_runtime, on_bulk) {
-            (Some(bulk), true) => in_flight.spawn_on(running, bulk),
-            _ => in_flight.spawn(running),
+        // Named, not the current one: a task handed over from the bulk
+        // runtime is started from there.
+        let runtime = match (&self.bulk_runtime, on_bulk) {
+            (Some(bulk), true) => bulk,
+            _ => &self.runtime,
         };
+        in_flight.spawn_on(running, runtime);
     }
 
     /// Whether a task of `lane` runs on the bulk runtime: a bulk task, if
