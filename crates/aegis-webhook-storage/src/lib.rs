@@ -97,6 +97,12 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
 
 /// [`connect`] with at most `max_connections` PostgreSQL connections.
 pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
+    connect_pool(url, max_connections, max_connections.clamp(1, 4)).await
+}
+
+/// [`connect_with`], keeping `standing` PostgreSQL connections open from the
+/// start.
+async fn connect_pool(url: &str, max_connections: u32, standing: u32) -> anyhow::Result<DatabaseConnection> {
     if let Some(parent) = sqlite_path(url)
         .and_then(|path| Path::new(path).parent())
         .filter(|parent| !parent.as_os_str().is_empty())
@@ -132,7 +138,7 @@ pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<Dat
         // Opening a PostgreSQL connection takes up to ~100 ms on a busy
         // machine: opened on demand, each one stalls the request that needed
         // it (the steady benchmark's p99). Keep a few open from the start.
-        options.min_connections(max_connections.clamp(1, 4));
+        options.min_connections(standing.clamp(1, max_connections.max(1)));
     }
     let db = Database::connect(options)
         .await
@@ -140,7 +146,7 @@ pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<Dat
     if db.get_database_backend() == DbBackend::Postgres {
         // Open the pool's standing connections now, together, rather than
         // while the first requests wait for them.
-        let warm = (0..max_connections.clamp(1, 4)).map(|_| db.execute_unprepared("SELECT 1"));
+        let warm = (0..standing.clamp(1, max_connections.max(1))).map(|_| db.execute_unprepared("SELECT 1"));
         futures::future::try_join_all(warm)
             .await
             .context("failed to open the database connections")?;
@@ -158,11 +164,13 @@ pub struct BulkStage {
 
 impl BulkStage {
     /// Opens the bulk lanes' pool, of at most `max_connections`, on
-    /// `runtime`, so its sockets are driven there.
+    /// `runtime`, so its sockets are driven there. One connection stands
+    /// open; the others are opened when a flood needs them (a bulk batch
+    /// can wait for a connect), so idle processes hold few connections.
     pub async fn open(runtime: tokio::runtime::Handle, url: &str, max_connections: u32) -> anyhow::Result<Self> {
         let url = url.to_owned();
         let db = runtime
-            .spawn(async move { connect_with(&url, max_connections).await })
+            .spawn(async move { connect_pool(&url, max_connections, 1).await })
             .await
             .context("the bulk lanes' database pool was not opened")??;
         Ok(BulkStage { runtime, db })
