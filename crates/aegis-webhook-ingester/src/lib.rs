@@ -589,16 +589,16 @@ impl Ingester {
 }
 
 /// One message counted in a tally of held messages until it is dropped.
-struct Held(Arc<AtomicUsize>);
+struct Held<'a>(&'a AtomicUsize);
 
-impl Held {
-    fn count(tally: &Arc<AtomicUsize>) -> Self {
+impl<'a> Held<'a> {
+    fn count(tally: &'a AtomicUsize) -> Self {
         tally.fetch_add(1, Ordering::Relaxed);
-        Held(tally.clone())
+        Held(tally)
     }
 }
 
-impl Drop for Held {
+impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }

@@ -64,8 +64,8 @@ pub struct Worker {
     store: Store,
     queue: Arc<dyn Queue>,
     client: reqwest::Client,
-    /// The bulk lane's own client: its connections are opened, and driven,
-    /// on the bulk runtime.
+    /// The bulk lane's client: given a bulk stage, one of its own, whose
+    /// connections are opened, and driven, on the bulk runtime.
     bulk_client: reqwest::Client,
     /// Where the bulk lane's attempts run: the bulk runtime, or `runtime`.
     bulk_runtime: Option<tokio::runtime::Handle>,
@@ -245,9 +245,15 @@ impl Worker {
     ) -> anyhow::Result<Self> {
         let policy = Arc::new(config.target_policy());
         let lease = config.request_timeout + config.claim_margin;
+        let client = http::build_client(policy.clone(), config.request_timeout)?;
         Ok(Worker {
-            client: http::build_client(policy.clone(), config.request_timeout)?,
-            bulk_client: http::build_client(policy.clone(), config.request_timeout)?,
+            // A client of its own only where the bulk lane has a runtime of
+            // its own; otherwise one pool of connections serves every lane.
+            bulk_client: match bulk {
+                Some(_) => http::build_client(policy.clone(), config.request_timeout)?,
+                None => client.clone(),
+            },
+            client,
             store: Store::spawn(db.clone(), bulk.as_ref(), cipher, lease, config.auto_disable()),
             bulk_db: bulk.as_ref().map_or_else(|| db.clone(), |bulk| bulk.db.clone()),
             bulk_runtime: bulk.map(|bulk| bulk.runtime),
