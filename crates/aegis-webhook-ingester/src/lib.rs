@@ -42,6 +42,7 @@ use aegis_webhook_core::queue::{
 };
 use aegis_webhook_core::telemetry;
 use aegis_webhook_storage::events::{self, EventWithDeliveries};
+use aegis_webhook_storage::write_gate::{Precedence, WriteTurns};
 use aegis_webhook_storage::{BulkStage, tenants, webhooks};
 use anyhow::Context as _;
 use chrono::Utc;
@@ -153,7 +154,11 @@ enum FanOut {
 /// PostgreSQL's read committed, statements of one transaction see what others
 /// committed between them anyway, and a webhook deleted in between makes the
 /// write fail on its foreign key, to be ingested again.
-async fn fan_out(db: &DatabaseConnection, events: Vec<ValidatedEvent>) -> anyhow::Result<Vec<FanOut>> {
+async fn fan_out(
+    db: &DatabaseConnection,
+    turns: &WriteTurns,
+    events: Vec<ValidatedEvent>,
+) -> anyhow::Result<Vec<FanOut>> {
     let mut tenant_ids: Vec<TenantId> = events.iter().map(|event| event.tenant_id()).collect();
     tenant_ids.sort_unstable();
     tenant_ids.dedup();
@@ -188,7 +193,10 @@ async fn fan_out(db: &DatabaseConnection, events: Vec<ValidatedEvent>) -> anyhow
         })
         .collect();
     // `None` for a repeat, also of an earlier envelope in this batch.
-    let stored = events::insert_events_with_deliveries(db, &planned, Utc::now()).await?;
+    let stored = {
+        let _turn = turns.take().await;
+        events::insert_events_with_deliveries(db, &planned, Utc::now()).await?
+    };
     for ((index, planned), ids) in storable.iter().zip(&planned).zip(stored) {
         let Some(ids) = ids else { continue };
         let tasks = planned
@@ -221,20 +229,21 @@ impl Ingester {
     }
 
     fn build(db: DatabaseConnection, queue: Arc<dyn Queue>, fair: Arc<FairShare>, bulk: Option<BulkStage>) -> Self {
-        let fan_outs_on = |name, db: DatabaseConnection| {
+        let fan_outs_on = |name, db: DatabaseConnection, precedence| {
+            let turns = WriteTurns::of(&db, precedence);
             Batcher::spawn(name, MAX_FAN_OUT_BATCH, PARALLEL_FAN_OUTS, move |events| {
-                let db = db.clone();
-                async move { fan_out(&db, events).await }
+                let (db, turns) = (db.clone(), turns.clone());
+                async move { fan_out(&db, &turns, events).await }
             })
         };
         let bulk_fan_outs = match &bulk {
             Some(bulk) => {
                 let _on_bulk_runtime = bulk.runtime.enter();
-                fan_outs_on("bulk fan-out", bulk.db.clone())
+                fan_outs_on("bulk fan-out", bulk.db.clone(), Precedence::Behind)
             }
-            None => fan_outs_on("bulk fan-out", db.clone()),
+            None => fan_outs_on("bulk fan-out", db.clone(), Precedence::Behind),
         };
-        let fan_outs = fan_outs_on("fan-out", db);
+        let fan_outs = fan_outs_on("fan-out", db, Precedence::First);
         let deferrals = {
             let queue = queue.clone();
             Batcher::spawn("deferral", MAX_DEFERRAL_BATCH, PARALLEL_DEFERRALS, move |envelopes| {

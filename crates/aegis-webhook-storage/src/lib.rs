@@ -13,6 +13,7 @@ pub mod portal;
 pub mod retention;
 pub mod tenants;
 pub mod webhooks;
+pub mod write_gate;
 
 use std::path::Path;
 

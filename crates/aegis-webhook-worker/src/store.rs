@@ -25,6 +25,7 @@ use aegis_webhook_storage::BulkStage;
 use aegis_webhook_storage::deliveries::{self, Attempt, ClaimRequest, Delivery, NextStep};
 use aegis_webhook_storage::events::StoredEvent;
 use aegis_webhook_storage::webhooks::{self, HealthChange, Webhook};
+use aegis_webhook_storage::write_gate::{Precedence, WriteTurns};
 use anyhow::Context as _;
 use chrono::Utc;
 use sea_orm::{DatabaseConnection, TransactionTrait as _};
@@ -90,20 +91,28 @@ impl Batchers {
     fn spawn(
         names: (&'static str, &'static str),
         db: DatabaseConnection,
+        precedence: Precedence,
         cipher: SecretCipher,
         lease: Duration,
         auto_disable: AutoDisable,
     ) -> Self {
+        let turns = WriteTurns::of(&db, precedence);
         let claims = {
-            let db = db.clone();
+            let (db, turns) = (db.clone(), turns.clone());
             Batcher::spawn(names.0, MAX_BATCH, PARALLEL_BATCHES, move |wanted| {
-                let (db, cipher) = (db.clone(), cipher.clone());
-                async move { claim_batch(&db, &cipher, lease, wanted).await }
+                let (db, cipher, turns) = (db.clone(), cipher.clone(), turns.clone());
+                async move {
+                    let _turn = turns.take().await;
+                    claim_batch(&db, &cipher, lease, wanted).await
+                }
             })
         };
         let records = Batcher::spawn(names.1, MAX_BATCH, PARALLEL_BATCHES, move |recordings| {
-            let db = db.clone();
-            async move { record_batch(&db, &auto_disable, recordings).await }
+            let (db, turns) = (db.clone(), turns.clone());
+            async move {
+                let _turn = turns.take().await;
+                record_batch(&db, &auto_disable, recordings).await
+            }
         });
         Batchers { claims, records }
     }
@@ -130,14 +139,15 @@ impl Store {
         lease: Duration,
         auto_disable: AutoDisable,
     ) -> Self {
-        let batchers = |names, db| Batchers::spawn(names, db, cipher.clone(), lease, auto_disable);
-        let due = batchers(("claim", "record"), db.clone());
+        let batchers =
+            |names, db, precedence| Batchers::spawn(names, db, precedence, cipher.clone(), lease, auto_disable);
+        let due = batchers(("claim", "record"), db.clone(), Precedence::Behind);
         Store {
-            express: batchers(("express claim", "express record"), db),
+            express: batchers(("express claim", "express record"), db, Precedence::First),
             bulk: match bulk {
                 Some(bulk) => {
                     let _on_bulk_runtime = bulk.runtime.enter();
-                    batchers(("bulk claim", "bulk record"), bulk.db.clone())
+                    batchers(("bulk claim", "bulk record"), bulk.db.clone(), Precedence::Behind)
                 }
                 None => due.clone(),
             },
