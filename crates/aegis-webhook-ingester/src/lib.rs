@@ -78,12 +78,22 @@ const MAX_DEFERRAL_BATCH: usize = 256;
 /// (1,024 at the default `AEGIS_AMQP_PREFETCH`), enough that moving a flood
 /// never waits for one confirm at a time.
 const PARALLEL_DEFERRALS: usize = 4;
-/// Messages of the bulk lane ingested at once (each up to
+/// Messages of the bulk lane ingested at once by one ingester (each up to
 /// [`MAX_DEFERRAL_BATCH`] envelopes: enough to fill the bulk fan-out batches).
 /// They hold none of the consume loop's slots: measured, 32 bulk messages
 /// holding every slot for the seconds their 8,000 fan-outs and publishes took
-/// left an express event waiting up to 7 s for a slot.
-const BULK_MESSAGES_AT_ONCE: usize = 4;
+/// left an express event waiting up to 7 s for a slot. One, not four: the
+/// workers, not the fan-out, set how fast a flood drains, and four at once
+/// fanned a 200,000-delivery flood out in its first 11 s of 28, the seconds
+/// in which another tenant's express events waited most for the database
+/// and the broker. Measured (noisy benchmark, tenant B, alternating): in
+/// `dev` p99/max 47/54 and 46/53 ms with one, 62/78 and 68/118 with four;
+/// in production the seconds after the first with an event over 50 ms went
+/// from 6–10 of a run's ~28 to 3–6, while the first second (the move) sets
+/// B's p99 either way (56–132 ms with one, 67–83 with four; four runs each). A
+/// lone flood's cost: none in production, 12 % on SQLite, where the
+/// fan-outs are the slower stage.
+const BULK_MESSAGES_AT_ONCE: usize = 1;
 
 #[derive(Clone)]
 pub struct Ingester {
