@@ -268,10 +268,11 @@ pub async fn start_on_queue(
     let role_failed = CancellationToken::new();
     // On PostgreSQL the consuming roles run their bulk lanes' work on a
     // runtime of lower-priority threads. Not on SQLite (`dev`): there the
-    // lanes wait mostly for the file's one writer, which no thread priority
-    // changes, and the bulk lane's own batchers only add writers; measured
-    // no better (embedded noisy benchmark, tenant B's p99/max: 245/480 ms in
-    // one run with it, 160/356 and 209/780 in two without).
+    // lanes share the file's one writer (express first: `write_gate`), and
+    // the bulk lane's own batchers only add writers; measured no better
+    // (embedded noisy benchmark, tenant B's p99/max: 245/480 ms in one run
+    // with it, 160/356 and 209/780 in two without; with the write gate,
+    // 166/265 and 102/174 with it, 62/78 and 68/118 without).
     let bulk = match (roles.ingester || roles.worker) && db.get_database_backend() == DbBackend::Postgres {
         true => {
             let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
