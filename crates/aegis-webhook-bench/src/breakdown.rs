@@ -193,6 +193,23 @@ pub struct Breakdown {
     pub deferred_end_to_end: Option<Figures>,
     /// Every complete path, publish → receipt, whatever its lane.
     pub all_end_to_end: Option<Figures>,
+    /// The slowest express paths, slowest first: where a tail's time went,
+    /// which the percentiles of each step (over different events) cannot say.
+    pub slowest: Vec<SlowPath>,
+}
+
+/// How many of the slowest express paths a breakdown lists.
+const SLOWEST_PATHS: usize = 10;
+
+/// One event's path, step by step.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlowPath {
+    /// When it was published, in seconds after the first traced event was.
+    pub published_s: f64,
+    /// Publish → receipt, in milliseconds.
+    pub end_to_end_ms: f64,
+    /// Each step of [`Breakdown::path`], in milliseconds, in its order.
+    pub steps_ms: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -451,6 +468,24 @@ pub fn analyse(
             })
             .collect()
     };
+    let first_published = complete.iter().filter_map(|(points, _)| points.published).min();
+    let millis = |(from, to): (u64, u64)| (to as i64 - from as i64) as f64 / 1e6;
+    let mut slowest: Vec<SlowPath> = complete
+        .iter()
+        .filter(|(_, bulk)| !bulk)
+        .filter_map(|(points, _)| {
+            Some(SlowPath {
+                published_s: (points.published? - first_published?) as f64 / 1e9,
+                end_to_end_ms: millis(between(points.published, points.received)?),
+                steps_ms: PATH
+                    .iter()
+                    .map(|(_, _, segment)| segment(points).map_or(f64::NAN, millis))
+                    .collect(),
+            })
+        })
+        .collect();
+    slowest.sort_unstable_by(|a, b| b.end_to_end_ms.total_cmp(&a.end_to_end_ms));
+    slowest.truncate(SLOWEST_PATHS);
     Breakdown {
         spans: count,
         spans_by_name,
@@ -464,6 +499,7 @@ pub fn analyse(
         deferred_to_ingest: of(Some(true), |p| between(p.published, p.ingest_start)),
         deferred_end_to_end: of(Some(true), |p| between(p.published, p.received)),
         all_end_to_end: of(None, |p| between(p.published, p.received)),
+        slowest,
     }
 }
 
@@ -512,6 +548,23 @@ impl fmt::Display for Breakdown {
         line(f, "publish → bulk ingest", &self.deferred_to_ingest)?;
         line(f, "publish → receipt", &self.deferred_end_to_end)?;
         line(f, "all events: publish → receipt", &self.all_end_to_end)?;
+        if !self.slowest.is_empty() {
+            writeln!(
+                f,
+                "    the slowest express paths (published: s after the first traced event; then ms: publish → \
+                 receipt, and each step of the path above, in its order):"
+            )?;
+            for path in &self.slowest {
+                let steps: Vec<String> = path.steps_ms.iter().map(|ms| format!("{ms:.1}")).collect();
+                writeln!(
+                    f,
+                    "    {:>7.2} s {:>8.1}  = {}",
+                    path.published_s,
+                    path.end_to_end_ms,
+                    steps.join(" + ")
+                )?;
+            }
+        }
         Ok(())
     }
 }
@@ -598,5 +651,15 @@ mod tests {
             .find(|step| step.name == "record")
             .expect("record");
         assert_eq!(record.figures.expect("figures").p50, 1.0);
+        let [slowest] = breakdown.slowest.as_slice() else {
+            panic!("one path, so one slowest: {:?}", breakdown.slowest);
+        };
+        assert_eq!((slowest.published_s, slowest.end_to_end_ms), (0.0, received_ms));
+        let steps: Vec<f64> = breakdown
+            .path
+            .iter()
+            .map(|step| step.figures.expect("every step").p50)
+            .collect();
+        assert_eq!(slowest.steps_ms, steps);
     }
 }
