@@ -8,9 +8,12 @@
 //! tenant within its share) waited up to hundreds of milliseconds that way.
 //! So the process's writers of the hot paths queue here instead, before they
 //! touch the database: an express writer waits only for the transaction in
-//! progress, never for bulk writers queued before it; writers of the same
-//! precedence go first come, first served. PostgreSQL has no such lock (rows
-//! lock, not the database), so there is no gate and a turn is free.
+//! progress, not for bulk writers queued before it; writers of the same
+//! precedence go first come, first served. A bulk writer steps back for
+//! express writers for at most [`MOST_STEPPED_BACK`], then takes its turn in
+//! arrival order, so a stream of express writes slows the bulk lanes but
+//! never stops them. PostgreSQL has no such lock (rows lock, not the
+//! database), so there is no gate and a turn is free.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,6 +22,12 @@ use std::sync::{Arc, LazyLock, Weak};
 
 use sea_orm::{DatabaseConnection, DbBackend};
 use tokio::sync::{Mutex, MutexGuard, Notify};
+use tokio::time::{Duration, Instant};
+
+/// How long a `Behind` writer lets `First` writers that come after it go
+/// first: a bulk batch's transaction takes milliseconds, so express writers
+/// arriving faster than that for this long are a stream, not a burst.
+pub const MOST_STEPPED_BACK: Duration = Duration::from_millis(100);
 
 /// Which writers a turn goes before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,12 +50,13 @@ impl WriteTurns {
     /// the same file); on PostgreSQL every turn is free.
     pub fn of(db: &DatabaseConnection, precedence: Precedence) -> Self {
         let gate = (db.get_database_backend() == DbBackend::Sqlite).then(|| {
-            gate_of(
-                db.get_sqlite_connection_pool()
-                    .connect_options()
-                    .get_filename()
-                    .to_owned(),
-            )
+            let file = db
+                .get_sqlite_connection_pool()
+                .connect_options()
+                .get_filename()
+                .to_owned();
+            // One gate for one file however its path was spelled.
+            gate_of(std::fs::canonicalize(&file).unwrap_or(file))
         });
         WriteTurns { gate, precedence }
     }
@@ -93,17 +103,23 @@ impl WriteGate {
                 let _waiting = FirstWaiting::count(self);
                 self.lock.lock().await
             }
-            Precedence::Behind => loop {
-                self.until_no_first_waits().await;
-                let turn = self.lock.lock().await;
-                if self.first_waiting.load(Ordering::SeqCst) == 0 {
-                    return turn;
+            Precedence::Behind => {
+                let deadline = Instant::now() + MOST_STEPPED_BACK;
+                loop {
+                    let stepped_back_enough = tokio::time::timeout_at(deadline, self.until_no_first_waits())
+                        .await
+                        .is_err();
+                    let turn = self.lock.lock().await;
+                    if stepped_back_enough || self.first_waiting.load(Ordering::SeqCst) == 0 {
+                        return turn;
+                    }
+                    // A `First` writer queued meanwhile: the lock passes to
+                    // the writer queued longest, so dropping it now lets that
+                    // one (or a `Behind` writer before it, which steps back in
+                    // turn) go.
+                    drop(turn);
                 }
-                // A `First` writer queued meanwhile: the lock passes to the
-                // writer queued longest, so dropping it now lets that one
-                // (or a `Behind` writer before it, which steps back in turn) go.
-                drop(turn);
-            },
+            }
         }
     }
 
@@ -215,6 +231,34 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), ["first", "second", "third"]);
         for task in tasks {
+            task.await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bulk_writer_steps_back_for_express_writers_for_a_bounded_time() {
+        let (gate, order, release) = fixture();
+        let holder = writer(&gate, Precedence::First, "express holding", &order, &release);
+        settle().await;
+        let express = writer(&gate, Precedence::First, "express queued", &order, &release);
+        settle().await;
+        let bulk = writer(&gate, Precedence::Behind, "bulk", &order, &release);
+        settle().await;
+        // Once the bulk writer has stepped back long enough it queues in
+        // arrival order, before the express writers still to come.
+        tokio::time::sleep(MOST_STEPPED_BACK).await;
+        settle().await;
+        let late = writer(&gate, Precedence::First, "express late", &order, &release);
+        settle().await;
+        for _ in 0..4 {
+            release.notify_one();
+            settle().await;
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["express holding", "express queued", "bulk", "express late"]
+        );
+        for task in [holder, express, bulk, late] {
             task.await.unwrap();
         }
     }
