@@ -90,9 +90,9 @@ const PARALLEL_DEFERRALS: usize = 4;
 /// `dev` p99/max 47/54 and 46/53 ms with one, 62/78 and 68/118 with four;
 /// in production the seconds after the first with an event over 50 ms went
 /// from 6–10 of a run's ~28 to 3–6, while the first second (the move) sets
-/// B's p99 either way (56–132 ms with one, 67–83 with four; four runs each). A
-/// lone flood's cost: none in production, 10–14 % on SQLite (two alternations), where the
-/// fan-outs are the slower stage.
+/// B's p99 either way (56–132 ms with one, 67–83 with four; four runs
+/// each). A lone flood's cost: none in production, 10–14 % on SQLite (two
+/// alternations), where the fan-outs are the slower stage.
 const BULK_MESSAGES_AT_ONCE: usize = 1;
 
 #[derive(Clone)]
