@@ -51,6 +51,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::sync::Mutex;
 use tracing::Instrument as _;
 
+use aegis_webhook_core::batch::Batcher;
 use aegis_webhook_core::config::AmqpUrls;
 use aegis_webhook_core::queue::{
     Acknowledger, Consumer, DeferredEvents, DeliveryTask, FirstAttempts, Lane, LanePicker, LaneWeights, Queue,
@@ -58,7 +59,9 @@ use aegis_webhook_core::queue::{
 };
 use aegis_webhook_core::telemetry::TraceHeaders;
 
+mod acks;
 mod endpoints;
+use acks::SettledTags;
 use endpoints::Endpoints;
 
 /// The longest one publish may take, connecting and the broker's confirm
@@ -897,11 +900,77 @@ struct RabbitConsumer {
 }
 
 /// The broker consumers behind one [`Consumer`]: one per lane of its stream,
-/// the express lane's on the express connection.
+/// the express lane's on the express connection; and the settling of each
+/// channel's messages.
 struct Subscription {
     express: lapin::Consumer,
     bulk: lapin::Consumer,
     due: Option<lapin::Consumer>,
+    express_settles: Settles,
+    settles: Settles,
+}
+
+/// Settling one message: its tag on its channel, and whether it is requeued.
+struct Settle {
+    tag: u64,
+    requeue: bool,
+    acker: lapin::Acker,
+}
+
+/// Settles the messages of one channel a batch at a time, one batch after
+/// another (so each batch's frames reach the broker after the last's), with
+/// as few acks as is safe (see [`acks`]).
+type Settles = Batcher<Settle, ()>;
+
+/// The most settles one batch sends.
+const MAX_SETTLE_BATCH: usize = 4_096;
+
+fn settles_of_a_channel() -> Settles {
+    let settled = Arc::new(std::sync::Mutex::new(SettledTags::default()));
+    Batcher::spawn("settle", MAX_SETTLE_BATCH, 1, move |batch: Vec<Settle>| {
+        let settled = settled.clone();
+        async move {
+            let (requeues, acks): (Vec<&Settle>, Vec<&Settle>) = batch.iter().partition(|settle| settle.requeue);
+            let tags = |settles: &[&Settle]| settles.iter().map(|settle| settle.tag).collect::<Vec<u64>>();
+            let frames = settled
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .settle(&tags(&acks), &tags(&requeues));
+            let acker = |tag: u64| {
+                &batch
+                    .iter()
+                    .find(|settle| settle.tag == tag)
+                    .expect("every frame is for a message of the batch")
+                    .acker
+            };
+            // After a reconnect the old channel is gone; the broker then
+            // redelivers its messages, which is the at-least-once side of
+            // the contract.
+            for tag in frames.requeues {
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                };
+                acker(tag)
+                    .nack(requeue)
+                    .await
+                    .map_err(|error| anyhow::Error::new(error).context("failed to requeue"))?;
+            }
+            if let Some(tag) = frames.ack_through {
+                acker(tag)
+                    .ack(BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
+            }
+            for tag in frames.acks {
+                acker(tag)
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
+            }
+            Ok(vec![(); batch.len()])
+        }
+    })
 }
 
 impl RabbitConsumer {
@@ -974,7 +1043,13 @@ impl RabbitConsumer {
             Some(queue) => Some(start(&channel, queue, prefetch).await?),
             None => None,
         };
-        self.inner = Some(Subscription { express, bulk, due });
+        self.inner = Some(Subscription {
+            express,
+            bulk,
+            due,
+            express_settles: settles_of_a_channel(),
+            settles: settles_of_a_channel(),
+        });
         Ok(())
     }
 }
@@ -997,7 +1072,13 @@ impl Consumer for RabbitConsumer {
                     continue;
                 }
             }
-            let Subscription { express, bulk, due } = self.inner.as_mut().expect("subscribed above");
+            let Subscription {
+                express,
+                bulk,
+                due,
+                express_settles,
+                settles,
+            } = self.inner.as_mut().expect("subscribed above");
             let order = self.picker.order();
             let next = std::future::poll_fn(|cx| {
                 poll_lanes(cx, order, |lane, cx| match lane {
@@ -1011,7 +1092,14 @@ impl Consumer for RabbitConsumer {
                 Some((lane, Ok(delivery))) => {
                     let trace_headers = trace_headers_of(&delivery.properties);
                     let due_at = due_at_of(&delivery.properties);
-                    let acknowledger = RabbitAcknowledger { acker: delivery.acker };
+                    let acknowledger = RabbitAcknowledger {
+                        tag: delivery.delivery_tag,
+                        acker: delivery.acker,
+                        settles: match lane {
+                            Lane::Express => express_settles.clone(),
+                            Lane::Bulk | Lane::Due => settles.clone(),
+                        },
+                    };
                     return Some(Ok(QueueMessage::new(
                         Bytes::from(delivery.data),
                         Box::new(acknowledger),
@@ -1051,30 +1139,33 @@ fn trace_headers_of(properties: &BasicProperties) -> TraceHeaders {
 }
 
 struct RabbitAcknowledger {
+    tag: u64,
     acker: lapin::Acker,
+    /// The settling of its channel's messages.
+    settles: Settles,
+}
+
+impl RabbitAcknowledger {
+    async fn settle(self, requeue: bool) -> Result<(), QueueError> {
+        self.settles
+            .call(Settle {
+                tag: self.tag,
+                requeue,
+                acker: self.acker,
+            })
+            .await
+            .map_err(QueueError::Unexpected)
+    }
 }
 
 #[async_trait]
 impl Acknowledger for RabbitAcknowledger {
     async fn ack(self: Box<Self>) -> Result<(), QueueError> {
-        // After a reconnect the old channel is gone; the broker then redelivers
-        // the message, which is the at-least-once side of the contract.
-        self.acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|error| unexpected(error, "failed to ack"))
+        self.settle(false).await
     }
 
     async fn requeue(self: Box<Self>) -> Result<(), QueueError> {
-        self.acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await
-            .map(|_| ())
-            .map_err(|error| unexpected(error, "failed to requeue"))
+        self.settle(true).await
     }
 }
 
