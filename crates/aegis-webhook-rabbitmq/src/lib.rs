@@ -936,13 +936,9 @@ fn settles_of_a_channel() -> Settles {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .settle(&tags(&acks), &tags(&requeues));
-            let acker = |tag: u64| {
-                &batch
-                    .iter()
-                    .find(|settle| settle.tag == tag)
-                    .expect("every frame is for a message of the batch")
-                    .acker
-            };
+            let ackers: std::collections::HashMap<u64, &lapin::Acker> =
+                batch.iter().map(|settle| (settle.tag, &settle.acker)).collect();
+            let acker = |tag: u64| *ackers.get(&tag).expect("every frame is for a message of the batch");
             // After a reconnect the old channel is gone; the broker then
             // redelivers its messages, which is the at-least-once side of
             // the contract.
