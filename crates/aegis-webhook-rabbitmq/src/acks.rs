@@ -63,8 +63,7 @@ impl SettledTags {
             self.through += 1;
         }
         if self.above.len() > MOST_TRACKED {
-            self.given_up = true;
-            self.above.clear();
+            self.give_up();
         }
         let (within, beyond): (Vec<u64>, Vec<u64>) = acks.iter().partition(|tag| **tag <= self.through);
         Frames {
@@ -72,6 +71,15 @@ impl SettledTags {
             ack_through: within.into_iter().max(),
             acks: beyond,
         }
+    }
+}
+
+impl SettledTags {
+    /// From now on every ack goes out alone: for a channel where frames
+    /// that were planned may not have been sent.
+    pub(crate) fn give_up(&mut self) {
+        self.given_up = true;
+        self.above.clear();
     }
 }
 
@@ -113,6 +121,13 @@ mod tests {
         assert_eq!(tags.settle(&[], &[4]), frames(&[4], None, &[]));
         assert_eq!(tags.settle(&[6], &[]), frames(&[], None, &[6]));
         assert_eq!(tags.settle(&[5], &[]), frames(&[], Some(5), &[]));
+    }
+
+    #[test]
+    fn after_giving_up_every_ack_goes_out_alone() {
+        let mut tags = SettledTags::default();
+        tags.give_up();
+        assert_eq!(tags.settle(&[1, 2], &[3]), frames(&[3], None, &[1, 2]));
     }
 
     #[test]

@@ -939,34 +939,47 @@ fn settles_of_a_channel() -> Settles {
             let ackers: std::collections::HashMap<u64, &lapin::Acker> =
                 batch.iter().map(|settle| (settle.tag, &settle.acker)).collect();
             let acker = |tag: u64| *ackers.get(&tag).expect("every frame is for a message of the batch");
-            // After a reconnect the old channel is gone; the broker then
-            // redelivers its messages, which is the at-least-once side of
-            // the contract.
-            for tag in frames.requeues {
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                };
-                acker(tag)
-                    .nack(requeue)
-                    .await
-                    .map_err(|error| anyhow::Error::new(error).context("failed to requeue"))?;
+            let sent = send(frames, acker).await;
+            if sent.is_err() {
+                // Recorded as settled, but perhaps not said: no later ack
+                // may cover these tags. (After a reconnect the old channel is
+                // gone and the broker redelivers its messages, which is the
+                // at-least-once side of the contract.)
+                settled
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .give_up();
             }
-            if let Some(tag) = frames.ack_through {
-                acker(tag)
-                    .ack(BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
-            }
-            for tag in frames.acks {
-                acker(tag)
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
-            }
-            Ok(vec![(); batch.len()])
+            sent.map(|()| vec![(); batch.len()])
         }
     })
+}
+
+/// Sends a batch's frames, in their order.
+async fn send<'a>(frames: acks::Frames, acker: impl Fn(u64) -> &'a lapin::Acker) -> anyhow::Result<()> {
+    for tag in frames.requeues {
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        acker(tag)
+            .nack(requeue)
+            .await
+            .map_err(|error| anyhow::Error::new(error).context("failed to requeue"))?;
+    }
+    if let Some(tag) = frames.ack_through {
+        acker(tag)
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
+    }
+    for tag in frames.acks {
+        acker(tag)
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
+    }
+    Ok(())
 }
 
 impl RabbitConsumer {
