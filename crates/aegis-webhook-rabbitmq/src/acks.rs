@@ -15,8 +15,11 @@
 //! below which every tag (the broker numbers a channel's deliveries 1, 2, 3 …)
 //! has been settled by this process; requeues go out first, one by one. An ack
 //! above that prefix goes out on its own at once: nothing is held back waiting
-//! for a slower message, so no message waits longer for its ack than it did
-//! before.
+//! for a slower message. The state belongs to one channel as the broker
+//! numbers it: a reconnect makes new channels and new state (lapin's own
+//! auto-recovery, which would renumber a channel under the same consumer, is
+//! left off). Past [`MOST_TRACKED`] tags settled above an unsettled one, or
+//! after a frame failed, the channel acks one by one until it is replaced.
 
 use std::collections::BTreeSet;
 
@@ -58,6 +61,12 @@ impl SettledTags {
                 acks: acks.to_vec(),
             };
         }
+        debug_assert!(
+            acks.iter()
+                .chain(requeues)
+                .all(|tag| *tag > self.through && !self.above.contains(tag)),
+            "a tag is settled once"
+        );
         self.above.extend(acks.iter().chain(requeues));
         while self.above.remove(&(self.through + 1)) {
             self.through += 1;

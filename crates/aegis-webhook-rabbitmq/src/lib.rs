@@ -559,6 +559,11 @@ impl RabbitQueue {
     async fn open_at(&self, url: &aegis_webhook_core::config::AmqpUrl, index: usize) -> Result<Live, QueueError> {
         // The error never carries the URL, which holds the password.
         let connect = |name: &'static str| async move {
+            // Without lapin's auto-recovery (off by default), on purpose: a
+            // reconnect here makes new channels and new consumers, and with
+            // them new settled-tag state (`acks`). A channel recovered under
+            // the same consumer would number its deliveries from 1 again
+            // while the old state let a multiple ack cover them.
             let properties = ConnectionProperties::default().with_connection_name(name.into());
             Connection::connect(url.expose(), properties)
                 .await
@@ -955,30 +960,32 @@ fn settles_of_a_channel() -> Settles {
     })
 }
 
-/// Sends a batch's frames, in their order.
+/// Sends a batch's frames: the requeues, then the multiple ack, then the
+/// single acks, each group sent once the one before it is. Within a group
+/// the order does not matter, so its frames go out together rather than
+/// each waiting for the last.
 async fn send<'a>(frames: acks::Frames, acker: impl Fn(u64) -> &'a lapin::Acker) -> anyhow::Result<()> {
-    for tag in frames.requeues {
-        let requeue = BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        };
-        acker(tag)
-            .nack(requeue)
-            .await
-            .map_err(|error| anyhow::Error::new(error).context("failed to requeue"))?;
-    }
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    futures::future::try_join_all(frames.requeues.into_iter().map(|tag| acker(tag).nack(requeue)))
+        .await
+        .map_err(|error| anyhow::Error::new(error).context("failed to requeue"))?;
     if let Some(tag) = frames.ack_through {
         acker(tag)
             .ack(BasicAckOptions { multiple: true })
             .await
             .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
     }
-    for tag in frames.acks {
-        acker(tag)
-            .ack(BasicAckOptions::default())
-            .await
-            .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
-    }
+    futures::future::try_join_all(
+        frames
+            .acks
+            .into_iter()
+            .map(|tag| acker(tag).ack(BasicAckOptions::default())),
+    )
+    .await
+    .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
     Ok(())
 }
 
