@@ -34,7 +34,8 @@ pub const MOST_STEPPED_BACK: Duration = Duration::from_millis(100);
 pub enum Precedence {
     /// Work of the express lanes: goes before every waiting `Behind` writer.
     First,
-    /// Work of the bulk lanes and due retries: waits while a `First` writer does.
+    /// Work of the bulk lanes and due retries: waits while a `First` writer
+    /// does, for at most [`MOST_STEPPED_BACK`].
     Behind,
 }
 
@@ -163,8 +164,8 @@ mod tests {
     use super::*;
 
     /// Spawns a writer that records `name` once it has its turn, then holds
-    /// the turn until `release` is told.
-    fn writer(
+    /// the turn until `release` is told; returns once it has queued.
+    async fn writer(
         gate: &Arc<WriteGate>,
         precedence: Precedence,
         name: &'static str,
@@ -172,11 +173,13 @@ mod tests {
         release: &Arc<Notify>,
     ) -> tokio::task::JoinHandle<()> {
         let (gate, order, release) = (gate.clone(), order.clone(), release.clone());
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let _turn = gate.enter(precedence).await;
             order.lock().unwrap().push(name);
             release.notified().await;
-        })
+        });
+        settle().await;
+        task
     }
 
     type Order = Arc<StdMutex<Vec<&'static str>>>;
@@ -195,12 +198,9 @@ mod tests {
     #[tokio::test]
     async fn an_express_writer_goes_before_bulk_writers_that_queued_first() {
         let (gate, order, release) = fixture();
-        let holder = writer(&gate, Precedence::Behind, "bulk holding", &order, &release);
-        settle().await;
-        let bulk = writer(&gate, Precedence::Behind, "bulk queued", &order, &release);
-        settle().await;
-        let express = writer(&gate, Precedence::First, "express", &order, &release);
-        settle().await;
+        let holder = writer(&gate, Precedence::Behind, "bulk holding", &order, &release).await;
+        let bulk = writer(&gate, Precedence::Behind, "bulk queued", &order, &release).await;
+        let express = writer(&gate, Precedence::First, "express", &order, &release).await;
         assert_eq!(*order.lock().unwrap(), ["bulk holding"]);
 
         for expected in [
@@ -222,8 +222,7 @@ mod tests {
         let (gate, order, release) = fixture();
         let mut tasks = Vec::new();
         for name in ["first", "second", "third"] {
-            tasks.push(writer(&gate, Precedence::First, name, &order, &release));
-            settle().await;
+            tasks.push(writer(&gate, Precedence::First, name, &order, &release).await);
         }
         for _ in 0..3 {
             release.notify_one();
@@ -238,18 +237,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_bulk_writer_steps_back_for_express_writers_for_a_bounded_time() {
         let (gate, order, release) = fixture();
-        let holder = writer(&gate, Precedence::First, "express holding", &order, &release);
-        settle().await;
-        let express = writer(&gate, Precedence::First, "express queued", &order, &release);
-        settle().await;
-        let bulk = writer(&gate, Precedence::Behind, "bulk", &order, &release);
-        settle().await;
+        let holder = writer(&gate, Precedence::First, "express holding", &order, &release).await;
+        let express = writer(&gate, Precedence::First, "express queued", &order, &release).await;
+        let bulk = writer(&gate, Precedence::Behind, "bulk", &order, &release).await;
         // Once the bulk writer has stepped back long enough it queues in
         // arrival order, before the express writers still to come.
         tokio::time::sleep(MOST_STEPPED_BACK).await;
         settle().await;
-        let late = writer(&gate, Precedence::First, "express late", &order, &release);
-        settle().await;
+        let late = writer(&gate, Precedence::First, "express late", &order, &release).await;
         for _ in 0..4 {
             release.notify_one();
             settle().await;
@@ -266,12 +261,9 @@ mod tests {
     #[tokio::test]
     async fn an_express_writer_that_gives_up_waiting_holds_no_bulk_writer_back() {
         let (gate, order, release) = fixture();
-        let holder = writer(&gate, Precedence::Behind, "bulk holding", &order, &release);
-        settle().await;
-        let express = writer(&gate, Precedence::First, "express", &order, &release);
-        settle().await;
-        let bulk = writer(&gate, Precedence::Behind, "bulk queued", &order, &release);
-        settle().await;
+        let holder = writer(&gate, Precedence::Behind, "bulk holding", &order, &release).await;
+        let express = writer(&gate, Precedence::First, "express", &order, &release).await;
+        let bulk = writer(&gate, Precedence::Behind, "bulk queued", &order, &release).await;
         express.abort();
         assert!(express.await.unwrap_err().is_cancelled());
         release.notify_one();
