@@ -4,8 +4,11 @@
 
 use std::time::Duration;
 
-use aegis_webhook_rabbitmq::REASON_HEADER;
+use aegis_webhook_core::config::AmqpUrls;
+use aegis_webhook_core::queue::{Consumer, LaneWeights, Queue as _, QueueMessage, Stream};
+use aegis_webhook_rabbitmq::{Prefetch, REASON_HEADER, RabbitQueue, Topology};
 use aegis_webhook_storage::deliveries::{self, DeliveryStatus};
+use bytes::Bytes;
 use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
@@ -208,4 +211,96 @@ async fn a_failing_receiver_goes_through_the_tier_queues_to_the_dead_letter_queu
     assert_eq!(dead.len(), 1);
     assert!(String::from_utf8_lossy(&dead[0].0).contains(&delivery.id.to_string()));
     assert_eq!(dead[0].1, "all 3 attempts failed");
+}
+
+/// The next message of `consumer`, within a few seconds.
+async fn next_message(consumer: &mut Box<dyn Consumer>) -> QueueMessage {
+    tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a message within 10 s")
+        .expect("the consumer is open")
+        .expect("a message, not an error")
+}
+
+/// The adapter settles a channel's messages with as few frames as is safe
+/// (one `multiple` ack up to where everything below is settled): against
+/// the real broker, acking later messages never settles one still held,
+/// a requeued one comes back, and those acked are gone. If an ack covered
+/// the held message, the broker would drop it and the last check fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_after_a_held_message_never_settle_it_and_a_requeued_one_comes_back() {
+    let Some(channel) = scanner_channel().await else { return };
+    let prefix = format!("test-{}.", Uuid::new_v4().simple());
+    // Throwaway topology: the broker deletes it if the test dies first.
+    let topology = Topology::new(&prefix, &[Duration::ZERO], Some(Duration::from_secs(120)));
+    let queue = RabbitQueue::connect(
+        &AmqpUrls::parse(&amqp_url()).expect("AEGIS_TEST_AMQP_URL"),
+        topology.clone(),
+        Prefetch { events: 16, tasks: 16 },
+        LaneWeights::default(),
+    )
+    .await
+    .expect("connect");
+    let publish = |bodies: std::ops::Range<u32>| {
+        let queue = queue.clone();
+        async move {
+            for index in bodies {
+                queue
+                    .publish_event("POAM_OVERDUE", Bytes::from(format!("m{index}")))
+                    .await
+                    .expect("publish");
+            }
+        }
+    };
+    publish(0..4).await;
+    let mut consumer = queue.consume(Stream::Events).await.expect("consume");
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        taken.push(next_message(&mut consumer).await);
+    }
+    let bodies: Vec<&[u8]> = taken.iter().map(|message| &message.body[..]).collect();
+    assert_eq!(bodies, [b"m0", b"m1", b"m2", b"m3"], "in publish order");
+    let mut taken = taken.into_iter();
+    let (held, first, requeued, last) = (
+        taken.next().expect("m0"),
+        taken.next().expect("m1"),
+        taken.next().expect("m2"),
+        taken.next().expect("m3"),
+    );
+    // m0 held throughout; m2 handed back; m1 and m3 acked around it.
+    requeued.requeue().await.expect("requeue");
+    first.ack().await.expect("ack");
+    last.ack().await.expect("ack");
+    let again = next_message(&mut consumer).await;
+    assert_eq!(&again.body[..], b"m2", "the requeued message comes back");
+    again.ack().await.expect("ack");
+    // More after the held one, acked in reverse: the frames the coalescing
+    // would merge if m0 did not stand in the way.
+    publish(4..8).await;
+    let mut later = Vec::new();
+    for _ in 4..8 {
+        later.push(next_message(&mut consumer).await);
+    }
+    for message in later.into_iter().rev() {
+        message.ack().await.expect("ack");
+    }
+    // Closing the connection hands back what it holds unacknowledged: m0
+    // alone, if every ack above covered exactly what it should.
+    drop((held, consumer, queue));
+    let ingest = topology.ingest_queue();
+    let back = eventually(Duration::from_secs(10), "the held message back in the queue", || {
+        let (channel, ingest) = (channel.clone(), ingest.clone());
+        async move {
+            channel
+                .basic_get(ingest.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .expect("basic_get")
+        }
+    })
+    .await;
+    assert_eq!(&back.delivery.data[..], b"m0");
+    assert!(back.delivery.redelivered, "it was delivered before");
+    let rest = drain(&channel, &ingest).await;
+    assert!(rest.is_empty(), "acked messages came back: {rest:?}");
+    topology.delete(&channel).await.expect("delete the topology");
 }
