@@ -462,6 +462,9 @@ impl Ingester {
             Stream::Events,
             "events",
             slots,
+            // An express event waits for a slot only behind other express
+            // events: a bulk message gives its slot back at once.
+            None,
             &shutdown,
             Drain::UntilIdle {
                 idle: DRAIN_IDLE,

@@ -1073,6 +1073,17 @@ impl RabbitConsumer {
 #[async_trait]
 impl Consumer for RabbitConsumer {
     async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>> {
+        self.take(false).await
+    }
+
+    async fn next_express(&mut self) -> Option<Result<QueueMessage, QueueError>> {
+        self.take(true).await
+    }
+}
+
+impl RabbitConsumer {
+    /// The next message of any lane, or of the express lane alone.
+    async fn take(&mut self, express_only: bool) -> Option<Result<QueueMessage, QueueError>> {
         loop {
             if self.inner.is_none() {
                 let resubscribed = (|| async { self.queue.publisher().await.map(|_| ()) })
@@ -1099,6 +1110,7 @@ impl Consumer for RabbitConsumer {
             let next = std::future::poll_fn(|cx| {
                 poll_lanes(cx, order, |lane, cx| match lane {
                     Lane::Express => Some(express.poll_next_unpin(cx)),
+                    _ if express_only => None,
                     Lane::Bulk => Some(bulk.poll_next_unpin(cx)),
                     Lane::Due => due.as_mut().map(|due| due.poll_next_unpin(cx)),
                 })

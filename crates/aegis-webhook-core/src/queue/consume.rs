@@ -43,11 +43,16 @@ pub enum Flow {
 /// `dispatch` with that slot's permit, which the role holds for as long as
 /// the message's work runs (typically in a task it spawns). `label` names the
 /// stream in logs and in `aegis_queue_consumer_up`.
+///
+/// Given [`ExpressFirst`], the other lanes' work (a flood in the bulk lane)
+/// never stands in the express lane's way in: see there.
+#[allow(clippy::too_many_arguments)]
 pub async fn consume<F, Fut>(
     queue: &dyn Queue,
     stream: Stream,
     label: &'static str,
     slots: Arc<Semaphore>,
+    express_first: Option<ExpressFirst>,
     shutdown: &CancellationToken,
     drain: Drain,
     mut dispatch: F,
@@ -67,20 +72,24 @@ where
                 break;
             }
         }
-        let permit = match drain {
+        let slot = match drain {
             // Biased: once shutdown is asked for, it wins over a free slot.
             Drain::Immediately => tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                permit = slots.clone().acquire_owned() => permit,
+                slot = Slot::free(&slots, express_first.as_ref()) => slot,
             },
             // Draining goes on after shutdown, so it waits for a slot whatever.
-            Drain::UntilIdle { .. } => slots.clone().acquire_owned().await,
-        }
-        .expect("the slots are never closed");
+            Drain::UntilIdle { .. } => Slot::free(&slots, express_first.as_ref()).await,
+        };
+        let (permit, next) = match slot {
+            Slot::Any(permit) => (permit, Taking::Any),
+            Slot::Express(permit, until) => (permit, Taking::Express { until }),
+            Slot::Again => continue,
+        };
         let next = match drain {
             Drain::UntilIdle { idle, .. } if shutdown.is_cancelled() => {
-                match tokio::time::timeout(idle, consumer.next()).await {
+                match tokio::time::timeout(idle, next.take(consumer.as_mut())).await {
                     Ok(next) => next,
                     Err(_idle) => break,
                 }
@@ -92,8 +101,14 @@ where
                     // Shutdown began while waiting: go round to drain.
                     Drain::UntilIdle { .. } => continue,
                 },
-                next = consumer.next() => next,
+                next = next.take(consumer.as_mut()) => next,
             },
+        };
+        // What a reserved slot waited for, besides an express message, came
+        // first: go round and take from every lane if now allowed.
+        let Some(next) = next else {
+            drop(permit);
+            continue;
         };
         match next {
             None => break,
@@ -118,6 +133,98 @@ where
     Ok(())
 }
 
+/// How the express lane gets past the other lanes' work in [`consume`]: a
+/// message of the express lane is also taken with a slot of `reserve`,
+/// while every one of the loop's slots is taken, or while a message of
+/// another lane holds `others` (one permit): the role takes it while that
+/// message's later work waits for the loop's slots off the loop, and
+/// meanwhile the loop takes express messages only, with the reserve, so
+/// the waiting work gets every slot that comes free. A flood in the bulk
+/// lane can fill the slots, never the express lane's way in, and the loop
+/// never holds more than one such message waiting.
+#[derive(Debug, Clone)]
+pub struct ExpressFirst {
+    pub reserve: Arc<Semaphore>,
+    pub others: Arc<Semaphore>,
+}
+
+impl ExpressFirst {
+    /// A reserve of `reserve` slots, and `others` free.
+    pub fn new(reserve: usize) -> Self {
+        ExpressFirst {
+            reserve: Arc::new(Semaphore::new(reserve)),
+            others: Arc::new(Semaphore::new(1)),
+        }
+    }
+}
+
+type Wake<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// A free slot to take the next message with.
+enum Slot<'a> {
+    /// One of the loop's slots: for a message of any lane.
+    Any(OwnedSemaphorePermit),
+    /// One of the express lane's reserve: for an express message, unless
+    /// `until` comes first.
+    Express(OwnedSemaphorePermit, Wake<'a>),
+    /// Another lane's message stopped holding `others`: look again.
+    Again,
+}
+
+impl<'a> Slot<'a> {
+    /// The first free slot: one of `slots` before one of the reserve, and
+    /// only one of the reserve while another lane's message holds `others`.
+    async fn free(slots: &'a Arc<Semaphore>, express_first: Option<&'a ExpressFirst>) -> Slot<'a> {
+        let permit = |permit: Result<OwnedSemaphorePermit, _>| permit.expect("the slots are never closed");
+        let Some(ExpressFirst { reserve, others }) = express_first else {
+            return Slot::Any(permit(slots.clone().acquire_owned().await));
+        };
+        let others_free = |others: &'a Arc<Semaphore>| -> Wake<'a> {
+            Box::pin(async move {
+                let _free = others.acquire().await;
+            })
+        };
+        if others.available_permits() == 0 {
+            return tokio::select! {
+                express = reserve.clone().acquire_owned() => Slot::Express(permit(express), others_free(others)),
+                () = others_free(others) => Slot::Again,
+            };
+        }
+        let slot_free: Wake<'a> = Box::pin(async move {
+            let _free = slots.acquire().await;
+        });
+        tokio::select! {
+            biased;
+            any = slots.clone().acquire_owned() => Slot::Any(permit(any)),
+            express = reserve.clone().acquire_owned() => Slot::Express(permit(express), slot_free),
+        }
+    }
+}
+
+/// What a free slot may take.
+enum Taking<'a> {
+    Any,
+    /// An express message, unless `until` comes first.
+    Express {
+        until: Wake<'a>,
+    },
+}
+
+impl Taking<'_> {
+    /// The consumer's next message as `self` allows; `None` when what an
+    /// express take waits for besides came first.
+    async fn take(self, consumer: &mut dyn super::Consumer) -> Option<Option<Result<QueueMessage, QueueError>>> {
+        match self {
+            Taking::Any => Some(consumer.next().await),
+            Taking::Express { until } => tokio::select! {
+                biased;
+                next = consumer.next_express() => Some(next),
+                () = until => None,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -125,7 +232,9 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::ids::{DeliveryId, WebhookId};
     use crate::queue::memory::MemoryQueue;
+    use crate::queue::{DeliveryTask, FirstAttempts, Lane};
 
     async fn publish(queue: &MemoryQueue, count: usize) {
         for index in 0..count {
@@ -151,6 +260,7 @@ mod tests {
                     Stream::Events,
                     "events",
                     slots,
+                    None,
                     &shutdown,
                     Drain::Immediately,
                     |message, permit| {
@@ -173,6 +283,93 @@ mod tests {
         consuming.await.expect("joins").expect("stops cleanly");
     }
 
+    /// What holds the way in while [`lanes_taken_while_held`] looks.
+    enum Held {
+        /// The loop's one slot.
+        EverySlot,
+        /// `others` of the loop's [`ExpressFirst`].
+        Others,
+    }
+
+    /// The lanes of the tasks `consume` takes from `queue` within a second,
+    /// with one slot and `express_first`, while `held` is held elsewhere;
+    /// then within a second of it coming free.
+    async fn lanes_taken_while_held(
+        queue: &MemoryQueue,
+        express_first: Option<ExpressFirst>,
+        held: Held,
+    ) -> [Vec<Lane>; 2] {
+        let slots = Arc::new(Semaphore::new(1));
+        let flood = match (&held, &express_first) {
+            (Held::EverySlot, _) => slots.clone().acquire_owned().await,
+            (Held::Others, Some(express_first)) => express_first.others.clone().acquire_owned().await,
+            (Held::Others, None) => panic!("no others to hold"),
+        }
+        .expect("a permit");
+        let reserve = express_first;
+        let shutdown = CancellationToken::new();
+        let taken = Arc::new(Mutex::new(Vec::new()));
+        let consuming = {
+            let (queue, slots, shutdown, taken) = (queue.clone(), slots.clone(), shutdown.clone(), taken.clone());
+            tokio::spawn(async move {
+                consume(
+                    &queue,
+                    Stream::Tasks,
+                    "tasks",
+                    slots,
+                    reserve,
+                    &shutdown,
+                    Drain::Immediately,
+                    |message, permit| {
+                        taken.lock().expect("lock").push((message.lane(), message, permit));
+                        async { Flow::Continue }
+                    },
+                )
+                .await
+            })
+        };
+        let lanes = || -> Vec<Lane> { taken.lock().expect("lock").iter().map(|(lane, _, _)| *lane).collect() };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let while_full = lanes();
+        drop(flood);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = lanes();
+        shutdown.cancel();
+        consuming.await.expect("joins").expect("stops cleanly");
+        [while_full, after]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_every_slot_taken_only_an_express_message_is_taken_and_only_with_a_reserve() {
+        let task = || DeliveryTask::new(DeliveryId::generate(), WebhookId::generate(), 1);
+        let queue_of_both = || async {
+            let queue = MemoryQueue::new();
+            // The flood's message first: first in, first out would take it first.
+            for lane in [Lane::Bulk, Lane::Express] {
+                queue
+                    .publish_first_attempts(FirstAttempts::new(&[task()]), lane)
+                    .await
+                    .expect("publish");
+            }
+            queue
+        };
+        let both_in_turn = [vec![Lane::Express], vec![Lane::Express, Lane::Bulk]];
+        assert_eq!(
+            lanes_taken_while_held(&queue_of_both().await, Some(ExpressFirst::new(1)), Held::EverySlot).await,
+            both_in_turn,
+            "the express message with the reserve at once; the bulk one with the freed slot"
+        );
+        assert_eq!(
+            lanes_taken_while_held(&queue_of_both().await, Some(ExpressFirst::new(1)), Held::Others).await,
+            both_in_turn,
+            "while another lane's message waits, its slot free: the express message alone, then the bulk one"
+        );
+        // Without one, nothing until the slot is free; then one message, of
+        // the lane the weighted round-robin's turn prefers.
+        let [while_full, after] = lanes_taken_while_held(&queue_of_both().await, None, Held::EverySlot).await;
+        assert_eq!((while_full, after.len()), (vec![], 1));
+    }
+
     /// Runs the loop over `queue`'s events with room for many, acking each
     /// message and answering `flow`; returns how many it took.
     async fn taken(queue: &MemoryQueue, shutdown: &CancellationToken, drain: Drain, flow: Flow) -> usize {
@@ -183,6 +380,7 @@ mod tests {
             Stream::Events,
             "events",
             slots,
+            None,
             shutdown,
             drain,
             |message, _permit| {
@@ -243,6 +441,7 @@ mod tests {
             Stream::Events,
             "events",
             Arc::new(Semaphore::new(8)),
+            None,
             &shutdown,
             drain,
             |message, _permit| {

@@ -287,6 +287,17 @@ struct LanesConsumer {
 #[async_trait]
 impl Consumer for LanesConsumer {
     async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>> {
+        self.take(false).await
+    }
+
+    async fn next_express(&mut self) -> Option<Result<QueueMessage, QueueError>> {
+        self.take(true).await
+    }
+}
+
+impl LanesConsumer {
+    /// The next message of any lane, or of the express lane alone.
+    async fn take(&mut self, express_only: bool) -> Option<Result<QueueMessage, QueueError>> {
         let mut express = self.lanes.express.receiver.lock().await;
         let mut bulk = self.lanes.bulk.receiver.lock().await;
         let mut due = match &self.lanes.due {
@@ -297,6 +308,7 @@ impl Consumer for LanesConsumer {
         let (lane, message) = std::future::poll_fn(|cx| {
             poll_lanes(cx, order, |lane, cx| match lane {
                 Lane::Express => Some(express.poll_recv(cx)),
+                _ if express_only => None,
                 Lane::Bulk => Some(bulk.poll_recv(cx)),
                 Lane::Due => due.as_mut().map(|due| due.poll_recv(cx)),
             })

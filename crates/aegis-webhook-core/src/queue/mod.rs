@@ -389,6 +389,10 @@ impl QueueMessage {
 pub trait Consumer: Send {
     /// The next message; `None` once the queue is closed for good.
     async fn next(&mut self) -> Option<Result<QueueMessage, QueueError>>;
+    /// The next message of the express lane, leaving the other lanes'
+    /// where they are: what a slot kept for the express lane may take (see
+    /// [`consume::consume`]).
+    async fn next_express(&mut self) -> Option<Result<QueueMessage, QueueError>>;
 }
 
 /// The span of one publish, as OpenTelemetry's messaging conventions name
