@@ -53,6 +53,10 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 /// Why a delivery whose event lost its payload to the retention ends unsent.
 const PAYLOAD_EXPUNGED: &str = "the event's payload was expunged under the data retention policy";
 
+use admission::{Admission, Lanes, Taken};
+use receipt::Receipt;
+use store::{Claimed, Recording, Store, Target};
+
 /// Slots kept for express tasks, beyond the `concurrency` every lane shares:
 /// one for every eight of those (see [`ExpressFirst`]). Measured (embedded
 /// noisy benchmark): with every slot taken by a flood, an express task
@@ -61,10 +65,6 @@ const PAYLOAD_EXPUNGED: &str = "the event's payload was expunged under the data 
 fn express_reserve(concurrency: usize) -> usize {
     (concurrency / 8).max(1)
 }
-
-use admission::{Admission, Lanes, Taken};
-use receipt::Receipt;
-use store::{Claimed, Recording, Store, Target};
 
 /// Everything a worker needs, shared by all its in-flight deliveries.
 #[derive(Clone)]
@@ -646,21 +646,29 @@ impl Worker {
             let (worker, slots, shutdown) = (self.clone(), slots.clone(), shutdown.clone());
             let (lanes, tracker, later): (_, _, Vec<Taken>) = (lanes.clone(), in_flight.clone(), later.collect());
             in_flight.spawn(async move {
-                for taken in later {
-                    tokio::select! {
-                        biased;
-                        () = shutdown.cancelled() => {
-                            let _ = taken.receipt.requeue().await;
-                        }
-                        permit = slots.clone().acquire_owned() => {
-                            worker.dispatch(taken, permit.expect("the semaphore is never closed"), &lanes, &tracker);
-                        }
-                    }
-                }
+                worker
+                    .dispatch_later(later, (&slots, None), &shutdown, &lanes, &tracker)
+                    .await;
                 drop(others);
             });
             return Flow::Continue;
         }
+        let reserve = express.then_some(&express_first.reserve);
+        self.dispatch_later(later, (slots, reserve), shutdown, lanes, in_flight)
+            .await
+    }
+
+    /// Hands each of `later` to [`Worker::dispatch`] as a slot comes free,
+    /// one of `slots` or of the `reserve`; once shutdown comes, hands back
+    /// those not started and answers [`Flow::Stop`].
+    async fn dispatch_later(
+        &self,
+        later: impl IntoIterator<Item = Taken>,
+        (slots, reserve): (&Arc<Semaphore>, Option<&Arc<Semaphore>>),
+        shutdown: &CancellationToken,
+        lanes: &Arc<Lanes>,
+        in_flight: &TaskTracker,
+    ) -> Flow {
         let mut flow = Flow::Continue;
         for taken in later {
             if flow == Flow::Stop {
@@ -675,7 +683,12 @@ impl Worker {
                     continue;
                 }
                 permit = slots.clone().acquire_owned() => permit,
-                permit = express_first.reserve.clone().acquire_owned(), if express => permit,
+                permit = async {
+                    match reserve {
+                        Some(reserve) => reserve.clone().acquire_owned().await,
+                        None => std::future::pending().await,
+                    }
+                } => permit,
             };
             self.dispatch(taken, permit.expect("the semaphore is never closed"), lanes, in_flight);
         }

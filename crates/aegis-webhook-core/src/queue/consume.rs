@@ -82,14 +82,14 @@ where
             // Draining goes on after shutdown, so it waits for a slot whatever.
             Drain::UntilIdle { .. } => Slot::free(&slots, express_first.as_ref()).await,
         };
-        let (permit, next) = match slot {
-            Slot::Any(permit) => (permit, Taking::Any),
-            Slot::Express(permit, until) => (permit, Taking::Express { until }),
+        let (permit, express_until) = match slot {
+            Slot::Any(permit) => (permit, None),
+            Slot::Express(permit, until) => (permit, Some(until)),
             Slot::Again => continue,
         };
         let next = match drain {
             Drain::UntilIdle { idle, .. } if shutdown.is_cancelled() => {
-                match tokio::time::timeout(idle, next.take(consumer.as_mut())).await {
+                match tokio::time::timeout(idle, take(consumer.as_mut(), express_until)).await {
                     Ok(next) => next,
                     Err(_idle) => break,
                 }
@@ -101,7 +101,7 @@ where
                     // Shutdown began while waiting: go round to drain.
                     Drain::UntilIdle { .. } => continue,
                 },
-                next = next.take(consumer.as_mut()) => next,
+                next = take(consumer.as_mut(), express_until) => next,
             },
         };
         // What a reserved slot waited for, besides an express message, came
@@ -158,15 +158,13 @@ impl ExpressFirst {
     }
 }
 
-type Wake<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
-
 /// A free slot to take the next message with.
 enum Slot<'a> {
     /// One of the loop's slots: for a message of any lane.
     Any(OwnedSemaphorePermit),
-    /// One of the express lane's reserve: for an express message, unless
-    /// `until` comes first.
-    Express(OwnedSemaphorePermit, Wake<'a>),
+    /// One of the express lane's reserve: for an express message, unless a
+    /// permit of the semaphore given comes free first.
+    Express(OwnedSemaphorePermit, &'a Semaphore),
     /// Another lane's message stopped holding `others`: look again.
     Again,
 }
@@ -179,49 +177,34 @@ impl<'a> Slot<'a> {
         let Some(ExpressFirst { reserve, others }) = express_first else {
             return Slot::Any(permit(slots.clone().acquire_owned().await));
         };
-        let others_free = |others: &'a Arc<Semaphore>| -> Wake<'a> {
-            Box::pin(async move {
-                let _free = others.acquire().await;
-            })
-        };
         if others.available_permits() == 0 {
             return tokio::select! {
-                express = reserve.clone().acquire_owned() => Slot::Express(permit(express), others_free(others)),
-                () = others_free(others) => Slot::Again,
+                express = reserve.clone().acquire_owned() => Slot::Express(permit(express), others),
+                _free = others.acquire() => Slot::Again,
             };
         }
-        let slot_free: Wake<'a> = Box::pin(async move {
-            let _free = slots.acquire().await;
-        });
         tokio::select! {
             biased;
             any = slots.clone().acquire_owned() => Slot::Any(permit(any)),
-            express = reserve.clone().acquire_owned() => Slot::Express(permit(express), slot_free),
+            express = reserve.clone().acquire_owned() => Slot::Express(permit(express), slots),
         }
     }
 }
 
-/// What a free slot may take.
-enum Taking<'a> {
-    Any,
-    /// An express message, unless `until` comes first.
-    Express {
-        until: Wake<'a>,
-    },
-}
-
-impl Taking<'_> {
-    /// The consumer's next message as `self` allows; `None` when what an
-    /// express take waits for besides came first.
-    async fn take(self, consumer: &mut dyn super::Consumer) -> Option<Option<Result<QueueMessage, QueueError>>> {
-        match self {
-            Taking::Any => Some(consumer.next().await),
-            Taking::Express { until } => tokio::select! {
-                biased;
-                next = consumer.next_express() => Some(next),
-                () = until => None,
-            },
-        }
+/// The consumer's next message: of any lane, or, given `express_until`, of
+/// the express lane unless a permit of that semaphore comes free first
+/// (`None`: only waited for, not taken; the loop goes round).
+async fn take(
+    consumer: &mut dyn super::Consumer,
+    express_until: Option<&Semaphore>,
+) -> Option<Option<Result<QueueMessage, QueueError>>> {
+    match express_until {
+        None => Some(consumer.next().await),
+        Some(until) => tokio::select! {
+            biased;
+            next = consumer.next_express() => Some(next),
+            _free = until.acquire() => None,
+        },
     }
 }
 
@@ -245,22 +228,32 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn it_takes_a_message_only_while_a_slot_is_free() {
-        let queue = MemoryQueue::new();
-        publish(&queue, 3).await;
-        let slots = Arc::new(Semaphore::new(2));
+    /// What a loop [`spawn_holding`] took, each with its slot.
+    type Holding = Arc<Mutex<Vec<(QueueMessage, OwnedSemaphorePermit)>>>;
+
+    /// Runs the loop over `stream` of `queue` in a task, holding every
+    /// message it takes with its slot, until the token is cancelled.
+    fn spawn_holding(
+        queue: &MemoryQueue,
+        stream: Stream,
+        slots: Arc<Semaphore>,
+        express_first: Option<ExpressFirst>,
+    ) -> (
+        CancellationToken,
+        Holding,
+        tokio::task::JoinHandle<Result<(), QueueError>>,
+    ) {
         let shutdown = CancellationToken::new();
-        let held = Arc::new(Mutex::new(Vec::new()));
+        let held: Holding = Arc::default();
         let consuming = {
-            let (queue, slots, shutdown, held) = (queue.clone(), slots.clone(), shutdown.clone(), held.clone());
+            let (queue, shutdown, held) = (queue.clone(), shutdown.clone(), held.clone());
             tokio::spawn(async move {
                 consume(
                     &queue,
-                    Stream::Events,
-                    "events",
+                    stream,
+                    "test",
                     slots,
-                    None,
+                    express_first,
                     &shutdown,
                     Drain::Immediately,
                     |message, permit| {
@@ -271,6 +264,14 @@ mod tests {
                 .await
             })
         };
+        (shutdown, held, consuming)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn it_takes_a_message_only_while_a_slot_is_free() {
+        let queue = MemoryQueue::new();
+        publish(&queue, 3).await;
+        let (shutdown, held, consuming) = spawn_holding(&queue, Stream::Events, Arc::new(Semaphore::new(2)), None);
         // Two slots: two messages taken, the third waits for one.
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(held.lock().expect("lock").len(), 2);
@@ -306,29 +307,14 @@ mod tests {
             (Held::Others, None) => panic!("no others to hold"),
         }
         .expect("a permit");
-        let reserve = express_first;
-        let shutdown = CancellationToken::new();
-        let taken = Arc::new(Mutex::new(Vec::new()));
-        let consuming = {
-            let (queue, slots, shutdown, taken) = (queue.clone(), slots.clone(), shutdown.clone(), taken.clone());
-            tokio::spawn(async move {
-                consume(
-                    &queue,
-                    Stream::Tasks,
-                    "tasks",
-                    slots,
-                    reserve,
-                    &shutdown,
-                    Drain::Immediately,
-                    |message, permit| {
-                        taken.lock().expect("lock").push((message.lane(), message, permit));
-                        async { Flow::Continue }
-                    },
-                )
-                .await
-            })
+        let (shutdown, held, consuming) = spawn_holding(queue, Stream::Tasks, slots, express_first);
+        let lanes = || -> Vec<Lane> {
+            held.lock()
+                .expect("lock")
+                .iter()
+                .map(|(message, _)| message.lane())
+                .collect()
         };
-        let lanes = || -> Vec<Lane> { taken.lock().expect("lock").iter().map(|(lane, _, _)| *lane).collect() };
         tokio::time::sleep(Duration::from_secs(1)).await;
         let while_full = lanes();
         drop(flood);
