@@ -632,12 +632,13 @@ fn now() -> std::time::Instant {
 }
 
 /// The envelope as upstream sent it, with the `id` the ingester gave it if it
-/// had none: a deferred envelope ingested twice (its message handed back
-/// after a failure) is then a duplicate, not a second event.
+/// had none (a `null` id is none, as for validation): a deferred envelope
+/// ingested twice (its message handed back after a failure) is then a
+/// duplicate, not a second event.
 fn with_id(body: &[u8], id: Uuid) -> anyhow::Result<String> {
     let mut envelope: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(body).context("a valid envelope is a JSON object")?;
-    if envelope.contains_key("id") {
+    if envelope.get("id").is_some_and(|id| !id.is_null()) {
         return String::from_utf8(body.to_vec()).context("a valid envelope is UTF-8");
     }
     envelope.insert("id".to_owned(), serde_json::Value::String(id.to_string()));
@@ -657,6 +658,10 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(&without).expect("json");
         assert_eq!(parsed["id"], id.to_string());
         assert_eq!(parsed["event"], "POAM_OVERDUE");
+        // Kept as it came, a `null` id would be a fresh one at each ingestion.
+        let null = with_id(br#"{"id":null,"event":"POAM_OVERDUE"}"#, id).expect("json");
+        let parsed: serde_json::Value = serde_json::from_str(&null).expect("json");
+        assert_eq!(parsed["id"], id.to_string());
         assert!(with_id(b"[1]", id).is_err());
     }
 }
