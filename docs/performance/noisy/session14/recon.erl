@@ -1,0 +1,1 @@
+[{R, case erlang:process_info(P, registered_name) of {registered_name, N} -> N; _ -> case erlang:process_info(P, dictionary) of {dictionary, D} -> proplists:get_value('$initial_call', D, proplists:get_value(process_name, D, unknown)); _ -> gone end end} || {P, R, _} <- recon:proc_window(reductions, 12, 1000)].
