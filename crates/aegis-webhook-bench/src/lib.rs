@@ -41,7 +41,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use futures::FutureExt as _;
@@ -57,8 +57,8 @@ use procstat::Machine;
 use publish::Published;
 use receiver::{Receiver, Tally};
 use report::{
-    Deliveries, Latency, MachineLoad, PageTiming, Portal, ProcessUsage, Report, ServiceUsage, Settings, SlowDelivery,
-    TableSample, TenantFigures, Tenants, Throughput, mib, per_thousand,
+    ByPhase, Deliveries, Latency, MachineLoad, PageTiming, Portal, ProcessUsage, Report, ServiceUsage, Settings,
+    SlowDelivery, TableSample, TenantFigures, Tenants, Throughput, mib, per_thousand,
 };
 use system::System;
 
@@ -869,6 +869,11 @@ impl Timing {
     }
 }
 
+/// The wall-clock time of `instant`, a moment that has passed.
+fn wall_clock_of(instant: Instant) -> SystemTime {
+    SystemTime::now() - instant.elapsed()
+}
+
 /// The first and the last publish of all tenants together.
 fn combined_span(spans: impl IntoIterator<Item = Option<(Instant, Instant)>>) -> Option<(Instant, Instant)> {
     spans
@@ -878,7 +883,9 @@ fn combined_span(spans: impl IntoIterator<Item = Option<(Instant, Instant)>>) ->
 }
 
 /// One tenant's figures in the noisy scenario: what it handed over, what
-/// arrived of it (of `expected`), how fast and how late.
+/// arrived of it (of `expected`), how fast and how late, and, given when
+/// another tenant's flood was published until, how late while it was and
+/// after.
 fn tenant_figures(
     tally: Tally,
     published: &Published,
@@ -886,9 +893,12 @@ fn tenant_figures(
     expected: u64,
     webhooks: u16,
     rate_per_second: Option<u32>,
+    flood_published_until: Option<SystemTime>,
 ) -> TenantFigures {
     let timing = Timing::of(tally.verified, span, tally.last_verified_at);
     let slowest = SlowDelivery::listed(&tally.slowest);
+    let latency_by_phase_ms =
+        flood_published_until.and_then(|until| ByPhase::split(&tally.slowest, tally.verified, until));
     TenantFigures {
         events: published.handed_over,
         webhooks,
@@ -908,6 +918,7 @@ fn tenant_figures(
         latency_ms: Latency::from_micros(tally.latencies_us),
         acceptance_ms: Latency::from_micros(published.acceptance_us.clone()),
         slowest,
+        latency_by_phase_ms,
     }
 }
 
@@ -933,19 +944,32 @@ fn build_report(
     let spans: Vec<_> = loads.iter().map(|load| load.events.publish_span()).collect();
     let tenants = plan.quiet.map(|quiet| {
         let mut tallies = tallies.into_iter();
-        let mut figures = |tenant: usize, expected: u64, rate| {
+        let mut figures = |tenant: usize, expected: u64, rate, flood_published_until| {
             let tally = tallies.next().unwrap_or_default();
             let webhooks = u16::try_from(loads[tenant].secrets.len()).unwrap_or(u16::MAX);
-            tenant_figures(tally, &by_tenant[tenant], spans[tenant], expected, webhooks, rate)
+            let span = spans[tenant];
+            tenant_figures(
+                tally,
+                &by_tenant[tenant],
+                span,
+                expected,
+                webhooks,
+                rate,
+                flood_published_until,
+            )
         };
+        // The receivers stamp arrivals with the wall clock; A's last publish
+        // was an `Instant`.
+        let a_published_until = spans[NOISY].map(|(_, last)| wall_clock_of(last));
         Tenants {
             fairness: plan.fairness().to_owned(),
             // Every one of A's events; as many of B's as it handed over.
-            tenant_a: figures(NOISY, plan.expected_deliveries(), None),
+            tenant_a: figures(NOISY, plan.expected_deliveries(), None, None),
             tenant_b: figures(
                 QUIET,
                 by_tenant[QUIET].handed_over * u64::from(Quiet::WEBHOOKS),
                 Some(quiet.per_second),
+                a_published_until,
             ),
         }
     });
@@ -1230,7 +1254,7 @@ mod tests {
             acceptance_us: vec![500; 21],
             ..Published::default()
         };
-        let figures = tenant_figures(tally, &published, span, 42, 2, Some(10));
+        let figures = tenant_figures(tally, &published, span, 42, 2, Some(10), None);
         let d = &figures.deliveries;
         assert_eq!(
             (d.expected, d.received, d.verified, d.missing, d.duplicates),
@@ -1249,7 +1273,7 @@ mod tests {
         assert_eq!((latency.samples, latency.p50, latency.max), (40, 20.0, 40.0));
         assert_eq!(figures.acceptance_ms.expect("acceptances").p99, 0.5);
 
-        let nothing = tenant_figures(Tally::default(), &Published::default(), None, 0, 1, None);
+        let nothing = tenant_figures(Tally::default(), &Published::default(), None, 0, 1, None, None);
         assert_eq!((nothing.deliveries_per_second, nothing.seconds), (0.0, 0.0));
         assert!(nothing.latency_ms.is_none());
     }

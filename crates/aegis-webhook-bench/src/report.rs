@@ -4,6 +4,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -139,6 +140,43 @@ pub struct TenantFigures {
     /// run), slowest first, with when they arrived: where in the run B's
     /// tail happened.
     pub slowest: Vec<SlowDelivery>,
+    /// Tenant B's latency split by when its events were published: while A
+    /// was still publishing (the flood crossing the broker, and being moved
+    /// aside) and after (the flood draining). Only when `slowest` holds
+    /// every one of B's verified deliveries, so the split covers them all.
+    pub latency_by_phase_ms: Option<ByPhase>,
+}
+
+/// A tenant's latency while another was publishing its flood, and after.
+#[derive(Debug, Clone, Serialize)]
+pub struct ByPhase {
+    pub while_flood_published: Option<Latency>,
+    pub after: Option<Latency>,
+}
+
+impl ByPhase {
+    /// Splits every delivery of `kept` by whether its event was published
+    /// (arrival minus latency) before `flood_published_until`; `None` unless
+    /// `kept` holds all `verified` deliveries.
+    pub fn split(
+        kept: &BinaryHeap<Reverse<Slow>>,
+        verified: u64,
+        flood_published_until: SystemTime,
+    ) -> Option<ByPhase> {
+        if kept.is_empty() || kept.len() as u64 != verified {
+            return None;
+        }
+        let (during, after): (Vec<Slow>, Vec<Slow>) = kept.iter().map(|Reverse(slow)| *slow).partition(|slow| {
+            slow.arrived
+                .checked_sub(Duration::from_micros(slow.latency_us))
+                .is_some_and(|published| published < flood_published_until)
+        });
+        let micros = |slows: Vec<Slow>| slows.into_iter().map(|slow| slow.latency_us).collect();
+        Some(ByPhase {
+            while_flood_published: Latency::from_micros(micros(during)),
+            after: Latency::from_micros(micros(after)),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -610,12 +648,49 @@ fn tenant_lines(f: &mut fmt::Formatter<'_>, label: &str, tenant: &TenantFigures)
         tenant.publish_seconds,
         latency_text(tenant.latency_ms.as_ref()),
         tenant.latency_ms.as_ref().map_or(0, |l| l.samples)
-    )
+    )?;
+    if let Some(phases) = &tenant.latency_by_phase_ms {
+        let samples = |latency: &Option<Latency>| latency.as_ref().map_or(0, |l| l.samples);
+        writeln!(
+            f,
+            "                published while A was publishing: {} ({} deliveries); after: {} ({} deliveries)",
+            latency_text(phases.while_flood_published.as_ref()),
+            samples(&phases.while_flood_published),
+            latency_text(phases.after.as_ref()),
+            samples(&phases.after)
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_splits_by_whether_the_flood_was_still_being_published() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let at_ms = |ms: u64| start + Duration::from_millis(ms);
+        // (published at, latency): the flood is published until 1,000 ms.
+        let deliveries = [(0, 120), (400, 80), (999, 60), (1_000, 9), (5_000, 30), (9_000, 12)];
+        let kept: BinaryHeap<Reverse<Slow>> = deliveries
+            .iter()
+            .map(|&(published, latency)| {
+                Reverse(Slow {
+                    latency_us: latency * 1000,
+                    arrived: at_ms(published + latency),
+                })
+            })
+            .collect();
+        let phases = ByPhase::split(&kept, 6, at_ms(1_000)).expect("every delivery kept");
+        let during = phases.while_flood_published.expect("three during");
+        let after = phases.after.expect("three after");
+        assert_eq!((during.samples, during.p50, during.max), (3, 80.0, 120.0));
+        assert_eq!((after.samples, after.p50, after.max), (3, 12.0, 30.0));
+        // A split of some of the deliveries only would say nothing true.
+        assert!(ByPhase::split(&kept, 7, at_ms(1_000)).is_none());
+        assert!(ByPhase::split(&BinaryHeap::new(), 0, at_ms(1_000)).is_none());
+    }
 
     #[test]
     fn percentiles_are_nearest_rank_in_milliseconds() {
