@@ -277,10 +277,12 @@ pub async fn start_on_queue(
         true => {
             let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
             let runtime = BulkRuntime::start(threads)?;
-            // Enough for the bulk lanes' two batches in flight of each kind
-            // (fan-outs; claims and records) at the default pool of 16.
-            let max_connections = (config.database_max_connections / 4).max(1);
-            let stage = BulkStage::open(runtime.handle().clone(), &config.database_url(), max_connections).await?;
+            let stage = BulkStage::open(
+                runtime.handle().clone(),
+                &config.database_url(),
+                config.database_bulk_connections,
+            )
+            .await?;
             Some((stage, runtime))
         }
         false => None,
