@@ -334,10 +334,11 @@ impl Default for Config {
             database_url: None,
             database_max_connections: 16,
             // Measured on 2 cores running everything (docs/performance.md,
-            // "A fourth machine"): 3 rather than 4 left the other tenant's
-            // deliveries over 50 ms while a flood drained at 16 rather than
-            // 29 in five alternating runs, for a flood 2 % slower; 2 left
-            // none, for a flood 10–13 % slower.
+            // "A fourth machine", alternating): with 3 rather than 4, the
+            // other tenant's deliveries over 50 ms after the flood was
+            // published were 1.5 rather than 3.5 a run, for a flood 1.4 %
+            // slower; with 2 (and the whole pool at 8) none, for a flood
+            // 10–13 % slower.
             database_bulk_connections: 3,
             amqp_url: None,
             amqp_prefix: String::new(),
