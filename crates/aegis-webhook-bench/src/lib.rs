@@ -869,11 +869,6 @@ impl Timing {
     }
 }
 
-/// The wall-clock time of `instant`, a moment that has passed.
-fn wall_clock_of(instant: Instant) -> SystemTime {
-    SystemTime::now() - instant.elapsed()
-}
-
 /// The first and the last publish of all tenants together.
 fn combined_span(spans: impl IntoIterator<Item = Option<(Instant, Instant)>>) -> Option<(Instant, Instant)> {
     spans
@@ -947,11 +942,10 @@ fn build_report(
         let mut figures = |tenant: usize, expected: u64, rate, flood_published_until| {
             let tally = tallies.next().unwrap_or_default();
             let webhooks = u16::try_from(loads[tenant].secrets.len()).unwrap_or(u16::MAX);
-            let span = spans[tenant];
             tenant_figures(
                 tally,
                 &by_tenant[tenant],
-                span,
+                spans[tenant],
                 expected,
                 webhooks,
                 rate,
@@ -960,7 +954,7 @@ fn build_report(
         };
         // The receivers stamp arrivals with the wall clock; A's last publish
         // was an `Instant`.
-        let a_published_until = spans[NOISY].map(|(_, last)| wall_clock_of(last));
+        let a_published_until = spans[NOISY].map(|(_, last)| receiver::wall_clock_of(last));
         Tenants {
             fairness: plan.fairness().to_owned(),
             // Every one of A's events; as many of B's as it handed over.

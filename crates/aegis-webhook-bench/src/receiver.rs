@@ -57,6 +57,12 @@ pub struct Tally {
     pub slowest: BinaryHeap<Reverse<Slow>>,
 }
 
+/// The wall-clock time of `instant`, a moment that has passed: what the
+/// report's arrival times are stamped in.
+pub fn wall_clock_of(instant: Instant) -> SystemTime {
+    SystemTime::now() - instant.elapsed()
+}
+
 /// How many of the slowest deliveries a [`Tally`] keeps: enough to hold the
 /// whole tail beyond the p99 of a 10-minute steady run (60,000 deliveries),
 /// so that when that tail arrived can be read off the report.
@@ -354,7 +360,7 @@ fn judge(shared: &Shared, webhook: &str, headers: &HeaderMap, body: &[u8], at: I
             if let Some(latency) = event.and_then(|event| tenant.events.latency(event, at)) {
                 let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
                 tally.latencies_us.push(latency_us);
-                let arrived = SystemTime::now() - at.elapsed();
+                let arrived = wall_clock_of(at);
                 keep_if_slowest(&mut tally.slowest, Slow { latency_us, arrived });
             }
         }
