@@ -244,6 +244,49 @@ impl ProcessCluster {
         RoleProcess::spawn(role, &self.settings).await
     }
 
+    /// Waits until every queue of the cluster answers a passive declare,
+    /// which a quorum queue does once it has a leader again: a test that
+    /// restarts the broker calls it before it may end. Its teardown deletes
+    /// the queues, and deleting a quorum queue whose dead-letter worker is
+    /// still starting trips a RabbitMQ bug (rabbitmq-server#16652, seen on
+    /// 3.10.8 in a CI run here): the worker's crash loop stops
+    /// `rabbit_fifo_dlx_sup`, after which no queue with at-least-once
+    /// dead-lettering can be declared until the node restarts, and every
+    /// later test waited for the broker until the run's time was up.
+    pub async fn await_queues_answer(&self, timeout: Duration) {
+        let (Some(urls), Some(topology)) = (self.setting("AEGIS_AMQP_URL"), self.topology()) else {
+            return;
+        };
+        let url = urls.split(',').next().unwrap_or(urls).trim().to_owned();
+        let queues = topology.queues();
+        crate::support::eventually(timeout, "every queue to answer after the broker restarted", || {
+            let (url, queues) = (url.clone(), queues.clone());
+            async move {
+                let answered = tokio::time::timeout(Duration::from_secs(5), async {
+                    let connection = lapin::Connection::connect(&url, Default::default()).await.ok()?;
+                    for queue in queues {
+                        // A refused passive declare closes its channel.
+                        let channel = connection.create_channel().await.ok()?;
+                        let passive = lapin::options::QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        };
+                        channel
+                            .queue_declare(queue.as_str().into(), passive, Default::default())
+                            .await
+                            .ok()?;
+                        let _ = channel.close(200, "answered".into()).await;
+                    }
+                    let _ = connection.close(200, "every queue answered".into()).await;
+                    Some(())
+                })
+                .await;
+                answered.ok().flatten()
+            }
+        })
+        .await;
+    }
+
     fn setting(&self, key: &str) -> Option<&str> {
         self.settings
             .iter()

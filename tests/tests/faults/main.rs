@@ -296,6 +296,7 @@ async fn a_broker_restart_mid_run_loses_nothing() {
         })
         .await
         .expect("restart the broker");
+        cluster.processes.await_queues_answer(Duration::from_secs(60)).await;
     };
     tokio::join!(publishing, restarting);
     cluster
