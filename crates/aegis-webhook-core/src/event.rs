@@ -481,6 +481,52 @@ struct CanonicalEnvelope<'a> {
     data: &'a EventData,
 }
 
+/// What routing an upstream envelope needs, read without validating the
+/// rest: its tenant and, if it has one, its id. The ingester decides an
+/// envelope's lane by its tenant before anything else, and moves a flooding
+/// tenant's envelopes to the bulk lane unvalidated: they are validated once,
+/// where they are fanned out (an invalid one is refused there, as it would
+/// have been here). A valid envelope always has a readable head; one
+/// without is refused by [`ValidatedEvent::parse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvelopeHead {
+    id: Option<Uuid>,
+    tenant_id: TenantId,
+}
+
+impl EnvelopeHead {
+    /// Reads the head of a JSON object in UTF-8 with a `tenantId` (a UUID)
+    /// and an `id` (a UUID, `null` or absent); every other member is skipped
+    /// unread, so a large `data` costs a scan, not a parse.
+    pub fn read(bytes: &[u8]) -> Option<Self> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Head {
+            #[serde(default)]
+            id: Option<Uuid>,
+            tenant_id: Uuid,
+        }
+        // The body is kept as text once moved: all of it must be UTF-8, not
+        // only the members read here.
+        let text = std::str::from_utf8(bytes).ok()?;
+        let head: Head = serde_json::from_str(text).ok()?;
+        Some(EnvelopeHead {
+            id: head.id,
+            tenant_id: TenantId::from_uuid(head.tenant_id),
+        })
+    }
+
+    /// The envelope's `id`, if it has one (`null` is none, as for
+    /// [`ValidatedEvent::parse`]).
+    pub fn id(&self) -> Option<Uuid> {
+        self.id
+    }
+
+    pub fn tenant_id(&self) -> TenantId {
+        self.tenant_id
+    }
+}
+
 impl ValidatedEvent {
     /// Parses and validates an upstream envelope. `now` stands in for a missing
     /// timestamp, and a fresh id for a missing `id`; it also bounds a CVE id's
@@ -1251,6 +1297,52 @@ mod tests {
             EventData::parse(parse_as, event_type.example_data(), now())
                 .unwrap_or_else(|error| panic!("{event_type}: {error}"));
         }
+    }
+
+    #[test]
+    fn an_envelopes_head_is_its_tenant_and_id_and_every_valid_envelope_has_one() {
+        let tenant = TenantId::from_uuid(TENANT.parse().expect("uuid"));
+        for seed in [seed_vulnerability(), seed_poam_overdue(), seed_evidence()] {
+            let head = EnvelopeHead::read(seed.to_string().as_bytes()).expect("a valid envelope has a head");
+            assert_eq!(
+                head,
+                EnvelopeHead {
+                    id: None,
+                    tenant_id: tenant
+                }
+            );
+            let event = parse(&seed).expect("valid");
+            let head = EnvelopeHead::read(&event.to_envelope_json()).expect("the canonical envelope has a head");
+            assert_eq!(head.id(), Some(event.id()));
+        }
+        let mut envelope = seed_vulnerability();
+        envelope["id"] = serde_json::Value::Null;
+        assert_eq!(
+            EnvelopeHead::read(envelope.to_string().as_bytes()).expect("head").id(),
+            None
+        );
+        // Not a head: then not a valid envelope either.
+        let mut no_tenant = seed_vulnerability();
+        no_tenant.as_object_mut().expect("object").remove("tenantId");
+        let mut bad_tenant = seed_vulnerability();
+        bad_tenant["tenantId"] = "acme".into();
+        let mut bad_id = seed_vulnerability();
+        bad_id["id"] = 7.into();
+        for refused in [no_tenant, bad_tenant, bad_id] {
+            assert_eq!(EnvelopeHead::read(refused.to_string().as_bytes()), None, "{refused}");
+            assert!(parse(&refused).is_err(), "{refused}");
+        }
+        let twice = format!(r#"{{"tenantId":"{TENANT}","tenantId":"{TENANT}","event":"POAM_OVERDUE"}}"#);
+        assert_eq!(EnvelopeHead::read(twice.as_bytes()), None);
+        let mut not_utf8 = seed_vulnerability().to_string().into_bytes();
+        let at = not_utf8
+            .windows(4)
+            .position(|w| w == b"curl")
+            .expect("the component's name");
+        not_utf8[at] = 0xff;
+        assert_eq!(EnvelopeHead::read(&not_utf8), None);
+        assert!(ValidatedEvent::parse(&not_utf8, now()).is_err());
+        assert_eq!(EnvelopeHead::read(b"[1]"), None);
     }
 
     #[test]

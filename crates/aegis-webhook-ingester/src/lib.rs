@@ -27,12 +27,13 @@
 
 mod fanout;
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use aegis_webhook_core::batch::Batcher;
-use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
+use aegis_webhook_core::event::{EnvelopeError, EnvelopeHead, ValidatedEvent};
 use aegis_webhook_core::fairness::{BulkPause, Deferrals, FairShare};
 use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::metrics;
@@ -302,7 +303,10 @@ impl Ingester {
         }
     }
 
-    /// [`Ingester::ingest`] in one of the consume loop's slots: a deferral
+    /// [`Ingester::ingest`] in one of the consume loop's slots. An express
+    /// event's lane is decided by its tenant first, from the envelope's head
+    /// alone: a flooding tenant's envelope is moved to the bulk lane as it
+    /// came, and validated there, once, when it is fanned out. A deferral
     /// gives its slot back at once, since moving an envelope costs no fan-out
     /// (the express lane's prefetch still bounds how many are in flight), so
     /// a flood's deferrals are never held up behind the fan-outs in progress.
@@ -312,14 +316,41 @@ impl Ingester {
         lane: Lane,
         slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> anyhow::Result<IngestOutcome> {
-        let event = match ValidatedEvent::parse(body, Utc::now()) {
+        let mut lane = lane;
+        // Replaced only by the envelope given an id for a deferral that
+        // failed: fanned out here after all, it keeps that id.
+        let mut body = Cow::Borrowed(body);
+        // Without a head the envelope is not valid either: the parse below
+        // refuses it.
+        if let (Lane::Express, Some(head)) = (lane, EnvelopeHead::read(&body)) {
+            match self.fair.lane_of_event(head.tenant_id()) {
+                Lane::Bulk => {
+                    let (event_id, envelope) = deferred_envelope(&body, head, Uuid::now_v7)?;
+                    let given_an_id = head.id().is_none().then(|| envelope.clone());
+                    match self.defer(envelope, event_id, head, slot).await {
+                        Ok(outcome) => return Ok(outcome),
+                        // Fanning it out now, in the bulk lane of the tasks,
+                        // keeps it safe; only the ingester's own time is unfair.
+                        Err(error) => {
+                            tracing::warn!(error = %error, "failed to defer an event; ingesting it now");
+                            lane = Lane::Bulk;
+                            if let Some(envelope) = given_an_id {
+                                body = Cow::Owned(envelope.into_bytes());
+                            }
+                        }
+                    }
+                }
+                _ => metrics::lane_enqueued(Stream::Events, Lane::Express, 1),
+            }
+        }
+        let event = match ValidatedEvent::parse(&body, Utc::now()) {
             Ok(event) => event,
             Err(error) => {
                 let class = match error {
                     EnvelopeError::Malformed(_) => "malformed",
                     EnvelopeError::Invalid(_) => "invalid",
                 };
-                return self.refuse(body, class, error.to_string()).await;
+                return self.refuse(&body, class, error.to_string()).await;
             }
         };
         // The `ingest` span's fields, when there is one.
@@ -328,29 +359,6 @@ impl Ingester {
         span.record("aegis.event.type", event.event_type().as_str());
         span.record("aegis.tenant.id", display(event.tenant_id()));
         let (event_id, event_type, tenant_id) = (event.id(), event.event_type(), event.tenant_id());
-        let mut lane = lane;
-        if lane == Lane::Express && self.fair.lane_of_event(tenant_id) == Lane::Bulk {
-            slot.take();
-            self.bulk_pause.deferred(
-                &mut self.deferrals_seen.lock().unwrap_or_else(PoisonError::into_inner),
-                now(),
-                self.express_held.load(Ordering::Relaxed),
-            );
-            match self.deferrals.call(with_id(body, event_id)?).await {
-                Ok(()) => {
-                    metrics::lane_enqueued(Stream::Events, Lane::Bulk, 1);
-                    return Ok(IngestOutcome::Deferred { event_id });
-                }
-                // Fanning it out now, in the bulk lane of the tasks, keeps
-                // it safe; only the ingester's own time is unfair.
-                Err(error) => {
-                    tracing::warn!(error = %error, "failed to defer an event; ingesting it now");
-                    lane = Lane::Bulk;
-                }
-            }
-        } else if lane == Lane::Express {
-            metrics::lane_enqueued(Stream::Events, Lane::Express, 1);
-        }
         let fan_outs = match lane {
             Lane::Express => &self.fan_outs,
             _ => &self.bulk_fan_outs,
@@ -361,7 +369,7 @@ impl Ingester {
         let tasks = match fanned_out {
             FanOut::UnknownTenant { tenant_id } => {
                 let reason = format!("tenantId: no tenant with id {tenant_id}");
-                return self.refuse(body, "unknown_tenant", reason).await;
+                return self.refuse(&body, "unknown_tenant", reason).await;
             }
             FanOut::Duplicate => {
                 tracing::debug!(%event_id, "duplicate event ignored");
@@ -401,6 +409,28 @@ impl Ingester {
         metrics::event_ingested(event_type);
         tracing::info!(%event_id, event = %event_type, deliveries, "event fanned out");
         Ok(IngestOutcome::FannedOut { event_id, deliveries })
+    }
+
+    /// Moves an envelope (see [`deferred_envelope`]) to the bulk lane.
+    async fn defer(
+        &self,
+        envelope: String,
+        event_id: Uuid,
+        head: EnvelopeHead,
+        slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> anyhow::Result<IngestOutcome> {
+        let span = tracing::Span::current();
+        span.record("aegis.event.id", display(event_id));
+        span.record("aegis.tenant.id", display(head.tenant_id()));
+        slot.take();
+        self.bulk_pause.deferred(
+            &mut self.deferrals_seen.lock().unwrap_or_else(PoisonError::into_inner),
+            now(),
+            self.express_held.load(Ordering::Relaxed),
+        );
+        self.deferrals.call(envelope).await?;
+        metrics::lane_enqueued(Stream::Events, Lane::Bulk, 1);
+        Ok(IngestOutcome::Deferred { event_id })
     }
 
     /// Ingests a message of the bulk lane: every envelope it carries, in the
@@ -631,18 +661,23 @@ fn now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// The envelope as upstream sent it, with the `id` the ingester gave it if it
-/// had none (a `null` id is none, as for validation): a deferred envelope
-/// ingested twice (its message handed back after a failure) is then a
-/// duplicate, not a second event.
-fn with_id(body: &[u8], id: Uuid) -> anyhow::Result<String> {
-    let mut envelope: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(body).context("a valid envelope is a JSON object")?;
-    if envelope.get("id").is_some_and(|id| !id.is_null()) {
-        return String::from_utf8(body.to_vec()).context("a valid envelope is UTF-8");
+/// The envelope to move to the bulk lane and its id: as upstream sent it,
+/// or given `fresh()` as its `id` if it had none (a `null` id is none, as
+/// for validation), re-serialized. Ingested twice (its message handed back
+/// after a failure), it is then a duplicate, not a second event. Fails only
+/// for a body without a head.
+fn deferred_envelope(body: &[u8], head: EnvelopeHead, fresh: impl FnOnce() -> Uuid) -> anyhow::Result<(Uuid, String)> {
+    if let Some(id) = head.id() {
+        return Ok((
+            id,
+            String::from_utf8(body.to_vec()).context("an envelope with a head is UTF-8")?,
+        ));
     }
+    let id = fresh();
+    let mut envelope: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(body).context("an envelope with a head is a JSON object")?;
     envelope.insert("id".to_owned(), serde_json::Value::String(id.to_string()));
-    Ok(serde_json::to_string(&envelope)?)
+    Ok((id, serde_json::to_string(&envelope)?))
 }
 
 #[cfg(test)]
@@ -651,17 +686,26 @@ mod tests {
 
     #[test]
     fn a_deferred_envelope_keeps_its_bytes_or_gains_the_id_it_was_given() {
+        const TENANT: &str = "0b5a6a40-5d43-4a2b-9c1f-1c1b2a3d4e5f";
+        let deferred = |body: &str| {
+            let head = EnvelopeHead::read(body.as_bytes()).expect("a head");
+            deferred_envelope(body.as_bytes(), head, || Uuid::from_u128(7)).expect("deferrable")
+        };
         let id = Uuid::now_v7();
-        let with = format!(r#"{{"id":"{id}","event":"POAM_OVERDUE"}}"#);
-        assert_eq!(with_id(with.as_bytes(), Uuid::now_v7()).expect("json"), with);
-        let without = with_id(br#"{"event":"POAM_OVERDUE","tenantId":"t"}"#, id).expect("json");
-        let parsed: serde_json::Value = serde_json::from_str(&without).expect("json");
-        assert_eq!(parsed["id"], id.to_string());
-        assert_eq!(parsed["event"], "POAM_OVERDUE");
-        // Kept as it came, a `null` id would be a fresh one at each ingestion.
-        let null = with_id(br#"{"id":null,"event":"POAM_OVERDUE"}"#, id).expect("json");
-        let parsed: serde_json::Value = serde_json::from_str(&null).expect("json");
-        assert_eq!(parsed["id"], id.to_string());
-        assert!(with_id(b"[1]", id).is_err());
+        let with = format!(r#"{{"id":"{id}","tenantId":"{TENANT}","event":"POAM_OVERDUE"}}"#);
+        assert_eq!(deferred(&with), (id, with.clone()));
+        // Kept as it came, an envelope without an id (or with a `null` one)
+        // would be a fresh event at each ingestion.
+        for without in [
+            format!(r#"{{"tenantId":"{TENANT}","event":"POAM_OVERDUE"}}"#),
+            format!(r#"{{"id":null,"tenantId":"{TENANT}","event":"POAM_OVERDUE"}}"#),
+        ] {
+            let (given, envelope) = deferred(&without);
+            assert_eq!(given, Uuid::from_u128(7));
+            let parsed: serde_json::Value = serde_json::from_str(&envelope).expect("json");
+            assert_eq!(parsed["id"], given.to_string());
+            assert_eq!(parsed["tenantId"], TENANT);
+            assert_eq!(parsed["event"], "POAM_OVERDUE");
+        }
     }
 }

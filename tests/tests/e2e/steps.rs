@@ -72,6 +72,34 @@ async fn steps(receivers: &[&Receiver]) -> Steps {
 }
 
 impl Steps {
+    /// The reasons of the envelopes parked on the invalid-events queue.
+    fn parked_reasons(&self) -> Vec<String> {
+        self.queue
+            .invalid_events()
+            .into_iter()
+            .map(|parked| parked.reason)
+            .collect()
+    }
+
+    /// An ingester that gives each tenant a share of one event (and one
+    /// delivery): beyond the first, a tenant's events are a flood.
+    fn ingester_with_a_share_of_one(&self) -> Ingester {
+        use aegis_webhook_core::fairness::{Share, Shares};
+        let one = std::num::NonZeroU32::new(1).expect("positive");
+        let share = Share {
+            per_second: one,
+            burst: one,
+        };
+        Ingester::new(
+            self.db.clone(),
+            Arc::new(self.queue.clone()),
+            Arc::new(FairShare::new(Some(Shares {
+                events: share,
+                deliveries: share,
+            }))),
+        )
+    }
+
     /// Ingests one new `POAM_OVERDUE` event of the tenant, from the express lane.
     async fn ingest_one_event(&self) {
         let event = envelope(self.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
@@ -100,25 +128,11 @@ impl Steps {
 /// twice (handed back after a failure) adds nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_share_events_are_deferred_with_their_ids_and_ingested_once_from_the_bulk_lane() {
-    use aegis_webhook_core::fairness::{Share, Shares};
     use aegis_webhook_core::queue::{DeferredEvents, Stream};
-    use std::num::NonZeroU32;
 
     let receiver = Receiver::start(&[], 200).await;
     let steps = steps(&[&receiver]).await;
-    let one = NonZeroU32::new(1).expect("positive");
-    let share = Share {
-        per_second: one,
-        burst: one,
-    };
-    let ingester = Ingester::new(
-        steps.db.clone(),
-        Arc::new(steps.queue.clone()),
-        Arc::new(FairShare::new(Some(Shares {
-            events: share,
-            deliveries: share,
-        }))),
-    );
+    let ingester = steps.ingester_with_a_share_of_one();
     // Without ids: the ingester gives each one.
     let event = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
     let mut outcomes = Vec::new();
@@ -183,6 +197,56 @@ async fn over_share_events_are_deferred_with_their_ids_and_ingested_once_from_th
         );
     }
     assert_eq!(steps.first_attempts().await.len(), 3, "a repeat adds nothing");
+}
+
+/// A flooding tenant's envelope is moved on its head alone (its tenant and
+/// id), unvalidated: one that is not valid is refused where it is fanned
+/// out, from the bulk lane, and parked with its reason, as it would have
+/// been in the express lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_envelope_moved_with_a_flood_is_refused_from_the_bulk_lane() {
+    use aegis_webhook_core::queue::Stream;
+
+    let receiver = Receiver::start(&[], 200).await;
+    let steps = steps(&[&receiver]).await;
+    let ingester = steps.ingester_with_a_share_of_one();
+    let valid = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
+    let first = ingester
+        .ingest(valid.as_bytes(), Lane::Express)
+        .await
+        .expect("ingested");
+    assert!(
+        matches!(first, IngestOutcome::FannedOut { deliveries: 1, .. }),
+        "{first:?}"
+    );
+    let mut data = seed_poam_overdue_data();
+    data["daysOverdue"] = "many".into();
+    let invalid = envelope(steps.tenant_id, "POAM_OVERDUE", data).to_string();
+    let moved = ingester
+        .ingest(invalid.as_bytes(), Lane::Express)
+        .await
+        .expect("handled");
+    assert!(matches!(moved, IngestOutcome::Deferred { .. }), "{moved:?}");
+    assert!(steps.parked_reasons().is_empty(), "not refused yet");
+
+    let mut events = steps.queue.consume(Stream::Events).await.expect("consumer");
+    let message = events.next().await.expect("open").expect("message");
+    assert_eq!(message.lane(), Lane::Bulk);
+    let outcome = ingester.ingest(&message.body, Lane::Bulk).await.expect("handled");
+    assert!(
+        matches!(
+            outcome,
+            IngestOutcome::DeferredBatch {
+                events: 1,
+                deliveries: 0
+            }
+        ),
+        "{outcome:?}"
+    );
+    let parked = steps.parked_reasons();
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert!(parked[0].starts_with("data.daysOverdue:"), "{parked:?}");
+    assert_eq!(steps.first_attempts().await.len(), 1, "only the valid event is stored");
 }
 
 /// A delivery whose task waits behind a backlog is not lost: the
@@ -258,12 +322,7 @@ async fn one_ingest_step_fans_out_refuses_and_deduplicates() {
         matches!(&garbage, IngestOutcome::Invalid { reason } if reason.starts_with("malformed JSON")),
         "{garbage:?}"
     );
-    let parked: Vec<String> = steps
-        .queue
-        .invalid_events()
-        .into_iter()
-        .map(|parked| parked.reason)
-        .collect();
+    let parked = steps.parked_reasons();
     assert_eq!(parked.len(), 2, "both refusals parked with their reasons: {parked:?}");
 }
 
