@@ -525,6 +525,18 @@ impl EnvelopeHead {
     pub fn tenant_id(&self) -> TenantId {
         self.tenant_id
     }
+
+    /// The envelope `bytes` (whose head this is) with `id` set in it, for
+    /// one that had none; `None` if it is not a JSON object without
+    /// duplicate members, which [`ValidatedEvent::parse`] refuses anyway
+    /// (re-serialized, a duplicate would silently become one member).
+    pub fn envelope_with_id(bytes: &[u8], id: Uuid) -> Option<String> {
+        let serde_json::Value::Object(mut envelope) = strict_json::from_slice(bytes).ok()? else {
+            return None;
+        };
+        envelope.insert("id".to_owned(), serde_json::Value::String(id.to_string()));
+        Some(serde_json::Value::Object(envelope).to_string())
+    }
 }
 
 impl ValidatedEvent {
@@ -1343,6 +1355,28 @@ mod tests {
         assert_eq!(EnvelopeHead::read(&not_utf8), None);
         assert!(ValidatedEvent::parse(&not_utf8, now()).is_err());
         assert_eq!(EnvelopeHead::read(b"[1]"), None);
+    }
+
+    #[test]
+    fn an_envelope_given_an_id_keeps_every_member_and_never_hides_a_duplicate() {
+        let id = Uuid::from_u128(7);
+        let given = EnvelopeHead::envelope_with_id(seed_vulnerability().to_string().as_bytes(), id).expect("an object");
+        let event = ValidatedEvent::parse(given.as_bytes(), now()).expect("still valid");
+        assert_eq!(event.id(), id);
+        assert_eq!(
+            event,
+            parse(&seed_vulnerability())
+                .map(|event| ValidatedEvent { id, ..event })
+                .expect("valid")
+        );
+        // A duplicate member is refused, not resolved to its last value.
+        let twice = format!(r#"{{"tenantId":"{TENANT}","event":"POAM_OVERDUE","event":"POAM_DUE_SOON"}}"#);
+        assert!(
+            EnvelopeHead::read(twice.as_bytes()).is_some(),
+            "the head alone does not see it"
+        );
+        assert_eq!(EnvelopeHead::envelope_with_id(twice.as_bytes(), id), None);
+        assert_eq!(EnvelopeHead::envelope_with_id(b"[1]", id), None);
     }
 
     #[test]

@@ -324,18 +324,21 @@ impl Ingester {
         // refuses it.
         if let (Lane::Express, Some(head)) = (lane, EnvelopeHead::read(&body)) {
             match self.fair.lane_of_event(head.tenant_id()) {
+                // `None`: not deferrable, and refused by the parse below.
                 Lane::Bulk => {
-                    let (event_id, envelope) = deferred_envelope(&body, head, Uuid::now_v7)?;
-                    let given_an_id = head.id().is_none().then(|| envelope.clone());
-                    match self.defer(envelope, event_id, head, slot).await {
-                        Ok(outcome) => return Ok(outcome),
-                        // Fanning it out now, in the bulk lane of the tasks,
-                        // keeps it safe; only the ingester's own time is unfair.
-                        Err(error) => {
-                            tracing::warn!(error = %error, "failed to defer an event; ingesting it now");
-                            lane = Lane::Bulk;
-                            if let Some(envelope) = given_an_id {
-                                body = Cow::Owned(envelope.into_bytes());
+                    if let Some((event_id, envelope)) = deferred_envelope(&body, head, Uuid::now_v7) {
+                        let given_an_id = head.id().is_none().then(|| envelope.clone());
+                        match self.defer(envelope, event_id, head, slot).await {
+                            Ok(outcome) => return Ok(outcome),
+                            // Fanning it out now, in the bulk lane of the
+                            // tasks, keeps it safe; only the ingester's own
+                            // time is unfair.
+                            Err(error) => {
+                                tracing::warn!(error = %error, "failed to defer an event; ingesting it now");
+                                lane = Lane::Bulk;
+                                if let Some(envelope) = given_an_id {
+                                    body = Cow::Owned(envelope.into_bytes());
+                                }
                             }
                         }
                     }
@@ -663,21 +666,18 @@ fn now() -> std::time::Instant {
 
 /// The envelope to move to the bulk lane and its id: as upstream sent it,
 /// or given `fresh()` as its `id` if it had none (a `null` id is none, as
-/// for validation), re-serialized. Ingested twice (its message handed back
-/// after a failure), it is then a duplicate, not a second event. Fails only
-/// for a body without a head.
-fn deferred_envelope(body: &[u8], head: EnvelopeHead, fresh: impl FnOnce() -> Uuid) -> anyhow::Result<(Uuid, String)> {
-    if let Some(id) = head.id() {
-        return Ok((
-            id,
-            String::from_utf8(body.to_vec()).context("an envelope with a head is UTF-8")?,
-        ));
+/// for validation). Ingested twice (its message handed back after a
+/// failure), it is then a duplicate, not a second event. `None` for one
+/// that validation refuses anyway (see [`EnvelopeHead::envelope_with_id`]).
+fn deferred_envelope(body: &[u8], head: EnvelopeHead, fresh: impl FnOnce() -> Uuid) -> Option<(Uuid, String)> {
+    match head.id() {
+        // The head is read only from UTF-8.
+        Some(id) => Some((id, String::from_utf8(body.to_vec()).ok()?)),
+        None => {
+            let id = fresh();
+            Some((id, EnvelopeHead::envelope_with_id(body, id)?))
+        }
     }
-    let id = fresh();
-    let mut envelope: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(body).context("an envelope with a head is a JSON object")?;
-    envelope.insert("id".to_owned(), serde_json::Value::String(id.to_string()));
-    Ok((id, serde_json::to_string(&envelope)?))
 }
 
 #[cfg(test)]

@@ -202,7 +202,8 @@ async fn over_share_events_are_deferred_with_their_ids_and_ingested_once_from_th
 /// A flooding tenant's envelope is moved on its head alone (its tenant and
 /// id), unvalidated: one that is not valid is refused where it is fanned
 /// out, from the bulk lane, and parked with its reason, as it would have
-/// been in the express lane.
+/// been in the express lane; one that would have to be re-serialized to be
+/// given an id is refused before that if it has a duplicate member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_envelope_moved_with_a_flood_is_refused_from_the_bulk_lane() {
     use aegis_webhook_core::queue::Stream;
@@ -228,6 +229,18 @@ async fn an_invalid_envelope_moved_with_a_flood_is_refused_from_the_bulk_lane() 
         .expect("handled");
     assert!(matches!(moved, IngestOutcome::Deferred { .. }), "{moved:?}");
     assert!(steps.parked_reasons().is_empty(), "not refused yet");
+    // Without an id it would be given one, re-serialized: one with a
+    // duplicate member is refused at once instead, never resolved to one.
+    let twice = format!(
+        r#"{{"event":"POAM_OVERDUE","event":"EVIDENCE_COMPLETED","tenantId":"{}","data":{}}}"#,
+        steps.tenant_id,
+        seed_poam_overdue_data()
+    );
+    let refused = ingester.ingest(twice.as_bytes(), Lane::Express).await.expect("handled");
+    assert!(
+        matches!(&refused, IngestOutcome::Invalid { reason } if reason.contains("duplicate key")),
+        "{refused:?}"
+    );
 
     let mut events = steps.queue.consume(Stream::Events).await.expect("consumer");
     let message = events.next().await.expect("open").expect("message");
@@ -244,8 +257,8 @@ async fn an_invalid_envelope_moved_with_a_flood_is_refused_from_the_bulk_lane() 
         "{outcome:?}"
     );
     let parked = steps.parked_reasons();
-    assert_eq!(parked.len(), 1, "{parked:?}");
-    assert!(parked[0].starts_with("data.daysOverdue:"), "{parked:?}");
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    assert!(parked[1].starts_with("data.daysOverdue:"), "{parked:?}");
     assert_eq!(steps.first_attempts().await.len(), 1, "only the valid event is stored");
 }
 
