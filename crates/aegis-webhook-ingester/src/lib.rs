@@ -324,8 +324,8 @@ impl Ingester {
         // refuses it.
         if let (Lane::Express, Some(head)) = (lane, EnvelopeHead::read(&body)) {
             match self.fair.lane_of_event(head.tenant_id()) {
-                // `None`: not deferrable, and refused by the parse below.
                 Lane::Bulk => {
+                    // Not deferrable (`None`): refused by the parse below.
                     if let Some((event_id, envelope)) = deferred_envelope(&body, head, Uuid::now_v7) {
                         let given_an_id = head.id().is_none().then(|| envelope.clone());
                         match self.defer(envelope, event_id, head, slot).await {
