@@ -118,6 +118,9 @@ pub struct Ingester {
     /// behind the ingester is (see [`BulkPause::backlog`]).
     express_held: Arc<AtomicUsize>,
     fair: Arc<FairShare>,
+    /// The largest envelope ingested (`AEGIS_MAX_EVENT_BYTES`): the limit of
+    /// the HTTP intake, so AMQP publishers meet the same one.
+    max_event_bytes: usize,
     crash_after_commit: bool,
 }
 
@@ -223,9 +226,10 @@ async fn fan_out(
 
 impl Ingester {
     /// Starts the fan-out batchers on the current runtime, which ingests
-    /// both lanes; `fair` decides the lanes.
-    pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>, fair: Arc<FairShare>) -> Self {
-        Self::build(db, queue, fair, None)
+    /// both lanes; `fair` decides the lanes. An envelope over
+    /// `max_event_bytes` is refused, as at the HTTP intake.
+    pub fn new(db: DatabaseConnection, queue: Arc<dyn Queue>, fair: Arc<FairShare>, max_event_bytes: usize) -> Self {
+        Self::build(db, queue, fair, max_event_bytes, None)
     }
 
     /// [`Ingester::new`], with the bulk lane's messages ingested on `bulk`
@@ -234,12 +238,19 @@ impl Ingester {
         db: DatabaseConnection,
         queue: Arc<dyn Queue>,
         fair: Arc<FairShare>,
+        max_event_bytes: usize,
         bulk: BulkStage,
     ) -> Self {
-        Self::build(db, queue, fair, Some(bulk))
+        Self::build(db, queue, fair, max_event_bytes, Some(bulk))
     }
 
-    fn build(db: DatabaseConnection, queue: Arc<dyn Queue>, fair: Arc<FairShare>, bulk: Option<BulkStage>) -> Self {
+    fn build(
+        db: DatabaseConnection,
+        queue: Arc<dyn Queue>,
+        fair: Arc<FairShare>,
+        max_event_bytes: usize,
+        bulk: Option<BulkStage>,
+    ) -> Self {
         let fan_outs_on = |name, db: DatabaseConnection, precedence| {
             let turns = WriteTurns::of(&db, precedence);
             Batcher::spawn(name, MAX_FAN_OUT_BATCH, PARALLEL_FAN_OUTS, move |events| {
@@ -276,6 +287,7 @@ impl Ingester {
             bulk_pause: BulkPause::default(),
             express_held: Arc::default(),
             fair,
+            max_event_bytes,
             queue,
             crash_after_commit: std::env::var_os(CRASH_AFTER_COMMIT_ENV).is_some(),
         }
@@ -316,6 +328,11 @@ impl Ingester {
         lane: Lane,
         slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> anyhow::Result<IngestOutcome> {
+        // Before anything reads it: a parse's cost grows with the body.
+        if body.len() > self.max_event_bytes {
+            let reason = format!("the event is larger than {} bytes", self.max_event_bytes);
+            return self.refuse(body, "too_large", reason).await;
+        }
         let mut lane = lane;
         // Replaced only by the envelope given an id for a deferral that
         // failed: fanned out here after all, it keeps that id.

@@ -363,8 +363,8 @@ pub async fn start_on_queue(
     let ingester = roles.ingester.then(|| {
         let fair = Arc::new(aegis_webhook_core::fairness::FairShare::new(config.fair_shares()));
         let ingester = match bulk_stage.clone() {
-            Some(stage) => Ingester::with_bulk_stage(db.clone(), queue.clone(), fair, stage),
-            None => Ingester::new(db.clone(), queue.clone(), fair),
+            Some(stage) => Ingester::with_bulk_stage(db.clone(), queue.clone(), fair, config.max_event_bytes, stage),
+            None => Ingester::new(db.clone(), queue.clone(), fair, config.max_event_bytes),
         };
         let concurrency = usize::from(config.amqp_prefetch);
         supervise("ingester", |stop| ingester.run(stop, concurrency), &role_failed)

@@ -23,6 +23,8 @@ use crate::support::{Backend, Receiver, envelope, fresh_database, scratch_dir, s
 
 struct Steps {
     db: DatabaseConnection,
+    /// `AEGIS_MAX_EVENT_BYTES` of the steps' ingesters.
+    max_event_bytes: usize,
     queue: MemoryQueue,
     ingester: Ingester,
     worker: Worker,
@@ -63,7 +65,9 @@ async fn steps(receivers: &[&Receiver]) -> Steps {
             db.clone(),
             shared.clone(),
             Arc::new(FairShare::new(config.fair_shares())),
+            config.max_event_bytes,
         ),
+        max_event_bytes: config.max_event_bytes,
         worker: Worker::new(&config, db.clone(), shared, cipher).expect("worker"),
         db,
         queue,
@@ -97,6 +101,7 @@ impl Steps {
                 events: share,
                 deliveries: share,
             }))),
+            self.max_event_bytes,
         )
     }
 
@@ -260,6 +265,41 @@ async fn an_invalid_envelope_moved_with_a_flood_is_refused_from_the_bulk_lane() 
     assert_eq!(parked.len(), 2, "{parked:?}");
     assert!(parked[1].starts_with("data.daysOverdue:"), "{parked:?}");
     assert_eq!(steps.first_attempts().await.len(), 1, "only the valid event is stored");
+}
+
+/// An envelope over `AEGIS_MAX_EVENT_BYTES` is refused and parked with the
+/// HTTP intake's reason, whichever door it came through; one of exactly
+/// that size is ingested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envelope_over_the_size_limit_is_refused_as_at_the_intake() {
+    let receiver = Receiver::start(&[], 200).await;
+    let steps = steps(&[&receiver]).await;
+    let padded_to = |size: usize| {
+        let envelope = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
+        // Whitespace is valid JSON: the envelope stays valid at any size.
+        format!("{envelope}{}", " ".repeat(size - envelope.len()))
+    };
+    let limit = steps.max_event_bytes;
+    let refused = steps
+        .ingester
+        .ingest(padded_to(limit + 1).as_bytes(), Lane::Express)
+        .await
+        .expect("handled");
+    let expected = format!("the event is larger than {limit} bytes");
+    assert!(
+        matches!(&refused, IngestOutcome::Invalid { reason } if *reason == expected),
+        "{refused:?}"
+    );
+    assert_eq!(steps.parked_reasons(), vec![expected]);
+    let at_limit = steps
+        .ingester
+        .ingest(padded_to(limit).as_bytes(), Lane::Express)
+        .await
+        .expect("ingested");
+    assert!(
+        matches!(at_limit, IngestOutcome::FannedOut { deliveries: 1, .. }),
+        "{at_limit:?}"
+    );
 }
 
 /// A delivery whose task waits behind a backlog is not lost: the
