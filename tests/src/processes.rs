@@ -262,8 +262,8 @@ impl ProcessCluster {
         crate::support::eventually(timeout, "every queue to answer after the broker restarted", || {
             let (url, queues) = (url.clone(), queues.clone());
             async move {
+                let connection = lapin::Connection::connect(&url, Default::default()).await.ok()?;
                 let answered = tokio::time::timeout(Duration::from_secs(5), async {
-                    let connection = lapin::Connection::connect(&url, Default::default()).await.ok()?;
                     for queue in queues {
                         // A refused passive declare closes its channel.
                         let channel = connection.create_channel().await.ok()?;
@@ -277,10 +277,12 @@ impl ProcessCluster {
                             .ok()?;
                         let _ = channel.close(200, "answered".into()).await;
                     }
-                    let _ = connection.close(200, "every queue answered".into()).await;
                     Some(())
                 })
                 .await;
+                // Closed whatever the answer, so the polling leaves no
+                // connection behind.
+                let _ = connection.close(200, "queues checked".into()).await;
                 answered.ok().flatten()
             }
         })
