@@ -334,12 +334,13 @@ impl Default for Config {
             database_url: None,
             database_max_connections: 16,
             // Measured on 2 cores running everything (docs/performance.md,
-            // "A fourth machine", alternating): with 3 rather than 4, the
-            // other tenant's deliveries over 50 ms after the flood was
-            // published were 1.5 rather than 3.5 a run, for a flood 1.4 %
-            // slower; with 2 (and the whole pool at 8) none, for a flood
-            // 10–13 % slower.
-            database_bulk_connections: 3,
+            // "A sixth machine", alternating): with 2 rather than 3, the
+            // other tenant's p99 once the flood was published was 33–46 ms
+            // rather than 43–63 ms, for a flood 2–3 % slower. (Before
+            // sqlx 0.9.1 set TCP_NODELAY, 2 cost a flood 10–13 %: its
+            // statements stalled on delayed acknowledgements, and a third
+            // connection worked meanwhile.)
+            database_bulk_connections: 2,
             amqp_url: None,
             amqp_prefix: String::new(),
             amqp_prefetch: 32,
@@ -859,8 +860,8 @@ mod tests {
             jail.set_env("AEGIS_DATABASE_BULK_CONNECTIONS", "0");
             let error = Config::load(None).expect_err("no bulk connections").to_string();
             assert!(error.contains("database_bulk_connections"), "{error}");
-            jail.set_env("AEGIS_DATABASE_BULK_CONNECTIONS", "2");
-            assert_eq!(Config::load(None).expect("two").database_bulk_connections, 2);
+            jail.set_env("AEGIS_DATABASE_BULK_CONNECTIONS", "5");
+            assert_eq!(Config::load(None).expect("five").database_bulk_connections, 5);
             jail.set_env("AEGIS_DATABASE_URL", "mysql://x");
             assert!(Config::load(None).is_err());
             Ok(())
