@@ -336,10 +336,9 @@ impl Default for Config {
             // Measured on 2 cores running everything (docs/performance.md,
             // "A sixth machine", alternating): with 2 rather than 3, the
             // other tenant's p99 once the flood was published was 33–46 ms
-            // rather than 43–63 ms, for a flood 2–3 % slower. (Before
-            // sqlx 0.9.1 set TCP_NODELAY, 2 cost a flood 10–13 %: its
-            // statements stalled on delayed acknowledgements, and a third
-            // connection worked meanwhile.)
+            // rather than 43–63 ms, for a flood 2–4 % slower. (Before
+            // sqlx 0.9.1 set TCP_NODELAY, while a flood's statements
+            // stalled on delayed acknowledgements, 2 had cost it 10–13 %.)
             database_bulk_connections: 2,
             amqp_url: None,
             amqp_prefix: String::new(),
