@@ -10,7 +10,7 @@
 //! and the message carries their trace on to the ingester. A scanner that
 //! sends `traceparent` has the whole trace begin at its own span.
 
-use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent};
+use aegis_webhook_core::event::{EnvelopeError, ValidatedEvent, too_large_reason};
 use aegis_webhook_core::telemetry::{self, TraceHeaders};
 use aegis_webhook_storage::tenants;
 use axum::Json;
@@ -115,7 +115,7 @@ fn too_large(limit: usize) -> Response {
     reply(
         StatusCode::PAYLOAD_TOO_LARGE,
         "PAYLOAD_TOO_LARGE",
-        format!("the event is larger than {limit} bytes"),
+        too_large_reason(limit),
     )
 }
 

@@ -192,6 +192,12 @@ pub enum EnvelopeError {
     Invalid(String),
 }
 
+/// Why an envelope over `limit` bytes (`AEGIS_MAX_EVENT_BYTES`) is refused:
+/// the same words at both doors, the HTTP intake and the ingester.
+pub fn too_large_reason(limit: usize) -> String {
+    format!("the event is larger than {limit} bytes")
+}
+
 /// An upstream event after validation: the only form the rest of the system
 /// sees. Made only by [`ValidatedEvent::parse`] (and, for `testWebhook`, by
 /// [`ValidatedEvent::webhook_test`]), so its type and its data always agree.

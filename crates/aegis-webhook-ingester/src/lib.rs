@@ -33,7 +33,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use aegis_webhook_core::batch::Batcher;
-use aegis_webhook_core::event::{EnvelopeError, EnvelopeHead, ValidatedEvent};
+use aegis_webhook_core::event::{EnvelopeError, EnvelopeHead, ValidatedEvent, too_large_reason};
 use aegis_webhook_core::fairness::{BulkPause, Deferrals, FairShare};
 use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::metrics;
@@ -330,8 +330,9 @@ impl Ingester {
     ) -> anyhow::Result<IngestOutcome> {
         // Before anything reads it: a parse's cost grows with the body.
         if body.len() > self.max_event_bytes {
-            let reason = format!("the event is larger than {} bytes", self.max_event_bytes);
-            return self.refuse(body, "too_large", reason).await;
+            return self
+                .refuse(body, "too_large", too_large_reason(self.max_event_bytes))
+                .await;
         }
         let mut lane = lane;
         // Replaced only by the envelope given an id for a deferral that
