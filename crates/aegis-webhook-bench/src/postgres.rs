@@ -102,7 +102,8 @@ async fn drop_stale(admin: &DatabaseConnection) {
 }
 
 /// How much the growing tables hold at one moment: bytes on disk (with their
-/// indexes and TOAST, every partition summed) and rows.
+/// indexes and TOAST, every partition summed) and rows; and the database's
+/// connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct TableSizes {
     pub events_bytes: u64,
@@ -117,6 +118,12 @@ pub struct TableSizes {
     /// Whether the server's autovacuum is on: the space of deleted rows
     /// (expiry deletes `events` rows) is reused only once they are vacuumed.
     pub autovacuum: bool,
+    /// Connections to the run's database at that moment, and how many of
+    /// them are TLS: the clients' default (`sslmode=prefer`) encrypts
+    /// whenever the server offers it, so figures from a server that does
+    /// and one that does not are told apart by the report.
+    pub connections: u64,
+    pub tls_connections: u64,
 }
 
 /// Reads [`TableSizes`] of the database at `url`.
@@ -132,7 +139,10 @@ pub async fn table_sizes(db: &DatabaseConnection) -> anyhow::Result<TableSizes> 
         (SELECT count(*) FROM deliveries) AS deliveries, \
         (SELECT count(*) FROM delivery_attempts) AS attempts, \
         (SELECT wal_bytes FROM pg_stat_wal)::bigint AS wal_bytes, \
-        current_setting('autovacuum')::bool AS autovacuum";
+        current_setting('autovacuum')::bool AS autovacuum, \
+        (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()) AS connections, \
+        (SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s ON s.pid = a.pid \
+            WHERE a.datname = current_database() AND s.ssl) AS tls_connections";
     let row = db
         .query_one_raw(Statement::from_string(backend, query))
         .await
@@ -153,5 +163,7 @@ pub async fn table_sizes(db: &DatabaseConnection) -> anyhow::Result<TableSizes> 
         attempts: get("attempts")?,
         wal_bytes: get("wal_bytes")?,
         autovacuum: row.try_get("", "autovacuum").context("table sizes: autovacuum")?,
+        connections: get("connections")?,
+        tls_connections: get("tls_connections")?,
     })
 }

@@ -461,14 +461,14 @@ impl fmt::Display for Report {
         if !self.table_sizes.is_empty() {
             writeln!(
                 f,
-                "  tables        at s   events (MiB)     deliveries (MiB)  attempts (MiB)    WAL written (MiB)"
+                "  tables        at s   events (MiB)     deliveries (MiB)  attempts (MiB)    WAL written (MiB)  connections (TLS)"
             )?;
             let first_wal = self.table_sizes.first().map_or(0, |sample| sample.sizes.wal_bytes);
             for sample in &self.table_sizes {
                 let sizes = &sample.sizes;
                 writeln!(
                     f,
-                    "                {:>5.0}  {:>8} ({:>6.1})  {:>8} ({:>6.1})  {:>8} ({:>6.1})  {:>8.1}",
+                    "                {:>5.0}  {:>8} ({:>6.1})  {:>8} ({:>6.1})  {:>8} ({:>6.1})  {:>8.1}  {:>11} ({})",
                     sample.at_seconds,
                     sizes.events,
                     mib(sizes.events_bytes),
@@ -476,7 +476,9 @@ impl fmt::Display for Report {
                     mib(sizes.deliveries_bytes),
                     sizes.attempts,
                     mib(sizes.attempts_bytes),
-                    mib(sizes.wal_bytes.saturating_sub(first_wal))
+                    mib(sizes.wal_bytes.saturating_sub(first_wal)),
+                    sizes.connections,
+                    sizes.tls_connections
                 )?;
             }
         }
