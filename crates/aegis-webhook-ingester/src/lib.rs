@@ -39,7 +39,7 @@ use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::metrics;
 use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
 use aegis_webhook_core::queue::{
-    self, DeferredEvents, DeliveryTask, FirstAttempts, Lane, Queue, QueueMessage, Stream, Writer,
+    self, DeferredEvents, DeliveryTask, FirstAttempts, Lane, NotDeferredEvents, Queue, QueueMessage, Stream, Writer,
 };
 use aegis_webhook_core::telemetry;
 use aegis_webhook_storage::events::{self, EventWithDeliveries};
@@ -74,7 +74,16 @@ const MAX_FAN_OUT_BATCH: usize = 64;
 /// Fan-out writes in flight at once: one commits while the next fills.
 const PARALLEL_FAN_OUTS: usize = 2;
 /// The most envelopes one message of the bulk lane carries.
-const MAX_DEFERRAL_BATCH: usize = 256;
+const MAX_DEFERRAL_BATCH: usize = DeferredEvents::MAX_ENVELOPES;
+/// The most envelope bytes one message of the bulk lane carries (an
+/// envelope larger than this goes alone; see [`deferral_messages`]). In
+/// JSON an envelope kept
+/// as it came grows at most six times (a control character becomes
+/// `\u0001`), so a message stays under 16 MiB, RabbitMQ 4's default
+/// `max_message_size`, with envelopes up to the default
+/// `AEGIS_MAX_EVENT_BYTES`; a flood of ordinary events (about 1 KiB each)
+/// still moves 256 to a message.
+const MAX_DEFERRAL_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 /// Deferral publishes in flight at once: with the express lane's prefetch
 /// (1,024 at the default `AEGIS_AMQP_PREFETCH`), enough that moving a flood
 /// never waits for one confirm at a time.
@@ -272,7 +281,9 @@ impl Ingester {
                 let queue = queue.clone();
                 async move {
                     let count = envelopes.len();
-                    queue.defer_events(DeferredEvents::new(envelopes)).await?;
+                    let messages = deferral_messages(envelopes, MAX_DEFERRAL_MESSAGE_BYTES);
+                    futures::future::try_join_all(messages.into_iter().map(|message| queue.defer_events(message)))
+                        .await?;
                     Ok(vec![(); count])
                 }
             })
@@ -320,8 +331,10 @@ impl Ingester {
     /// alone: a flooding tenant's envelope is moved to the bulk lane as it
     /// came, and validated there, once, when it is fanned out. A deferral
     /// gives its slot back at once, since moving an envelope costs no fan-out
-    /// (the express lane's prefetch still bounds how many are in flight), so
-    /// a flood's deferrals are never held up behind the fan-outs in progress.
+    /// (with RabbitMQ the express lane's prefetch still bounds how many are
+    /// in flight; the in-process queue's envelopes are in memory already),
+    /// so a flood's deferrals are never held up behind the fan-outs in
+    /// progress.
     async fn ingest_in_slot(
         &self,
         body: &[u8],
@@ -461,21 +474,25 @@ impl Ingester {
         let deferred = match DeferredEvents::decode(body) {
             Ok(deferred) => deferred,
             // Not ours: taken as one envelope, like any other.
-            Err(_) => return self.ingest_in_slot(body, Lane::Bulk, &mut None).await,
+            Err(NotDeferredEvents::OtherFormat(_)) => return self.ingest_in_slot(body, Lane::Bulk, &mut None).await,
+            // Ours in form, and never made by an ingester: all of it parked.
+            Err(error @ NotDeferredEvents::TooManyEnvelopes { .. }) => {
+                return self.refuse(body, "too_large", error.to_string()).await;
+            }
         };
-        // At most a deferral batch at once, whatever the message holds: the
-        // bulk queue takes publishes from anyone with broker credentials.
+        // At most a deferral batch: the bulk queue takes publishes from
+        // anyone with broker credentials, and the decoding reads no more.
         let mut deliveries = 0;
-        for chunk in deferred.envelopes().chunks(MAX_DEFERRAL_BATCH) {
-            let ingested =
-                futures::future::join_all(chunk.iter().map(|envelope| async move {
-                    self.ingest_in_slot(envelope.as_bytes(), Lane::Bulk, &mut None).await
-                }))
-                .await;
-            for outcome in ingested {
-                if let IngestOutcome::FannedOut { deliveries: count, .. } = outcome? {
-                    deliveries += count;
-                }
+        let ingested = futures::future::join_all(
+            deferred
+                .envelopes()
+                .iter()
+                .map(|envelope| async move { self.ingest_in_slot(envelope.as_bytes(), Lane::Bulk, &mut None).await }),
+        )
+        .await;
+        for outcome in ingested {
+            if let IngestOutcome::FannedOut { deliveries: count, .. } = outcome? {
+                deliveries += count;
             }
         }
         Ok(IngestOutcome::DeferredBatch {
@@ -499,7 +516,8 @@ impl Ingester {
     /// Consumes the events stream until `shutdown`, ingesting up to
     /// `concurrency` envelopes at once (each waits on its database commit and
     /// broker confirms, so one at a time would leave both idle); then drains
-    /// what is already arriving, waits for what is in progress, and returns.
+    /// what is already arriving in the express lane, waits for what is in
+    /// progress to be settled, and returns.
     pub async fn run(mut self, shutdown: CancellationToken, concurrency: usize) -> anyhow::Result<()> {
         // A backlog must be reachable within what the express lane lets the
         // ingester hold: with RabbitMQ 32 × `concurrency` (the prefetch), so
@@ -508,7 +526,7 @@ impl Ingester {
         let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
         let in_progress = tokio_util::task::TaskTracker::new();
         let queue = self.queue.clone();
-        consume(
+        let consumer = consume(
             queue.as_ref(),
             Stream::Events,
             "events",
@@ -538,6 +556,8 @@ impl Ingester {
         .await?;
         in_progress.close();
         in_progress.wait().await;
+        // Only now: the acks of the work in progress go out through it.
+        drop(consumer);
         tracing::info!("ingester stopped");
         Ok(())
     }
@@ -565,7 +585,7 @@ impl Ingester {
 
     /// A turn for a message of the bulk lane, once the ingester is not
     /// moving a flood out of the express lane (see [`BulkPause`]), or at
-    /// once when the process is stopping: during the drain a bulk message
+    /// once when the process is stopping: a bulk message taken before then
     /// is ingested if a turn is free, as before the pause.
     async fn bulk_turn(&self, shutdown: &CancellationToken) -> tokio::sync::OwnedSemaphorePermit {
         loop {
@@ -605,8 +625,9 @@ impl Ingester {
             Lane::Bulk => {
                 slot.take();
                 tokio::select! {
-                    // A free turn wins over shutdown: draining, the message
-                    // is ingested rather than handed straight back.
+                    // A free turn wins over shutdown: a message taken before
+                    // it is ingested rather than handed straight back (the
+                    // drain takes no more of the bulk lane's).
                     biased;
                     turn = self.bulk_turn(&shutdown) => Some(turn),
                     () = shutdown.cancelled() => {
@@ -698,9 +719,62 @@ fn deferred_envelope(body: &[u8], head: EnvelopeHead, fresh: impl FnOnce() -> Uu
     }
 }
 
+/// A deferral batch as messages of the bulk lane, in order: as many
+/// envelopes to a message as fit in `max_bytes`, and at least one.
+fn deferral_messages(envelopes: Vec<String>, max_bytes: usize) -> Vec<DeferredEvents> {
+    let mut messages = Vec::new();
+    let (mut filling, mut bytes) = (Vec::new(), 0);
+    for envelope in envelopes {
+        if !filling.is_empty() && bytes + envelope.len() > max_bytes {
+            messages.push(DeferredEvents::new(std::mem::take(&mut filling)));
+            bytes = 0;
+        }
+        bytes += envelope.len();
+        filling.push(envelope);
+    }
+    if !filling.is_empty() {
+        messages.push(DeferredEvents::new(filling));
+    }
+    messages
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deferral_batch_of_large_envelopes_goes_as_several_messages_in_order() {
+        let sized = |count: usize, bytes: usize| -> Vec<String> {
+            (0..count)
+                .map(|index| {
+                    let index = index.to_string();
+                    index.clone() + &"x".repeat(bytes - index.len())
+                })
+                .collect()
+        };
+        let envelopes_of = |messages: &[DeferredEvents]| -> Vec<String> {
+            messages
+                .iter()
+                .flat_map(|message| message.envelopes().to_vec())
+                .collect()
+        };
+        // Ordinary events: the whole batch in one message.
+        let small = sized(MAX_DEFERRAL_BATCH, 1_000);
+        let messages = deferral_messages(small.clone(), MAX_DEFERRAL_MESSAGE_BYTES);
+        assert_eq!(messages.len(), 1);
+        assert_eq!(envelopes_of(&messages), small);
+        // 100 KiB each: 20 fit in 2 MiB (20 × 102,400 = 2,048,000 ≤ 2,097,152).
+        let large = sized(MAX_DEFERRAL_BATCH, 100 * 1024);
+        let messages = deferral_messages(large.clone(), MAX_DEFERRAL_MESSAGE_BYTES);
+        let counts: Vec<usize> = messages.iter().map(|message| message.envelopes().len()).collect();
+        assert_eq!(counts, [20, 20, 20, 20, 20, 20, 20, 20, 20, 20, 20, 20, 16]);
+        assert_eq!(envelopes_of(&messages), large, "every envelope, in order");
+        // One larger than the limit still goes, alone.
+        let messages = deferral_messages(sized(3, 10), 15);
+        let counts: Vec<usize> = messages.iter().map(|message| message.envelopes().len()).collect();
+        assert_eq!(counts, [1, 1, 1]);
+        assert!(deferral_messages(Vec::new(), 15).is_empty());
+    }
 
     #[test]
     fn a_deferred_envelope_keeps_its_bytes_or_gains_the_id_it_was_given() {

@@ -43,8 +43,9 @@ use backon::{ExponentialBuilder, Retryable as _};
 use bytes::Bytes;
 use futures::StreamExt as _;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
@@ -913,6 +914,11 @@ struct Subscription {
     due: Option<lapin::Consumer>,
     express_settles: Settles,
     settles: Settles,
+    /// The express consumer's channel, and the other consumers': each is
+    /// closed when the last of its consumers and handles is dropped, which
+    /// hands back every message of it not yet acknowledged.
+    express_channel: Channel,
+    channel: Channel,
 }
 
 /// Settling one message: its tag on its channel, and whether it is requeued.
@@ -969,16 +975,18 @@ async fn send<'a>(frames: acks::Frames, acker: impl Fn(u64) -> &'a lapin::Acker)
         requeue: true,
         ..BasicNackOptions::default()
     };
-    futures::future::try_join_all(frames.requeues.into_iter().map(|tag| acker(tag).nack(requeue)))
+    let requeues = futures::future::try_join_all(frames.requeues.into_iter().map(|tag| acker(tag).nack(requeue)))
         .await
         .map_err(|error| anyhow::Error::new(error).context("failed to requeue"))?;
+    said(requeues, "requeue")?;
     if let Some(tag) = frames.ack_through {
-        acker(tag)
+        let sent = acker(tag)
             .ack(BasicAckOptions { multiple: true })
             .await
             .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
+        said([sent], "ack")?;
     }
-    futures::future::try_join_all(
+    let acks = futures::future::try_join_all(
         frames
             .acks
             .into_iter()
@@ -986,7 +994,17 @@ async fn send<'a>(frames: acks::Frames, acker: impl Fn(u64) -> &'a lapin::Acker)
     )
     .await
     .map_err(|error| anyhow::Error::new(error).context("failed to ack"))?;
-    Ok(())
+    said(acks, "ack")
+}
+
+/// lapin answers `false` for a frame it did not send: the acker's channel
+/// had closed (and with it the broker hands the message out again), or the
+/// acker was used already. Either way the message is not settled as asked.
+fn said(sent: impl IntoIterator<Item = bool>, what: &str) -> anyhow::Result<()> {
+    match sent.into_iter().all(|sent| sent) {
+        true => Ok(()),
+        false => anyhow::bail!("failed to {what}: the channel is closed, so the broker hands the message out again"),
+    }
 }
 
 impl RabbitConsumer {
@@ -1065,8 +1083,29 @@ impl RabbitConsumer {
             due,
             express_settles: settles_of_a_channel(),
             settles: settles_of_a_channel(),
+            express_channel,
+            channel,
         });
         Ok(())
+    }
+}
+
+/// The longest [`Consumer::stop`] waits for the broker to confirm a
+/// consumer's cancel: what it has not confirmed by then goes back with the
+/// channel, when the consumer is dropped.
+const STOP_AT_MOST: Duration = Duration::from_secs(5);
+
+impl Subscription {
+    /// Each consumer with its channel and the settling of its messages.
+    fn consumers(&mut self) -> Vec<(&mut lapin::Consumer, &Channel, &Settles)> {
+        let mut consumers = vec![
+            (&mut self.express, &self.express_channel, &self.express_settles),
+            (&mut self.bulk, &self.channel, &self.settles),
+        ];
+        if let Some(due) = self.due.as_mut() {
+            consumers.push((due, &self.channel, &self.settles));
+        }
+        consumers
     }
 }
 
@@ -1078,6 +1117,49 @@ impl Consumer for RabbitConsumer {
 
     async fn next_express(&mut self) -> Option<Result<QueueMessage, QueueError>> {
         self.take(true).await
+    }
+
+    /// Cancels each consumer, then hands back the messages the broker sent
+    /// before its cancel took effect that were never taken (a prefetch's
+    /// worth), through the settling of their channel, so the tags it
+    /// tracks stay whole. The channels stay open: the messages taken are
+    /// still acknowledged on them.
+    async fn stop(&mut self) {
+        let Some(subscription) = self.inner.as_mut() else {
+            return;
+        };
+        let stopping = subscription.consumers().into_iter().map(|(consumer, channel, settles)| async move {
+            let cancelled = tokio::time::timeout(
+                STOP_AT_MOST,
+                channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+            )
+            .await;
+            if !matches!(cancelled, Ok(Ok(()))) {
+                tracing::warn!(
+                    queue = %consumer.queue(),
+                    "failed to cancel a consumer; what it was sent goes back when its channel closes"
+                );
+                return;
+            }
+            // The consumer's stream ends after the deliveries sent before
+            // the cancel's reply; a cancelled consumer has no more to come.
+            let mut handing_back = Vec::new();
+            while let Ok(Some(Ok(delivery))) = tokio::time::timeout(STOP_AT_MOST, consumer.next()).await {
+                let message = RabbitAcknowledger {
+                    tag: delivery.delivery_tag,
+                    acker: delivery.acker,
+                    settles: settles.clone(),
+                };
+                handing_back.push(message.settle(true));
+            }
+            let count = handing_back.len();
+            if let Err(error) = futures::future::try_join_all(handing_back).await {
+                tracing::warn!(error = %error, "failed to hand back messages not taken; they go back when the channel closes");
+            } else if count > 0 {
+                tracing::debug!(count, queue = %consumer.queue(), "handed back messages not taken");
+            }
+        });
+        futures::future::join_all(stopping).await;
     }
 }
 
@@ -1105,6 +1187,7 @@ impl RabbitConsumer {
                 due,
                 express_settles,
                 settles,
+                ..
             } = self.inner.as_mut().expect("subscribed above");
             let order = self.picker.order();
             let next = std::future::poll_fn(|cx| {

@@ -564,7 +564,7 @@ impl Worker {
         let lanes = Arc::new(Lanes::new(self.webhook_concurrency, self.concurrency));
         let in_flight = TaskTracker::new();
         let queue = self.queue.clone();
-        consume(
+        let consumer = consume(
             queue.as_ref(),
             Stream::Tasks,
             "tasks",
@@ -590,6 +590,9 @@ impl Worker {
                 "grace period over; unfinished tasks will be redelivered"
             );
         }
+        // Only now: the tasks' acks go out through it, and dropping it hands
+        // back any still unfinished.
+        drop(consumer);
         tracing::info!("worker stopped");
         Ok(())
     }

@@ -2,9 +2,11 @@
 //! published by a plain AMQP client, invalid events parked with a reason, and
 //! retries through the TTL tier queues to the dead-letter queue.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use aegis_webhook_core::config::AmqpUrls;
+use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
 use aegis_webhook_core::queue::{Consumer, LaneWeights, Queue as _, QueueMessage, Stream};
 use aegis_webhook_rabbitmq::{Prefetch, REASON_HEADER, RabbitQueue, Topology};
 use aegis_webhook_storage::deliveries::{self, DeliveryStatus};
@@ -13,6 +15,8 @@ use lapin::options::{BasicGetOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::support::{
@@ -222,16 +226,12 @@ async fn next_message(consumer: &mut Box<dyn Consumer>) -> QueueMessage {
         .expect("a message, not an error")
 }
 
-/// The adapter settles a channel's messages with as few frames as is safe
-/// (one `multiple` ack up to where everything below is settled): against
-/// the real broker, acking later messages never settles one still held,
-/// a requeued one comes back, and those acked are gone. If an ack covered
-/// the held message, the broker would drop it and the last check fails.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acks_after_a_held_message_never_settle_it_and_a_requeued_one_comes_back() {
-    let Some(channel) = scanner_channel().await else { return };
+/// The RabbitMQ adapter alone, on a throwaway topology of its own (the
+/// broker deletes it if the test dies first), with a prefetch of 16 per
+/// lane; and a plain channel to look at its queues with.
+async fn adapter_alone() -> Option<(Channel, Topology, RabbitQueue)> {
+    let channel = scanner_channel().await?;
     let prefix = format!("test-{}.", Uuid::new_v4().simple());
-    // Throwaway topology: the broker deletes it if the test dies first.
     let topology = Topology::new(&prefix, &[Duration::ZERO], Some(Duration::from_secs(120)));
     let queue = RabbitQueue::connect(
         &AmqpUrls::parse(&amqp_url()).expect("AEGIS_TEST_AMQP_URL"),
@@ -241,6 +241,19 @@ async fn acks_after_a_held_message_never_settle_it_and_a_requeued_one_comes_back
     )
     .await
     .expect("connect");
+    Some((channel, topology, queue))
+}
+
+/// The adapter settles a channel's messages with as few frames as is safe
+/// (one `multiple` ack up to where everything below is settled): against
+/// the real broker, acking later messages never settles one still held,
+/// a requeued one comes back, and those acked are gone. If an ack covered
+/// the held message, the broker would drop it and the last check fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_after_a_held_message_never_settle_it_and_a_requeued_one_comes_back() {
+    let Some((channel, topology, queue)) = adapter_alone().await else {
+        return;
+    };
     let publish = |bodies: std::ops::Range<u32>| {
         let queue = queue.clone();
         async move {
@@ -287,20 +300,112 @@ async fn acks_after_a_held_message_never_settle_it_and_a_requeued_one_comes_back
     // Closing the connection hands back what it holds unacknowledged: m0
     // alone, if every ack above covered exactly what it should.
     drop((held, consumer, queue));
+    only_it_comes_back(&channel, &topology, b"m0").await;
+}
+
+/// Once the adapter's connections are closed: the one message `unsettled`
+/// comes back to the events' express lane (and nothing acknowledged does);
+/// then the topology is deleted.
+async fn only_it_comes_back(channel: &Channel, topology: &Topology, unsettled: &[u8]) {
     let ingest = topology.ingest_queue();
-    let back = eventually(Duration::from_secs(10), "the held message back in the queue", || {
-        let (channel, ingest) = (channel.clone(), ingest.clone());
-        async move {
-            channel
-                .basic_get(ingest.as_str().into(), BasicGetOptions { no_ack: true })
-                .await
-                .expect("basic_get")
-        }
-    })
+    let back = eventually(
+        Duration::from_secs(10),
+        "the unsettled message back in the queue",
+        || {
+            let (channel, ingest) = (channel.clone(), ingest.clone());
+            async move {
+                channel
+                    .basic_get(ingest.as_str().into(), BasicGetOptions { no_ack: true })
+                    .await
+                    .expect("basic_get")
+            }
+        },
+    )
     .await;
-    assert_eq!(&back.delivery.data[..], b"m0");
+    assert_eq!(&back.delivery.data[..], unsettled);
     assert!(back.delivery.redelivered, "it was delivered before");
-    let rest = drain(&channel, &ingest).await;
-    assert!(rest.is_empty(), "acked messages came back: {rest:?}");
-    topology.delete(&channel).await.expect("delete the topology");
+    let rest = drain(channel, &ingest).await;
+    assert!(rest.is_empty(), "acknowledged messages came back: {rest:?}");
+    topology.delete(channel).await.expect("delete the topology");
+}
+
+/// Shutting down, the consume loop stops its consumer without closing its
+/// channels: what the broker had sent it and it never took goes back at
+/// once, for other consumers, while what it took is still acknowledged
+/// through it until the role drops it. If stopping closed the channels, the
+/// messages in progress would go back too and be ingested or delivered a
+/// second time (an envelope without an id as a new event), and their acks
+/// would fail; the ack of m0 below would then be refused, and m0 would come
+/// back beside m1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_consumer_hands_back_what_it_never_took_and_still_acks_what_it_took() {
+    let Some((channel, topology, queue)) = adapter_alone().await else {
+        return;
+    };
+    for index in 0..8 {
+        queue
+            .publish_event("POAM_OVERDUE", Bytes::from(format!("m{index}")))
+            .await
+            .expect("publish");
+    }
+    // Two slots: the loop takes m0 and m1 and waits for a slot, holding the
+    // other six as the broker sent them (the prefetch is larger).
+    let shutdown = CancellationToken::new();
+    let (taken_tx, mut taken) = tokio::sync::mpsc::unbounded_channel();
+    let consuming = {
+        let (queue, shutdown) = (queue.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            consume(
+                &queue,
+                Stream::Events,
+                "test",
+                Arc::new(Semaphore::new(2)),
+                None,
+                &shutdown,
+                Drain::Immediately,
+                |message, permit| {
+                    taken_tx.send((message, permit)).expect("the test holds the receiver");
+                    async { Flow::Continue }
+                },
+            )
+            .await
+        })
+    };
+    let (first, _first_slot) = taken.recv().await.expect("m0 taken");
+    let (held, _held_slot) = taken.recv().await.expect("m1 taken");
+    assert_eq!((&first.body[..], &held.body[..]), (&b"m0"[..], &b"m1"[..]));
+    shutdown.cancel();
+    let stopped = consuming
+        .await
+        .expect("the loop's task")
+        .expect("the loop ends cleanly");
+
+    let ingest = topology.ingest_queue();
+    let mut handed_back = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        handed_back.extend(drain(&channel, &ingest).await.into_iter().map(|(body, _)| body));
+        if handed_back.len() >= 6 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of the six not taken went back while the consumer was kept",
+            handed_back.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    handed_back.sort();
+    let expected: Vec<Vec<u8>> = (2..8).map(|index| format!("m{index}").into_bytes()).collect();
+    assert_eq!(handed_back, expected, "exactly the messages never taken went back");
+
+    // The stopped consumer's channel still settles what was taken.
+    first
+        .ack()
+        .await
+        .expect("a message taken before the stop is acked after it");
+    // Dropping it closes the channels: m1, never settled, goes back; m0,
+    // acked, does not.
+    drop((held, stopped, queue));
+    only_it_comes_back(&channel, &topology, b"m1").await;
 }

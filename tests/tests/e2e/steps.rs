@@ -204,6 +204,29 @@ async fn over_share_events_are_deferred_with_their_ids_and_ingested_once_from_th
     assert_eq!(steps.first_attempts().await.len(), 3, "a repeat adds nothing");
 }
 
+/// A message of the bulk lane carrying more envelopes than an ingester ever
+/// puts in one (anyone with the broker's credentials can publish there) is
+/// refused whole, with its reason, and parked: none of it is ingested, and
+/// reading it kept no more than the most one message carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_message_with_too_many_envelopes_is_refused_whole_and_parked() {
+    use aegis_webhook_core::queue::DeferredEvents;
+
+    let receiver = Receiver::start(&[], 200).await;
+    let steps = steps(&[&receiver]).await;
+    let ingester = steps.ingester_with_a_share_of_one();
+    let valid = envelope(steps.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()).to_string();
+    let body = DeferredEvents::new(vec![valid; DeferredEvents::MAX_ENVELOPES + 1]).encode();
+    let outcome = ingester.ingest(&body, Lane::Bulk).await.expect("handled");
+    let expected = "a message of the bulk lane carries at most 256 envelopes; this one carries 257";
+    assert!(
+        matches!(&outcome, IngestOutcome::Invalid { reason } if reason == expected),
+        "{outcome:?}"
+    );
+    assert_eq!(steps.parked_reasons(), [expected]);
+    assert!(steps.first_attempts().await.is_empty(), "none of it ingested");
+}
+
 /// A flooding tenant's envelope is moved on its head alone (its tenant and
 /// id), unvalidated: one that is not valid is refused where it is fanned
 /// out, from the bulk lane, and parked with its reason, as it would have

@@ -2,8 +2,9 @@
 //! ingester, the worker): wait for a free slot, then for the next message, and
 //! hand both to the role's `dispatch`. The loop owns what is the same for
 //! every consumer: the slot limit, shutdown, the consumer's failures (logged,
-//! shown as `aegis_queue_consumer_up`, retried after a pause) and the drain
-//! on shutdown; the role owns what a message means and its acks.
+//! shown as `aegis_queue_consumer_up`, retried after a pause), the drain
+//! on shutdown and stopping the consumer; the role owns what a message
+//! means and its acks, and keeps the stopped consumer until they are sent.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,10 +25,12 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 pub enum Drain {
     /// Stop taking messages at once; those not taken stay with the broker.
     Immediately,
-    /// Keep taking the messages already on their way until none has come for
-    /// `idle`, and for `at_most` in all (under steady traffic the stream is
-    /// never idle): the ingester fans out an envelope on its way rather than
-    /// handing it back.
+    /// Keep taking the express lane's messages already on their way until
+    /// none has come for `idle`, and for `at_most` in all (under steady
+    /// traffic the stream is never idle): the ingester fans out an envelope
+    /// on its way rather than handing it back. The other lanes' messages
+    /// stay with the broker: a bulk message is hundreds of envelopes, too
+    /// much to start on the way out.
     UntilIdle { idle: Duration, at_most: Duration },
 }
 
@@ -42,7 +45,8 @@ pub enum Flow {
 /// message is taken only while one of `slots` is free, and handed to
 /// `dispatch` with that slot's permit, which the role holds for as long as
 /// the message's work runs (typically in a task it spawns). `label` names the
-/// stream in logs and in `aegis_queue_consumer_up`.
+/// stream in logs and in `aegis_queue_consumer_up`. Returns the consumer,
+/// stopped (see [`Stopped`]).
 ///
 /// Given [`ExpressFirst`], the other lanes' work (a flood in the bulk lane)
 /// never stands in the express lane's way in: see there.
@@ -56,12 +60,13 @@ pub async fn consume<F, Fut>(
     shutdown: &CancellationToken,
     drain: Drain,
     mut dispatch: F,
-) -> Result<(), QueueError>
+) -> Result<Stopped, QueueError>
 where
     F: FnMut(QueueMessage, OwnedSemaphorePermit) -> Fut,
     Fut: Future<Output = Flow>,
 {
     let mut consumer = queue.consume(stream).await?;
+
     metrics::consumer_up(label, true);
     // When draining began, once shutdown was seen.
     let mut draining_since: Option<tokio::time::Instant> = None;
@@ -88,9 +93,10 @@ where
             Slot::Again => continue,
         };
         let next = match drain {
+            // Draining: the express lane alone (see [`Drain::UntilIdle`]).
             Drain::UntilIdle { idle, .. } if shutdown.is_cancelled() => {
-                match tokio::time::timeout(idle, take(consumer.as_mut(), express_until)).await {
-                    Ok(next) => next,
+                match tokio::time::timeout(idle, consumer.next_express()).await {
+                    Ok(next) => Some(next),
                     Err(_idle) => break,
                 }
             }
@@ -130,7 +136,18 @@ where
         }
     }
     metrics::consumer_up(label, false);
-    Ok(())
+    consumer.stop().await;
+    Ok(Stopped { _consumer: consumer })
+}
+
+/// The consumer [`consume`] ran, stopped: it takes no more messages, and
+/// those it took are settled through it (with RabbitMQ, on its channels).
+/// The role keeps it until its work in progress has settled them; dropping
+/// it hands back to the queue every message still unsettled, as a crash
+/// would.
+#[must_use = "dropping it hands back the messages taken and not yet settled"]
+pub struct Stopped {
+    _consumer: Box<dyn super::Consumer>,
 }
 
 /// How the express lane gets past the other lanes' work in [`consume`]: a
@@ -217,7 +234,7 @@ mod tests {
     use super::*;
     use crate::ids::{DeliveryId, WebhookId};
     use crate::queue::memory::MemoryQueue;
-    use crate::queue::{DeliveryTask, FirstAttempts, Lane};
+    use crate::queue::{DeferredEvents, DeliveryTask, FirstAttempts, Lane};
 
     async fn publish(queue: &MemoryQueue, count: usize) {
         for index in 0..count {
@@ -241,7 +258,7 @@ mod tests {
     ) -> (
         CancellationToken,
         Holding,
-        tokio::task::JoinHandle<Result<(), QueueError>>,
+        tokio::task::JoinHandle<Result<Stopped, QueueError>>,
     ) {
         let shutdown = CancellationToken::new();
         let held: Holding = Arc::default();
@@ -281,7 +298,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(held.lock().expect("lock").len(), 2, "the freed slot took the third");
         shutdown.cancel();
-        consuming.await.expect("joins").expect("stops cleanly");
+        let _stopped = consuming.await.expect("joins").expect("stops cleanly");
     }
 
     /// What holds the way in while [`lanes_taken_while_held`] looks.
@@ -321,7 +338,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let after = lanes();
         shutdown.cancel();
-        consuming.await.expect("joins").expect("stops cleanly");
+        let _stopped = consuming.await.expect("joins").expect("stops cleanly");
         [while_full, after]
     }
 
@@ -361,7 +378,7 @@ mod tests {
     async fn taken(queue: &MemoryQueue, shutdown: &CancellationToken, drain: Drain, flow: Flow) -> usize {
         let mut taken = 0;
         let slots = Arc::new(Semaphore::new(8));
-        consume(
+        let _stopped = consume(
             queue,
             Stream::Events,
             "events",
@@ -383,11 +400,15 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn draining_takes_what_arrives_until_the_stream_is_idle() {
+    async fn draining_takes_what_arrives_in_the_express_lane_until_the_stream_is_idle() {
         let queue = MemoryQueue::new();
         let shutdown = CancellationToken::new();
         shutdown.cancel();
         publish(&queue, 2).await;
+        queue
+            .defer_events(DeferredEvents::new(vec!["{}".to_owned(); 3]))
+            .await
+            .expect("defer");
         let drain = Drain::UntilIdle {
             idle: Duration::from_millis(200),
             at_most: Duration::from_secs(5),
@@ -395,7 +416,12 @@ mod tests {
         assert_eq!(
             taken(&queue, &shutdown, drain, Flow::Continue).await,
             2,
-            "shutdown before the loop began still drains what is there"
+            "shutdown before the loop began still drains what is there, in the express lane"
+        );
+        let depths = queue.lane_depths().await.expect("depths");
+        assert!(
+            depths.contains(&(Stream::Events, Lane::Bulk, 1)),
+            "the bulk message stays in its lane: {depths:?}"
         );
         // Stopping at once takes nothing once shutdown is asked for.
         publish(&queue, 1).await;
@@ -422,7 +448,7 @@ mod tests {
         };
         let started = tokio::time::Instant::now();
         let mut taken = 0;
-        consume(
+        let _stopped = consume(
             &queue,
             Stream::Events,
             "events",

@@ -141,14 +141,42 @@ impl FirstAttempts {
 /// together, each as upstream JSON carrying an `id` (the ingester adds the one
 /// it gave an envelope without), so that ingesting one again is a no-op. One
 /// message for many keeps the broker's cost of moving a flood aside small.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type")]
 pub enum DeferredEvents {
     #[serde(rename = "events.deferred.v1", rename_all = "camelCase")]
     V1 { envelopes: Vec<String> },
 }
 
+/// [`DeferredEvents`] as read: the envelopes up to the most one message
+/// carries, and how many it had.
+#[derive(Deserialize)]
+#[serde(tag = "type")]
+enum DeferredEventsRead {
+    #[serde(rename = "events.deferred.v1", rename_all = "camelCase")]
+    V1 { envelopes: AtMostMaxEnvelopes },
+}
+
+/// Why a message of the bulk lane is not read as [`DeferredEvents`].
+#[derive(Debug, thiserror::Error)]
+pub enum NotDeferredEvents {
+    /// Not in their format: something else, to be taken as one envelope.
+    #[error(transparent)]
+    OtherFormat(#[from] serde_json::Error),
+    #[error(
+        "a message of the bulk lane carries at most {max} envelopes; this one carries {envelopes}",
+        max = DeferredEvents::MAX_ENVELOPES
+    )]
+    TooManyEnvelopes { envelopes: usize },
+}
+
 impl DeferredEvents {
+    /// The most envelopes one message carries. The ingester never puts more
+    /// in one; anyone with the broker's credentials can publish to the bulk
+    /// lane, and a message with more is not read as one (see
+    /// [`DeferredEvents::decode`]), so reading it never costs more than this.
+    pub const MAX_ENVELOPES: usize = 256;
+
     pub fn new(envelopes: Vec<String>) -> Self {
         DeferredEvents::V1 { envelopes }
     }
@@ -163,9 +191,52 @@ impl DeferredEvents {
         Bytes::from(serde_json::to_vec(self).expect("deferred events always serialize"))
     }
 
-    /// The envelopes of a message of the bulk lane of events.
-    pub fn decode(body: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(body)
+    /// The envelopes of a message of the bulk lane of events. One with more
+    /// than [`DeferredEvents::MAX_ENVELOPES`] is refused having kept no more
+    /// than that many: the rest are only counted.
+    pub fn decode(body: &[u8]) -> Result<Self, NotDeferredEvents> {
+        let DeferredEventsRead::V1 { envelopes } = serde_json::from_slice(body)?;
+        match envelopes.count {
+            count if count > Self::MAX_ENVELOPES => Err(NotDeferredEvents::TooManyEnvelopes { envelopes: count }),
+            _ => Ok(Self::new(envelopes.kept)),
+        }
+    }
+}
+
+/// A list of envelopes read up to [`DeferredEvents::MAX_ENVELOPES`]; the
+/// rest only counted.
+struct AtMostMaxEnvelopes {
+    kept: Vec<String>,
+    count: usize,
+}
+
+impl<'de> Deserialize<'de> for AtMostMaxEnvelopes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Envelopes;
+        impl<'de> serde::de::Visitor<'de> for Envelopes {
+            type Value = AtMostMaxEnvelopes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of envelopes, each a string")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut kept = Vec::new();
+                while kept.len() < DeferredEvents::MAX_ENVELOPES {
+                    match seq.next_element::<String>()? {
+                        Some(envelope) => kept.push(envelope),
+                        None => {
+                            let count = kept.len();
+                            return Ok(AtMostMaxEnvelopes { kept, count });
+                        }
+                    }
+                }
+                let mut count = kept.len();
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    count += 1;
+                }
+                Ok(AtMostMaxEnvelopes { kept, count })
+            }
+        }
+        deserializer.deserialize_seq(Envelopes)
     }
 }
 
@@ -393,6 +464,12 @@ pub trait Consumer: Send {
     /// where they are: what a slot kept for the express lane may take (see
     /// [`consume::consume`]).
     async fn next_express(&mut self) -> Option<Result<QueueMessage, QueueError>>;
+    /// Stops taking messages: none comes any more, and those already on
+    /// their way to this consumer and never taken go back to the queue, for
+    /// other consumers. The messages taken are still settled after it (with
+    /// RabbitMQ, on this consumer's channels): drop the consumer only once
+    /// they are, since dropping it hands back every one still unsettled.
+    async fn stop(&mut self) {}
 }
 
 /// The span of one publish, as OpenTelemetry's messaging conventions name
@@ -530,6 +607,27 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+
+    #[test]
+    fn a_message_of_the_bulk_lane_is_read_only_up_to_the_most_envelopes_one_carries() {
+        let carrying = |count: usize| DeferredEvents::new(vec!["{}".to_owned(); count]).encode();
+        let full = DeferredEvents::decode(&carrying(DeferredEvents::MAX_ENVELOPES)).expect("the most one carries");
+        assert_eq!(full.envelopes().len(), DeferredEvents::MAX_ENVELOPES);
+        let error = DeferredEvents::decode(&carrying(DeferredEvents::MAX_ENVELOPES + 1)).expect_err("one too many");
+        assert!(
+            matches!(error, NotDeferredEvents::TooManyEnvelopes { envelopes: 257 }),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "a message of the bulk lane carries at most 256 envelopes; this one carries 257"
+        );
+        assert!(DeferredEvents::decode(br#"{"type":"events.deferred.v1","envelopes":[]}"#).is_ok());
+        assert!(matches!(
+            DeferredEvents::decode(br#"{"type":"events.deferred.v1","envelopes":[1]}"#),
+            Err(NotDeferredEvents::OtherFormat(_))
+        ));
+    }
 
     #[test]
     fn tasks_have_a_stable_versioned_wire_format() {
