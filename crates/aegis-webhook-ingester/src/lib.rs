@@ -76,11 +76,11 @@ const PARALLEL_FAN_OUTS: usize = 2;
 /// The most envelopes one message of the bulk lane carries.
 const MAX_DEFERRAL_BATCH: usize = DeferredEvents::MAX_ENVELOPES;
 /// The most envelope bytes one message of the bulk lane carries (an
-/// envelope larger than this goes alone; see [`deferral_messages`]). In
-/// JSON an envelope kept
-/// as it came grows at most six times (a control character becomes
-/// `\u0001`), so a message stays under 16 MiB, RabbitMQ 4's default
-/// `max_message_size`, with envelopes up to the default
+/// envelope larger than this goes alone; see [`deferral_messages`]). As a
+/// JSON string an envelope kept as it came at most doubles (a quote becomes
+/// `\"`; its head was read by a parse that refuses raw control characters
+/// but whitespace), so a message stays well under 16 MiB, RabbitMQ 4's
+/// default `max_message_size`, with envelopes up to the default
 /// `AEGIS_MAX_EVENT_BYTES`; a flood of ordinary events (about 1 KiB each)
 /// still moves 256 to a message.
 const MAX_DEFERRAL_MESSAGE_BYTES: usize = 2 * 1024 * 1024;

@@ -66,7 +66,6 @@ where
     Fut: Future<Output = Flow>,
 {
     let mut consumer = queue.consume(stream).await?;
-
     metrics::consumer_up(label, true);
     // When draining began, once shutdown was seen.
     let mut draining_since: Option<tokio::time::Instant> = None;
