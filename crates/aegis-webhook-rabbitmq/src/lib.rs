@@ -1090,10 +1090,12 @@ impl RabbitConsumer {
     }
 }
 
-/// The longest [`Consumer::stop`] waits for the broker to confirm a
-/// consumer's cancel: what it has not confirmed by then goes back with the
-/// channel, when the consumer is dropped.
-const STOP_AT_MOST: Duration = Duration::from_secs(5);
+/// The longest [`Consumer::stop`] takes for a consumer (its lanes' in
+/// parallel): the cancel, the broker's reply and the hand-back. What it has
+/// not handed back by then goes back with the channel when the consumer is
+/// dropped. Short, since a worker's `AEGIS_SHUTDOWN_GRACE` starts after it:
+/// with the defaults, 2 + 25 s stay within the pod's 30.
+const STOP_AT_MOST: Duration = Duration::from_secs(2);
 
 impl Subscription {
     /// Each consumer with its channel and the settling of its messages.
@@ -1129,34 +1131,39 @@ impl Consumer for RabbitConsumer {
             return;
         };
         let stopping = subscription.consumers().into_iter().map(|(consumer, channel, settles)| async move {
-            let cancelled = tokio::time::timeout(
-                STOP_AT_MOST,
-                channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
-            )
+            let queue = consumer.queue();
+            let stopped = tokio::time::timeout(STOP_AT_MOST, async move {
+                channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await
+                    .map_err(|error| anyhow::Error::new(error).context("failed to cancel the consumer"))?;
+                // The consumer's stream ends after the deliveries sent
+                // before the cancel's reply: no more come after it.
+                let mut handing_back = Vec::new();
+                while let Some(Ok(delivery)) = consumer.next().await {
+                    let message = RabbitAcknowledger {
+                        tag: delivery.delivery_tag,
+                        acker: delivery.acker,
+                        settles: settles.clone(),
+                    };
+                    handing_back.push(message.settle(true));
+                }
+                let count = handing_back.len();
+                futures::future::try_join_all(handing_back).await?;
+                Ok::<_, anyhow::Error>(count)
+            })
             .await;
-            if !matches!(cancelled, Ok(Ok(()))) {
-                tracing::warn!(
-                    queue = %consumer.queue(),
-                    "failed to cancel a consumer; what it was sent goes back when its channel closes"
-                );
-                return;
-            }
-            // The consumer's stream ends after the deliveries sent before
-            // the cancel's reply; a cancelled consumer has no more to come.
-            let mut handing_back = Vec::new();
-            while let Ok(Some(Ok(delivery))) = tokio::time::timeout(STOP_AT_MOST, consumer.next()).await {
-                let message = RabbitAcknowledger {
-                    tag: delivery.delivery_tag,
-                    acker: delivery.acker,
-                    settles: settles.clone(),
-                };
-                handing_back.push(message.settle(true));
-            }
-            let count = handing_back.len();
-            if let Err(error) = futures::future::try_join_all(handing_back).await {
-                tracing::warn!(error = %error, "failed to hand back messages not taken; they go back when the channel closes");
-            } else if count > 0 {
-                tracing::debug!(count, queue = %consumer.queue(), "handed back messages not taken");
+            match stopped {
+                Ok(Ok(count)) => tracing::debug!(count, %queue, "consumer stopped; handed back the messages not taken"),
+                Ok(Err(error)) => tracing::warn!(
+                    error = format!("{error:#}"),
+                    %queue,
+                    "failed to stop a consumer; what it was sent goes back when its channel closes"
+                ),
+                Err(_) => tracing::warn!(
+                    %queue,
+                    "a consumer took over {STOP_AT_MOST:?} to stop; what it was sent goes back when its channel closes"
+                ),
             }
         });
         futures::future::join_all(stopping).await;

@@ -227,8 +227,9 @@ async fn next_message(consumer: &mut Box<dyn Consumer>) -> QueueMessage {
 }
 
 /// The RabbitMQ adapter alone, on a throwaway topology of its own (the
-/// broker deletes it if the test dies first), with a prefetch of 16 per
-/// lane; and a plain channel to look at its queues with.
+/// broker deletes it if the test dies first), with a prefetch of 16 (the
+/// events' express lane takes 32 times that); and a plain channel to look
+/// at its queues with.
 async fn adapter_alone() -> Option<(Channel, Topology, RabbitQueue)> {
     let channel = scanner_channel().await?;
     let prefix = format!("test-{}.", Uuid::new_v4().simple());

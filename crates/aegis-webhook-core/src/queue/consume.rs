@@ -141,9 +141,9 @@ where
 
 /// The consumer [`consume`] ran, stopped: it takes no more messages, and
 /// those it took are settled through it (with RabbitMQ, on its channels).
-/// The role keeps it until its work in progress has settled them; dropping
-/// it hands back to the queue every message still unsettled, as a crash
-/// would.
+/// The role keeps it until its work in progress has settled them; with
+/// RabbitMQ dropping it closes its channels, which hands back to the queue
+/// every message still unsettled, as a crash would.
 #[must_use = "dropping it hands back the messages taken and not yet settled"]
 pub struct Stopped {
     _consumer: Box<dyn super::Consumer>,

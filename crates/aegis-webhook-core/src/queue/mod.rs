@@ -149,12 +149,21 @@ pub enum DeferredEvents {
 }
 
 /// [`DeferredEvents`] as read: the envelopes up to the most one message
-/// carries, and how many it had.
+/// carries, and how many it had. A plain struct, not a tagged enum: serde
+/// reads an internally tagged enum by first buffering the whole object,
+/// every element of the list included, which is what the bound is for.
 #[derive(Deserialize)]
-#[serde(tag = "type")]
-enum DeferredEventsRead {
-    #[serde(rename = "events.deferred.v1", rename_all = "camelCase")]
-    V1 { envelopes: AtMostMaxEnvelopes },
+struct DeferredEventsRead {
+    #[serde(rename = "type")]
+    _version: DeferredEventsVersion,
+    envelopes: AtMostMaxEnvelopes,
+}
+
+/// The `type` of [`DeferredEvents`] read.
+#[derive(Deserialize)]
+enum DeferredEventsVersion {
+    #[serde(rename = "events.deferred.v1")]
+    V1,
 }
 
 /// Why a message of the bulk lane is not read as [`DeferredEvents`].
@@ -174,7 +183,8 @@ impl DeferredEvents {
     /// The most envelopes one message carries. The ingester never puts more
     /// in one; anyone with the broker's credentials can publish to the bulk
     /// lane, and a message with more is not read as one (see
-    /// [`DeferredEvents::decode`]), so reading it never costs more than this.
+    /// [`DeferredEvents::decode`]), so reading it never keeps more than this
+    /// many (the rest are scanned, to be counted).
     pub const MAX_ENVELOPES: usize = 256;
 
     pub fn new(envelopes: Vec<String>) -> Self {
@@ -195,7 +205,7 @@ impl DeferredEvents {
     /// than [`DeferredEvents::MAX_ENVELOPES`] is refused having kept no more
     /// than that many: the rest are only counted.
     pub fn decode(body: &[u8]) -> Result<Self, NotDeferredEvents> {
-        let DeferredEventsRead::V1 { envelopes } = serde_json::from_slice(body)?;
+        let DeferredEventsRead { envelopes, .. } = serde_json::from_slice(body)?;
         match envelopes.count {
             count if count > Self::MAX_ENVELOPES => Err(NotDeferredEvents::TooManyEnvelopes { envelopes: count }),
             _ => Ok(Self::new(envelopes.kept)),
@@ -622,7 +632,19 @@ mod tests {
             error.to_string(),
             "a message of the bulk lane carries at most 256 envelopes; this one carries 257"
         );
+        // Past the most one carries, elements are only counted, whatever
+        // they are; the members may come in any order.
+        let strings = vec![r#""{}""#; DeferredEvents::MAX_ENVELOPES].join(",");
+        let beyond = format!(r#"{{"envelopes":[{strings},0,{{}},[]],"type":"events.deferred.v1"}}"#);
+        assert!(matches!(
+            DeferredEvents::decode(beyond.as_bytes()),
+            Err(NotDeferredEvents::TooManyEnvelopes { envelopes: 259 })
+        ));
         assert!(DeferredEvents::decode(br#"{"type":"events.deferred.v1","envelopes":[]}"#).is_ok());
+        assert!(matches!(
+            DeferredEvents::decode(br#"{"type":"events.deferred.v9","envelopes":[]}"#),
+            Err(NotDeferredEvents::OtherFormat(_))
+        ));
         assert!(matches!(
             DeferredEvents::decode(br#"{"type":"events.deferred.v1","envelopes":[1]}"#),
             Err(NotDeferredEvents::OtherFormat(_))
