@@ -493,6 +493,12 @@ mod tests {
         let delayed = tasks.next().await.expect("open").expect("message");
         assert!(carries_the_trace(&delayed), "a delayed task keeps its context");
 
+        // The `publish` span's callsite is shared with the tests running
+        // beside this one without a subscriber: registered by one of them
+        // while this thread's subscriber was being set, it can keep the
+        // interest "never" (tracing's global cache), and no span is made.
+        // Asked again now that it is registered, every subscriber answers.
+        tracing::callsite::rebuild_interest_cache();
         queue
             .publish_event("POAM_OVERDUE", Bytes::from_static(b"{}"))
             .await
