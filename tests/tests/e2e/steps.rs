@@ -206,8 +206,7 @@ async fn over_share_events_are_deferred_with_their_ids_and_ingested_once_from_th
 
 /// A message of the bulk lane carrying more envelopes than an ingester ever
 /// puts in one (anyone with the broker's credentials can publish there) is
-/// refused whole, with its reason, and parked: none of it is ingested, and
-/// reading it kept no more than the most one message carries.
+/// refused whole, with its reason, and parked: none of it is ingested.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_message_with_too_many_envelopes_is_refused_whole_and_parked() {
     use aegis_webhook_core::queue::DeferredEvents;

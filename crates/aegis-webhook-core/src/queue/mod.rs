@@ -231,17 +231,16 @@ impl<'de> Deserialize<'de> for AtMostMaxEnvelopes {
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut kept = Vec::new();
                 while kept.len() < DeferredEvents::MAX_ENVELOPES {
-                    match seq.next_element::<String>()? {
-                        Some(envelope) => kept.push(envelope),
-                        None => {
-                            let count = kept.len();
-                            return Ok(AtMostMaxEnvelopes { kept, count });
-                        }
-                    }
+                    let Some(envelope) = seq.next_element::<String>()? else {
+                        break;
+                    };
+                    kept.push(envelope);
                 }
                 let mut count = kept.len();
-                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
-                    count += 1;
+                if count == DeferredEvents::MAX_ENVELOPES {
+                    while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                        count += 1;
+                    }
                 }
                 Ok(AtMostMaxEnvelopes { kept, count })
             }
