@@ -3,7 +3,8 @@
 # core knows no transport, database or broker, each adapter crate only its
 # own, only the worker can send HTTP requests, and the
 # receivers' verifier crate brings nothing but hashing, encoding and
-# constant-time comparison into a customer's service.
+# constant-time comparison into a customer's service; and what a grep can
+# show: the portal's data path, the roles' supervised message tasks.
 set -euo pipefail
 
 forbid() {
@@ -46,6 +47,18 @@ portal_queries=$(grep -rnE 'sea_orm|(deliveries|webhooks|events|tenants|audit)::
 if [ -n "$portal_queries" ]; then
   echo "INVARIANT BROKEN: the portal queries storage itself instead of calling api::actions:" >&2
   echo "$portal_queries" >&2
+  exit 1
+fi
+# Every task a role spawns for its messages is supervised
+# (queue::consume::MessageTasks): under a bare tracker a panic would leave
+# its message, and its slot, held for good.
+# A file's tests (from its `#[cfg(test)]` on) may spawn as they like.
+bare_spawns=$(for file in $(find crates/aegis-webhook-ingester/src crates/aegis-webhook-worker/src -name '*.rs'); do
+  awk -v file="$file" '/^#\[cfg\(test\)\]/ { exit } /TaskTracker|JoinSet|tokio::spawn|spawn_blocking|std::thread::spawn/ { print file ":" FNR ": " $0 }' "$file"
+done)
+if [ -n "$bare_spawns" ]; then
+  echo "INVARIANT BROKEN: a role spawns a task outside MessageTasks:" >&2
+  echo "$bare_spawns" >&2
   exit 1
 fi
 echo "invariants hold"

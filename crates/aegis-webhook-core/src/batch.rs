@@ -11,7 +11,18 @@ use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-type Reply<O> = oneshot::Sender<Result<O, Arc<anyhow::Error>>>;
+type Reply<O> = oneshot::Sender<Result<O, Failure>>;
+
+/// Why a batch gave no answer.
+#[derive(Clone)]
+enum Failure {
+    Failed(Arc<anyhow::Error>),
+    /// Its run panicked, with this text: a bug, raised again in every
+    /// caller's task, where its supervision sees it (a role's message task,
+    /// see `queue::consume::MessageTasks`), rather than answered as an
+    /// error that the caller would retry for ever.
+    Panicked(Arc<str>),
+}
 
 struct Request<I, O> {
     input: I,
@@ -77,11 +88,25 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 }
                 let run = run.clone();
                 tokio::spawn(async move {
+                    use futures::FutureExt as _;
                     let (inputs, replies): (Vec<I>, Vec<Reply<O>>) =
                         batch.into_iter().map(|request| (request.input, request.reply)).unzip();
                     let asked = inputs.len();
                     let started = std::time::Instant::now();
-                    let result = run(inputs).await;
+                    let result = match std::panic::AssertUnwindSafe(async move { run(inputs).await })
+                        .catch_unwind()
+                        .await
+                    {
+                        Ok(result) => result,
+                        Err(panic) => {
+                            let text: Arc<str> = crate::telemetry::panic_text(&*panic).into();
+                            for reply in replies {
+                                let _ = reply.send(Err(Failure::Panicked(text.clone())));
+                            }
+                            drop(slot);
+                            return;
+                        }
+                    };
                     tracing::trace!(
                         batcher = name,
                         size = asked,
@@ -96,16 +121,16 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                             }
                         }
                         Ok(outputs) => {
-                            let error = Arc::new(anyhow::anyhow!(
+                            let error = Failure::Failed(Arc::new(anyhow::anyhow!(
                                 "{name}: a batch of {asked} requests got {} answers",
                                 outputs.len()
-                            ));
+                            )));
                             for reply in replies {
                                 let _ = reply.send(Err(error.clone()));
                             }
                         }
                         Err(error) => {
-                            let error = Arc::new(error);
+                            let error = Failure::Failed(Arc::new(error));
                             for reply in replies {
                                 let _ = reply.send(Err(error.clone()));
                             }
@@ -120,6 +145,9 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
 
     /// Runs `input` in the next batch and returns its answer; the batch's error
     /// if the whole batch failed.
+    ///
+    /// # Panics
+    /// If the batch's run panicked (see `Failure::Panicked`).
     pub async fn call(&self, input: I) -> anyhow::Result<O> {
         let (reply, answer) = oneshot::channel();
         self.requests
@@ -127,7 +155,8 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             .map_err(|_| anyhow::anyhow!("{}: the batcher has stopped", self.name))?;
         match answer.await {
             Ok(Ok(output)) => Ok(output),
-            Ok(Err(error)) => Err(anyhow::anyhow!("{}: {error:#}", self.name)),
+            Ok(Err(Failure::Failed(error))) => Err(anyhow::anyhow!("{}: {error:#}", self.name)),
+            Ok(Err(Failure::Panicked(text))) => panic!("{}: the batch panicked: {text}", self.name),
             Err(_) => Err(anyhow::anyhow!("{}: the batch was abandoned", self.name)),
         }
     }
@@ -164,6 +193,21 @@ mod tests {
             sizes.len() < 40,
             "requests waiting together must share a batch: {sizes:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_panics_panics_in_every_caller_and_the_next_batch_runs() {
+        let buggy = Batcher::spawn("buggy", 8, 1, |inputs: Vec<u32>| async move {
+            assert!(!inputs.contains(&13), "a bug");
+            Ok(inputs)
+        });
+        let calling = tokio::spawn({
+            let buggy = buggy.clone();
+            async move { buggy.call(13).await }
+        });
+        let error = calling.await.expect_err("the caller panicked");
+        assert!(error.is_panic());
+        assert_eq!(buggy.call(1).await.expect("the next batch runs"), 1);
     }
 
     #[tokio::test]

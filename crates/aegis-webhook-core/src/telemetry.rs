@@ -108,6 +108,25 @@ pub fn init(settings: Settings) {
     }
 }
 
+/// From now on a panic is logged like everything else, in the spans it
+/// happened in (an envelope's `ingest`, a task's `deliver`), so the log
+/// says which message met it; the default hook's line on stderr would say
+/// neither. For the binary: tests keep the default hook.
+pub fn log_panics() {
+    std::panic::set_hook(Box::new(|panic| {
+        tracing::error!(panic = %panic, backtrace = %std::backtrace::Backtrace::capture(), "panicked");
+    }));
+}
+
+/// The text a panic was raised with, if it was raised with text.
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(a panic without text)".to_owned())
+}
+
 /// How long [`shutdown`] waits for the last export: a reachable collector takes
 /// milliseconds, and a stopping worker's drain (`AEGIS_SHUTDOWN_GRACE`) plus
 /// this must fit in the orchestrator's grace period.

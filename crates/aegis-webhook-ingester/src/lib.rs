@@ -37,7 +37,7 @@ use aegis_webhook_core::event::{EnvelopeError, EnvelopeHead, ValidatedEvent, too
 use aegis_webhook_core::fairness::{BulkPause, Deferrals, FairShare};
 use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::metrics;
-use aegis_webhook_core::queue::consume::{Drain, Flow, consume};
+use aegis_webhook_core::queue::consume::{Drain, Flow, MessageTasks, consume};
 use aegis_webhook_core::queue::{
     self, DeferredEvents, DeliveryTask, FirstAttempts, Lane, NotDeferredEvents, Queue, QueueMessage, Stream, Writer,
 };
@@ -523,8 +523,10 @@ impl Ingester {
         // ingester hold: with RabbitMQ 32 × `concurrency` (the prefetch), so
         // at most a quarter of that; 256 at the default prefetch of 32.
         self.bulk_pause.backlog = self.bulk_pause.backlog.min(concurrency.max(1).saturating_mul(8));
+        // Also cancelled by a message's task that panics (see `MessageTasks`).
+        let shutdown = shutdown.child_token();
         let slots = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
-        let in_progress = tokio_util::task::TaskTracker::new();
+        let in_progress = MessageTasks::new(shutdown.clone());
         let queue = self.queue.clone();
         let consumer = consume(
             queue.as_ref(),
@@ -558,6 +560,9 @@ impl Ingester {
         in_progress.wait().await;
         // Only now: the acks of the work in progress go out through it.
         drop(consumer);
+        if in_progress.panicked() {
+            anyhow::bail!("an envelope's task panicked (logged); the ingester stopped");
+        }
         tracing::info!("ingester stopped");
         Ok(())
     }

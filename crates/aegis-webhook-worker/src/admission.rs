@@ -7,7 +7,7 @@
 //! are handed back to the queue for later (see [`Admission::Full`]).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use aegis_webhook_core::ids::WebhookId;
@@ -83,7 +83,7 @@ impl Lanes {
         let Some(webhook) = taken.task.webhook_id() else {
             return Admission::Run(taken);
         };
-        let mut state = self.state.lock().expect("not poisoned");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let waiting = state.waiting;
         let lane = state.lanes.entry(webhook).or_insert_with(|| Lane {
             in_flight: 0,
@@ -110,7 +110,7 @@ impl Lanes {
     /// task waiting for it, which takes over the slot, or frees the slot.
     pub fn finish(&self, webhook: Option<WebhookId>, took: Duration) -> Option<Taken> {
         let webhook = webhook?;
-        let mut state = self.state.lock().expect("not poisoned");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let lane = state.lanes.get_mut(&webhook)?;
         // A moving average: one slow answer does not send the next burst
         // away for long, and a webhook turning slow is followed within a few.
@@ -131,7 +131,7 @@ impl Lanes {
 
     /// Takes every waiting task, for handing back at shutdown.
     pub fn drain_waiting(&self) -> Vec<Taken> {
-        let mut state = self.state.lock().expect("not poisoned");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.waiting = 0;
         state
             .lanes
@@ -142,7 +142,7 @@ impl Lanes {
 
     /// Tasks waiting in all lines.
     pub fn waiting(&self) -> usize {
-        self.state.lock().expect("not poisoned").waiting
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).waiting
     }
 }
 

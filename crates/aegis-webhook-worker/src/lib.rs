@@ -26,7 +26,7 @@ use aegis_webhook_core::config::Config;
 use aegis_webhook_core::event::delivered_body;
 use aegis_webhook_core::ids::DeliveryId;
 use aegis_webhook_core::metrics::{self, AttemptOutcome};
-use aegis_webhook_core::queue::consume::{Drain, ExpressFirst, Flow, consume};
+use aegis_webhook_core::queue::consume::{Drain, ExpressFirst, Flow, MessageTasks, consume};
 use aegis_webhook_core::queue::{self, DeliveryTask, Lane, Queue, Stream, Writer};
 use aegis_webhook_core::retry::{self, Decision, RetryPolicy};
 use aegis_webhook_core::secret::SecretCipher;
@@ -43,7 +43,6 @@ use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use sea_orm::DatabaseConnection;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 use tracing::field::{Empty, display};
 
@@ -556,13 +555,15 @@ impl Worker {
     /// not finished by then are left unacknowledged, so the broker (or, in
     /// embedded mode, the start-up recovery) hands them out again.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
+        // Also cancelled by an attempt's task that panics (see `MessageTasks`).
+        let shutdown = shutdown.child_token();
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let express_first = ExpressFirst::new(express_reserve(self.concurrency));
         // As many may wait in webhooks' lines as run: the prefetch (twice the
         // concurrency) leaves room for both, so waiting tasks never stop the
         // broker from handing this worker tasks for other webhooks.
         let lanes = Arc::new(Lanes::new(self.webhook_concurrency, self.concurrency));
-        let in_flight = TaskTracker::new();
+        let in_flight = MessageTasks::new(shutdown.clone());
         let queue = self.queue.clone();
         let consumer = consume(
             queue.as_ref(),
@@ -593,6 +594,9 @@ impl Worker {
         // Only now: the tasks' acks go out through it, and dropping it hands
         // back any still unfinished.
         drop(consumer);
+        if in_flight.panicked() {
+            anyhow::bail!("an attempt's task panicked (logged); the worker stopped");
+        }
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -612,7 +616,7 @@ impl Worker {
         (slots, express_first): (&Arc<Semaphore>, &ExpressFirst),
         shutdown: &CancellationToken,
         lanes: &Arc<Lanes>,
-        in_flight: &TaskTracker,
+        in_flight: &MessageTasks,
     ) -> Flow {
         let tasks = match queue::decode_tasks(&message.body) {
             Ok(tasks) if !tasks.is_empty() => tasks,
@@ -670,7 +674,7 @@ impl Worker {
         (slots, reserve): (&Arc<Semaphore>, Option<&Arc<Semaphore>>),
         shutdown: &CancellationToken,
         lanes: &Arc<Lanes>,
-        in_flight: &TaskTracker,
+        in_flight: &MessageTasks,
     ) -> Flow {
         let mut flow = Flow::Continue;
         for taken in later {
@@ -705,7 +709,7 @@ impl Worker {
         taken: Taken,
         permit: tokio::sync::OwnedSemaphorePermit,
         lanes: &Arc<Lanes>,
-        in_flight: &TaskTracker,
+        in_flight: &MessageTasks,
     ) {
         match lanes.admit(taken, std::time::Instant::now()) {
             Admission::Run(taken) => self.run_in_line(taken, permit, lanes, in_flight),
@@ -730,7 +734,7 @@ impl Worker {
         taken: Taken,
         permit: tokio::sync::OwnedSemaphorePermit,
         lanes: &Arc<Lanes>,
-        in_flight: &TaskTracker,
+        in_flight: &MessageTasks,
     ) {
         let on_bulk = self.runs_on_bulk_runtime(taken.receipt.lane());
         let (worker, lanes, tracker) = (self.clone(), lanes.clone(), in_flight.clone());

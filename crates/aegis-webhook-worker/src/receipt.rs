@@ -20,9 +20,13 @@ struct Shared {
     handed_back: AtomicBool,
 }
 
-/// One task's share of the message that carried it.
+/// One task's share of the message that carried it. Dropped unsettled (its
+/// task panicked, or ended without a word), it counts as handed back: the
+/// message goes back once the others are settled, rather than be acked
+/// with this task never done.
 pub struct Receipt {
-    shared: Arc<Shared>,
+    /// Taken out when settled.
+    shared: Option<Arc<Shared>>,
 }
 
 impl Receipt {
@@ -34,17 +38,27 @@ impl Receipt {
             message: Mutex::new(message),
             handed_back: AtomicBool::new(false),
         });
-        (0..tasks.max(1)).map(|_| Receipt { shared: shared.clone() }).collect()
+        (0..tasks.max(1))
+            .map(|_| Receipt {
+                shared: Some(shared.clone()),
+            })
+            .collect()
+    }
+
+    fn shared(&self) -> &Shared {
+        self.shared
+            .as_ref()
+            .expect("only settling takes it, and that consumes the receipt")
     }
 
     /// The trace context the message arrived with.
     pub fn trace_headers(&self) -> &TraceHeaders {
-        &self.shared.trace_headers
+        &self.shared().trace_headers
     }
 
     /// The lane its message was taken from.
     pub fn lane(&self) -> Lane {
-        self.shared.lane
+        self.shared().lane
     }
 
     /// This task was handled.
@@ -55,13 +69,14 @@ impl Receipt {
     /// This task was not handled: the message goes back to the queue once
     /// every other task in it is settled.
     pub async fn requeue(self) -> Result<(), QueueError> {
-        self.shared.handed_back.store(true, Ordering::Release);
+        self.shared().handed_back.store(true, Ordering::Release);
         self.settle().await
     }
 
-    async fn settle(self) -> Result<(), QueueError> {
+    async fn settle(mut self) -> Result<(), QueueError> {
+        let shared = self.shared.take().expect("a receipt is settled once");
         // Exactly one receipt, the last, gets the message.
-        let Some(shared) = Arc::into_inner(self.shared) else {
+        let Some(shared) = Arc::into_inner(shared) else {
             return Ok(());
         };
         let message = shared.message.into_inner().unwrap_or_else(PoisonError::into_inner);
@@ -69,6 +84,17 @@ impl Receipt {
             message.requeue().await
         } else {
             message.ack().await
+        }
+    }
+}
+
+impl Drop for Receipt {
+    /// Unsettled: the others hand the message back. If this was the last,
+    /// the message is dropped with it, unsettled, and goes back to the
+    /// broker with the worker's stopped consumer.
+    fn drop(&mut self) {
+        if let Some(shared) = &self.shared {
+            shared.handed_back.store(true, Ordering::Release);
         }
     }
 }
@@ -109,6 +135,17 @@ mod tests {
         assert!(settled.lock().unwrap().is_empty(), "one task is still in flight");
         receipts.pop().unwrap().ack().await.unwrap();
         assert_eq!(*settled.lock().unwrap(), ["ack"]);
+    }
+
+    #[tokio::test]
+    async fn a_task_dropped_unsettled_counts_as_handed_back() {
+        let (message, settled) = message();
+        let mut receipts = Receipt::split(message, 3);
+        drop(receipts.pop());
+        receipts.pop().unwrap().ack().await.unwrap();
+        assert!(settled.lock().unwrap().is_empty());
+        receipts.pop().unwrap().ack().await.unwrap();
+        assert_eq!(*settled.lock().unwrap(), ["requeue"]);
     }
 
     #[tokio::test]

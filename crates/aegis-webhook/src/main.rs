@@ -101,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
         _ => "aegis-webhook-cli",
     };
     telemetry::init(aegis_webhook::telemetry_settings(&config, service_name)?);
+    telemetry::log_panics();
     let result = run(cli.command, config).await;
     // The spans still buffered are exported before the process ends (a
     // blocking call, so off the runtime's threads).

@@ -149,6 +149,89 @@ pub struct Stopped {
     _consumer: Box<dyn super::Consumer>,
 }
 
+/// The tasks a role spawns for the messages it takes, supervised: tracked,
+/// so the role waits for them on its way out, and watched, so one that
+/// panics (a bug: no input is meant to reach one; a batch's panic is raised
+/// again in its callers, see `batch::Batcher::call`) is logged and stops the
+/// role, which then fails its process as a panic of the role itself would
+/// (see `aegis_webhook::supervise`). Its message is not settled: RabbitMQ
+/// hands it out again once the stopped role's consumer is dropped. In `dev`
+/// the in-process queue goes with the process; the start-up recovery
+/// publishes again the deliveries the database holds as pending, and an
+/// envelope not yet stored is lost with everything else in that queue.
+/// Carrying on instead would leave the message held for good, and with it
+/// its slot and, for a worker, its webhook's place in line.
+#[derive(Clone)]
+pub struct MessageTasks {
+    tracker: tokio_util::task::TaskTracker,
+    /// Cancelled when a task panics: the role's own shutdown.
+    stop: CancellationToken,
+    panicked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MessageTasks {
+    /// Tasks whose first panic cancels `stop`.
+    pub fn new(stop: CancellationToken) -> Self {
+        MessageTasks {
+            tracker: tokio_util::task::TaskTracker::new(),
+            stop,
+            panicked: Arc::default(),
+        }
+    }
+
+    /// Runs `work` as one of the tasks, on the current runtime.
+    pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        self.tracker.spawn(self.watched(work));
+    }
+
+    /// Runs `work` as one of the tasks, on `runtime`.
+    pub fn spawn_on(&self, work: impl Future<Output = ()> + Send + 'static, runtime: &tokio::runtime::Handle) {
+        self.tracker.spawn_on(self.watched(work), runtime);
+    }
+
+    fn watched(&self, work: impl Future<Output = ()> + Send + 'static) -> impl Future<Output = ()> + Send + 'static {
+        use futures::FutureExt as _;
+        let (stop, panicked) = (self.stop.clone(), self.panicked.clone());
+        async move {
+            // Unwind safety: the role stops after a panic, and the tasks
+            // that finish meanwhile share state only under short locks, read
+            // past poisoning (the worker's lines) or never held across a
+            // message's work.
+            if let Err(panic) = std::panic::AssertUnwindSafe(work).catch_unwind().await {
+                let text = crate::telemetry::panic_text(&*panic);
+                tracing::error!(panic = %text, "a message's task panicked; the role stops");
+                panicked.store(true, std::sync::atomic::Ordering::Release);
+                stop.cancel();
+            }
+        }
+    }
+
+    /// No more tasks will be spawned: [`MessageTasks::wait`] can end.
+    pub fn close(&self) {
+        self.tracker.close();
+    }
+
+    /// Until every task has ended, once closed.
+    pub async fn wait(&self) {
+        self.tracker.wait().await
+    }
+
+    /// How many tasks are running.
+    pub fn len(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Whether no task is running.
+    pub fn is_empty(&self) -> bool {
+        self.tracker.is_empty()
+    }
+
+    /// Whether a task panicked: the role ends with an error then.
+    pub fn panicked(&self) -> bool {
+        self.panicked.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// How the express lane gets past the other lanes' work in [`consume`]: a
 /// message of the express lane is also taken with a slot of `reserve`,
 /// while every one of the loop's slots is taken, or while a message of
@@ -242,6 +325,20 @@ mod tests {
                 .await
                 .expect("publish");
         }
+    }
+
+    #[tokio::test]
+    async fn a_message_task_that_panics_stops_the_role_and_says_so() {
+        let ends = |work: fn()| async move {
+            let stop = CancellationToken::new();
+            let tasks = MessageTasks::new(stop.clone());
+            tasks.spawn(async move { work() });
+            tasks.close();
+            tasks.wait().await;
+            (stop.is_cancelled(), tasks.panicked())
+        };
+        assert_eq!(ends(|| ()).await, (false, false), "a task that ends is no failure");
+        assert_eq!(ends(|| panic!("a bug")).await, (true, true));
     }
 
     /// What a loop [`spawn_holding`] took, each with its slot.
