@@ -61,7 +61,8 @@ const DRAIN_IDLE: Duration = Duration::from_millis(200);
 /// The longest the drain lasts: under steady traffic the stream is never idle,
 /// and what is not taken by then stays with the broker.
 const DRAIN_AT_MOST: Duration = Duration::from_secs(5);
-/// Pause after an infrastructure error before the message is handed back.
+/// Pause after an infrastructure error before the message is handed back,
+/// or after a bulk message sent back some of its envelopes.
 const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// Set (to anything) to make the ingester abort right after a fan-out commits
@@ -147,8 +148,14 @@ pub enum IngestOutcome {
     FannedOut { event_id: Uuid, deliveries: usize },
     /// The tenant already had an event with this id: nothing new to do.
     Duplicate { event_id: Uuid },
-    /// A message of the bulk lane: each of its `events` was ingested.
-    DeferredBatch { events: usize, deliveries: usize },
+    /// A message of the bulk lane: each of its `events` was ingested, but
+    /// for the `deferred_again` that met an infrastructure failure, which
+    /// went back to the bulk lane in a message of their own.
+    DeferredBatch {
+        events: usize,
+        deliveries: usize,
+        deferred_again: usize,
+    },
     /// Its tenant is beyond its share: moved to the bulk lane, where it is
     /// ingested when the express lane lets it.
     Deferred { event_id: Uuid },
@@ -305,9 +312,9 @@ impl Ingester {
     }
 
     /// Handles one envelope taken from `lane` end to end. An `Err` is an
-    /// infrastructure failure before anything was committed (the fan-out, or
-    /// parking an invalid envelope): the envelope must be retried, not
-    /// dropped.
+    /// infrastructure failure (the fan-out, or parking an invalid envelope):
+    /// the message must be handed back, not dropped; what it had stored
+    /// before is then a duplicate, ignored.
     /// A message of the bulk lane may carry many envelopes
     /// ([`DeferredEvents`]): each is ingested.
     pub async fn ingest(&self, body: &[u8], lane: Lane) -> anyhow::Result<IngestOutcome> {
@@ -468,8 +475,14 @@ impl Ingester {
     }
 
     /// Ingests a message of the bulk lane: every envelope it carries, in the
-    /// bulk lane, at once. If any fails, the whole message goes back; those
-    /// already stored are then duplicates (each carries its id), ignored.
+    /// bulk lane, at once. Those that meet an infrastructure failure (and
+    /// only they: the others are stored or parked, and taken again an
+    /// invalid one would be parked again) go back to the bulk lane, each
+    /// as a message of its own: envelopes fanned out together fail
+    /// together, and alone one that keeps failing no longer takes the
+    /// others with it. If every one failed, or that publish fails, the
+    /// whole message goes back (`Err`); those already stored are then
+    /// duplicates (each carries its id), ignored.
     async fn ingest_deferred(&self, body: &[u8]) -> anyhow::Result<IngestOutcome> {
         let deferred = match DeferredEvents::decode(body) {
             Ok(deferred) => deferred,
@@ -482,7 +495,7 @@ impl Ingester {
         };
         // At most a deferral batch: the bulk queue takes publishes from
         // anyone with broker credentials, and the decoding reads no more.
-        let mut deliveries = 0;
+        let events = deferred.envelopes().len();
         let ingested = futures::future::join_all(
             deferred
                 .envelopes()
@@ -490,14 +503,48 @@ impl Ingester {
                 .map(|envelope| async move { self.ingest_in_slot(envelope.as_bytes(), Lane::Bulk, &mut None).await }),
         )
         .await;
-        for outcome in ingested {
-            if let IngestOutcome::FannedOut { deliveries: count, .. } = outcome? {
-                deliveries += count;
+        let mut deliveries = 0;
+        let mut failed = Vec::new();
+        let mut first_error = None;
+        for (envelope, outcome) in deferred.into_envelopes().into_iter().zip(ingested) {
+            match outcome {
+                Ok(IngestOutcome::FannedOut { deliveries: count, .. }) => deliveries += count,
+                Ok(_) => {}
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                    failed.push(envelope);
+                }
             }
         }
+        let Some(error) = first_error else {
+            return Ok(IngestOutcome::DeferredBatch {
+                events,
+                deliveries,
+                deferred_again: 0,
+            });
+        };
+        if failed.len() == events {
+            return Err(error);
+        }
+        let deferred_again = failed.len();
+        tracing::error!(
+            error = format!("{error:#}"),
+            events,
+            deferred_again,
+            "envelopes of a bulk message not ingested; they go back to the bulk lane"
+        );
+        futures::future::try_join_all(
+            failed
+                .into_iter()
+                .map(|envelope| self.queue.defer_events(DeferredEvents::new(vec![envelope]))),
+        )
+        .await
+        .context("failed to defer again the envelopes of a bulk message that were not ingested")?;
+        metrics::lane_enqueued(Stream::Events, Lane::Bulk, deferred_again);
         Ok(IngestOutcome::DeferredBatch {
-            events: deferred.envelopes().len(),
+            events,
             deliveries,
+            deferred_again,
         })
     }
 
@@ -658,9 +705,16 @@ impl Ingester {
             Ok(IngestOutcome::Deferred { .. }) => {
                 span.record("aegis.ingest.outcome", "deferred");
             }
-            Ok(IngestOutcome::DeferredBatch { deliveries, .. }) => {
+            Ok(IngestOutcome::DeferredBatch {
+                deliveries,
+                deferred_again,
+                ..
+            }) => {
                 span.record("aegis.ingest.outcome", "deferred_batch");
                 span.record("aegis.deliveries", *deliveries);
+                if *deferred_again > 0 {
+                    span.record("otel.status_code", "error");
+                }
             }
             Ok(IngestOutcome::Invalid { .. }) => {
                 span.record("aegis.ingest.outcome", "invalid");
@@ -671,9 +725,21 @@ impl Ingester {
             }
         }
         match ingested {
-            Ok(_) => {
+            Ok(outcome) => {
                 if let Err(error) = message.ack().instrument(tracing::info_span!("ack")).await {
                     tracing::error!(error = %error, "failed to ack an event");
+                }
+                if matches!(
+                    outcome,
+                    IngestOutcome::DeferredBatch {
+                        deferred_again: 1..,
+                        ..
+                    }
+                ) {
+                    // As after a failure of the whole message: the bulk turn
+                    // is held a while, so an outage does not make the lane
+                    // spin through the envelopes it sent back.
+                    tokio::time::sleep(ERROR_PAUSE).await;
                 }
             }
             Err(error) => {

@@ -226,6 +226,109 @@ async fn a_bulk_message_with_too_many_envelopes_is_refused_whole_and_parked() {
     assert!(steps.first_attempts().await.is_empty(), "none of it ingested");
 }
 
+/// A message of the bulk lane whose envelopes meet an infrastructure
+/// failure sends back only those, each as a message of its own: the others
+/// are not taken again, so an invalid one is parked once, not once per
+/// try. If every one fails, the message itself goes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_message_sends_back_only_the_envelopes_that_failed() {
+    use aegis_webhook_core::queue::{DeferredEvents, Stream};
+    use sea_orm::ConnectionTrait as _;
+
+    let receiver = Receiver::start(&[], 200).await;
+    let steps = steps(&[&receiver]).await;
+    let days_overdue = |days: serde_json::Value| {
+        let mut data = seed_poam_overdue_data();
+        data["daysOverdue"] = days;
+        let mut envelope = envelope(steps.tenant_id, "POAM_OVERDUE", data);
+        envelope["id"] = uuid::Uuid::now_v7().to_string().into();
+        envelope.to_string()
+    };
+    let (failing, valid, invalid) = (
+        days_overdue(424_242.into()),
+        days_overdue(5.into()),
+        days_overdue("many".into()),
+    );
+    // The database refuses to store the one event, for now.
+    steps
+        .db
+        .execute_unprepared(
+            "CREATE TRIGGER refuse_one BEFORE INSERT ON events WHEN NEW.data LIKE '%424242%' \
+             BEGIN SELECT RAISE(ABORT, 'refused for the test'); END",
+        )
+        .await
+        .expect("trigger");
+    let bulk_depth = || async {
+        let depths = steps.queue.lane_depths().await.expect("depths");
+        depths
+            .into_iter()
+            .find(|(stream, lane, _)| (*stream, *lane) == (Stream::Events, Lane::Bulk))
+            .map_or(0, |(_, _, depth)| depth)
+    };
+
+    let alone = DeferredEvents::new(vec![failing.clone()]).encode();
+    assert!(
+        steps.ingester.ingest(&alone, Lane::Bulk).await.is_err(),
+        "every envelope failed: the message goes back as it is"
+    );
+    assert_eq!(bulk_depth().await, 0, "and nothing is sent back on its own");
+
+    let mixed = DeferredEvents::new(vec![failing.clone(), valid.clone(), invalid]).encode();
+    let outcome = steps.ingester.ingest(&mixed, Lane::Bulk).await.expect("handled");
+    // The valid one fails too if it was fanned out in the same write.
+    let IngestOutcome::DeferredBatch {
+        events: 3,
+        deliveries,
+        deferred_again,
+    } = outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(deliveries + deferred_again, 2, "{outcome:?}");
+    assert_eq!(steps.parked_reasons().len(), 1, "the invalid one is parked");
+    assert_eq!(bulk_depth().await, deferred_again as u64, "one message each");
+
+    let mut events = steps.queue.consume(Stream::Events).await.expect("consumer");
+    let mut sent_back = Vec::new();
+    for _ in 0..deferred_again {
+        let message = events.next().await.expect("open").expect("message");
+        assert_eq!(message.lane(), Lane::Bulk);
+        let carried = DeferredEvents::decode(&message.body).expect("deferred events");
+        assert_eq!(carried.envelopes().len(), 1);
+        assert!([&failing, &valid].contains(&&carried.envelopes()[0]), "as it came");
+        sent_back.push(message.body.clone());
+    }
+    let carried_failing = sent_back.iter().any(|body| {
+        DeferredEvents::decode(body)
+            .expect("deferred events")
+            .envelopes()
+            .contains(&failing)
+    });
+    assert!(carried_failing, "the failed envelope is sent back");
+
+    steps
+        .db
+        .execute_unprepared("DROP TRIGGER refuse_one")
+        .await
+        .expect("drop trigger");
+    for body in &sent_back {
+        let outcome = steps.ingester.ingest(body, Lane::Bulk).await.expect("ingested");
+        assert!(
+            matches!(
+                outcome,
+                IngestOutcome::DeferredBatch {
+                    events: 1,
+                    deliveries: 1,
+                    deferred_again: 0
+                }
+            ),
+            "{outcome:?}"
+        );
+    }
+    assert_eq!(steps.parked_reasons().len(), 1, "parked once, not once per try");
+    assert_eq!(steps.first_attempts().await.len(), 2, "both valid events stored, once");
+}
+
 /// A flooding tenant's envelope is moved on its head alone (its tenant and
 /// id), unvalidated: one that is not valid is refused where it is fanned
 /// out, from the bulk lane, and parked with its reason, as it would have
@@ -278,7 +381,8 @@ async fn an_invalid_envelope_moved_with_a_flood_is_refused_from_the_bulk_lane() 
             outcome,
             IngestOutcome::DeferredBatch {
                 events: 1,
-                deliveries: 0
+                deliveries: 0,
+                deferred_again: 0
             }
         ),
         "{outcome:?}"

@@ -197,6 +197,12 @@ impl DeferredEvents {
         }
     }
 
+    pub fn into_envelopes(self) -> Vec<String> {
+        match self {
+            DeferredEvents::V1 { envelopes } => envelopes,
+        }
+    }
+
     pub fn encode(&self) -> Bytes {
         Bytes::from(serde_json::to_vec(self).expect("deferred events always serialize"))
     }
