@@ -173,10 +173,22 @@ async fn send(
     HttpResult {
         status: Some(status),
         error,
-        body: (!body.is_empty()).then(|| String::from_utf8_lossy(&body).into_owned()),
+        body: (!body.is_empty()).then(|| body_as_text(&body)),
         duration: started.elapsed(),
         retry_after,
         timed_out,
+    }
+}
+
+/// A receiver's answer as text for the attempt log, whatever its bytes:
+/// invalid UTF-8, and NUL, which PostgreSQL's `text` refuses (one such
+/// answer would fail the whole batch of attempts recorded with it), become
+/// U+FFFD.
+fn body_as_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    match text.contains('\0') {
+        true => text.replace('\0', "\u{FFFD}"),
+        false => text.into_owned(),
     }
 }
 

@@ -339,6 +339,37 @@ async fn a_name_resolving_to_loopback_is_refused_at_connect_time_unless_allow_li
     assert_eq!(receiver.received().len(), 1);
 }
 
+// A receiver's answer is kept as text whatever its bytes: invalid UTF-8 and
+// NUL (which PostgreSQL's text refuses: one such answer used to fail the
+// whole batch of attempts recorded with it) become U+FFFD, and the attempt
+// is recorded like any other.
+on_both_backends!(an_answer_of_any_bytes_is_kept_as_text_and_its_attempt_recorded);
+
+async fn an_answer_of_any_bytes_is_kept_as_text_and_its_attempt_recorded(backend: Backend) {
+    let Some(app) = TestApp::spawn_with(backend, |config| {
+        config.retry_schedule = "0s".parse::<RetrySchedule>().expect("valid");
+    })
+    .await
+    else {
+        return;
+    };
+    let receiver = HostileReceiver::start(Behaviour::Respond {
+        status: "200 OK",
+        headers: Vec::new(),
+        body: b"ok\0then\xffend".to_vec(),
+    })
+    .await;
+    let webhook = app.create_webhook(&receiver.url(), &["POAM_OVERDUE"], None).await;
+    let webhook_id = webhook["id"].as_str().expect("webhook id");
+    let (status, _) = app
+        .post_event(&envelope(app.setup.tenant_id, "POAM_OVERDUE", seed_poam_overdue_data()))
+        .await;
+    assert_eq!(status, 202);
+    let delivery = final_delivery(&app, webhook_id, Duration::from_secs(20)).await;
+    assert_eq!(delivery["status"], "SUCCEEDED", "{delivery}");
+    assert_eq!(delivery["attempts"][0]["responseBody"], "ok\u{FFFD}then\u{FFFD}end");
+}
+
 // 100 (test-configured) failed deliveries in a row disable a webhook; a success
 // in between resets the count; turning it back on clears the streak.
 on_both_backends!(a_streak_of_failures_disables_a_webhook_and_a_success_resets_it);
