@@ -457,12 +457,16 @@ pub async fn claim_leases(
     Ok(leases)
 }
 
-/// Moves a pending, unclaimed delivery's next attempt to `until`, for a worker
-/// that holds its task back (its webhook had every slot busy): the reconciler
-/// then does not take the held-back task for a lost one.
+/// Moves a pending, unclaimed delivery's next attempt, if it is `attempt`,
+/// to `until`, if that is later: for a worker that holds a task back (its
+/// webhook had every slot busy), so the reconciler does not take the
+/// held-back task for a lost one. Never earlier: a task that came before
+/// its attempt was due (a broker tier shorter than its delay), or a stale
+/// one, must not bring a retry forward past its schedule or `Retry-After`.
 pub async fn postpone(
     db: &impl ConnectionTrait,
     id: DeliveryId,
+    attempt: u32,
     until: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
@@ -470,6 +474,12 @@ pub async fn postpone(
         .col_expr(delivery::Column::NextAttemptAt, Expr::value(Some(until)))
         .filter(delivery::Column::Id.eq(id.as_uuid()))
         .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
+        .filter(delivery::Column::Attempts.eq(i64::from(attempt) - 1))
+        .filter(
+            Condition::any()
+                .add(delivery::Column::NextAttemptAt.is_null())
+                .add(delivery::Column::NextAttemptAt.lt(until)),
+        )
         .filter(unclaimed_at(now))
         .exec(db)
         .await?;

@@ -781,7 +781,8 @@ impl Worker {
     async fn hold_back_in_span(&self, taken: Taken, delay: Duration) {
         let Taken { task, receipt } = taken;
         let until = Utc::now() + delay;
-        if let Err(error) = deliveries::postpone(&self.db, task.delivery_id(), until, Utc::now()).await {
+        if let Err(error) = deliveries::postpone(&self.db, task.delivery_id(), task.attempt(), until, Utc::now()).await
+        {
             // Nothing written: the task goes back as it is.
             tracing::error!(
                 error = format!("{error:#}"),

@@ -540,10 +540,45 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
     assert!(remaining > Duration::from_secs(25), "{remaining:?}");
     assert_eq!(receiver.received().len(), 1, "nothing sent early");
 
-    // Once due (moved forward in the database), attempt 2 is delivered.
-    deliveries::postpone(&steps.db, task.delivery_id(), chrono::Utc::now(), chrono::Utc::now())
+    // Holding a task back never brings its attempt forward: not for the
+    // attempt due (in about 30 s), nor for a stale attempt; only later.
+    let due_at = || async {
+        deliveries::delivery_by_id(&steps.db, task.delivery_id())
+            .await
+            .expect("read")
+            .expect("stored")
+            .next_attempt_at
+            .expect("due")
+    };
+    let scheduled = due_at().await;
+    let now = chrono::Utc::now();
+    for (attempt, until) in [
+        (2, now + chrono::Duration::seconds(5)),
+        (3, now + chrono::Duration::hours(1)),
+    ] {
+        deliveries::postpone(&steps.db, task.delivery_id(), attempt, until, now)
+            .await
+            .expect("postpone");
+        assert_eq!(due_at().await, scheduled, "attempt {attempt} until {until}");
+    }
+    let later = scheduled + chrono::Duration::seconds(60);
+    deliveries::postpone(&steps.db, task.delivery_id(), 2, later, now)
         .await
-        .expect("make it due");
+        .expect("postpone");
+    assert_eq!(due_at().await, later);
+
+    // Once due (moved forward in the database), attempt 2 is delivered.
+    {
+        use aegis_webhook_storage::entities::delivery;
+        use sea_orm::sea_query::Expr;
+        use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
+        delivery::Entity::update_many()
+            .col_expr(delivery::Column::NextAttemptAt, Expr::value(Some(chrono::Utc::now())))
+            .filter(delivery::Column::Id.eq(task.delivery_id().as_uuid()))
+            .exec(&steps.db)
+            .await
+            .expect("make it due");
+    }
     let delivered = steps.worker.process_one(retry).await.expect("processed");
     assert_eq!(delivered, Outcome::Delivered);
     let received = receiver.received();
