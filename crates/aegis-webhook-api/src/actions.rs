@@ -581,18 +581,17 @@ pub async fn deliveries_page(
         .map_err(ApiError::from)
 }
 
-/// The attempts of the caller's deliveries among `delivery_ids`, by
-/// delivery (another tenant's are left out).
+/// The newest attempts of the caller's deliveries among `delivery_ids`, by
+/// delivery (another tenant's are left out), with their response bodies
+/// only if `bodies` (see [`deliveries::newest_attempts_of_tenant`]).
 pub async fn attempts_of(
     state: &AppState,
     caller: &Caller,
     delivery_ids: &[DeliveryId],
+    bodies: bool,
 ) -> ApiResult<std::collections::HashMap<DeliveryId, Vec<deliveries::Attempt>>> {
     caller.require(Scope::Read)?;
-    let owned = deliveries::owned_by(&state.db, caller.tenant_id, delivery_ids)
-        .await
-        .map_err(ApiError::from)?;
-    deliveries::attempts_of_many(&state.db, &owned)
+    deliveries::newest_attempts_of_tenant(&state.db, caller.tenant_id, delivery_ids, bodies)
         .await
         .map_err(ApiError::from)
 }

@@ -655,30 +655,111 @@ pub async fn attempts_of_many(
     db: &impl ConnectionTrait,
     delivery_ids: &[DeliveryId],
 ) -> Result<std::collections::HashMap<DeliveryId, Vec<Attempt>>, StoreError> {
-    let mut by_delivery: std::collections::HashMap<DeliveryId, Vec<Attempt>> = std::collections::HashMap::new();
     if delivery_ids.is_empty() {
-        return Ok(by_delivery);
+        return Ok(std::collections::HashMap::new());
     }
-    let rows = delivery_attempt::Entity::find()
-        .filter(delivery_attempt::Column::DeliveryId.is_in(crate::in_list(delivery_ids.iter().map(|id| id.as_uuid()))))
+    attempts_by_delivery(
+        db,
+        delivery_attempt::Entity::find().filter(
+            delivery_attempt::Column::DeliveryId.is_in(crate::in_list(delivery_ids.iter().map(|id| id.as_uuid()))),
+        ),
+    )
+    .await
+}
+
+/// The attempts `query` selects, by delivery, each delivery's in order.
+async fn attempts_by_delivery(
+    db: &impl ConnectionTrait,
+    query: sea_orm::Select<delivery_attempt::Entity>,
+) -> Result<std::collections::HashMap<DeliveryId, Vec<Attempt>>, StoreError> {
+    let rows = query
         .order_by_asc(delivery_attempt::Column::DeliveryId)
         .order_by_asc(delivery_attempt::Column::Attempt)
         .order_by_asc(delivery_attempt::Column::Id)
         .all(db)
         .await?;
+    let mut by_delivery: std::collections::HashMap<DeliveryId, Vec<Attempt>> = std::collections::HashMap::new();
     for row in rows {
-        let delivery_id = DeliveryId::from_uuid(row.delivery_id);
-        by_delivery.entry(delivery_id).or_default().push(Attempt {
-            delivery_id,
+        let attempt = Attempt::from(row);
+        by_delivery.entry(attempt.delivery_id).or_default().push(attempt);
+    }
+    Ok(by_delivery)
+}
+
+/// The most attempts of one delivery shown to its tenant: its newest. The
+/// retry schedule makes 11 by default; each redelivery adds one, without
+/// end, so a list of them is bounded here (the delivery's `attempts`
+/// counts them all).
+pub const NEWEST_ATTEMPTS_SHOWN: u32 = 16;
+
+/// The newest [`NEWEST_ATTEMPTS_SHOWN`] attempts of each of the tenant's
+/// deliveries among `delivery_ids` (another tenant's are left out), each
+/// delivery's oldest first; their response bodies only if `bodies` (each up
+/// to `AEGIS_MAX_RESPONSE_BODY_BYTES`, 64 KiB by default: a page of the log
+/// that shows none would otherwise read megabytes of them). Two statements
+/// whatever the number of deliveries.
+pub async fn newest_attempts_of_tenant(
+    db: &impl ConnectionTrait,
+    tenant_id: TenantId,
+    delivery_ids: &[DeliveryId],
+    bodies: bool,
+) -> Result<std::collections::HashMap<DeliveryId, Vec<Attempt>>, StoreError> {
+    if delivery_ids.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    // Attempts are numbered 1, 2, … in the order they are made, across
+    // redeliveries too: the newest are those above the count less the most.
+    let made: Vec<(Uuid, i32)> = delivery::Entity::find()
+        .select_only()
+        .column(delivery::Column::Id)
+        .column(delivery::Column::Attempts)
+        .filter(delivery::Column::TenantId.eq(tenant_id.as_uuid()))
+        .filter(delivery::Column::Id.is_in(crate::in_list(delivery_ids.iter().map(|id| id.as_uuid()))))
+        .into_tuple()
+        .all(db)
+        .await?;
+    if made.is_empty() {
+        return Ok(std::collections::HashMap::new());
+    }
+    let shown = i32::try_from(NEWEST_ATTEMPTS_SHOWN).expect("a small number");
+    let newest = made.iter().fold(Condition::any(), |newest, (id, attempts)| {
+        newest.add(
+            Condition::all()
+                .add(delivery_attempt::Column::DeliveryId.eq(*id))
+                .add(delivery_attempt::Column::Attempt.gt(attempts.saturating_sub(shown))),
+        )
+    });
+    let mut query = delivery_attempt::Entity::find().filter(newest);
+    if !bodies {
+        use delivery_attempt::Column;
+        query = query
+            .select_only()
+            .columns([
+                Column::Id,
+                Column::DeliveryId,
+                Column::Attempt,
+                Column::StartedAt,
+                Column::DurationMs,
+                Column::StatusCode,
+                Column::Error,
+            ])
+            .column_as(Expr::value(Option::<String>::None), "response_body");
+    }
+    attempts_by_delivery(db, query).await
+}
+
+impl From<delivery_attempt::Model> for Attempt {
+    fn from(row: delivery_attempt::Model) -> Self {
+        Attempt {
+            delivery_id: DeliveryId::from_uuid(row.delivery_id),
             attempt: u32::try_from(row.attempt).unwrap_or_default(),
             started_at: row.started_at,
             duration: Duration::from_millis(u64::try_from(row.duration_ms).unwrap_or_default()),
             status_code: row.status_code.and_then(|code| u16::try_from(code).ok()),
             error: row.error,
             response_body: row.response_body,
-        });
+        }
     }
-    Ok(by_delivery)
 }
 
 /// Filters of the delivery log.

@@ -417,6 +417,15 @@ async fn oversized_deep_and_complex_requests_are_refused_with_a_code() {
         .collect();
     let answer = app.graphql(&format!("{{{pages} }}"), json!({})).await;
     assert!(answer["errors"].is_null(), "{answer}");
+    // Response bodies (up to 64 KiB each) count by their size: a page of 100
+    // deliveries with every attempt's body is too much, a page of 10 is not.
+    let bodies = |first: usize| {
+        format!("{{ deliveries(first: {first}) {{ nodes {{ attempts {{ attempt responseBody }} }} }} }}")
+    };
+    let answer = app.graphql(&bodies(100), json!({})).await;
+    assert!(costs_too_much(&answer), "{answer}");
+    let answer = app.graphql(&bodies(10), json!({})).await;
+    assert!(answer["errors"].is_null(), "{answer}");
     // Root fields run side by side, each with a statement of its own: twenty
     // at most, however cheap each one looks.
     let roots = |n: usize| (0..n).map(|i| format!(" a{i}: tenant {{ id }}")).collect::<String>();

@@ -14,8 +14,10 @@ use crate::on_both_backends;
 use crate::support::{Backend, Receiver, TestApp, envelope, eventually, seed_poam_overdue_data};
 use aegis_webhook_tests::hostile::{Behaviour, HostileReceiver};
 
+// Each webhook here has one delivery; response bodies count by their size
+// in a query's cost, so a page of 100 with them would be refused.
 const DELIVERIES: &str = r#"query($filter: DeliveryFilter) {
-  deliveries(filter: $filter, first: 100) {
+  deliveries(filter: $filter, first: 10) {
     edges { node { id status attemptCount failureReason
       attempts { attempt startedAt statusCode error responseBody durationMs } } }
   }

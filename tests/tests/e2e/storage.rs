@@ -27,6 +27,7 @@ on_both_backends!(
     batched_writes_mean_what_one_at_a_time_writes_mean,
     a_fan_out_stores_each_new_event_with_its_deliveries_all_or_nothing,
     the_reconciler_scan_pages_through_unclaimed_pending_deliveries,
+    a_tenant_is_shown_a_deliverys_newest_attempts_and_bodies_only_when_asked,
 );
 
 async fn open(backend: Backend) -> Option<DatabaseConnection> {
@@ -302,6 +303,46 @@ async fn a_delivery_attempt_is_claimed_by_one_worker_only(backend: Backend) {
 
     let stored = deliveries::attempts_of(&fixture.db, id).await.expect("attempts");
     assert_eq!(stored, vec![attempt]);
+}
+
+/// However many attempts redeliveries add, a tenant is shown the newest
+/// [`deliveries::NEWEST_ATTEMPTS_SHOWN`], oldest first, their response
+/// bodies only when asked for, and never another tenant's.
+async fn a_tenant_is_shown_a_deliverys_newest_attempts_and_bodies_only_when_asked(backend: Backend) {
+    let Some(fixture) = fixture(backend).await else { return };
+    let id = pending_delivery(&fixture).await;
+    let made = deliveries::NEWEST_ATTEMPTS_SHOWN + 4;
+    let now = Utc::now().trunc_subsecs(6);
+    for attempt in 1..=made {
+        let recorded = Attempt {
+            delivery_id: id,
+            attempt,
+            started_at: now,
+            duration: Duration::from_millis(1),
+            status_code: Some(500),
+            error: None,
+            response_body: Some(format!("answer {attempt}")),
+        };
+        deliveries::record_attempt(&fixture.db, &recorded, &NextStep::RetryAt(now))
+            .await
+            .expect("record");
+    }
+    let ids = [id];
+    let shown = |bodies| deliveries::newest_attempts_of_tenant(&fixture.db, fixture.tenant_id, &ids, bodies);
+    let with_bodies = shown(true).await.expect("attempts").remove(&id).expect("some");
+    let numbers: Vec<u32> = with_bodies.iter().map(|attempt| attempt.attempt).collect();
+    assert_eq!(numbers, (5..=made).collect::<Vec<_>>(), "the newest, oldest first");
+    assert_eq!(with_bodies[0].response_body.as_deref(), Some("answer 5"));
+    let without = shown(false).await.expect("attempts").remove(&id).expect("some");
+    assert_eq!(without.len(), with_bodies.len());
+    assert!(without.iter().all(|attempt| attempt.response_body.is_none()));
+    assert_eq!((without[0].status_code, without[0].attempt), (Some(500), 5));
+
+    let other = tenants::ensure_tenant(&fixture.db, "other").await.expect("tenant");
+    let theirs = deliveries::newest_attempts_of_tenant(&fixture.db, other.id, &[id], true)
+        .await
+        .expect("attempts");
+    assert!(theirs.is_empty(), "another tenant's delivery shows nothing");
 }
 
 /// Events for a batch: two new ones, one stored before it, and another

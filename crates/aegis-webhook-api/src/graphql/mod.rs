@@ -40,6 +40,11 @@ pub(crate) mod cost {
     /// page (the list reads it for all its items at once), or one more under
     /// a single item.
     pub const DB: usize = 5;
+    /// An attempt's response body: up to 64 KiB at the default
+    /// `AEGIS_MAX_RESPONSE_BODY_BYTES`, one for each KiB, so one query reads
+    /// a few hundred at most (a page of 100 deliveries with bodies costs
+    /// more than a query may: ask for smaller pages).
+    pub const RESPONSE_BODY: usize = 64;
 
     /// A root page of `first` items (default 50), each costing `child`.
     pub fn page(first: Option<i32>, child: usize) -> usize {
@@ -176,7 +181,7 @@ impl QueryRoot {
         let page = actions::webhooks_page(state, &caller, after, first as u64).await?;
         let mut page: Vec<Webhook> = page.into_iter().map(Webhook::from).collect();
         // The page's stats in one statement, when the query asks for them.
-        if selects(ctx, "stats") {
+        if selects(ctx, &["stats"]) {
             let ids: Vec<_> = page.iter().take(first).map(|webhook| webhook.webhook_id).collect();
             let mut stats = actions::stats_of(state, &caller, &ids).await?;
             for webhook in &mut page {
@@ -227,10 +232,12 @@ impl QueryRoot {
         let state = state(ctx);
         let page = actions::deliveries_page(state, &caller, &filter, after, first as u64).await?;
         let mut page: Vec<Delivery> = page.into_iter().map(Delivery::from).collect();
-        // The page's attempts in one statement, when the query asks for them.
-        if selects(ctx, "attempts") {
+        // The page's attempts at once, when the query asks for them; their
+        // response bodies only if it asks for those.
+        if selects(ctx, &["attempts"]) {
             let ids: Vec<_> = page.iter().take(first).map(|delivery| delivery.delivery_id).collect();
-            let mut attempts = actions::attempts_of(state, &caller, &ids).await?;
+            let bodies = selects(ctx, &["attempts", "responseBody"]);
+            let mut attempts = actions::attempts_of(state, &caller, &ids, bodies).await?;
             for delivery in &mut page {
                 delivery.prefetched_attempts = Some(attempts.remove(&delivery.delivery_id).unwrap_or_default());
             }
@@ -298,9 +305,13 @@ impl QueryRoot {
 
 /// Whether the current list field's items select `field` (through `nodes`
 /// or `edges { node }`), so the list can fetch it for the whole page at once.
-fn selects(ctx: &Context<'_>, field: &str) -> bool {
+fn selects(ctx: &Context<'_>, path: &[&str]) -> bool {
     let look_ahead = ctx.look_ahead();
-    look_ahead.field("nodes").field(field).exists() || look_ahead.field("edges").field("node").field(field).exists()
+    let (nodes, edges) = path.iter().fold(
+        (look_ahead.field("nodes"), look_ahead.field("edges").field("node")),
+        |(nodes, edges), field| (nodes.field(field), edges.field(field)),
+    );
+    nodes.exists() || edges.exists()
 }
 
 pub struct MutationRoot;

@@ -337,16 +337,17 @@ impl From<deliveries::Delivery> for Delivery {
 
 #[async_graphql::ComplexObject]
 impl Delivery {
-    /// Every attempt, oldest first.
-    // A delivery has a dozen attempts or so (the retry schedule, plus
-    // redeliveries): counted as a page of 16.
-    #[graphql(complexity = "cost::DB + 16 * child_complexity")]
+    /// The newest 16 attempts, oldest first: every one on the default retry
+    /// schedule (11); each redelivery adds one more (`attemptCount` counts
+    /// them all).
+    #[graphql(complexity = "cost::DB + deliveries::NEWEST_ATTEMPTS_SHOWN as usize * child_complexity")]
     async fn attempts(&self, ctx: &async_graphql::Context<'_>) -> async_graphql::Result<Vec<DeliveryAttempt>> {
         let attempts = match &self.prefetched_attempts {
             Some(attempts) => attempts.clone(),
             None => {
                 let caller = caller(ctx)?;
-                actions::attempts_of(state(ctx), &caller, &[self.delivery_id])
+                let bodies = ctx.look_ahead().field("responseBody").exists();
+                actions::attempts_of(state(ctx), &caller, &[self.delivery_id], bodies)
                     .await?
                     .remove(&self.delivery_id)
                     .unwrap_or_default()
@@ -358,6 +359,7 @@ impl Delivery {
 
 /// One HTTP request of a delivery and what came back.
 #[derive(SimpleObject, Debug)]
+#[graphql(complex)]
 pub struct DeliveryAttempt {
     pub attempt: u32,
     pub started_at: DateTime<Utc>,
@@ -365,8 +367,19 @@ pub struct DeliveryAttempt {
     /// None when no response arrived (timeout, connection error).
     pub status_code: Option<u16>,
     pub error: Option<String>,
-    /// The start of the response body (at most `AEGIS_MAX_RESPONSE_BODY_BYTES`).
+    #[graphql(skip)]
     pub response_body: Option<String>,
+}
+
+#[async_graphql::ComplexObject]
+impl DeliveryAttempt {
+    /// The start of the response body (at most
+    /// `AEGIS_MAX_RESPONSE_BODY_BYTES`, 64 KiB by default). It counts 64 in
+    /// a query's cost: list deliveries with their bodies a few at a time.
+    #[graphql(complexity = "cost::RESPONSE_BODY")]
+    async fn response_body(&self) -> Option<&str> {
+        self.response_body.as_deref()
+    }
 }
 
 impl From<deliveries::Attempt> for DeliveryAttempt {

@@ -942,7 +942,7 @@ async fn delivery_page(
     let delivery = actions::delivery(&state, &visit.caller, id).await?;
     let event = actions::event_of(&state, &visit.caller, &delivery).await?;
     let view = actions::webhook(&state, &visit.caller, delivery.webhook_id).await?;
-    let attempts = actions::attempts_of(&state, &visit.caller, &[id])
+    let attempts = actions::attempts_of(&state, &visit.caller, &[id], true)
         .await?
         .remove(&id)
         .unwrap_or_default();
