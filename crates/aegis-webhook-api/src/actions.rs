@@ -815,7 +815,9 @@ fn validate_events(events: Vec<EventType>) -> ApiResult<Vec<EventType>> {
 }
 
 /// Trimmed; empty means none. Line breaks and tabs are kept; other control
-/// characters are refused (they hide text in logs and terminals).
+/// characters are refused (they hide text in logs and terminals), and so
+/// are those that reorder or hide text where it is shown (see
+/// [`reorders_or_hides_text`]).
 fn validate_description(state: &AppState, description: String) -> ApiResult<Option<String>> {
     let limit = state.quotas.description_chars as usize;
     let description = description.trim().to_owned();
@@ -835,7 +837,34 @@ fn validate_description(state: &AppState, description: String) -> ApiResult<Opti
             ),
         ));
     }
+    if let Some(bad) = description.chars().find(|c| reorders_or_hides_text(*c)) {
+        return Err(ApiError::bad_input(
+            "description",
+            format!(
+                "description: must not contain characters that reorder or hide text (found U+{:04X})",
+                u32::from(bad)
+            ),
+        ));
+    }
     Ok((!description.is_empty()).then_some(description))
+}
+
+/// The bidirectional controls, which can make text shown in the portal or
+/// the audit log read other than it is ("Trojan Source"), and the
+/// zero-width characters that join nothing. Not the zero-width joiner and
+/// non-joiner: emoji sequences and some scripts' words need them.
+fn reorders_or_hides_text(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{200B}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }
 
 fn validate_project_ids(state: &AppState, ids: &[String]) -> ApiResult<Vec<Uuid>> {
@@ -873,6 +902,17 @@ fn parse_secret(state: &AppState, secret: Option<String>) -> ApiResult<SigningSe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bidirectional_controls_and_empty_zero_widths_are_refused_the_joiners_kept() {
+        for refused in ['\u{202E}', '\u{2066}', '\u{2069}', '\u{200F}', '\u{200B}', '\u{FEFF}'] {
+            assert!(reorders_or_hides_text(refused), "U+{:04X}", u32::from(refused));
+        }
+        // A family emoji is joined by ZWJ; Persian words use ZWNJ.
+        for kept in "👨\u{200D}👩\u{200D}👧 می\u{200C}خواهم é".chars() {
+            assert!(!reorders_or_hides_text(kept), "U+{:04X}", u32::from(kept));
+        }
+    }
 
     #[test]
     fn an_accent_colour_must_leave_white_text_readable() {

@@ -56,6 +56,10 @@ async fn every_quota_is_refused_with_a_message_naming_it_and_stores_nothing() {
             "control characters",
         ),
         (
+            json!({ "url": RECEIVER, "events": ["POAM_OVERDUE"], "description": "invoice \u{202E}fdp.exe" }),
+            "reorder or hide text (found U+202E)",
+        ),
+        (
             json!({ "url": RECEIVER, "events": ["POAM_OVERDUE"], "secret": "aaaaaaaaaaaaaaaaaaaaaaaa" }),
             "at least 8 different characters",
         ),
