@@ -486,7 +486,12 @@ pub async fn postpone(
     Ok(())
 }
 
-/// Logs an attempt and moves the delivery on, releasing the claim.
+/// Logs an attempt and moves the delivery on, releasing the claim, if the
+/// attempt is still the delivery's next: a worker whose claim ran out while
+/// it recorded (a stalled database) may find the same attempt made and
+/// recorded by another worker since. Its attempt is logged, and the
+/// delivery left as the other moved it: a late failure never turns a
+/// success back into a retry or a dead letter.
 pub async fn record_attempt(db: &impl ConnectionTrait, attempt: &Attempt, next: &NextStep) -> Result<(), StoreError> {
     record_attempts(db, &[(attempt.clone(), next.clone())]).await
 }
@@ -554,6 +559,8 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, Ne
             )
             .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
             .filter(delivery::Column::Id.is_in(crate::in_list(ids)))
+            .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
+            .filter(delivery::Column::Attempts.eq(state.attempts.saturating_sub(1)))
             .exec(db)
             .await?;
     }

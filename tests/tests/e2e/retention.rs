@@ -87,11 +87,17 @@ async fn store_event(data: &Data) -> EventId {
         .expect("new")
 }
 
-/// Records attempt 1 of `delivery_id` with a response body, ending it with `next`.
+/// Records the next attempt of `delivery_id` with a response body, moving
+/// it on with `next`.
 async fn attempt(data: &Data, delivery_id: DeliveryId, status: u16, next: NextStep) {
+    let made = deliveries::delivery_by_id(&data.db, delivery_id)
+        .await
+        .expect("read")
+        .expect("stored")
+        .attempts;
     let attempt = Attempt {
         delivery_id,
-        attempt: 1,
+        attempt: made + 1,
         started_at: Utc::now(),
         duration: Duration::from_millis(3),
         status_code: Some(status),

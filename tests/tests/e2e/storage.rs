@@ -7,7 +7,7 @@ use aegis_webhook_core::event::{EventType, ValidatedEvent};
 use aegis_webhook_core::ids::{DeliveryId, TenantId, WebhookId};
 use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
 use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
-use aegis_webhook_storage::deliveries::{self, Attempt, NewDelivery, NextStep};
+use aegis_webhook_storage::deliveries::{self, Attempt, DeliveryStatus, NewDelivery, NextStep};
 use aegis_webhook_storage::{self as db, events, tenants, webhooks};
 use chrono::{SubsecRound as _, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
@@ -28,6 +28,7 @@ on_both_backends!(
     a_fan_out_stores_each_new_event_with_its_deliveries_all_or_nothing,
     the_reconciler_scan_pages_through_unclaimed_pending_deliveries,
     a_tenant_is_shown_a_deliverys_newest_attempts_and_bodies_only_when_asked,
+    a_late_record_of_an_attempt_made_again_since_is_logged_and_changes_nothing,
 );
 
 async fn open(backend: Backend) -> Option<DatabaseConnection> {
@@ -303,6 +304,42 @@ async fn a_delivery_attempt_is_claimed_by_one_worker_only(backend: Backend) {
 
     let stored = deliveries::attempts_of(&fixture.db, id).await.expect("attempts");
     assert_eq!(stored, vec![attempt]);
+}
+
+/// A worker whose claim ran out while it recorded: another worker made the
+/// attempt again and recorded its success first. The late failure is
+/// logged, and the delivery stays a success (it used to become a retry, or
+/// a dead letter counted against the webhook).
+async fn a_late_record_of_an_attempt_made_again_since_is_logged_and_changes_nothing(backend: Backend) {
+    let Some(fixture) = fixture(backend).await else { return };
+    let id = pending_delivery(&fixture).await;
+    let now = Utc::now().trunc_subsecs(6);
+    let attempt = |status_code| Attempt {
+        delivery_id: id,
+        attempt: 1,
+        started_at: now,
+        duration: Duration::from_millis(1),
+        status_code: Some(status_code),
+        error: None,
+        response_body: None,
+    };
+    deliveries::record_attempt(&fixture.db, &attempt(200), &NextStep::Succeeded)
+        .await
+        .expect("record");
+    let late = NextStep::Failed("exhausted".to_owned());
+    deliveries::record_attempt(&fixture.db, &attempt(500), &late)
+        .await
+        .expect("record");
+    let delivery = deliveries::delivery_by_id(&fixture.db, id)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        (delivery.status, delivery.attempts, delivery.last_status_code),
+        (DeliveryStatus::Succeeded, 1, Some(200))
+    );
+    let logged = deliveries::attempts_of(&fixture.db, id).await.expect("attempts");
+    assert_eq!(logged.len(), 2, "both attempts are in the log");
 }
 
 /// However many attempts redeliveries add, a tenant is shown the newest
