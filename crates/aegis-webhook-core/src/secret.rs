@@ -169,6 +169,16 @@ impl SecretCipher {
         format!("v1.{}.{}", self.key_id, BASE64_URL.encode(payload))
     }
 
+    /// Whether `stored` was sealed with another key than this one (by its
+    /// key id): `AEGIS_SECRET_KEY` differs from the one that sealed it.
+    pub fn sealed_with_another_key(&self, stored: &str) -> bool {
+        let mut parts = stored.splitn(3, '.');
+        matches!(
+            (parts.next(), parts.next(), parts.next()),
+            (Some("v1"), Some(key_id), Some(_)) if key_id != self.key_id
+        )
+    }
+
     pub fn open(&self, stored: &str) -> Result<SigningSecret, CipherError> {
         let mut parts = stored.splitn(3, '.');
         let (Some("v1"), Some(key_id), Some(payload)) = (parts.next(), parts.next(), parts.next()) else {
@@ -242,6 +252,12 @@ mod tests {
 
         let other = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
         assert!(matches!(other.open(&stored), Err(CipherError::UnknownKey(_))));
+        assert!(other.sealed_with_another_key(&stored));
+        assert!(!cipher.sealed_with_another_key(&stored));
+        assert!(
+            !other.sealed_with_another_key("not sealed at all"),
+            "that is another failure"
+        );
 
         let mut tampered = stored.clone();
         tampered.pop();

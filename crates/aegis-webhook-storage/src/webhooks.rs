@@ -195,6 +195,9 @@ pub async fn webhook_by_id(
 pub struct Unreadable {
     pub id: WebhookId,
     pub reason: String,
+    /// Its secret was sealed with another `AEGIS_SECRET_KEY` than the
+    /// reader's: the reader is misconfigured, the row may well be sound.
+    pub sealed_with_another_key: bool,
 }
 
 /// [`webhook_by_id`] for many: the webhooks that exist, in no particular
@@ -219,9 +222,11 @@ pub async fn webhooks_by_ids(
 /// A stored row as a webhook, or why it cannot be read back.
 pub(crate) fn read_back(row: webhook::Model, cipher: &SecretCipher) -> Result<Webhook, Unreadable> {
     let id = WebhookId::from_uuid(row.id);
+    let sealed_with_another_key = cipher.sealed_with_another_key(&row.secret_sealed);
     to_domain(row, cipher).map_err(|error| Unreadable {
         id,
         reason: format!("{error:#}"),
+        sealed_with_another_key,
     })
 }
 

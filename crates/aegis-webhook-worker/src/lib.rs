@@ -370,6 +370,12 @@ impl Worker {
                 tracing::error!(webhook_id = %delivery.webhook_id, reason = %why, "a webhook's stored row cannot be read");
                 format!("the webhook's stored configuration cannot be read: {why}")
             }
+            // This worker's configuration is wrong, not the webhook: the
+            // delivery waits (its claim runs out, and the reconciler hands
+            // it out again) for a worker with the key, rather than fail.
+            Target::KeyMissing(why) => anyhow::bail!(
+                "this worker's AEGIS_SECRET_KEY is not the key the webhook's secret was sealed with (every replica of the API and the worker needs the same key): {why}"
+            ),
         };
         Ok(Claim::Refused(self.cancel(task.delivery_id(), &refused, lane).await?))
     }

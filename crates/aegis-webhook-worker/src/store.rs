@@ -51,6 +51,9 @@ pub enum Target {
     Deleted,
     /// Its row cannot be read back; why.
     Unreadable(String),
+    /// Its secret was sealed with another `AEGIS_SECRET_KEY` than this
+    /// worker's; why.
+    KeyMissing(String),
 }
 
 /// What a finished attempt does to its webhook's health.
@@ -195,6 +198,9 @@ async fn claim_batch(
         .into_iter()
         .map(|read| match read {
             Ok(webhook) => (webhook.id, Target::Found(Arc::new(webhook))),
+            Err(unreadable) if unreadable.sealed_with_another_key => {
+                (unreadable.id, Target::KeyMissing(unreadable.reason))
+            }
             Err(unreadable) => (unreadable.id, Target::Unreadable(unreadable.reason)),
         })
         .collect();

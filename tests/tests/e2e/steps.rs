@@ -23,6 +23,8 @@ use crate::support::{Backend, Receiver, envelope, fresh_database, scratch_dir, s
 
 struct Steps {
     db: DatabaseConnection,
+    /// The roles' configuration.
+    config: aegis_webhook_core::config::Config,
     /// `AEGIS_MAX_EVENT_BYTES` of the steps' ingesters.
     max_event_bytes: usize,
     queue: MemoryQueue,
@@ -69,6 +71,7 @@ async fn steps(receivers: &[&Receiver]) -> Steps {
         ),
         max_event_bytes: config.max_event_bytes,
         worker: Worker::new(&config, db.clone(), shared, cipher).expect("worker"),
+        config,
         db,
         queue,
         tenant_id: tenant.id,
@@ -642,6 +645,43 @@ async fn a_delivery_whose_payload_was_expunged_ends_without_a_request() {
         delivery.status,
         DeliveryStatus::Pending,
         "the delivery is ended: {delivery:?}"
+    );
+}
+
+/// A worker started with another `AEGIS_SECRET_KEY` than the one that
+/// sealed a webhook's secret is misconfigured, the webhook is not: the
+/// attempt is not made and the delivery is not ended (an infrastructure
+/// failure: the task goes back), so a worker with the key delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_key_that_sealed_a_secret_leaves_the_delivery_pending() {
+    let receiver = Receiver::start(&[], 200).await;
+    let steps = steps(&[&receiver]).await;
+    steps.ingest_one_event().await;
+    let [task] = steps.first_attempts().await[..] else {
+        panic!("one delivery")
+    };
+    let another_key = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
+    let misconfigured = Worker::new(
+        &steps.config,
+        steps.db.clone(),
+        Arc::new(steps.queue.clone()),
+        another_key,
+    )
+    .expect("worker");
+    let error = misconfigured
+        .process_one(task)
+        .await
+        .expect_err("an infrastructure failure, not an outcome");
+    assert!(format!("{error:#}").contains("AEGIS_SECRET_KEY"), "{error:#}");
+    assert!(receiver.received().is_empty(), "nothing sent");
+    let delivery = deliveries::delivery_by_id(&steps.db, task.delivery_id())
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        (delivery.status, delivery.attempts),
+        (DeliveryStatus::Pending, 0),
+        "not ended: {delivery:?}"
     );
 }
 
