@@ -54,7 +54,7 @@ fi
 # its message, and its slot, held for good.
 # A file's tests (from its `#[cfg(test)]` on) may spawn as they like.
 bare_spawns=$(for file in $(find crates/aegis-webhook-ingester/src crates/aegis-webhook-worker/src -name '*.rs'); do
-  awk -v file="$file" '/^#\[cfg\(test\)\]/ { exit } /TaskTracker|JoinSet|tokio::spawn|spawn_blocking|std::thread::spawn/ { print file ":" FNR ": " $0 }' "$file"
+  awk -v file="$file" '/^#\[cfg\(test\)\]/ { exit } /TaskTracker|JoinSet|tokio::spawn|tokio::task::spawn|spawn_local|spawn_blocking|std::thread::spawn/ { print file ":" FNR ": " $0 }' "$file"
 done)
 if [ -n "$bare_spawns" ]; then
   echo "INVARIANT BROKEN: a role spawns a task outside MessageTasks:" >&2

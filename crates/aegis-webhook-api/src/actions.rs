@@ -851,19 +851,30 @@ fn validate_description(state: &AppState, description: String) -> ApiResult<Opti
 
 /// The bidirectional controls, which can make text shown in the portal or
 /// the audit log read other than it is ("Trojan Source"), and the
-/// zero-width characters that join nothing. Not the zero-width joiner and
-/// non-joiner: emoji sequences and some scripts' words need them.
+/// characters that show nothing: zero-widths that join nothing, invisible
+/// operators and fillers, interlinear annotations, and the tag characters
+/// (which can carry hidden text; so a flag of a region, spelt with them,
+/// is refused too). Not the zero-width joiner and non-joiner: emoji
+/// sequences and some scripts' words need them.
 fn reorders_or_hides_text(c: char) -> bool {
     matches!(
         c,
-        '\u{061C}'
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{180E}'
             | '\u{200B}'
             | '\u{200E}'
             | '\u{200F}'
             | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'
-            | '\u{2066}'..='\u{2069}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{3164}'
             | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
     )
 }
 
@@ -905,7 +916,16 @@ mod tests {
 
     #[test]
     fn bidirectional_controls_and_empty_zero_widths_are_refused_the_joiners_kept() {
-        for refused in ['\u{202E}', '\u{2066}', '\u{2069}', '\u{200F}', '\u{200B}', '\u{FEFF}'] {
+        for refused in [
+            '\u{202E}',
+            '\u{2066}',
+            '\u{2069}',
+            '\u{200F}',
+            '\u{200B}',
+            '\u{FEFF}',
+            '\u{E0041}',
+            '\u{3164}',
+        ] {
             assert!(reorders_or_hides_text(refused), "U+{:04X}", u32::from(refused));
         }
         // A family emoji is joined by ZWJ; Persian words use ZWNJ.

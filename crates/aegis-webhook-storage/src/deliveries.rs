@@ -479,7 +479,7 @@ pub async fn postpone(
     delivery::Entity::update_many()
         .col_expr(delivery::Column::NextAttemptAt, Expr::value(Some(until)))
         .filter(delivery::Column::Id.eq(id.as_uuid()))
-        .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
+        .filter(pending_by_key())
         .filter(delivery::Column::Attempts.eq(i64::from(attempt) - 1))
         .filter(
             Condition::any()
@@ -496,8 +496,12 @@ pub async fn postpone(
 /// attempt is still the delivery's next: a worker whose claim ran out while
 /// it recorded (a stalled database) may find the same attempt made and
 /// recorded by another worker since. Its attempt is logged, and the
-/// delivery left as the other moved it: a late failure never turns a
-/// success back into a retry or a dead letter.
+/// delivery row left as the first record moved it: a late failure no longer
+/// turns a recorded success back into a retry or a failure. (What the late
+/// worker does besides is not fenced yet: it still counts its outcome in
+/// its webhook's health and publishes what the outcome says, a retry task,
+/// which the claim turns away, or a dead-letter message. And if the late
+/// failure is recorded first, it wins.)
 pub async fn record_attempt(db: &impl ConnectionTrait, attempt: &Attempt, next: &NextStep) -> Result<(), StoreError> {
     record_attempts(db, &[(attempt.clone(), next.clone())]).await
 }
@@ -588,7 +592,7 @@ pub async fn cancel(db: &impl ConnectionTrait, id: DeliveryId, reason: &str) -> 
         .col_expr(delivery::Column::FailureReason, Expr::value(reason))
         .col_expr(delivery::Column::UpdatedAt, Expr::value(Utc::now()))
         .filter(delivery::Column::Id.eq(id.as_uuid()))
-        .filter(delivery::Column::Status.eq(DeliveryStatus::Pending.as_str()))
+        .filter(pending_by_key())
         .exec(db)
         .await?;
     Ok(())

@@ -154,7 +154,8 @@ pub struct Stopped {
 /// panics (a bug: no input is meant to reach one; a batch's panic is raised
 /// again in its callers, see `batch::Batcher::call`) is logged and stops the
 /// role, which then fails its process as a panic of the role itself would
-/// (see `aegis_webhook::supervise`). Its message is not settled: RabbitMQ
+/// (see `aegis_webhook::supervise`). Its message is not settled (a worker's
+/// message with several tasks is handed back once the others are): RabbitMQ
 /// hands it out again once the stopped role's consumer is dropped. In `dev`
 /// the in-process queue goes with the process; the start-up recovery
 /// publishes again the deliveries the database holds as pending, and an
