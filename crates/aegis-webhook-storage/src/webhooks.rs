@@ -188,6 +188,18 @@ pub async fn webhook_by_id(
     }
 }
 
+/// The sealed secret of one stored webhook, any, if there is one: what a
+/// process checks its `AEGIS_SECRET_KEY` against at start.
+pub async fn one_sealed_secret(db: &impl ConnectionTrait) -> Result<Option<String>, StoreError> {
+    Ok(webhook::Entity::find()
+        .select_only()
+        .column(webhook::Column::SecretSealed)
+        .limit(1)
+        .into_tuple()
+        .one(db)
+        .await?)
+}
+
 /// A stored webhook that cannot be read back: a URL that does not parse, or a
 /// secret that does not open (a corrupted row, or `AEGIS_SECRET_KEY` changed
 /// without re-sealing).

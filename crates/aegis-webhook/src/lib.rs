@@ -240,6 +240,30 @@ pub fn secret_cipher(config: &Config) -> anyhow::Result<SecretCipher> {
     SecretCipher::from_base64(key.expose()).context("AEGIS_SECRET_KEY is invalid")
 }
 
+/// Refuses to start a process whose `AEGIS_SECRET_KEY` is not the key the
+/// stored webhook secrets were sealed with (there is one key: operations.md,
+/// "Secret-key rotation"): an API would seal new secrets the other replicas
+/// cannot open, and a worker could send nothing. One stored secret is
+/// enough to tell; a database without webhooks passes.
+pub async fn check_secret_key(db: &DatabaseConnection, cipher: &SecretCipher) -> anyhow::Result<()> {
+    let sample = db::webhooks::one_sealed_secret(db)
+        .await
+        .context("failed to read a stored webhook secret to check AEGIS_SECRET_KEY against")?;
+    match sample {
+        Some(sealed) if cipher.sealed_with_another_key(&sealed) => {
+            let error = cipher
+                .open(&sealed)
+                .err()
+                .map(|error| error.to_string())
+                .unwrap_or_default();
+            anyhow::bail!(
+                "AEGIS_SECRET_KEY is not the key the stored webhook secrets were sealed with ({error}); every api, ingester and worker needs that same key (docs/operations.md, \"Secret-key rotation\")"
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Starts the given roles on an open database. `listener` is required with the
 /// API role; without it, a listener serves only probes and metrics.
 pub async fn start(
@@ -265,6 +289,7 @@ pub async fn start_on_queue(
 ) -> anyhow::Result<RunningSystem> {
     aegis_webhook_core::metrics::install();
     let cipher = secret_cipher(config)?;
+    check_secret_key(&db, &cipher).await?;
     let role_failed = CancellationToken::new();
     // On PostgreSQL the consuming roles run their bulk lanes' work on a
     // runtime of lower-priority threads. Not on SQLite (`dev`): there the

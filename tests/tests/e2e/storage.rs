@@ -184,8 +184,8 @@ async fn start_up_writes_are_safe_when_replicas_make_them_at_once(backend: Backe
     );
 }
 
-async fn webhook_secrets_are_sealed_at_rest(backend: Backend) {
-    let Some(fixture) = fixture(backend).await else { return };
+async fn webhook_secrets_are_sealed_at_rest(which: Backend) {
+    let Some(fixture) = fixture(which).await else { return };
     let backend = fixture.db.get_database_backend();
     let row = fixture
         .db
@@ -209,6 +209,24 @@ async fn webhook_secrets_are_sealed_at_rest(backend: Backend) {
         webhooks::webhook_of_tenant(&fixture.db, &fixture.cipher, other.id, fixture.webhook_id).await,
         Err(db::StoreError::NotFound)
     ));
+
+    // A process started with another key refuses to start, saying why; with
+    // the key, or on a database without webhooks, it starts.
+    let another_key = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
+    let refused = aegis_webhook::check_secret_key(&fixture.db, &another_key)
+        .await
+        .expect_err("another key");
+    assert!(
+        format!("{refused:#}").contains("AEGIS_SECRET_KEY is not the key the stored webhook secrets were sealed with"),
+        "{refused:#}"
+    );
+    aegis_webhook::check_secret_key(&fixture.db, &fixture.cipher)
+        .await
+        .expect("the key");
+    let empty = open(which).await.expect("a database");
+    aegis_webhook::check_secret_key(&empty, &another_key)
+        .await
+        .expect("nothing sealed yet");
 }
 
 async fn an_event_id_is_stored_once_per_tenant(backend: Backend) {
