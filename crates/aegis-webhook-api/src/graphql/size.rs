@@ -58,19 +58,34 @@ pub fn check(query: &str) -> Result<(), Refused> {
     };
     let mut total = 0usize;
     for (_, operation) in document.operations.iter() {
-        total = total.saturating_add(walk.selection_set(&operation.node.selection_set)?);
+        total = total.saturating_add(walk.selection_set(&operation.node.selection_set)?.size);
         if total > MAX_EXPANDED_FIELDS {
             return Err(too_large());
         }
     }
     // Unused fragments too: validation walks every definition.
     for (name, fragment) in &document.fragments {
-        total = total.saturating_add(walk.fragment(name, fragment.pos)?);
+        total = total.saturating_add(walk.fragment(name, fragment.pos)?.size);
         if total > MAX_EXPANDED_FIELDS {
             return Err(too_large());
         }
     }
     Ok(())
+}
+
+/// What a selection set or a fragment expands to.
+#[derive(Debug, Clone, Copy, Default)]
+struct Expanded {
+    /// Fields, once every spread is expanded.
+    size: usize,
+    /// The longest chain of fragments its spreads pass through.
+    spread_depth: usize,
+}
+
+fn too_deep() -> Refused {
+    Refused(format!(
+        "fragment spreads chain through more than {MAX_SPREAD_DEPTH} fragments"
+    ))
 }
 
 fn too_large() -> Refused {
@@ -152,37 +167,47 @@ fn check_nesting(query: &str) -> Result<(), Refused> {
 
 struct Walk<'a> {
     document: &'a ExecutableDocument,
-    /// Each fragment's expanded size, computed once.
-    expanded: HashMap<&'a Name, usize>,
+    /// Each fragment's expansion, computed once. Its spread depth is kept
+    /// with it: the definitions are walked in no particular order, and a
+    /// long chain met from its end is walked in short pieces, each reusing
+    /// the last, whose depths add up only here.
+    expanded: HashMap<&'a Name, Expanded>,
     /// The chain of fragments being expanded now: meeting one of them again
     /// is a cycle; its length is the spread depth.
     in_progress: Vec<&'a Name>,
 }
 
 impl<'a> Walk<'a> {
-    fn selection_set(&mut self, set: &'a Positioned<SelectionSet>) -> Result<usize, Refused> {
-        let mut total = 0usize;
+    fn selection_set(&mut self, set: &'a Positioned<SelectionSet>) -> Result<Expanded, Refused> {
+        let mut total = Expanded::default();
         for selection in &set.node.items {
-            let size = match &selection.node {
-                Selection::Field(field) => 1 + self.selection_set(&field.node.selection_set)?,
+            let expanded = match &selection.node {
+                Selection::Field(field) => {
+                    let inner = self.selection_set(&field.node.selection_set)?;
+                    Expanded {
+                        size: 1 + inner.size,
+                        ..inner
+                    }
+                }
                 Selection::InlineFragment(fragment) => self.selection_set(&fragment.node.selection_set)?,
                 Selection::FragmentSpread(spread) => self.fragment(&spread.node.fragment_name.node, spread.pos)?,
             };
-            total = total.saturating_add(size);
-            if total > MAX_EXPANDED_FIELDS {
+            total.size = total.size.saturating_add(expanded.size);
+            total.spread_depth = total.spread_depth.max(expanded.spread_depth);
+            if total.size > MAX_EXPANDED_FIELDS {
                 return Err(too_large());
             }
         }
         Ok(total)
     }
 
-    fn fragment(&mut self, name: &'a Name, pos: Pos) -> Result<usize, Refused> {
-        if let Some(size) = self.expanded.get(name) {
-            return Ok(*size);
+    fn fragment(&mut self, name: &'a Name, pos: Pos) -> Result<Expanded, Refused> {
+        if let Some(expanded) = self.expanded.get(name) {
+            return Ok(*expanded);
         }
         // An unknown fragment is async-graphql's to report.
         let Some(fragment) = self.document.fragments.get(name) else {
-            return Ok(0);
+            return Ok(Expanded::default());
         };
         if self.in_progress.contains(&name) {
             return Err(Refused(format!(
@@ -190,16 +215,22 @@ impl<'a> Walk<'a> {
                 pos.line, pos.column
             )));
         }
+        // Also bounds the recursion, whatever the memory says.
         if self.in_progress.len() >= MAX_SPREAD_DEPTH {
-            return Err(Refused(format!(
-                "fragment spreads chain through more than {MAX_SPREAD_DEPTH} fragments"
-            )));
+            return Err(too_deep());
         }
         self.in_progress.push(name);
-        let size = self.selection_set(&fragment.node.selection_set)?;
+        let inner = self.selection_set(&fragment.node.selection_set)?;
         self.in_progress.pop();
-        self.expanded.insert(name, size);
-        Ok(size)
+        let expanded = Expanded {
+            spread_depth: inner.spread_depth + 1,
+            ..inner
+        };
+        if expanded.spread_depth > MAX_SPREAD_DEPTH {
+            return Err(too_deep());
+        }
+        self.expanded.insert(name, expanded);
+        Ok(expanded)
     }
 }
 
@@ -287,8 +318,21 @@ mod tests {
             query.push_str(&format!("fragment f{i} on Query {{ ...f{} }}\n", i + 1));
         }
         query.push_str("fragment f60 on Query { __typename }\n");
-        let refused = check(&query).expect_err("refused");
-        assert!(refused.0.contains("more than 16 fragments"), "{refused:?}");
+        // The definitions are walked in a hash map's order, new for every
+        // parse: whichever end of the chain comes first, it is refused.
+        for _ in 0..50 {
+            let refused = check(&query).expect_err("refused");
+            assert!(refused.0.contains("more than 16 fragments"), "{refused:?}");
+        }
+        // Sixteen fragments in a chain are allowed, in any order.
+        let mut query = String::from("{ ...f0 }\n");
+        for i in 0..15 {
+            query.push_str(&format!("fragment f{i} on Query {{ ...f{} }}\n", i + 1));
+        }
+        query.push_str("fragment f15 on Query { __typename }\n");
+        for _ in 0..50 {
+            assert_eq!(check(&query), Ok(()));
+        }
 
         let mut query = String::from("{ __typename }\n");
         for i in 0..101 {
