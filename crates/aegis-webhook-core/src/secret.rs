@@ -169,21 +169,30 @@ impl SecretCipher {
         format!("v1.{}.{}", self.key_id, BASE64_URL.encode(payload))
     }
 
+    /// The key id and the sealed payload of a stored secret in the
+    /// `v1.<key id>.<sealed>` form.
+    fn parts(stored: &str) -> Option<(&str, &str)> {
+        let mut parts = stored.splitn(3, '.');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("v1"), Some(key_id), Some(payload)) => Some((key_id, payload)),
+            _ => None,
+        }
+    }
+
+    /// The id of the key a stored secret was sealed with, if it is in the
+    /// stored form.
+    pub fn key_id_of(stored: &str) -> Option<&str> {
+        Self::parts(stored).map(|(key_id, _)| key_id)
+    }
+
     /// Whether `stored` was sealed with another key than this one (by its
     /// key id): `AEGIS_SECRET_KEY` differs from the one that sealed it.
     pub fn sealed_with_another_key(&self, stored: &str) -> bool {
-        let mut parts = stored.splitn(3, '.');
-        matches!(
-            (parts.next(), parts.next(), parts.next()),
-            (Some("v1"), Some(key_id), Some(_)) if key_id != self.key_id
-        )
+        Self::key_id_of(stored).is_some_and(|key_id| key_id != self.key_id)
     }
 
     pub fn open(&self, stored: &str) -> Result<SigningSecret, CipherError> {
-        let mut parts = stored.splitn(3, '.');
-        let (Some("v1"), Some(key_id), Some(payload)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(CipherError::BadFormat);
-        };
+        let (key_id, payload) = Self::parts(stored).ok_or(CipherError::BadFormat)?;
         if key_id != self.key_id {
             return Err(CipherError::UnknownKey(key_id.to_owned()));
         }

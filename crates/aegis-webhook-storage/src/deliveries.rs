@@ -726,12 +726,9 @@ pub async fn newest_attempts_of_tenant(
     }
     // Attempts are numbered 1, 2, … in the order they are made, across
     // redeliveries too: the newest are those above the count less the most.
-    let made: Vec<(Uuid, i32)> = delivery::Entity::find()
-        .select_only()
+    let made: Vec<(Uuid, i32)> = of_tenant_among(tenant_id, delivery_ids)
         .column(delivery::Column::Id)
         .column(delivery::Column::Attempts)
-        .filter(delivery::Column::TenantId.eq(tenant_id.as_uuid()))
-        .filter(delivery::Column::Id.is_in(crate::in_list(delivery_ids.iter().map(|id| id.as_uuid()))))
         .into_tuple()
         .all(db)
         .await?;
@@ -857,15 +854,21 @@ pub async fn owned_by(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let owned: Vec<Uuid> = delivery::Entity::find()
-        .select_only()
+    let owned: Vec<Uuid> = of_tenant_among(tenant_id, ids)
         .column(delivery::Column::Id)
-        .filter(delivery::Column::TenantId.eq(tenant_id.as_uuid()))
-        .filter(delivery::Column::Id.is_in(crate::in_list(ids.iter().map(|id| id.as_uuid()))))
         .into_tuple()
         .all(db)
         .await?;
     Ok(owned.into_iter().map(DeliveryId::from_uuid).collect())
+}
+
+/// The tenant's deliveries among `ids`, no column selected yet: the one
+/// ownership guard of reads by id.
+fn of_tenant_among(tenant_id: TenantId, ids: &[DeliveryId]) -> sea_orm::Select<delivery::Entity> {
+    delivery::Entity::find()
+        .select_only()
+        .filter(delivery::Column::TenantId.eq(tenant_id.as_uuid()))
+        .filter(delivery::Column::Id.is_in(crate::in_list(ids.iter().map(|id| id.as_uuid()))))
 }
 
 /// The tenant's delivery `id`; another tenant's is `NotFound`.

@@ -250,16 +250,10 @@ pub async fn check_secret_key(db: &DatabaseConnection, cipher: &SecretCipher) ->
         .await
         .context("failed to read a stored webhook secret to check AEGIS_SECRET_KEY against")?;
     match sample {
-        Some(sealed) if cipher.sealed_with_another_key(&sealed) => {
-            let error = cipher
-                .open(&sealed)
-                .err()
-                .map(|error| error.to_string())
-                .unwrap_or_default();
-            anyhow::bail!(
-                "AEGIS_SECRET_KEY is not the key the stored webhook secrets were sealed with ({error}); every api, ingester and worker needs that same key (docs/operations.md, \"Secret-key rotation\")"
-            )
-        }
+        Some(sealed) if cipher.sealed_with_another_key(&sealed) => anyhow::bail!(
+            "AEGIS_SECRET_KEY is not the key the stored webhook secrets were sealed with (key `{}`); every api, ingester and worker needs that same key (docs/operations.md, \"Secret-key rotation\")",
+            SecretCipher::key_id_of(&sealed).unwrap_or_default()
+        ),
         _ => Ok(()),
     }
 }
