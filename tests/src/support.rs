@@ -459,6 +459,30 @@ pub async fn count_rows(db: &sea_orm::DatabaseConnection, table: &str) -> i64 {
     row.try_get::<i64>("", "n").expect("count")
 }
 
+/// Makes `attempt` as a worker does: claims it (for a minute, now or, if
+/// it is due later, then), then records it, moving its delivery on with
+/// `next`. Panics when the attempt cannot be claimed (it is not the
+/// delivery's next, or another claim holds it).
+pub async fn claim_and_record(
+    db: &sea_orm::DatabaseConnection,
+    attempt: aegis_webhook_storage::deliveries::Attempt,
+    next: aegis_webhook_storage::deliveries::NextStep,
+) {
+    use aegis_webhook_storage::deliveries::{self, Recorded};
+    let due = deliveries::delivery_by_id(db, attempt.delivery_id)
+        .await
+        .expect("read")
+        .expect("stored")
+        .next_attempt_at;
+    let now = due.into_iter().fold(chrono::Utc::now(), std::cmp::max);
+    let lease = deliveries::claim(db, attempt.delivery_id, attempt.attempt, Duration::from_secs(60), now)
+        .await
+        .expect("claim")
+        .expect("the attempt is the delivery's next, and no claim holds it");
+    let recorded = Recorded { attempt, lease, next };
+    assert!(deliveries::record_attempt(db, &recorded).await.expect("record"));
+}
+
 /// The seed document's mutation, verbatim.
 pub const SEED_MUTATION: &str = r#"mutation CreateWebhook($input: WebhookInput!) {
   createWebhook(input: $input) {
@@ -529,6 +553,8 @@ struct ReceiverState {
     delay: Mutex<Duration>,
     /// Headers sent with every answer.
     headers: Mutex<Vec<(String, String)>>,
+    /// While true, answers wait (requests are recorded as they arrive).
+    held: tokio::sync::watch::Sender<bool>,
     arrived: Notify,
 }
 
@@ -561,6 +587,10 @@ impl Receiver {
                         at: std::time::Instant::now(),
                     });
                     state.arrived.notify_waiters();
+                    let mut held = state.held.subscribe();
+                    held.wait_for(|held| !held)
+                        .await
+                        .expect("the state outlives its server");
                     let delay = *state.delay.lock().expect("lock");
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
@@ -599,6 +629,17 @@ impl Receiver {
             .lock()
             .expect("lock")
             .push((name.to_owned(), value.to_owned()));
+    }
+
+    /// Holds every answer, from now until [`Receiver::release_answers`]:
+    /// a test acts while a request is in flight.
+    pub fn hold_answers(&self) {
+        self.state.held.send_replace(true);
+    }
+
+    /// Lets held and later answers go.
+    pub fn release_answers(&self) {
+        self.state.held.send_replace(false);
     }
 
     pub fn received(&self) -> Vec<Received> {

@@ -102,6 +102,23 @@ impl TryFrom<delivery::Model> for Delivery {
     }
 }
 
+impl Delivery {
+    /// The claim a worker holds on the delivery's next attempt, as the
+    /// claiming statement wrote it; `None` while none was taken since the
+    /// last record.
+    pub fn lease(&self) -> Option<Lease> {
+        self.locked_until.map(Lease)
+    }
+}
+
+/// A claim on a delivery's next attempt, known by the lease expiry the
+/// claim wrote. No two claims of one delivery write the same one (a claim
+/// is taken only once the one before has run out, so its expiry is later),
+/// so a record made under the claim the delivery still has can be told from
+/// a late one, made under a claim that ran out and was taken over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lease(DateTime<Utc>);
+
 /// One HTTP attempt, as logged for the customer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Attempt {
@@ -120,6 +137,15 @@ pub enum NextStep {
     Succeeded,
     RetryAt(DateTime<Utc>),
     Failed(String),
+}
+
+/// An attempt to record: what was sent and answered, the claim it was made
+/// under, and what follows for its delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub attempt: Attempt,
+    pub lease: Lease,
+    pub next: NextStep,
 }
 
 /// A delivery that needs a task on the queue.
@@ -230,18 +256,22 @@ fn unclaimed_at(now: DateTime<Utc>) -> Condition {
 /// Takes the right to make attempt `attempt` of a pending delivery for `lease`.
 /// Fails when the attempt was already made, the delivery is finished, is not due
 /// yet, or another worker holds an unexpired claim: duplicate tasks then do nothing.
+/// Returns the claim taken, if one was.
 pub async fn claim(
     db: &impl ConnectionTrait,
     id: DeliveryId,
     attempt: u32,
     lease: Duration,
     now: DateTime<Utc>,
-) -> Result<bool, StoreError> {
+) -> Result<Option<Lease>, StoreError> {
     let wanted = [ClaimRequest {
         delivery_id: id,
         attempt,
     }];
-    Ok(!claim_many(db, &wanted, lease, now).await?.is_empty())
+    Ok(claim_many(db, &wanted, lease, now)
+        .await?
+        .pop()
+        .and_then(|delivery| delivery.lease()))
 }
 
 /// Attempt `attempt` of delivery `delivery_id`, as a task asks for it.
@@ -492,37 +522,37 @@ pub async fn postpone(
     Ok(())
 }
 
-/// Logs an attempt and moves the delivery on, releasing the claim, if the
-/// attempt is still the delivery's next: a worker whose claim ran out while
-/// it recorded (a stalled database) may find the same attempt made and
-/// recorded by another worker since. Its attempt is logged, and the
-/// delivery row left as the first record moved it: a late failure no longer
-/// turns a recorded success back into a retry or a failure. (What the late
-/// worker does besides is not fenced yet: it still counts its outcome in
-/// its webhook's health and publishes what the outcome says, a retry task,
-/// which the claim turns away, or a dead-letter message. And if the late
-/// failure is recorded first, it wins.)
-pub async fn record_attempt(db: &impl ConnectionTrait, attempt: &Attempt, next: &NextStep) -> Result<(), StoreError> {
-    record_attempts(db, &[(attempt.clone(), next.clone())]).await
+/// Logs an attempt and, if it was made under the claim the delivery still
+/// has, moves the delivery on and releases the claim; says whether it did.
+/// A worker whose claim ran out before it recorded (a stalled database, a
+/// slow receiver) may find the attempt taken over by another worker since:
+/// its attempt is logged, and the delivery is left to the claim that holds
+/// it, whichever of the two records first. The late worker then does
+/// nothing more (no health, no retry, no dead letter).
+pub async fn record_attempt(db: &impl ConnectionTrait, recorded: &Recorded) -> Result<bool, StoreError> {
+    Ok(record_attempts(db, std::slice::from_ref(recorded)).await?[0])
 }
 
-/// [`record_attempt`] for many attempts: one multi-row insert of the log, and
-/// one update per distinct new state (a burst of successes is one statement).
-/// Run it in a transaction to make the batch all or nothing.
-pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, NextStep)]) -> Result<(), StoreError> {
+/// [`record_attempt`] for many attempts, each one's answer in its place:
+/// one multi-row insert of the log, and one update per distinct new state
+/// (a burst of successes is one statement). Run it in a transaction to make
+/// the batch all or nothing.
+pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[Recorded]) -> Result<Vec<bool>, StoreError> {
     if recorded.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let rows = recorded.iter().map(|(attempt, _)| delivery_attempt::ActiveModel {
-        id: Set(Uuid::now_v7()),
-        delivery_id: Set(attempt.delivery_id.as_uuid()),
-        attempt: Set(i32::try_from(attempt.attempt).unwrap_or(i32::MAX)),
-        started_at: Set(attempt.started_at),
-        duration_ms: Set(i64::try_from(attempt.duration.as_millis()).unwrap_or(i64::MAX)),
-        status_code: Set(attempt.status_code.map(i32::from)),
-        error: Set(attempt.error.clone()),
-        response_body: Set(attempt.response_body.clone()),
-    });
+    let rows = recorded
+        .iter()
+        .map(|Recorded { attempt, .. }| delivery_attempt::ActiveModel {
+            id: Set(Uuid::now_v7()),
+            delivery_id: Set(attempt.delivery_id.as_uuid()),
+            attempt: Set(i32::try_from(attempt.attempt).unwrap_or(i32::MAX)),
+            started_at: Set(attempt.started_at),
+            duration_ms: Set(i64::try_from(attempt.duration.as_millis()).unwrap_or(i64::MAX)),
+            status_code: Set(attempt.status_code.map(i32::from)),
+            error: Set(attempt.error.clone()),
+            response_body: Set(attempt.response_body.clone()),
+        });
     delivery_attempt::Entity::insert_many(rows)
         .exec_without_returning(db)
         .await?;
@@ -536,8 +566,13 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, Ne
         last_status_code: Option<i32>,
         failure_reason: Option<&'a str>,
     }
-    let mut groups: std::collections::HashMap<NewState<'_>, Vec<Uuid>> = std::collections::HashMap::new();
-    for (attempt, next) in recorded {
+    let contenders = latest_claims(recorded);
+    let mut groups: std::collections::HashMap<NewState<'_>, Vec<(Uuid, DateTime<Utc>)>> =
+        std::collections::HashMap::new();
+    for (index, Recorded { attempt, lease, next }) in recorded.iter().enumerate() {
+        if !contenders[index] {
+            continue;
+        }
         let (status, next_attempt_at, failure_reason) = match next {
             NextStep::Succeeded => (DeliveryStatus::Succeeded, None, None),
             NextStep::RetryAt(at) => (DeliveryStatus::Pending, Some(*at), None),
@@ -550,11 +585,19 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, Ne
             last_status_code: attempt.status_code.map(i32::from),
             failure_reason,
         };
-        groups.entry(state).or_default().push(attempt.delivery_id.as_uuid());
+        groups
+            .entry(state)
+            .or_default()
+            .push((attempt.delivery_id.as_uuid(), lease.0));
     }
+    let backend = db.get_database_backend();
     let now = Utc::now();
-    for (state, ids) in groups {
-        delivery::Entity::update_many()
+    let mut moved = std::collections::HashSet::new();
+    for (state, claims) in groups {
+        use sea_orm::QueryTrait as _;
+        use sea_orm::sea_query::ExprTrait as _;
+        let ids = claims.iter().map(|(id, _)| *id);
+        let update = delivery::Entity::update_many()
             .col_expr(delivery::Column::Status, Expr::value(state.status.as_str()))
             .col_expr(delivery::Column::Attempts, Expr::value(state.attempts))
             .col_expr(delivery::Column::NextAttemptAt, Expr::value(state.next_attempt_at))
@@ -568,13 +611,46 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[(Attempt, Ne
                 Expr::value(state.failure_reason.map(str::to_owned)),
             )
             .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
+            // The key finds the rows (see `pending_by_key`); the pairs fence them.
             .filter(delivery::Column::Id.is_in(crate::in_list(ids)))
+            .filter(
+                Expr::tuple([
+                    Expr::col((delivery::Entity, delivery::Column::Id)),
+                    Expr::col((delivery::Entity, delivery::Column::LockedUntil)),
+                ])
+                .in_tuples(crate::in_list(claims)),
+            )
             .filter(pending_by_key())
             .filter(delivery::Column::Attempts.eq(state.attempts.saturating_sub(1)))
-            .exec(db)
-            .await?;
+            .build(backend);
+        let sql = format!(r#"{} RETURNING "id""#, update.sql);
+        for row in db.query_all_raw(sea_orm::Statement { sql, ..update }).await? {
+            moved.insert(row.try_get::<Uuid>("", "id")?);
+        }
     }
-    Ok(())
+    Ok(recorded
+        .iter()
+        .zip(contenders)
+        .map(|(Recorded { attempt, .. }, contender)| contender && moved.contains(&attempt.delivery_id.as_uuid()))
+        .collect())
+}
+
+/// Which of `recorded` may still hold their delivery's claim: of two
+/// attempts of one delivery recorded together (a worker late beside the one
+/// that took its claim over), only the one under the later claim.
+fn latest_claims(recorded: &[Recorded]) -> Vec<bool> {
+    let mut latest: std::collections::HashMap<DeliveryId, (Lease, usize)> = std::collections::HashMap::new();
+    for (index, Recorded { attempt, lease, .. }) in recorded.iter().enumerate() {
+        let entry = latest.entry(attempt.delivery_id).or_insert((*lease, index));
+        if *lease > entry.0 {
+            *entry = (*lease, index);
+        }
+    }
+    let mut contenders = vec![false; recorded.len()];
+    for (_, index) in latest.into_values() {
+        contenders[index] = true;
+    }
+    contenders
 }
 
 /// Ends a pending delivery without an attempt (its webhook was deleted or disabled).

@@ -246,9 +246,9 @@ pub fn v7_created_at(id: uuid::Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
 /// last one (which changes no result). Each list length is its own statement
 /// text, prepared and planned anew; padded, a batch of any size is one of a
 /// few texts, which the connection's statement cache keeps.
-pub(crate) fn in_list(ids: impl IntoIterator<Item = uuid::Uuid>) -> Vec<uuid::Uuid> {
-    let mut ids: Vec<uuid::Uuid> = ids.into_iter().collect();
-    if let Some(&last) = ids.last() {
+pub(crate) fn in_list<T: Clone>(ids: impl IntoIterator<Item = T>) -> Vec<T> {
+    let mut ids: Vec<T> = ids.into_iter().collect();
+    if let Some(last) = ids.last().cloned() {
         ids.resize(ids.len().next_power_of_two(), last);
     }
     ids
@@ -293,7 +293,7 @@ mod tests {
         assert_eq!(&padded[..5], &ids[..]);
         assert!(padded[5..].iter().all(|id| *id == ids[4]));
         assert_eq!(in_list(ids[..4].to_vec()).len(), 4);
-        assert!(in_list(Vec::new()).is_empty());
+        assert!(in_list(Vec::<uuid::Uuid>::new()).is_empty());
     }
 
     #[test]

@@ -341,6 +341,32 @@ impl HealthChange {
     }
 }
 
+/// Locks the webhooks whose health a transaction may change, in id order,
+/// before it touches their deliveries: every writer of both (the worker's
+/// records; a webhook's deletion, whose cascade reaches its deliveries)
+/// then takes them in the same order, and none waits on another in a
+/// circle. The lock is the one an `UPDATE` of the health takes, which new
+/// deliveries referencing the webhook do not wait for. PostgreSQL only:
+/// SQLite has one writer at a time.
+pub async fn lock_for_health_changes(db: &impl ConnectionTrait, ids: &[WebhookId]) -> Result<(), StoreError> {
+    if ids.is_empty() || db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(());
+    }
+    let mut ids: Vec<Uuid> = ids.iter().map(|id| id.as_uuid()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    webhook::Entity::find()
+        .select_only()
+        .column(webhook::Column::Id)
+        .filter(webhook::Column::Id.is_in(crate::in_list(ids)))
+        .order_by_asc(webhook::Column::Id)
+        .lock(sea_orm::sea_query::LockType::NoKeyUpdate)
+        .into_tuple::<Uuid>()
+        .all(db)
+        .await?;
+    Ok(())
+}
+
 /// Applies a [`HealthChange`] to a webhook; disables it when the streak of
 /// failures reaches `auto_disable`'s limits, and returns why.
 pub async fn record_health_change(

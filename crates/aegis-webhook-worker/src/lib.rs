@@ -34,7 +34,7 @@ use aegis_webhook_core::signing;
 use aegis_webhook_core::target::TargetPolicy;
 use aegis_webhook_core::telemetry;
 use aegis_webhook_storage::BulkStage;
-use aegis_webhook_storage::deliveries::{self, Attempt, NextStep};
+use aegis_webhook_storage::deliveries::{self, Attempt, NextStep, Recorded};
 use aegis_webhook_storage::events::StoredEvent;
 use aegis_webhook_storage::webhooks::Webhook;
 use chrono::Utc;
@@ -51,10 +51,12 @@ const ERROR_PAUSE: Duration = Duration::from_secs(1);
 
 /// Why a delivery whose event lost its payload to the retention ends unsent.
 const PAYLOAD_EXPUNGED: &str = "the event's payload was expunged under the data retention policy";
+/// Why an attempt whose claim was taken over changed nothing.
+const TAKEN_OVER: &str = "the claim ran out before the attempt was recorded, and another worker took the attempt over";
 
 use admission::{Admission, Lanes, Taken};
 use receipt::Receipt;
-use store::{Claimed, Recording, Store, Target};
+use store::{Applied, Claimed, Recording, Store, Target};
 
 /// Slots kept for express tasks, beyond the `concurrency` every lane shares:
 /// one for every eight of those (see [`ExpressFirst`]). Measured (embedded
@@ -318,9 +320,20 @@ impl Worker {
         );
         let had_streak = claimed.webhook.consecutive_failures > 0 || claimed.webhook.failing_since.is_some();
         let consequences = Consequences::of(&decision, had_streak);
-        self.record(&task, lane, &claimed, &sent, &consequences)
+        let applied = self
+            .record(&task, lane, &claimed, &sent, &consequences)
             .instrument(tracing::info_span!("record"))
             .await?;
+        if applied == Applied::TakenOver {
+            tracing::warn!(
+                delivery_id = %task.delivery_id(),
+                attempt = task.attempt(),
+                "this worker's claim ran out before it recorded the attempt, and another worker took the attempt over: logged only"
+            );
+            return Ok(Outcome::Skipped {
+                reason: TAKEN_OVER.to_owned(),
+            });
+        }
         self.schedule(task, &claimed, &decision).await;
         tracing::info!(
             delivery_id = %task.delivery_id(),
@@ -425,6 +438,7 @@ impl Worker {
 
     /// Record: the attempt, the delivery's next state and the webhook's health
     /// in one (shared) transaction; then the metrics of what was recorded.
+    /// Only the attempt is logged if the claim was taken over.
     async fn record(
         &self,
         task: &DeliveryTask,
@@ -432,28 +446,38 @@ impl Worker {
         claimed: &Attemptable,
         sent: &Sent,
         consequences: &Consequences,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Applied> {
         let result = &sent.result;
+        let lease = claimed
+            .delivery
+            .lease()
+            .ok_or_else(|| anyhow::anyhow!("a claimed delivery carries its claim's lease"))?;
         let recording = Recording {
-            attempt: Attempt {
-                delivery_id: task.delivery_id(),
-                attempt: task.attempt(),
-                started_at: sent.started_at,
-                duration: result.duration,
-                status_code: result.status,
-                error: result.error.clone(),
-                response_body: result.body.clone(),
+            recorded: Recorded {
+                attempt: Attempt {
+                    delivery_id: task.delivery_id(),
+                    attempt: task.attempt(),
+                    started_at: sent.started_at,
+                    duration: result.duration,
+                    status_code: result.status,
+                    error: result.error.clone(),
+                    response_body: result.body.clone(),
+                },
+                lease,
+                next: consequences.next.clone(),
             },
-            next: consequences.next.clone(),
             webhook_id: claimed.webhook.id,
             health: consequences.health.clone(),
         };
-        let disabled = self.store.record(recording, lane).await?;
+        let applied = self.store.record(recording, lane).await?;
+        metrics::delivery_attempt(consequences.metric, result.duration);
+        let Applied::Moved(disabled) = applied else {
+            return Ok(applied);
+        };
         if let Some(reason) = disabled {
             tracing::warn!(webhook_id = %claimed.webhook.id, reason, "webhook disabled automatically");
             metrics::webhook_auto_disabled(reason);
         }
-        metrics::delivery_attempt(consequences.metric, result.duration);
         match consequences.outcome {
             Outcome::Delivered => {
                 let lag = (Utc::now() - claimed.delivery.created_at).to_std().unwrap_or_default();
@@ -462,7 +486,7 @@ impl Worker {
             Outcome::RetryScheduled { next_attempt, .. } => metrics::retry_scheduled(next_attempt),
             _ => {}
         }
-        Ok(())
+        Ok(applied)
     }
 
     /// Schedule: publishes what the recorded decision says comes next. The

@@ -22,7 +22,7 @@ use aegis_webhook_core::queue::Lane;
 use aegis_webhook_core::retry::AutoDisable;
 use aegis_webhook_core::secret::SecretCipher;
 use aegis_webhook_storage::BulkStage;
-use aegis_webhook_storage::deliveries::{self, Attempt, ClaimRequest, Delivery, NextStep};
+use aegis_webhook_storage::deliveries::{self, ClaimRequest, Delivery, Recorded};
 use aegis_webhook_storage::events::StoredEvent;
 use aegis_webhook_storage::webhooks::{self, HealthChange, Webhook};
 use aegis_webhook_storage::write_gate::{Precedence, WriteTurns};
@@ -71,11 +71,11 @@ pub enum Health {
     Gone { reason: String },
 }
 
-/// An attempt to record, and what follows from it.
+/// An attempt to record, the claim it was made under, and what follows
+/// from it.
 #[derive(Debug, Clone)]
 pub struct Recording {
-    pub attempt: Attempt,
-    pub next: NextStep,
+    pub recorded: Recorded,
     pub webhook_id: WebhookId,
     pub health: Health,
 }
@@ -83,11 +83,23 @@ pub struct Recording {
 /// Why recording an attempt disabled its webhook: the metric's label.
 pub type DisabledBecause = Option<&'static str>;
 
+/// What recording an attempt came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The delivery moved on as the attempt said, and the webhook's health
+    /// with it.
+    Moved(DisabledBecause),
+    /// The claim had run out and another worker took the attempt over: it
+    /// is logged, and nothing else follows from it (see
+    /// [`deliveries::record_attempt`]).
+    TakenOver,
+}
+
 /// The claim and record batchers of one class of attempts.
 #[derive(Clone, Debug)]
 struct Batchers {
     claims: Batcher<ClaimRequest, Option<Claimed>>,
-    records: Batcher<Recording, DisabledBecause>,
+    records: Batcher<Recording, Applied>,
 }
 
 impl Batchers {
@@ -176,9 +188,10 @@ impl Store {
             .await
     }
 
-    /// Records the attempt, moves the delivery on, releases the claim and
-    /// applies the webhook's health; all committed before it returns.
-    pub async fn record(&self, recording: Recording, lane: Lane) -> anyhow::Result<DisabledBecause> {
+    /// Records the attempt and, while its claim is the delivery's, moves
+    /// the delivery on, releases the claim and applies the webhook's
+    /// health; all committed before it returns.
+    pub async fn record(&self, recording: Recording, lane: Lane) -> anyhow::Result<Applied> {
         self.batchers(lane).records.call(recording).await
     }
 }
@@ -237,11 +250,70 @@ async fn record_batch(
     db: &DatabaseConnection,
     auto_disable: &AutoDisable,
     recordings: Vec<Recording>,
-) -> anyhow::Result<Vec<DisabledBecause>> {
-    // Each webhook's health over the batch, in order; and its last recording,
-    // which reports a disabling.
+) -> anyhow::Result<Vec<Applied>> {
+    let now = Utc::now();
+    let transaction = db.begin().await.context("failed to begin recording attempts")?;
+    webhooks::lock_for_health_changes(&transaction, &health_may_change(&recordings)).await?;
+    let recorded: Vec<Recorded> = recordings.iter().map(|recording| recording.recorded.clone()).collect();
+    let moved = deliveries::record_attempts(&transaction, &recorded).await?;
+    let mut applied: Vec<Applied> = moved
+        .iter()
+        .map(|&moved| {
+            if moved {
+                Applied::Moved(None)
+            } else {
+                Applied::TakenOver
+            }
+        })
+        .collect();
+    for (webhook_id, (change, gone, last)) in health_changes(&recordings, &moved) {
+        // A 410 disables at once, whatever the streak.
+        let policy = if gone.is_some() {
+            &AutoDisable::NEVER
+        } else {
+            auto_disable
+        };
+        let failing = webhooks::record_health_change(&transaction, webhook_id, change, policy, now).await?;
+        if let Some(reason) = gone {
+            webhooks::disable_webhook(&transaction, webhook_id, reason, now).await?;
+            applied[last] = Applied::Moved(Some("gone"));
+        } else if failing.is_some() {
+            applied[last] = Applied::Moved(Some("failing"));
+        }
+    }
+    transaction.commit().await.context("failed to commit attempts")?;
+    Ok(applied)
+}
+
+/// The webhooks whose health recording `recordings` may change (before it
+/// is known which of them still hold their claims): the record locks them
+/// first.
+fn health_may_change(recordings: &[Recording]) -> Vec<WebhookId> {
+    recordings
+        .iter()
+        .filter(|recording| {
+            !matches!(
+                recording.health,
+                Health::Unchanged | Health::Succeeded { had_streak: false }
+            )
+        })
+        .map(|recording| recording.webhook_id)
+        .collect()
+}
+
+/// Each webhook's health change over the recordings that `moved` their
+/// deliveries, in order, with a 410's reason and the index of its last such
+/// recording (which reports a disabling). Attempts taken over change
+/// nothing: the worker that took them over counts them.
+fn health_changes<'a>(
+    recordings: &'a [Recording],
+    moved: &[bool],
+) -> BTreeMap<WebhookId, (HealthChange, Option<&'a str>, usize)> {
     let mut health: BTreeMap<WebhookId, (HealthChange, Option<&str>, usize)> = BTreeMap::new();
     for (index, recording) in recordings.iter().enumerate() {
+        if !moved[index] {
+            continue;
+        }
         let (change, gone, last) = health.entry(recording.webhook_id).or_default();
         *last = index;
         match &recording.health {
@@ -261,31 +333,131 @@ async fn record_batch(
             }
         }
     }
+    health
+}
 
-    let now = Utc::now();
-    let mut disabled = vec![None; recordings.len()];
-    let transaction = db.begin().await.context("failed to begin recording attempts")?;
-    // Webhooks first and in id order, so concurrent batches lock them in the same order.
-    for (webhook_id, (change, gone, last)) in health {
-        // A 410 disables at once, whatever the streak.
-        let policy = if gone.is_some() {
-            &AutoDisable::NEVER
-        } else {
-            auto_disable
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use aegis_webhook_core::ids::DeliveryId;
+    use aegis_webhook_storage::deliveries::{Attempt, Delivery, DeliveryStatus, NextStep};
+
+    use super::*;
+
+    fn recording(webhook_id: WebhookId, health: Health) -> Recording {
+        let now = Utc::now();
+        let delivery = Delivery {
+            id: DeliveryId::generate(),
+            tenant_id: aegis_webhook_core::ids::TenantId::generate(),
+            webhook_id,
+            event_id: EventId::generate(),
+            event_type: aegis_webhook_core::event::EventType::PoamOverdue,
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            next_attempt_at: Some(now),
+            locked_until: Some(now),
+            last_status_code: None,
+            failure_reason: None,
+            created_at: now,
         };
-        let failing = webhooks::record_health_change(&transaction, webhook_id, change, policy, now).await?;
-        if let Some(reason) = gone {
-            webhooks::disable_webhook(&transaction, webhook_id, reason, now).await?;
-            disabled[last] = Some("gone");
-        } else if failing.is_some() {
-            disabled[last] = Some("failing");
+        Recording {
+            recorded: Recorded {
+                attempt: Attempt {
+                    delivery_id: delivery.id,
+                    attempt: 1,
+                    started_at: now,
+                    duration: Duration::from_millis(1),
+                    status_code: Some(500),
+                    error: None,
+                    response_body: None,
+                },
+                lease: delivery.lease().expect("claimed"),
+                next: NextStep::Failed("exhausted".to_owned()),
+            },
+            webhook_id,
+            health,
         }
     }
-    let attempts: Vec<(Attempt, NextStep)> = recordings
-        .into_iter()
-        .map(|recording| (recording.attempt, recording.next))
-        .collect();
-    deliveries::record_attempts(&transaction, &attempts).await?;
-    transaction.commit().await.context("failed to commit attempts")?;
-    Ok(disabled)
+
+    #[test]
+    fn only_attempts_that_moved_their_delivery_change_health() {
+        let (a, b) = (WebhookId::generate(), WebhookId::generate());
+        let recordings = [
+            recording(a, Health::Failed),
+            recording(a, Health::Succeeded { had_streak: false }),
+            recording(
+                b,
+                Health::Gone {
+                    reason: "gone".to_owned(),
+                },
+            ),
+            recording(b, Health::Failed),
+        ];
+        // All moved: a's success drops the failure before it; b counts two
+        // failures, one a 410, reported on b's last recording.
+        let all = health_changes(&recordings, &[true; 4]);
+        assert_eq!(all[&a], (HealthChange::default(), None, 1));
+        assert_eq!(
+            all[&b],
+            (
+                HealthChange {
+                    reset: false,
+                    failures: 2
+                },
+                Some("gone"),
+                3
+            )
+        );
+        // The success taken over: a's failure stands. The 410 taken over:
+        // b counts one failure and is not disabled.
+        let some = health_changes(&recordings, &[true, false, false, true]);
+        assert_eq!(
+            some[&a],
+            (
+                HealthChange {
+                    reset: false,
+                    failures: 1
+                },
+                None,
+                0
+            )
+        );
+        assert_eq!(
+            some[&b],
+            (
+                HealthChange {
+                    reset: false,
+                    failures: 1
+                },
+                None,
+                3
+            )
+        );
+        // Nothing moved: nothing changes.
+        assert!(health_changes(&recordings, &[false; 4]).is_empty());
+    }
+
+    #[test]
+    fn the_webhooks_locked_first_are_those_whose_health_may_change() {
+        let (quiet, streak, failing, gone) = (
+            WebhookId::generate(),
+            WebhookId::generate(),
+            WebhookId::generate(),
+            WebhookId::generate(),
+        );
+        let recordings = [
+            recording(quiet, Health::Unchanged),
+            recording(quiet, Health::Succeeded { had_streak: false }),
+            recording(streak, Health::Succeeded { had_streak: true }),
+            recording(failing, Health::Failed),
+            recording(
+                gone,
+                Health::Gone {
+                    reason: "gone".to_owned(),
+                },
+            ),
+        ];
+        assert_eq!(health_may_change(&recordings), [streak, failing, gone]);
+    }
 }

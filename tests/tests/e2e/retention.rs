@@ -104,9 +104,7 @@ async fn attempt(data: &Data, delivery_id: DeliveryId, status: u16, next: NextSt
         error: None,
         response_body: Some("the receiver's answer".to_owned()),
     };
-    deliveries::record_attempt(&data.db, &attempt, &next)
-        .await
-        .expect("record");
+    support::claim_and_record(&data.db, attempt, next).await;
 }
 
 fn expiry(data: &Data, adjust: impl FnOnce(&mut Config)) -> Expiry {

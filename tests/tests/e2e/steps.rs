@@ -612,6 +612,82 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
     assert_eq!(receiver.received().len(), 2);
 }
 
+/// A worker whose claim ran out while its request was in flight, the attempt
+/// taken over by another worker meanwhile: its answer, a 410 (which would
+/// disable the webhook and dead-letter the delivery), recorded first, is
+/// logged and changes nothing else; the other worker's success, recorded
+/// after it, ends the delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_claim_was_taken_over_only_logs_its_attempt() {
+    use aegis_webhook_storage::deliveries::{Attempt, NextStep, Recorded};
+    use aegis_webhook_storage::entities::webhook;
+    use sea_orm::EntityTrait as _;
+    let receiver = Receiver::start(&[], 410).await;
+    let steps = steps(&[&receiver]).await;
+    steps.ingest_one_event().await;
+    let [task] = steps.first_attempts().await[..] else {
+        panic!("one delivery")
+    };
+    receiver.hold_answers();
+    // Another worker claims the attempt once this one's claim has run out,
+    // while this one's request is in flight; it records after this one.
+    let an_hour_on = chrono::Utc::now() + chrono::Duration::hours(1);
+    let take_over = async {
+        receiver.wait_for(1, Duration::from_secs(10)).await;
+        let lease = deliveries::claim(&steps.db, task.delivery_id(), 1, Duration::from_secs(60), an_hour_on)
+            .await
+            .expect("claim")
+            .expect("the first claim ran out");
+        receiver.release_answers();
+        lease
+    };
+    let (late, lease) = tokio::join!(steps.worker.process_one(task), take_over);
+    let Outcome::Skipped { reason } = late.expect("processed") else {
+        panic!("the late attempt is not applied")
+    };
+    assert!(reason.contains("took the attempt over"), "{reason}");
+    let delivered = Recorded {
+        attempt: Attempt {
+            delivery_id: task.delivery_id(),
+            attempt: 1,
+            started_at: an_hour_on,
+            duration: Duration::from_millis(5),
+            status_code: Some(200),
+            error: None,
+            response_body: None,
+        },
+        lease,
+        next: NextStep::Succeeded,
+    };
+    assert!(
+        deliveries::record_attempt(&steps.db, &delivered).await.expect("record"),
+        "the live claim's record moves the delivery"
+    );
+
+    let delivery = deliveries::delivery_by_id(&steps.db, task.delivery_id())
+        .await
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        (delivery.status, delivery.attempts, delivery.last_status_code),
+        (DeliveryStatus::Succeeded, 1, Some(200))
+    );
+    let logged = deliveries::attempts_of(&steps.db, task.delivery_id())
+        .await
+        .expect("attempts");
+    assert_eq!(logged.len(), 2, "the late attempt is logged: {logged:?}");
+    let hook = webhook::Entity::find_by_id(task.webhook_id().expect("v2").as_uuid())
+        .one(&steps.db)
+        .await
+        .expect("read")
+        .expect("stored");
+    assert!(
+        hook.active && hook.consecutive_failures == 0,
+        "the late 410 neither disabled the webhook nor counted: {hook:?}"
+    );
+    assert!(steps.queue.dead_letters().is_empty(), "no dead letter");
+}
+
 /// A delivery whose event lost its payload to the body retention (a
 /// redeliver racing the expiry pass) ends with the reason: nothing is sent,
 /// least of all an empty body.

@@ -7,7 +7,7 @@ use aegis_webhook_core::event::{EventType, ValidatedEvent};
 use aegis_webhook_core::ids::{DeliveryId, TenantId, WebhookId};
 use aegis_webhook_core::secret::{SecretCipher, SigningSecret};
 use aegis_webhook_core::target::{TargetPolicy, WebhookUrl};
-use aegis_webhook_storage::deliveries::{self, Attempt, DeliveryStatus, NewDelivery, NextStep};
+use aegis_webhook_storage::deliveries::{self, Attempt, DeliveryStatus, NewDelivery, NextStep, Recorded};
 use aegis_webhook_storage::{self as db, events, tenants, webhooks};
 use chrono::{SubsecRound as _, Utc};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
@@ -28,7 +28,7 @@ on_both_backends!(
     a_fan_out_stores_each_new_event_with_its_deliveries_all_or_nothing,
     the_reconciler_scan_pages_through_unclaimed_pending_deliveries,
     a_tenant_is_shown_a_deliverys_newest_attempts_and_bodies_only_when_asked,
-    a_late_record_of_an_attempt_made_again_since_is_logged_and_changes_nothing,
+    a_late_record_of_an_attempt_taken_over_is_logged_and_changes_nothing,
 );
 
 async fn open(backend: Backend) -> Option<DatabaseConnection> {
@@ -277,16 +277,21 @@ async fn a_delivery_attempt_is_claimed_by_one_worker_only(backend: Backend) {
     let lease = Duration::from_secs(60);
     // PostgreSQL keeps microseconds.
     let now = Utc::now().trunc_subsecs(6);
-    assert!(deliveries::claim(&fixture.db, id, 1, lease, now).await.expect("claim"));
-    assert!(
-        !deliveries::claim(&fixture.db, id, 1, lease, now)
+    let claim = deliveries::claim(&fixture.db, id, 1, lease, now)
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert_eq!(
+        deliveries::claim(&fixture.db, id, 1, lease, now)
             .await
-            .expect("second claim")
+            .expect("second claim"),
+        None
     );
-    assert!(
-        !deliveries::claim(&fixture.db, id, 2, lease, now)
+    assert_eq!(
+        deliveries::claim(&fixture.db, id, 2, lease, now)
             .await
-            .expect("future attempt")
+            .expect("future attempt"),
+        None
     );
 
     let attempt = Attempt {
@@ -298,66 +303,114 @@ async fn a_delivery_attempt_is_claimed_by_one_worker_only(backend: Backend) {
         error: None,
         response_body: Some("boom".to_owned()),
     };
-    deliveries::record_attempt(&fixture.db, &attempt, &NextStep::RetryAt(now))
+    let recorded = Recorded {
+        attempt: attempt.clone(),
+        lease: claim,
+        next: NextStep::RetryAt(now),
+    };
+    assert!(
+        deliveries::record_attempt(&fixture.db, &recorded)
+            .await
+            .expect("record")
+    );
+    assert_eq!(
+        deliveries::claim(&fixture.db, id, 1, lease, Utc::now())
+            .await
+            .expect("stale task"),
+        None
+    );
+    let second = deliveries::claim(&fixture.db, id, 2, lease, Utc::now())
         .await
-        .expect("record");
-    assert!(
-        !deliveries::claim(&fixture.db, id, 1, lease, Utc::now())
-            .await
-            .expect("stale task")
-    );
-    assert!(
-        deliveries::claim(&fixture.db, id, 2, lease, Utc::now())
-            .await
-            .expect("next attempt")
-    );
+        .expect("next attempt")
+        .expect("claimed");
 
-    // An expired claim can be taken over (a worker died mid-attempt).
+    // An expired claim can be taken over (a worker died mid-attempt), by
+    // another claim.
     let later = Utc::now() + chrono::Duration::seconds(120);
-    assert!(
-        deliveries::claim(&fixture.db, id, 2, lease, later)
-            .await
-            .expect("takeover")
-    );
+    let takeover = deliveries::claim(&fixture.db, id, 2, lease, later)
+        .await
+        .expect("takeover")
+        .expect("claimed");
+    assert_ne!(takeover, second);
 
     let stored = deliveries::attempts_of(&fixture.db, id).await.expect("attempts");
     assert_eq!(stored, vec![attempt]);
 }
 
-/// A worker whose claim ran out while it recorded: another worker made the
-/// attempt again and recorded its success first. The late failure is
-/// logged, and the delivery stays a success (it used to become a retry, or
-/// a dead letter counted against the webhook).
-async fn a_late_record_of_an_attempt_made_again_since_is_logged_and_changes_nothing(backend: Backend) {
+/// A worker whose claim ran out before it recorded: another worker took the
+/// attempt over. Whichever records first, the delivery moves as the
+/// attempt under the live claim says; the late one is logged, moves
+/// nothing, and says so (it used to turn a success into a retry or a dead
+/// letter, or, recorded first, win).
+async fn a_late_record_of_an_attempt_taken_over_is_logged_and_changes_nothing(backend: Backend) {
     let Some(fixture) = fixture(backend).await else { return };
-    let id = pending_delivery(&fixture).await;
+    let lease = Duration::from_secs(60);
     let now = Utc::now().trunc_subsecs(6);
-    let attempt = |status_code| Attempt {
-        delivery_id: id,
-        attempt: 1,
-        started_at: now,
-        duration: Duration::from_millis(1),
-        status_code: Some(status_code),
-        error: None,
-        response_body: None,
+    let recorded = |id, status_code, lease, next| Recorded {
+        attempt: Attempt {
+            delivery_id: id,
+            attempt: 1,
+            started_at: now,
+            duration: Duration::from_millis(1),
+            status_code: Some(status_code),
+            error: None,
+            response_body: None,
+        },
+        lease,
+        next,
     };
-    deliveries::record_attempt(&fixture.db, &attempt(200), &NextStep::Succeeded)
-        .await
-        .expect("record");
-    let late = NextStep::Failed("exhausted".to_owned());
-    deliveries::record_attempt(&fixture.db, &attempt(500), &late)
-        .await
-        .expect("record");
-    let delivery = deliveries::delivery_by_id(&fixture.db, id)
-        .await
-        .expect("read")
-        .expect("stored");
-    assert_eq!(
-        (delivery.status, delivery.attempts, delivery.last_status_code),
-        (DeliveryStatus::Succeeded, 1, Some(200))
-    );
-    let logged = deliveries::attempts_of(&fixture.db, id).await.expect("attempts");
-    assert_eq!(logged.len(), 2, "both attempts are in the log");
+    let exhausted = || NextStep::Failed("exhausted".to_owned());
+    let db = &fixture.db;
+    let read = |id| async move {
+        let delivery = deliveries::delivery_by_id(db, id).await.expect("read").expect("stored");
+        (delivery.status, delivery.attempts, delivery.last_status_code)
+    };
+    // A pending delivery claimed, and claimed again once that claim ran out:
+    // its id, the late claim and the live one.
+    let taken_over = || async {
+        let id = pending_delivery(&fixture).await;
+        let claimed_at = Utc::now();
+        let mut claims = Vec::new();
+        for at in [claimed_at, claimed_at + chrono::Duration::seconds(61)] {
+            let claim = deliveries::claim(db, id, 1, lease, at).await.expect("claim");
+            claims.push(claim.expect("claimed"));
+        }
+        (id, claims[0], claims[1])
+    };
+    for late_first in [false, true] {
+        let (id, late, live) = taken_over().await;
+        let success = recorded(id, 200, live, NextStep::Succeeded);
+        let failure = recorded(id, 500, late, exhausted());
+        let (first, second) = if late_first {
+            (&failure, &success)
+        } else {
+            (&success, &failure)
+        };
+        let moved_first = deliveries::record_attempt(&fixture.db, first).await.expect("record");
+        let moved_second = deliveries::record_attempt(&fixture.db, second).await.expect("record");
+        assert_eq!(
+            (moved_first, moved_second),
+            (!late_first, late_first),
+            "only the live claim's record moves the delivery (late first: {late_first})"
+        );
+        assert_eq!(read(id).await, (DeliveryStatus::Succeeded, 1, Some(200)));
+        let logged = deliveries::attempts_of(&fixture.db, id).await.expect("attempts");
+        assert_eq!(logged.len(), 2, "both attempts are in the log");
+    }
+
+    // Recorded together, in one batch: the later claim's attempt moves it.
+    let (id, late, live) = taken_over().await;
+    let moved = deliveries::record_attempts(
+        &fixture.db,
+        &[
+            recorded(id, 200, live, NextStep::Succeeded),
+            recorded(id, 500, late, exhausted()),
+        ],
+    )
+    .await
+    .expect("record batch");
+    assert_eq!(moved, [true, false]);
+    assert_eq!(read(id).await, (DeliveryStatus::Succeeded, 1, Some(200)));
 }
 
 /// However many attempts redeliveries add, a tenant is shown the newest
@@ -378,9 +431,7 @@ async fn a_tenant_is_shown_a_deliverys_newest_attempts_and_bodies_only_when_aske
             error: None,
             response_body: Some(format!("answer {attempt}")),
         };
-        deliveries::record_attempt(&fixture.db, &recorded, &NextStep::RetryAt(now))
-            .await
-            .expect("record");
+        crate::support::claim_and_record(&fixture.db, recorded, NextStep::RetryAt(now)).await;
     }
     let ids = [id];
     let shown = |bodies| deliveries::newest_attempts_of_tenant(&fixture.db, fixture.tenant_id, &ids, bodies);
@@ -577,15 +628,30 @@ async fn batched_writes_mean_what_one_at_a_time_writes_mean(backend: Backend) {
         response_body: None,
     };
     let retry_at = now + chrono::Duration::seconds(30);
-    deliveries::record_attempts(
+    // Under the claims taken above, as the claim returned them.
+    let lease_of = |id| {
+        leases
+            .deliveries
+            .iter()
+            .find(|delivery| delivery.id == id)
+            .and_then(deliveries::Delivery::lease)
+            .expect("claimed")
+    };
+    let recorded = |id, status_code, next| Recorded {
+        attempt: attempt(id, status_code),
+        lease: lease_of(id),
+        next,
+    };
+    let moved = deliveries::record_attempts(
         &fixture.db,
         &[
-            (attempt(a, 200), NextStep::Succeeded),
-            (attempt(c, 503), NextStep::RetryAt(retry_at)),
+            recorded(a, 200, NextStep::Succeeded),
+            recorded(c, 503, NextStep::RetryAt(retry_at)),
         ],
     )
     .await
     .expect("record batch");
+    assert_eq!(moved, [true, true]);
     let a_now = deliveries::delivery_by_id(&fixture.db, a).await.expect("a").expect("a");
     let c_now = deliveries::delivery_by_id(&fixture.db, c).await.expect("c").expect("c");
     assert_eq!(
@@ -748,6 +814,7 @@ async fn the_reconciler_scan_pages_through_unclaimed_pending_deliveries(backend:
         deliveries::claim(&fixture.db, ids[2], 1, Duration::from_secs(60), now)
             .await
             .expect("claim")
+            .is_some()
     );
 
     let mut seen = Vec::new();
