@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use aegis_webhook::{Roles, open_database, run_until_signal, start, telemetry_settings};
+use aegis_webhook::{Roles, open_database_for, run_until_signal, start, telemetry_settings};
 use aegis_webhook_core::config::Config;
 use aegis_webhook_core::ids::TenantId;
 use aegis_webhook_core::retry::RetrySchedule;
@@ -47,7 +47,7 @@ pub async fn role_process_main() {
     // AEGIS_OTLP_ENDPOINT they export traces, as `aegis-webhook <role>` does.
     let telemetry = telemetry_settings(&config, roles.service_name()).expect("telemetry");
     aegis_webhook_core::telemetry::init(telemetry);
-    let db = open_database(&config, false).await.expect("database");
+    let db = open_database_for(&config, roles).await.expect("database");
     // Every role listens, as `aegis-webhook <role>` does: the API, or probes and metrics.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let system = start(&config, roles, db, Some(listener)).await.expect("start");

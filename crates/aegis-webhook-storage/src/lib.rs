@@ -98,12 +98,36 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
 
 /// [`connect`] with at most `max_connections` PostgreSQL connections.
 pub async fn connect_with(url: &str, max_connections: u32) -> anyhow::Result<DatabaseConnection> {
-    connect_pool(url, max_connections, max_connections.clamp(1, 4)).await
+    connect_pool(url, max_connections, max_connections.clamp(1, 4), None).await
+}
+
+/// [`connect_with`], where PostgreSQL cancels any statement that runs
+/// longer than `statement_timeout` (each connection's `statement_timeout`,
+/// set when it opens). For a process whose callers stop waiting after a
+/// deadline: a statement they abandoned does not run on in the server.
+/// SQLite: the same as [`connect_with`].
+pub async fn connect_bounded(
+    url: &str,
+    max_connections: u32,
+    statement_timeout: std::time::Duration,
+) -> anyhow::Result<DatabaseConnection> {
+    connect_pool(
+        url,
+        max_connections,
+        max_connections.clamp(1, 4),
+        Some(statement_timeout),
+    )
+    .await
 }
 
 /// [`connect_with`], keeping `standing` PostgreSQL connections open from the
-/// start.
-async fn connect_pool(url: &str, max_connections: u32, standing: u32) -> anyhow::Result<DatabaseConnection> {
+/// start, each with `statement_timeout` if given.
+async fn connect_pool(
+    url: &str,
+    max_connections: u32,
+    standing: u32,
+    statement_timeout: Option<std::time::Duration>,
+) -> anyhow::Result<DatabaseConnection> {
     if let Some(parent) = sqlite_path(url)
         .and_then(|path| Path::new(path).parent())
         .filter(|parent| !parent.as_os_str().is_empty())
@@ -140,6 +164,22 @@ async fn connect_pool(url: &str, max_connections: u32, standing: u32) -> anyhow:
         // machine: opened on demand, each one stalls the request that needed
         // it (the steady benchmark's p99). Keep a few open from the start.
         options.min_connections(standing.clamp(1, max_connections.max(1)));
+        if let Some(timeout) = statement_timeout {
+            // A `SET` as each connection opens, rather than a startup
+            // parameter, which connection poolers such as PgBouncer refuse.
+            let set = format!("SET statement_timeout = {}", timeout.as_millis().max(1));
+            options.map_sqlx_postgres_pool_opts(move |pool| {
+                let set = set.clone();
+                pool.after_connect(move |connection, _| {
+                    let set = set.clone();
+                    Box::pin(async move {
+                        sea_orm::sqlx::Executor::execute(connection, sea_orm::sqlx::AssertSqlSafe(set))
+                            .await
+                            .map(|_| ())
+                    })
+                })
+            });
+        }
     }
     let db = Database::connect(options)
         .await
@@ -171,7 +211,7 @@ impl BulkStage {
     pub async fn open(runtime: tokio::runtime::Handle, url: &str, max_connections: u32) -> anyhow::Result<Self> {
         let url = url.to_owned();
         let db = runtime
-            .spawn(async move { connect_pool(&url, max_connections, 1).await })
+            .spawn(async move { connect_pool(&url, max_connections, 1, None).await })
             .await
             .context("the bulk lanes' database pool was not opened")??;
         Ok(BulkStage { runtime, db })

@@ -209,6 +209,32 @@ impl RunningSystem {
 /// `AEGIS_BOOTSTRAP_API_KEY`.
 pub async fn open_database(config: &Config, run_migrations: bool) -> anyhow::Result<DatabaseConnection> {
     let db = db::connect_with(&config.database_url(), config.database_max_connections).await?;
+    prepare_database(config, db, run_migrations).await
+}
+
+/// [`open_database`] for a process running `roles`. An API process's
+/// statements are cancelled by PostgreSQL once they run longer than
+/// `AEGIS_GRAPHQL_TIMEOUT`: its requests are abandoned at that deadline,
+/// and a statement abandoned (an expensive query a client repeats) would
+/// otherwise run on in the server. The other roles' statements are bounded
+/// by their batches, and `dev` keeps them all in one pool.
+pub async fn open_database_for(config: &Config, roles: Roles) -> anyhow::Result<DatabaseConnection> {
+    let url = config.database_url();
+    let db = if roles == Roles::API {
+        db::connect_bounded(&url, config.database_max_connections, config.graphql_timeout).await?
+    } else {
+        db::connect_with(&url, config.database_max_connections).await?
+    };
+    prepare_database(config, db, false).await
+}
+
+/// What every process does with its database before it starts: the
+/// migrations (if asked) or the partitions ahead, and the bootstrap key.
+async fn prepare_database(
+    config: &Config,
+    db: DatabaseConnection,
+    run_migrations: bool,
+) -> anyhow::Result<DatabaseConnection> {
     if run_migrations {
         db::migrate(&db, config.partition_plan()).await?;
     } else {

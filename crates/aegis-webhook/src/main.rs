@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use aegis_webhook::{DEFAULT_TENANT, Roles, open_database, run_until_signal, start, start_dev};
+use aegis_webhook::{DEFAULT_TENANT, Roles, open_database, open_database_for, run_until_signal, start, start_dev};
 use aegis_webhook_core::config::Config;
 use aegis_webhook_core::event::ValidatedEvent;
 use aegis_webhook_core::telemetry;
@@ -266,7 +266,7 @@ async fn publish(config: Config, file: &std::path::Path) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
-    let db = open_database(&config, false).await?;
+    let db = open_database_for(&config, roles).await?;
     // Every role listens: the API serves everything there, the others their
     // probes and metrics.
     let listener = TcpListener::bind(config.listen)

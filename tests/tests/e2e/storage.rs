@@ -123,6 +123,37 @@ async fn every_pooled_sqlite_connection_has_the_embedded_settings() {
     }
 }
 
+/// An API process's PostgreSQL statements end at its requests' deadline
+/// (`AEGIS_GRAPHQL_TIMEOUT`), on every connection of its pool, so a query
+/// a client abandoned does not run on in the server; a worker's are not cut.
+#[tokio::test]
+async fn an_api_process_statements_are_cancelled_at_its_request_deadline() {
+    use aegis_webhook::{Roles, open_database_for};
+    use sea_orm::TransactionTrait as _;
+    let scratch = scratch_dir();
+    let Some(url) = crate::support::migrated_database(Backend::Postgres, &scratch).await else {
+        return;
+    };
+    let mut config = crate::support::test_config(url, scratch);
+    config.graphql_timeout = Duration::from_millis(300);
+    let sleep =
+        |seconds: f64| Statement::from_string(sea_orm::DbBackend::Postgres, format!("SELECT pg_sleep({seconds})"));
+
+    let api = open_database_for(&config, Roles::API).await.expect("api pool");
+    let held = futures::future::try_join_all((0..4).map(|_| api.begin()))
+        .await
+        .expect("four of the pool's connections");
+    for transaction in held {
+        let error = transaction
+            .execute_raw(sleep(1.5))
+            .await
+            .expect_err("cancelled at the deadline");
+        assert!(error.to_string().contains("statement timeout"), "{error}");
+    }
+    let worker = open_database_for(&config, Roles::WORKER).await.expect("worker pool");
+    worker.execute_raw(sleep(0.5)).await.expect("not cut");
+}
+
 /// What every replica writes when it starts (migrations, the bootstrap tenant
 /// and its key), done by several at the same instant, each on its own pool as
 /// separate processes would: all succeed, and one tenant and one key result.
