@@ -567,7 +567,9 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[Recorded]) -
         failure_reason: Option<&'a str>,
     }
     let contenders = latest_claims(recorded);
-    let mut groups: std::collections::HashMap<NewState<'_>, Vec<(Uuid, DateTime<Utc>)>> =
+    // By new state, then by claim: a claim statement writes one lease for
+    // every delivery it claims, so a batch holds few.
+    let mut groups: std::collections::HashMap<NewState<'_>, std::collections::BTreeMap<Lease, Vec<Uuid>>> =
         std::collections::HashMap::new();
     for (index, Recorded { attempt, lease, next }) in recorded.iter().enumerate() {
         if !contenders[index] {
@@ -588,15 +590,27 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[Recorded]) -
         groups
             .entry(state)
             .or_default()
-            .push((attempt.delivery_id.as_uuid(), lease.0));
+            .entry(*lease)
+            .or_default()
+            .push(attempt.delivery_id.as_uuid());
     }
     let backend = db.get_database_backend();
     let now = Utc::now();
     let mut moved = std::collections::HashSet::new();
     for (state, claims) in groups {
         use sea_orm::QueryTrait as _;
-        use sea_orm::sea_query::ExprTrait as _;
-        let ids = claims.iter().map(|(id, _)| *id);
+        // The key finds the rows (see `pending_by_key`), each list with the
+        // claim its rows must still have. (As pairs, `(id, locked_until)
+        // IN (…)`, PostgreSQL compared each row with every pair: 12 % more
+        // of its CPU in a 20,000 × 10 burst.)
+        let mut under_their_claims = Condition::any();
+        for (Lease(until), ids) in claims {
+            under_their_claims = under_their_claims.add(
+                Condition::all()
+                    .add(delivery::Column::Id.is_in(crate::in_list(ids)))
+                    .add(delivery::Column::LockedUntil.eq(until)),
+            );
+        }
         let update = delivery::Entity::update_many()
             .col_expr(delivery::Column::Status, Expr::value(state.status.as_str()))
             .col_expr(delivery::Column::Attempts, Expr::value(state.attempts))
@@ -611,15 +625,7 @@ pub async fn record_attempts(db: &impl ConnectionTrait, recorded: &[Recorded]) -
                 Expr::value(state.failure_reason.map(str::to_owned)),
             )
             .col_expr(delivery::Column::UpdatedAt, Expr::value(now))
-            // The key finds the rows (see `pending_by_key`); the pairs fence them.
-            .filter(delivery::Column::Id.is_in(crate::in_list(ids)))
-            .filter(
-                Expr::tuple([
-                    Expr::col((delivery::Entity, delivery::Column::Id)),
-                    Expr::col((delivery::Entity, delivery::Column::LockedUntil)),
-                ])
-                .in_tuples(crate::in_list(claims)),
-            )
+            .filter(under_their_claims)
             .filter(pending_by_key())
             .filter(delivery::Column::Attempts.eq(state.attempts.saturating_sub(1)))
             .build(backend);
