@@ -127,6 +127,48 @@ impl Outcome {
     }
 }
 
+/// Why a task's attempt could not be claimed, and what becomes of the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unclaimed {
+    /// The attempt is still the delivery's next: the task goes back for this
+    /// long. It came before the attempt was due (through a broker tier
+    /// shorter than its delay, or an instant before the claim's clock said
+    /// it was due), or while a claim holds the attempt: the worker holding
+    /// it may be sending it, or may have failed to record it (a database
+    /// error), and then only a task after the claim runs out makes the
+    /// attempt again without waiting for the reconciler, which waits while
+    /// tasks wait (a flood's backlog can last minutes).
+    Wait(Duration),
+    /// The delivery is finished, gone, or past this attempt: the task is
+    /// dropped.
+    Stale,
+}
+
+impl Unclaimed {
+    /// How much after a claim's end a task held for it comes back: the
+    /// claim needs the lease to have ended, not to be ending.
+    const AFTER_CLAIM: Duration = Duration::from_millis(100);
+
+    fn of(delivery: Option<&deliveries::Delivery>, attempt: u32, now: chrono::DateTime<Utc>) -> Self {
+        let Some((delivery, due_at)) = delivery
+            .filter(|delivery| {
+                delivery.status == deliveries::DeliveryStatus::Pending && delivery.attempts + 1 == attempt
+            })
+            .and_then(|delivery| Some((delivery, delivery.next_attempt_at?)))
+        else {
+            return Unclaimed::Stale;
+        };
+        let until = |at: chrono::DateTime<Utc>| (at - now).to_std().unwrap_or_default();
+        let due = until(due_at);
+        let held = delivery
+            .locked_until
+            .filter(|claimed_until| *claimed_until >= now)
+            .map(|claimed_until| until(claimed_until) + Self::AFTER_CLAIM)
+            .unwrap_or_default();
+        Unclaimed::Wait(due.max(held))
+    }
+}
+
 /// What the claim step came to.
 enum Claim {
     Granted(Attemptable),
@@ -290,10 +332,11 @@ impl Worker {
     /// An `Err` means the attempt was not recorded: the claim failed (nothing was
     /// sent), or the request went out and recording its result failed. Either
     /// way the delivery is still pending in the database. The caller hands the
-    /// task back; while the claim's lease holds, that task is turned away as
-    /// stale, and the reconciler publishes the attempt again once the lease has
-    /// ended and `AEGIS_RECONCILE_GRACE` passed (so it may be sent twice: at
-    /// least once). Publishing what the recorded decision schedules cannot fail
+    /// task back; while the claim's lease holds, that task goes back again
+    /// for the rest of the lease, and then the attempt is made again (so it
+    /// may be sent twice: at least once); should that fail too, the
+    /// reconciler publishes the attempt once the lease has ended and
+    /// `AEGIS_RECONCILE_GRACE` passed. Publishing what the recorded decision schedules cannot fail
     /// the step: it follows the one after-commit policy
     /// ([`queue::publish_after_commit`]).
     pub async fn process_one(&self, task: DeliveryTask) -> anyhow::Result<Outcome> {
@@ -508,29 +551,19 @@ impl Worker {
         }
     }
 
-    /// Explains a failed claim. A task whose attempt is the delivery's next,
-    /// with no claim held on it, came early (through a broker tier shorter
-    /// than its delay, or an instant before the claim's clock said it was
-    /// due): it goes back for the rest of its delay, if any, rather than be
-    /// dropped and wait for the reconciler. Anything else (a finished
-    /// delivery, another attempt, a claim held by another worker) is stale.
+    /// Explains a failed claim ([`Unclaimed::of`]): a task that came early,
+    /// or while another claim holds its attempt, goes back for the time
+    /// left, if any, rather than be dropped and wait for the reconciler;
+    /// anything else is stale.
     async fn unclaimed(&self, task: DeliveryTask, lane: Lane) -> anyhow::Result<Outcome> {
         let now = Utc::now();
-        let early = deliveries::delivery_by_id(self.db_of(lane), task.delivery_id())
-            .await?
-            .filter(|delivery| {
-                delivery.status == deliveries::DeliveryStatus::Pending
-                    && delivery.attempts + 1 == task.attempt()
-                    && delivery.locked_until.is_none_or(|until| until < now)
-            })
-            .and_then(|delivery| delivery.next_attempt_at)
-            .map(|due| (due - now).to_std().unwrap_or_default());
-        match early {
-            Some(remaining) => {
+        let delivery = deliveries::delivery_by_id(self.db_of(lane), task.delivery_id()).await?;
+        match Unclaimed::of(delivery.as_ref(), task.attempt(), now) {
+            Unclaimed::Wait(remaining) => {
                 self.queue.publish_task(task, remaining).await?;
                 Ok(Outcome::Deferred { remaining })
             }
-            None => Ok(Outcome::Skipped {
+            Unclaimed::Stale => Ok(Outcome::Skipped {
                 reason: "duplicate or stale task".to_owned(),
             }),
         }
@@ -874,6 +907,53 @@ mod tests {
         chrono::DateTime::parse_from_rfc3339(text)
             .expect("valid")
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_task_whose_attempt_is_held_or_not_due_waits_and_any_other_is_stale() {
+        let now = at("2026-12-05T12:00:00Z");
+        let pending = |attempts, due: &str, claimed_until: Option<&str>| deliveries::Delivery {
+            id: DeliveryId::generate(),
+            tenant_id: aegis_webhook_core::ids::TenantId::generate(),
+            webhook_id: aegis_webhook_core::ids::WebhookId::generate(),
+            event_id: aegis_webhook_core::ids::EventId::generate(),
+            event_type: aegis_webhook_core::event::EventType::PoamOverdue,
+            status: deliveries::DeliveryStatus::Pending,
+            attempts,
+            next_attempt_at: Some(at(due)),
+            locked_until: claimed_until.map(at),
+            last_status_code: None,
+            failure_reason: None,
+            created_at: now,
+        };
+        let of = |delivery: &deliveries::Delivery, attempt| Unclaimed::of(Some(delivery), attempt, now);
+        let secs = Duration::from_secs;
+        // Early: back when due.
+        let early = pending(1, "2026-12-05T12:00:30Z", None);
+        assert_eq!(of(&early, 2), Unclaimed::Wait(secs(30)));
+        // Held by a claim (its worker may have failed to record): back just
+        // after the claim ends, or when due if that is later.
+        let held = pending(0, "2026-12-05T11:59:00Z", Some("2026-12-05T12:00:40Z"));
+        assert_eq!(of(&held, 1), Unclaimed::Wait(secs(40) + Unclaimed::AFTER_CLAIM));
+        let held_early = pending(1, "2026-12-05T12:01:00Z", Some("2026-12-05T12:00:40Z"));
+        assert_eq!(of(&held_early, 2), Unclaimed::Wait(secs(60)));
+        // A claim that has ended holds nothing.
+        let lapsed = pending(0, "2026-12-05T11:59:00Z", Some("2026-12-05T11:59:59Z"));
+        assert_eq!(of(&lapsed, 1), Unclaimed::Wait(Duration::ZERO));
+        // Another attempt, a finished delivery, none, or no due time: stale.
+        assert_eq!(of(&held, 2), Unclaimed::Stale);
+        assert_eq!(of(&early, 1), Unclaimed::Stale);
+        let finished = deliveries::Delivery {
+            status: deliveries::DeliveryStatus::Succeeded,
+            ..held.clone()
+        };
+        assert_eq!(of(&finished, 1), Unclaimed::Stale);
+        assert_eq!(Unclaimed::of(None, 1, now), Unclaimed::Stale);
+        let undated = deliveries::Delivery {
+            next_attempt_at: None,
+            ..held
+        };
+        assert_eq!(of(&undated, 1), Unclaimed::Stale);
     }
 
     #[test]

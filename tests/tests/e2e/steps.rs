@@ -117,6 +117,35 @@ impl Steps {
             .expect("ingested");
     }
 
+    /// Ingests one new event for the steps' one webhook: its one delivery's
+    /// first task.
+    async fn one_delivery(&self) -> DeliveryTask {
+        self.ingest_one_event().await;
+        let [task] = self.first_attempts().await[..] else {
+            panic!("one delivery")
+        };
+        task
+    }
+
+    /// Sets `column` of the task's delivery to `value`, as time passing
+    /// would (a retry falling due, a claim running out).
+    async fn set_delivery(
+        &self,
+        task: DeliveryTask,
+        column: aegis_webhook_storage::entities::delivery::Column,
+        value: chrono::DateTime<chrono::Utc>,
+    ) {
+        use aegis_webhook_storage::entities::delivery;
+        use sea_orm::sea_query::Expr;
+        use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
+        delivery::Entity::update_many()
+            .col_expr(column, Expr::value(Some(value)))
+            .filter(delivery::Column::Id.eq(task.delivery_id().as_uuid()))
+            .exec(&self.db)
+            .await
+            .expect("set the delivery's column");
+    }
+
     /// The first-attempt tasks of the event's deliveries, as the ingester
     /// published them (read back from the database, which says the same).
     async fn first_attempts(&self) -> Vec<DeliveryTask> {
@@ -513,10 +542,7 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
     // The first attempt fails with a 503, the second succeeds.
     let receiver = Receiver::start(&[503], 200).await;
     let steps = steps(&[&receiver]).await;
-    steps.ingest_one_event().await;
-    let [task] = steps.first_attempts().await[..] else {
-        panic!("one delivery")
-    };
+    let task = steps.one_delivery().await;
 
     // Attempt 1: the 503 schedules attempt 2 for 30 s (+ jitter) later.
     let outcome = steps.worker.process_one(task).await.expect("processed");
@@ -571,17 +597,13 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
     assert_eq!(due_at().await, later);
 
     // Once due (moved forward in the database), attempt 2 is delivered.
-    {
-        use aegis_webhook_storage::entities::delivery;
-        use sea_orm::sea_query::Expr;
-        use sea_orm::{ColumnTrait as _, EntityTrait as _, QueryFilter as _};
-        delivery::Entity::update_many()
-            .col_expr(delivery::Column::NextAttemptAt, Expr::value(Some(chrono::Utc::now())))
-            .filter(delivery::Column::Id.eq(task.delivery_id().as_uuid()))
-            .exec(&steps.db)
-            .await
-            .expect("make it due");
-    }
+    steps
+        .set_delivery(
+            task,
+            aegis_webhook_storage::entities::delivery::Column::NextAttemptAt,
+            chrono::Utc::now(),
+        )
+        .await;
     let delivered = steps.worker.process_one(retry).await.expect("processed");
     assert_eq!(delivered, Outcome::Delivered);
     let received = receiver.received();
@@ -594,10 +616,7 @@ async fn one_worker_step_per_task_delivers_retries_defers_and_skips() {
     assert_eq!((delivery.status, delivery.attempts), (DeliveryStatus::Succeeded, 2));
 
     // A task for a webhook disabled meanwhile sends nothing.
-    steps.ingest_one_event().await;
-    let [paused] = steps.first_attempts().await[..] else {
-        panic!("one new delivery")
-    };
+    let paused = steps.one_delivery().await;
     let webhook = paused.webhook_id().expect("v2");
     webhooks::disable_webhook(&steps.db, webhook, "paused for the test", chrono::Utc::now())
         .await
@@ -624,10 +643,7 @@ async fn a_worker_whose_claim_was_taken_over_only_logs_its_attempt() {
     use sea_orm::EntityTrait as _;
     let receiver = Receiver::start(&[], 410).await;
     let steps = steps(&[&receiver]).await;
-    steps.ingest_one_event().await;
-    let [task] = steps.first_attempts().await[..] else {
-        panic!("one delivery")
-    };
+    let task = steps.one_delivery().await;
     receiver.hold_answers();
     // Another worker claims the attempt once this one's claim has run out,
     // while this one's request is in flight; it records after this one.
@@ -688,6 +704,58 @@ async fn a_worker_whose_claim_was_taken_over_only_logs_its_attempt() {
     assert!(steps.queue.dead_letters().is_empty(), "no dead letter");
 }
 
+/// A worker that sent an attempt and then failed to record it (a database
+/// error) keeps its claim until the lease ends: the task it hands back, or
+/// any other for that attempt, goes back for the rest of the lease rather
+/// than be dropped (the reconciler, the only other way back, waits while
+/// tasks wait, as during a flood), and the attempt is made again after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_whose_record_failed_is_made_again_once_its_claim_ends() {
+    use sea_orm::ConnectionTrait as _;
+    let receiver = Receiver::start(&[], 200).await;
+    let steps = steps(&[&receiver]).await;
+    let task = steps.one_delivery().await;
+    steps
+        .db
+        .execute_unprepared(
+            "CREATE TRIGGER refuse_attempts BEFORE INSERT ON delivery_attempts BEGIN SELECT RAISE(ABORT, 'refused for the test'); END",
+        )
+        .await
+        .expect("trigger");
+    steps.worker.process_one(task).await.expect_err("the record failed");
+    assert_eq!(receiver.received().len(), 1, "the request went out");
+    steps
+        .db
+        .execute_unprepared("DROP TRIGGER refuse_attempts")
+        .await
+        .expect("drop trigger");
+
+    // Handed back while the failed worker's claim holds: back after it.
+    let lease = steps.config.request_timeout + steps.config.claim_margin;
+    let held = steps.worker.process_one(task).await.expect("processed");
+    let Outcome::Deferred { remaining } = held else {
+        panic!("{held:?}")
+    };
+    assert!(
+        remaining > lease - Duration::from_secs(5) && remaining <= lease + Duration::from_secs(1),
+        "{remaining:?} for a lease of {lease:?}"
+    );
+
+    // Once the claim has ended (moved back in the database), the attempt is
+    // made again.
+    let ended = chrono::Utc::now() - chrono::Duration::seconds(1);
+    steps
+        .set_delivery(
+            task,
+            aegis_webhook_storage::entities::delivery::Column::LockedUntil,
+            ended,
+        )
+        .await;
+    let again = steps.worker.process_one(task).await.expect("processed");
+    assert_eq!(again, Outcome::Delivered);
+    assert_eq!(receiver.received().len(), 2, "sent twice: at least once");
+}
+
 /// A delivery whose event lost its payload to the body retention (a
 /// redeliver racing the expiry pass) ends with the reason: nothing is sent,
 /// least of all an empty body.
@@ -696,10 +764,7 @@ async fn a_delivery_whose_payload_was_expunged_ends_without_a_request() {
     use sea_orm::ConnectionTrait as _;
     let receiver = Receiver::start(&[], 200).await;
     let steps = steps(&[&receiver]).await;
-    steps.ingest_one_event().await;
-    let [task] = steps.first_attempts().await[..] else {
-        panic!("one delivery")
-    };
+    let task = steps.one_delivery().await;
     // What the expiry pass does to a final delivery's event, done here to a
     // pending one's: the race it guards against.
     steps
@@ -732,10 +797,7 @@ async fn a_delivery_whose_payload_was_expunged_ends_without_a_request() {
 async fn a_worker_without_the_key_that_sealed_a_secret_leaves_the_delivery_pending() {
     let receiver = Receiver::start(&[], 200).await;
     let steps = steps(&[&receiver]).await;
-    steps.ingest_one_event().await;
-    let [task] = steps.first_attempts().await[..] else {
-        panic!("one delivery")
-    };
+    let task = steps.one_delivery().await;
     let another_key = SecretCipher::from_base64(&SecretCipher::generate_key()).expect("key");
     let misconfigured = Worker::new(
         &steps.config,
