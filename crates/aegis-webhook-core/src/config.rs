@@ -142,6 +142,19 @@ pub enum Fairness {
     Off,
 }
 
+/// Whether an api process's PostgreSQL statements end at the requests'
+/// deadline (a `statement_timeout` of `AEGIS_GRAPHQL_TIMEOUT`, set as each
+/// connection opens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiStatementTimeout {
+    #[default]
+    On,
+    /// For a pooler (PgBouncer in transaction mode) that would hand the
+    /// setting on to other processes' statements: bound them at the role.
+    Off,
+}
+
 /// Every setting of every process. Field names are the lowercase form of the
 /// environment variables without their `AEGIS_` prefix.
 #[derive(Debug, Clone, Deserialize)]
@@ -195,8 +208,10 @@ pub struct Config {
     pub request_timeout: Duration,
     /// How much longer than `request_timeout` a worker's claim on an attempt
     /// lasts, for the database writes around the request. A crashed worker's
-    /// attempts wait this long (plus the reconciler's grace) to be retried; an
-    /// attempt recorded later than this may be sent twice.
+    /// attempts, or ones it failed to record, are made again once their
+    /// claims end (the reconciler's grace later if their tasks were lost
+    /// too); an attempt recorded later than this may be sent twice, and its
+    /// record then changes only the log.
     #[serde(with = "humantime_serde_compat")]
     pub claim_margin: Duration,
     /// Largest upstream event accepted, in bytes.
@@ -224,6 +239,8 @@ pub struct Config {
     /// cancelled past it.
     #[serde(with = "humantime_serde_compat")]
     pub graphql_timeout: Duration,
+    /// Whether an api process's PostgreSQL statements end at `graphql_timeout`.
+    pub api_statement_timeout: ApiStatementTimeout,
     /// Requests per second one API key may make, on average (`/graphql`).
     pub api_rate_limit: u32,
     /// Requests one API key may make at once above its rate, after a quiet spell.
@@ -363,6 +380,7 @@ impl Default for Config {
             http_max_connections: 1024,
             secret_rotation_grace: Duration::from_secs(24 * 3600),
             graphql_timeout: Duration::from_secs(10),
+            api_statement_timeout: ApiStatementTimeout::On,
             api_rate_limit: 50,
             api_rate_burst: 100,
             api_max_concurrent_requests: 16,

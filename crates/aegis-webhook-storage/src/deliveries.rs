@@ -524,8 +524,9 @@ pub async fn postpone(
 
 /// Logs an attempt and, if it was made under the claim the delivery still
 /// has, moves the delivery on and releases the claim; says whether it did.
-/// A worker whose claim ran out before it recorded (a stalled database, a
-/// slow receiver) may find the attempt taken over by another worker since:
+/// A worker whose claim ran out before it recorded (a stalled database: the
+/// request itself ends within the lease) may find the attempt taken over by
+/// another worker since:
 /// its attempt is logged, and the delivery is left to the claim that holds
 /// it, whichever of the two records first. The late worker then does
 /// nothing more (no health, no retry, no dead letter).

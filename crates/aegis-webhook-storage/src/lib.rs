@@ -167,7 +167,9 @@ async fn connect_pool(
         if let Some(timeout) = statement_timeout {
             // A `SET` as each connection opens, rather than a startup
             // parameter, which connection poolers such as PgBouncer refuse.
-            let set = format!("SET statement_timeout = {}", timeout.as_millis().max(1));
+            // In milliseconds, within PostgreSQL's range (an `int`).
+            let millis = timeout.as_millis().clamp(1, i32::MAX as u128);
+            let set = format!("SET statement_timeout = {millis}");
             options.map_sqlx_postgres_pool_opts(move |pool| {
                 let set = set.clone();
                 pool.after_connect(move |connection, _| {
@@ -226,7 +228,7 @@ impl BulkStage {
 }
 
 /// Key of the PostgreSQL advisory lock that `migrate` holds: "aegis_mi" in ASCII.
-pub(crate) const MIGRATION_LOCK: i64 = 0x6165_6769_735f_6d69;
+pub const MIGRATION_LOCK: i64 = 0x6165_6769_735f_6d69;
 
 /// Applies every pending migration. On PostgreSQL, runs that start together
 /// (two `migrate` Jobs, a Job beside an operator's manual run) take turns:

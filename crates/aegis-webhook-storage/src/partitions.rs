@@ -313,11 +313,15 @@ async fn try_drop(transaction: &sea_orm::DatabaseTransaction, partition: &Partit
 /// What every change to the partitions starts with: the migration lock, so
 /// partitions are never made or dropped by two processes at once (waited for
 /// up to [`MIGRATION_LOCK_TIMEOUT`]: waiting for it holds up no traffic),
-/// then table locks waited for at most [`LOCK_TIMEOUT`] from here on.
+/// then table locks waited for at most [`LOCK_TIMEOUT`] from here on. No
+/// statement timeout (an api process's connections carry one): these
+/// waits are bounded by the lock timeouts, and a statement timeout would
+/// end them with an error the retries do not know.
 async fn take_ddl_locks(transaction: &sea_orm::DatabaseTransaction) -> Result<(), sea_orm::DbErr> {
     transaction
         .execute_unprepared(&format!(
-            "SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}';
+            "SET LOCAL statement_timeout = 0;
+             SET LOCAL lock_timeout = '{MIGRATION_LOCK_TIMEOUT}';
              SELECT pg_advisory_xact_lock({});
              SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'",
             crate::MIGRATION_LOCK

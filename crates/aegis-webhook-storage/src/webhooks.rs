@@ -342,12 +342,14 @@ impl HealthChange {
 }
 
 /// Locks the webhooks whose health a transaction may change, in id order,
-/// before it touches their deliveries: every writer of both (the worker's
-/// records; a webhook's deletion, whose cascade reaches its deliveries)
-/// then takes them in the same order, and none waits on another in a
-/// circle. The lock is the one an `UPDATE` of the health takes, which new
-/// deliveries referencing the webhook do not wait for. PostgreSQL only:
-/// SQLite has one writer at a time.
+/// before it touches their deliveries: a record that changes health then
+/// takes webhook before deliveries, as a webhook's deletion does (its
+/// cascade reaches the deliveries after the webhook row), and concurrent
+/// records take webhooks in one order. (A record that changes no health
+/// takes only delivery rows, in the order its statement meets them.) The
+/// lock is the one an `UPDATE` of the health takes, which new deliveries
+/// referencing the webhook do not wait for. PostgreSQL only: SQLite has one
+/// writer at a time.
 pub async fn lock_for_health_changes(db: &impl ConnectionTrait, ids: &[WebhookId]) -> Result<(), StoreError> {
     if ids.is_empty() || db.get_database_backend() != sea_orm::DbBackend::Postgres {
         return Ok(());

@@ -107,10 +107,11 @@ pub enum Outcome {
     /// The delivery ended `FAILED` (and its dead letter was published, or left
     /// unpublished and counted: the row is the record).
     Failed { reason: String },
-    /// The task arrived before the attempt is due; it was published again for
-    /// the rest of the delay.
+    /// The task arrived before the attempt is due, or while another claim
+    /// holds it; it was published again for the time left.
     Deferred { remaining: Duration },
-    /// Nothing was sent: a duplicate or stale task, or a finished delivery.
+    /// Nothing was sent (a duplicate or stale task, a finished delivery), or
+    /// what was sent changed nothing (the claim was taken over).
     Skipped { reason: String },
 }
 
@@ -427,8 +428,9 @@ impl Worker {
                 format!("the webhook's stored configuration cannot be read: {why}")
             }
             // This worker's configuration is wrong, not the webhook: the
-            // delivery waits (its claim runs out, and the reconciler hands
-            // it out again) for a worker with the key, rather than fail.
+            // delivery waits (the task handed back returns once the claim
+            // runs out, see `Unclaimed`) for a worker with the key, rather
+            // than fail.
             Target::KeyMissing(why) => anyhow::bail!(
                 "this worker's AEGIS_SECRET_KEY is not the key the webhook's secret was sealed with (every replica of the API and the worker needs the same key): {why}"
             ),
@@ -513,10 +515,12 @@ impl Worker {
             health: consequences.health.clone(),
         };
         let applied = self.store.record(recording, lane).await?;
-        metrics::delivery_attempt(consequences.metric, result.duration);
+        // A taken-over attempt counts nowhere: the worker that took it over
+        // counts what it made of it.
         let Applied::Moved(disabled) = applied else {
             return Ok(applied);
         };
+        metrics::delivery_attempt(consequences.metric, result.duration);
         if let Some(reason) = disabled {
             tracing::warn!(webhook_id = %claimed.webhook.id, reason, "webhook disabled automatically");
             metrics::webhook_auto_disabled(reason);

@@ -2,8 +2,9 @@
 //! see `FirstAttempts`): each task gets a [`Receipt`], and the message is settled
 //! with the broker once every receipt is: acknowledged if every task was
 //! handled, handed back if any was not. Handing back redoes the handled tasks
-//! too, which costs nothing: their claims fail (the attempt was made), so
-//! nothing is sent twice by this.
+//! too, which costs little: their claims fail (the attempt was made), so
+//! nothing is sent twice by this; a task whose attempt another claim still
+//! holds goes back once more for the rest of that claim (`Unclaimed`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -214,13 +214,15 @@ pub async fn open_database(config: &Config, run_migrations: bool) -> anyhow::Res
 
 /// [`open_database`] for a process running `roles`. An API process's
 /// statements are cancelled by PostgreSQL once they run longer than
-/// `AEGIS_GRAPHQL_TIMEOUT`: its requests are abandoned at that deadline,
-/// and a statement abandoned (an expensive query a client repeats) would
-/// otherwise run on in the server. The other roles' statements are bounded
-/// by their batches, and `dev` keeps them all in one pool.
+/// `AEGIS_GRAPHQL_TIMEOUT` (unless `AEGIS_API_STATEMENT_TIMEOUT=off`): its
+/// requests are abandoned at that deadline, and a statement abandoned (an
+/// expensive query a client repeats) would otherwise run on in the server.
+/// The other roles' statements are bounded by their batches, and `dev`
+/// keeps them all in one pool.
 pub async fn open_database_for(config: &Config, roles: Roles) -> anyhow::Result<DatabaseConnection> {
+    use aegis_webhook_core::config::ApiStatementTimeout;
     let url = config.database_url();
-    let db = if roles == Roles::API {
+    let db = if roles == Roles::API && config.api_statement_timeout == ApiStatementTimeout::On {
         db::connect_bounded(&url, config.database_max_connections, config.graphql_timeout).await?
     } else {
         db::connect_with(&url, config.database_max_connections).await?

@@ -152,6 +152,38 @@ async fn an_api_process_statements_are_cancelled_at_its_request_deadline() {
     }
     let worker = open_database_for(&config, Roles::WORKER).await.expect("worker pool");
     worker.execute_raw(sleep(0.5)).await.expect("not cut");
+    let unbounded = aegis_webhook_core::config::Config {
+        api_statement_timeout: aegis_webhook_core::config::ApiStatementTimeout::Off,
+        ..config.clone()
+    };
+    let api = open_database_for(&unbounded, Roles::API).await.expect("api pool");
+    api.execute_raw(sleep(0.5)).await.expect("not cut when switched off");
+
+    // Start-up's partition upkeep waits for the migration lock (a `migrate`
+    // running) as long as it always did, not the statements' deadline.
+    let migrating = worker.begin().await.expect("a connection");
+    migrating
+        .execute_unprepared(&format!("SELECT pg_advisory_xact_lock({})", db::MIGRATION_LOCK))
+        .await
+        .expect("the migration lock");
+    let starting = open_database_for(&config, Roles::API);
+    let waited_past_the_deadline = async {
+        let waiting = Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%pg_advisory_xact_lock%' AND now() - query_start > interval '900 milliseconds'",
+        );
+        crate::support::eventually(Duration::from_secs(10), "an api start waiting for the lock", || async {
+            worker.query_one_raw(waiting.clone()).await.expect("pg_stat_activity")
+        })
+        .await;
+    };
+    tokio::pin!(starting);
+    tokio::select! {
+        started = &mut starting => panic!("the start ended while the lock was held: {:?}", started.err()),
+        () = waited_past_the_deadline => {}
+    }
+    migrating.commit().await.expect("release the lock");
+    starting.await.expect("the api starts once the lock is free");
 }
 
 /// What every replica writes when it starts (migrations, the bootstrap tenant
