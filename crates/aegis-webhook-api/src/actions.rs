@@ -669,13 +669,14 @@ pub struct PortalLink {
 /// Makes a single-use link that opens a portal session for the caller's
 /// tenant, with the caller's scopes (only `read` when `read_only`). The
 /// session acts as the caller's API key: the audit log names it, and it ends
-/// when the key is revoked.
+/// when the key is revoked. A mutation like any other: it needs `write` (a
+/// read-only key would otherwise hand out bearer links, and add a row each).
 pub async fn create_portal_session(
     state: &AppState,
     caller: &Caller,
     request: PortalSessionRequest,
 ) -> ApiResult<PortalLink> {
-    caller.require(Scope::Read)?;
+    caller.require(Scope::Write)?;
     let Actor::ApiKey(api_key_id) = caller.actor else {
         return Err(ApiError::Forbidden(
             "portal sessions are made with an API key".to_owned(),

@@ -147,6 +147,17 @@ async fn a_keys_scopes_decide_what_it_may_read_and_change() {
     .await;
     assert_eq!(code(&answer), "FORBIDDEN", "{answer}");
     assert_eq!(app.count("webhooks").await, 1);
+    // Nor does it make portal links, not even read-only ones.
+    let links = app.count("portal_sessions").await;
+    let answer = as_key(
+        &read_only,
+        "mutation { createPortalSession(ttlSeconds: 600, readOnly: true) { path } }",
+        json!({}),
+    )
+    .await;
+    assert_eq!(code(&answer), "FORBIDDEN", "{answer}");
+    assert!(message(&answer).contains("`write` scope"), "{answer}");
+    assert_eq!(app.count("portal_sessions").await, links);
 
     // Read-write without `secrets`: the seed's mutation, verbatim, answers with
     // the secret it just set; other webhooks' secrets stay hidden.

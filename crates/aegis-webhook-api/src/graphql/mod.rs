@@ -442,7 +442,8 @@ impl MutationRoot {
     /// shorter); opening it starts a browser session of `ttlSeconds` (60 to
     /// 86,400) with this key's scopes, or `read` only when `readOnly`. The
     /// session acts as this key (the audit log names it) and ends if the key
-    /// is revoked. `theme` styles the portal for this session.
+    /// is revoked. Needs the `write` scope, as every mutation does. `theme`
+    /// styles the portal for this session.
     #[graphql(complexity = "cost::ROOT * 5")]
     async fn create_portal_session(
         &self,

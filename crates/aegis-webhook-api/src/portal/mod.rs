@@ -221,15 +221,21 @@ async fn visit(state: &AppState, headers: &HeaderMap) -> Result<Visit, Refused> 
 }
 
 fn session_cookie(headers: &HeaderMap) -> Option<String> {
-    headers
+    let mut ours = headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(cookie::Cookie::split_parse)
         .filter_map(Result::ok)
-        .find(|cookie| cookie.name() == COOKIE)
-        .map(|cookie| cookie.value().to_owned())
-        .filter(|value| !value.is_empty() && value.len() <= 128)
+        .filter(|cookie| cookie.name() == COOKIE);
+    let first = ours.next()?;
+    // Two of them: one was set from elsewhere (a sibling domain can set a
+    // cookie for its parent, with a longer path, which browsers send
+    // first): answer as signed out rather than guess which is the user's.
+    if ours.next().is_some() {
+        return None;
+    }
+    Some(first.value().to_owned()).filter(|value| !value.is_empty() && value.len() <= 128)
 }
 
 /// The CSRF token of a session: derived from its cookie, which a page of
@@ -1014,6 +1020,22 @@ mod tests {
             panic!("garbage must be refused");
         };
         assert!(message.contains("until: `yesterday` is not a time"), "{message}");
+    }
+
+    #[test]
+    fn a_request_carrying_two_session_cookies_is_signed_out() {
+        let with = |cookies: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for cookie in cookies {
+                headers.append(header::COOKIE, cookie.parse().expect("header"));
+            }
+            session_cookie(&headers)
+        };
+        assert_eq!(with(&["theme=dark; aegis_portal=abc"]), Some("abc".to_owned()));
+        assert_eq!(with(&["aegis_portal=planted; aegis_portal=abc"]), None);
+        assert_eq!(with(&["aegis_portal=planted", "aegis_portal=abc"]), None);
+        assert_eq!(with(&["aegis_portal="]), None);
+        assert_eq!(with(&["other=1"]), None);
     }
 
     #[test]
