@@ -385,6 +385,12 @@ struct Live {
     /// thread and in the broker's connection processes, and is held back
     /// with them when the broker's flow control throttles the connection.
     express_connection: Connection,
+    /// The consumers' own connections (the express lanes', and the
+    /// others'), which never publish: under a memory or disk alarm the
+    /// broker stops reading every connection that publishes, acks and all,
+    /// and consumers that cannot ack cannot drain what would end the alarm.
+    express_consumer_connection: Connection,
+    consumer_connection: Connection,
     publisher: Channel,
     /// The express lane's confirmed publishing channel: a confirm comes back
     /// in order, after every publish before it on its channel, so on one
@@ -582,6 +588,8 @@ impl RabbitQueue {
             .map_err(|error| unexpected(error, "failed to declare the RabbitMQ topology"))?;
         let _ = declaring.close(200, "topology declared".into()).await;
         let express_connection = connect("aegis-webhook-express").await?;
+        let express_consumer_connection = connect("aegis-webhook-express-consumer").await?;
+        let consumer_connection = connect("aegis-webhook-consumer").await?;
         let publisher = confirmed_channel(&connection).await?;
         let express = confirmed_channel(&express_connection).await?;
         tracing::info!(address = url.address(), "connected to RabbitMQ");
@@ -589,6 +597,8 @@ impl RabbitQueue {
         Ok(Live {
             connection,
             express_connection,
+            express_consumer_connection,
+            consumer_connection,
             publisher,
             express,
             generation,
@@ -666,6 +676,8 @@ impl RabbitQueue {
         if let Some(current) = live.as_ref() {
             if current.connection.status().connected()
                 && current.express_connection.status().connected()
+                && current.express_consumer_connection.status().connected()
+                && current.consumer_connection.status().connected()
                 && current.publisher.status().connected()
                 && current.express.status().connected()
             {
@@ -681,15 +693,22 @@ impl RabbitQueue {
         Ok(opened)
     }
 
-    /// A new channel for a consumer of `lane`, on the live connection of
-    /// its lane.
+    /// A new channel for a consumer of `lane`, on the live consumers'
+    /// connection of its lane.
     async fn consumer_channel(&self, lane: Lane) -> Result<Channel, QueueError> {
         self.publisher().await?;
         let live = self.inner.live.lock().await;
-        let live = live.as_ref().expect("just connected");
+        // A publish between the two locks may have dropped the connection
+        // (a failed confirm, a renewal that failed): an error to retry,
+        // not a panic of the consume loop.
+        let Some(live) = live.as_ref() else {
+            return Err(QueueError::Unexpected(anyhow::anyhow!(
+                "the RabbitMQ connection was lost while opening a consumer's channel"
+            )));
+        };
         let connection = match lane {
-            Lane::Express => &live.express_connection,
-            Lane::Bulk | Lane::Due => &live.connection,
+            Lane::Express => &live.express_consumer_connection,
+            Lane::Bulk | Lane::Due => &live.consumer_connection,
         };
         connection
             .create_channel()
