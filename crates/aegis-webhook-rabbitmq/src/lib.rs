@@ -417,6 +417,26 @@ struct Inner {
     home: tokio::runtime::Handle,
     /// Connections opened so far.
     opened: std::sync::atomic::AtomicU64,
+    /// Connects that failed in a row, and when the next may be tried.
+    reconnect: std::sync::Mutex<Reconnect>,
+}
+
+/// The publishers' reconnect pace while the broker is away: without it every
+/// publish (every intake request, every retry) tried a full connect in turn,
+/// under the lock the others wait on.
+#[derive(Debug, Default)]
+struct Reconnect {
+    failures: u32,
+    not_before: Option<tokio::time::Instant>,
+}
+
+/// How long publishers wait before the next connect after `failures`
+/// failed in a row: 100 ms doubling to 2 s, shorter than the consumers'
+/// and the start-up's own backoff ([`backoff`]) at every step, so their
+/// tries are never spent on the wait.
+fn reconnect_wait(failures: u32) -> Duration {
+    let doubled = Duration::from_millis(100).saturating_mul(1u32 << failures.saturating_sub(1).min(8));
+    doubled.min(Duration::from_secs(2))
 }
 
 #[derive(Clone)]
@@ -503,6 +523,7 @@ impl RabbitQueue {
                 live: Mutex::new(None),
                 home: tokio::runtime::Handle::current(),
                 opened: std::sync::atomic::AtomicU64::new(0),
+                reconnect: std::sync::Mutex::default(),
             }),
         };
         (|| queue.publisher())
@@ -687,7 +708,37 @@ impl RabbitQueue {
             self.endpoints().failed(current.endpoint);
             live.take();
         }
-        let fresh = self.open_at_home().await?;
+        let not_before = self
+            .inner
+            .reconnect
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .not_before;
+        if let Some(not_before) = not_before.filter(|at| *at > tokio::time::Instant::now()) {
+            return Err(QueueError::Unexpected(anyhow::anyhow!(
+                "RabbitMQ is not reachable; the next connect is in {:?}",
+                not_before - tokio::time::Instant::now()
+            )));
+        }
+        let opening = self.open_at_home().await;
+        {
+            let mut reconnect = self
+                .inner
+                .reconnect
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *reconnect = match &opening {
+                Ok(_) => Reconnect::default(),
+                Err(_) => {
+                    let failures = reconnect.failures.saturating_add(1);
+                    Reconnect {
+                        failures,
+                        not_before: Some(tokio::time::Instant::now() + reconnect_wait(failures)),
+                    }
+                }
+            };
+        }
+        let fresh = opening?;
         let opened = (chosen(&fresh), fresh.generation);
         *live = Some(fresh);
         Ok(opened)
@@ -1309,6 +1360,17 @@ impl Acknowledger for RabbitAcknowledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publishers_wait_longer_after_each_failed_connect_up_to_two_seconds() {
+        let waits: Vec<u128> = (1..=7).map(|failures| reconnect_wait(failures).as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(reconnect_wait(u32::MAX), Duration::from_secs(2));
+        // Within the consumers' and the start-up's backoff at every step.
+        assert!(
+            (1..=20).all(|failures| reconnect_wait(failures) <= Duration::from_millis(200) * 2u32.pow(failures.min(5)))
+        );
+    }
 
     #[test]
     fn the_trace_context_is_read_from_any_string_header() {

@@ -410,3 +410,140 @@ async fn a_stopped_consumer_hands_back_what_it_never_took_and_still_acks_what_it
     drop((held, stopped, queue));
     only_it_comes_back(&channel, &topology, b"m1").await;
 }
+
+/// A TCP forwarder to the machine's RabbitMQ that a test can cut: while cut,
+/// it accepts connections and closes them at once (the broker away, as
+/// publishers see it), counting them.
+struct CuttableBroker {
+    address: std::net::SocketAddr,
+    away: Arc<std::sync::atomic::AtomicBool>,
+    refused: Arc<std::sync::atomic::AtomicUsize>,
+    forwarding: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accepting: tokio::task::AbortHandle,
+}
+
+impl CuttableBroker {
+    /// Forwards a free port to the broker at `upstream`.
+    async fn start(upstream: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind the forwarder");
+        let address = listener.local_addr().expect("its address");
+        let away = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let forwarding: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let accepting = {
+            let (away, refused, forwarding) = (away.clone(), refused.clone(), forwarding.clone());
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if away.load(Ordering::SeqCst) {
+                        refused.fetch_add(1, Ordering::SeqCst);
+                        drop(client);
+                        continue;
+                    }
+                    let upstream = upstream.clone();
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut broker) = tokio::net::TcpStream::connect(&upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut broker).await;
+                        }
+                    });
+                    forwarding.lock().expect("lock").push(task.abort_handle());
+                }
+            })
+            .abort_handle()
+        };
+        CuttableBroker {
+            address,
+            away,
+            refused,
+            forwarding,
+            accepting,
+        }
+    }
+
+    /// Closes every connection through it, and refuses new ones.
+    fn cut(&self) {
+        self.away.store(true, std::sync::atomic::Ordering::SeqCst);
+        for task in self.forwarding.lock().expect("lock").drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Forwards new connections again.
+    fn restore(&self) {
+        self.away.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections refused while cut.
+    fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for CuttableBroker {
+    fn drop(&mut self) {
+        self.cut();
+        self.accepting.abort();
+    }
+}
+
+/// While the broker is away, publishers do not each try a connect in turn
+/// (every intake request, every retry, one after another under one lock):
+/// after a failed connect, publishes fail at once until a short, growing
+/// wait has passed; and once the broker is back, publishing resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishers_wait_between_connects_while_the_broker_is_away_and_resume_after() {
+    if scanner_channel().await.is_none() {
+        return;
+    }
+    let urls = AmqpUrls::parse(&amqp_url()).expect("AEGIS_TEST_AMQP_URL");
+    let real = &urls.urls()[0];
+    let broker = CuttableBroker::start(real.address().to_owned()).await;
+    let proxied = real.expose().replacen(real.address(), &broker.address.to_string(), 1);
+    let prefix = format!("test-{}.", Uuid::new_v4().simple());
+    let topology = Topology::new(&prefix, &[Duration::ZERO], Some(Duration::from_secs(120)));
+    let queue = RabbitQueue::connect(
+        &AmqpUrls::parse(&proxied).expect("the forwarder's URL"),
+        topology,
+        Prefetch { events: 16, tasks: 16 },
+        LaneWeights::default(),
+    )
+    .await
+    .expect("connect");
+    let publish = || queue.publish_event("POAM_OVERDUE", Bytes::from_static(b"{}"));
+    publish().await.expect("published through the forwarder");
+
+    broker.cut();
+    // A publish notices the loss and tries to connect: refused.
+    eventually(Duration::from_secs(30), "a connect to be refused", || async {
+        let _ = publish().await;
+        (broker.refused() > 0).then_some(())
+    })
+    .await;
+    // Fifty more publishes at once: each fails, and no more than a few
+    // connects are tried (one per wait, 100 ms doubling).
+    let started = tokio::time::Instant::now();
+    let before = broker.refused();
+    for _ in 0..50 {
+        let error = publish().await.expect_err("the broker is away");
+        let error = format!("{error:#}");
+        assert!(
+            error.contains("the next connect is in") || error.contains("RabbitMQ"),
+            "{error}"
+        );
+    }
+    let tried = broker.refused() - before;
+    let waits_passed = started.elapsed().as_millis() / 100 + 1;
+    assert!(
+        tried as u128 <= waits_passed,
+        "{tried} connects tried by 50 publishes in {:?}",
+        started.elapsed()
+    );
+
+    broker.restore();
+    eventually(Duration::from_secs(30), "publishing to resume", || async {
+        publish().await.ok()
+    })
+    .await;
+}
