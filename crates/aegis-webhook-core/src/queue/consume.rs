@@ -83,8 +83,21 @@ where
                 () = shutdown.cancelled() => break,
                 slot = Slot::free(&slots, express_first.as_ref()) => slot,
             },
-            // Draining goes on after shutdown, so it waits for a slot whatever.
-            Drain::UntilIdle { .. } => Slot::free(&slots, express_first.as_ref()).await,
+            // Draining goes on after shutdown, so it waits for a slot, but
+            // not past `at_most` from shutdown: slots held by work that hangs
+            // (a stalled statement) must not keep the consumer from being
+            // stopped and its messages handed back.
+            Drain::UntilIdle { at_most, .. } => {
+                let drain_ends = async {
+                    shutdown.cancelled().await;
+                    let since = draining_since.unwrap_or_else(tokio::time::Instant::now);
+                    tokio::time::sleep_until(since + at_most).await;
+                };
+                tokio::select! {
+                    slot = Slot::free(&slots, express_first.as_ref()) => slot,
+                    () = drain_ends => break,
+                }
+            }
         };
         let (permit, express_until) = match slot {
             Slot::Any(permit) => (permit, None),
@@ -531,6 +544,40 @@ mod tests {
         publish(&queue, 3).await;
         let running = CancellationToken::new();
         assert_eq!(taken(&queue, &running, Drain::Immediately, Flow::Stop).await, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_ends_after_at_most_even_when_every_slot_is_held_by_work_that_hangs() {
+        let queue = MemoryQueue::new();
+        publish(&queue, 3).await;
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let drain = Drain::UntilIdle {
+            idle: Duration::from_millis(200),
+            at_most: Duration::from_secs(1),
+        };
+        let started = tokio::time::Instant::now();
+        // The one slot's work never ends (its permit is never given back).
+        let mut hanging = Vec::new();
+        let consuming = consume(
+            &queue,
+            Stream::Events,
+            "events",
+            Arc::new(Semaphore::new(1)),
+            None,
+            &shutdown,
+            drain,
+            |_message, permit| {
+                hanging.push(permit);
+                async { Flow::Continue }
+            },
+        );
+        let _stopped = tokio::time::timeout(Duration::from_secs(60), consuming)
+            .await
+            .expect("the drain ends although no slot frees")
+            .expect("ends cleanly");
+        assert!(started.elapsed() <= Duration::from_secs(2), "{:?}", started.elapsed());
+        assert_eq!(hanging.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
