@@ -546,16 +546,23 @@ mod tests {
         assert_eq!(taken(&queue, &running, Drain::Immediately, Flow::Stop).await, 1);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn draining_ends_after_at_most_even_when_every_slot_is_held_by_work_that_hangs() {
-        let queue = MemoryQueue::new();
-        publish(&queue, 3).await;
+    /// A shutdown already asked for, and a drain of at most a second (idle
+    /// after 200 ms).
+    fn shut_down_with_a_second_to_drain() -> (CancellationToken, Drain) {
         let shutdown = CancellationToken::new();
         shutdown.cancel();
         let drain = Drain::UntilIdle {
             idle: Duration::from_millis(200),
             at_most: Duration::from_secs(1),
         };
+        (shutdown, drain)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_ends_after_at_most_even_when_every_slot_is_held_by_work_that_hangs() {
+        let queue = MemoryQueue::new();
+        publish(&queue, 3).await;
+        let (shutdown, drain) = shut_down_with_a_second_to_drain();
         let started = tokio::time::Instant::now();
         // The one slot's work never ends (its permit is never given back).
         let mut hanging = Vec::new();
@@ -584,12 +591,7 @@ mod tests {
     async fn draining_ends_after_at_most_even_when_the_stream_is_never_idle() {
         let queue = MemoryQueue::new();
         publish(&queue, 1).await;
-        let shutdown = CancellationToken::new();
-        shutdown.cancel();
-        let drain = Drain::UntilIdle {
-            idle: Duration::from_millis(200),
-            at_most: Duration::from_secs(1),
-        };
+        let (shutdown, drain) = shut_down_with_a_second_to_drain();
         let started = tokio::time::Instant::now();
         let mut taken = 0;
         let _stopped = consume(
