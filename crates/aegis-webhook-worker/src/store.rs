@@ -253,8 +253,12 @@ async fn record_batch(
 ) -> anyhow::Result<Vec<Applied>> {
     let now = Utc::now();
     let transaction = db.begin().await.context("failed to begin recording attempts")?;
-    webhooks::lock_for_health_changes(&transaction, &health_may_change(&recordings)).await?;
-    let recorded: Vec<Recorded> = recordings.iter().map(|recording| recording.recorded.clone()).collect();
+    // Moved apart, not copied: an attempt carries its receiver's answer.
+    let (recorded, effects): (Vec<Recorded>, Vec<(WebhookId, Health)>) = recordings
+        .into_iter()
+        .map(|recording| (recording.recorded, (recording.webhook_id, recording.health)))
+        .unzip();
+    webhooks::lock_for_health_changes(&transaction, &health_may_change(&effects)).await?;
     let moved = deliveries::record_attempts(&transaction, &recorded).await?;
     let mut applied: Vec<Applied> = moved
         .iter()
@@ -266,7 +270,7 @@ async fn record_batch(
             }
         })
         .collect();
-    for (webhook_id, (change, gone, last)) in health_changes(&recordings, &moved) {
+    for (webhook_id, (change, gone, last)) in health_changes(&effects, &moved) {
         // A 410 disables at once, whatever the streak.
         let policy = if gone.is_some() {
             &AutoDisable::NEVER
@@ -285,38 +289,33 @@ async fn record_batch(
     Ok(applied)
 }
 
-/// The webhooks whose health recording `recordings` may change (before it
-/// is known which of them still hold their claims): the record locks them
-/// first.
-fn health_may_change(recordings: &[Recording]) -> Vec<WebhookId> {
-    recordings
+/// The webhooks whose health the recordings' `effects` (each attempt's
+/// webhook and what it does to its health) may change, before it is known
+/// which of them still hold their claims: the record locks them first.
+fn health_may_change(effects: &[(WebhookId, Health)]) -> Vec<WebhookId> {
+    effects
         .iter()
-        .filter(|recording| {
-            !matches!(
-                recording.health,
-                Health::Unchanged | Health::Succeeded { had_streak: false }
-            )
-        })
-        .map(|recording| recording.webhook_id)
+        .filter(|(_, health)| !matches!(health, Health::Unchanged | Health::Succeeded { had_streak: false }))
+        .map(|(webhook_id, _)| *webhook_id)
         .collect()
 }
 
-/// Each webhook's health change over the recordings that `moved` their
-/// deliveries, in order, with a 410's reason and the index of its last such
-/// recording (which reports a disabling). Attempts taken over change
-/// nothing: the worker that took them over counts them.
+/// Each webhook's health change over the recordings' `effects` whose
+/// attempts `moved` their deliveries, in order, with a 410's reason and the
+/// index of its last such recording (which reports a disabling). Attempts
+/// taken over change nothing: the worker that took them over counts them.
 fn health_changes<'a>(
-    recordings: &'a [Recording],
+    effects: &'a [(WebhookId, Health)],
     moved: &[bool],
 ) -> BTreeMap<WebhookId, (HealthChange, Option<&'a str>, usize)> {
     let mut health: BTreeMap<WebhookId, (HealthChange, Option<&str>, usize)> = BTreeMap::new();
-    for (index, recording) in recordings.iter().enumerate() {
+    for (index, (webhook_id, effect)) in effects.iter().enumerate() {
         if !moved[index] {
             continue;
         }
-        let (change, gone, last) = health.entry(recording.webhook_id).or_default();
+        let (change, gone, last) = health.entry(*webhook_id).or_default();
         *last = index;
-        match &recording.health {
+        match effect {
             Health::Unchanged => {}
             // Failures earlier in this batch are not written yet: a success
             // simply drops them, and resets the database's streak if it had one.
@@ -338,65 +337,25 @@ fn health_changes<'a>(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use aegis_webhook_core::ids::DeliveryId;
-    use aegis_webhook_storage::deliveries::{Attempt, Delivery, DeliveryStatus, NextStep};
-
     use super::*;
-
-    fn recording(webhook_id: WebhookId, health: Health) -> Recording {
-        let now = Utc::now();
-        let delivery = Delivery {
-            id: DeliveryId::generate(),
-            tenant_id: aegis_webhook_core::ids::TenantId::generate(),
-            webhook_id,
-            event_id: EventId::generate(),
-            event_type: aegis_webhook_core::event::EventType::PoamOverdue,
-            status: DeliveryStatus::Pending,
-            attempts: 0,
-            next_attempt_at: Some(now),
-            locked_until: Some(now),
-            last_status_code: None,
-            failure_reason: None,
-            created_at: now,
-        };
-        Recording {
-            recorded: Recorded {
-                attempt: Attempt {
-                    delivery_id: delivery.id,
-                    attempt: 1,
-                    started_at: now,
-                    duration: Duration::from_millis(1),
-                    status_code: Some(500),
-                    error: None,
-                    response_body: None,
-                },
-                lease: delivery.lease().expect("claimed"),
-                next: NextStep::Failed("exhausted".to_owned()),
-            },
-            webhook_id,
-            health,
-        }
-    }
 
     #[test]
     fn only_attempts_that_moved_their_delivery_change_health() {
         let (a, b) = (WebhookId::generate(), WebhookId::generate());
-        let recordings = [
-            recording(a, Health::Failed),
-            recording(a, Health::Succeeded { had_streak: false }),
-            recording(
+        let effects = [
+            (a, Health::Failed),
+            (a, Health::Succeeded { had_streak: false }),
+            (
                 b,
                 Health::Gone {
                     reason: "gone".to_owned(),
                 },
             ),
-            recording(b, Health::Failed),
+            (b, Health::Failed),
         ];
         // All moved: a's success drops the failure before it; b counts two
         // failures, one a 410, reported on b's last recording.
-        let all = health_changes(&recordings, &[true; 4]);
+        let all = health_changes(&effects, &[true; 4]);
         assert_eq!(all[&a], (HealthChange::default(), None, 1));
         assert_eq!(
             all[&b],
@@ -411,7 +370,7 @@ mod tests {
         );
         // The success taken over: a's failure stands. The 410 taken over:
         // b counts one failure and is not disabled.
-        let some = health_changes(&recordings, &[true, false, false, true]);
+        let some = health_changes(&effects, &[true, false, false, true]);
         assert_eq!(
             some[&a],
             (
@@ -435,7 +394,7 @@ mod tests {
             )
         );
         // Nothing moved: nothing changes.
-        assert!(health_changes(&recordings, &[false; 4]).is_empty());
+        assert!(health_changes(&effects, &[false; 4]).is_empty());
     }
 
     #[test]
@@ -446,18 +405,18 @@ mod tests {
             WebhookId::generate(),
             WebhookId::generate(),
         );
-        let recordings = [
-            recording(quiet, Health::Unchanged),
-            recording(quiet, Health::Succeeded { had_streak: false }),
-            recording(streak, Health::Succeeded { had_streak: true }),
-            recording(failing, Health::Failed),
-            recording(
+        let effects = [
+            (quiet, Health::Unchanged),
+            (quiet, Health::Succeeded { had_streak: false }),
+            (streak, Health::Succeeded { had_streak: true }),
+            (failing, Health::Failed),
+            (
                 gone,
                 Health::Gone {
                     reason: "gone".to_owned(),
                 },
             ),
         ];
-        assert_eq!(health_may_change(&recordings), [streak, failing, gone]);
+        assert_eq!(health_may_change(&effects), [streak, failing, gone]);
     }
 }
